@@ -1,0 +1,89 @@
+"""Property tests: any config survives YAML and overrides (strategies derived from the schema)."""
+
+from __future__ import annotations
+
+import math
+import typing
+from typing import Any, Literal
+
+import attrs
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tscale.config import Config, load_config, to_dict, to_yaml
+
+_TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=12)
+_FLOAT = st.floats(allow_nan=False)
+
+
+def _values(tp: Any) -> st.SearchStrategy:
+    """Values of a schema type, from the type alone, so new fields are covered automatically."""
+    if isinstance(tp, type) and attrs.has(tp):
+        attrs.resolve_types(tp)
+        return st.builds(tp, **{f.name: _values(f.type) for f in attrs.fields(tp) if f.init})
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return st.sampled_from(args)
+    if origin in (typing.Union, type(int | None)):
+        return st.one_of(*(_values(a) for a in args))
+    if origin is list:
+        return st.lists(_values(args[0]), max_size=3)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return st.lists(_values(args[0]), max_size=3).map(tuple)
+        return st.tuples(*(_values(a) for a in args))
+    if origin is dict:
+        return st.dictionaries(_values(args[0]), _values(args[1]), max_size=3)
+    simple = {bool: st.booleans(), int: st.integers(), float: _FLOAT, str: _TEXT}
+    if tp is type(None):
+        return st.none()
+    return simple[tp]
+
+
+@settings(max_examples=60, deadline=None)
+@given(_values(Config))
+def test_yaml_round_trip(cfg):
+    assert load_config(yaml.safe_load(to_yaml(cfg))) == cfg
+
+
+@settings(max_examples=60, deadline=None)
+@given(_values(Config))
+def test_file_round_trip(tmp_path_factory, cfg):
+    path = tmp_path_factory.mktemp("cfg") / "config.yaml"
+    path.write_text(to_yaml(cfg), encoding="utf-8")
+    assert load_config(path) == cfg
+
+
+def _leaves(data: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out += _leaves(value, f"{prefix}{key}.")
+        else:
+            out.append((prefix + key, value))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(_values(Config), st.data())
+def test_overrides_rebuild_any_config(cfg, data):
+    """Writing some leaves as ``key=yaml`` overrides over the defaults gives the same values."""
+    leaves = _leaves(to_dict(cfg))
+    chosen = data.draw(st.lists(st.sampled_from(leaves), max_size=6, unique_by=lambda kv: kv[0]))
+    overrides = []
+    for key, value in chosen:
+        text = yaml.safe_dump(value, default_flow_style=True, width=math.inf)
+        overrides.append(f"{key}={text.removesuffix(chr(10)).removesuffix(chr(10) + '...')}")
+    rebuilt = to_dict(load_config(None, overrides))
+    expected = dict(_leaves(to_dict(Config())))
+    expected.update(chosen)
+    assert dict(_leaves(rebuilt)) == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_floats_in_any_yaml_spelling(x):
+    for text in (repr(x), f"{x:e}", f"{x:g}"):
+        cfg = load_config(yaml.safe_load(f"optimizer:\n  lr: {text}\n"))
+        assert cfg.optimizer.lr == float(text)

@@ -1,0 +1,201 @@
+"""Atomic checkpoints of a TrainState plus the data cursor, the resolved config and run files.
+
+Layout of ``<run>/checkpoints/step_00000100/``::
+
+    params.safetensors     the params tree, keys named like the HF checkpoint
+    opt_state.safetensors  the optimizer state tree (dotted keys)
+    state.json             format version, step, rng key, data cursor, extra metadata
+    config.yaml            the resolved config of the run
+    <files>                e.g. tokenizer.json, copied so the checkpoint stands alone
+
+A checkpoint is written into a hidden temporary directory beside its final place, every file is
+fsynced, and only then is the directory renamed into place (an atomic ``rename`` on POSIX). A save
+interrupted at any point leaves at most a ``.tmp`` directory, which :func:`latest_checkpoint`
+never returns and the next save removes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tensordict import TensorDictBase
+
+from tscale.core import tree as T
+from tscale.core.state import TrainState
+from tscale.errors import CheckpointError
+
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+_TMP_PREFIX = ".tmp-"
+
+
+def checkpoint_dir(root: Path, step: int) -> Path:
+    """The directory name of the checkpoint at ``step``."""
+    return Path(root) / f"step_{step:08d}"
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_tree(tree: TensorDictBase, path: Path) -> None:
+    flat = {k: v.detach().contiguous().cpu() for k, v in T.flatten(tree).items()}
+    save_file(flat, str(path), metadata={"format": "pt", "tscale_format": str(FORMAT_VERSION)})
+
+
+def save_checkpoint(
+    root: Path,
+    state: TrainState,
+    *,
+    step: int,
+    cursor: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    config_yaml: str | None = None,
+    files: Mapping[str, Path] | None = None,
+) -> Path:
+    """Write ``state`` atomically to ``root/step_XXXXXXXX`` and return that path.
+
+    Args:
+        root: the checkpoints directory of the run.
+        state: the train state (read only: saving does not consume it).
+        step: the step number (the caller reads ``state.step`` once on the host).
+        cursor: the data loader's ``state_dict()``, for exact resume.
+        extra: JSON-able metadata (e.g. the last metrics).
+        config_yaml: the resolved config, saved as ``config.yaml``.
+        files: extra files copied in, by target name (e.g. ``{"tokenizer.json": path}``).
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f"{_TMP_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    final = checkpoint_dir(root, step)
+    tmp = root / f"{_TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    _save_tree(state.params, tmp / "params.safetensors")
+    _save_tree(state.opt_state, tmp / "opt_state.safetensors")
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "rng": state.rng.cpu().tolist(),
+        "cursor": dict(cursor or {}),
+        "extra": dict(extra or {}),
+    }
+    (tmp / "state.json").write_text(json.dumps(meta, indent=2))
+    if config_yaml is not None:
+        (tmp / "config.yaml").write_text(config_yaml)
+    for name, src in (files or {}).items():
+        shutil.copyfile(src, tmp / name)
+    for f in tmp.iterdir():
+        _fsync_file(f)
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving a step: move the old one out of the way first
+        old = root / f"{_TMP_PREFIX}old-{final.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(root)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [
+        p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "state.json").is_file()
+    ]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under ``root``, or None."""
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints (0 keeps all); returns the deleted."""
+    found = list_checkpoints(root)
+    doomed = found[:-keep_last] if keep_last > 0 else []
+    for p in doomed:
+        shutil.rmtree(p)
+    return doomed
+
+
+def _fill_tree(template: TensorDictBase, flat: dict[str, torch.Tensor], what: str, path: Path):
+    names = T.leaf_keys(template)
+    missing = [n for n in names if n not in flat]
+    extra = [n for n in flat if n not in set(names)]
+    if missing or extra:
+        raise CheckpointError(
+            f"{path}: {what} does not match this run (missing {missing[:3]}, unexpected "
+            f"{extra[:3]}); was it written with a different model or optimizer config?"
+        )
+    out = template.empty(recurse=True)  # keeps empty sub-trees (stateless transforms)
+    for name, ref in zip(names, T.leaves(template), strict=True):
+        t = flat[name]
+        if t.shape != ref.shape or t.dtype != ref.dtype:
+            raise CheckpointError(
+                f"{path}: {what} leaf {name!r} is {t.dtype}{list(t.shape)}, this run expects "
+                f"{ref.dtype}{list(ref.shape)}"
+            )
+        out.set(tuple(name.split(T.SEP)), t.to(ref.device))
+    return out
+
+
+def load_checkpoint(path: Path, template: TrainState) -> tuple[TrainState, dict[str, Any]]:
+    """Load a checkpoint into a state shaped like ``template``; returns ``(state, meta)``.
+
+    ``meta`` holds ``step``, ``cursor`` and ``extra`` as saved. Raises :class:`CheckpointError`
+    naming the file when anything is missing or does not match ``template``.
+    """
+    path = Path(path)
+    meta_file = path / "state.json"
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path}: not a checkpoint (no state.json); pass a step_XXXXXXXX dir")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{meta_file}: unreadable ({e})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {meta.get('format_version')} is not supported "
+            f"(this tscale reads format {FORMAT_VERSION})"
+        )
+    trees = {}
+    for what in ("params", "opt_state"):
+        f = path / f"{what}.safetensors"
+        if not f.is_file():
+            raise CheckpointError(f"{path}: missing {f.name}")
+        trees[what] = _fill_tree(getattr(template, what), load_file(str(f)), what, path)
+    params = trees["params"]
+    params.lock_()
+    device = template.step.device
+    state = TrainState(
+        params=params,
+        opt_state=trees["opt_state"],
+        step=torch.tensor(meta["step"], dtype=torch.int64, device=device),
+        rng=torch.tensor(meta["rng"], dtype=template.rng.dtype, device=template.rng.device),
+    )
+    return state, meta

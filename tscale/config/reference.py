@@ -1,0 +1,128 @@
+"""The config reference (``docs/config.md``), generated from the schema.
+
+Regenerate it after a schema change with ``python -m tscale.config.reference > docs/config.md``;
+a test fails while the checked-in file differs.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import attrs
+
+from tscale.config.load import _fields, _is_union, _plain_out, _section_class, _yaml_scalar
+from tscale.config.schema import Config
+
+__all__ = ["render_reference"]
+
+_HEADER = """\
+# Configuration reference
+
+<!-- Generated from tscale/config/schema.py by `python -m tscale.config.reference > docs/config.md`.
+     Do not edit by hand: a test fails while this file and the schema disagree. -->
+
+A config is a YAML file of the sections below. Every key has a default, so an empty file is a
+valid config; a key that is not listed here is an error (the message names the closest valid key).
+Any key can be overridden on the command line as `key.path=value`, where the value is YAML:
+`optimizer.lr=3e-4`, `data.synthetic.tasks=[sort]`, `model.num_kv_heads=null`.
+"""
+
+
+def _type_name(tp: Any) -> str:
+    """A short name of a schema type for the table (``int | null``, ``list[str]``)."""
+    if tp is Any or tp is object:
+        return "any"
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type) and attrs.has(tp):
+        return "section"
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return " | ".join(f"`{_yaml_scalar(a)}`" for a in args)
+    if _is_union(tp):
+        return " | ".join(_type_name(a) for a in args)
+    if origin in (list, Sequence) or (origin is tuple and len(args) == 2 and args[1] is Ellipsis):
+        return f"list[{_type_name(args[0])}]" if args else "list"
+    if origin is tuple:
+        return "[" + ", ".join(_type_name(a) for a in args) + "]"
+    if origin in (dict, Mapping):
+        return f"mapping[{_type_name(args[0])}, {_type_name(args[1])}]" if args else "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _default(field: attrs.Attribute) -> str:
+    """The default as YAML, in code quotes."""
+    default = field.default
+    if default is attrs.NOTHING:
+        return "required"
+    if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+        default = default.factory(None) if default.takes_self else default.factory()
+    if attrs.has(type(default)):
+        return "see below"
+    return f"`{_yaml_scalar(_plain_out(default))}`"
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _anchor(path: str) -> str:
+    """GitHub's anchor of a heading "`a.b`"."""
+    return path.replace(".", "").lower()
+
+
+def _section(cls: type, path: tuple[str, ...], level: int, title: str | None) -> list[str]:
+    """The heading, docstring and table of one section, then its subsections."""
+    out = []
+    dotted = ".".join(path)
+    out.append(f"{'#' * level} {title or f'`{dotted}`'}\n")
+    doc = (cls.__doc__ or "").strip().split("\n\n")[0]
+    if doc and path:
+        out.append(_cell(doc) + "\n")
+    rows = []
+    nested = []
+    for field in _fields(cls):
+        key = ".".join((*path, field.name))
+        help_text = _cell(field.metadata.get("help", ""))
+        sub = _section_class(field.type)
+        if sub is not None and path:
+            help_text += f" See [`{key}`](#{_anchor(key)})."
+        if sub is not None:
+            nested.append((sub, (*path, field.name)))
+            if not path:
+                continue  # top-level sections are the headings themselves
+        type_name = _cell(_type_name(field.type))
+        rows.append(f"| `{key}` | {type_name} | {_default(field)} | {help_text} |")
+    if rows:
+        out.append("| key | type | default | description |")
+        out.append("| --- | --- | --- | --- |")
+        out.extend(rows)
+        out.append("")
+    for sub, sub_path in nested:
+        out.append("")
+        out.extend(_section(sub, sub_path, min(len(sub_path) + 1, 6), None))
+    return out
+
+
+def render_reference(cls: type = Config) -> str:
+    """The markdown reference of a config schema: one table per section (key, type, default, help).
+
+    Args:
+        cls: the root attrs record (the run config by default).
+    """
+    lines = [_HEADER]
+    top = [f for f in _fields(cls) if _section_class(f.type) is None]
+    body = _section(cls, (), 2, "Top-level keys")
+    if not top:
+        body = body[1:]  # no keys outside sections: drop the empty "Top-level keys" heading
+    lines.extend(body)
+    text = "\n".join(lines)
+    while "\n\n\n" in text:
+        text = text.replace("\n\n\n", "\n\n")
+    return text.strip("\n") + "\n"
+
+
+if __name__ == "__main__":
+    print(render_reference(), end="")

@@ -1,0 +1,148 @@
+"""The YAML schema: frozen attrs records, one per top-level section.
+
+Every field has a default, so an empty YAML file is a valid (tiny) run. Unknown keys are errors
+(see :mod:`tscale.config.load`). Choices are ``Literal`` types: the loader names the valid ones.
+Field docstrings live in ``metadata["help"]`` and feed ``docs/config.md``.
+"""
+
+# ruff: noqa: RUF009 - `_f` returns an attrs field (a default declaration), not a shared value
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+
+
+def _f(default, help: str, **kw):  # "help": the metadata key
+    if isinstance(default, list | dict):
+        return attrs.field(factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return attrs.field(default=default, metadata={"help": help}, **kw)
+
+
+@attrs.frozen(kw_only=True)
+class RunConfig:
+    """Where the run writes and how it is seeded."""
+
+    name: str = _f("run", "Name of the run, shown in logs.")
+    output_dir: str = _f(
+        "runs/run", "Run directory: metrics.jsonl, config.yaml, checkpoints/, data/."
+    )
+    seed: int = _f(0, "Seed of everything: init, data order, synthetic data.")
+    device: str = _f("cpu", "Torch device: cpu, cuda, cuda:1, or auto (cuda when available).")
+    threads: int | None = _f(None, "torch.set_num_threads for CPU runs (None: torch's default).")
+
+
+@attrs.frozen(kw_only=True)
+class ModelConfig:
+    """A Llama-style decoder initialised at random (HF loading comes with the models issue)."""
+
+    vocab_size: int | None = _f(None, "Vocabulary size; None takes the tokenizer's.")
+    hidden_size: int = _f(128, "Width of the residual stream.")
+    intermediate_size: int = _f(384, "Width of the SwiGLU MLP.")
+    num_layers: int = _f(4, "Number of decoder layers.")
+    num_heads: int = _f(4, "Number of query heads.")
+    num_kv_heads: int | None = _f(None, "Number of key/value heads (GQA); None: num_heads.")
+    head_dim: int | None = _f(None, "Per-head width; None: hidden_size // num_heads.")
+    max_position_embeddings: int = _f(2048, "Longest sequence the RoPE tables cover.")
+    rope_theta: float = _f(10000.0, "RoPE base frequency.")
+    rms_norm_eps: float = _f(1e-6, "Epsilon of RMSNorm.")
+    tie_word_embeddings: bool = _f(True, "Share the input embedding with the output head.")
+    init_std: float = _f(0.02, "Standard deviation of the normal init of weight matrices.")
+    dtype: Literal["float32", "bfloat16"] = _f("float32", "Parameter and compute dtype.")
+
+
+@attrs.frozen(kw_only=True)
+class SyntheticConfig:
+    """The built-in instruction task, generated into the run directory as JSONL."""
+
+    tasks: list[Literal["reverse", "sort", "add"]] = _f(
+        ["reverse", "sort"], "Tasks mixed in equal shares."
+    )
+    num_train: int = _f(20000, "Training examples.")
+    num_eval: int = _f(200, "Held-out examples (disjoint from training).")
+    min_items: int = _f(3, "Fewest items (letters/digits) in a problem.")
+    max_items: int = _f(8, "Most items in a problem.")
+
+
+@attrs.frozen(kw_only=True)
+class TokenizerConfig:
+    """A byte-level BPE tokenizer: loaded from a file or trained on the training data and cached."""
+
+    path: str | None = _f(None, "A tokenizer.json to load; None trains one on the training data.")
+    vocab_size: int = _f(384, "Vocabulary size when training (byte alphabet of 256 included).")
+
+
+@attrs.frozen(kw_only=True)
+class DataConfig:
+    """Training and evaluation data (prompt/completion records)."""
+
+    train_files: list[str] = _f([], "JSONL files of {prompt, completion}; empty: synthetic data.")
+    eval_files: list[str] = _f([], "Held-out JSONL files; empty: synthetic eval data.")
+    synthetic: SyntheticConfig = _f(
+        SyntheticConfig(), "The built-in task (when no files are given)."
+    )
+    tokenizer: TokenizerConfig = _f(TokenizerConfig(), "Tokenizer settings.")
+    max_length: int = _f(64, "Longest tokenized example; longer ones are rejected with their row.")
+    batch_size: int = _f(64, "Examples per optimizer step (split into train.microbatches).")
+    shuffle: bool = _f(True, "Shuffle each epoch, deterministically from (seed, epoch).")
+
+
+@attrs.frozen(kw_only=True)
+class OptimizerConfig:
+    """The optimizer (a chain of transforms, see tscale.optim)."""
+
+    type: Literal["adamw"] = _f("adamw", "Optimizer.")
+    lr: float = _f(1e-3, "Peak learning rate.")
+    betas: tuple[float, float] = _f((0.9, 0.999), "Adam moment decay rates.")
+    eps: float = _f(1e-8, "Adam epsilon.")
+    weight_decay: float = _f(0.0, "Decoupled weight decay (not applied to norms and biases).")
+    max_grad_norm: float | None = _f(
+        1.0, "Clip gradients to this global L2 norm; None: no clipping."
+    )
+
+
+@attrs.frozen(kw_only=True)
+class SchedulerConfig:
+    """The learning-rate schedule, a pure function of the step."""
+
+    type: Literal["constant", "cosine"] = _f("cosine", "Schedule after warmup.")
+    warmup_steps: int = _f(0, "Linear warmup from 0 to the peak learning rate.")
+    min_lr_ratio: float = _f(0.0, "Final learning rate of the cosine, as a fraction of the peak.")
+
+
+@attrs.frozen(kw_only=True)
+class TrainConfig:
+    """The training loop."""
+
+    max_steps: int = _f(100, "Optimizer steps to take.")
+    microbatches: int = _f(1, "Gradient accumulation: data.batch_size is split into this many.")
+    donate: bool = _f(True, "The step updates the state in place (False: clone it first).")
+    log_every: int = _f(10, "Read metrics from the device and log them every N steps.")
+    eval_every: int = _f(0, "Evaluate every N steps (0: only at the end).")
+    save_every: int = _f(0, "Checkpoint every N steps (0: only at the end).")
+    keep_last: int = _f(2, "Checkpoints to keep (oldest are deleted); 0 keeps all.")
+    progress: bool = _f(True, "Show a rich progress bar.")
+
+
+@attrs.frozen(kw_only=True)
+class EvalConfig:
+    """Held-out evaluation: loss, and exact match of greedy answers."""
+
+    num_samples: int = _f(200, "Held-out problems to answer greedily (0: loss only).")
+    batch_size: int = _f(100, "Problems decoded at once.")
+    max_new_tokens: int = _f(24, "Longest answer generated.")
+    num_show: int = _f(3, "Sample generations printed at the end of the run.")
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """A whole run."""
+
+    run: RunConfig = _f(RunConfig(), "Run directory, seed, device.")
+    model: ModelConfig = _f(ModelConfig(), "Model architecture.")
+    data: DataConfig = _f(DataConfig(), "Data.")
+    optimizer: OptimizerConfig = _f(OptimizerConfig(), "Optimizer.")
+    scheduler: SchedulerConfig = _f(SchedulerConfig(), "Learning-rate schedule.")
+    train: TrainConfig = _f(TrainConfig(), "Training loop.")
+    eval: EvalConfig = _f(EvalConfig(), "Evaluation.")
