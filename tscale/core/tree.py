@@ -92,12 +92,17 @@ def assert_same_structure(a: Tree, b: Tree, what: str = "trees") -> None:
 
 
 def global_norm(tree: Tree | Iterable[torch.Tensor]) -> torch.Tensor:
-    """The L2 norm of all leaves together, as a 0-d float32 tensor (no host sync)."""
+    """The L2 norm of all leaves together as a 0-d tensor, without a host sync.
+
+    Float64 if any leaf is float64, else float32. Same reduction as
+    ``torch.nn.utils.clip_grad_norm_`` (per-leaf norms, then the norm of those).
+    """
     ts = leaves(tree) if isinstance(tree, TensorDictBase) else list(tree)
     if not ts:
         return torch.zeros((), dtype=torch.float32)
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
     norms = torch._foreach_norm(ts)
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
 
 
 def num_elements(tree: Tree) -> int:

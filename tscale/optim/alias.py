@@ -1,0 +1,79 @@
+"""Ready-made optimizers: chains of transforms, and a registry that builds them by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tscale.optim.base import GradientTransformation, chain
+from tscale.optim.transforms import (
+    MaskFn,
+    Schedule,
+    add_decayed_weights,
+    clip_by_global_norm,
+    default_decay_mask,
+    scale_by_adam,
+    scale_by_learning_rate,
+)
+
+__all__ = ["OPTIMIZERS", "adamw", "build_optimizer"]
+
+
+def adamw(
+    learning_rate: float | Schedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    mask: MaskFn | None = default_decay_mask,
+    max_grad_norm: float | None = None,
+) -> GradientTransformation:
+    """AdamW: Adam with decoupled weight decay (Loshchilov & Hutter, "Decoupled Weight Decay
+    Regularization", ICLR 2019), optionally after global-norm gradient clipping.
+
+    ``chain(clip_by_global_norm(max_norm)?, scale_by_adam, add_decayed_weights, scale_by_lr)``;
+    equal to ``clip_grad_norm_`` followed by ``torch.optim.AdamW`` (with no-decay param groups
+    for the leaves ``mask`` rejects).
+
+    Args:
+        learning_rate: a float or a schedule ``step -> lr`` (see :mod:`tscale.optim.schedules`).
+        b1, b2, eps: Adam's moment decay rates and denominator epsilon.
+        weight_decay: decoupled decay coefficient (multiplied by the learning rate).
+        mask: which leaves decay: :func:`default_decay_mask` (not norms, biases, embeddings),
+            ``None`` for all, or a callable ``(name, tensor) -> bool``.
+        max_grad_norm: clip gradients to this global L2 norm first; ``None`` disables clipping.
+
+    Raises:
+        ValueError: any invalid hyper-parameter (the message names it).
+    """
+    parts: list[GradientTransformation] = []
+    if max_grad_norm is not None:
+        parts.append(clip_by_global_norm(max_grad_norm))
+    parts += [
+        scale_by_adam(b1=b1, b2=b2, eps=eps),
+        add_decayed_weights(weight_decay, mask),
+        scale_by_learning_rate(learning_rate),
+    ]
+    return chain(*parts)
+
+
+OPTIMIZERS: dict[str, Callable[..., GradientTransformation]] = {"adamw": adamw}
+"""Optimizer factories by name (the config's ``optimizer.type``)."""
+
+
+def build_optimizer(name: str, **kwargs: object) -> GradientTransformation:
+    """Build the optimizer registered as ``name`` with ``kwargs``.
+
+    Raises:
+        ValueError: ``name`` is not registered (the message lists the valid names), or the
+            factory rejects an argument.
+    """
+    try:
+        factory = OPTIMIZERS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown optimizer {name!r}; valid optimizers: {', '.join(sorted(OPTIMIZERS))}"
+        ) from None
+    try:
+        return factory(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"optimizer {name!r}: {err}") from None

@@ -1,0 +1,335 @@
+"""Gradient transformations: the building blocks that :func:`tscale.optim.chain` composes.
+
+Every factory validates its hyper-parameters eagerly (a :class:`ValueError` naming the argument)
+and returns a :class:`~tscale.optim.base.GradientTransformation`. Inner loops run
+``torch._foreach_*_`` in place over the leaf lists of the trees (``tree.leaves``): trees built from
+the same params share key order, so the lists line up index by index. No transform reads a tensor
+on the host (no ``.item()``, no ``float(t)``, no Python branch on a tensor), so an update never
+waits for the device.
+
+Ownership follows :mod:`tscale.optim.base`: ``update`` modifies ``updates`` and its own state in
+place and returns them; it never modifies ``params``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+
+from tscale.core import tree as T
+from tscale.optim.base import GradientTransformation, empty_state
+from tscale.optim.schedules import Schedule
+
+MaskFn = Callable[[str, torch.Tensor], bool]
+"""``mask(name, tensor) -> bool``: True where weight decay applies (``name`` is dotted)."""
+
+__all__ = [
+    "MaskFn",
+    "Schedule",
+    "add_decayed_weights",
+    "clip_by_global_norm",
+    "default_decay_mask",
+    "scale",
+    "scale_by_adam",
+    "scale_by_learning_rate",
+    "scale_by_schedule",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _check_real(name: str, value: object) -> float:
+    """``value`` as a finite float, or a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return v
+
+
+def _check_beta(name: str, value: object) -> float:
+    v = _check_real(name, value)
+    if not 0.0 <= v < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return v
+
+
+def _check_structure(updates: TensorDictBase, us: list[torch.Tensor], n: int, what: str) -> None:
+    """Cheap leaf-count check; the precise message comes from ``assert_same_structure``."""
+    if len(us) != n:
+        raise ValueError(
+            f"{what}: updates have {len(us)} leaves but the state was built for {n} "
+            f"(was init() called on other params?); update leaves: {T.leaf_keys(updates)[:5]} ..."
+        )
+
+
+def _count_device(params: TensorDictBase) -> torch.device:
+    ps = T.leaves(params)
+    return ps[0].device if ps else torch.device("cpu")
+
+
+def _new_count(params: TensorDictBase) -> torch.Tensor:
+    return torch.zeros((), dtype=torch.int64, device=_count_device(params))
+
+
+# --------------------------------------------------------------------------------------------
+# scaling
+
+
+def scale(factor: float) -> GradientTransformation:
+    """Multiply the updates by a constant ``factor`` (stateless).
+
+    Raises:
+        ValueError: ``factor`` is not a finite real number.
+    """
+    factor = _check_real("factor", factor)
+
+    def init(params: TensorDictBase) -> TensorDict:
+        return empty_state()
+
+    def update(
+        updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None = None
+    ) -> tuple[TensorDictBase, TensorDictBase]:
+        us = T.leaves(updates)
+        if us and factor != 1.0:
+            torch._foreach_mul_(us, factor)
+        return updates, state
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
+    """Multiply the updates by ``schedule(count)``; ``count`` (0-d int64) starts at 0.
+
+    The schedule is called with the on-device ``count`` tensor, so it must accept a 0-d tensor and
+    return a 0-d tensor (every schedule in :mod:`tscale.optim.schedules` does) — no host sync.
+
+    Raises:
+        ValueError: ``schedule`` is not callable.
+    """
+    if not callable(schedule):
+        raise ValueError(f"schedule must be callable (step -> lr), got {schedule!r}")
+
+    def init(params: TensorDictBase) -> TensorDict:
+        return TensorDict({"count": _new_count(params)}, batch_size=[])
+
+    def update(
+        updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None = None
+    ) -> tuple[TensorDictBase, TensorDictBase]:
+        count = state["count"]
+        us = T.leaves(updates)
+        if us:
+            factor = schedule(count)
+            if not isinstance(factor, torch.Tensor):
+                factor = torch.as_tensor(factor, dtype=torch.float32, device=count.device)
+            torch._foreach_mul_(us, factor)
+        count.add_(1)
+        return updates, state
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_learning_rate(learning_rate: float | Schedule) -> GradientTransformation:
+    """Scale by ``-learning_rate`` (a float or a schedule): updates are added to params.
+
+    Raises:
+        ValueError: a float ``learning_rate`` that is negative or not finite.
+    """
+    if callable(learning_rate):
+        sched = learning_rate
+        return scale_by_schedule(lambda count: torch.neg(sched(count)))
+    lr = _check_real("learning_rate", learning_rate)
+    if lr < 0:
+        raise ValueError(f"learning_rate must be >= 0, got {learning_rate!r}")
+    return scale(-lr)
+
+
+# --------------------------------------------------------------------------------------------
+# clipping
+
+
+def clip_by_global_norm(max_norm: float) -> GradientTransformation:
+    """Scale all updates by ``min(1, max_norm / (norm + 1e-6))`` (as ``clip_grad_norm_``).
+
+    The factor stays on the device (``torch._foreach_mul_`` with a 0-d tensor), so clipping never
+    waits for the norm. Stateless.
+
+    Raises:
+        ValueError: ``max_norm`` is not a positive finite number.
+    """
+    max_norm = _check_real("max_norm", max_norm)
+    if max_norm <= 0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
+
+    def init(params: TensorDictBase) -> TensorDict:
+        return empty_state()
+
+    def update(
+        updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None = None
+    ) -> tuple[TensorDictBase, TensorDictBase]:
+        us = T.leaves(updates)
+        if not us:
+            return updates, state
+        norm = T.global_norm(us)
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        torch._foreach_mul_(us, coef)
+        return updates, state
+
+    return GradientTransformation(init, update)
+
+
+# --------------------------------------------------------------------------------------------
+# Adam
+
+
+def _moment_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Moments keep float32/float64 params' dtype; lower precision ones get float32 moments."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
+    """Rescale updates by Adam's bias-corrected moments: ``m̂ / (sqrt(v̂) + eps)``.
+
+    Kingma & Ba, "Adam: A Method for Stochastic Optimization" (ICLR 2015). The state is
+    ``{"mu": tree, "nu": tree, "count": 0-d int64}``; moments are float32 for bfloat16/float16
+    params and keep the param dtype for float32/float64. Returned updates keep the dtype of the
+    incoming updates. Bias corrections are 0-d tensors computed from ``count`` on the device.
+
+    Raises:
+        ValueError: ``b1``/``b2`` outside [0, 1) or ``eps`` negative; at ``init``, a params leaf
+            that is not floating point.
+    """
+    b1 = _check_beta("b1", b1)
+    b2 = _check_beta("b2", b2)
+    eps = _check_real("eps", eps)
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps!r}")
+
+    def init(params: TensorDictBase) -> TensorDict:
+        for name, p in zip(T.leaf_keys(params), T.leaves(params), strict=True):
+            if not p.is_floating_point():
+                raise ValueError(
+                    f"scale_by_adam: params leaf {name!r} has dtype {p.dtype}; optimizers take "
+                    "floating-point trees (split others off with tscale.core.tree.partition)"
+                )
+        return TensorDict(
+            {
+                "mu": params.apply(lambda p: torch.zeros_like(p, dtype=_moment_dtype(p.dtype))),
+                "nu": params.apply(lambda p: torch.zeros_like(p, dtype=_moment_dtype(p.dtype))),
+                "count": _new_count(params),
+            },
+            batch_size=[],
+        )
+
+    def update(
+        updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None = None
+    ) -> tuple[TensorDictBase, TensorDictBase]:
+        us = T.leaves(updates)
+        mu = T.leaves(state["mu"])
+        nu = T.leaves(state["nu"])
+        _check_structure(updates, us, len(mu), "scale_by_adam")
+        count = state["count"]
+        count.add_(1)
+        if not us:
+            return updates, state
+        same = all(u.dtype == m.dtype for u, m in zip(us, mu, strict=True))
+        gs = us if same else [u.to(m.dtype) for u, m in zip(us, mu, strict=True)]
+
+        torch._foreach_lerp_(mu, gs, 1.0 - b1)
+        torch._foreach_mul_(nu, b2)
+        torch._foreach_addcmul_(nu, gs, gs, value=1.0 - b2)
+
+        # Bias corrections as 0-d tensors on the device: widest moment dtype, no host sync.
+        sdtype = torch.float64 if any(m.dtype == torch.float64 for m in mu) else torch.float32
+        t = count.to(sdtype)
+        bc1 = 1.0 - torch.pow(b1, t)
+        bc2_sqrt = torch.sqrt(1.0 - torch.pow(b2, t))
+
+        # update = (mu / bc1) / (sqrt(nu) / sqrt(bc2) + eps), as torch.optim.Adam computes it.
+        denom = torch._foreach_sqrt(nu)
+        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_mul_(denom, bc1)
+        if same:
+            # The incoming updates are ours to overwrite: no second temporary.
+            torch._foreach_copy_(us, mu)
+            torch._foreach_div_(us, denom)
+        else:
+            torch._foreach_copy_(us, torch._foreach_div(mu, denom))
+        return updates, state
+
+    return GradientTransformation(init, update)
+
+
+# --------------------------------------------------------------------------------------------
+# weight decay
+
+
+def default_decay_mask(name: str, tensor: torch.Tensor) -> bool:
+    """Decay matrices only: no decay for tensors with fewer than 2 dims (norms, biases, scalars)
+    nor for token embeddings (names containing ``embed_tokens``)."""
+    return tensor.ndim >= 2 and "embed_tokens" not in name
+
+
+def add_decayed_weights(weight_decay: float, mask: MaskFn | None = None) -> GradientTransformation:
+    """Add ``weight_decay * params`` to the updates (decoupled weight decay when placed after
+    the adaptive scaling and before the learning rate; Loshchilov & Hutter, "Decoupled Weight
+    Decay Regularization", ICLR 2019).
+
+    Args:
+        weight_decay: the decay coefficient (>= 0; 0 makes the transform a no-op).
+        mask: ``None`` decays every leaf; a callable ``mask(name, tensor) -> bool`` (such as
+            :func:`default_decay_mask`) selects leaves by dotted name. It is resolved from the
+            params at update time and cached by the params' names and shapes.
+
+    Raises:
+        ValueError: ``weight_decay`` negative or not finite; ``mask`` neither None nor callable;
+            at update time, ``params`` missing.
+    """
+    weight_decay = _check_real("weight_decay", weight_decay)
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    if mask is not None and not callable(mask):
+        raise ValueError(
+            f"mask must be None or a callable (name, tensor) -> bool, got {type(mask).__name__}"
+        )
+    cache: dict[tuple, list[int]] = {}
+
+    def _selected(params: TensorDictBase, ps: list[torch.Tensor]) -> list[int]:
+        if mask is None:
+            return list(range(len(ps)))
+        names = T.leaf_keys(params)
+        key = tuple((n, tuple(p.shape), p.ndim) for n, p in zip(names, ps, strict=True))
+        if key not in cache:
+            cache.clear()  # one params structure per optimizer: keep only the latest
+            cache[key] = [i for i, (n, p) in enumerate(zip(names, ps, strict=True)) if mask(n, p)]
+        return cache[key]
+
+    def init(params: TensorDictBase) -> TensorDict:
+        return empty_state()
+
+    def update(
+        updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None = None
+    ) -> tuple[TensorDictBase, TensorDictBase]:
+        if weight_decay == 0.0:
+            return updates, state
+        if params is None:
+            raise ValueError(
+                "add_decayed_weights needs params: call update(updates, state, params)"
+            )
+        us = T.leaves(updates)
+        ps = T.leaves(params)
+        if len(us) != len(ps):
+            T.assert_same_structure(params, updates, "params and updates")
+        idx = _selected(params, ps)
+        if idx:
+            torch._foreach_add_([us[i] for i in idx], [ps[i] for i in idx], alpha=weight_decay)
+        return updates, state
+
+    return GradientTransformation(init, update)
