@@ -29,8 +29,24 @@ ALLOWED: dict[str, set[str]] = {
 }
 PURE = ("core", "optim", "losses", "step", "models")
 IO_MODULES = {
-    "os", "io", "pathlib", "shutil", "json", "yaml", "pickle", "socket", "subprocess", "sys",
-    "tempfile", "glob", "safetensors", "datasets", "tokenizers", "requests", "urllib", "logging",
+    "os",
+    "io",
+    "pathlib",
+    "shutil",
+    "json",
+    "yaml",
+    "pickle",
+    "socket",
+    "subprocess",
+    "sys",
+    "tempfile",
+    "glob",
+    "safetensors",
+    "datasets",
+    "tokenizers",
+    "requests",
+    "urllib",
+    "logging",
 }
 IO_CALLS = {"open", "print", "input"}
 IO_ATTRS = {("torch", "save"), ("torch", "load")}
@@ -70,12 +86,15 @@ def test_imports_point_down(path: Path):
             continue
         target = name.split(".")[1]
         assert target == pkg or target in allowed, (
-            f"{path.relative_to(ROOT.parent)}:{line} imports {name}; {pkg} may import only {allowed}"
+            f"{path.relative_to(ROOT.parent)}:{line} imports {name}; "
+            f"{pkg} may import only {allowed}"
         )
 
 
 @pytest.mark.parametrize(
-    "path", [p for p in _modules() if _package_of(p) in PURE], ids=lambda p: str(p.relative_to(ROOT))
+    "path",
+    [p for p in _modules() if _package_of(p) in PURE],
+    ids=lambda p: str(p.relative_to(ROOT)),
 )
 def test_pure_packages_do_no_io(path: Path):
     tree = ast.parse(path.read_text())

@@ -72,8 +72,11 @@ def _quadratic(params, x):
 def test_value_and_grad_matches_autograd():
     g = torch.Generator().manual_seed(0)
     params = TensorDict(
-        {"w": torch.randn(3, 3, generator=g, dtype=torch.float64),
-         "nested": {"b": torch.randn(3, generator=g, dtype=torch.float64)}}, []
+        {
+            "w": torch.randn(3, 3, generator=g, dtype=torch.float64),
+            "nested": {"b": torch.randn(3, generator=g, dtype=torch.float64)},
+        },
+        [],
     ).lock_()
     x = torch.randn(3, generator=g, dtype=torch.float64)
     (value, aux), grads = value_and_grad(_quadratic)(params, x)

@@ -1,4 +1,4 @@
-"""``Ok``/``Err`` results for per-record data transforms: bad records are quarantined, never lost."""
+"""``Ok``/``Err`` results of per-record data transforms: bad records are quarantined, not lost."""
 
 from __future__ import annotations
 

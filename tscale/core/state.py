@@ -35,7 +35,9 @@ class TrainState:
     rng: torch.Tensor
 
     @classmethod
-    def create(cls, params: TensorDictBase, opt_state: TensorDictBase, rng: torch.Tensor) -> TrainState:
+    def create(
+        cls, params: TensorDictBase, opt_state: TensorDictBase, rng: torch.Tensor
+    ) -> TrainState:
         """A step-0 state; locks ``params`` so that no step can add or drop a leaf."""
         if not params.is_locked:
             params.lock_()
@@ -58,6 +60,11 @@ class TrainState:
     def to_tensordict(self) -> TensorDict:
         """The state as one tree ``{params, opt_state, step, rng}`` (for checkpoints)."""
         return TensorDict(
-            {"params": self.params, "opt_state": self.opt_state, "step": self.step, "rng": self.rng},
+            {
+                "params": self.params,
+                "opt_state": self.opt_state,
+                "step": self.step,
+                "rng": self.rng,
+            },
             batch_size=[],
         )

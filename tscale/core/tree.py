@@ -19,7 +19,7 @@ SEP = "."
 
 
 def leaf_keys(tree: Tree) -> list[str]:
-    """Dotted names of all tensor leaves, in iteration order (``model.layers.0.mlp.up_proj.weight``)."""
+    """Dotted names of all leaves in iteration order (``model.layers.0.mlp.up_proj.weight``)."""
     return [k if isinstance(k, str) else SEP.join(k) for k in tree.keys(True, True)]
 
 
@@ -51,7 +51,9 @@ def is_float(t: torch.Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
 
 
-def partition(tree: Tree, predicate: Callable[[torch.Tensor], bool]) -> tuple[TensorDict, TensorDict]:
+def partition(
+    tree: Tree, predicate: Callable[[torch.Tensor], bool]
+) -> tuple[TensorDict, TensorDict]:
     """Split ``tree`` into (leaves where ``predicate`` holds, the others), both keeping nesting."""
     yes: dict[str, torch.Tensor] = {}
     no: dict[str, torch.Tensor] = {}

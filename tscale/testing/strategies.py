@@ -50,7 +50,7 @@ def trees(
     used: set[tuple[str, ...]] = set()
     while len(used) < n:
         depth = draw(st.integers(0, max_depth))
-        key = tuple(draw(_NAMES) for _ in range(depth)) + (f"w{len(used)}",)
+        key = (*(draw(_NAMES) for _ in range(depth)), f"w{len(used)}")
         if any(key[: i + 1] in used for i in range(len(key))):
             continue
         if any(u[: len(key)] == key for u in used):
@@ -86,7 +86,9 @@ def batches(
 
 
 @st.composite
-def train_states(draw, *, init=None, params: st.SearchStrategy[TensorDict] | None = None) -> TrainState:
+def train_states(
+    draw, *, init=None, params: st.SearchStrategy[TensorDict] | None = None
+) -> TrainState:
     """Train states over random params; ``init(params) -> opt_state`` defaults to an empty state."""
     p = draw(params if params is not None else trees())
     opt_state = init(p) if init is not None else TensorDict({}, batch_size=[])

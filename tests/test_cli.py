@@ -1,0 +1,54 @@
+"""The ``tscale`` command: resolved config, and one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tscale(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tscale.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_config_show_prints_resolved_config_with_defaults():
+    r = _tscale("config", "show", "configs/quickstart.yaml", "optimizer.lr=3e-4")
+    assert r.returncode == 0, r.stderr
+    shown = yaml.safe_load(r.stdout)
+    assert shown["optimizer"]["lr"] == 3e-4
+    assert shown["optimizer"]["eps"] == 1e-8  # a default the YAML file does not set
+    assert shown["model"]["hidden_size"] == 128  # set by the file
+    assert list(shown) == ["run", "model", "data", "optimizer", "scheduler", "train", "eval"]
+
+
+def test_config_typo_exits_2_with_suggestion_and_no_traceback(tmp_path: Path):
+    cfg = tmp_path / "typo.yaml"
+    cfg.write_text("optimizer:\n  lr_rate: 0.001\n")
+    r = _tscale("train", str(cfg))
+    assert r.returncode == 2
+    assert "optimizer.lr_rate" in r.stderr
+    assert "did you mean 'optimizer.lr'?" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_override_typo_and_bad_choice_exit_2(tmp_path: Path):
+    r = _tscale("train", "configs/quickstart.yaml", "optimizer.lr_rate=3e-4")
+    assert r.returncode == 2 and "did you mean 'optimizer.lr'?" in r.stderr
+    r = _tscale("config", "show", "configs/quickstart.yaml", "optimizer.type=adamx")
+    assert r.returncode == 2 and "adamw" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_config_file_exits_2(tmp_path: Path):
+    r = _tscale("train", str(tmp_path / "missing.yaml"))
+    assert r.returncode == 2 and "missing.yaml" in r.stderr and "Traceback" not in r.stderr

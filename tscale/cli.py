@@ -1,0 +1,70 @@
+"""The ``tscale`` command.
+
+``tscale train CFG [key=value ...] [--resume [CKPT]]`` trains; ``tscale config show CFG
+[key=value ...]`` prints the resolved config. A user's mistake (bad config, data, checkpoint) is
+printed as one line on stderr and exits with status 2 — no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from tscale.errors import TscaleError
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tscale", description="Config-driven LLM training.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train as a YAML config says")
+    t.add_argument("config", help="path to a YAML config")
+    t.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optimizer.lr=3e-4")
+    t.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="CKPT",
+        help="continue from the newest checkpoint of the run (or from CKPT)",
+    )
+
+    c = sub.add_parser("config", help="config tools")
+    csub = c.add_subparsers(dest="config_command", required=True)
+    show = csub.add_parser("show", help="print the resolved config with all defaults")
+    show.add_argument("config", help="path to a YAML config")
+    show.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tscale.config import load_config, to_yaml
+
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "config":
+        sys.stdout.write(to_yaml(cfg))
+        return 0
+    from tscale.train import train
+
+    train(cfg, resume=args.resume)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tscale`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except TscaleError as e:
+        print(f"tscale: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("tscale: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Callbacks: what the trainer tells the world. Called on the host, every ``log_every`` steps.
+
+A callback implements any of ``on_train_start(info)``, ``on_step_end(info)``, ``on_eval(info)``,
+``on_save(info)``, ``on_train_end(info)``. ``info`` is a plain dict; metric values in it are
+Python numbers (the trainer has already read them from the device). A callback stops the run
+early by calling ``info["stop"]()``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+Info = dict[str, Any]
+
+
+class Callback:
+    """Base class: every hook is a no-op."""
+
+    def on_train_start(self, info: Info) -> None:
+        """The run starts (or resumes) at ``info["step"]`` of ``info["max_steps"]``."""
+
+    def on_step_end(self, info: Info) -> None:
+        """Metrics of the steps since the last call: ``info["rows"]`` (one dict per step)."""
+
+    def on_eval(self, info: Info) -> None:
+        """An evaluation finished: ``info["eval"]`` holds its metrics."""
+
+    def on_save(self, info: Info) -> None:
+        """A checkpoint was written to ``info["path"]``."""
+
+    def on_train_end(self, info: Info) -> None:
+        """The run ended: ``info["summary"]``."""
+
+
+class JsonlLogger(Callback):
+    """Appends one JSON object per step (and per eval) to ``metrics.jsonl``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def _write(self, rows: list[dict]) -> None:
+        with open(self.path, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+    def on_step_end(self, info: Info) -> None:
+        self._write(info["rows"])
+
+    def on_eval(self, info: Info) -> None:
+        self._write([{"step": info["step"], **{f"eval/{k}": v for k, v in info["eval"].items()}}])
+
+
+def truncate_jsonl(path: Path, after_step: int) -> None:
+    """Drop rows with ``step > after_step`` (a resumed run re-logs the steps it redoes)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= after_step
+    ]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class ProgressBar(Callback):
+    """A rich progress bar (step, loss, lr, tokens/s, ETA); plain log lines when not a terminal."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress: Progress | None = None
+        self.task: Any = None
+        self._last_print = 0.0
+
+    def on_train_start(self, info: Info) -> None:
+        if not self.console.is_terminal:
+            return
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(
+            "train", total=info["max_steps"], completed=info["step"], loss="-", lr="-", tps="-"
+        )
+
+    def on_step_end(self, info: Info) -> None:
+        last = info["rows"][-1]
+        fields = {
+            "loss": f"{last['loss']:.4f}",
+            "lr": f"{last['lr']:.2e}",
+            "tps": f"{info['tokens_per_s']:,.0f}",
+        }
+        if self.progress is not None:
+            self.progress.update(self.task, completed=last["step"], **fields)
+            return
+        now = time.monotonic()
+        if now - self._last_print >= 5.0 or last["step"] == info["max_steps"]:
+            self._last_print = now
+            self.console.print(
+                f"step {last['step']}/{info['max_steps']}  loss {fields['loss']}  "
+                f"lr {fields['lr']}  {fields['tps']} tok/s"
+            )
+
+    def on_eval(self, info: Info) -> None:
+        ev = info["eval"]
+        acc = f"  exact-match {ev['exact_match']:.1%}" if "exact_match" in ev else ""
+        self.console.print(f"eval @ step {info['step']}: loss {ev['loss']:.4f}{acc}")
+
+    def on_save(self, info: Info) -> None:
+        self.console.print(f"saved {info['path']}", style="dim")
+
+    def on_train_end(self, info: Info) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None

@@ -1,0 +1,308 @@
+"""The one impure loop: data → step → callbacks → checkpoint.
+
+Everything numeric happens in pure functions built by :mod:`tscale.train.builders`; this module
+moves batches, reads metrics every ``log_every`` steps (the only host syncs), evaluates, saves and
+resumes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+from rich.console import Console
+from rich.table import Table
+from tensordict import TensorDictBase
+
+from tscale import checkpoint as ckpt
+from tscale.config.load import to_yaml
+from tscale.config.schema import Config
+from tscale.core import rng as R
+from tscale.core.state import TrainState
+from tscale.data.loader import batch_iter
+from tscale.errors import CheckpointError
+from tscale.losses.lm import make_lm_loss
+from tscale.models.generate import greedy
+from tscale.models.transformer import Transformer
+from tscale.optim.base import GradientTransformation
+from tscale.step.compose import StepFn, make_eval_step, make_train_step
+from tscale.train import builders
+from tscale.train.callbacks import Callback, JsonlLogger, ProgressBar, truncate_jsonl
+
+
+@attrs.frozen(kw_only=True)
+class TrainResult:
+    """What a finished run returns (and prints as its summary)."""
+
+    run_dir: Path
+    final_step: int
+    state: TrainState
+    summary: dict[str, Any]
+
+
+def evaluate(
+    apply_fn,
+    params: TensorDictBase,
+    bundle: builders.DataBundle,
+    *,
+    num_samples: int,
+    batch_size: int,
+    max_new_tokens: int,
+    device: torch.device,
+) -> tuple[dict[str, float], list[dict[str, str]]]:
+    """Held-out loss over all eval examples and exact match of greedy answers on the first
+    ``num_samples`` eval records; returns ``(metrics, samples)``."""
+    metrics: dict[str, float] = {}
+    samples: list[dict[str, str]] = []
+    if bundle.eval_examples:
+        eval_step = make_eval_step(make_lm_loss(apply_fn))
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        tokens = torch.zeros((), dtype=torch.int64)
+        for batch in batch_iter(bundle.eval_examples, batch_size, bundle.encoder.pad_id):
+            out = eval_step(params, batch.to(device))
+            loss_sum += out["loss_sum"].double().cpu()
+            tokens += out["tokens"].cpu()
+        metrics["loss"] = float(loss_sum / tokens.clamp_min(1))
+    records = bundle.eval_records[:num_samples]
+    if records:
+        enc = bundle.encoder
+        correct = 0
+        for start in range(0, len(records), batch_size):
+            chunk = records[start : start + batch_size]
+            prompts = [enc.encode_prompt(r["prompt"]) for r in chunk]
+            outs = greedy(
+                apply_fn,
+                params,
+                prompts,
+                max_new_tokens=max_new_tokens,
+                eos_id=enc.eos_id,
+                pad_id=enc.pad_id,
+                device=device,
+            )
+            for r, out in zip(chunk, outs, strict=True):
+                answer = enc.decode(out)
+                ok = answer.strip() == r["completion"].strip()
+                correct += ok
+                samples.append(
+                    {
+                        "prompt": r["prompt"],
+                        "expected": r["completion"],
+                        "answer": answer,
+                        "correct": ok,
+                    }
+                )
+        metrics["exact_match"] = correct / len(records)
+    return metrics, samples
+
+
+class _Stopper:
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self) -> None:
+        self.requested = True
+
+
+def train(
+    cfg: Config,
+    *,
+    resume: bool | str | Path = False,
+    callbacks: Sequence[Callback] = (),
+    console: Console | None = None,
+    make_step: Callable[[Transformer, GradientTransformation], StepFn] | None = None,
+) -> TrainResult:
+    """Run training as ``cfg`` says.
+
+    Args:
+        cfg: the resolved config.
+        resume: False to start fresh (an existing run directory with checkpoints is an error),
+            True to continue from the newest checkpoint of the run directory, or a checkpoint path.
+        callbacks: extra callbacks after the built-in progress bar and JSONL logger.
+        console: where to print (default: a new rich console).
+        make_step: build your own ``step(state, batch) -> (state, metrics)`` from the model and
+            the optimizer (default: ``make_train_step`` with the LM loss and the config's
+            ``train.microbatches`` / ``train.donate``). Metrics must include ``loss``.
+    """
+    t_start = time.perf_counter()
+    console = console or Console()
+    builders.validate(cfg)
+    device = builders.resolve_device(cfg.run.device)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    run_dir = Path(cfg.run.output_dir)
+    ckpt_root = run_dir / "checkpoints"
+    resume_from = _resume_path(resume, ckpt_root)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_yaml = to_yaml(cfg)
+    (run_dir / "config.yaml").write_text(config_yaml)
+
+    bundle = builders.build_data(cfg, run_dir)
+    model = builders.build_model(cfg, bundle.encoder.vocab_size)
+    schedule = builders.build_schedule(cfg)
+    tx = builders.build_optimizer(cfg, schedule)
+    key = R.key(cfg.run.seed)
+    init_key, state_key = R.split(key, 2)
+    params = model.init(init_key).to(device)
+    state = TrainState.create(params, tx.init(params), state_key.to(device))
+    loader = bundle.loader
+    metrics_file = run_dir / "metrics.jsonl"
+    if resume_from is not None:
+        state, meta = ckpt.load_checkpoint(resume_from, state)
+        loader.load_state_dict(meta["cursor"])
+        truncate_jsonl(metrics_file, meta["step"])
+        console.print(f"resumed from {resume_from} at step {meta['step']}")
+    elif metrics_file.exists():
+        metrics_file.unlink()
+
+    if make_step is None:
+        step_fn = make_train_step(
+            make_lm_loss(model.apply),
+            tx,
+            microbatches=cfg.train.microbatches,
+            donate=cfg.train.donate,
+        )
+    else:
+        step_fn = make_step(model, tx)
+    stop = _Stopper()
+    hooks: list[Callback] = []
+    if cfg.train.progress:
+        hooks.append(ProgressBar(console))
+    hooks += [JsonlLogger(metrics_file), *callbacks]
+
+    def emit(name: str, **info: Any) -> None:
+        info.setdefault("max_steps", cfg.train.max_steps)
+        info["stop"] = stop
+        for cb in hooks:
+            getattr(cb, name)(info)
+
+    step = int(state.step)
+    start_step = step
+    ev = dict(
+        num_samples=cfg.eval.num_samples,
+        batch_size=cfg.eval.batch_size,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        device=device,
+    )
+    emit("on_train_start", step=step)
+    pending: list[tuple[int, dict[str, torch.Tensor], int]] = []
+    paused = 0.0  # seconds spent in eval and checkpointing, excluded from training time
+    loop_t0 = window_t0 = time.perf_counter()
+    window_paused, window_tokens, train_tokens = 0.0, 0, 0
+    last_eval: dict[str, float] = {}
+    samples: list[dict[str, str]] = []
+    batches = iter(loader)
+    pad_id = bundle.encoder.pad_id
+
+    def save(at: int) -> None:
+        path = ckpt.save_checkpoint(
+            ckpt_root,
+            state,
+            step=at,
+            cursor=loader.state_dict(),
+            config_yaml=config_yaml,
+            files={"tokenizer.json": bundle.tokenizer_file},
+            extra={"eval": last_eval},
+        )
+        ckpt.prune_checkpoints(ckpt_root, cfg.train.keep_last)
+        emit("on_save", step=at, path=str(path))
+
+    def flush() -> None:
+        nonlocal pending, window_t0, window_paused, window_tokens, train_tokens
+        rows = [_row(s, m, schedule(s - 1), n) for s, m, n in pending]  # the host sync
+        elapsed = time.perf_counter() - window_t0 - window_paused
+        train_tokens += window_tokens
+        emit("on_step_end", step=step, rows=rows, tokens_per_s=window_tokens / max(elapsed, 1e-9))
+        pending, window_t0, window_paused, window_tokens = [], time.perf_counter(), 0.0, 0
+
+    try:
+        while step < cfg.train.max_steps and not stop.requested:
+            batch = next(batches)
+            n_tokens = int((batch["input_ids"] != pad_id).sum())
+            state, metrics = step_fn(state, batch.to(device, non_blocking=True))
+            step += 1
+            pending.append((step, metrics, n_tokens))
+            window_tokens += n_tokens
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                flush()
+            last = step == cfg.train.max_steps
+            t_pause = time.perf_counter()
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and not last:
+                last_eval, samples = evaluate(model.apply, state.params, bundle, **ev)
+                emit("on_eval", step=step, eval=last_eval)
+            if cfg.train.save_every and step % cfg.train.save_every == 0 and not last:
+                save(step)
+            dt = time.perf_counter() - t_pause
+            paused += dt
+            window_paused += dt
+        if pending:
+            flush()
+    except BaseException:
+        emit("on_train_end", step=step, summary={"interrupted": True})
+        raise
+    train_time = time.perf_counter() - loop_t0 - paused
+
+    last_eval, samples = evaluate(model.apply, state.params, bundle, **ev)
+    emit("on_eval", step=step, eval=last_eval)
+    save(step)
+    summary = {
+        "steps": step - start_step,
+        "final_step": step,
+        "wall_time_s": time.perf_counter() - t_start,
+        "train_time_s": train_time,
+        "tokens_per_s": train_tokens / train_time if train_time else float("nan"),
+        "eval": last_eval,
+        "data": bundle.report,
+    }
+    emit("on_train_end", step=step, summary=summary)
+    _print_summary(console, summary, samples[: cfg.eval.num_show])
+    return TrainResult(run_dir=run_dir, final_step=step, state=state, summary=summary)
+
+
+def _row(step: int, m: dict[str, torch.Tensor], lr: float, n_tokens: int) -> dict[str, Any]:
+    row: dict[str, Any] = {"step": step, "loss": float(m["loss"])}
+    if "grad_norm" in m:
+        row["grad_norm"] = float(m["grad_norm"])
+    row["lr"] = float(lr)
+    if "tokens" in m:
+        row["tokens"] = int(m["tokens"])
+    row["input_tokens"] = n_tokens
+    return row
+
+
+def _resume_path(resume: bool | str | Path, ckpt_root: Path) -> Path | None:
+    if resume is False:
+        if ckpt.list_checkpoints(ckpt_root):
+            raise CheckpointError(
+                f"{ckpt_root.parent} already holds checkpoints; pass --resume to continue that run "
+                "or choose another run.output_dir"
+            )
+        return None
+    if resume is True:
+        found = ckpt.latest_checkpoint(ckpt_root)
+        if found is None:
+            raise CheckpointError(f"--resume: no checkpoint under {ckpt_root}")
+        return found
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise CheckpointError(f"--resume {path}: not a checkpoint directory (no state.json)")
+    return path
+
+
+def _print_summary(console: Console, summary: dict[str, Any], samples: list[dict]) -> None:
+    table = Table(title="run summary", show_header=False)
+    table.add_row("steps", str(summary["steps"]))
+    table.add_row("wall time", f"{summary['wall_time_s']:.1f} s")
+    table.add_row("training time", f"{summary['train_time_s']:.1f} s")
+    tps = summary["tokens_per_s"]
+    table.add_row("tokens/s (training)", "-" if math.isnan(tps) else f"{tps:,.0f}")
+    for k, v in summary["eval"].items():
+        table.add_row(f"eval {k}", f"{v:.2%}" if k == "exact_match" else f"{v:.4f}")
+    console.print(table)
+    for s in samples:
+        mark = "[green]✓[/]" if s["correct"] else "[red]✗[/]"
+        console.print(f"{mark} {s['prompt']!r} → {s['answer']!r} (expected {s['expected']!r})")
