@@ -100,3 +100,21 @@ def test_value_and_grad_skips_integer_leaves():
     assert T.leaf_keys(grads) == ["w"]
     assert_trees_close(grads, TensorDict({"w": torch.tensor([0.0, 1.0])}, []))
     assert float(value) == 1.0
+
+
+def test_both_gradient_engines_agree_and_vmap_composes():
+    """Eager calls use torch.autograd.grad; inside vmap, torch.func. Both give the same grads,
+    and value_and_grad under vmap yields per-example gradients."""
+    g = torch.Generator().manual_seed(1)
+    params = TensorDict(
+        {"w": torch.randn(3, 3, generator=g, dtype=torch.float64),
+         "nested": {"b": torch.randn(3, generator=g, dtype=torch.float64)}}, []
+    ).lock_()
+    xs = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    grad_fn = value_and_grad(_quadratic)
+    per_example = torch.func.vmap(lambda x: grad_fn(params, x)[1])(xs)  # torch.func engine
+    for i in range(5):
+        (_, _), eager = grad_fn(params, xs[i])  # autograd engine
+        functorch_grads, _ = torch.func.grad_and_value(_quadratic, has_aux=True)(params, xs[i])
+        assert_trees_close(per_example[i], eager, rtol=1e-12, atol=1e-12)
+        assert_trees_close(functorch_grads, eager, rtol=1e-12, atol=1e-12)

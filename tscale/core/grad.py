@@ -1,9 +1,15 @@
 """The one gradient entry point of the core.
 
-Plain tensors go through ``torch.func.grad_and_value`` (composes with ``vmap``); trees holding
-DTensors go through ``torch.autograd.grad``, because ``torch.func`` unwraps tensor subclasses and
-would lose their placements. Only floating-point leaves are differentiated; integer leaves (e.g.
-quantisation tables) are passed through unchanged and get no gradient entry.
+Two engines compute the same gradients:
+
+- ``torch.func.grad_and_value`` when called inside a functorch transform (``vmap`` for
+  per-example gradients, nested ``grad``) or while ``torch.compile`` traces, where it composes;
+- ``torch.autograd.grad`` otherwise — in plain eager mode it has no per-op wrapper overhead
+  (``benchmarks/step_throughput.py`` measured torch.func at 0.90x of an eager HF loop on a 4M
+  model on CPU), and for trees holding DTensors, whose placements ``torch.func`` would unwrap.
+
+Only floating-point leaves are differentiated; integer leaves (e.g. quantisation tables) are passed
+through unchanged and get no gradient entry.
 """
 
 from __future__ import annotations
@@ -27,6 +33,15 @@ def _has_dtensor(params: TensorDictBase) -> bool:
     return any(isinstance(t, DTensor) for t in T.leaves(params))
 
 
+def use_functorch(params: TensorDictBase) -> bool:
+    """True when gradients must go through ``torch.func``: inside a functorch transform or
+    ``torch.compile`` tracing, and never for DTensor trees."""
+    if _has_dtensor(params):
+        return False
+    inside_transform = torch._C._functorch.maybe_current_level() is not None
+    return inside_transform or torch.compiler.is_compiling()
+
+
 def value_and_grad(
     fn: LossFn,
 ) -> Callable[..., tuple[tuple[torch.Tensor, Any], TensorDictBase]]:
@@ -47,10 +62,10 @@ def value_and_grad(
             full = d if static is None else T.combine(d, static)
             return fn(full, *args, **kwargs)
 
-        if _has_dtensor(diff):
-            return _autograd_value_and_grad(inner, diff)
-        grads, (value, aux) = torch.func.grad_and_value(inner, has_aux=True)(diff)
-        return (value, aux), grads
+        if use_functorch(diff):
+            grads, (value, aux) = torch.func.grad_and_value(inner, has_aux=True)(diff)
+            return (value, aux), grads
+        return _autograd_value_and_grad(inner, diff)
 
     return wrapped
 
