@@ -122,7 +122,7 @@ class TrainConfig:
     eval_every: int = _f(0, "Evaluate every N steps (0: only at the end).")
     save_every: int = _f(0, "Checkpoint every N steps (0: only at the end).")
     keep_last: int = _f(2, "Checkpoints to keep (oldest are deleted); 0 keeps all.")
-    progress: bool = _f(True, "Show a rich progress bar.")
+    progress: bool = _f(True, "Show a rich progress bar on a terminal (else a log line every 5 s).")
 
 
 @attrs.frozen(kw_only=True)

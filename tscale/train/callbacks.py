@@ -77,16 +77,20 @@ def truncate_jsonl(path: Path, after_step: int) -> None:
 
 
 class ProgressBar(Callback):
-    """A rich progress bar (step, loss, lr, tokens/s, ETA); plain log lines when not a terminal."""
+    """Console reporting: a rich progress bar (step, loss, lr, tokens/s, ETA) when ``bar`` is set
+    and the console is a terminal, else a plain log line every few seconds; eval results and
+    saves are printed either way."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, *, bar: bool = True, every_s: float = 5.0) -> None:
         self.console = console
+        self.bar = bar
+        self.every_s = every_s
         self.progress: Progress | None = None
         self.task: Any = None
         self._last_print = 0.0
 
     def on_train_start(self, info: Info) -> None:
-        if not self.console.is_terminal:
+        if not (self.bar and self.console.is_terminal):
             return
         self.progress = Progress(
             TextColumn("[bold]train"),
@@ -115,7 +119,7 @@ class ProgressBar(Callback):
             self.progress.update(self.task, completed=last["step"], **fields)
             return
         now = time.monotonic()
-        if now - self._last_print >= 5.0 or last["step"] == info["max_steps"]:
+        if now - self._last_print >= self.every_s or last["step"] == info["max_steps"]:
             self._last_print = now
             self.console.print(
                 f"step {last['step']}/{info['max_steps']}  loss {fields['loss']}  "

@@ -169,10 +169,9 @@ def train(
     else:
         step_fn = make_step(model, tx)
     stop = _Stopper()
-    hooks: list[Callback] = []
-    if cfg.train.progress:
-        hooks.append(ProgressBar(console))
-    hooks += [JsonlLogger(metrics_file), *callbacks]
+    hooks: list[Callback] = [
+        ProgressBar(console, bar=cfg.train.progress), JsonlLogger(metrics_file), *callbacks
+    ]
 
     def emit(name: str, **info: Any) -> None:
         info.setdefault("max_steps", cfg.train.max_steps)

@@ -1,0 +1,1 @@
+"""tscale.kernels."""
