@@ -88,7 +88,8 @@ def test_run_writes_metrics_config_and_checkpoints(uninterrupted: Path):
     assert (last / "config.yaml").read_text() == (uninterrupted / "config.yaml").read_text()
     assert (last / "tokenizer.json").is_file()
     evals = [json.loads(x) for x in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
-    assert any("eval/exact_match" in e for e in evals)
+    last_eval = [e for e in evals if "eval/exact_match" in e][-1]
+    assert {"eval/exact_match/reverse", "eval/exact_match/sort"} <= set(last_eval)
 
 
 @pytest.mark.parametrize("resume_at", ["latest", "step_00000007"])

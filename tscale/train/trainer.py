@@ -56,7 +56,8 @@ def evaluate(
     device: torch.device,
 ) -> tuple[dict[str, float], list[dict[str, str]]]:
     """Held-out loss over all eval examples and exact match of greedy answers on the first
-    ``num_samples`` eval records; returns ``(metrics, samples)``."""
+    ``num_samples`` eval records (overall, and per ``task`` when records carry one); returns
+    ``(metrics, samples)``."""
     metrics: dict[str, float] = {}
     samples: list[dict[str, str]] = []
     if bundle.eval_examples:
@@ -72,6 +73,7 @@ def evaluate(
     if records:
         enc = bundle.encoder
         correct = 0
+        by_task: dict[str, list[bool]] = {}
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
             prompts = [enc.encode_prompt(r["prompt"]) for r in chunk]
@@ -88,6 +90,8 @@ def evaluate(
                 answer = enc.decode(out)
                 ok = answer.strip() == r["completion"].strip()
                 correct += ok
+                if "task" in r:
+                    by_task.setdefault(str(r["task"]), []).append(ok)
                 samples.append(
                     {
                         "prompt": r["prompt"],
@@ -97,6 +101,8 @@ def evaluate(
                     }
                 )
         metrics["exact_match"] = correct / len(records)
+        for task, oks in sorted(by_task.items()):
+            metrics[f"exact_match/{task}"] = sum(oks) / len(oks)
     return metrics, samples
 
 
@@ -300,7 +306,7 @@ def _print_summary(console: Console, summary: dict[str, Any], samples: list[dict
     tps = summary["tokens_per_s"]
     table.add_row("tokens/s (training)", "-" if math.isnan(tps) else f"{tps:,.0f}")
     for k, v in summary["eval"].items():
-        table.add_row(f"eval {k}", f"{v:.2%}" if k == "exact_match" else f"{v:.4f}")
+        table.add_row(f"eval {k}", f"{v:.2%}" if k.startswith("exact_match") else f"{v:.4f}")
     console.print(table)
     for s in samples:
         mark = "[green]✓[/]" if s["correct"] else "[red]✗[/]"
