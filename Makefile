@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 quickstart: $(STAMP)
-	$(BIN)/tscale train configs/quickstart.yaml
+	$(BIN)/tscale train configs/quickstart.yaml --overwrite
 
 lint: $(STAMP)
 	$(BIN)/ruff check tscale tests benchmarks docs/examples

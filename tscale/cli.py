@@ -31,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
         metavar="CKPT",
         help="continue from the newest checkpoint of the run (or from CKPT)",
     )
+    t.add_argument(
+        "--overwrite", action="store_true",
+        help="start again in a run directory that holds checkpoints (deletes them)",
+    )
 
     c = sub.add_parser("config", help="config tools")
     csub = c.add_subparsers(dest="config_command", required=True)
@@ -49,7 +53,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     from tscale.train import train
 
-    train(cfg, resume=args.resume)
+    train(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 

@@ -8,6 +8,7 @@ resumes.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -118,6 +119,7 @@ def train(
     cfg: Config,
     *,
     resume: bool | str | Path = False,
+    overwrite: bool = False,
     callbacks: Sequence[Callback] = (),
     console: Console | None = None,
     make_step: Callable[[Transformer, GradientTransformation], StepFn] | None = None,
@@ -128,6 +130,7 @@ def train(
         cfg: the resolved config.
         resume: False to start fresh (an existing run directory with checkpoints is an error),
             True to continue from the newest checkpoint of the run directory, or a checkpoint path.
+        overwrite: start fresh in a run directory that holds checkpoints, deleting them.
         callbacks: extra callbacks after the built-in progress bar and JSONL logger.
         console: where to print (default: a new rich console).
         make_step: build your own ``step(state, batch) -> (state, metrics)`` from the model and
@@ -142,6 +145,10 @@ def train(
         torch.set_num_threads(cfg.run.threads)
     run_dir = Path(cfg.run.output_dir)
     ckpt_root = run_dir / "checkpoints"
+    if overwrite and resume is not False:
+        raise CheckpointError("--overwrite and --resume exclude each other; choose one")
+    if overwrite and ckpt_root.exists():
+        shutil.rmtree(ckpt_root)
     resume_from = _resume_path(resume, ckpt_root)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_yaml = to_yaml(cfg)
@@ -283,8 +290,8 @@ def _resume_path(resume: bool | str | Path, ckpt_root: Path) -> Path | None:
     if resume is False:
         if ckpt.list_checkpoints(ckpt_root):
             raise CheckpointError(
-                f"{ckpt_root.parent} already holds checkpoints; pass --resume to continue that run "
-                "or choose another run.output_dir"
+                f"{ckpt_root.parent} already holds checkpoints; pass --resume to continue that run, "
+                "--overwrite to start it again, or choose another run.output_dir"
             )
         return None
     if resume is True:
