@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
         help="continue from the newest checkpoint of the run (or from CKPT)",
     )
     t.add_argument(
-        "--overwrite", action="store_true",
+        "--overwrite",
+        action="store_true",
         help="start again in a run directory that holds checkpoints (deletes them)",
     )
 

@@ -129,8 +129,11 @@ def test_fresh_run_refuses_to_overwrite_checkpoints(uninterrupted: Path):
 def test_overwrite_starts_again(tmp_path: Path):
     run_dir = tmp_path / "again"
     train(_cfg(run_dir, "train.max_steps=3", "scheduler.warmup_steps=1"), console=_quiet())
-    train(_cfg(run_dir, "train.max_steps=2", "scheduler.warmup_steps=1"), overwrite=True,
-          console=_quiet())
+    train(
+        _cfg(run_dir, "train.max_steps=2", "scheduler.warmup_steps=1"),
+        overwrite=True,
+        console=_quiet(),
+    )
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000002"]
     assert [r["step"] for r in _rows(run_dir)] == [1, 2]
     with pytest.raises(CheckpointError, match="exclude"):

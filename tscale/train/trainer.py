@@ -183,7 +183,9 @@ def train(
         step_fn = make_step(model, tx)
     stop = _Stopper()
     hooks: list[Callback] = [
-        ProgressBar(console, bar=cfg.train.progress), JsonlLogger(metrics_file), *callbacks
+        ProgressBar(console, bar=cfg.train.progress),
+        JsonlLogger(metrics_file),
+        *callbacks,
     ]
 
     def emit(name: str, **info: Any) -> None:
@@ -290,8 +292,8 @@ def _resume_path(resume: bool | str | Path, ckpt_root: Path) -> Path | None:
     if resume is False:
         if ckpt.list_checkpoints(ckpt_root):
             raise CheckpointError(
-                f"{ckpt_root.parent} already holds checkpoints; pass --resume to continue that run, "
-                "--overwrite to start it again, or choose another run.output_dir"
+                f"{ckpt_root.parent} already holds checkpoints; pass --resume to continue that "
+                "run, --overwrite to start it again, or choose another run.output_dir"
             )
         return None
     if resume is True:
