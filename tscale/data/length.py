@@ -1,0 +1,477 @@
+"""Length manager: per-column character limits and a token budget over a record's text columns.
+
+Pure functions over records. :func:`truncate_text` cuts one string to a character limit with a
+strategy; :func:`fit_record` applies per-column character limits, then fits the record into
+``max_total_length`` tokens by giving each column a share of the budget.
+
+**What ``max_total_length`` counts.** With ``count_total`` (a function of the whole record, e.g.
+:func:`tscale.data.prompt.make_sample_counter`) it counts exactly what that function returns — in
+tscale's pipeline, the ``input_ids`` of the tokenized sample: template text, special tokens (BOS
+and EOS included) and the columns; after fitting, ``count_total(record) <= max_total_length``.
+Without it, it counts ``sum(count_tokens(record[c]) for c in columns) + overhead_tokens``: the
+columns' tokens, each column counted on its own, plus a fixed allowance the caller states for
+everything else. Packing adds nothing to a document, so the same number is a document's length
+in a pack.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import attrs
+
+from tscale.core.result import Err, Ok
+from tscale.errors import DataError
+
+Strategy = Literal["smart", "sentence_boundary", "word_boundary", "hard"]
+Side = Literal["left", "right"]
+Distribution = Literal["proportional", "priority", "ratio"]
+Excess = Literal["truncate", "drop", "raise"]
+
+STRATEGIES: tuple[str, ...] = ("smart", "sentence_boundary", "word_boundary", "hard")
+SIDES: tuple[str, ...] = ("left", "right")
+DISTRIBUTIONS: tuple[str, ...] = ("proportional", "priority", "ratio")
+EXCESS_POLICIES: tuple[str, ...] = ("truncate", "drop", "raise")
+
+# A sentence ends after . ! ? or … (and closing quotes/brackets) followed by whitespace, or at a
+# line break. The match is the whitespace after the sentence; its start is where the sentence ends.
+_SENTENCE_GAP = re.compile(r"(?<=[.!?…])[\"'”’)\]]*\s+|\n\s*")
+_WORD_GAP = re.compile(r"\s+")
+
+# Passes of the count_total loop before giving up (each pass shrinks the budget by the excess).
+_MAX_FIT_PASSES = 8
+
+
+def _boundaries(text: str, gap: re.Pattern[str]) -> list[tuple[int, int]]:
+    """``(end of a unit, start of the next)`` for every gap between units of ``text``."""
+    out = []
+    for m in gap.finditer(text):
+        # For sentences, closing quotes/brackets belong to the sentence before the whitespace.
+        stripped = m.group().lstrip("\"'”’)]")
+        end = m.start() + (len(m.group()) - len(stripped))
+        if end > 0 and m.end() < len(text):
+            out.append((end, m.end()))
+    return out
+
+
+def _cut_at_units(text: str, max_chars: int, side: str, gap: re.Pattern[str]) -> str:
+    """The longest run of whole units (sentences or words) within ``max_chars``, or ``""``."""
+    if side == "right":  # keep the beginning
+        best = 0
+        for end, _ in _boundaries(text, gap):
+            if end > max_chars:
+                break
+            best = end
+        return text[:best]
+    first = len(text) - max_chars  # keep the end: the kept part must start at or after `first`
+    for _, start in _boundaries(text, gap):
+        if start >= first:
+            return text[start:]
+    return ""
+
+
+def truncate_text(
+    text: str, max_chars: int, *, strategy: str = "smart", side: str = "right"
+) -> str:
+    """``text`` cut to at most ``max_chars`` characters.
+
+    Strategies: ``hard`` cuts at the character; ``word_boundary`` keeps whole words only (``""``
+    if the first word does not fit); ``sentence_boundary`` keeps whole sentences only (``""`` if
+    the first does not fit); ``smart`` tries sentences, then words, then characters. A sentence
+    ends at ``. ! ? …`` (with closing quotes or brackets) before whitespace, or at a line break.
+    ``side`` is the end that is cut away: ``right`` keeps the beginning, ``left`` keeps the end.
+    Boundary cuts drop the whitespace at the cut. Text within the limit is returned unchanged.
+
+    Raises:
+        DataError: a negative limit, or an unknown strategy or side.
+    """
+    if max_chars < 0:
+        raise DataError(f"max_chars must be >= 0, got {max_chars}")
+    if strategy not in STRATEGIES:
+        raise DataError(f"unknown truncation strategy {strategy!r}; use one of {list(STRATEGIES)}")
+    if side not in SIDES:
+        raise DataError(f"unknown truncation side {side!r}; use one of {list(SIDES)}")
+    if len(text) <= max_chars:
+        return text
+    if max_chars == 0:
+        return ""
+    order = {
+        "hard": (),
+        "word_boundary": (_WORD_GAP,),
+        "sentence_boundary": (_SENTENCE_GAP,),
+        "smart": (_SENTENCE_GAP, _WORD_GAP),
+    }[strategy]
+    for gap in order:
+        cut = _cut_at_units(text, max_chars, side, gap)
+        if cut or strategy != "smart":
+            return cut
+    return text[:max_chars] if side == "right" else text[len(text) - max_chars :]
+
+
+def truncate_to_tokens(
+    text: str,
+    max_tokens: int,
+    count_tokens: Callable[[str], int],
+    *,
+    strategy: str = "smart",
+    side: str = "right",
+) -> str:
+    """The longest :func:`truncate_text` cut of ``text`` with at most ``max_tokens`` tokens.
+
+    Binary search over the character limit: O(log len(text)) calls of ``count_tokens``. The
+    result always satisfies the limit (``""`` counts as 0 tokens).
+    """
+    if count_tokens(text) <= max_tokens:
+        return text
+    lo, hi = 0, len(text)  # invariant: cut(lo) fits, cut(hi) does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if count_tokens(truncate_text(text, mid, strategy=strategy, side=side)) <= max_tokens:
+            lo = mid
+        else:
+            hi = mid
+    return truncate_text(text, lo, strategy=strategy, side=side)
+
+
+@attrs.frozen
+class LengthReport:
+    """Counts of what :func:`fit_record` did; add reports (``a + b``) to aggregate them.
+
+    ``truncated[column][reason]`` counts truncated columns, ``dropped[reason]`` dropped records;
+    reasons are ``char_limit`` and ``token_budget`` (dropped reasons also name the column for
+    ``char_limit``: ``"char_limit:prompt"``).
+    """
+
+    records: int = 0
+    kept: int = 0
+    truncated: Mapping[str, Mapping[str, int]] = attrs.field(factory=dict)
+    dropped: Mapping[str, int] = attrs.field(factory=dict)
+
+    def __add__(self, other: LengthReport) -> LengthReport:
+        truncated: dict[str, dict[str, int]] = {c: dict(r) for c, r in self.truncated.items()}
+        for column, reasons in other.truncated.items():
+            mine = truncated.setdefault(column, {})
+            for reason, n in reasons.items():
+                mine[reason] = mine.get(reason, 0) + n
+        dropped = dict(self.dropped)
+        for reason, n in other.dropped.items():
+            dropped[reason] = dropped.get(reason, 0) + n
+        return LengthReport(
+            self.records + other.records, self.kept + other.kept, truncated, dropped
+        )
+
+    def summary(self) -> str:
+        """One line for logs."""
+        parts = [f"kept {self.kept}/{self.records} records"]
+        cut = [f"{c} {r}: {n}" for c, rs in sorted(self.truncated.items()) for r, n in rs.items()]
+        if cut:
+            parts.append("truncated " + ", ".join(cut))
+        if self.dropped:
+            parts.append(
+                "dropped " + ", ".join(f"{r}: {n}" for r, n in sorted(self.dropped.items()))
+            )
+        return "; ".join(parts)
+
+
+def _per_column(
+    value: str | Mapping[str, str], columns: Sequence[str], name: str, choices: Sequence[str]
+) -> dict[str, str]:
+    """One value per column from a value for all or a mapping (missing columns: the first
+    choice's default, ``smart`` / ``right``)."""
+    if isinstance(value, str):
+        out = dict.fromkeys(columns, value)
+    else:
+        unknown = set(value) - set(columns)
+        if unknown:
+            raise DataError(
+                f"{name} names columns {sorted(unknown)} not in columns {list(columns)}"
+            )
+        default = "right" if name == "sides" else "smart"
+        out = {c: value.get(c, default) for c in columns}
+    bad = {c: v for c, v in out.items() if v not in choices}
+    if bad:
+        raise DataError(f"{name}: {bad} not among {list(choices)}")
+    return out
+
+
+def _largest_remainder(shares: Mapping[str, float], total: int, caps: Mapping[str, int]) -> dict:
+    """Integer allocations from real shares: floors, then +1 by largest fraction (column order on
+    ties), never above ``caps`` and summing to at most ``total``."""
+    out = {c: min(caps[c], int(s)) for c, s in shares.items()}
+    left = total - sum(out.values())
+    order = sorted(shares, key=lambda c: -(shares[c] - int(shares[c])))
+    for c in order:
+        if left <= 0:
+            break
+        if out[c] < caps[c]:
+            out[c] += 1
+            left -= 1
+    return out
+
+
+def _check_distribution(
+    columns: Sequence[str],
+    distribution: str,
+    priority: Sequence[str] | None,
+    ratios: Mapping[str, float] | None,
+) -> None:
+    if distribution not in DISTRIBUTIONS:
+        raise DataError(f"unknown content_distribution {distribution!r}; use {list(DISTRIBUTIONS)}")
+    bad_priority = priority is None or sorted(priority) != sorted(columns)
+    if distribution == "priority" and bad_priority:
+        raise DataError(
+            f"content_distribution 'priority' needs priority listing every column once "
+            f"(most important first); columns {columns}, priority {priority}"
+        )
+    bad_ratios = (
+        ratios is None or set(ratios) != set(columns) or any(r <= 0 for r in ratios.values())
+    )
+    if distribution == "ratio" and bad_ratios:
+        raise DataError(
+            f"content_distribution 'ratio' needs a positive ratio for every column; "
+            f"columns {columns}, ratios {ratios}"
+        )
+
+
+def allocate_budget(
+    counts: Mapping[str, int],
+    budget: int,
+    *,
+    distribution: str = "proportional",
+    priority: Sequence[str] | None = None,
+    ratios: Mapping[str, float] | None = None,
+) -> dict[str, int]:
+    """Per-column token caps that sum to at most ``budget`` (columns under budget keep all).
+
+    - ``proportional``: every column keeps the same fraction ``budget / total``.
+    - ``priority``: ``priority`` lists columns most important first; the excess is taken from the
+      least important column first (emptying it if needed), then the next.
+    - ``ratio``: fixed shares ``ratios[c] / sum(ratios)`` of the budget; a column needing less
+      than its share keeps all of it and the rest is shared by the others in the same ratios
+      (weighted max-min fairness).
+
+    Raises:
+        DataError: an unknown distribution, or ``priority``/``ratios`` not covering the columns.
+    """
+    columns = list(counts)
+    _check_distribution(columns, distribution, priority, ratios)
+    budget = max(budget, 0)
+    total = sum(counts.values())
+    if total <= budget:
+        return dict(counts)
+    if distribution == "proportional":
+        shares = {c: counts[c] * budget / total for c in columns}
+        return _largest_remainder(shares, budget, counts)
+    if distribution == "priority":
+        assert priority is not None
+        caps = dict(counts)
+        excess = total - budget
+        for c in reversed(priority):
+            cut = min(excess, caps[c])
+            caps[c] -= cut
+            excess -= cut
+        return caps
+    assert ratios is not None
+    caps = {}
+    active = list(columns)
+    left = budget
+    while active:
+        weight = sum(ratios[c] for c in active)
+        shares = {c: left * ratios[c] / weight for c in active}
+        satisfied = [c for c in active if counts[c] <= shares[c]]
+        if not satisfied:
+            caps.update(_largest_remainder(shares, left, counts))
+            break
+        for c in satisfied:
+            caps[c] = counts[c]
+            left -= counts[c]
+            active.remove(c)
+    return {c: caps[c] for c in columns}
+
+
+def fit_record(
+    record: Mapping[str, Any],
+    *,
+    columns: Sequence[str],
+    count_tokens: Callable[[str], int],
+    max_total_length: int | None = None,
+    per_column_limits: Mapping[str, int] | None = None,
+    strategy: str | Mapping[str, str] = "smart",
+    sides: str | Mapping[str, str] = "right",
+    content_distribution: str = "proportional",
+    priority: Sequence[str] | None = None,
+    ratios: Mapping[str, float] | None = None,
+    excess: str = "truncate",
+    overhead_tokens: int = 0,
+    count_total: Callable[[Mapping[str, Any]], int] | None = None,
+    where: str | None = None,
+) -> tuple[Ok[dict] | Err, LengthReport]:
+    """Fit one record's text ``columns`` into the limits; a new record, the input is not changed.
+
+    First each column over its ``per_column_limits`` character limit is handled, then the token
+    budget (see the module doc for what ``max_total_length`` counts): the budget left for the
+    columns is shared by ``content_distribution`` (:func:`allocate_budget`) and each column is cut
+    to its share with its strategy and side (:func:`truncate_to_tokens`). With ``count_total``
+    the fit is checked on the whole record and the budget shrunk by any remaining excess (token
+    merges across template text make column counts inexact), up to 8 passes.
+
+    ``excess`` decides what happens to a record over a limit: ``truncate`` cuts as above,
+    ``drop`` returns ``Err`` (the record goes to quarantine), ``raise`` raises ``DataError``.
+
+    Returns:
+        ``(Ok(record) | Err, report)``: the report counts this record (add reports to aggregate).
+
+    Raises:
+        DataError: bad arguments, or a record over a limit with ``excess="raise"``.
+    """
+    if excess not in EXCESS_POLICIES:
+        raise DataError(f"unknown excess policy {excess!r}; use one of {list(EXCESS_POLICIES)}")
+    if max_total_length is not None and max_total_length < 1:
+        raise DataError(f"max_total_length must be >= 1, got {max_total_length}")
+    limits = dict(per_column_limits or {})
+    unknown = set(limits) - set(columns)
+    if unknown:
+        raise DataError(
+            f"per_column_limits names {sorted(unknown)}, not in columns {list(columns)}"
+        )
+    if max_total_length is not None:
+        _check_distribution(columns, content_distribution, priority, ratios)
+    strategies = _per_column(strategy, columns, "strategy", STRATEGIES)
+    side_of = _per_column(sides, columns, "sides", SIDES)
+
+    def fail(reason: str, detail: str) -> tuple[Err, LengthReport]:
+        if excess == "raise":
+            raise DataError(f"{detail}{f' at {where}' if where else ''}")
+        return Err(detail, record, where), LengthReport(1, 0, {}, {reason: 1})
+
+    for c in columns:
+        if not isinstance(record.get(c), str):
+            what = "missing" if record.get(c) is None else "not a string"
+            return Err(f"column {c!r} {what}", record, where), LengthReport(
+                1, 0, {}, {"invalid": 1}
+            )
+    out = dict(record)
+    truncated: dict[str, dict[str, int]] = {}
+
+    def mark(column: str, reason: str) -> None:
+        truncated.setdefault(column, {})[reason] = 1
+
+    for c, limit in limits.items():
+        if len(out[c]) > limit:
+            if excess != "truncate":
+                return fail(
+                    f"char_limit:{c}", f"column {c!r} has {len(out[c])} characters > limit {limit}"
+                )
+            out[c] = truncate_text(out[c], limit, strategy=strategies[c], side=side_of[c])
+            mark(c, "char_limit")
+
+    if max_total_length is not None:
+        counter = None
+        if count_total is not None:
+            counter = _guarded(count_total)
+        try:
+            result = _fit_budget(
+                out,
+                columns,
+                count_tokens,
+                max_total_length,
+                strategies,
+                side_of,
+                content_distribution,
+                priority,
+                ratios,
+                excess,
+                overhead_tokens,
+                counter,
+            )
+        except _CountError as e:  # the record cannot be rendered: its own fault, not a limit's
+            reason = f"cannot count tokens: {e}"
+            return Err(reason, record, where), LengthReport(1, 0, {}, {"uncountable": 1})
+        if isinstance(result, str):
+            return fail("token_budget", result)
+        for c in result:
+            mark(c, "token_budget")
+    return Ok(out), LengthReport(1, 1, truncated, {})
+
+
+class _CountError(Exception):
+    """``count_total`` failed on a record (it raised DataError)."""
+
+
+def _guarded(count_total: Callable[[Mapping[str, Any]], int]) -> Callable[[Mapping[str, Any]], int]:
+    def count(record: Mapping[str, Any]) -> int:
+        try:
+            return count_total(record)
+        except DataError as e:
+            raise _CountError(str(e)) from e
+
+    return count
+
+
+def _fit_budget(
+    out: dict,
+    columns: Sequence[str],
+    count_tokens: Callable[[str], int],
+    max_total_length: int,
+    strategies: Mapping[str, str],
+    sides: Mapping[str, str],
+    distribution: str,
+    priority: Sequence[str] | None,
+    ratios: Mapping[str, float] | None,
+    excess: str,
+    overhead_tokens: int,
+    count_total: Callable[[Mapping[str, Any]], int] | None,
+) -> list[str] | str:
+    """Cut ``out``'s columns in place to fit; the truncated columns, or a reason it cannot fit."""
+    counts = {c: count_tokens(out[c]) for c in columns}
+    total = count_total(out) if count_total is not None else sum(counts.values()) + overhead_tokens
+    if total <= max_total_length:
+        return []
+    overhead = total - sum(counts.values())
+    if excess != "truncate":
+        return f"{total} tokens > max_total_length {max_total_length}"
+    budget = max_total_length - overhead
+    cut: list[str] = []
+    for _ in range(_MAX_FIT_PASSES):
+        if budget < 0 or not columns:
+            return (
+                f"{total} tokens > max_total_length {max_total_length} and the text outside the "
+                f"columns {list(columns)} alone takes {overhead}"
+            )
+        caps = allocate_budget(
+            counts, budget, distribution=distribution, priority=priority, ratios=ratios
+        )
+        for c in columns:
+            if caps[c] < counts[c]:
+                out[c] = truncate_to_tokens(
+                    out[c], caps[c], count_tokens, strategy=strategies[c], side=sides[c]
+                )
+                counts[c] = count_tokens(out[c])
+                if c not in cut:
+                    cut.append(c)
+        if count_total is None:
+            return cut
+        total = count_total(out)
+        if total <= max_total_length:
+            return cut
+        budget = min(budget, sum(counts.values())) - (total - max_total_length)
+    return f"could not fit {max_total_length} tokens in {_MAX_FIT_PASSES} passes (last: {total})"
+
+
+def fit_records(
+    records: Iterable[Mapping[str, Any]],
+    where: Sequence[str | None] | None = None,
+    **kwargs: Any,
+) -> tuple[list[Ok[dict] | Err], LengthReport]:
+    """:func:`fit_record` over many records, with the aggregated report."""
+    results: list[Ok[dict] | Err] = []
+    report = LengthReport()
+    records = list(records)
+    places = list(where) if where is not None else [None] * len(records)
+    for rec, place in zip(records, places, strict=True):
+        result, rep = fit_record(rec, where=place, **kwargs)
+        results.append(result)
+        report = report + rep
+    return results, report
