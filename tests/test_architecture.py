@@ -21,7 +21,7 @@ ALLOWED: dict[str, set[str]] = {
     "data": {"core", "kernels", "errors"},
     "step": {"core", "optim", "losses", "kernels", "errors"},
     "parallel": {"core", "optim", "losses", "step", "models", "kernels", "errors"},
-    "checkpoint": {"core", "errors", "config"},
+    "checkpoint": {"core", "errors", "config", "models", "optim"},
     "testing": {"core", "errors", "optim", "step", "losses"},
     "train": {"*"},
     "cli": {"*"},
