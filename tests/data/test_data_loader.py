@@ -225,7 +225,7 @@ def test_bad_examples(examples, match):
     ("state", "match"),
     [
         ({"epoch": 0, "index": 0, "seed": 1}, "seed 1 but this loader has seed 0"),
-        ({"epoch": 0, "index": 5, "seed": 0}, "out of range: an epoch has 5 batches"),
+        ({"epoch": 0, "index": 5, "seed": 0}, "out of range: that epoch has 5 batches"),
         ({"epoch": -1, "index": 0, "seed": 0}, "out of range"),
         ({"epoch": 0, "seed": 0}, "needs integer epoch, index, seed"),
     ],

@@ -1,9 +1,23 @@
-"""Padded TensorDict batches: an endless, resumable, deterministic train loader; eval batches."""
+"""Padded TensorDict batches: an endless, resumable, deterministic train loader; eval batches.
+
+Each epoch's batches come from a *plan*, a pure function of (examples' lengths, seed, epoch,
+batching options): the order (shuffled from ``(seed, epoch)`` or given), optionally grouped by
+length, cut into batches of ``batch_size`` rows or of at most ``max_tokens`` padded tokens, and,
+with ``longest_first``, the batch holding the longest example moved to the front of the first
+epoch (so that an out-of-memory shows at step 1, not at step 120). A cursor ``(epoch, index)``
+names a global batch; resuming computes that epoch's plan and continues from it, reading nothing
+it skips. Under data parallelism every rank plans the same global batches and takes its
+contiguous ``1/world_size`` share of the rows, so a checkpoint resumes on any world size that
+divides the batch size.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -12,9 +26,14 @@ from tensordict import TensorDict
 from tscale.data.tokenize import IGNORE_INDEX
 from tscale.errors import DataError
 
+# Padding value of every per-token field a batch may carry.
+_PAD_VALUES = {"labels": IGNORE_INDEX, "position_ids": 0, "doc_ids": 0}
+_FIELDS = ("input_ids", "labels", "position_ids", "doc_ids")
+_GROUP_FACTOR = 50  # length grouping sorts within "megabatches" of this many batches
 
-def _as_tensors(examples: Sequence[dict[str, Any]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each example's ``(input_ids, labels)`` as int64 tensors, checked: equal, non-zero length."""
+
+def _as_tensors(examples: Sequence[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
+    """Each example's per-token fields as int64 tensors, checked: equal, non-zero lengths."""
     out = []
     for i, ex in enumerate(examples):
         try:
@@ -28,23 +47,39 @@ def _as_tensors(examples: Sequence[dict[str, Any]]) -> list[tuple[torch.Tensor, 
                 f"example {i}: input_ids ({len(ids)}) and labels ({len(labels)}) "
                 "must have the same non-zero length"
             )
-        ids_t = torch.as_tensor(ids, dtype=torch.int64)
-        out.append((ids_t, torch.as_tensor(labels, dtype=torch.int64)))
+        row = {}
+        for name in _FIELDS:
+            if name in ex:
+                if len(ex[name]) != len(ids):
+                    raise DataError(
+                        f"example {i}: {name} has {len(ex[name])} entries, not {len(ids)}"
+                    )
+                row[name] = torch.as_tensor(ex[name], dtype=torch.int64)
+        out.append(row)
+    fields = [tuple(r) for r in out]
+    if fields and len(set(fields)) > 1:
+        raise DataError("examples carry different fields (e.g. some have doc_ids, some not)")
     return out
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def _collate(
-    rows: Sequence[tuple[torch.Tensor, torch.Tensor]], pad_id: int, pad_to_multiple_of: int
+    rows: Sequence[dict[str, torch.Tensor]], pad_id: int, pad_to_multiple_of: int
 ) -> TensorDict:
-    """Right-pad to the longest row rounded up to ``pad_to_multiple_of``; padded labels are -100."""
-    longest = max(ids.numel() for ids, _ in rows)
-    length = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.int64)
-    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.int64)
-    for r, (ids, lab) in enumerate(rows):
-        input_ids[r, : ids.numel()] = ids
-        labels[r, : lab.numel()] = lab
-    return TensorDict({"input_ids": input_ids, "labels": labels}, batch_size=[len(rows)])
+    """Right-pad to the longest row rounded up to ``pad_to_multiple_of``; padded labels are -100,
+    padded ``position_ids``/``doc_ids`` 0 (doc 0 is padding: no real token attends to it)."""
+    length = _round_up(max(r["input_ids"].numel() for r in rows), pad_to_multiple_of)
+    out = {}
+    for name in rows[0]:
+        fill = pad_id if name == "input_ids" else _PAD_VALUES[name]
+        t = torch.full((len(rows), length), fill, dtype=torch.int64)
+        for i, r in enumerate(rows):
+            t[i, : r[name].numel()] = r[name]
+        out[name] = t
+    return TensorDict(out, batch_size=[len(rows)])
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -53,19 +88,82 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def plan_epoch(
+    lengths: torch.Tensor,
+    *,
+    seed: int,
+    epoch: int,
+    batch_size: int,
+    shuffle: bool,
+    group_by_length: bool = False,
+    longest_first: bool = False,
+    max_tokens: int | None = None,
+    pad_to_multiple_of: int = 1,
+) -> list[torch.Tensor]:
+    """The global batches of one epoch, as tensors of example indices (pure and deterministic).
+
+    With ``max_tokens`` a batch takes examples in order while ``rows * padded_longest <=
+    max_tokens`` (at most ``batch_size`` rows; an example longer than the budget is a batch of its
+    own) and the last, partial batch is kept; otherwise batches have exactly ``batch_size`` rows
+    and the remainder of the epoch's order is dropped.
+    """
+    n = lengths.numel()
+    gen = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
+    order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+    if group_by_length:
+        mega = _GROUP_FACTOR * batch_size
+        parts = []
+        for start in range(0, n, mega):
+            chunk = order[start : start + mega]
+            parts.append(chunk[torch.argsort(lengths[chunk], descending=True, stable=True)])
+        order = torch.cat(parts) if parts else order
+    if max_tokens is None:
+        full = n // batch_size
+        batches = list(order[: full * batch_size].split(batch_size))
+    else:
+        batches, current, longest = [], [], 0
+        for i in order.tolist():
+            longest_if = _round_up(max(longest, int(lengths[i])), pad_to_multiple_of)
+            if current and (
+                (len(current) + 1) * longest_if > max_tokens or len(current) == batch_size
+            ):
+                batches.append(torch.tensor(current))
+                current, longest = [], 0
+            current.append(i)
+            longest = max(longest, int(lengths[i]))
+        if current:
+            batches.append(torch.tensor(current))
+    if group_by_length and shuffle and len(batches) > 1:
+        perm = torch.randperm(len(batches), generator=gen).tolist()
+        batches = [batches[j] for j in perm]
+    if longest_first and epoch == 0 and batches:
+        k = int(torch.argmax(torch.stack([lengths[b].max() for b in batches])))
+        batches.insert(0, batches.pop(k))
+    return batches
+
+
 class BatchLoader:
     """Endless training batches with a cursor that resumes exactly, without replaying data.
 
-    Epoch ``e`` visits the examples in the order of ``torch.randperm`` seeded from
-    ``(seed, e)`` (or in their given order when ``shuffle`` is False) and cuts it into
-    ``len(examples) // batch_size`` full batches: the last ``len(examples) % batch_size``
-    examples of each epoch's order are dropped, so every batch has ``batch_size`` rows. (With
-    shuffling, a different remainder is dropped each epoch; without it, always the same one.)
+    Args:
+        examples: dicts with ``input_ids`` and ``labels`` (and optionally ``position_ids``,
+            ``doc_ids`` for packed rows), all of one length per example.
+        batch_size: rows per global batch (the most rows when ``max_tokens`` is set).
+        seed: seeds every epoch's order together with the epoch number.
+        shuffle: shuffle each epoch (else the given order).
+        pad_id: padding token id.
+        pad_to_multiple_of: pad each batch's length up to a multiple of this.
+        group_by_length: sort within megabatches of 50 batches by length (less padding), then
+            shuffle the batches.
+        longest_first: put the batch with the longest example first in epoch 0.
+        max_tokens: token-budget batching: at most this many padded tokens per global batch.
+        rank, world_size: this process's share of each global batch (data parallelism).
+        prefetch: batches collated ahead in a background thread (0: none).
 
-    Iterating never ends; it starts at the cursor and moves it, so ``state_dict()`` taken after
-    ``next(it)`` names the batch that comes next. Batches are TensorDicts
-    ``{"input_ids", "labels"}`` of int64 ``[B, L]``, right-padded (ids with ``pad_id``, labels
-    with -100) to the batch's longest example rounded up to ``pad_to_multiple_of``.
+    Batches are TensorDicts of int64 ``[B, L]`` fields, right-padded (ids with ``pad_id``, labels
+    with -100, ``position_ids``/``doc_ids`` with 0). Iterating never ends; it starts at the cursor
+    and moves it, so ``state_dict()`` taken after ``next(it)`` names the batch that comes next
+    (prefetched batches do not move the cursor).
     """
 
     def __init__(
@@ -77,6 +175,12 @@ class BatchLoader:
         shuffle: bool,
         pad_id: int,
         pad_to_multiple_of: int = 8,
+        group_by_length: bool = False,
+        longest_first: bool = False,
+        max_tokens: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        prefetch: int = 0,
     ) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
@@ -87,14 +191,39 @@ class BatchLoader:
             )
         if pad_to_multiple_of < 1:
             raise DataError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
+        if batch_size % world_size:
+            raise DataError(
+                f"batch_size {batch_size} is not divisible by world_size {world_size}: every "
+                "rank takes an equal share of each global batch"
+            )
+        if max_tokens is not None and world_size > 1:
+            raise DataError(
+                "token-budget batching (max_tokens) does not support world_size > 1 yet"
+            )
+        if max_tokens is not None and max_tokens < 1:
+            raise DataError(f"max_tokens must be >= 1, got {max_tokens}")
+        if prefetch < 0:
+            raise DataError(f"prefetch must be >= 0, got {prefetch}")
         self._rows = _as_tensors(examples)
+        self._lengths = torch.tensor([r["input_ids"].numel() for r in self._rows])
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
         self.pad_id = pad_id
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.group_by_length = group_by_length
+        self.longest_first = longest_first
+        self.max_tokens = max_tokens
+        self.rank = rank
+        self.world_size = world_size
+        self.prefetch = prefetch
         self._epoch = 0
         self._index = 0
+        self._moves = 0  # bumped by load_state_dict, so a live iterator drops its prefetch queue
+        self._plans: dict[int, list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
 
     @property
     def num_examples(self) -> int:
@@ -103,36 +232,71 @@ class BatchLoader:
 
     @property
     def num_batches_per_epoch(self) -> int:
-        """Full batches in an epoch (the remainder is dropped)."""
-        return len(self._rows) // self.batch_size
+        """Global batches in the current epoch (fixed unless ``max_tokens`` is set)."""
+        return len(self._plan(self._epoch))
 
-    def _order(self, epoch: int) -> torch.Tensor:
-        if not self.shuffle:
-            return torch.arange(len(self._rows))
-        gen = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
-        return torch.randperm(len(self._rows), generator=gen)
+    def _plan(self, epoch: int) -> list[torch.Tensor]:
+        with self._lock:  # the prefetch thread plans too
+            if epoch not in self._plans:
+                if len(self._plans) >= 2:  # keep the current and the next epoch's plan
+                    del self._plans[min(self._plans)]
+                self._plans[epoch] = plan_epoch(
+                    self._lengths,
+                    seed=self.seed,
+                    epoch=epoch,
+                    batch_size=self.batch_size,
+                    shuffle=self.shuffle,
+                    group_by_length=self.group_by_length,
+                    longest_first=self.longest_first,
+                    max_tokens=self.max_tokens,
+                    pad_to_multiple_of=self.pad_to_multiple_of,
+                )
+            return self._plans[epoch]
+
+    def _next_position(self, epoch: int, index: int) -> tuple[int, int]:
+        index += 1
+        if index == len(self._plan(epoch)):
+            return epoch + 1, 0
+        return epoch, index
+
+    def _build(self, epoch: int, index: int) -> TensorDict:
+        idx = self._plan(epoch)[index]
+        share = len(idx) // self.world_size
+        mine = idx[self.rank * share : (self.rank + 1) * share].tolist()
+        return _collate([self._rows[i] for i in mine], self.pad_id, self.pad_to_multiple_of)
 
     def __iter__(self) -> Iterator[TensorDict]:
-        order = self._order(self._epoch)
-        order_epoch = self._epoch
-        while True:
-            if order_epoch != self._epoch:  # the cursor moved on (or was loaded) meanwhile
-                order, order_epoch = self._order(self._epoch), self._epoch
-            start = self._index * self.batch_size
-            idx = order[start : start + self.batch_size].tolist()
-            batch = _collate([self._rows[i] for i in idx], self.pad_id, self.pad_to_multiple_of)
-            # Advance before yielding, so state_dict() after next() points past this batch.
-            self._index += 1
-            if self._index == self.num_batches_per_epoch:
-                self._epoch, self._index = self._epoch + 1, 0
-            yield batch
+        if self.prefetch == 0:
+            while True:
+                batch = self._build(self._epoch, self._index)
+                # Advance before yielding, so state_dict() after next() points past this batch.
+                self._epoch, self._index = self._next_position(self._epoch, self._index)
+                yield batch
+        yield from self._prefetching()
+
+    def _prefetching(self) -> Iterator[TensorDict]:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tscale-prefetch") as pool:
+            queue: deque[tuple[tuple[int, int], Future]] = deque()
+            moves = -1
+            ahead = (self._epoch, self._index)
+            while True:
+                if moves != self._moves:  # cursor loaded: restart the queue from it
+                    moves, queue = self._moves, deque()
+                    ahead = (self._epoch, self._index)
+                while len(queue) < self.prefetch + 1:
+                    queue.append((ahead, pool.submit(self._build, *ahead)))
+                    ahead = self._next_position(*ahead)
+                position, future = queue.popleft()
+                batch = future.result()
+                self._epoch, self._index = self._next_position(*position)
+                yield batch
 
     def state_dict(self) -> dict[str, int]:
-        """The cursor: epoch and index of the next batch, and the seed of the order."""
+        """The cursor: epoch and index of the next global batch, and the seed of the order."""
         return {"epoch": self._epoch, "index": self._index, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Move the cursor to ``state`` directly (only that epoch's permutation is computed).
+        """Move the cursor to ``state`` directly (only that epoch's plan is computed).
 
         Raises:
             DataError: the seed differs from this loader's, or the position does not exist.
@@ -146,13 +310,15 @@ class BatchLoader:
                 f"loader state was saved with seed {seed} but this loader has seed {self.seed}; "
                 "resume with the same seed to get the same data order"
             )
-        if epoch < 0 or not 0 <= index < self.num_batches_per_epoch:
+        batches = len(self._plan(epoch)) if epoch >= 0 else 0
+        if not 0 <= index < batches:
             raise DataError(
-                f"loader state epoch {epoch}, index {index} is out of range: an epoch has "
-                f"{self.num_batches_per_epoch} batches ({len(self._rows)} examples, batch size "
-                f"{self.batch_size}); did the data or the batch size change?"
+                f"loader state epoch {epoch}, index {index} is out of range: that epoch has "
+                f"{batches} batches ({len(self._rows)} examples, batch size {self.batch_size}); "
+                "did the data or the batch size change?"
             )
         self._epoch, self._index = epoch, index
+        self._moves += 1
 
 
 def batch_iter(
