@@ -1,8 +1,9 @@
 """The ``tscale`` command.
 
 ``tscale train CFG [key=value ...] [--resume [CKPT]]`` trains; ``tscale config show CFG
-[key=value ...]`` prints the resolved config. A user's mistake (bad config, data, checkpoint) is
-printed as one line on stderr and exits with status 2 — no traceback.
+[key=value ...]`` prints the resolved config; ``tscale schedule plot CFG [key=value ...] [-o
+lr.png]`` draws the learning rate over ``train.max_steps``. A user's mistake (bad config, data,
+checkpoint) is printed as one line on stderr and exits with status 2 — no traceback.
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ def _parser() -> argparse.ArgumentParser:
     show = csub.add_parser("show", help="print the resolved config with all defaults")
     show.add_argument("config", help="path to a YAML config")
     show.add_argument("overrides", nargs="*", help="key.path=value overrides")
+
+    s = sub.add_parser("schedule", help="learning-rate schedule tools")
+    ssub = s.add_subparsers(dest="schedule_command", required=True)
+    plot = ssub.add_parser("plot", help="write a PNG of the learning rate over train.max_steps")
+    plot.add_argument("config", help="path to a YAML config")
+    plot.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    plot.add_argument(
+        "-o", "--output", default="lr_schedule.png", help="PNG to write (default: %(default)s)"
+    )
     return p
 
 
@@ -51,6 +61,11 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.command == "config":
         sys.stdout.write(to_yaml(cfg))
+        return 0
+    if args.command == "schedule":
+        from tscale.train.plot import plot_schedule
+
+        print(f"wrote {plot_schedule(cfg, args.output)}")
         return 0
     from tscale.train import train
 

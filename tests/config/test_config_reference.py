@@ -48,8 +48,11 @@ def test_one_table_per_section_with_defaults():
     text = render_reference()
     for heading in ("## `run`", "## `optimizer`", "### `data.synthetic`", "### `data.tokenizer`"):
         assert f"\n{heading}\n" in text
-    assert "| `optimizer.betas` | [float, float] | `[0.9, 0.999]` |" in text
-    assert "| `scheduler.type` | `constant` \\| `cosine` | `cosine` |" in text
+    assert "| `optimizer.betas` | [float, float] \\| null | `null` |" in text
+    assert (
+        "| `scheduler.type` | `constant` \\| `cosine` \\| `cosine_restarts` \\| `linear` \\| "
+        "`wsd` \\| `rex` \\| `inverse_sqrt` \\| `polynomial` | `cosine` |"
+    ) in text
     assert "| `run.threads` | int \\| null | `null` |" in text
 
 

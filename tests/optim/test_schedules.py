@@ -121,10 +121,11 @@ def test_build_schedule() -> None:
     cos = optim.build_schedule("cosine", 1e-3, warmup_steps=4, total_steps=100, min_lr_ratio=0.1)
     ref = optim.warmup_cosine(1e-3, 4, 100, 0.1)
     assert [cos(s) for s in range(120)] == [ref(s) for s in range(120)]
-    with pytest.raises(ValueError, match=r"unknown schedule type 'linear'.*constant, cosine"):
-        optim.build_schedule("linear", 1e-3)
-    with pytest.raises(ValueError, match="total_steps"):
-        optim.build_schedule("cosine", 1e-3)
+    with pytest.raises(ValueError, match=r"unknown schedule type 'step'.*constant, cosine"):
+        optim.build_schedule("step", 1e-3)
+    for kind in ("cosine", "cosine_restarts", "linear", "wsd", "rex", "polynomial"):
+        with pytest.raises(ValueError, match=f"total_steps is required for a {kind} schedule"):
+            optim.build_schedule(kind, 1e-3)
 
 
 @pytest.mark.parametrize(
@@ -144,5 +145,211 @@ def test_build_schedule() -> None:
     ],
 )
 def test_schedule_factories_validate_eagerly(factory, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        factory()
+
+
+# --------------------------------------------------------------------------------------------
+# linear, cosine with restarts, wsd, rex, inverse_sqrt, polynomial
+
+
+def _decaying(kind: str, peak: float, warmup: int, total: int, ratio: float, extra: int):
+    """The schedule ``kind`` built with its type-specific argument drawn from ``extra``."""
+    if kind == "linear":
+        return optim.warmup_linear(peak, warmup, total, ratio)
+    if kind == "cosine_restarts":
+        return optim.warmup_cosine_restarts(peak, warmup, total, 1 + extra % 4, ratio)
+    if kind == "wsd":
+        shape = optim.DECAY_SHAPES[extra % 3]
+        room = (total - warmup) / max(total, 1)
+        return optim.wsd(peak, warmup, total, room * (extra % 5) / 4, shape, ratio)
+    if kind == "rex":
+        return optim.rex(peak, warmup, total, ratio)
+    if kind == "polynomial":
+        return optim.polynomial(peak, warmup, total, 0.5 + extra % 3, ratio)
+    return optim.inverse_sqrt(peak, warmup, None if extra % 2 else 1 + extra)
+
+
+DECAYING = ["linear", "cosine_restarts", "wsd", "rex", "polynomial", "inverse_sqrt"]
+
+
+@SETTINGS
+@given(args=cosine_args(), extra=st.integers(0, 100), kind=st.sampled_from(DECAYING))
+def test_decaying_schedules_bounded_and_monotone(args, extra: int, kind: str) -> None:
+    peak, warmup, total, ratio = args
+    sched = _decaying(kind, peak, warmup, total, ratio, extra)
+    values = [sched(s) for s in range(total + 30)]
+    assert all(isinstance(v, float) for v in values)
+    tol = peak * 1e-12
+    floor = 0.0 if kind == "inverse_sqrt" else peak * ratio
+    for s, v in enumerate(values):
+        assert (0.0 if s < warmup else floor) - tol <= v <= peak + tol, (s, v)
+    # the peak is reached when warmup ends, unless the decay is over by then (total == warmup)
+    peaked = total > warmup or kind == "inverse_sqrt"
+    warm, decay = values[: warmup + peaked], values[warmup:]
+    assert all(a <= b for a, b in itertools.pairwise(warm))
+    if peaked:
+        assert values[warmup] == pytest.approx(peak)
+    if kind == "inverse_sqrt":
+        assert all(v > 0.0 for v in decay)
+    else:
+        assert values[-1] == pytest.approx(peak * ratio)
+    if kind == "cosine_restarts":  # non-increasing within each cycle: count the restarts
+        rises = sum(b > a + tol for a, b in itertools.pairwise(decay))
+        assert rises <= extra % 4  # num_cycles - 1 restarts
+    else:
+        assert all(a >= b - tol for a, b in itertools.pairwise(decay))
+
+
+@SETTINGS
+@given(
+    args=cosine_args(),
+    extra=st.integers(0, 100),
+    kind=st.sampled_from(DECAYING),
+    step=st.integers(0, 400),
+)
+def test_decaying_int_and_tensor_steps_agree(args, extra: int, kind: str, step: int) -> None:
+    peak, warmup, total, ratio = args
+    sched = _decaying(kind, peak, warmup, total, ratio, extra)
+    v = sched(step)
+    t = sched(torch.tensor(step))
+    assert isinstance(t, torch.Tensor) and t.ndim == 0 and t.dtype == torch.float32
+    assert float(t) == pytest.approx(v, rel=1e-5, abs=peak * 1e-6)
+
+
+def _reference(make, peak: float):
+    """``step -> lr`` of a transformers LambdaLR schedule: ``base_lr * lambda(step)``."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    lam = make(opt).lr_lambdas[0]
+    return lambda step: peak * lam(step)
+
+
+def _assert_equal_from(ours, ref, steps: range) -> None:
+    for step in steps:
+        assert ours(step) == ref(step), step  # bit-identical on the int path
+        assert float(ours(torch.tensor(step))) == pytest.approx(ref(step), rel=1e-5, abs=1e-9)
+
+
+@pytest.mark.parametrize(("warmup", "total"), [(10, 100), (0, 7), (7, 7)])
+def test_equals_transformers_linear(warmup: int, total: int) -> None:
+    tf = transformers_optimization
+    ref = _reference(lambda o: tf.get_linear_schedule_with_warmup(o, warmup, total), 1e-3)
+    _assert_equal_from(optim.warmup_linear(1e-3, warmup, total), ref, range(total + 5))
+
+
+@pytest.mark.parametrize(("warmup", "total", "cycles"), [(10, 100, 1), (5, 64, 3), (0, 30, 4)])
+def test_equals_transformers_cosine_hard_restarts(warmup: int, total: int, cycles: int) -> None:
+    tf = transformers_optimization
+    ref = _reference(
+        lambda o: tf.get_cosine_with_hard_restarts_schedule_with_warmup(o, warmup, total, cycles),
+        2e-3,
+    )
+    ours = optim.warmup_cosine_restarts(2e-3, warmup, total, cycles)
+    _assert_equal_from(ours, ref, range(total + 5))
+
+
+@pytest.mark.parametrize("shape", ["linear", "cosine", "1-sqrt"])
+@pytest.mark.parametrize(
+    ("warmup", "total", "fraction", "ratio"), [(5, 60, 0.25, 0.0), (3, 41, 0.5, 0.1)]
+)
+def test_equals_transformers_wsd(shape: str, warmup: int, total: int, fraction, ratio) -> None:
+    fn = transformers_optimization.get_wsd_schedule
+    params = inspect.signature(fn).parameters
+    assert {"num_decay_steps", "num_training_steps", "decay_type", "min_lr_ratio"} <= set(params)
+    decay = round(fraction * total)
+    ref = _reference(
+        lambda o: fn(
+            o,
+            num_warmup_steps=warmup,
+            num_decay_steps=decay,
+            num_training_steps=total,
+            decay_type=shape,
+            min_lr_ratio=ratio,
+        ),
+        1e-3,
+    )
+    ours = optim.wsd(1e-3, warmup, total, fraction, shape, ratio)
+    # transformers' warmup rises from peak * min_lr_ratio, ours from 0 (as every schedule here)
+    _assert_equal_from(ours, ref, range(0 if ratio == 0 else warmup, total + 5))
+    assert [ours(s) for s in range(warmup)] == [1e-3 * (s / warmup) for s in range(warmup)]
+
+
+@pytest.mark.parametrize(("warmup", "timescale"), [(10, None), (0, None), (4, 25), (0, 3)])
+def test_equals_transformers_inverse_sqrt(warmup: int, timescale: int | None) -> None:
+    tf = transformers_optimization
+    ref = _reference(lambda o: tf.get_inverse_sqrt_schedule(o, warmup, timescale), 1e-3)
+    _assert_equal_from(optim.inverse_sqrt(1e-3, warmup, timescale), ref, range(200))
+
+
+@pytest.mark.parametrize(
+    ("warmup", "total", "power", "ratio"), [(10, 100, 1.0, 0.0), (3, 30, 2.0, 0.1)]
+)
+def test_equals_transformers_polynomial(warmup: int, total: int, power: float, ratio) -> None:
+    peak = 3e-3
+    tf = transformers_optimization
+    ref = _reference(
+        lambda o: tf.get_polynomial_decay_schedule_with_warmup(
+            o, warmup, total, lr_end=peak * ratio, power=power
+        ),
+        peak,
+    )
+    _assert_equal_from(optim.polynomial(peak, warmup, total, power, ratio), ref, range(total + 5))
+
+
+def test_rex_profile() -> None:
+    # Chen et al. 2021: (1 - z) / (1/2 + (1 - z)/2); above linear everywhere inside (0, 1)
+    sched = optim.rex(1.0, 0, 100)
+    for s in range(101):
+        z = s / 100
+        assert sched(s) == pytest.approx((1 - z) / (0.5 + 0.5 * (1 - z)), abs=1e-15)
+        if 0 < s < 100:
+            assert sched(s) > 1 - z
+    assert optim.rex(2.0, 10, 110, 0.1)(60) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5 / 0.75))
+
+
+def test_build_schedule_every_type() -> None:
+    common = dict(peak=1e-3, warmup_steps=5, total_steps=50, min_lr_ratio=0.1)
+    expected = {
+        "constant": optim.linear_warmup(1e-3, 5),
+        "cosine": optim.warmup_cosine(1e-3, 5, 50, 0.1),
+        "cosine_restarts": optim.warmup_cosine_restarts(1e-3, 5, 50, 3, 0.1),
+        "linear": optim.warmup_linear(1e-3, 5, 50, 0.1),
+        "wsd": optim.wsd(1e-3, 5, 50, 0.3, "cosine", 0.1),
+        "rex": optim.rex(1e-3, 5, 50, 0.1),
+        "inverse_sqrt": optim.inverse_sqrt(1e-3, 5, 20),
+        "polynomial": optim.polynomial(1e-3, 5, 50, 2.0, 0.1),
+    }
+    assert set(expected) == set(optim.SCHEDULES) == set(optim.SCHEDULE_ARGS)
+    for kind, ref in expected.items():
+        built = optim.build_schedule(
+            kind,
+            **common,
+            num_cycles=3,
+            decay_fraction=0.3,
+            decay_shape="cosine",
+            power=2.0,
+            timescale=20,
+        )
+        assert [built(s) for s in range(60)] == [ref(s) for s in range(60)], kind
+
+
+@pytest.mark.parametrize(
+    ("factory", "match"),
+    [
+        (lambda: optim.warmup_linear(1.0, 10, 5), "total_steps"),
+        (lambda: optim.warmup_linear(1.0, 1, 5, 2.0), "min_lr_ratio"),
+        (lambda: optim.warmup_cosine_restarts(1.0, 1, 5, 0), "num_cycles"),
+        (lambda: optim.warmup_cosine_restarts(1.0, 1, 5, 1.5), "num_cycles"),
+        (lambda: optim.wsd(1.0, 1, 10, 1.5), "decay_fraction"),
+        (lambda: optim.wsd(1.0, 1, 10, 0.2, "exp"), "decay_shape"),
+        (lambda: optim.wsd(1.0, 5, 10, 0.8), r"decay_fraction 0.8 makes 8 decay steps"),
+        (lambda: optim.rex(-1.0, 1, 10), "peak"),
+        (lambda: optim.inverse_sqrt(1.0, 2, 0), "timescale"),
+        (lambda: optim.inverse_sqrt(1.0, -2), "warmup_steps"),
+        (lambda: optim.polynomial(1.0, 1, 10, 0.0), "power"),
+        (lambda: optim.polynomial(1.0, 1, 10, float("inf")), "power"),
+    ],
+)
+def test_new_schedule_factories_validate_eagerly(factory, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         factory()

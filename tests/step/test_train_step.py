@@ -157,3 +157,33 @@ def test_all_masked_batch_takes_a_finite_step():
     batch["labels"][:] = -100
     _, m = make_train_step(make_lm_loss(MODEL.apply), tx)(s, batch)
     assert int(m["tokens"]) == 0 and torch.isfinite(m["loss"]) and float(m["grad_norm"]) == 0.0
+
+
+def test_nonfinite_step_is_skipped_on_device_and_counted():
+    from tscale.optim import skip_nonfinite
+
+    tx = skip_nonfinite(adamw(1e-2, weight_decay=0.1))
+    params = MODEL.init(R.key(0))
+    state = TrainState.create(params, tx.init(params), R.key(1))
+    base = make_lm_loss(MODEL.apply)
+
+    def loss_fn(p, batch):
+        loss_sum, aux = base(p, batch)
+        poison = batch["poison"].to(loss_sum.dtype).sum()  # NaN when the batch is poisoned
+        return loss_sum * (1 + poison), aux
+
+    step = make_train_step(loss_fn, tx)
+    good, bad = _batch(seed=1), _batch(seed=2)
+    good["poison"] = torch.zeros(8)
+    bad["poison"] = torch.full((8,), float("nan"))
+    state, m1 = step(state, good)
+    before = state.clone()
+    with _NoHostSync():
+        state, m2 = step(state, bad)
+    assert int(m1["skipped"]) == 0 and int(m2["skipped"]) == 1
+    assert_trees_equal(state.params, before.params)
+    state, m3 = step(state, good)
+    assert int(m3["skipped"]) == 1 and torch.isfinite(m3["loss"])
+    assert all(
+        torch.isfinite(t).all() for t in state.opt_state.values(True, True) if t.is_floating_point()
+    )

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from tscale.optim.adam8bit import adamw_8bit
 from tscale.optim.base import GradientTransformation, chain
+from tscale.optim.lion import lion
+from tscale.optim.muon import muon
+from tscale.optim.prodigy import prodigy
+from tscale.optim.schedule_free import schedule_free_adamw
+from tscale.optim.sophia import sophia_g
 from tscale.optim.transforms import (
     MaskFn,
     Schedule,
@@ -15,7 +21,17 @@ from tscale.optim.transforms import (
     scale_by_learning_rate,
 )
 
-__all__ = ["OPTIMIZERS", "adamw", "build_optimizer"]
+__all__ = [
+    "OPTIMIZERS",
+    "adamw",
+    "adamw_8bit",
+    "build_optimizer",
+    "lion",
+    "muon",
+    "prodigy",
+    "schedule_free_adamw",
+    "sophia_g",
+]
 
 
 def adamw(
@@ -56,8 +72,18 @@ def adamw(
     return chain(*parts)
 
 
-OPTIMIZERS: dict[str, Callable[..., GradientTransformation]] = {"adamw": adamw}
-"""Optimizer factories by name (the config's ``optimizer.type``)."""
+OPTIMIZERS: dict[str, Callable[..., GradientTransformation]] = {
+    "adamw": adamw,
+    "adamw_8bit": adamw_8bit,
+    "lion": lion,
+    "prodigy": prodigy,
+    "sophia_g": sophia_g,
+    "schedule_free_adamw": schedule_free_adamw,
+    "muon": muon,
+}
+"""Optimizer factories by name (the config's ``optimizer.type``). Every factory takes
+``learning_rate`` first; the config builder passes each the keyword arguments its signature
+names."""
 
 
 def build_optimizer(name: str, **kwargs: object) -> GradientTransformation:

@@ -22,14 +22,22 @@ Schedule = Callable[[Any], Any]
 """``schedule(step) -> lr``: a Python int gives a float, a 0-d tensor gives a 0-d tensor."""
 
 __all__ = [
+    "DECAY_SHAPES",
     "SCHEDULES",
+    "SCHEDULE_ARGS",
     "Schedule",
     "build_schedule",
     "constant",
     "cosine_decay",
+    "inverse_sqrt",
     "join",
     "linear_warmup",
+    "polynomial",
+    "rex",
     "warmup_cosine",
+    "warmup_cosine_restarts",
+    "warmup_linear",
+    "wsd",
 ]
 
 
@@ -242,9 +250,306 @@ def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
 
 
 # --------------------------------------------------------------------------------------------
+# warmup, then a decay
+
+
+def _warmup_then(
+    peak: float,
+    warmup_steps: int,
+    after: Callable[[int], float],
+    after_t: Callable[[torch.Tensor], torch.Tensor],
+) -> Schedule:
+    """Linear warmup from 0 to ``peak`` (transformers' convention), then ``peak * after(step)``.
+
+    ``after`` (int path) and ``after_t`` (tensor path) take the *absolute* step, as transformers'
+    lambdas do, and return the factor of the peak; ``after_t`` may misbehave before the warmup
+    ends, where its value is discarded by ``torch.where``.
+    """
+    w = float(max(1, warmup_steps))
+
+    def schedule(step):
+        step = _check_step(step)
+        if isinstance(step, torch.Tensor):
+            s = _as_float_tensor(step)
+            warm = torch.clamp(s / w, min=0.0)
+            return peak * torch.where(s < warmup_steps, warm, after_t(s))
+        if step < warmup_steps:
+            return peak * (float(max(step, 0)) / w)
+        return peak * after(step)
+
+    return schedule
+
+
+def _budget(
+    peak: object, warmup_steps: object, total_steps: object, min_lr_ratio: object
+) -> tuple[float, int, int, float]:
+    """Validated ``(peak, warmup_steps, total_steps, min_lr_ratio)`` of a decaying schedule."""
+    peak = _nonneg("peak", peak)
+    warmup_steps = _steps("warmup_steps", warmup_steps)
+    total_steps = _steps("total_steps", total_steps)
+    if total_steps < warmup_steps:
+        raise ValueError(f"total_steps ({total_steps}) must be >= warmup_steps ({warmup_steps})")
+    return peak, warmup_steps, total_steps, _ratio("min_lr_ratio", min_lr_ratio)
+
+
+def warmup_linear(
+    peak: float, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
+) -> Schedule:
+    """Linear warmup to ``peak``, then a straight line down to ``peak * min_lr_ratio`` at
+    ``total_steps`` (flat after it).
+
+    Equals ``transformers.get_linear_schedule_with_warmup`` when ``min_lr_ratio=0`` (bit for bit
+    on the int path).
+
+    Raises:
+        ValueError: ``peak`` negative, ``warmup_steps`` negative, ``total_steps <
+            warmup_steps``, or ``min_lr_ratio`` outside [0, 1].
+    """
+    peak, warmup_steps, total_steps, r = _budget(peak, warmup_steps, total_steps, min_lr_ratio)
+    d = float(max(1, total_steps - warmup_steps))
+
+    def after(step: int) -> float:
+        # transformers' operation order; "* (1 - r) + r" is exact when r == 0
+        return max(0.0, float(total_steps - step) / d) * (1 - r) + r
+
+    def after_t(s: torch.Tensor) -> torch.Tensor:
+        return torch.clamp((total_steps - s) / d, min=0.0, max=1.0) * (1 - r) + r
+
+    return _warmup_then(peak, warmup_steps, after, after_t)
+
+
+def warmup_cosine_restarts(
+    peak: float,
+    warmup_steps: int,
+    total_steps: int,
+    num_cycles: int = 1,
+    min_lr_ratio: float = 0.0,
+) -> Schedule:
+    """Linear warmup, then ``num_cycles`` half-cosines from ``peak`` down to ``peak *
+    min_lr_ratio``, each restarting at ``peak`` (hard restarts; Loshchilov & Hutter, "SGDR:
+    Stochastic Gradient Descent with Warm Restarts", ICLR 2017); ``peak * min_lr_ratio`` from
+    ``total_steps`` on.
+
+    Equals ``transformers.get_cosine_with_hard_restarts_schedule_with_warmup`` when
+    ``min_lr_ratio=0`` (bit for bit on the int path).
+
+    Raises:
+        ValueError: as :func:`warmup_linear`, or ``num_cycles`` not an int >= 1.
+    """
+    peak, warmup_steps, total_steps, r = _budget(peak, warmup_steps, total_steps, min_lr_ratio)
+    num_cycles = _steps("num_cycles", num_cycles, minimum=1)
+    d = float(max(1, total_steps - warmup_steps))
+
+    def after(step: int) -> float:
+        progress = float(step - warmup_steps) / d
+        if progress >= 1.0:
+            return 0.0 * (1 - r) + r
+        cycle = (float(num_cycles) * progress) % 1.0
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * cycle))) * (1 - r) + r
+
+    def after_t(s: torch.Tensor) -> torch.Tensor:
+        progress = torch.clamp((s - warmup_steps) / d, min=0.0)
+        cycle = torch.remainder(num_cycles * progress, 1.0)
+        factor = torch.clamp(0.5 * (1.0 + torch.cos(math.pi * cycle)), min=0.0)
+        return torch.where(progress >= 1.0, 0.0, factor) * (1 - r) + r
+
+    return _warmup_then(peak, warmup_steps, after, after_t)
+
+
+DECAY_SHAPES: tuple[str, ...] = ("linear", "cosine", "1-sqrt")
+"""The decay shapes of :func:`wsd` (transformers' names)."""
+
+
+def _shape_factor(shape: str, progress: float) -> float:
+    if shape == "linear":
+        return 1.0 - progress
+    if shape == "cosine":  # transformers' operation order (num_cycles = 0.5)
+        return 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress))
+    return 1.0 - math.sqrt(progress)
+
+
+def _shape_factor_t(shape: str, progress: torch.Tensor) -> torch.Tensor:
+    if shape == "linear":
+        return 1.0 - progress
+    if shape == "cosine":
+        return 0.5 * (1.0 + torch.cos(math.pi * progress))
+    return 1.0 - torch.sqrt(progress)
+
+
+def wsd(
+    peak: float,
+    warmup_steps: int,
+    total_steps: int,
+    decay_fraction: float = 0.2,
+    decay_shape: str = "1-sqrt",
+    min_lr_ratio: float = 0.0,
+) -> Schedule:
+    """Warmup-stable-decay: linear warmup, ``peak`` until the last ``round(decay_fraction *
+    total_steps)`` steps, then a decay of ``decay_shape`` (``linear``, ``cosine`` or ``1-sqrt``)
+    down to ``peak * min_lr_ratio`` at ``total_steps`` (flat after it).
+
+    Hu et al., "MiniCPM: Unveiling the Potential of Small Language Models" (2024); Hägele et al.,
+    "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations" (2024), whose
+    best cooldown is ``1-sqrt``. Equals ``transformers.get_wsd_schedule(num_warmup_steps,
+    num_decay_steps=round(decay_fraction * total_steps), num_training_steps=total_steps,
+    decay_type=decay_shape, min_lr_ratio=...)`` from the end of the warmup on (bit for bit on the
+    int path), and everywhere when ``min_lr_ratio=0``: transformers' warmup starts at ``peak *
+    min_lr_ratio``, this one at 0 like every schedule here.
+
+    Raises:
+        ValueError: as :func:`warmup_linear`; ``decay_fraction`` outside [0, 1];
+            ``decay_shape`` not one of :data:`DECAY_SHAPES`; warmup and decay longer than
+            ``total_steps``.
+    """
+    peak, warmup_steps, total_steps, r = _budget(peak, warmup_steps, total_steps, min_lr_ratio)
+    decay_fraction = _ratio("decay_fraction", decay_fraction)
+    if decay_shape not in DECAY_SHAPES:
+        shapes = ", ".join(DECAY_SHAPES)
+        raise ValueError(f"decay_shape must be one of {shapes}, got {decay_shape!r}")
+    decay_steps = round(decay_fraction * total_steps)
+    if warmup_steps + decay_steps > total_steps:
+        raise ValueError(
+            f"decay_fraction {decay_fraction} makes {decay_steps} decay steps, which with "
+            f"warmup_steps ({warmup_steps}) exceed total_steps ({total_steps})"
+        )
+    stable_end = total_steps - decay_steps
+    dd = float(max(1, decay_steps))
+
+    def after(step: int) -> float:
+        if step < stable_end:
+            return 1.0
+        if step < total_steps:
+            progress = float(step - stable_end) / dd
+            return max(0.0, _shape_factor(decay_shape, progress) * (1.0 - r) + r)
+        return r
+
+    def after_t(s: torch.Tensor) -> torch.Tensor:
+        progress = torch.clamp((s - stable_end) / dd, min=0.0, max=1.0)
+        decay = torch.clamp(_shape_factor_t(decay_shape, progress) * (1.0 - r) + r, min=0.0)
+        return torch.where(s < stable_end, 1.0, torch.where(s < total_steps, decay, r))
+
+    return _warmup_then(peak, warmup_steps, after, after_t)
+
+
+def rex(peak: float, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> Schedule:
+    """Linear warmup, then the REX profile ``(1 - z) / (1/2 + (1 - z)/2)`` of the progress ``z``
+    from 0 to 1 over the remaining steps, scaled to end at ``peak * min_lr_ratio`` (flat after).
+
+    Chen, Wolfe & Kyrillidis, "REX: Revisiting Budgeted Training with an Improved Schedule"
+    (MLSys 2022): a decay that stays higher than linear early and drops faster at the end.
+
+    Raises:
+        ValueError: as :func:`warmup_linear`.
+    """
+    peak, warmup_steps, total_steps, r = _budget(peak, warmup_steps, total_steps, min_lr_ratio)
+    d = float(max(1, total_steps - warmup_steps))
+
+    def after(step: int) -> float:
+        left = 1.0 - min(max(float(step - warmup_steps) / d, 0.0), 1.0)
+        return left / (0.5 + 0.5 * left) * (1 - r) + r
+
+    def after_t(s: torch.Tensor) -> torch.Tensor:
+        left = 1.0 - torch.clamp((s - warmup_steps) / d, min=0.0, max=1.0)
+        return left / (0.5 + 0.5 * left) * (1 - r) + r
+
+    return _warmup_then(peak, warmup_steps, after, after_t)
+
+
+def inverse_sqrt(peak: float, warmup_steps: int, timescale: int | None = None) -> Schedule:
+    """Linear warmup, then ``peak / sqrt((step - warmup_steps + timescale) / timescale)``
+    (Vaswani et al., "Attention Is All You Need", 2017, with a timescale as in T5).
+
+    ``timescale`` defaults to ``warmup_steps`` (or 10 000 without warmup), as
+    ``transformers.get_inverse_sqrt_schedule``, which this equals bit for bit on the int path.
+    No end: the rate keeps falling as ``1/sqrt(step)``.
+
+    Raises:
+        ValueError: ``peak`` negative, ``warmup_steps`` negative, ``timescale`` not an int >= 1.
+    """
+    peak = _nonneg("peak", peak)
+    warmup_steps = _steps("warmup_steps", warmup_steps)
+    if timescale is None:
+        timescale = warmup_steps or 10_000
+    timescale = _steps("timescale", timescale, minimum=1)
+    shift = timescale - warmup_steps
+
+    def after(step: int) -> float:
+        return 1.0 / math.sqrt((step + shift) / timescale)
+
+    def after_t(s: torch.Tensor) -> torch.Tensor:
+        return torch.rsqrt((torch.clamp(s, min=warmup_steps) + shift) / timescale)
+
+    return _warmup_then(peak, warmup_steps, after, after_t)
+
+
+def polynomial(
+    peak: float,
+    warmup_steps: int,
+    total_steps: int,
+    power: float = 1.0,
+    min_lr_ratio: float = 0.0,
+) -> Schedule:
+    """Linear warmup, then ``(peak - end) * (1 - progress) ** power + end`` with ``end = peak *
+    min_lr_ratio``, reached at ``total_steps`` (flat after it).
+
+    Equals ``transformers.get_polynomial_decay_schedule_with_warmup(..., lr_end=peak *
+    min_lr_ratio, power=power)`` (bit for bit on the int path).
+
+    Raises:
+        ValueError: as :func:`warmup_linear`, or ``power`` not a positive number.
+    """
+    peak, warmup_steps, total_steps, r = _budget(peak, warmup_steps, total_steps, min_lr_ratio)
+    power = _real("power", power)
+    if power <= 0:
+        raise ValueError(f"power must be > 0, got {power!r}")
+    end = peak * r
+    d = max(1, total_steps - warmup_steps)
+
+    def after(step: int) -> float:
+        if peak == 0.0:
+            return 0.0
+        if step > total_steps:
+            return end / peak
+        # transformers' operation order: the factor is the rate divided by the peak
+        remaining = 1 - (step - warmup_steps) / d
+        return ((peak - end) * remaining**power + end) / peak
+
+    def after_t(s: torch.Tensor) -> torch.Tensor:
+        if peak == 0.0:
+            return torch.zeros_like(s)
+        remaining = torch.clamp(1.0 - (s - warmup_steps) / d, min=0.0, max=1.0)
+        return ((peak - end) * remaining**power + end) / peak
+
+    return _warmup_then(peak, warmup_steps, after, after_t)
+
+
+# --------------------------------------------------------------------------------------------
 # builder
 
-SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+SCHEDULES: tuple[str, ...] = (
+    "constant",
+    "cosine",
+    "cosine_restarts",
+    "linear",
+    "wsd",
+    "rex",
+    "inverse_sqrt",
+    "polynomial",
+)
+"""The schedule types :func:`build_schedule` knows (the config's ``scheduler.type``)."""
+
+SCHEDULE_ARGS: dict[str, tuple[str, ...]] = {
+    "constant": (),
+    "cosine": ("total_steps", "min_lr_ratio"),
+    "cosine_restarts": ("total_steps", "min_lr_ratio", "num_cycles"),
+    "linear": ("total_steps", "min_lr_ratio"),
+    "wsd": ("total_steps", "min_lr_ratio", "decay_fraction", "decay_shape"),
+    "rex": ("total_steps", "min_lr_ratio"),
+    "inverse_sqrt": ("timescale",),
+    "polynomial": ("total_steps", "min_lr_ratio", "power"),
+}
+"""The optional arguments of :func:`build_schedule` each type uses (all use ``peak`` and
+``warmup_steps``); the config builder rejects a setting the chosen type would ignore."""
 
 
 def build_schedule(
@@ -253,19 +558,47 @@ def build_schedule(
     warmup_steps: int = 0,
     total_steps: int | None = None,
     min_lr_ratio: float = 0.0,
+    *,
+    decay_fraction: float = 0.2,
+    decay_shape: str = "1-sqrt",
+    num_cycles: int = 1,
+    power: float = 1.0,
+    timescale: int | None = None,
 ) -> Schedule:
-    """The schedule a config names: linear warmup to ``peak``, then ``constant`` or ``cosine``
-    (down to ``peak * min_lr_ratio`` at ``total_steps``).
+    """The schedule a config names: linear warmup to ``peak`` over ``warmup_steps``, then
+
+    - ``constant``: ``peak``;
+    - ``cosine``: :func:`warmup_cosine` to ``peak * min_lr_ratio`` at ``total_steps``;
+    - ``cosine_restarts``: :func:`warmup_cosine_restarts` with ``num_cycles``;
+    - ``linear``: :func:`warmup_linear`;
+    - ``wsd``: :func:`wsd` with ``decay_fraction`` and ``decay_shape``;
+    - ``rex``: :func:`rex`;
+    - ``inverse_sqrt``: :func:`inverse_sqrt` with ``timescale``;
+    - ``polynomial``: :func:`polynomial` with ``power``.
+
+    Arguments a type does not use (see :data:`SCHEDULE_ARGS`) are ignored.
 
     Raises:
         ValueError: an unknown ``type`` (the message lists the valid ones), ``total_steps``
-            missing for ``cosine``, or any invalid argument of the schedule.
+            missing for a type that decays over it, or any invalid argument of the schedule.
     """
+    if type not in SCHEDULE_ARGS:
+        raise ValueError(f"unknown schedule type {type!r}; valid types: {', '.join(SCHEDULES)}")
+    if "total_steps" in SCHEDULE_ARGS[type] and total_steps is None:
+        raise ValueError(f"total_steps is required for a {type} schedule")
     if type == "constant":
         _ratio("min_lr_ratio", min_lr_ratio)
         return linear_warmup(peak, warmup_steps)
+    if type == "inverse_sqrt":
+        return inverse_sqrt(peak, warmup_steps, timescale)
     if type == "cosine":
-        if total_steps is None:
-            raise ValueError("total_steps is required for a cosine schedule")
         return warmup_cosine(peak, warmup_steps, total_steps, min_lr_ratio)
-    raise ValueError(f"unknown schedule type {type!r}; valid types: {', '.join(SCHEDULES)}")
+    if type == "cosine_restarts":
+        return warmup_cosine_restarts(peak, warmup_steps, total_steps, num_cycles, min_lr_ratio)
+    if type == "linear":
+        return warmup_linear(peak, warmup_steps, total_steps, min_lr_ratio)
+    if type == "wsd":
+        return wsd(peak, warmup_steps, total_steps, decay_fraction, decay_shape, min_lr_ratio)
+    if type == "rex":
+        return rex(peak, warmup_steps, total_steps, min_lr_ratio)
+    return polynomial(peak, warmup_steps, total_steps, power, min_lr_ratio)

@@ -14,7 +14,8 @@ place and returns them; it never modifies ``params``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -32,10 +33,13 @@ __all__ = [
     "add_decayed_weights",
     "clip_by_global_norm",
     "default_decay_mask",
+    "no_decay_mask",
     "scale",
     "scale_by_adam",
     "scale_by_learning_rate",
     "scale_by_schedule",
+    "skip_nonfinite",
+    "skipped_steps",
 ]
 
 
@@ -193,6 +197,49 @@ def _moment_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def _adam_direction_per_leaf(
+    out: list[torch.Tensor],
+    mu: list[torch.Tensor],
+    nu: list[torch.Tensor],
+    bc1: torch.Tensor,
+    bc2_sqrt: torch.Tensor,
+    eps: float,
+) -> None:
+    """``out = mu / (bc1 * (sqrt(nu) / bc2_sqrt + eps))`` in three passes per leaf (CPU).
+
+    CPU ``_foreach_*`` ops loop over the leaves anyway; the out= forms need no temporaries:
+    ``sqrt(nu) * (bc1 / bc2_sqrt) + eps * bc1`` with one ``addcmul``, then ``mu / that``.
+    """
+    k = bc1 / bc2_sqrt
+    e = bc1 * eps
+    for o, m, n in zip(out, mu, nu, strict=True):
+        torch.sqrt(n, out=o)
+        torch.addcmul(e, o, k, out=o)
+        torch.div(m, o, out=o)
+
+
+def _adam_direction_foreach(
+    out: list[torch.Tensor],
+    mu: list[torch.Tensor],
+    nu: list[torch.Tensor],
+    bc1: torch.Tensor,
+    bc2_sqrt: torch.Tensor,
+    eps: float,
+) -> None:
+    """The same as :func:`_adam_direction_per_leaf` with fused multi-tensor kernels (GPUs).
+
+    ``_foreach_add_`` takes ``eps`` as a Python number (with a 0-d tensor it would read it on the
+    host), so ``bc1`` is applied by its own multiplication.
+    """
+    torch._foreach_copy_(out, nu)
+    torch._foreach_sqrt_(out)
+    torch._foreach_div_(out, bc2_sqrt)
+    torch._foreach_add_(out, eps)
+    torch._foreach_mul_(out, bc1)
+    torch._foreach_reciprocal_(out)
+    torch._foreach_mul_(out, mu)
+
+
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
     """Rescale updates by Adam's bias-corrected moments: ``m̂ / (sqrt(v̂) + eps)``.
 
@@ -239,6 +286,8 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         if not us:
             return updates, state
         same = all(u.dtype == m.dtype for u, m in zip(us, mu, strict=True))
+        # gs: the gradients in the moments' dtype; when the incoming updates already have it
+        # they are ours to overwrite (ownership), and they become the output buffer below.
         gs = us if same else [u.to(m.dtype) for u, m in zip(us, mu, strict=True)]
 
         torch._foreach_lerp_(mu, gs, 1.0 - b1)
@@ -251,17 +300,18 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         bc1 = 1.0 - torch.pow(b1, t)
         bc2_sqrt = torch.sqrt(1.0 - torch.pow(b2, t))
 
-        # update = (mu / bc1) / (sqrt(nu) / sqrt(bc2) + eps), as torch.optim.Adam computes it.
-        denom = torch._foreach_sqrt(nu)
-        torch._foreach_div_(denom, bc2_sqrt)
-        torch._foreach_add_(denom, eps)
-        torch._foreach_mul_(denom, bc1)
-        if same:
-            # The incoming updates are ours to overwrite: no second temporary.
-            torch._foreach_copy_(us, mu)
-            torch._foreach_div_(us, denom)
+        # update = (mu / bc1) / (sqrt(nu) / sqrt(bc2) + eps), as torch.optim.Adam computes it,
+        # written into the gradient buffers, which are dead once the moments are updated: no
+        # tree-sized temporary per step. (On CPU a fresh temporary costs 4 bytes per parameter
+        # of page faults every step, as much as several passes over the params.)
+        # Fused kernels on GPUs; per leaf on CPU and for tensor subclasses (DTensor has no
+        # sharding rule for `_foreach_copy_`).
+        if gs[0].device.type == "cpu" or type(gs[0]) is not torch.Tensor:
+            _adam_direction_per_leaf(gs, mu, nu, bc1, bc2_sqrt, eps)
         else:
-            torch._foreach_copy_(us, torch._foreach_div(mu, denom))
+            _adam_direction_foreach(gs, mu, nu, bc1, bc2_sqrt, eps)
+        if not same:
+            torch._foreach_copy_(us, gs)
         return updates, state
 
     return GradientTransformation(init, update)
@@ -275,6 +325,33 @@ def default_decay_mask(name: str, tensor: torch.Tensor) -> bool:
     """Decay matrices only: no decay for tensors with fewer than 2 dims (norms, biases, scalars)
     nor for token embeddings (names containing ``embed_tokens``)."""
     return tensor.ndim >= 2 and "embed_tokens" not in name
+
+
+def no_decay_mask(patterns: Sequence[str]) -> MaskFn:
+    """A decay mask from name patterns: a leaf decays unless one of the regular expressions
+    ``patterns`` matches somewhere in its dotted name (``re.search``); ``[]`` decays every leaf.
+
+    Example: ``no_decay_mask([r"\\.bias$", r"norm", r"embed_tokens"])``.
+
+    Raises:
+        ValueError: ``patterns`` is a string or holds something that is not a valid regular
+            expression (the message gives its index).
+    """
+    if isinstance(patterns, str) or not isinstance(patterns, Sequence):
+        raise ValueError(f"patterns must be a list of regular expressions, got {patterns!r}")
+    compiled = []
+    for i, pattern in enumerate(patterns):
+        if not isinstance(pattern, str):
+            raise ValueError(f"patterns[{i}] must be a string, got {pattern!r}")
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as err:
+            raise ValueError(f"patterns[{i}] {pattern!r} is not a valid regex: {err}") from None
+
+    def mask(name: str, tensor: torch.Tensor) -> bool:
+        return not any(c.search(name) for c in compiled)
+
+    return mask
 
 
 def add_decayed_weights(weight_decay: float, mask: MaskFn | None = None) -> GradientTransformation:
@@ -333,3 +410,99 @@ def add_decayed_weights(weight_decay: float, mask: MaskFn | None = None) -> Grad
         return updates, state
 
     return GradientTransformation(init, update)
+
+
+# --------------------------------------------------------------------------------------------
+# non-finite updates
+
+
+def _all_finite(ts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """0-d bool: every element of every tensor is finite, without a host sync.
+
+    One fused L2-norm pass (the max-norm is several times slower on CPU): a NaN or an inf makes
+    a leaf's norm non-finite. So does a finite leaf whose norm overflows its dtype (beyond ~1e19
+    per element in float32), a gradient no clipping could rescue either.
+    """
+    if not ts:
+        return torch.ones((), dtype=torch.bool, device=device)
+    norms = torch._foreach_norm(ts)
+    return torch.isfinite(torch.stack([n.float() for n in norms])).all()
+
+
+def skip_nonfinite(inner: GradientTransformation) -> GradientTransformation:
+    """Run ``inner``, and drop the whole step when a gradient or an update is NaN or inf.
+
+    On such a step the returned updates are all ``-0.0`` (``p + -0.0 == p`` bit for bit, signed
+    zeros included) and the state of ``inner`` is the one from before the step, so the params
+    stay bit-identical and NaNs never reach the moments. The choice is made on the device with
+    ``torch.where`` on a 0-d flag — no host sync — so the cost is paid on every step: one norm
+    pass over the gradients and one over the updates, a transient copy of ``inner``'s state and
+    a select per state leaf (``benchmarks/optimizers.py`` measures it). A skipped step does not
+    advance ``inner``'s counters (a schedule inside it counts the applied steps), as
+    ``optax.apply_if_finite``.
+
+    The state is ``{"inner": inner_state, "skipped": 0-d int64}``; ``skipped`` counts the dropped
+    steps — read it with :func:`skipped_steps` (e.g. as a step metric).
+
+    Raises:
+        ValueError: ``inner`` is not a :class:`GradientTransformation`.
+    """
+    if not isinstance(inner, GradientTransformation):
+        raise ValueError(
+            f"skip_nonfinite wraps a GradientTransformation, got {type(inner).__name__}"
+            " (did you pass the factory instead of calling it?)"
+        )
+
+    def init(params: TensorDictBase) -> TensorDict:
+        return TensorDict({"inner": inner.init(params), "skipped": _new_count(params)}, [])
+
+    def update(
+        updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None = None
+    ) -> tuple[TensorDictBase, TensorDictBase]:
+        skipped = state["skipped"]
+        inner_state = state["inner"]
+        finite_in = _all_finite(T.leaves(updates), skipped.device)
+        # inner updates its state in place: keep the old values to fall back on
+        old = T.leaves(inner_state)
+        old = [t.clone() for t in old]
+        updates, new_inner = inner.update(updates, inner_state, params)
+        us = T.leaves(updates)
+        ok = finite_in & _all_finite(us, skipped.device)
+        new = T.leaves(new_inner)
+        if len(new) != len(old):
+            raise ValueError(
+                f"skip_nonfinite: the inner update returned {len(new)} state leaves, "
+                f"init made {len(old)}; a transform's state must keep its structure"
+            )
+        for n, o in zip(new, old, strict=True):
+            torch.where(ok, n, o, out=n)
+        zeros: dict[torch.dtype, torch.Tensor] = {}
+        for u in us:
+            if u.dtype not in zeros:
+                zeros[u.dtype] = torch.full((), -0.0, dtype=u.dtype, device=u.device)
+            torch.where(ok, u, zeros[u.dtype], out=u)
+        skipped.add_(torch.logical_not(ok).to(skipped.dtype))
+        return updates, TensorDict({"inner": new_inner, "skipped": skipped}, [])
+
+    return GradientTransformation(init, update)
+
+
+def skipped_steps(opt_state: TensorDictBase) -> torch.Tensor | None:
+    """The number of steps :func:`skip_nonfinite` dropped, as a 0-d int64 tensor (no host sync).
+
+    Sums every ``skipped`` counter in ``opt_state`` (a :func:`skip_nonfinite` state at any depth
+    of a chain); ``None`` when the optimizer has no such wrapper.
+    """
+    found = [
+        t
+        for key, t in opt_state.items(True, True)
+        if (key if isinstance(key, str) else key[-1]) == "skipped"
+        and t.ndim == 0
+        and not t.is_floating_point()
+    ]
+    if not found:
+        return None
+    total = found[0].clone()
+    for t in found[1:]:
+        total.add_(t)
+    return total

@@ -13,6 +13,7 @@ from tscale.core.grad import value_and_grad
 from tscale.core.state import TrainState
 from tscale.errors import ShapeError
 from tscale.optim.base import GradientTransformation, apply_updates
+from tscale.optim.transforms import skipped_steps
 
 LossFn = Callable[[TensorDictBase, Any], tuple[torch.Tensor, Mapping[str, torch.Tensor]]]
 Metrics = dict[str, torch.Tensor]
@@ -68,7 +69,9 @@ def make_train_step(
 
     Returns:
         ``step(state, batch) -> (new_state, metrics)`` with metrics ``loss`` (mean per token),
-        ``tokens`` and ``grad_norm`` (before clipping), all tensors — nothing is read on the host.
+        ``tokens`` and ``grad_norm`` (before clipping), and ``skipped`` (non-finite steps skipped
+        so far) when the optimizer is wrapped in ``skip_nonfinite``; all tensors — nothing is
+        read on the host.
     """
 
     def step(state: TrainState, batch: TensorDictBase) -> tuple[TrainState, Metrics]:
@@ -83,6 +86,9 @@ def make_train_step(
         params = apply_updates(state.params, updates)
         new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
         metrics = {"loss": loss_sum / denom, "tokens": tokens, "grad_norm": grad_norm}
+        skipped = skipped_steps(opt_state)
+        if skipped is not None:
+            metrics["skipped"] = skipped
         return new_state, metrics
 
     return step

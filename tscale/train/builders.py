@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import inspect
+import re
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import attrs
 import torch
+from tensordict import TensorDictBase
 
 from tscale.config.schema import Config
 from tscale.core.result import Err, Ok
+from tscale.core.state import TrainState
 from tscale.data import load as data_load
 from tscale.data import synthetic
 from tscale.data.loader import BatchLoader
 from tscale.data.tokenize import Encoder, load_or_train_tokenizer
 from tscale.errors import ConfigError, DataError
+from tscale.losses.lm import make_lm_loss
 from tscale.models.transformer import Transformer, TransformerConfig
-from tscale.optim import alias, schedules
-from tscale.optim.base import GradientTransformation
+from tscale.optim import alias, schedules, transforms
+from tscale.optim.base import GradientTransformation, chain
+from tscale.optim.schedule_free import schedule_free_eval_params
+from tscale.step.compose import StepFn, make_train_step
+from tscale.step.sophia import make_sophia_train_step
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -195,27 +204,172 @@ def build_model(cfg: Config, vocab_size: int) -> Transformer:
     )
 
 
+def _name_keys(message: str, keys: dict[str, str]) -> str:
+    """``message`` with the library's argument names replaced by the config keys they come from."""
+    for arg, key in keys.items():
+        message = re.sub(rf"(?<![\w.]){re.escape(arg)}\b", key, message)
+    return message
+
+
+def _differs(record: Any, field: str) -> bool:
+    """True when ``record.field`` is not its schema default (the user set it)."""
+    default = attrs.fields_dict(type(record))[field].default
+    if isinstance(default, attrs.Factory):
+        default = default.factory()
+    return getattr(record, field) != default
+
+
+_SCHEDULE_FIELDS = (
+    "min_lr_ratio",
+    "num_cycles",
+    "decay_fraction",
+    "decay_shape",
+    "power",
+    "timescale",
+)
+
+
 def build_schedule(cfg: Config) -> schedules.Schedule:
-    """The learning-rate schedule of ``cfg.scheduler`` over ``train.max_steps``."""
+    """The learning-rate schedule of ``cfg.scheduler`` over ``train.max_steps``.
+
+    Raises:
+        ConfigError: a ``scheduler`` field set that the chosen type does not use, or a value the
+            schedule rejects (the message names the config keys).
+    """
     s = cfg.scheduler
-    return schedules.build_schedule(
-        s.type,
-        peak=cfg.optimizer.lr,
-        warmup_steps=s.warmup_steps,
-        total_steps=cfg.train.max_steps,
-        min_lr_ratio=s.min_lr_ratio,
-    )
+    used = schedules.SCHEDULE_ARGS[s.type]
+    for field in _SCHEDULE_FIELDS:
+        if field not in used and _differs(s, field):
+            users = [t for t, args in schedules.SCHEDULE_ARGS.items() if field in args]
+            raise ConfigError(
+                f"scheduler.{field} is not used by scheduler.type={s.type}; remove it or pick a "
+                f"type that uses it ({', '.join(users)})"
+            )
+    keys = {f: f"scheduler.{f}" for f in (*_SCHEDULE_FIELDS, "warmup_steps")}
+    keys |= {"peak": "optimizer.lr", "total_steps": "train.max_steps"}
+    try:
+        return schedules.build_schedule(
+            s.type,
+            peak=cfg.optimizer.lr,
+            warmup_steps=s.warmup_steps,
+            total_steps=cfg.train.max_steps,
+            min_lr_ratio=s.min_lr_ratio,
+            decay_fraction=s.decay_fraction,
+            decay_shape=s.decay_shape,
+            num_cycles=s.num_cycles,
+            power=s.power,
+            timescale=s.timescale,
+        )
+    except ValueError as err:
+        raise ConfigError(f"scheduler.type={s.type}: {_name_keys(str(err), keys)}") from None
+
+
+# optimizer.<field> -> the factory keyword arguments it feeds (learning_rate: optimizer.lr always)
+_OPTIMIZER_KWARGS: dict[str, tuple[str, ...]] = {
+    "betas": ("b1", "b2"),
+    "eps": ("eps",),
+    "weight_decay": ("weight_decay",),
+    "no_decay": ("mask",),
+    "block_size": ("block_size",),
+    "min_8bit_size": ("min_8bit_size",),
+    "momentum": ("momentum",),
+    "nesterov": ("nesterov",),
+    "ns_steps": ("ns_steps",),
+    "rho": ("rho",),
+    "update_every": ("update_every",),
+    "d0": ("d0",),
+    "d_coef": ("d_coef",),
+}
 
 
 def build_optimizer(cfg: Config, schedule: schedules.Schedule) -> GradientTransformation:
-    """The optimizer of ``cfg.optimizer`` driven by ``schedule``."""
+    """The optimizer of ``cfg.optimizer`` driven by ``schedule``.
+
+    Each factory of ``tscale.optim.OPTIMIZERS`` gets the keyword arguments its signature names
+    (a ``null`` field is not passed: the factory's own default applies); a field set away from
+    its default for a type that does not take it is an error. Clipping is added in front of a
+    factory that takes no ``max_grad_norm``; ``skip_nonfinite`` wraps the whole chain.
+
+    Raises:
+        ConfigError: ``optimizer.type`` not registered in this build, a field the type does not
+            use, or a value the factory rejects (the message names the config key).
+    """
     o = cfg.optimizer
-    return alias.build_optimizer(
-        o.type,
-        learning_rate=schedule,
-        b1=o.betas[0],
-        b2=o.betas[1],
-        eps=o.eps,
-        weight_decay=o.weight_decay,
-        max_grad_norm=o.max_grad_norm,
+    factory = alias.OPTIMIZERS.get(o.type)
+    if factory is None:
+        raise ConfigError(
+            f"optimizer.type={o.type} is not available in this build; registered: "
+            f"{', '.join(sorted(alias.OPTIMIZERS))}"
+        )
+    params = inspect.signature(factory).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+    def takes(name: str) -> bool:
+        return takes_any or name in params
+
+    kwargs: dict[str, Any] = {"learning_rate": schedule}
+    if o.type == "schedule_free_adamw":
+        # Schedule-free replaces the decay schedule (Defazio et al. 2024): constant lr, own warmup.
+        if cfg.scheduler.type != "constant":
+            raise ConfigError(
+                "optimizer.type=schedule_free_adamw needs no decay schedule: set "
+                "scheduler.type: constant (scheduler.warmup_steps becomes its warmup)"
+            )
+        kwargs = {"learning_rate": o.lr, "warmup_steps": cfg.scheduler.warmup_steps}
+    for field, names in _OPTIMIZER_KWARGS.items():
+        value = getattr(o, field)
+        if not all(takes(n) for n in names):
+            if _differs(o, field):
+                raise ConfigError(
+                    f"optimizer.{field} is not used by optimizer.type={o.type}; remove it"
+                )
+            continue
+        if value is None:  # null: the factory's own default
+            continue
+        if field == "betas":
+            kwargs["b1"], kwargs["b2"] = value
+        elif field == "no_decay":
+            try:
+                kwargs["mask"] = transforms.no_decay_mask(value)
+            except ValueError as err:
+                message = _name_keys(str(err), {"patterns": "optimizer.no_decay"})
+                raise ConfigError(message) from None
+        else:
+            kwargs[names[0]] = value
+    clip_outside = o.max_grad_norm is not None and not takes("max_grad_norm")
+    if takes("max_grad_norm"):
+        kwargs["max_grad_norm"] = o.max_grad_norm
+    keys = {n: f"optimizer.{f}" for f, ns in _OPTIMIZER_KWARGS.items() for n in ns}
+    keys |= {"b1": "optimizer.betas[0]", "b2": "optimizer.betas[1]"}
+    keys |= {"learning_rate": "optimizer.lr", "max_norm": "optimizer.max_grad_norm"}
+    keys["max_grad_norm"] = "optimizer.max_grad_norm"
+    try:
+        tx = factory(**kwargs)
+        if clip_outside:
+            tx = chain(transforms.clip_by_global_norm(o.max_grad_norm), tx)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"optimizer.type={o.type}: {_name_keys(str(err), keys)}") from None
+    except ImportError as err:
+        raise ConfigError(f"optimizer.type={o.type}: {err}") from None
+    return transforms.skip_nonfinite(tx) if o.skip_nonfinite else tx
+
+
+def build_step(cfg: Config, model: Transformer, tx: GradientTransformation) -> StepFn:
+    """The train step the config implies: Sophia-G needs its Hessian-estimating step, every other
+    optimizer the plain ``make_train_step`` over the LM loss."""
+    if cfg.optimizer.type == "sophia_g":
+        return make_sophia_train_step(
+            model.apply, tx, microbatches=cfg.train.microbatches, donate=cfg.train.donate
+        )
+    return make_train_step(
+        make_lm_loss(model.apply), tx, microbatches=cfg.train.microbatches, donate=cfg.train.donate
     )
+
+
+def build_eval_params(cfg: Config) -> Callable[[TrainState], TensorDictBase]:
+    """What to evaluate: the params, or for schedule-free AdamW its averaged iterate ``x``
+    (training runs on ``y``; Defazio et al. 2024 evaluate ``x``)."""
+    if cfg.optimizer.type == "schedule_free_adamw":
+        b1 = cfg.optimizer.betas[0] if cfg.optimizer.betas is not None else 0.9
+        return lambda state: schedule_free_eval_params(state.params, state.opt_state, b1)
+    return lambda state: state.params

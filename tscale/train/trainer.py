@@ -31,7 +31,7 @@ from tscale.losses.lm import make_lm_loss
 from tscale.models.generate import greedy
 from tscale.models.transformer import Transformer
 from tscale.optim.base import GradientTransformation
-from tscale.step.compose import StepFn, make_eval_step, make_train_step
+from tscale.step.compose import StepFn, make_eval_step
 from tscale.train import builders
 from tscale.train.callbacks import Callback, JsonlLogger, ProgressBar, truncate_jsonl
 
@@ -172,15 +172,8 @@ def train(
     elif metrics_file.exists():
         metrics_file.unlink()
 
-    if make_step is None:
-        step_fn = make_train_step(
-            make_lm_loss(model.apply),
-            tx,
-            microbatches=cfg.train.microbatches,
-            donate=cfg.train.donate,
-        )
-    else:
-        step_fn = make_step(model, tx)
+    step_fn = builders.build_step(cfg, model, tx) if make_step is None else make_step(model, tx)
+    eval_params = builders.build_eval_params(cfg)
     stop = _Stopper()
     hooks: list[Callback] = [
         ProgressBar(console, bar=cfg.train.progress),
@@ -227,7 +220,7 @@ def train(
 
     def flush() -> None:
         nonlocal pending, window_t0, window_paused, window_tokens, train_tokens
-        rows = [_row(s, m, schedule(s - 1), n) for s, m, n in pending]  # the host sync
+        rows = [_row(s, m, schedule, n) for s, m, n in pending]  # the host sync
         elapsed = time.perf_counter() - window_t0 - window_paused
         train_tokens += window_tokens
         emit("on_step_end", step=step, rows=rows, tokens_per_s=window_tokens / max(elapsed, 1e-9))
@@ -246,7 +239,7 @@ def train(
             last = step == cfg.train.max_steps
             t_pause = time.perf_counter()
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and not last:
-                last_eval, samples = evaluate(model.apply, state.params, bundle, **ev)
+                last_eval, samples = evaluate(model.apply, eval_params(state), bundle, **ev)
                 emit("on_eval", step=step, eval=last_eval)
             if cfg.train.save_every and step % cfg.train.save_every == 0 and not last:
                 save(step)
@@ -260,7 +253,7 @@ def train(
         raise
     train_time = time.perf_counter() - loop_t0 - paused
 
-    last_eval, samples = evaluate(model.apply, state.params, bundle, **ev)
+    last_eval, samples = evaluate(model.apply, eval_params(state), bundle, **ev)
     emit("on_eval", step=step, eval=last_eval)
     save(step)
     summary = {
@@ -277,11 +270,16 @@ def train(
     return TrainResult(run_dir=run_dir, final_step=step, state=state, summary=summary)
 
 
-def _row(step: int, m: dict[str, torch.Tensor], lr: float, n_tokens: int) -> dict[str, Any]:
+def _row(step: int, m: dict[str, torch.Tensor], schedule, n_tokens: int) -> dict[str, Any]:
+    """One metrics.jsonl row; ``lr`` is the schedule at the optimizer's own count, which lags
+    the step by the number of skipped (non-finite) steps."""
     row: dict[str, Any] = {"step": step, "loss": float(m["loss"])}
     if "grad_norm" in m:
         row["grad_norm"] = float(m["grad_norm"])
-    row["lr"] = float(lr)
+    skipped = int(m["skipped"]) if "skipped" in m else 0
+    row["lr"] = float(schedule(step - 1 - skipped))
+    if "skipped" in m:
+        row["skipped"] = skipped
     if "tokens" in m:
         row["tokens"] = int(m["tokens"])
     row["input_tokens"] = n_tokens

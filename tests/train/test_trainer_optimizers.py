@@ -1,0 +1,83 @@
+"""Every registered optimizer runs under the trainer from YAML, with its own step and eval."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from tscale.config import load_config
+from tscale.errors import ConfigError
+from tscale.optim import OPTIMIZERS
+from tscale.train import train
+
+TINY = [
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.max_position_embeddings=64",
+    "data.synthetic.num_train=200",
+    "data.synthetic.num_eval=8",
+    "data.synthetic.max_items=5",
+    "data.tokenizer.vocab_size=300",
+    "data.batch_size=16",
+    "data.max_length=32",
+    "scheduler.warmup_steps=2",
+    "train.max_steps=25",
+    "train.log_every=5",
+    "train.progress=false",
+    "eval.num_samples=4",
+    "eval.batch_size=4",
+    "eval.max_new_tokens=4",
+    "eval.num_show=0",
+]
+PER_TYPE = {
+    "adamw": ["optimizer.lr=3e-3"],
+    "adamw_8bit": ["optimizer.lr=3e-3", "optimizer.min_8bit_size=256"],
+    "lion": ["optimizer.lr=3e-3"],
+    "prodigy": ["optimizer.lr=1.0"],
+    "sophia_g": ["optimizer.lr=3e-3", "optimizer.update_every=5"],
+    "schedule_free_adamw": ["optimizer.lr=3e-3", "scheduler.type=constant"],
+    "muon": ["optimizer.lr=0.02"],
+}
+
+
+def _quiet() -> Console:
+    return Console(file=open("/dev/null", "w"), width=100)  # noqa: SIM115
+
+
+def test_every_registered_optimizer_is_covered():
+    assert set(PER_TYPE) == set(OPTIMIZERS)
+
+
+@pytest.mark.parametrize("opt", sorted(PER_TYPE))
+def test_optimizer_trains_under_the_trainer(opt: str, tmp_path: Path):
+    if opt == "adamw_8bit":
+        pytest.importorskip("bitsandbytes")
+    cfg = load_config(
+        None, [*TINY, f"run.output_dir={tmp_path}", f"optimizer.type={opt}", *PER_TYPE[opt]]
+    )
+    result = train(cfg, console=_quiet())
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 25
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    assert all(r["skipped"] == 0 for r in rows if "loss" in r)
+    assert "loss" in result.summary["eval"]
+
+
+def test_schedule_free_refuses_a_decay_schedule(tmp_path: Path):
+    cfg = load_config(
+        None,
+        [
+            *TINY,
+            f"run.output_dir={tmp_path}",
+            "optimizer.type=schedule_free_adamw",
+            "scheduler.type=cosine",
+        ],
+    )
+    with pytest.raises(ConfigError, match="scheduler.type: constant"):
+        train(cfg, console=_quiet())

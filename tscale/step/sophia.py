@@ -1,0 +1,181 @@
+"""The Sophia-G train step: the usual gradient plus a Gauss-Newton-Bartlett Hessian estimate.
+
+Liu et al., "Sophia: A Scalable Stochastic Second-order Optimizer for Language Model
+Pre-training" (ICLR 2024), Algorithm 2 (GNB): take the model's logits on the batch, sample labels
+``yhat ~ softmax(logits)``, take ``ghat``, the gradient of the mean cross-entropy against ``yhat``
+over the ``B`` trained tokens, and return ``hhat = B * ghat * ghat``. The optimizer
+(:func:`tscale.optim.sophia.sophia_g`) folds ``hhat`` into its Hessian EMA every
+``update_every`` updates; when is decided on the device by its ``hessian_due`` state flag.
+
+**No host sync, at a price.** Eager PyTorch cannot skip work on a device value without reading
+it, so by default the estimator runs on *every* step and the optimizer folds it in with weight 0
+on the other steps (a second forward and backward per step). ``host_branch=True`` instead reads
+the ``hessian_due`` flag on the host once per step (one sync) and runs the estimator only when it
+is due (the reference implementation's cost, ~1.1x a plain step at ``update_every = 10``); both
+modes give bit-identical states.
+
+Sampling is on the device too: the uniforms come from the counter-based key
+``fold_in(state.rng, state.step)`` (:mod:`tscale.core.rng`) and pick labels by inverting the
+softmax CDF, so no ``torch.Generator`` (whose seed would be read on the host) is needed. The
+uniforms are drawn for the whole batch before it is split, so microbatching does not change the
+estimate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from tensordict import TensorDictBase
+
+from tscale.core import rng as R
+from tscale.core import tree as T
+from tscale.core.state import TrainState
+from tscale.losses.lm import IGNORE_INDEX, make_lm_loss, token_cross_entropy
+from tscale.optim.base import GradientTransformation, apply_updates
+from tscale.optim.sophia import hessian_due, with_hessian_estimate, without_hessian_estimate
+from tscale.optim.transforms import skipped_steps
+from tscale.step.compose import Metrics, StepFn, accumulate_gradients, split_microbatches
+
+__all__ = ["make_sophia_train_step", "sample_categorical", "uniform"]
+
+ApplyFn = Callable[[TensorDictBase, Any], torch.Tensor]
+
+_UNIFORM_KEY = "_sophia_uniform"  # carried inside the batch so that microbatches split it
+_MANTISSA = (1 << 53) - 1
+
+
+def uniform(key: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Float64 uniforms in [0, 1) of ``shape`` from a key, computed on the key's device.
+
+    Element ``i`` (row-major) is the top 53 bits of the splitmix64 hash behind
+    ``rng.split(key, n)[i]``: a pure function of ``(key, i)``, no generator, no host sync.
+    """
+    n = 1
+    for s in shape:
+        n *= s
+    bits = R.split(key, n)[:, 0]
+    return (((bits >> 11) & _MANTISSA).to(torch.float64) * 2.0**-53).reshape(shape)
+
+
+def sample_categorical(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Labels ``y ~ softmax(logits)`` from uniforms ``u`` (shape ``logits.shape[:-1]``) by
+    inverting the CDF: ``y`` is the first class whose cumulative probability exceeds ``u``.
+
+    Runs in float64 for float64 logits, float32 otherwise; classes of probability 0 are never
+    drawn. Returns int64 labels of shape ``u.shape``.
+    """
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    cdf = torch.softmax(logits.detach().to(dtype), dim=-1).cumsum(dim=-1)
+    target = (u.to(dtype) * cdf[..., -1]).unsqueeze(-1)  # scale by the sum: rounding-proof
+    y = torch.searchsorted(cdf.contiguous(), target.contiguous(), right=True).squeeze(-1)
+    return y.clamp_max(logits.shape[-1] - 1)
+
+
+def _make_sampled_loss(apply_fn: ApplyFn, ignore_index: int):
+    """``loss(params, batch) -> (sum CE(logits, yhat), {"tokens"})`` with ``yhat`` sampled from
+    the logits at the trained positions (``labels != ignore_index``) using the batch's uniforms."""
+
+    def loss_fn(params: TensorDictBase, batch: TensorDictBase):
+        u = batch[_UNIFORM_KEY]
+        logits = apply_fn(params, batch.exclude(_UNIFORM_KEY))
+        with torch.no_grad():
+            yhat = sample_categorical(logits, u)
+            yhat = torch.where(batch["labels"] == ignore_index, ignore_index, yhat)
+        loss_sum, tokens = token_cross_entropy(logits, yhat, ignore_index=ignore_index)
+        return loss_sum, {"tokens": tokens}
+
+    return loss_fn
+
+
+def make_sophia_train_step(
+    apply_fn: ApplyFn,
+    tx: GradientTransformation,
+    *,
+    microbatches: int = 1,
+    donate: bool = True,
+    host_branch: bool = False,
+    ignore_index: int = IGNORE_INDEX,
+) -> StepFn:
+    """Build a pure train step for :func:`tscale.optim.sophia.sophia_g` (token cross-entropy).
+
+    Each step: the token-sum cross-entropy gradient (divided once by the batch's token count,
+    as :func:`tscale.step.make_train_step`); the GNB estimate ``hhat = N ghat^2`` with ``N``
+    the trained tokens and ``ghat`` the mean gradient against sampled labels; then
+    ``tx.update`` with the estimate passed through the state (see
+    :mod:`tscale.optim.sophia`). How often the estimate is used is the optimizer's
+    ``update_every``.
+
+    Args:
+        apply_fn: ``apply_fn(params, batch) -> logits`` (batch has ``input_ids``, ``labels``).
+        tx: an optimizer holding one :func:`~tscale.optim.sophia.scale_by_sophia` (such as
+            ``sophia_g``, possibly wrapped by ``skip_nonfinite`` or behind a clip). Keep
+            ``state.rng`` on the device of ``state.step`` (as the trainer does), or the key
+            derivation copies the step to the host.
+        microbatches: number of equal parts the batch is split into (gradient accumulation).
+        donate: if True the step consumes its input state; if False it clones it first.
+        host_branch: read the optimizer's ``hessian_due`` flag on the host (one sync per step)
+            and run the estimator only when it is due, instead of on every step (see the
+            module docstring).
+        ignore_index: the label of untrained positions.
+
+    Returns:
+        ``step(state, batch) -> (new_state, metrics)`` with ``loss`` (mean per token),
+        ``tokens``, ``grad_norm`` and ``hessian_updated`` (0-d float32, 1.0 on the steps where
+        the estimate was due to enter the Hessian EMA).
+    """
+    loss_fn = make_lm_loss(apply_fn, ignore_index=ignore_index)
+    sampled_loss_fn = _make_sampled_loss(apply_fn, ignore_index)
+
+    def hessian_estimate(state: TrainState, batch: TensorDictBase) -> TensorDictBase:
+        key = R.fold_in(state.rng, state.step)
+        hbatch = batch.clone(recurse=False)
+        labels = batch["labels"]
+        hbatch.set(_UNIFORM_KEY, uniform(key, tuple(labels.shape)).to(labels.device))
+        parts = split_microbatches(hbatch, microbatches)
+        hgrads, _, htokens = accumulate_gradients(sampled_loss_fn, state.params, parts)
+        hs = T.leaves(hgrads)
+        if hs:
+            # bfloat16/float16 gradients square in float32, the dtype of the Hessian EMA.
+            if any(h.dtype not in (torch.float32, torch.float64) for h in hs):
+                hgrads = hgrads.apply(
+                    lambda h: h if h.dtype in (torch.float32, torch.float64) else h.float()
+                )
+                hs = T.leaves(hgrads)
+            # N * (sum_grad / N)^2 = sum_grad^2 / N
+            torch._foreach_mul_(hs, hs)
+            torch._foreach_div_(hs, htokens.clamp_min(1).to(hs[0].dtype))
+        return hgrads
+
+    def step(state: TrainState, batch: TensorDictBase) -> tuple[TrainState, Metrics]:
+        if not donate:
+            state = state.clone()
+        parts = split_microbatches(batch, microbatches)
+        grads, loss_sum, tokens = accumulate_gradients(loss_fn, state.params, parts)
+        denom = tokens.clamp_min(1).to(loss_sum.dtype)
+        torch._foreach_div_(T.leaves(grads), denom)
+        grad_norm = T.global_norm(grads)
+
+        due = hessian_due(state.opt_state)
+        updated = due.to(torch.float32)  # read before the update advances the flag
+        # host_branch: bool(due) is the one host sync of this mode
+        skip = host_branch and not bool(due)
+        estimate = None if skip else hessian_estimate(state, batch)
+        opt_in = with_hessian_estimate(state.opt_state, estimate)
+        updates, opt_state = tx.update(grads, opt_in, state.params)
+        opt_state = without_hessian_estimate(opt_state)
+        params = apply_updates(state.params, updates)
+        new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
+        metrics = {
+            "loss": loss_sum / denom,
+            "tokens": tokens,
+            "grad_norm": grad_norm,
+            "hessian_updated": updated,
+        }
+        skipped = skipped_steps(opt_state)
+        if skipped is not None:
+            metrics["skipped"] = skipped
+        return new_state, metrics
+
+    return step
