@@ -45,7 +45,7 @@ def _cfg(run_dir: Path, *extra: str):
 
 
 def _quiet() -> Console:
-    return Console(file=open("/dev/null", "w"), width=100)
+    return Console(quiet=True)
 
 
 def _rows(run_dir: Path) -> list[dict]:
