@@ -79,5 +79,5 @@ def test_schedule_free_refuses_a_decay_schedule(tmp_path: Path):
             "scheduler.type=cosine",
         ],
     )
-    with pytest.raises(ConfigError, match="scheduler.type: constant"):
+    with pytest.raises(ConfigError, match=r"scheduler\.type: constant"):
         train(cfg, console=_quiet())
