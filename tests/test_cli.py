@@ -53,3 +53,16 @@ def test_override_typo_and_bad_choice_exit_2(tmp_path: Path):
 def test_missing_config_file_exits_2(tmp_path: Path):
     r = _tscale("train", str(tmp_path / "missing.yaml"))
     assert r.returncode == 2 and "missing.yaml" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_overrides_may_follow_flags(tmp_path: Path):
+    from tscale.cli import _parse
+
+    args = _parse(["train", "cfg.yaml", "a.b=1", "--overwrite", "c.d=2"])
+    assert args.overwrite and args.overrides == ["a.b=1", "c.d=2"] and args.resume is False
+    args = _parse(["train", "cfg.yaml", "--resume", "a.b=1"])
+    assert args.resume is True and args.overrides == ["a.b=1"]
+    args = _parse(["train", "cfg.yaml", "--resume", "runs/x/checkpoints/step_00000010"])
+    assert args.resume == "runs/x/checkpoints/step_00000010" and args.overrides == []
+    r = _tscale("train", "configs/quickstart.yaml", "--bogus")
+    assert r.returncode == 2 and "unrecognized arguments: --bogus" in r.stderr

@@ -73,9 +73,30 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse, letting ``key=value`` overrides stand before or after the flags.
+
+    argparse stops collecting a positional list at the first flag, so overrides after
+    ``--overwrite`` come back as extras; they are appended here. ``--resume key=value`` means
+    "resume" plus an override, since a checkpoint path never contains ``=`` in practice.
+    """
+    parser = _parser()
+    args, extras = parser.parse_known_args(argv)
+    stray = [x for x in extras if x.startswith("-") or "=" not in x]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    overrides = list(getattr(args, "overrides", []) or [])
+    resume = getattr(args, "resume", False)
+    if isinstance(resume, str) and "=" in resume:
+        overrides.append(resume)
+        args.resume = True
+    args.overrides = overrides + extras
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tscale`` console script."""
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     try:
         return _run(args)
     except TscaleError as e:
