@@ -29,7 +29,16 @@ def test_config_show_prints_resolved_config_with_defaults():
     assert shown["optimizer"]["eps"] is None  # a default the YAML file does not set
     assert shown["optimizer"]["skip_nonfinite"] is True
     assert shown["model"]["hidden_size"] == 128  # set by the file
-    assert list(shown) == ["run", "model", "data", "optimizer", "scheduler", "train", "eval"]
+    assert list(shown) == [
+        "run",
+        "model",
+        "data",
+        "optimizer",
+        "scheduler",
+        "lora",
+        "train",
+        "eval",
+    ]
 
 
 def test_config_typo_exits_2_with_suggestion_and_no_traceback(tmp_path: Path):

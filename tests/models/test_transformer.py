@@ -259,8 +259,12 @@ def test_init_names_and_shapes_match_hf_checkpoint() -> None:
         assert ours == expected
         assert list(ours) == list(param_shapes(config))
         assert params.batch_size == torch.Size([])
-        n_hf = sum(p.numel() for p in transformers.LlamaForCausalLM(
-            transformers.LlamaConfig(**config.to_hf_dict())).parameters())
+        n_hf = sum(
+            p.numel()
+            for p in transformers.LlamaForCausalLM(
+                transformers.LlamaConfig(**config.to_hf_dict())
+            ).parameters()
+        )
         assert Transformer(config).num_params(params) == Transformer(config).num_params() == n_hf
 
 
@@ -304,8 +308,14 @@ def test_config_defaults_and_hf_dict() -> None:
     ],
 )
 def test_config_validation_errors(changes: dict, words: list[str]) -> None:
-    kwargs = {"vocab_size": 10, "hidden_size": 32, "intermediate_size": 64, "num_layers": 1,
-              "num_heads": 4, **changes}
+    kwargs = {
+        "vocab_size": 10,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_layers": 1,
+        "num_heads": 4,
+        **changes,
+    }
     with pytest.raises(ShapeError) as info:
         TransformerConfig(**kwargs)
     for word in words:
@@ -319,8 +329,126 @@ def test_batch_validation_errors() -> None:
     with pytest.raises(ShapeError, match="input_ids"):
         apply(BASE, params, {"input_ids": torch.zeros(3, dtype=torch.int64)})
     with pytest.raises(ShapeError, match="position_ids"):
-        apply(BASE, params, {"input_ids": torch.zeros(2, 3, dtype=torch.int64),
-                             "position_ids": torch.zeros(3, 3, dtype=torch.int64)})
+        apply(
+            BASE,
+            params,
+            {
+                "input_ids": torch.zeros(2, 3, dtype=torch.int64),
+                "position_ids": torch.zeros(3, 3, dtype=torch.int64),
+            },
+        )
     with pytest.raises(ShapeError, match="doc_ids"):
-        apply(BASE, params, {"input_ids": torch.zeros(2, 3, dtype=torch.int64),
-                             "doc_ids": torch.zeros(2, 4, dtype=torch.int64)})
+        apply(
+            BASE,
+            params,
+            {
+                "input_ids": torch.zeros(2, 3, dtype=torch.int64),
+                "doc_ids": torch.zeros(2, 4, dtype=torch.int64),
+            },
+        )
+
+
+# ---------------------------------------------------------------- families
+
+
+FAMILY_CONFIGS = {
+    "mistral": attrs.evolve(BASE, family="mistral", sliding_window=3),
+    "qwen2": attrs.evolve(
+        BASE,
+        family="qwen2",
+        qkv_bias=None,
+        sliding_window=3,
+        layer_types=["full_attention", "sliding_attention"],
+    ),
+    "qwen3": attrs.evolve(BASE, family="qwen3", head_dim=24),
+    "gemma": attrs.evolve(BASE, family="gemma", hidden_act=None, head_dim=32),
+    "gemma2": attrs.evolve(
+        BASE,
+        family="gemma2",
+        hidden_act=None,
+        sliding_window=3,
+        layer_types=["sliding_attention", "full_attention"],
+        query_pre_attn_scalar=16.0,
+        attn_logit_softcap=1.5,
+        final_logit_softcap=4.0,
+    ),
+    "phi3": attrs.evolve(BASE, family="phi3", partial_rotary_factor=0.5, sliding_window=4),
+}
+HF_CLASSES = {
+    "mistral": transformers.MistralForCausalLM,
+    "qwen2": transformers.Qwen2ForCausalLM,
+    "qwen3": transformers.Qwen3ForCausalLM,
+    "gemma": transformers.GemmaForCausalLM,
+    "gemma2": transformers.Gemma2ForCausalLM,
+    "phi3": transformers.Phi3ForCausalLM,
+}
+
+
+@pytest.mark.parametrize("name", list(FAMILY_CONFIGS))
+def test_family_init_names_shapes_and_logits_match_hf(name: str) -> None:
+    config = FAMILY_CONFIGS[name]
+    params = init(config, rng.key(0))
+    cls = HF_CLASSES[name]
+    hf_config = cls.config_class(**config.to_hf_dict(), pad_token_id=0)
+    hf = cls(hf_config).eval()
+    hf.config._attn_implementation = "eager"
+    expected = {k: tuple(v.shape) for k, v in hf.state_dict().items()}
+    ours = {k: tuple(v.shape) for k, v in T.flatten(params).items()}
+    assert ours == expected  # (none of these is tied)
+    norms = [t for k, t in T.flatten(params).items() if k.endswith("norm.weight")]
+    identity = 0.0 if name.startswith("gemma") else 1.0
+    assert all(bool((t == identity).all()) for t in norms)
+    hf.load_state_dict({k: v.clone() for k, v in T.flatten(params).items()}, strict=True)
+    ids = tokens(2, 10, config.vocab_size)
+    with torch.no_grad():
+        theirs = hf(ids).logits
+    torch.testing.assert_close(apply(config, params, {"input_ids": ids}), theirs, atol=1e-4, rtol=0)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    name=st.sampled_from(["mistral", "gemma2", "phi3"]),
+    lengths=st.lists(st.integers(1, 7), min_size=1, max_size=4),
+    seed=st.integers(0, 2**16),
+)
+def test_sliding_window_packing_property(name: str, lengths: list[int], seed: int) -> None:
+    """With a sliding window too, a packed document gets the logits it has alone."""
+    config = FAMILY_CONFIGS[name]
+    params = init(config, rng.key(6))
+    ids = tokens(1, sum(lengths), config.vocab_size, seed=seed)
+    doc_ids, pos = _packed(lengths)
+    packed = apply(config, params, {"input_ids": ids, "position_ids": pos, "doc_ids": doc_ids})
+    start = 0
+    for n in lengths:
+        alone = apply(config, params, {"input_ids": ids[:, start : start + n]})
+        torch.testing.assert_close(packed[:, start : start + n], alone, atol=1e-5, rtol=0)
+        start += n
+
+
+def test_sliding_window_limits_attention_distance() -> None:
+    """A token's logits depend on the last ``sliding_window`` tokens only (one sliding layer)."""
+    config = attrs.evolve(FAMILY_CONFIGS["mistral"], num_layers=1)
+    params = init(config, rng.key(7))
+    ids = tokens(1, 8, config.vocab_size)
+    changed = ids.clone()
+    changed[0, 0] = (ids[0, 0] + 1) % config.vocab_size
+    a = apply(config, params, {"input_ids": ids})
+    b = apply(config, params, {"input_ids": changed})
+    diff = (a - b).abs().amax(-1)[0]
+    assert bool((diff[:3] > 1e-4).all()) and bool((diff[3:] == 0).all())
+
+
+def test_rope_scaling_llama3_matches_hf_inv_freq() -> None:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from tscale.models import RopeScaling
+    from tscale.models.transformer import _inv_freq
+
+    scaling = RopeScaling(
+        rope_type="llama3", factor=8.0, original_max_position_embeddings=64, high_freq_factor=4.0
+    )
+    config = attrs.evolve(BASE, rope_scaling=scaling, head_dim=64, num_kv_heads=2)
+    hf = transformers.LlamaConfig(**config.to_hf_dict())
+    theirs, scale = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
+    assert scale == 1.0
+    torch.testing.assert_close(_inv_freq(config, torch.device("cpu")), theirs, atol=0, rtol=0)

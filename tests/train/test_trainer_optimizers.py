@@ -81,3 +81,37 @@ def test_schedule_free_refuses_a_decay_schedule(tmp_path: Path):
     )
     with pytest.raises(ConfigError, match=r"scheduler\.type: constant"):
         train(cfg, console=_quiet())
+
+
+@pytest.mark.parametrize("qlora", [False, True])
+def test_lora_and_qlora_from_yaml_train_adapters_only(qlora: bool, tmp_path: Path):
+    if qlora:
+        pytest.importorskip("bitsandbytes")
+    cfg = load_config(
+        None,
+        [
+            *TINY,
+            f"run.output_dir={tmp_path}",
+            "optimizer.lr=1e-2",
+            "lora.enabled=true",
+            "lora.rank=4",
+            "lora.dropout=0.1",
+            f"lora.qlora={str(qlora).lower()}",
+            "model.init_std=0.05",
+            "train.save_every=10",
+            "train.max_steps=20",
+        ],
+    )
+    result = train(cfg, console=_quiet())
+    names = list(result.state.params.keys(True, True))
+    assert names and all("lora_" in ".".join(n) for n in names)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    # A frozen random base caps what rank-4 adapters do in 20 steps: ask for 0.1 nats.
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1, losses
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    resumed = train(cfg, resume=tmp_path / "checkpoints" / "step_00000010", console=_quiet())
+    after = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in after if "loss" in r] == losses  # exact resume, dropout included
+    assert resumed.final_step == 20

@@ -197,6 +197,25 @@ class EvalConfig:
 
 
 @attrs.frozen(kw_only=True)
+class LoraSection:
+    """Parameter-efficient fine-tuning: only LoRA adapters are trained (see docs/lora.md)."""
+
+    enabled: bool = _f(False, "Train LoRA adapters instead of the model's weights.")
+    rank: int = _f(8, "Rank r of each B @ A update.")
+    alpha: float = _f(16.0, "Scale numerator: updates are (alpha / r) * B @ A.")
+    dropout: float = _f(0.0, "Dropout on the LoRA input path (keys from the run's rng and step).")
+    targets: list[str] | None = _f(
+        None,
+        "Weights that get adapters (module names, globs or re:<regex>); null: attention "
+        "and MLP projections.",
+    )
+    use_dora: bool = _f(False, "DoRA: also learn a magnitude vector per target.")
+    use_rslora: bool = _f(False, "Rank-stabilised scale alpha / sqrt(r).")
+    qlora: bool = _f(False, "QLoRA: store the frozen target weights as NF4 (bitsandbytes).")
+    qlora_block_size: int = _f(64, "NF4 quantisation block size.")
+
+
+@attrs.frozen(kw_only=True)
 class Config:
     """A whole run."""
 
@@ -205,5 +224,6 @@ class Config:
     data: DataConfig = _f(DataConfig(), "Data.")
     optimizer: OptimizerConfig = _f(OptimizerConfig(), "Optimizer.")
     scheduler: SchedulerConfig = _f(SchedulerConfig(), "Learning-rate schedule.")
+    lora: LoraSection = _f(LoraSection(), "LoRA / QLoRA adapters.")
     train: TrainConfig = _f(TrainConfig(), "Training loop.")
     eval: EvalConfig = _f(EvalConfig(), "Evaluation.")

@@ -1,26 +1,42 @@
 """Models as pure functions: ``init(config, key) -> params`` and ``apply(config, params, batch)``.
 
 Parameters are nested TensorDicts named exactly like the HF checkpoint of the same architecture.
+HF checkpoint directories are read and written by ``tscale.checkpoint.hf`` (``from_pretrained``,
+``save_pretrained``), into the :class:`Model` record
+of ``tscale.models.hf``.
 """
 
-from tscale.models.generate import greedy
+from tscale.models.generate import CachedModel, filter_logits, generate, greedy
+from tscale.models.hf import Model
 from tscale.models.transformer import (
+    FAMILIES,
+    RopeScaling,
     Transformer,
     TransformerConfig,
     apply,
+    apply_with_cache,
     hidden_states,
     init,
+    init_cache,
     logits_from_hidden,
     param_shapes,
 )
 
 __all__ = [
+    "FAMILIES",
+    "CachedModel",
+    "Model",
+    "RopeScaling",
     "Transformer",
     "TransformerConfig",
     "apply",
+    "apply_with_cache",
+    "filter_logits",
+    "generate",
     "greedy",
     "hidden_states",
     "init",
+    "init_cache",
     "logits_from_hidden",
     "param_shapes",
 ]

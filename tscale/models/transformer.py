@@ -1,22 +1,41 @@
-"""A Llama-style decoder as pure functions over a params TensorDict named like the HF checkpoint.
+"""One configurable decoder as pure functions over a params TensorDict named like the HF checkpoint.
 
 ``init(config, key) -> params`` and ``apply(config, params, batch) -> logits``. The parameters
-are a nested ``TensorDict`` (``batch_size=[]``) whose dotted leaf names are exactly those of a
-``transformers`` ``LlamaForCausalLM`` state dict, so ``tree.flatten(params)`` loads into HF with
-``load_state_dict`` and back. Architecture as in Touvron et al., "LLaMA: Open and Efficient
-Foundation Language Models" (2023): pre-norm RMSNorm, rotary position embeddings (Su et al.,
-"RoFormer", 2021), grouped-query attention (Ainslie et al., "GQA", 2023) and a SwiGLU MLP
-(Shazeer, "GLU Variants Improve Transformer", 2020).
+are a nested ``TensorDict`` (``batch_size=[]``) whose dotted leaf names are exactly those of the
+``transformers`` ``*ForCausalLM`` state dict of the configured family, so ``tree.flatten(params)``
+loads into HF with ``load_state_dict`` and back.
+
+The default is Llama (Touvron et al., "LLaMA: Open and Efficient Foundation Language Models",
+2023): pre-norm RMSNorm, rotary position embeddings (Su et al., "RoFormer", 2021), grouped-query
+attention (Ainslie et al., "GQA", 2023) and a SwiGLU MLP (Shazeer, "GLU Variants Improve
+Transformer", 2020). ``TransformerConfig.family`` and a few switches give the other families:
+
+- ``llama``: Llama 2/3.x, incl. llama3 RoPE scaling (``rope_scaling``) and optional biases.
+- ``mistral``: sliding-window attention (Jiang et al., "Mistral 7B", 2023).
+- ``qwen2``: bias on q/k/v; optional sliding window on the top layers.
+- ``qwen3``: RMSNorm of each query/key head before RoPE (``q_norm``/``k_norm``).
+- ``gemma``: embeddings scaled by sqrt(hidden), ``(1 + w)`` RMSNorm, GeGLU (tanh GELU).
+- ``gemma2``: as gemma, plus attention and final logit soft-caps, alternating sliding/global
+  layers, norms before and after attention and MLP, ``query_pre_attn_scalar`` (Gemma Team,
+  "Gemma 2", 2024).
+- ``phi3``: fused ``qkv_proj`` and ``gate_up_proj`` weights, optional partial rotary.
 
 Packed rows: pass ``doc_ids`` ([B, S] ints) and restarting ``position_ids``; a token then attends
-only to earlier tokens of its own document, on every attention backend. Isolation comes from
-``doc_ids`` alone: unlike HF (which guesses document boundaries from restarting ``position_ids``,
-and only when no KV cache is in use), restarting positions without ``doc_ids`` change RoPE only.
+only to earlier tokens of its own document (and, in a sliding layer, only to the last
+``sliding_window`` of them). Isolation comes from ``doc_ids`` alone: unlike HF (which guesses
+document boundaries from restarting ``position_ids``), restarting positions without ``doc_ids``
+change RoPE only.
+
+Incremental decoding: :func:`init_cache` preallocates a key/value cache, and
+:func:`apply_with_cache` runs new tokens against it and returns it. Like a train step consumes its
+state (see ``docs/design.md``), it consumes the cache it is given: it writes the new keys and values
+into it in place and returns it; the caller uses only the returned cache.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -26,12 +45,38 @@ from tensordict import TensorDict, TensorDictBase
 
 from tscale.core import rng as R
 from tscale.core import tree as T
-from tscale.errors import ShapeError
+from tscale.errors import ConfigError, ShapeError
 
 Batch = TensorDictBase | Mapping[str, torch.Tensor]
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
-                torch.float64: "float64"}
+#: The supported families: HF ``model_type`` -> the ``architectures`` entry of its config.json.
+FAMILIES: dict[str, str] = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+}
+_GEMMA = ("gemma", "gemma2")
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+    torch.float64: "float64",
+}
+_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+}
 
 
 def _positive(name: str, value: Any) -> None:
@@ -39,18 +84,71 @@ def _positive(name: str, value: Any) -> None:
         raise ShapeError(f"TransformerConfig.{name} must be a positive int, got {value!r}")
 
 
+def _optional_tuple(value: Any) -> tuple[str, ...] | None:
+    return None if value is None else tuple(value)
+
+
+@attrs.frozen(kw_only=True)
+class RopeScaling:
+    """RoPE frequency scaling: ``linear`` (all divided by ``factor``) or Llama 3.1's ``llama3``.
+
+    ``llama3`` divides low frequencies (wavelength above
+    ``original_max_position_embeddings / low_freq_factor``) by ``factor``, keeps high ones
+    (below ``.../high_freq_factor``) and interpolates smoothly in between, as HF does.
+    """
+
+    rope_type: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __attrs_post_init__(self) -> None:
+        if self.rope_type not in ("linear", "llama3"):
+            raise ConfigError(
+                f"RoPE scaling type {self.rope_type!r} is not supported; supported: 'linear', "
+                f"'llama3' (or none)"
+            )
+        if not self.factor > 0 or (
+            self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor > 0
+        ):
+            raise ConfigError(
+                f"RoPE scaling: factor ({self.factor}) must be > 0 and high_freq_factor "
+                f"({self.high_freq_factor}) > low_freq_factor ({self.low_freq_factor}) > 0"
+            )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The entries of HF ``rope_parameters`` for this scaling."""
+        if self.rope_type == "linear":
+            return {"rope_type": "linear", "factor": float(self.factor)}
+        return {
+            "rope_type": "llama3",
+            "factor": float(self.factor),
+            "low_freq_factor": float(self.low_freq_factor),
+            "high_freq_factor": float(self.high_freq_factor),
+            "original_max_position_embeddings": int(self.original_max_position_embeddings),
+        }
+
+
 @attrs.frozen(kw_only=True)
 class TransformerConfig:
-    """Architecture of a Llama-style decoder (the fields of HF ``LlamaConfig`` that matter).
+    """Architecture of the decoder: the fields of the HF config that matter, family defaults Llama.
 
-    ``num_kv_heads=None`` becomes ``num_heads`` and ``head_dim=None`` becomes
-    ``hidden_size // num_heads`` at construction (as HF does), so read them as ints afterwards.
-    When you ``attrs.evolve`` the head counts, pass ``num_kv_heads``/``head_dim`` again.
+    ``num_kv_heads=None`` becomes ``num_heads``, ``head_dim=None`` becomes
+    ``hidden_size // num_heads``, ``hidden_act=None`` becomes the family's activation (tanh GELU for
+    Gemma, SiLU otherwise) and ``qkv_bias=None`` the family's (True for Qwen2) at construction,
+    as HF does, so read them as concrete values afterwards. When you ``attrs.evolve`` the head
+    counts or the family, pass those fields again.
+
+    Family traits that never vary within a family (``(1 + w)`` norms, embedding scale, norms
+    around attention and MLP, q/k norms, fused projections) are properties, not fields.
 
     Raises:
         ShapeError: a size is not positive, ``num_heads`` does not divide ``hidden_size`` (with
-            ``head_dim=None``), ``num_kv_heads`` does not divide ``num_heads``, or ``head_dim``
-            is odd (RoPE rotates pairs).
+            ``head_dim=None``), ``num_kv_heads`` does not divide ``num_heads``, or the rotary
+            dimension is odd (RoPE rotates pairs).
+        ConfigError: an unknown family or activation, or a switch the family's HF config cannot
+            express (e.g. a sliding window on Llama, soft-caps outside Gemma 2).
     """
 
     vocab_size: int
@@ -66,11 +164,34 @@ class TransformerConfig:
     tie_word_embeddings: bool = False
     init_std: float = 0.02
     dtype: torch.dtype = torch.float32
+    family: str = "llama"
+    hidden_act: str | None = None
+    rope_scaling: RopeScaling | None = None
+    partial_rotary_factor: float = 1.0
+    qkv_bias: bool | None = None
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = attrs.field(default=None, converter=_optional_tuple)
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
 
     def __attrs_post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "max_position_embeddings",
+        ):
             _positive(name, getattr(self, name))
+        if self.family not in FAMILIES:
+            raise ConfigError(
+                f"TransformerConfig.family {self.family!r} is not supported; supported: "
+                f"{', '.join(FAMILIES)}"
+            )
         if self.num_kv_heads is None:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         _positive("num_kv_heads", self.num_kv_heads)
@@ -82,16 +203,27 @@ class TransformerConfig:
                 )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         _positive("head_dim", self.head_dim)
+        if self.hidden_act is None:
+            act = "gelu_pytorch_tanh" if self.family in _GEMMA else "silu"
+            object.__setattr__(self, "hidden_act", act)
+        if self.qkv_bias is None:
+            object.__setattr__(self, "qkv_bias", self.family == "qwen2")
         if self.num_heads % self.num_kv_heads:
             raise ShapeError(
                 f"TransformerConfig: num_kv_heads={self.num_kv_heads} must divide "
                 f"num_heads={self.num_heads} (each key/value head serves a whole group of "
                 f"query heads)"
             )
-        if self.head_dim % 2:
+        if not 0 < self.partial_rotary_factor <= 1:
+            raise ShapeError(
+                f"TransformerConfig.partial_rotary_factor must be in (0, 1], got "
+                f"{self.partial_rotary_factor}"
+            )
+        if self.rotary_dim % 2 or self.rotary_dim == 0:
             raise ShapeError(
                 f"TransformerConfig: head_dim={self.head_dim} must be even (RoPE rotates pairs "
-                f"of dimensions)"
+                f"of dimensions); with partial_rotary_factor={self.partial_rotary_factor} the "
+                f"rotary dimension is {self.rotary_dim}"
             )
         if not (self.rope_theta > 0 and self.rms_norm_eps > 0 and self.init_std >= 0):
             raise ShapeError(
@@ -102,10 +234,130 @@ class TransformerConfig:
             raise ShapeError(
                 f"TransformerConfig.dtype must be a float torch.dtype, got {self.dtype!r}"
             )
+        self._check_attention()
+        self._check_family()
+
+    def _check_attention(self) -> None:
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ConfigError(
+                f"TransformerConfig.hidden_act {self.hidden_act!r} is not supported; supported: "
+                f"{', '.join(_ACTIVATIONS)}"
+            )
+        if self.sliding_window is not None:
+            _positive("sliding_window", self.sliding_window)
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers:
+                raise ShapeError(
+                    f"TransformerConfig.layer_types has {len(self.layer_types)} entries, "
+                    f"num_layers is {self.num_layers}"
+                )
+            bad = sorted(set(self.layer_types) - {FULL, SLIDING})
+            if bad:
+                raise ConfigError(
+                    f"TransformerConfig.layer_types: unknown {bad}; use {FULL!r} or {SLIDING!r}"
+                )
+            if SLIDING in self.layer_types and self.sliding_window is None:
+                raise ConfigError(
+                    "TransformerConfig.layer_types has sliding layers but sliding_window is None"
+                )
+        for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"TransformerConfig.{name} must be > 0 or None, got {value}")
+
+    def _check_family(self) -> None:
+        """Reject switches the family's HF config cannot express (so export stays faithful)."""
+        f = self.family
+        problems = []
+        if f == "qwen2" and (not self.qkv_bias or self.o_bias):
+            problems.append("qwen2 has a bias on q/k/v only (qkv_bias=True, o_bias=False)")
+        elif f in ("mistral", "phi3") and (self.qkv_bias or self.o_bias):
+            problems.append(f"{f} has no attention biases")
+        elif f not in ("qwen2", "mistral", "phi3") and self.qkv_bias != self.o_bias:
+            problems.append(f"{f} has one attention_bias switch: qkv_bias must equal o_bias")
+        if self.mlp_bias and f != "llama":
+            problems.append("mlp_bias exists on llama only")
+        if self.sliding_window is not None and f in ("llama", "gemma"):
+            problems.append(f"{f} has no sliding-window attention")
+        if f in ("mistral", "phi3") and self.layer_types not in (
+            None,
+            (SLIDING,) * self.num_layers,
+        ):
+            problems.append(f"{f} slides on all layers or none (leave layer_types None)")
+        if f == "gemma2" and self.sliding_window is None:
+            problems.append("gemma2 needs sliding_window")
+        if f != "gemma2":
+            for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
+                if getattr(self, name) is not None:
+                    problems.append(f"{name} exists on gemma2 only")
+        if self.partial_rotary_factor != 1.0 and f != "phi3":
+            problems.append("partial_rotary_factor exists on phi3 only")
+        if problems:
+            raise ConfigError(f"TransformerConfig(family={f!r}): " + "; ".join(problems))
+
+    # ------------------------------------------------------------ family traits
+
+    @property
+    def norm_plus_one(self) -> bool:
+        """RMSNorm scales by ``1 + w`` (Gemma), computed in float32 before the cast back."""
+        return self.family in _GEMMA
+
+    @property
+    def scale_embeddings(self) -> bool:
+        """Embeddings are multiplied by ``sqrt(hidden_size)`` (Gemma)."""
+        return self.family in _GEMMA
+
+    @property
+    def sandwich_norms(self) -> bool:
+        """Norms after attention and before/after the MLP (Gemma 2)."""
+        return self.family == "gemma2"
+
+    @property
+    def qk_norm(self) -> bool:
+        """RMSNorm over each query and key head before RoPE (Qwen3)."""
+        return self.family == "qwen3"
+
+    @property
+    def fused_projections(self) -> bool:
+        """One ``qkv_proj`` and one ``gate_up_proj`` weight (Phi-3)."""
+        return self.family == "phi3"
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many leading dimensions of each head RoPE rotates."""
+        assert self.head_dim is not None
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def attn_scale(self) -> float | None:
+        """Softmax scale ``query_pre_attn_scalar ** -0.5``; None means ``head_dim ** -0.5``."""
+        if self.query_pre_attn_scalar is None:
+            return None
+        return float(self.query_pre_attn_scalar) ** -0.5
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether ``layer`` uses sliding-window attention."""
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == SLIDING
+
+    # ------------------------------------------------------------ HF config.json
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The keyword arguments of ``transformers.LlamaConfig`` for the same architecture."""
-        return {
+        """The HF config.json of this architecture (``model_type``, ``architectures`` included).
+
+        The result also works as keyword arguments of the family's ``transformers`` config class
+        (``LlamaConfig(**config.to_hf_dict())``).
+        """
+        f = self.family
+        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(self.rope_theta)}
+        if self.rope_scaling is not None:
+            rope.update(self.rope_scaling.to_hf_dict())
+        if f == "phi3":
+            rope["partial_rotary_factor"] = float(self.partial_rotary_factor)
+        out: dict[str, Any] = {
+            "model_type": f,
+            "architectures": [FAMILIES[f]],
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -114,34 +366,221 @@ class TransformerConfig:
             "num_key_value_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
             "max_position_embeddings": self.max_position_embeddings,
-            "rope_parameters": {"rope_type": "default", "rope_theta": float(self.rope_theta)},
+            "rope_parameters": rope,
             "rms_norm_eps": self.rms_norm_eps,
             "tie_word_embeddings": self.tie_word_embeddings,
             "initializer_range": self.init_std,
-            "hidden_act": "silu",
-            "attention_bias": False,
-            "mlp_bias": False,
             "dtype": _DTYPE_NAMES.get(self.dtype, str(self.dtype).removeprefix("torch.")),
         }
+        out["hidden_activation" if f == "gemma2" else "hidden_act"] = self.hidden_act
+        if f in ("llama", "gemma", "gemma2", "qwen3"):
+            out["attention_bias"] = bool(self.qkv_bias)
+        if f == "llama":
+            out["mlp_bias"] = self.mlp_bias
+        if f in ("mistral", "phi3", "gemma2"):
+            out["sliding_window"] = self.sliding_window
+        if f in ("qwen2", "qwen3"):
+            out["use_sliding_window"] = self.sliding_window is not None
+            out["sliding_window"] = self.sliding_window
+            types = [SLIDING if self.is_sliding(i) else FULL for i in range(self.num_layers)]
+            out["layer_types"] = types
+            # HF rebuilds layer_types from max_window_layers when it is absent; keep both true.
+            out["max_window_layers"] = types.index(SLIDING) if SLIDING in types else self.num_layers
+        if f == "gemma2":
+            out["layer_types"] = [
+                SLIDING if self.is_sliding(i) else FULL for i in range(self.num_layers)
+            ]
+            scalar = self.query_pre_attn_scalar or self.head_dim
+            # HF's Gemma2Config insists on an int where the value is one (256, 144).
+            out["query_pre_attn_scalar"] = int(scalar) if float(scalar).is_integer() else scalar
+            out["attn_logit_softcapping"] = self.attn_logit_softcap
+            out["final_logit_softcapping"] = self.final_logit_softcap
+        if f == "phi3" and self.rope_scaling is not None:
+            # Phi-3 reads llama3's original length from the top level first.
+            out["original_max_position_embeddings"] = (
+                self.rope_scaling.original_max_position_embeddings
+            )
+        return out
+
+    @classmethod
+    def from_hf_dict(
+        cls, hf: Mapping[str, Any], *, dtype: torch.dtype | None = None
+    ) -> TransformerConfig:
+        """The config of an HF ``config.json`` mapping (see :data:`FAMILIES` for what loads).
+
+        Args:
+            hf: the parsed config.json.
+            dtype: the parameter dtype; default the file's ``dtype``/``torch_dtype`` (float32
+                when absent).
+
+        Raises:
+            ConfigError: an unsupported ``model_type``/``architectures``, RoPE type or value.
+        """
+        return _config_from_hf(cls, hf, dtype)
+
+
+def _family_of(hf: Mapping[str, Any]) -> str:
+    supported = ", ".join(f"{f} ({a})" for f, a in FAMILIES.items())
+    archs = hf.get("architectures") or []
+    model_type = hf.get("model_type")
+    if model_type is None and archs:
+        by_arch = {a: f for f, a in FAMILIES.items()}
+        model_type = by_arch.get(archs[0])
+    if model_type not in FAMILIES:
+        raise ConfigError(
+            f"model_type {hf.get('model_type')!r} (architectures {archs}) is not supported; "
+            f"supported: {supported}"
+        )
+    for arch in archs:
+        if arch != FAMILIES[model_type]:
+            raise ConfigError(
+                f"architecture {arch!r} is not supported (only the causal LM head of each "
+                f"family loads); supported: {supported}"
+            )
+    return model_type
+
+
+def _rope_of(hf: Mapping[str, Any], family: str) -> tuple[float, RopeScaling | None, float]:
+    """``(rope_theta, scaling, partial_rotary_factor)`` from v5 ``rope_parameters`` or v4 keys."""
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    partial = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
+    kind = rope.get("rope_type", rope.get("type", "default")) or "default"
+    if kind == "default":
+        return theta, None, partial
+    if kind not in ("linear", "llama3"):
+        raise ConfigError(
+            f"rope type {kind!r} is not supported; supported: default, linear, llama3"
+        )
+    if "factor" not in rope:
+        raise ConfigError(f"rope type {kind!r} needs a 'factor' in rope_parameters")
+    if kind == "linear":
+        return theta, RopeScaling(rope_type="linear", factor=float(rope["factor"])), partial
+    original = rope.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
+    if family == "phi3" and hf.get("original_max_position_embeddings") is not None:
+        original = hf["original_max_position_embeddings"]
+    scaling = RopeScaling(
+        rope_type="llama3",
+        factor=float(rope["factor"]),
+        low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(original or 8192),
+    )
+    return theta, scaling, partial
+
+
+def _layer_types_of(hf: Mapping[str, Any], family: str, n: int) -> tuple[int | None, Any]:
+    """``(sliding_window, layer_types)`` as HF derives them for each family."""
+    window = hf.get("sliding_window")
+    types = hf.get("layer_types")
+    if family in ("llama", "gemma"):
+        return None, None
+    if family in ("mistral", "phi3"):
+        return window, None
+    if family in ("qwen2", "qwen3"):
+        if not hf.get("use_sliding_window", False) or window is None:
+            return None, None
+        if types is None:
+            start = hf.get("max_window_layers", n)
+            types = [SLIDING if i >= start else FULL for i in range(n)]
+        return (window, types) if SLIDING in types else (None, None)
+    # gemma2: every other layer slides, starting with the first.
+    if types is None:
+        types = [SLIDING if (i + 1) % 2 else FULL for i in range(n)]
+    return (window if window is not None else 4096), types
+
+
+def _config_from_hf(
+    cls: type[TransformerConfig], hf: Mapping[str, Any], dtype: torch.dtype | None
+) -> TransformerConfig:
+    family = _family_of(hf)
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
+        if key not in hf:
+            raise ConfigError(f"config.json has no {key!r}")
+    if dtype is None:
+        name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+        if name not in _DTYPES:
+            raise ConfigError(f"config.json dtype {name!r} is not one of {sorted(_DTYPES)}")
+        dtype = _DTYPES[name]
+    n = int(hf["num_hidden_layers"])
+    theta, scaling, partial = _rope_of(hf, family)
+    window, types = _layer_types_of(hf, family, n)
+    act = hf.get("hidden_activation") if family == "gemma2" else hf.get("hidden_act")
+    if family == "gemma" and act == "gelu":
+        act = "gelu_pytorch_tanh"  # a legacy value of the Gemma releases; HF reads it as tanh
+    attention_bias = bool(hf.get("attention_bias", False))
+    qkv_bias = {"qwen2": True, "mistral": False, "phi3": False}.get(family, attention_bias)
+    o_bias = attention_bias and family not in ("qwen2", "mistral", "phi3")
+    gemma2 = family == "gemma2"
+    return cls(
+        family=family,
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=int(hf["hidden_size"]),
+        intermediate_size=int(hf["intermediate_size"]),
+        num_layers=n,
+        num_heads=int(hf["num_attention_heads"]),
+        num_kv_heads=hf.get("num_key_value_heads"),
+        head_dim=hf.get("head_dim"),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        partial_rotary_factor=partial,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", family in _GEMMA)),
+        init_std=float(hf.get("initializer_range", 0.02)),
+        dtype=dtype,
+        hidden_act=act,
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=bool(hf.get("mlp_bias", False)) and family == "llama",
+        sliding_window=window,
+        layer_types=types,
+        query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256) if gemma2 else None,
+        attn_logit_softcap=hf.get("attn_logit_softcapping") if gemma2 else None,
+        final_logit_softcap=hf.get("final_logit_softcapping") if gemma2 else None,
+    )
+
+
+# ---------------------------------------------------------------- parameters
 
 
 def param_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
     """The HF-style dotted name and shape of every parameter, in checkpoint order."""
     c = config
-    h, hd = c.hidden_size, c.head_dim
+    h, hd, im = c.hidden_size, c.head_dim, c.intermediate_size
     assert hd is not None and c.num_kv_heads is not None  # resolved in __attrs_post_init__
+    q, kv = c.num_heads * hd, c.num_kv_heads * hd
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, h)}
     for i in range(c.num_layers):
         p = f"model.layers.{i}."
-        shapes[p + "self_attn.q_proj.weight"] = (c.num_heads * hd, h)
-        shapes[p + "self_attn.k_proj.weight"] = (c.num_kv_heads * hd, h)
-        shapes[p + "self_attn.v_proj.weight"] = (c.num_kv_heads * hd, h)
-        shapes[p + "self_attn.o_proj.weight"] = (h, c.num_heads * hd)
-        shapes[p + "mlp.gate_proj.weight"] = (c.intermediate_size, h)
-        shapes[p + "mlp.up_proj.weight"] = (c.intermediate_size, h)
-        shapes[p + "mlp.down_proj.weight"] = (h, c.intermediate_size)
+        if c.fused_projections:
+            shapes[p + "self_attn.qkv_proj.weight"] = (q + 2 * kv, h)
+        else:
+            for name, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+                shapes[p + f"self_attn.{name}.weight"] = (rows, h)
+                if c.qkv_bias:
+                    shapes[p + f"self_attn.{name}.bias"] = (rows,)
+        shapes[p + "self_attn.o_proj.weight"] = (h, q)
+        if c.o_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (h,)
+        if c.qk_norm:
+            shapes[p + "self_attn.q_norm.weight"] = (hd,)
+            shapes[p + "self_attn.k_norm.weight"] = (hd,)
+        if c.fused_projections:
+            shapes[p + "mlp.gate_up_proj.weight"] = (2 * im, h)
+        else:
+            for name in ("gate_proj", "up_proj"):
+                shapes[p + f"mlp.{name}.weight"] = (im, h)
+                if c.mlp_bias:
+                    shapes[p + f"mlp.{name}.bias"] = (im,)
+        shapes[p + "mlp.down_proj.weight"] = (h, im)
+        if c.mlp_bias:
+            shapes[p + "mlp.down_proj.bias"] = (h,)
         shapes[p + "input_layernorm.weight"] = (h,)
         shapes[p + "post_attention_layernorm.weight"] = (h,)
+        if c.sandwich_norms:
+            shapes[p + "pre_feedforward_layernorm.weight"] = (h,)
+            shapes[p + "post_feedforward_layernorm.weight"] = (h,)
     shapes["model.norm.weight"] = (h,)
     if not c.tie_word_embeddings:
         shapes["lm_head.weight"] = (c.vocab_size, h)
@@ -151,10 +590,12 @@ def param_shapes(config: TransformerConfig) -> dict[str, tuple[int, ...]]:
 def init(
     config: TransformerConfig, key: torch.Tensor, *, device: torch.device | str = "cpu"
 ) -> TensorDict:
-    """Fresh parameters: Normal(0, init_std) matrices and embeddings, ones for the norms.
+    """Fresh parameters: Normal(0, init_std) matrices and embeddings, zero biases, unit norms.
 
-    Draws happen in float32 from one generator seeded by ``key`` in checkpoint order, then are
-    cast to ``config.dtype``, so the same key gives the same values in every dtype.
+    Norm weights are ones, or zeros where the family scales by ``1 + w`` (Gemma), so every norm
+    starts as the identity scale. Draws happen in float32 from one generator seeded by ``key`` in
+    checkpoint order, then are cast to ``config.dtype``, so the same key gives the same values in
+    every dtype.
 
     Args:
         config: the architecture.
@@ -162,13 +603,16 @@ def init(
         device: where the parameters live.
 
     Returns:
-        A nested TensorDict (``batch_size=[]``) named like the HF ``LlamaForCausalLM`` state dict.
+        A nested TensorDict (``batch_size=[]``) named like the family's HF state dict.
     """
     g = R.generator(key, device=device)
     flat: dict[str, torch.Tensor] = {}
     for name, shape in param_shapes(config).items():
         if name.endswith("norm.weight"):
-            t = torch.ones(shape, dtype=config.dtype, device=device)
+            fill = 0.0 if config.norm_plus_one else 1.0
+            t = torch.full(shape, fill, dtype=config.dtype, device=device)
+        elif name.endswith(".bias"):
+            t = torch.zeros(shape, dtype=config.dtype, device=device)
         else:
             t = torch.empty(shape, dtype=torch.float32, device=device)
             t.normal_(0.0, config.init_std, generator=g)
@@ -177,28 +621,55 @@ def init(
     return T.unflatten(flat)
 
 
+# ---------------------------------------------------------------- building blocks
+
+
 def _get(batch: Batch, name: str) -> torch.Tensor | None:
     return batch.get(name, None)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # As HF: normalise in float32, cast back, then scale (the cast is a no-op in float32).
+    # As HF Llama: normalise in float32, cast back, then scale (the cast is a no-op in float32).
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
 
 
+def _norm(config: TransformerConfig, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if not config.norm_plus_one:
+        return _rms_norm(x, weight, config.rms_norm_eps)
+    # As HF Gemma: scale by (1 + w) in float32, then cast back.
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps)
+    return (h * (1.0 + weight.float())).to(x.dtype)
+
+
+def _inv_freq(config: TransformerConfig, device: torch.device) -> torch.Tensor:
+    """RoPE inverse frequencies [rotary_dim / 2] in float32, with the configured scaling."""
+    dim = config.rotary_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    inv_freq = 1.0 / (config.rope_theta**exponents)
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    if s.rope_type == "linear":
+        return inv_freq / s.factor
+    # llama3 (Llama 3.1): keep high frequencies, divide low ones, interpolate in between.
+    old = s.original_max_position_embeddings
+    low_wavelen, high_wavelen = old / s.low_freq_factor, old / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
 def _rope_tables(
     config: TransformerConfig, position_ids: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sign-folded sin, [B|1, S, 1, head_dim], computed once per forward in float32."""
-    hd = config.head_dim
-    assert hd is not None
-    dev = position_ids.device
-    inv_freq = 1.0 / (
-        config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=dev) / hd)
-    )
-    freqs = position_ids[..., None].float() * inv_freq  # [B, S, hd/2]
+    """cos and sign-folded sin, [B|1, S, 1, rotary_dim], computed once per forward in float32."""
+    freqs = position_ids[..., None].float() * _inv_freq(config, position_ids.device)
     cos, sin = freqs.cos(), freqs.sin()
     # rotate_half(x) * sin == swap_halves(x) * cat(-sin, sin): fold the sign into the table once.
     cos = torch.cat((cos, cos), dim=-1)
@@ -207,7 +678,10 @@ def _rope_tables(
 
 
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on x [B, S, heads, head_dim], HF's rotate_half convention."""
+    """RoPE on x [B, S, heads, head_dim], HF's rotate_half convention (partial: leading dims)."""
+    rd = cos.shape[-1]
+    if rd < x.shape[-1]:
+        return torch.cat((_apply_rope(x[..., :rd], cos, sin), x[..., rd:]), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((x2, x1), dim=-1) * sin
 
@@ -220,8 +694,14 @@ def _doc_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return (same & causal)[:, None]
 
 
-def _check_batch(ids: torch.Tensor, position_ids: torch.Tensor | None,
-                 doc_ids: torch.Tensor | None) -> None:
+def _window(q_slots: torch.Tensor, kv_slots: torch.Tensor, window: int) -> torch.Tensor:
+    """[s, t] bool: key slot within the last ``window`` slots up to the query (HF's overlay)."""
+    return kv_slots[None, :] > q_slots[:, None] - window
+
+
+def _check_batch(
+    ids: torch.Tensor, position_ids: torch.Tensor | None, doc_ids: torch.Tensor | None
+) -> None:
     if ids.dim() != 2 or ids.dtype.is_floating_point:
         raise ShapeError(
             f"batch['input_ids'] must be an integer tensor [batch, seq], got {ids.dtype} "
@@ -236,6 +716,113 @@ def _check_batch(ids: torch.Tensor, position_ids: torch.Tensor | None,
             )
 
 
+def _linear(x: torch.Tensor, module: TensorDictBase, bias: bool) -> torch.Tensor:
+    return F.linear(x, module["weight"], module["bias"] if bias else None)
+
+
+def _attention(
+    config: TransformerConfig,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Attention of q [B, nh, s, hd] over k, v [B, nkv, t, hd]; ``mask=None`` means causal.
+
+    SDPA where it can; an explicit softmax where Gemma 2's soft-cap bends the scores
+    (``tanh(scores / cap) * cap``, before masking), which SDPA has no hook for.
+    """
+    gqa = config.num_kv_heads != config.num_heads
+    cap = config.attn_logit_softcap
+    if cap is None:
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=config.attn_scale,
+            enable_gqa=gqa,
+        )
+    if gqa:
+        rep = config.num_heads // config.num_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scale = config.attn_scale or q.shape[-1] ** -0.5
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / cap) * cap
+    if mask is None:
+        s, t = q.shape[-2], k.shape[-2]
+        mask = torch.ones((s, t), dtype=torch.bool, device=q.device).tril(t - s)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+# attend(layer_index, q, k, v) -> o, with q [B, s, nh, hd], k/v [B, s, nkv, hd], o [B, nh, s, hd]
+_Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _decoder(
+    config: TransformerConfig,
+    params: TensorDictBase,
+    ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    attend: _Attend,
+) -> torch.Tensor:
+    """Embedding, the layers (attention through ``attend``) and the final norm: [B, s, H]."""
+    b, s = ids.shape
+    nh, nkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
+    assert nkv is not None and hd is not None
+    model = params["model"]
+    act = _ACTIVATIONS[config.hidden_act or "silu"]
+
+    x = F.embedding(ids, model["embed_tokens", "weight"])
+    if config.scale_embeddings:
+        # As HF: sqrt(hidden) rounded to the parameter dtype first (55.4256 is 55.5 in bf16).
+        x = x * torch.tensor(config.hidden_size**0.5, dtype=x.dtype, device=x.device)
+    cos, sin = _rope_tables(config, position_ids, x.dtype)
+
+    layers = model["layers"]
+    for i in range(config.num_layers):
+        layer = layers[str(i)]
+        attn, mlp = layer["self_attn"], layer["mlp"]
+
+        h = _norm(config, x, layer["input_layernorm", "weight"])
+        if config.fused_projections:
+            qkv = F.linear(h, attn["qkv_proj", "weight"])
+            q, k, v = qkv.split((nh * hd, nkv * hd, nkv * hd), dim=-1)
+        else:
+            q = _linear(h, attn["q_proj"], bool(config.qkv_bias))
+            k = _linear(h, attn["k_proj"], bool(config.qkv_bias))
+            v = _linear(h, attn["v_proj"], bool(config.qkv_bias))
+        q, k, v = q.view(b, s, nh, hd), k.view(b, s, nkv, hd), v.view(b, s, nkv, hd)
+        if config.qk_norm:
+            q = _rms_norm(q, attn["q_norm", "weight"], config.rms_norm_eps)
+            k = _rms_norm(k, attn["k_norm", "weight"], config.rms_norm_eps)
+        o = attend(i, _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v)
+        o = _linear(o.transpose(1, 2).reshape(b, s, nh * hd), attn["o_proj"], config.o_bias)
+        if config.sandwich_norms:
+            o = _norm(config, o, layer["post_attention_layernorm", "weight"])
+        x = x + o
+
+        norm = "pre_feedforward_layernorm" if config.sandwich_norms else "post_attention_layernorm"
+        h = _norm(config, x, layer[norm, "weight"])
+        if config.fused_projections:
+            gate, up = F.linear(h, mlp["gate_up_proj", "weight"]).chunk(2, dim=-1)
+        else:
+            gate = _linear(h, mlp["gate_proj"], config.mlp_bias)
+            up = _linear(h, mlp["up_proj"], config.mlp_bias)
+        m = _linear(act(gate) * up, mlp["down_proj"], config.mlp_bias)
+        if config.sandwich_norms:
+            m = _norm(config, m, layer["post_feedforward_layernorm", "weight"])
+        x = x + m
+
+    return _norm(config, x, model["norm", "weight"])
+
+
+# ---------------------------------------------------------------- the model without a cache
+
+
 def hidden_states(config: TransformerConfig, params: TensorDictBase, batch: Batch) -> torch.Tensor:
     """The final-normed hidden states [B, S, hidden_size] (the input of the LM head).
 
@@ -244,7 +831,7 @@ def hidden_states(config: TransformerConfig, params: TensorDictBase, batch: Batc
         params: the tree from :func:`init` (or an HF checkpoint with the same names).
         batch: ``input_ids`` [B, S] int64; optional ``position_ids`` [B|1, S] (default
             ``0..S-1``) and ``doc_ids`` [B|1, S] (block-diagonal causal attention: a token sees
-            earlier tokens with the same doc id only).
+            earlier tokens with the same doc id only; sliding layers also limit the distance).
 
     Raises:
         ShapeError: ``input_ids`` is not [B, S] ints or the optional fields disagree in shape.
@@ -253,50 +840,43 @@ def hidden_states(config: TransformerConfig, params: TensorDictBase, batch: Batc
     position_ids = _get(batch, "position_ids")
     doc_ids = _get(batch, "doc_ids")
     _check_batch(ids, position_ids, doc_ids)
-    b, s = ids.shape
-    nh, nkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
-    eps = config.rms_norm_eps
-    model = params["model"]
-
-    x = F.embedding(ids, model["embed_tokens", "weight"])
+    s = ids.shape[1]
     if position_ids is None:
         position_ids = torch.arange(s, device=ids.device)[None]
-    cos, sin = _rope_tables(config, position_ids, x.dtype)
-    mask = None if doc_ids is None else _doc_mask(doc_ids)
-    gqa = nkv != nh
 
-    layers = model["layers"]
-    for i in range(config.num_layers):
-        layer = layers[str(i)]
-        attn, mlp = layer["self_attn"], layer["mlp"]
+    full = None if doc_ids is None else _doc_mask(doc_ids)
+    sliding = None
+    if any(config.is_sliding(i) for i in range(config.num_layers)):
+        assert config.sliding_window is not None
+        slots = torch.arange(s, device=ids.device)
+        near = _window(slots, slots, config.sliding_window)
+        base = full if full is not None else torch.ones_like(near).tril()[None, None]
+        sliding = base & near
 
-        h = _rms_norm(x, layer["input_layernorm", "weight"], eps)
-        q = _apply_rope(F.linear(h, attn["q_proj", "weight"]).view(b, s, nh, hd), cos, sin)
-        k = _apply_rope(F.linear(h, attn["k_proj", "weight"]).view(b, s, nkv, hd), cos, sin)
-        v = F.linear(h, attn["v_proj", "weight"]).view(b, s, nkv, hd)
-        o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=mask, is_causal=mask is None, enable_gqa=gqa,
-        )
-        x = x + F.linear(o.transpose(1, 2).reshape(b, s, nh * hd), attn["o_proj", "weight"])
+    def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        mask = sliding if config.is_sliding(i) else full
+        return _attention(config, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
 
-        h = _rms_norm(x, layer["post_attention_layernorm", "weight"], eps)
-        gate = F.linear(h, mlp["gate_proj", "weight"])
-        up = F.linear(h, mlp["up_proj", "weight"])
-        x = x + F.linear(F.silu(gate) * up, mlp["down_proj", "weight"])
-
-    return _rms_norm(x, model["norm", "weight"], eps)
+    return _decoder(config, params, ids, position_ids, attend)
 
 
 def logits_from_hidden(
     config: TransformerConfig, params: TensorDictBase, h: torch.Tensor
 ) -> torch.Tensor:
-    """The LM head: logits [..., vocab_size] from final hidden states (tied or not)."""
+    """The LM head: logits [..., vocab_size] from final hidden states (tied or not).
+
+    Includes Gemma 2's final soft-cap ``tanh(logits / cap) * cap``; a fused loss that takes the
+    head weight directly must apply it too.
+    """
     if config.tie_word_embeddings:
         w = params["model", "embed_tokens", "weight"]
     else:
         w = params["lm_head", "weight"]
-    return F.linear(h, w)
+    logits = F.linear(h, w)
+    cap = config.final_logit_softcap
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def apply(config: TransformerConfig, params: TensorDictBase, batch: Batch) -> torch.Tensor:
@@ -304,9 +884,108 @@ def apply(config: TransformerConfig, params: TensorDictBase, batch: Batch) -> to
     return logits_from_hidden(config, params, hidden_states(config, params, batch))
 
 
+# ---------------------------------------------------------------- the model with a KV cache
+
+
+def init_cache(
+    config: TransformerConfig,
+    batch_size: int,
+    max_length: int,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+) -> TensorDict:
+    """An empty key/value cache for ``batch_size`` rows of up to ``max_length`` tokens.
+
+    Returns:
+        A TensorDict with ``k`` and ``v`` [num_layers, B, num_kv_heads, max_length, head_dim]
+        (``dtype`` default ``config.dtype``) and ``doc_ids`` [B, max_length] (-1: empty slot).
+    """
+    _positive("batch_size", batch_size)
+    _positive("max_length", max_length)
+    assert config.num_kv_heads is not None and config.head_dim is not None
+    shape = (config.num_layers, batch_size, config.num_kv_heads, max_length, config.head_dim)
+    dt = dtype or config.dtype
+    return TensorDict(
+        {
+            "k": torch.zeros(shape, dtype=dt, device=device),
+            "v": torch.zeros(shape, dtype=dt, device=device),
+            "doc_ids": torch.full((batch_size, max_length), -1, dtype=torch.int64, device=device),
+        },
+        batch_size=[],
+    )
+
+
+def apply_with_cache(
+    config: TransformerConfig,
+    params: TensorDictBase,
+    batch: Batch,
+    cache: TensorDictBase,
+    offset: int,
+) -> tuple[torch.Tensor, TensorDictBase]:
+    """Logits of new tokens that attend to the cached ones; returns ``(logits, cache)``.
+
+    The new tokens take cache slots ``offset .. offset + S - 1`` (the same slots for every row;
+    rows of different lengths are left-padded). Token i attends slot j iff ``j <= offset + i``,
+    both carry the same doc id and, in a sliding layer, ``offset + i - j < sliding_window`` —
+    the masks of :func:`apply`, so prefilling with a whole sequence gives :func:`apply`'s logits,
+    and feeding the same tokens one at a time gives them too.
+
+    The cache is consumed (its tensors are written in place) and returned; use only the
+    returned one afterwards.
+
+    Args:
+        config: the architecture.
+        params: the parameters.
+        batch: ``input_ids`` [B, S]; optional ``position_ids`` [B|1, S] (RoPE positions,
+            default ``offset + 0..S-1``) and ``doc_ids`` [B|1, S] (default 0).
+        cache: from :func:`init_cache` or the previous call.
+        offset: how many slots earlier calls filled.
+
+    Raises:
+        ShapeError: the batch is malformed or does not fit the cache.
+    """
+    ids = batch["input_ids"]
+    position_ids = _get(batch, "position_ids")
+    doc_ids = _get(batch, "doc_ids")
+    _check_batch(ids, position_ids, doc_ids)
+    b, s = ids.shape
+    ck, cv, cdoc = cache["k"], cache["v"], cache["doc_ids"]
+    end = offset + s
+    if offset < 0 or end > ck.shape[3] or ck.shape[1] != b:
+        raise ShapeError(
+            f"apply_with_cache: {b} rows x {s} new tokens at offset {offset} do not fit a cache "
+            f"of {ck.shape[1]} rows x {ck.shape[3]} slots"
+        )
+    dev = ids.device
+    if position_ids is None:
+        position_ids = (offset + torch.arange(s, device=dev))[None]
+    docs = torch.zeros_like(ids) if doc_ids is None else doc_ids.expand(b, s)
+    cdoc[:, offset:end] = docs
+
+    q_slots = offset + torch.arange(s, device=dev)
+    kv_slots = torch.arange(end, device=dev)
+    causal = kv_slots[None, :] <= q_slots[:, None]
+    full = (causal & (docs[:, :, None] == cdoc[:, None, :end]))[:, None]  # [B, 1, s, end]
+    sliding = None
+    if config.sliding_window is not None:
+        sliding = full & _window(q_slots, kv_slots, config.sliding_window)
+
+    def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ck[i, :, :, offset:end] = k.transpose(1, 2)
+        cv[i, :, :, offset:end] = v.transpose(1, 2)
+        mask = sliding if config.is_sliding(i) else full
+        # .to: a no-op unless the cache was made in another dtype than the params compute in.
+        keys, values = ck[i, :, :, :end].to(q.dtype), cv[i, :, :, :end].to(q.dtype)
+        return _attention(config, q.transpose(1, 2), keys, values, mask)
+
+    h = _decoder(config, params, ids, position_ids, attend)
+    return logits_from_hidden(config, params, h), cache
+
+
 @attrs.frozen
 class Transformer:
-    """A Llama-style model: a config and the pure functions bound to it, held as one object."""
+    """A decoder: a config and the pure functions bound to it, held as one object."""
 
     config: TransformerConfig
 
@@ -325,6 +1004,23 @@ class Transformer:
     def logits_from_hidden(self, params: TensorDictBase, h: torch.Tensor) -> torch.Tensor:
         """The LM head applied to hidden states (see :func:`logits_from_hidden`)."""
         return logits_from_hidden(self.config, params, h)
+
+    def init_cache(
+        self,
+        batch_size: int,
+        max_length: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+    ) -> TensorDict:
+        """An empty KV cache (see :func:`init_cache`)."""
+        return init_cache(self.config, batch_size, max_length, dtype=dtype, device=device)
+
+    def apply_with_cache(
+        self, params: TensorDictBase, batch: Batch, cache: TensorDictBase, offset: int
+    ) -> tuple[torch.Tensor, TensorDictBase]:
+        """Logits of new tokens against the cache, and the cache (see :func:`apply_with_cache`)."""
+        return apply_with_cache(self.config, params, batch, cache, offset)
 
     def num_params(self, params: TensorDictBase | None = None) -> int:
         """Number of scalar parameters (of ``params``, or of the config's shapes when None)."""

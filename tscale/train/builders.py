@@ -20,8 +20,10 @@ from tscale.data import load as data_load
 from tscale.data import synthetic
 from tscale.data.loader import BatchLoader
 from tscale.data.tokenize import Encoder, load_or_train_tokenizer
-from tscale.errors import ConfigError, DataError
+from tscale.errors import ConfigError, DataError, ShapeError
 from tscale.losses.lm import make_lm_loss
+from tscale.models.lora import LoraConfig, LoraModel, with_dropout_keys
+from tscale.models.quant import make_qlora_model
 from tscale.models.transformer import Transformer, TransformerConfig
 from tscale.optim import alias, schedules, transforms
 from tscale.optim.base import GradientTransformation, chain
@@ -354,16 +356,45 @@ def build_optimizer(cfg: Config, schedule: schedules.Schedule) -> GradientTransf
     return transforms.skip_nonfinite(tx) if o.skip_nonfinite else tx
 
 
-def build_step(cfg: Config, model: Transformer, tx: GradientTransformation) -> StepFn:
+def build_step(cfg: Config, apply_fn: Callable, tx: GradientTransformation) -> StepFn:
     """The train step the config implies: Sophia-G needs its Hessian-estimating step, every other
-    optimizer the plain ``make_train_step`` over the LM loss."""
+    optimizer the plain ``make_train_step`` over the LM loss; LoRA dropout draws its keys from
+    the state's rng and step."""
+    t = cfg.train
     if cfg.optimizer.type == "sophia_g":
-        return make_sophia_train_step(
-            model.apply, tx, microbatches=cfg.train.microbatches, donate=cfg.train.donate
+        step = make_sophia_train_step(apply_fn, tx, microbatches=t.microbatches, donate=t.donate)
+    else:
+        step = make_train_step(
+            make_lm_loss(apply_fn), tx, microbatches=t.microbatches, donate=t.donate
         )
-    return make_train_step(
-        make_lm_loss(model.apply), tx, microbatches=cfg.train.microbatches, donate=cfg.train.donate
-    )
+    if cfg.lora.enabled and cfg.lora.dropout > 0:
+        step = with_dropout_keys(step)
+    return step
+
+
+def build_lora_model(cfg: Config, model: Transformer, base: TensorDictBase) -> LoraModel:
+    """The LoRA (or QLoRA) wrapper of ``model`` over the frozen ``base`` params."""
+    lc = cfg.lora
+    try:
+        config = LoraConfig(
+            rank=lc.rank,
+            alpha=lc.alpha,
+            dropout=lc.dropout,
+            use_dora=lc.use_dora,
+            use_rslora=lc.use_rslora,
+            **({"targets": tuple(lc.targets)} if lc.targets is not None else {}),
+        )
+        if lc.qlora:
+            return make_qlora_model(
+                model.apply, base, config, quantize=config.targets, block_size=lc.qlora_block_size
+            )
+        return LoraModel(apply_fn=model.apply, base=base, config=config)
+    except (ValueError, ShapeError) as err:
+        raise ConfigError(f"lora: {str(err).replace('LoraConfig.', 'lora.')}") from None
+    except ImportError as err:
+        raise ConfigError(
+            f"lora.qlora needs bitsandbytes (pip install 'tscale[bnb]'): {err}"
+        ) from None
 
 
 def build_eval_params(cfg: Config) -> Callable[[TrainState], TensorDictBase]:

@@ -21,6 +21,7 @@ from rich.table import Table
 from tensordict import TensorDictBase
 
 from tscale import checkpoint as ckpt
+from tscale.checkpoint.peft import save_adapter
 from tscale.config.load import to_yaml
 from tscale.config.schema import Config
 from tscale.core import rng as R
@@ -161,6 +162,12 @@ def train(
     key = R.key(cfg.run.seed)
     init_key, state_key = R.split(key, 2)
     params = model.init(init_key).to(device)
+    apply_fn = model.apply
+    lora_model = None
+    if cfg.lora.enabled:  # the base is frozen; the adapters are the trained params
+        lora_model = builders.build_lora_model(cfg, model, params)
+        apply_fn = lora_model.apply
+        params = lora_model.init(R.fold_in(init_key, 1))
     state = TrainState.create(params, tx.init(params), state_key.to(device))
     loader = bundle.loader
     metrics_file = run_dir / "metrics.jsonl"
@@ -172,7 +179,8 @@ def train(
     elif metrics_file.exists():
         metrics_file.unlink()
 
-    step_fn = builders.build_step(cfg, model, tx) if make_step is None else make_step(model, tx)
+    custom = make_step is not None
+    step_fn = make_step(model, tx) if custom else builders.build_step(cfg, apply_fn, tx)
     eval_params = builders.build_eval_params(cfg)
     stop = _Stopper()
     hooks: list[Callback] = [
@@ -239,7 +247,7 @@ def train(
             last = step == cfg.train.max_steps
             t_pause = time.perf_counter()
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and not last:
-                last_eval, samples = evaluate(model.apply, eval_params(state), bundle, **ev)
+                last_eval, samples = evaluate(apply_fn, eval_params(state), bundle, **ev)
                 emit("on_eval", step=step, eval=last_eval)
             if cfg.train.save_every and step % cfg.train.save_every == 0 and not last:
                 save(step)
@@ -253,9 +261,11 @@ def train(
         raise
     train_time = time.perf_counter() - loop_t0 - paused
 
-    last_eval, samples = evaluate(model.apply, eval_params(state), bundle, **ev)
+    last_eval, samples = evaluate(apply_fn, eval_params(state), bundle, **ev)
     emit("on_eval", step=step, eval=last_eval)
     save(step)
+    if lora_model is not None:  # a PEFT adapter directory that `peft` loads
+        save_adapter(state.params, lora_model.config, run_dir / "adapter")
     summary = {
         "steps": step - start_step,
         "final_step": step,
