@@ -38,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
         help="start again in a run directory that holds checkpoints (deletes them)",
     )
 
+    e = sub.add_parser("export", help="write a run or checkpoint as an HF checkpoint directory")
+    e.add_argument("checkpoint", help="a run directory (its newest checkpoint) or a checkpoint")
+    e.add_argument("out", help="the HF directory to write")
+    e.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (e.g. 500MB)")
+
     c = sub.add_parser("config", help="config tools")
     csub = c.add_subparsers(dest="config_command", required=True)
     show = csub.add_parser("show", help="print the resolved config with all defaults")
@@ -57,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from tscale.config import load_config, to_yaml
+
+    if args.command == "export":
+        from tscale.train.export import export
+
+        print(f"wrote {export(args.checkpoint, args.out, max_shard_size=args.max_shard_size)}")
+        return 0
 
     cfg = load_config(args.config, args.overrides)
     if args.command == "config":

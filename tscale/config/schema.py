@@ -35,8 +35,13 @@ class RunConfig:
 
 @attrs.frozen(kw_only=True)
 class ModelConfig:
-    """A Llama-style decoder initialised at random (HF loading comes with the models issue)."""
+    """The model: a Llama-style decoder initialised at random, or an HF checkpoint (``path``)."""
 
+    path: str | None = _f(
+        None,
+        "HF checkpoint directory (config.json + safetensors) to start from; its config.json "
+        "sets the architecture, so the architecture keys below must stay at their defaults.",
+    )
     vocab_size: int | None = _f(None, "Vocabulary size; None takes the tokenizer's.")
     hidden_size: int = _f(128, "Width of the residual stream.")
     intermediate_size: int = _f(384, "Width of the SwiGLU MLP.")

@@ -13,6 +13,7 @@ import attrs
 import torch
 from tensordict import TensorDictBase
 
+from tscale.checkpoint.hf import from_pretrained
 from tscale.config.schema import Config
 from tscale.core.result import Err, Ok
 from tscale.core.state import TrainState
@@ -180,8 +181,36 @@ def build_data(cfg: Config, run_dir: Path) -> DataBundle:
     )
 
 
-def build_model(cfg: Config, vocab_size: int) -> Transformer:
-    """The model of ``cfg.model``; ``vocab_size`` comes from the tokenizer unless set."""
+_NOT_ARCHITECTURE = ("path", "dtype")
+
+
+def build_model(
+    cfg: Config, vocab_size: int, key: torch.Tensor
+) -> tuple[Transformer, TensorDictBase]:
+    """The model of ``cfg.model`` and its initial params: loaded from ``model.path`` (an HF
+    checkpoint), else initialised at random from ``key`` with ``vocab_size`` from the tokenizer
+    unless ``model.vocab_size`` is set."""
+    m = cfg.model
+    if m.path is None:
+        model = _random_model(cfg, vocab_size)
+        return model, model.init(key)
+    default = type(m)()
+    for f in attrs.fields(type(m)):
+        if f.name not in _NOT_ARCHITECTURE and getattr(m, f.name) != getattr(default, f.name):
+            raise ConfigError(
+                f"model.{f.name} conflicts with model.path: the checkpoint's config.json sets "
+                "the architecture; remove model." + f.name
+            )
+    loaded = from_pretrained(m.path, dtype=_DTYPES[m.dtype])
+    if loaded.config.vocab_size < vocab_size:
+        raise ConfigError(
+            f"model.path {m.path}: vocabulary of {loaded.config.vocab_size} is smaller than the "
+            f"tokenizer's ({vocab_size}); use the checkpoint's tokenizer (data.tokenizer.path)"
+        )
+    return loaded.transformer, loaded.params
+
+
+def _random_model(cfg: Config, vocab_size: int) -> Transformer:
     m = cfg.model
     if m.vocab_size is not None and m.vocab_size < vocab_size:
         raise ConfigError(

@@ -156,12 +156,12 @@ def train(
     (run_dir / "config.yaml").write_text(config_yaml)
 
     bundle = builders.build_data(cfg, run_dir)
-    model = builders.build_model(cfg, bundle.encoder.vocab_size)
     schedule = builders.build_schedule(cfg)
     tx = builders.build_optimizer(cfg, schedule)
     key = R.key(cfg.run.seed)
     init_key, state_key = R.split(key, 2)
-    params = model.init(init_key).to(device)
+    model, params = builders.build_model(cfg, bundle.encoder.vocab_size, init_key)
+    params = params.to(device)
     apply_fn = model.apply
     lora_model = None
     if cfg.lora.enabled:  # the base is frozen; the adapters are the trained params
