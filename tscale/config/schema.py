@@ -79,6 +79,16 @@ class TokenizerConfig:
 
 
 @attrs.frozen(kw_only=True)
+class PackingConfig:
+    """Best-fit-decreasing packing of examples into rows of data.max_length tokens."""
+
+    enabled: bool = _f(False, "Pack several examples per row (attention isolated by doc_ids).")
+    split_overflow: bool = _f(
+        False, "Split examples longer than data.max_length into chunks (else drop and count)."
+    )
+
+
+@attrs.frozen(kw_only=True)
 class DataConfig:
     """Training and evaluation data (prompt/completion records)."""
 
@@ -88,7 +98,26 @@ class DataConfig:
         SyntheticConfig(), "The built-in task (when no files are given)."
     )
     tokenizer: TokenizerConfig = _f(TokenizerConfig(), "Tokenizer settings.")
-    max_length: int = _f(64, "Longest tokenized example; longer ones are rejected with their row.")
+    template: str = _f(
+        "plain",
+        "Prompt template: plain, alpaca, chatml, llama-3, mistral, gemma, qwen, or a "
+        "Jinja2 chat template string.",
+    )
+    loss_mode: Literal["completion_only", "assistant_only", "last_turn_only"] = _f(
+        "completion_only", "Which tokens are trained (masks come from rendering prefixes)."
+    )
+    system_prompt: str | None = _f(None, "System prompt for records that have none.")
+    max_length: int = _f(
+        64,
+        "Longest example in tokens, template and bos/eos included (the packed row length); "
+        "longer examples are quarantined with their row unless packing splits them.",
+    )
+    packing: PackingConfig = _f(PackingConfig(), "Packing.")
+    group_by_length: bool = _f(False, "Batch examples of similar length (less padding).")
+    longest_first: bool = _f(False, "Put the batch with the longest example first (OOM at once).")
+    max_tokens: int | None = _f(
+        None, "Token-budget batching: at most this many padded tokens per batch (single process)."
+    )
     batch_size: int = _f(64, "Examples per optimizer step (split into train.microbatches).")
     shuffle: bool = _f(True, "Shuffle each epoch, deterministically from (seed, epoch).")
 

@@ -3,11 +3,23 @@ tokenizing, packing and batching.
 
 The path the trainer uses today: ``synthetic.make_splits`` (or JSON-lines files) →
 ``load_records`` → ``Encoder.encode_batch`` → ``BatchLoader`` (training) / ``batch_iter`` (eval).
-The prompt engine (``render``, ``tokenize_rendered``), length manager (``fit_record``) and packer
-(``pack_examples``, ``StreamingPacker``, ``collate_packed``) are library pieces, tested, and not
-yet selectable from YAML (see docs/data.md).
+Templates, loss modes and packing are selectable from YAML (``data.template``, ``data.loss_mode``,
+``data.packing``); the length manager (``fit_record``), the streaming packer, the introspector
+(``inspect_source``) and the source loaders (``load_source``, ``mix_sources``, ``cached_map``)
+are tested library pieces not yet wired to YAML (see docs/data.md).
 """
 
+from tscale.data.introspect import (
+    FORMATS,
+    SYNONYMS,
+    SourceInfo,
+    canonicalize,
+    detect_format,
+    inspect_source,
+    iter_canonical,
+    length_histogram,
+    make_eval_split,
+)
 from tscale.data.length import LengthReport, allocate_budget, fit_record, fit_records, truncate_text
 from tscale.data.load import LoadReport, load_records, validate_record, write_quarantine
 from tscale.data.loader import BatchLoader, batch_iter
@@ -32,6 +44,7 @@ from tscale.data.prompt import (
     to_messages,
     tokenize_rendered,
 )
+from tscale.data.sources import cached_map, fingerprint, load_source, mix_sources, resolve_source
 from tscale.data.synthetic import TASKS, generate, make_splits, write_jsonl
 from tscale.data.tokenize import (
     IGNORE_INDEX,
@@ -43,9 +56,11 @@ from tscale.data.tokenize import (
 )
 
 __all__ = [
+    "FORMATS",
     "IGNORE_INDEX",
     "LOSS_MODES",
     "SPECIAL_TOKENS",
+    "SYNONYMS",
     "TASKS",
     "TEMPLATE_NAMES",
     "BatchLoader",
@@ -55,24 +70,36 @@ __all__ = [
     "LoadReport",
     "PackReport",
     "RenderedSample",
+    "SourceInfo",
     "StreamingPacker",
     "allocate_budget",
     "batch_iter",
+    "cached_map",
+    "canonicalize",
     "collate_packed",
     "cu_seqlens_from_doc_ids",
+    "detect_format",
+    "fingerprint",
     "fit_record",
     "fit_records",
     "generate",
     "get_template",
+    "inspect_source",
+    "iter_canonical",
+    "length_histogram",
     "load_or_train_tokenizer",
     "load_records",
+    "load_source",
     "load_tokenizer",
+    "make_eval_split",
     "make_sample_counter",
     "make_splits",
+    "mix_sources",
     "normalize_sharegpt",
     "pack_examples",
     "render",
     "render_messages",
+    "resolve_source",
     "template_from_tokenizer_config",
     "to_messages",
     "tokenize_rendered",

@@ -15,6 +15,7 @@ from tscale.core.result import Err, Ok
 from tscale.errors import DataError
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("prompt", "completion")
+CHAT_COLUMNS = ("messages", "conversations")
 
 
 @attrs.frozen
@@ -43,10 +44,18 @@ class LoadReport:
 
 
 def validate_record(record: dict[str, Any], where: str | None = None) -> Ok[dict] | Err:
-    """``Ok(record)`` if it has a string ``prompt`` and a non-empty string ``completion``.
+    """``Ok(record)`` if it has a string ``prompt`` and a non-empty string ``completion``, or a
+    non-empty list of chat turns under ``messages`` (or ShareGPT's ``conversations``); the turns
+    themselves are checked when the template renders them.
 
     The ``Err`` reasons are a fixed set of short phrases, so they can be counted.
     """
+    for key in CHAT_COLUMNS:
+        if key in record and record[key] is not None:
+            turns = record[key]
+            if not isinstance(turns, list) or not turns:
+                return Err(f"{key} not a non-empty list", record, where)
+            return Ok(record)
     prompt, completion = record.get("prompt"), record.get("completion")
     if prompt is None:
         return Err("prompt missing", record, where)
@@ -126,10 +135,11 @@ def _read_rows(path: Path, cache_dir: Path | None) -> list[dict[str, Any]]:
             'object such as {"prompt": "...", "completion": "..."}'
         ) from e
     missing = [c for c in REQUIRED_COLUMNS if c not in ds.column_names]
-    if missing:
+    if missing and not any(c in ds.column_names for c in CHAT_COLUMNS):
         raise DataError(
             f"{path} has no column(s) {missing}; columns found: {ds.column_names}. Each row needs "
-            "'prompt' (a string) and 'completion' (a non-empty string); rename the columns"
+            "'prompt' (a string) and 'completion' (a non-empty string), or 'messages' (chat "
+            "turns); rename the columns"
         )
     return ds.to_list()
 

@@ -67,8 +67,9 @@ def _fingerprint(files: Sequence[Path], vocab_size: int) -> str:
 
 
 def _texts(files: Sequence[Path]) -> Iterator[str]:
-    """``prompt + completion`` of every JSON-lines row that has both as strings (others skipped:
-    rejecting rows is :func:`tscale.data.load.load_records`'s job)."""
+    """``prompt + completion`` of every JSON-lines row that has both as strings, and the text of
+    every chat turn (``messages``: content, ``conversations``: value); others are skipped:
+    rejecting rows is :func:`tscale.data.load.load_records`'s job."""
     for path in files:
         with path.open(encoding="utf-8") as f:
             for line in f:
@@ -76,10 +77,18 @@ def _texts(files: Sequence[Path]) -> Iterator[str]:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if isinstance(row, dict):
-                    p, c = row.get("prompt"), row.get("completion")
-                    if isinstance(p, str) and isinstance(c, str):
-                        yield p + c
+                if not isinstance(row, dict):
+                    continue
+                p, c = row.get("prompt"), row.get("completion")
+                if isinstance(p, str) and isinstance(c, str):
+                    yield p + c
+                for key, field in (("messages", "content"), ("conversations", "value")):
+                    turns = row.get(key)
+                    if isinstance(turns, list):
+                        yield from (
+                            t[field] for t in turns
+                            if isinstance(t, dict) and isinstance(t.get(field), str)
+                        )
 
 
 def _check_special_tokens(tok: Tokenizer, source: str) -> None:
@@ -138,8 +147,8 @@ def load_or_train_tokenizer(
     texts = list(_texts(files))
     if not texts:
         raise DataError(
-            f"no rows with string 'prompt' and 'completion' in {[str(f) for f in files]} "
-            "to train a tokenizer on"
+            "no rows with string 'prompt' and 'completion' (or chat 'messages') in "
+            f"{[str(f) for f in files]} to train a tokenizer on"
         )
     tok = train_tokenizer(texts, vocab_size)
     cached.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,8 @@ from tscale.core.state import TrainState
 from tscale.data import load as data_load
 from tscale.data import synthetic
 from tscale.data.loader import BatchLoader
+from tscale.data.pack import pack_examples
+from tscale.data.prompt import get_template, render, render_messages, to_messages, tokenize_rendered
 from tscale.data.tokenize import Encoder, load_or_train_tokenizer
 from tscale.errors import ConfigError, DataError, ShapeError
 from tscale.losses.lm import make_lm_loss
@@ -92,25 +94,69 @@ class DataBundle:
     eval_examples: list[dict]
     eval_records: list[dict]
     report: dict[str, Any]
+    encode_prompt: Callable[[dict], list[int]]
 
 
-def _encode_all(
-    encoder: Encoder, records: list[dict], max_length: int, name: str, quarantine: Path
+def _prepare(
+    cfg: Config,
+    encoder: Encoder,
+    records: list[dict],
+    name: str,
+    quarantine: Path,
+    *,
+    max_length: int | None,
 ) -> tuple[list[dict], Counter]:
-    where = [f"{name} record {i}" for i in range(len(records))]
-    results = encoder.encode_batch(records, max_length=max_length, where=where)
-    ok, errors = [], Counter()
-    bad = []
-    for res in results:
+    """Render each record with the template, tokenize it with its loss mask; an ``Err`` at any
+    stage goes to the quarantine file (with the original record) and is counted by reason."""
+    d = cfg.data
+    template = get_template(d.template)
+    ok: list[dict] = []
+    errors: Counter = Counter()
+    bad: list[Err] = []
+    for i, record in enumerate(records):
+        where = f"{name} record {i}"
+        res = render(record, template, system=d.system_prompt, loss_mode=d.loss_mode, where=where)
+        if isinstance(res, Ok):
+            res = tokenize_rendered(
+                res.value, encoder, add_bos=True, add_eos=True, max_length=max_length, where=where
+            )
         if isinstance(res, Ok):
             ok.append(res.value)
         else:
-            assert isinstance(res, Err)
             errors[res.reason.split(":")[0]] += 1
-            bad.append(res)
+            bad.append(attrs.evolve(res, record=record))
     if bad:
         data_load.write_quarantine(bad, quarantine)
     return ok, errors
+
+
+def question_and_answer(record: dict) -> tuple[str, str]:
+    """The prompt text and the expected answer of an eval record: ``prompt``/``completion``, or
+    for chat records the last user turn before the final turn and that final turn."""
+    if "completion" in record:
+        return str(record.get("prompt", "")), str(record["completion"])
+    turns = record.get("messages") or record.get("conversations") or []
+    text = [str(t.get("content", t.get("value", ""))) for t in turns if isinstance(t, dict)]
+    return (text[-2] if len(text) > 1 else ""), (text[-1] if text else "")
+
+
+def prompt_encoder(cfg: Config, encoder: Encoder) -> Callable[[dict], list[int]]:
+    """``record -> ids`` of the generation prompt: the template's rendering of every message but
+    the last (the answer), with the generation prompt added, after bos."""
+    d = cfg.data
+    if d.template == "plain":
+        return lambda record: encoder.encode_prompt(record["prompt"])
+    template = get_template(d.template)
+
+    def encode(record: dict) -> list[int]:
+        messages = to_messages(record, system=d.system_prompt)
+        if not isinstance(messages, Ok):
+            raise DataError(f"eval record cannot be rendered: {messages.reason}")
+        text = render_messages(template, messages.value[:-1], add_generation_prompt=True)
+        ids = encoder.tokenizer.encode(text, add_special_tokens=False).ids
+        return ids if ids[:1] == [encoder.bos_id] else [encoder.bos_id, *ids]
+
+    return encode
 
 
 def build_data(cfg: Config, run_dir: Path) -> DataBundle:
@@ -150,16 +196,34 @@ def build_data(cfg: Config, run_dir: Path) -> DataBundle:
     tokenizer_file = data_dir / "tokenizer.json"
     tokenizer.save(str(tokenizer_file))
     encoder = Encoder.from_tokenizer(tokenizer)
-    train_examples, train_errors = _encode_all(
-        encoder, train_records, d.max_length, "train", quarantine
+    packing = d.packing.enabled
+    train_examples, train_errors = _prepare(
+        cfg,
+        encoder,
+        train_records,
+        "train",
+        quarantine,
+        max_length=None if packing else d.max_length,
     )
-    eval_examples, eval_errors = _encode_all(
-        encoder, eval_records, d.max_length, "eval", quarantine
+    eval_examples, eval_errors = _prepare(
+        cfg, encoder, eval_records, "eval", quarantine, max_length=d.max_length
     )
+    pack_report = None
+    if packing and train_examples:
+        train_examples, pack_report = pack_examples(
+            train_examples, d.max_length, split_overflow=d.packing.split_overflow
+        )
     if not train_examples:
         raise DataError(f"no usable training example; see {quarantine} for the reasons")
     loader = BatchLoader(
-        train_examples, d.batch_size, seed=cfg.run.seed, shuffle=d.shuffle, pad_id=encoder.pad_id
+        train_examples,
+        d.batch_size,
+        seed=cfg.run.seed,
+        shuffle=d.shuffle,
+        pad_id=encoder.pad_id,
+        group_by_length=d.group_by_length,
+        longest_first=d.longest_first,
+        max_tokens=d.max_tokens,
     )
     report = {
         "train_records": len(train_records),
@@ -169,6 +233,7 @@ def build_data(cfg: Config, run_dir: Path) -> DataBundle:
         "train_encode_errors": dict(train_errors),
         "eval_encode_errors": dict(eval_errors),
         "quarantine": str(quarantine) if quarantine.exists() else None,
+        "packing": pack_report.summary() if pack_report is not None else None,
     }
     return DataBundle(
         encoder=encoder,
@@ -178,6 +243,7 @@ def build_data(cfg: Config, run_dir: Path) -> DataBundle:
         eval_examples=eval_examples,
         eval_records=eval_records,
         report=report,
+        encode_prompt=prompt_encoder(cfg, encoder),
     )
 
 

@@ -78,7 +78,7 @@ def evaluate(
         by_task: dict[str, list[bool]] = {}
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
-            prompts = [enc.encode_prompt(r["prompt"]) for r in chunk]
+            prompts = [bundle.encode_prompt(r) for r in chunk]
             outs = greedy(
                 apply_fn,
                 params,
@@ -90,14 +90,15 @@ def evaluate(
             )
             for r, out in zip(chunk, outs, strict=True):
                 answer = enc.decode(out)
-                ok = answer.strip() == r["completion"].strip()
+                question, expected = builders.question_and_answer(r)
+                ok = answer.strip() == expected.strip()
                 correct += ok
                 if "task" in r:
                     by_task.setdefault(str(r["task"]), []).append(ok)
                 samples.append(
                     {
-                        "prompt": r["prompt"],
-                        "expected": r["completion"],
+                        "prompt": question,
+                        "expected": expected,
                         "answer": answer,
                         "correct": ok,
                     }
