@@ -75,3 +75,23 @@ def test_overrides_may_follow_flags(tmp_path: Path):
     assert args.resume == "runs/x/checkpoints/step_00000010" and args.overrides == []
     r = _tscale("train", "configs/quickstart.yaml", "--bogus")
     assert r.returncode == 2 and "unrecognized arguments: --bogus" in r.stderr
+
+
+def test_data_inspect_and_preview(tmp_path: Path):
+    tiny = [
+        f"run.output_dir={tmp_path / 'run'}",
+        "data.synthetic.num_train=100",
+        "data.synthetic.num_eval=4",
+        "data.tokenizer.vocab_size=300",
+    ]
+    r = _tscale("data", "preview", "configs/quickstart.yaml", *tiny, "-n", "2")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("trained / not trained")
+    assert lines[1].startswith("[0] <|bos|>") and lines[1].endswith("<|eos|>")
+    r = _tscale("data", "inspect", "configs/quickstart.yaml", *tiny)
+    assert r.returncode == 0 and "tokens per example: p50" in r.stdout
+    r = _tscale("data", "inspect", str(tmp_path / "run" / "data" / "train.jsonl"))
+    assert r.returncode == 0 and "format: prompt_completion" in r.stdout
+    r = _tscale("data", "inspect", str(tmp_path / "missing.jsonl"))
+    assert r.returncode == 2 and "missing.jsonl" in r.stderr and "Traceback" not in r.stderr

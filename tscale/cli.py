@@ -43,6 +43,18 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("out", help="the HF directory to write")
     e.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (e.g. 500MB)")
 
+    d = sub.add_parser("data", help="look at data before training")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    di = dsub.add_parser("inspect", help="a dataset path, or a config's data after tokenizing")
+    di.add_argument("config", help="a YAML config, or a data file/directory/hub name")
+    di.add_argument("overrides", nargs="*", help="key.path=value overrides (with a config)")
+    di.add_argument("--split", default=None, help="split to inspect (paths only)")
+    di.add_argument("--format", default="auto", help="force a record format (paths only)")
+    dp = dsub.add_parser("preview", help="render examples as the model sees them")
+    dp.add_argument("config", help="path to a YAML config")
+    dp.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    dp.add_argument("-n", type=int, default=3, help="examples to show")
+
     c = sub.add_parser("config", help="config tools")
     csub = c.add_subparsers(dest="config_command", required=True)
     show = csub.add_parser("show", help="print the resolved config with all defaults")
@@ -69,6 +81,21 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {export(args.checkpoint, args.out, max_shard_size=args.max_shard_size)}")
         return 0
 
+    if args.command == "data":
+        from rich.console import Console
+
+        from tscale.train import data_cli
+
+        is_yaml = args.config.endswith((".yaml", ".yml"))
+        if args.data_command == "inspect" and not is_yaml:
+            print(data_cli.inspect_path(args.config, split=args.split, fmt=args.format))
+            return 0
+        cfg = load_config(args.config, args.overrides)
+        if args.data_command == "inspect":
+            data_cli.inspect_config(cfg, Console())
+        else:
+            data_cli.preview(cfg, Console(), n=args.n)
+        return 0
     cfg = load_config(args.config, args.overrides)
     if args.command == "config":
         sys.stdout.write(to_yaml(cfg))
