@@ -46,6 +46,7 @@ __all__ = [
 
 
 def _real(name: str, value: object) -> float:
+    """``value`` as a finite float, or a ValueError naming ``name`` (used package-wide)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
     v = float(value)

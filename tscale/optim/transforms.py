@@ -13,7 +13,6 @@ place and returns them; it never modifies ``params``.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Sequence
 
@@ -23,6 +22,7 @@ from tensordict import TensorDict, TensorDictBase
 from tscale.core import tree as T
 from tscale.optim.base import GradientTransformation, empty_state
 from tscale.optim.schedules import Schedule
+from tscale.optim.schedules import _real as _check_real  # one validator for the package
 
 MaskFn = Callable[[str, torch.Tensor], bool]
 """``mask(name, tensor) -> bool``: True where weight decay applies (``name`` is dotted)."""
@@ -45,16 +45,6 @@ __all__ = [
 
 # --------------------------------------------------------------------------------------------
 # validation helpers
-
-
-def _check_real(name: str, value: object) -> float:
-    """``value`` as a finite float, or a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return v
 
 
 def _check_beta(name: str, value: object) -> float:
