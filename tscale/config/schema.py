@@ -171,6 +171,9 @@ class OptimizerConfig:
     d_coef: float | None = _f(
         None, "prodigy: factor on the estimated step size; null: its own (1.0)."
     )
+    safeguard_warmup: bool | None = _f(
+        None, "prodigy: keep the lr out of the step-size estimate (use with warmup); null: off."
+    )
 
 
 @attrs.frozen(kw_only=True)

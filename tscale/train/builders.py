@@ -376,6 +376,7 @@ _OPTIMIZER_KWARGS: dict[str, tuple[str, ...]] = {
     "update_every": ("update_every",),
     "d0": ("d0",),
     "d_coef": ("d_coef",),
+    "safeguard_warmup": ("safeguard_warmup",),
 }
 
 
