@@ -115,3 +115,25 @@ def test_lora_and_qlora_from_yaml_train_adapters_only(qlora: bool, tmp_path: Pat
     after = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in after if "loss" in r] == losses  # exact resume, dropout included
     assert resumed.final_step == 20
+
+
+def test_kernel_switches_and_fused_loss_from_yaml_match_the_default_path(tmp_path: Path):
+    base = [*TINY, "optimizer.lr=3e-3", "train.max_steps=8", "train.log_every=4"]
+    runs = {}
+    for name, extra in {
+        "default": [],
+        "kernels": ["model.attention_backend=torch", "model.norm_backend=auto", "loss.fused=true"],
+    }.items():
+        cfg = load_config(None, [*base, f"run.output_dir={tmp_path / name}", *extra])
+        train(cfg, console=_quiet())
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        runs[name] = [json.loads(x)["loss"] for x in lines if '"loss"' in x]
+    assert runs["kernels"] == pytest.approx(runs["default"], rel=1e-4, abs=1e-5)
+    with pytest.raises(ConfigError, match=r"loss\.fused"):
+        train(
+            load_config(
+                None,
+                [*base, f"run.output_dir={tmp_path / 'x'}", "loss.fused=true", "lora.enabled=true"],
+            ),
+            console=_quiet(),
+        )

@@ -55,6 +55,14 @@ class ModelConfig:
     tie_word_embeddings: bool = _f(True, "Share the input embedding with the output head.")
     init_std: float = _f(0.02, "Standard deviation of the normal init of weight matrices.")
     dtype: Literal["float32", "bfloat16"] = _f("float32", "Parameter and compute dtype.")
+    attention_backend: Literal["sdpa", "auto", "triton", "torch"] = _f(
+        "sdpa",
+        "Attention: sdpa (PyTorch SDPA with masks), or tscale.kernels.attention with "
+        "backend auto (Triton FlashAttention-2 on CUDA, PyTorch on CPU), triton or torch.",
+    )
+    norm_backend: Literal["torch", "auto", "triton"] = _f(
+        "torch", "RMSNorm: torch, or tscale.kernels.rms_norm (auto: Triton on CUDA)."
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -234,6 +242,21 @@ class EvalConfig:
 
 
 @attrs.frozen(kw_only=True)
+class LossConfig:
+    """The training loss: token cross-entropy, summed and normalised by the batch's tokens."""
+
+    fused: bool = _f(
+        False,
+        "Fused linear cross-entropy (tscale.kernels): never materialises tokens x vocab "
+        "logits. Not with lora.enabled or optimizer.type=sophia_g.",
+    )
+    backend: Literal["auto", "triton", "torch"] = _f("auto", "Kernel backend of the fused loss.")
+    chunk_bytes: int | None = _f(None, "Memory per chunk of the fused loss; null: its default.")
+    label_smoothing: float = _f(0.0, "Label smoothing of the cross-entropy.")
+    z_loss: float = _f(0.0, "Weight of the z-loss (logsumexp^2 per trained token).")
+
+
+@attrs.frozen(kw_only=True)
 class LoraSection:
     """Parameter-efficient fine-tuning: only LoRA adapters are trained (see docs/lora.md)."""
 
@@ -261,6 +284,7 @@ class Config:
     data: DataConfig = _f(DataConfig(), "Data.")
     optimizer: OptimizerConfig = _f(OptimizerConfig(), "Optimizer.")
     scheduler: SchedulerConfig = _f(SchedulerConfig(), "Learning-rate schedule.")
+    loss: LossConfig = _f(LossConfig(), "Loss.")
     lora: LoraSection = _f(LoraSection(), "LoRA / QLoRA adapters.")
     train: TrainConfig = _f(TrainConfig(), "Training loop.")
     eval: EvalConfig = _f(EvalConfig(), "Evaluation.")

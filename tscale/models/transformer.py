@@ -26,6 +26,12 @@ only to earlier tokens of its own document (and, in a sliding layer, only to the
 document boundaries from restarting ``position_ids``), restarting positions without ``doc_ids``
 change RoPE only.
 
+Kernels: ``TransformerConfig.attention_backend`` and ``norm_backend`` are runtime switches (not
+architecture; ``to_hf_dict`` leaves them out) that route the forward through
+:func:`tscale.kernels.attention` (FlashAttention-2 in Triton on CUDA) and
+:func:`tscale.kernels.rms_norm`. :func:`head_weight` is the LM head's weight, for a fused loss
+(:func:`tscale.losses.lm.make_fused_lm_loss`) that never builds the [tokens, vocab] logits.
+
 Incremental decoding: :func:`init_cache` preallocates a key/value cache, and
 :func:`apply_with_cache` runs new tokens against it and returns it. Like a train step consumes its
 state (see ``docs/design.md``), it consumes the cache it is given: it writes the new keys and values
@@ -46,6 +52,8 @@ from tensordict import TensorDict, TensorDictBase
 from tscale.core import rng as R
 from tscale.core import tree as T
 from tscale.errors import ConfigError, ShapeError
+from tscale.kernels import attention as kernel_attention
+from tscale.kernels import rms_norm as kernel_rms_norm
 
 Batch = TensorDictBase | Mapping[str, torch.Tensor]
 
@@ -61,6 +69,14 @@ FAMILIES: dict[str, str] = {
 }
 _GEMMA = ("gemma", "gemma2")
 FULL, SLIDING = "full_attention", "sliding_attention"
+
+#: ``TransformerConfig.attention_backend``: ``"sdpa"`` is the model's own attention (PyTorch SDPA
+#: with boolean masks, an explicit softmax under Gemma 2's soft-cap); the others call
+#: :func:`tscale.kernels.attention` with that ``backend`` (``"auto"``: Triton on CUDA).
+ATTENTION_BACKENDS = ("sdpa", "auto", "triton", "torch")
+#: ``TransformerConfig.norm_backend``: ``"torch"`` is the model's own RMSNorm; ``"auto"`` and
+#: ``"triton"`` call :func:`tscale.kernels.rms_norm` with that ``backend``.
+NORM_BACKENDS = ("torch", "auto", "triton")
 
 _DTYPE_NAMES = {
     torch.float32: "float32",
@@ -140,6 +156,14 @@ class TransformerConfig:
     as HF does, so read them as concrete values afterwards. When you ``attrs.evolve`` the head
     counts or the family, pass those fields again.
 
+    ``attention_backend`` and ``norm_backend`` choose implementations, not the architecture (see
+    :data:`ATTENTION_BACKENDS`, :data:`NORM_BACKENDS`): every choice computes the same function,
+    ``to_hf_dict`` omits them and ``from_hf_dict`` leaves them at their defaults (``"sdpa"``,
+    ``"torch"``), so set them again (``attrs.evolve``) on a loaded config. Gemma's ``(1 + w)``
+    norms always take the PyTorch path (the kernel scales by a weight in the activation dtype;
+    Gemma computes ``1 + w`` in float32), so ``norm_backend="auto"`` leaves them as they are and
+    ``"triton"`` is refused for Gemma families.
+
     Family traits that never vary within a family (``(1 + w)`` norms, embedding scale, norms
     around attention and MLP, q/k norms, fused projections) are properties, not fields.
 
@@ -148,7 +172,8 @@ class TransformerConfig:
             ``head_dim=None``), ``num_kv_heads`` does not divide ``num_heads``, or the rotary
             dimension is odd (RoPE rotates pairs).
         ConfigError: an unknown family or activation, or a switch the family's HF config cannot
-            express (e.g. a sliding window on Llama, soft-caps outside Gemma 2).
+            express (e.g. a sliding window on Llama, soft-caps outside Gemma 2), or an unknown
+            ``attention_backend``/``norm_backend`` (``norm_backend="triton"`` on Gemma).
     """
 
     vocab_size: int
@@ -176,6 +201,8 @@ class TransformerConfig:
     query_pre_attn_scalar: float | None = None
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
+    attention_backend: str = "sdpa"
+    norm_backend: str = "torch"
 
     def __attrs_post_init__(self) -> None:
         for name in (
@@ -236,6 +263,24 @@ class TransformerConfig:
             )
         self._check_attention()
         self._check_family()
+        self._check_backends()
+
+    def _check_backends(self) -> None:
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                f"TransformerConfig.attention_backend {self.attention_backend!r} is not one of "
+                f"{', '.join(map(repr, ATTENTION_BACKENDS))}"
+            )
+        if self.norm_backend not in NORM_BACKENDS:
+            raise ConfigError(
+                f"TransformerConfig.norm_backend {self.norm_backend!r} is not one of "
+                f"{', '.join(map(repr, NORM_BACKENDS))}"
+            )
+        if self.norm_backend == "triton" and self.norm_plus_one:
+            raise ConfigError(
+                f"TransformerConfig.norm_backend='triton' is not available for {self.family}: its "
+                f"(1 + w) RMSNorm keeps the PyTorch path (use 'auto' or 'torch')"
+            )
 
     def _check_attention(self) -> None:
         if self.hidden_act not in _ACTIVATIONS:
@@ -635,9 +680,18 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * h.to(x.dtype)
 
 
+def _plain_norm(config: TransformerConfig, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """RMSNorm scaled by ``w`` (every family but Gemma; also Qwen3's q/k norms)."""
+    if config.norm_backend == "torch":
+        return _rms_norm(x, weight, config.rms_norm_eps)
+    return kernel_rms_norm(x, weight, config.rms_norm_eps, backend=config.norm_backend)
+
+
 def _norm(config: TransformerConfig, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if not config.norm_plus_one:
-        return _rms_norm(x, weight, config.rms_norm_eps)
+        return _plain_norm(config, x, weight)
+    # Gemma keeps this path whatever norm_backend says: the kernel would need ``1 + w`` in the
+    # activation dtype, which rounds a bf16 scale that HF computes in float32.
     # As HF Gemma: scale by (1 + w) in float32, then cast back.
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps)
@@ -797,8 +851,8 @@ def _decoder(
             v = _linear(h, attn["v_proj"], bool(config.qkv_bias))
         q, k, v = q.view(b, s, nh, hd), k.view(b, s, nkv, hd), v.view(b, s, nkv, hd)
         if config.qk_norm:
-            q = _rms_norm(q, attn["q_norm", "weight"], config.rms_norm_eps)
-            k = _rms_norm(k, attn["k_norm", "weight"], config.rms_norm_eps)
+            q = _plain_norm(config, q, attn["q_norm", "weight"])
+            k = _plain_norm(config, k, attn["k_norm", "weight"])
         o = attend(i, _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v)
         o = _linear(o.transpose(1, 2).reshape(b, s, nh * hd), attn["o_proj"], config.o_bias)
         if config.sandwich_norms:
@@ -818,6 +872,29 @@ def _decoder(
         x = x + m
 
     return _norm(config, x, model["norm", "weight"])
+
+
+def _kernel_attend(config: TransformerConfig, doc_ids: torch.Tensor | None) -> _Attend:
+    """``attend`` through :func:`tscale.kernels.attention`: no [S, S] masks are built; documents,
+    the layer's window, the soft-cap, the scale and GQA go to the kernel as arguments."""
+    backend = config.attention_backend
+
+    def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # [B, s, heads, hd] -> [B, heads, s, hd] views; the output keeps q's layout, so the
+        # caller's transpose back to [B, s, heads, hd] is free too.
+        return kernel_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            causal=True,
+            doc_ids=doc_ids,
+            window=config.sliding_window if config.is_sliding(i) else None,
+            softcap=config.attn_logit_softcap,
+            scale=config.attn_scale,
+            backend=backend,
+        )
+
+    return attend
 
 
 # ---------------------------------------------------------------- the model without a cache
@@ -843,6 +920,8 @@ def hidden_states(config: TransformerConfig, params: TensorDictBase, batch: Batc
     s = ids.shape[1]
     if position_ids is None:
         position_ids = torch.arange(s, device=ids.device)[None]
+    if config.attention_backend != "sdpa":
+        return _decoder(config, params, ids, position_ids, _kernel_attend(config, doc_ids))
 
     full = None if doc_ids is None else _doc_mask(doc_ids)
     sliding = None
@@ -860,19 +939,29 @@ def hidden_states(config: TransformerConfig, params: TensorDictBase, batch: Batc
     return _decoder(config, params, ids, position_ids, attend)
 
 
+def head_weight(config: TransformerConfig, params: TensorDictBase) -> torch.Tensor:
+    """The LM head's weight [vocab_size, hidden_size]: ``lm_head.weight``, or the input embedding
+    ``model.embed_tokens.weight`` when ``tie_word_embeddings``.
+
+    ``logits = hidden @ head_weight.T``, then Gemma 2's final soft-cap
+    (``config.final_logit_softcap``), which is not part of the weight: a fused loss must apply it
+    (``linear_cross_entropy(..., softcap=config.final_logit_softcap)``). Gemma's
+    ``sqrt(hidden_size)`` scale belongs to the input embedding only and never to the head.
+    """
+    if config.tie_word_embeddings:
+        return params["model", "embed_tokens", "weight"]
+    return params["lm_head", "weight"]
+
+
 def logits_from_hidden(
     config: TransformerConfig, params: TensorDictBase, h: torch.Tensor
 ) -> torch.Tensor:
     """The LM head: logits [..., vocab_size] from final hidden states (tied or not).
 
-    Includes Gemma 2's final soft-cap ``tanh(logits / cap) * cap``; a fused loss that takes the
-    head weight directly must apply it too.
+    Includes Gemma 2's final soft-cap ``tanh(logits / cap) * cap``; a fused loss that takes
+    :func:`head_weight` directly must apply it too.
     """
-    if config.tie_word_embeddings:
-        w = params["model", "embed_tokens", "weight"]
-    else:
-        w = params["lm_head", "weight"]
-    logits = F.linear(h, w)
+    logits = F.linear(h, head_weight(config, params))
     cap = config.final_logit_softcap
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
@@ -963,6 +1052,10 @@ def apply_with_cache(
     docs = torch.zeros_like(ids) if doc_ids is None else doc_ids.expand(b, s)
     cdoc[:, offset:end] = docs
 
+    # The cache path keeps the model's SDPA attention whatever ``attention_backend`` says: the
+    # kernel is a training kernel (queries and keys of the same length, no cache slots, no
+    # decoding step of one query against many keys), and decoding is dominated by reading the
+    # cache, not by the attention arithmetic the kernel saves.
     q_slots = offset + torch.arange(s, device=dev)
     kv_slots = torch.arange(end, device=dev)
     causal = kv_slots[None, :] <= q_slots[:, None]
@@ -1004,6 +1097,10 @@ class Transformer:
     def logits_from_hidden(self, params: TensorDictBase, h: torch.Tensor) -> torch.Tensor:
         """The LM head applied to hidden states (see :func:`logits_from_hidden`)."""
         return logits_from_hidden(self.config, params, h)
+
+    def head_weight(self, params: TensorDictBase) -> torch.Tensor:
+        """The LM head's weight [V, H], tied or not (see :func:`head_weight`)."""
+        return head_weight(self.config, params)
 
     def init_cache(
         self,

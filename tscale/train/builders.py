@@ -24,7 +24,7 @@ from tscale.data.pack import pack_examples
 from tscale.data.prompt import get_template, render, render_messages, to_messages, tokenize_rendered
 from tscale.data.tokenize import Encoder, load_or_train_tokenizer
 from tscale.errors import ConfigError, DataError, ShapeError
-from tscale.losses.lm import make_lm_loss
+from tscale.losses.lm import make_fused_lm_loss, make_lm_loss
 from tscale.models.lora import LoraConfig, LoraModel, with_dropout_keys
 from tscale.models.quant import make_qlora_model
 from tscale.models.transformer import Transformer, TransformerConfig
@@ -247,7 +247,7 @@ def build_data(cfg: Config, run_dir: Path) -> DataBundle:
     )
 
 
-_NOT_ARCHITECTURE = ("path", "dtype")
+_NOT_ARCHITECTURE = ("path", "dtype", "attention_backend", "norm_backend")
 
 
 def build_model(
@@ -273,7 +273,10 @@ def build_model(
             f"model.path {m.path}: vocabulary of {loaded.config.vocab_size} is smaller than the "
             f"tokenizer's ({vocab_size}); use the checkpoint's tokenizer (data.tokenizer.path)"
         )
-    return loaded.transformer, loaded.params
+    config = attrs.evolve(
+        loaded.config, attention_backend=m.attention_backend, norm_backend=m.norm_backend
+    )
+    return Transformer(config), loaded.params
 
 
 def _random_model(cfg: Config, vocab_size: int) -> Transformer:
@@ -297,6 +300,8 @@ def _random_model(cfg: Config, vocab_size: int) -> Transformer:
             tie_word_embeddings=m.tie_word_embeddings,
             init_std=m.init_std,
             dtype=_DTYPES[m.dtype],
+            attention_backend=m.attention_backend,
+            norm_backend=m.norm_backend,
         )
     )
 
@@ -452,17 +457,37 @@ def build_optimizer(cfg: Config, schedule: schedules.Schedule) -> GradientTransf
     return transforms.skip_nonfinite(tx) if o.skip_nonfinite else tx
 
 
-def build_step(cfg: Config, apply_fn: Callable, tx: GradientTransformation) -> StepFn:
+def build_loss(cfg: Config, model: Transformer, apply_fn: Callable) -> Callable:
+    """The LM loss of ``cfg.loss``: fused linear cross-entropy, or logits then cross-entropy."""
+    lc = cfg.loss
+    if lc.fused:
+        if cfg.lora.enabled or cfg.optimizer.type == "sophia_g":
+            raise ConfigError(
+                "loss.fused does not combine with lora.enabled or optimizer.type=sophia_g yet; "
+                "set loss.fused: false"
+            )
+        return make_fused_lm_loss(
+            model,
+            backend=lc.backend,
+            chunk_bytes=lc.chunk_bytes,
+            label_smoothing=lc.label_smoothing,
+            z_loss=lc.z_loss,
+        )
+    return make_lm_loss(apply_fn, label_smoothing=lc.label_smoothing, z_loss=lc.z_loss)
+
+
+def build_step(
+    cfg: Config, model: Transformer, apply_fn: Callable, tx: GradientTransformation
+) -> StepFn:
     """The train step the config implies: Sophia-G needs its Hessian-estimating step, every other
-    optimizer the plain ``make_train_step`` over the LM loss; LoRA dropout draws its keys from
-    the state's rng and step."""
+    optimizer the plain ``make_train_step`` over the configured loss; LoRA dropout draws its keys
+    from the state's rng and step."""
     t = cfg.train
     if cfg.optimizer.type == "sophia_g":
         step = make_sophia_train_step(apply_fn, tx, microbatches=t.microbatches, donate=t.donate)
     else:
-        step = make_train_step(
-            make_lm_loss(apply_fn), tx, microbatches=t.microbatches, donate=t.donate
-        )
+        loss_fn = build_loss(cfg, model, apply_fn)
+        step = make_train_step(loss_fn, tx, microbatches=t.microbatches, donate=t.donate)
     if cfg.lora.enabled and cfg.lora.dropout > 0:
         step = with_dropout_keys(step)
     return step

@@ -181,7 +181,7 @@ def train(
         metrics_file.unlink()
 
     custom = make_step is not None
-    step_fn = make_step(model, tx) if custom else builders.build_step(cfg, apply_fn, tx)
+    step_fn = make_step(model, tx) if custom else builders.build_step(cfg, model, apply_fn, tx)
     eval_params = builders.build_eval_params(cfg)
     stop = _Stopper()
     hooks: list[Callback] = [
