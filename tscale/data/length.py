@@ -425,10 +425,16 @@ def _fit_budget(
     count_total: Callable[[Mapping[str, Any]], int] | None,
 ) -> list[str] | str:
     """Cut ``out``'s columns in place to fit; the truncated columns, or a reason it cannot fit."""
+    # With count_total, most records fit: check that first and count columns only when cutting.
+    if count_total is not None:
+        total = count_total(out)
+        if total <= max_total_length:
+            return []
     counts = {c: count_tokens(out[c]) for c in columns}
-    total = count_total(out) if count_total is not None else sum(counts.values()) + overhead_tokens
-    if total <= max_total_length:
-        return []
+    if count_total is None:
+        total = sum(counts.values()) + overhead_tokens
+        if total <= max_total_length:
+            return []
     overhead = total - sum(counts.values())
     if excess != "truncate":
         return f"{total} tokens > max_total_length {max_total_length}"
