@@ -123,12 +123,14 @@ def test_kernel_switches_and_fused_loss_from_yaml_match_the_default_path(tmp_pat
     for name, extra in {
         "default": [],
         "kernels": ["model.attention_backend=torch", "model.norm_backend=auto", "loss.fused=true"],
+        "checkpointed": ["model.checkpoint_layers=true"],
     }.items():
         cfg = load_config(None, [*base, f"run.output_dir={tmp_path / name}", *extra])
         train(cfg, console=_quiet())
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         runs[name] = [json.loads(x)["loss"] for x in lines if '"loss"' in x]
     assert runs["kernels"] == pytest.approx(runs["default"], rel=1e-4, abs=1e-5)
+    assert runs["checkpointed"] == pytest.approx(runs["default"], rel=1e-5, abs=1e-6)
     with pytest.raises(ConfigError, match=r"loss\.fused"):
         train(
             load_config(

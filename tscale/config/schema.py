@@ -60,6 +60,9 @@ class ModelConfig:
         "Attention: sdpa (PyTorch SDPA with masks), or tscale.kernels.attention with "
         "backend auto (Triton FlashAttention-2 on CUDA, PyTorch on CPU), triton or torch.",
     )
+    checkpoint_layers: bool = _f(
+        False, "Activation checkpointing: recompute each layer in the backward (less memory)."
+    )
     norm_backend: Literal["torch", "auto", "triton"] = _f(
         "torch", "RMSNorm: torch, or tscale.kernels.rms_norm (auto: Triton on CUDA)."
     )

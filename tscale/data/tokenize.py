@@ -86,7 +86,8 @@ def _texts(files: Sequence[Path]) -> Iterator[str]:
                     turns = row.get(key)
                     if isinstance(turns, list):
                         yield from (
-                            t[field] for t in turns
+                            t[field]
+                            for t in turns
                             if isinstance(t, dict) and isinstance(t.get(field), str)
                         )
 

@@ -203,6 +203,9 @@ class TransformerConfig:
     final_logit_softcap: float | None = None
     attention_backend: str = "sdpa"
     norm_backend: str = "torch"
+    #: Runtime switch (not architecture): recompute each layer's activations in the backward
+    #: instead of keeping them (``torch.utils.checkpoint``, non-reentrant).
+    checkpoint_layers: bool = False
 
     def __attrs_post_init__(self) -> None:
         for name in (
@@ -824,11 +827,7 @@ def _decoder(
     attend: _Attend,
 ) -> torch.Tensor:
     """Embedding, the layers (attention through ``attend``) and the final norm: [B, s, H]."""
-    b, s = ids.shape
-    nh, nkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
-    assert nkv is not None and hd is not None
     model = params["model"]
-    act = _ACTIVATIONS[config.hidden_act or "silu"]
 
     x = F.embedding(ids, model["embed_tokens", "weight"])
     if config.scale_embeddings:
@@ -838,40 +837,61 @@ def _decoder(
 
     layers = model["layers"]
     for i in range(config.num_layers):
-        layer = layers[str(i)]
-        attn, mlp = layer["self_attn"], layer["mlp"]
-
-        h = _norm(config, x, layer["input_layernorm", "weight"])
-        if config.fused_projections:
-            qkv = F.linear(h, attn["qkv_proj", "weight"])
-            q, k, v = qkv.split((nh * hd, nkv * hd, nkv * hd), dim=-1)
+        if config.checkpoint_layers and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(
+                _layer, config, layers[str(i)], x, cos, sin, attend, i, use_reentrant=False
+            )
         else:
-            q = _linear(h, attn["q_proj"], bool(config.qkv_bias))
-            k = _linear(h, attn["k_proj"], bool(config.qkv_bias))
-            v = _linear(h, attn["v_proj"], bool(config.qkv_bias))
-        q, k, v = q.view(b, s, nh, hd), k.view(b, s, nkv, hd), v.view(b, s, nkv, hd)
-        if config.qk_norm:
-            q = _plain_norm(config, q, attn["q_norm", "weight"])
-            k = _plain_norm(config, k, attn["k_norm", "weight"])
-        o = attend(i, _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v)
-        o = _linear(o.transpose(1, 2).reshape(b, s, nh * hd), attn["o_proj"], config.o_bias)
-        if config.sandwich_norms:
-            o = _norm(config, o, layer["post_attention_layernorm", "weight"])
-        x = x + o
-
-        norm = "pre_feedforward_layernorm" if config.sandwich_norms else "post_attention_layernorm"
-        h = _norm(config, x, layer[norm, "weight"])
-        if config.fused_projections:
-            gate, up = F.linear(h, mlp["gate_up_proj", "weight"]).chunk(2, dim=-1)
-        else:
-            gate = _linear(h, mlp["gate_proj"], config.mlp_bias)
-            up = _linear(h, mlp["up_proj"], config.mlp_bias)
-        m = _linear(act(gate) * up, mlp["down_proj"], config.mlp_bias)
-        if config.sandwich_norms:
-            m = _norm(config, m, layer["post_feedforward_layernorm", "weight"])
-        x = x + m
-
+            x = _layer(config, layers[str(i)], x, cos, sin, attend, i)
     return _norm(config, x, model["norm", "weight"])
+
+
+def _layer(
+    config: TransformerConfig,
+    layer: TensorDictBase,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    attend: _Attend,
+    i: int,
+) -> torch.Tensor:
+    """One decoder layer: attention then MLP, each with its residual."""
+    b, s = x.shape[:2]
+    nh, nkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
+    assert nkv is not None and hd is not None
+    act = _ACTIVATIONS[config.hidden_act or "silu"]
+    attn, mlp = layer["self_attn"], layer["mlp"]
+
+    h = _norm(config, x, layer["input_layernorm", "weight"])
+    if config.fused_projections:
+        qkv = F.linear(h, attn["qkv_proj", "weight"])
+        q, k, v = qkv.split((nh * hd, nkv * hd, nkv * hd), dim=-1)
+    else:
+        q = _linear(h, attn["q_proj"], bool(config.qkv_bias))
+        k = _linear(h, attn["k_proj"], bool(config.qkv_bias))
+        v = _linear(h, attn["v_proj"], bool(config.qkv_bias))
+    q, k, v = q.view(b, s, nh, hd), k.view(b, s, nkv, hd), v.view(b, s, nkv, hd)
+    if config.qk_norm:
+        q = _plain_norm(config, q, attn["q_norm", "weight"])
+        k = _plain_norm(config, k, attn["k_norm", "weight"])
+    o = attend(i, _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v)
+    o = _linear(o.transpose(1, 2).reshape(b, s, nh * hd), attn["o_proj"], config.o_bias)
+    if config.sandwich_norms:
+        o = _norm(config, o, layer["post_attention_layernorm", "weight"])
+    x = x + o
+
+    norm = "pre_feedforward_layernorm" if config.sandwich_norms else "post_attention_layernorm"
+    h = _norm(config, x, layer[norm, "weight"])
+    if config.fused_projections:
+        gate, up = F.linear(h, mlp["gate_up_proj", "weight"]).chunk(2, dim=-1)
+    else:
+        gate = _linear(h, mlp["gate_proj"], config.mlp_bias)
+        up = _linear(h, mlp["up_proj"], config.mlp_bias)
+    m = _linear(act(gate) * up, mlp["down_proj"], config.mlp_bias)
+    if config.sandwich_norms:
+        m = _norm(config, m, layer["post_feedforward_layernorm", "weight"])
+    x = x + m
+    return x
 
 
 def _kernel_attend(config: TransformerConfig, doc_ids: torch.Tensor | None) -> _Attend:

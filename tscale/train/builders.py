@@ -247,7 +247,7 @@ def build_data(cfg: Config, run_dir: Path) -> DataBundle:
     )
 
 
-_NOT_ARCHITECTURE = ("path", "dtype", "attention_backend", "norm_backend")
+_NOT_ARCHITECTURE = ("path", "dtype", "attention_backend", "norm_backend", "checkpoint_layers")
 
 
 def build_model(
@@ -274,7 +274,10 @@ def build_model(
             f"tokenizer's ({vocab_size}); use the checkpoint's tokenizer (data.tokenizer.path)"
         )
     config = attrs.evolve(
-        loaded.config, attention_backend=m.attention_backend, norm_backend=m.norm_backend
+        loaded.config,
+        attention_backend=m.attention_backend,
+        norm_backend=m.norm_backend,
+        checkpoint_layers=m.checkpoint_layers,
     )
     return Transformer(config), loaded.params
 
@@ -302,6 +305,7 @@ def _random_model(cfg: Config, vocab_size: int) -> Transformer:
             dtype=_DTYPES[m.dtype],
             attention_backend=m.attention_backend,
             norm_backend=m.norm_backend,
+            checkpoint_layers=m.checkpoint_layers,
         )
     )
 
@@ -496,6 +500,11 @@ def build_step(
 def build_lora_model(cfg: Config, model: Transformer, base: TensorDictBase) -> LoraModel:
     """The LoRA (or QLoRA) wrapper of ``model`` over the frozen ``base`` params."""
     lc = cfg.lora
+    if cfg.model.checkpoint_layers:
+        raise ConfigError(
+            "model.checkpoint_layers does not combine with lora.enabled yet (LoRA's forward "
+            "interception is not active when a layer is recomputed); set one of them to false"
+        )
     try:
         config = LoraConfig(
             rank=lc.rank,
