@@ -27,7 +27,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from tscale.core import tree as T
-from tscale.optim.base import GradientTransformation, chain
+from tscale.optim.base import GradientTransformation
 from tscale.optim.transforms import (
     MaskFn,
     Schedule,
@@ -36,10 +36,9 @@ from tscale.optim.transforms import (
     _check_structure,
     _count_device,
     _new_count,
-    add_decayed_weights,
-    clip_by_global_norm,
+    clip_then,
+    decayed_and_scaled,
     default_decay_mask,
-    scale_by_learning_rate,
 )
 
 __all__ = ["BLOCK_SIZES", "adamw_8bit", "scale_by_adam_8bit"]
@@ -240,12 +239,12 @@ def adamw_8bit(
         ValueError: any invalid hyper-parameter (the message names it).
         ImportError: bitsandbytes is not installed (``pip install 'tscale[bnb]'``).
     """
-    parts: list[GradientTransformation] = []
-    if max_grad_norm is not None:
-        parts.append(clip_by_global_norm(max_grad_norm))
-    parts += [
-        scale_by_adam_8bit(b1, b2, eps, block_size=block_size, min_8bit_size=min_8bit_size),
-        add_decayed_weights(weight_decay, mask),
-        scale_by_learning_rate(learning_rate),
-    ]
-    return chain(*parts)
+    return clip_then(
+        max_grad_norm,
+        *decayed_and_scaled(
+            scale_by_adam_8bit(b1, b2, eps, block_size=block_size, min_8bit_size=min_8bit_size),
+            learning_rate,
+            weight_decay,
+            mask,
+        ),
+    )

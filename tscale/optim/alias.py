@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tscale.optim.adam8bit import adamw_8bit
-from tscale.optim.base import GradientTransformation, chain
+from tscale.optim.base import GradientTransformation
 from tscale.optim.lion import lion
 from tscale.optim.muon import muon
 from tscale.optim.prodigy import prodigy
@@ -14,11 +14,10 @@ from tscale.optim.sophia import sophia_g
 from tscale.optim.transforms import (
     MaskFn,
     Schedule,
-    add_decayed_weights,
-    clip_by_global_norm,
+    clip_then,
+    decayed_and_scaled,
     default_decay_mask,
     scale_by_adam,
-    scale_by_learning_rate,
 )
 
 __all__ = [
@@ -61,15 +60,12 @@ def adamw(
     Raises:
         ValueError: any invalid hyper-parameter (the message names it).
     """
-    parts: list[GradientTransformation] = []
-    if max_grad_norm is not None:
-        parts.append(clip_by_global_norm(max_grad_norm))
-    parts += [
-        scale_by_adam(b1=b1, b2=b2, eps=eps),
-        add_decayed_weights(weight_decay, mask),
-        scale_by_learning_rate(learning_rate),
-    ]
-    return chain(*parts)
+    return clip_then(
+        max_grad_norm,
+        *decayed_and_scaled(
+            scale_by_adam(b1=b1, b2=b2, eps=eps), learning_rate, weight_decay, mask
+        ),
+    )
 
 
 OPTIMIZERS: dict[str, Callable[..., GradientTransformation]] = {

@@ -16,17 +16,16 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from tscale.core import tree as T
-from tscale.optim.base import GradientTransformation, chain
+from tscale.optim.base import GradientTransformation
 from tscale.optim.transforms import (
     MaskFn,
     Schedule,
     _check_beta,
     _check_structure,
     _moment_dtype,
-    add_decayed_weights,
-    clip_by_global_norm,
+    clip_then,
+    decayed_and_scaled,
     default_decay_mask,
-    scale_by_learning_rate,
 )
 
 __all__ = ["lion", "scale_by_lion"]
@@ -105,12 +104,7 @@ def lion(
     Raises:
         ValueError: any invalid hyper-parameter (the message names it).
     """
-    parts: list[GradientTransformation] = []
-    if max_grad_norm is not None:
-        parts.append(clip_by_global_norm(max_grad_norm))
-    parts += [
-        scale_by_lion(b1=b1, b2=b2),
-        add_decayed_weights(weight_decay, mask),
-        scale_by_learning_rate(learning_rate),
-    ]
-    return chain(*parts)
+    return clip_then(
+        max_grad_norm,
+        *decayed_and_scaled(scale_by_lion(b1=b1, b2=b2), learning_rate, weight_decay, mask),
+    )

@@ -30,7 +30,7 @@ from tscale.optim.transforms import (
     _check_structure,
     _moment_dtype,
     add_decayed_weights,
-    clip_by_global_norm,
+    clip_then,
     default_decay_mask,
     scale_by_adam,
     scale_by_learning_rate,
@@ -345,10 +345,9 @@ def muon(
     except ValueError as err:
         raise ValueError(f"adamw_lr: {err}") from None
     rest = chain(adam, add_decayed_weights(weight_decay, mask), adam_lr)
-    parts: list[GradientTransformation] = []
-    if max_grad_norm is not None:
-        parts.append(clip_by_global_norm(max_grad_norm))
-    parts.append(
-        partition({"muon": hidden, "adamw": rest}, lambda n, t: "muon" if select(n, t) else "adamw")
+    return clip_then(
+        max_grad_norm,
+        partition(
+            {"muon": hidden, "adamw": rest}, lambda n, t: "muon" if select(n, t) else "adamw"
+        ),
     )
-    return chain(*parts)

@@ -31,7 +31,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from tscale.core import tree as T
-from tscale.optim.base import GradientTransformation, chain, empty_state
+from tscale.optim.base import GradientTransformation, empty_state
 from tscale.optim.lion import _check_float_params
 from tscale.optim.transforms import (
     MaskFn,
@@ -42,7 +42,7 @@ from tscale.optim.transforms import (
     _moment_dtype,
     _new_count,
     add_decayed_weights,
-    clip_by_global_norm,
+    clip_then,
     default_decay_mask,
 )
 
@@ -244,10 +244,8 @@ def prodigy(
     Raises:
         ValueError: any invalid hyper-parameter (the message names it).
     """
-    parts: list[GradientTransformation] = []
-    if max_grad_norm is not None:
-        parts.append(clip_by_global_norm(max_grad_norm))
-    parts.append(
+    return clip_then(
+        max_grad_norm,
         scale_by_prodigy(
             learning_rate,
             b1=b1,
@@ -259,6 +257,5 @@ def prodigy(
             d_coef=d_coef,
             safeguard_warmup=safeguard_warmup,
             mask=mask,
-        )
+        ),
     )
-    return chain(*parts)

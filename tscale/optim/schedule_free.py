@@ -25,7 +25,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from tscale.core import tree as T
-from tscale.optim.base import GradientTransformation, chain, empty_state
+from tscale.optim.base import GradientTransformation, empty_state
 from tscale.optim.lion import _check_float_params
 from tscale.optim.prodigy import _lr_tensor, _positive, _scalar_dtype
 from tscale.optim.transforms import (
@@ -37,7 +37,7 @@ from tscale.optim.transforms import (
     _moment_dtype,
     _new_count,
     add_decayed_weights,
-    clip_by_global_norm,
+    clip_then,
     default_decay_mask,
 )
 
@@ -213,10 +213,8 @@ def schedule_free_adamw(
     Raises:
         ValueError: any invalid hyper-parameter (the message names it).
     """
-    parts: list[GradientTransformation] = []
-    if max_grad_norm is not None:
-        parts.append(clip_by_global_norm(max_grad_norm))
-    parts.append(
+    return clip_then(
+        max_grad_norm,
         scale_by_schedule_free_adamw(
             learning_rate,
             b1=b1,
@@ -227,9 +225,8 @@ def schedule_free_adamw(
             r=r,
             weight_lr_power=weight_lr_power,
             mask=mask,
-        )
+        ),
     )
-    return chain(*parts)
 
 
 def _find_schedule_free_state(opt_state: TensorDictBase) -> TensorDictBase:

@@ -36,7 +36,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from tscale.core import tree as T
-from tscale.optim.base import GradientTransformation, chain
+from tscale.optim.base import GradientTransformation
 from tscale.optim.lion import _check_float_params
 from tscale.optim.prodigy import _positive
 from tscale.optim.transforms import (
@@ -46,10 +46,9 @@ from tscale.optim.transforms import (
     _check_structure,
     _moment_dtype,
     _new_count,
-    add_decayed_weights,
-    clip_by_global_norm,
+    clip_then,
+    decayed_and_scaled,
     default_decay_mask,
-    scale_by_learning_rate,
 )
 
 __all__ = [
@@ -278,12 +277,12 @@ def sophia_g(
     Raises:
         ValueError: any invalid hyper-parameter (the message names it).
     """
-    parts: list[GradientTransformation] = []
-    if max_grad_norm is not None:
-        parts.append(clip_by_global_norm(max_grad_norm))
-    parts += [
-        scale_by_sophia(b1=b1, b2=b2, rho=rho, eps=eps, update_every=update_every),
-        add_decayed_weights(weight_decay, mask),
-        scale_by_learning_rate(learning_rate),
-    ]
-    return chain(*parts)
+    return clip_then(
+        max_grad_norm,
+        *decayed_and_scaled(
+            scale_by_sophia(b1=b1, b2=b2, rho=rho, eps=eps, update_every=update_every),
+            learning_rate,
+            weight_decay,
+            mask,
+        ),
+    )

@@ -20,7 +20,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from tscale.core import tree as T
-from tscale.optim.base import GradientTransformation, empty_state
+from tscale.optim.base import GradientTransformation, chain, empty_state
 from tscale.optim.schedules import Schedule
 from tscale.optim.schedules import _real as _check_real  # one validator for the package
 
@@ -496,3 +496,23 @@ def skipped_steps(opt_state: TensorDictBase) -> torch.Tensor | None:
     for t in found[1:]:
         total.add_(t)
     return total
+
+
+def clip_then(
+    max_grad_norm: float | None, *transforms: GradientTransformation
+) -> GradientTransformation:
+    """``chain(clip_by_global_norm(max_grad_norm), *transforms)``; without the clip when
+    ``max_grad_norm`` is None (the shape of every optimizer alias)."""
+    clip = () if max_grad_norm is None else (clip_by_global_norm(max_grad_norm),)
+    return chain(*clip, *transforms)
+
+
+def decayed_and_scaled(
+    core: GradientTransformation,
+    learning_rate: float | Schedule,
+    weight_decay: float,
+    mask: MaskFn | None,
+) -> tuple[GradientTransformation, ...]:
+    """``(core, add_decayed_weights, scale_by_learning_rate)``: a direction, then decoupled
+    weight decay, then the (negative) learning rate."""
+    return (core, add_decayed_weights(weight_decay, mask), scale_by_learning_rate(learning_rate))
