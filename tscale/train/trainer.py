@@ -180,8 +180,10 @@ def train(
     elif metrics_file.exists():
         metrics_file.unlink()
 
-    custom = make_step is not None
-    step_fn = make_step(model, tx) if custom else builders.build_step(cfg, model, apply_fn, tx)
+    if make_step is not None:  # a user's step: called with the model and the optimizer
+        step_fn = make_step(model, tx)
+    else:
+        step_fn = builders.build_step(cfg, model, apply_fn, tx)
     eval_params = builders.build_eval_params(cfg)
     stop = _Stopper()
     hooks: list[Callback] = [
