@@ -29,8 +29,8 @@ SETTINGS: dict[str, list[str]] = {
     "adamw": [],
     "adamw_8bit": [],
     "lion": ["optimizer.lr=3e-4", "optimizer.weight_decay=1.0"],
-    "prodigy": ["optimizer.lr=1.0", "optimizer.betas=null", "optimizer.d_coef=0.1"],
-    "sophia_g": ["optimizer.lr=1e-3", "optimizer.betas=null"],
+    "prodigy": ["optimizer.lr=1.0", "optimizer.betas=null", "optimizer.d_coef=0.03"],
+    "sophia_g": ["optimizer.lr=3e-4", "optimizer.betas=null"],
     "schedule_free_adamw": ["scheduler.type=constant", "scheduler.min_lr_ratio=0.0"],
     "muon": ["optimizer.lr=0.02", "optimizer.betas=null"],
 }
