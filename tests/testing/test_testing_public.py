@@ -12,6 +12,7 @@ from tscale.core.state import TrainState
 from tscale.optim import adamw
 from tscale.testing import (
     assert_no_alias,
+    assert_transform_contract,
     assert_trees_close,
     assert_trees_equal,
     batches,
@@ -56,3 +57,27 @@ def test_assertions_fail_when_they_should():
     with pytest.raises(AssertionError, match="aliases"):
         assert_no_alias(a, TensorDict({"y": a["x"][1:]}, []))
     assert_no_alias(a, a.clone())
+
+
+def test_assert_transform_contract_catches_a_transform_that_edits_params():
+    from tscale.optim import GradientTransformation, adamw, empty_state
+
+    params = TensorDict({"w": torch.ones(3), "m": torch.ones(2, 2)}, [])
+    assert_transform_contract(adamw(1e-2), params, check_finite=True)
+
+    def bad_update(updates, state, p):
+        p["w"].add_(1.0)  # breaks the contract: params belong to apply_updates
+        return updates, state
+
+    with pytest.raises(AssertionError, match="modified params leaf 'w'"):
+        assert_transform_contract(
+            GradientTransformation(lambda p: empty_state(), bad_update), params.clone()
+        )
+
+    def reshaping(updates, state, p):
+        return updates.apply(lambda u: u.double()), state
+
+    with pytest.raises(AssertionError, match="structure"):
+        assert_transform_contract(
+            GradientTransformation(lambda p: empty_state(), reshaping), params.clone()
+        )

@@ -13,6 +13,7 @@ Example::
 
 from tscale.testing.assertions import (
     assert_no_alias,
+    assert_transform_contract,
     assert_trees_close,
     assert_trees_equal,
 )
@@ -20,6 +21,7 @@ from tscale.testing.strategies import batches, float_dtypes, shapes, train_state
 
 __all__ = [
     "assert_no_alias",
+    "assert_transform_contract",
     "assert_trees_close",
     "assert_trees_equal",
     "batches",

@@ -58,3 +58,34 @@ def assert_no_alias(a: TensorDictBase | TrainState, b: TensorDictBase | TrainSta
     for name, t in zip(T.leaf_keys(_as_tree(a)), T.leaves(_as_tree(a)), strict=True):
         if t.numel() and t.untyped_storage().data_ptr() in ptrs:
             raise AssertionError(f"leaf {name!r} aliases storage of the other tree")
+
+
+def _signature(tree: TensorDictBase) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    return [
+        (k, tuple(t.shape), t.dtype) for k, t in zip(T.leaf_keys(tree), T.leaves(tree), strict=True)
+    ]
+
+
+def assert_transform_contract(
+    tx, params: TensorDictBase, *, steps: int = 3, seed: int = 0, check_finite: bool = False
+) -> None:
+    """Run ``tx`` (a ``GradientTransformation``) for ``steps`` updates on random gradients and
+    assert its contract: updates have the gradients' names, shapes and dtypes; the state keeps
+    the structure ``init`` gave it; ``params`` are never modified; with ``check_finite``, every
+    update is finite."""
+    state = tx.init(params)
+    state_sig, before = _signature(state), params.clone()
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        grad = params.apply(lambda p: torch.randn(p.shape, generator=g).to(p.dtype))
+        grad_sig = _signature(grad)
+        updates, state = tx.update(grad, state, params)
+        if _signature(updates) != grad_sig:
+            raise AssertionError(f"step {step}: updates do not match the gradients' structure")
+        if _signature(state) != state_sig:
+            raise AssertionError(f"step {step}: the state changed structure")
+        if check_finite and not all(bool(torch.isfinite(t).all()) for t in T.leaves(updates)):
+            raise AssertionError(f"step {step}: a non-finite update")
+        for name, a, b in zip(T.leaf_keys(params), T.leaves(params), T.leaves(before), strict=True):
+            if not torch.equal(a, b):
+                raise AssertionError(f"step {step}: update modified params leaf {name!r}")
