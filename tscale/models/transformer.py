@@ -40,6 +40,7 @@ into it in place and returns it; the caller uses only the returned cache.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -56,6 +57,11 @@ from tscale.kernels import attention as kernel_attention
 from tscale.kernels import rms_norm as kernel_rms_norm
 
 Batch = TensorDictBase | Mapping[str, torch.Tensor]
+Gather = Callable[[TensorDictBase], TensorDictBase]
+"""``gather(stored) -> used``: maps a group of stored params (the non-layer params once, then
+each layer's) to the tensors the layer computes with. The model stays single-device; a parallel
+wrapper passes one (:mod:`tscale.parallel.fsdp` all-gathers the shards of a layer in one
+collective and reduce-scatters its gradients in the backward)."""
 
 #: The supported families: HF ``model_type`` -> the ``architectures`` entry of its config.json.
 FAMILIES: dict[str, str] = {
@@ -825,8 +831,12 @@ def _decoder(
     ids: torch.Tensor,
     position_ids: torch.Tensor,
     attend: _Attend,
+    gather: Gather | None = None,
 ) -> torch.Tensor:
-    """Embedding, the layers (attention through ``attend``) and the final norm: [B, s, H]."""
+    """Embedding, the layers (attention through ``attend``) and the final norm: [B, s, H].
+
+    ``gather`` (see :data:`Gather`) turns each layer's stored params into the ones it computes
+    with, just before the layer runs (inside the recomputed region when checkpointing)."""
     model = params["model"]
 
     x = F.embedding(ids, model["embed_tokens", "weight"])
@@ -836,14 +846,38 @@ def _decoder(
     cos, sin = _rope_tables(config, position_ids, x.dtype)
 
     layers = model["layers"]
+    run = _layer if gather is None else functools.partial(_gathered_layer, gather)
     for i in range(config.num_layers):
         if config.checkpoint_layers and torch.is_grad_enabled():
             x = torch.utils.checkpoint.checkpoint(
-                _layer, config, layers[str(i)], x, cos, sin, attend, i, use_reentrant=False
+                run, config, layers[str(i)], x, cos, sin, attend, i, use_reentrant=False
             )
         else:
-            x = _layer(config, layers[str(i)], x, cos, sin, attend, i)
+            x = run(config, layers[str(i)], x, cos, sin, attend, i)
     return _norm(config, x, model["norm", "weight"])
+
+
+def _gathered_layer(
+    gather: Gather,
+    config: TransformerConfig,
+    layer: TensorDictBase,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    attend: _Attend,
+    i: int,
+) -> torch.Tensor:
+    return _layer(config, gather(layer), x, cos, sin, attend, i)
+
+
+def _gather_root(params: TensorDictBase, gather: Gather | None) -> TensorDictBase:
+    """The params with everything outside ``model.layers`` (embedding, final norm, head)
+    gathered once; the layers stay as stored and are gathered one at a time by ``_decoder``."""
+    if gather is None:
+        return params
+    root = gather(params.exclude(("model", "layers")))
+    root.set(("model", "layers"), params["model", "layers"])
+    return root
 
 
 def _layer(
@@ -920,7 +954,13 @@ def _kernel_attend(config: TransformerConfig, doc_ids: torch.Tensor | None) -> _
 # ---------------------------------------------------------------- the model without a cache
 
 
-def hidden_states(config: TransformerConfig, params: TensorDictBase, batch: Batch) -> torch.Tensor:
+def hidden_states(
+    config: TransformerConfig,
+    params: TensorDictBase,
+    batch: Batch,
+    *,
+    gather: Gather | None = None,
+) -> torch.Tensor:
     """The final-normed hidden states [B, S, hidden_size] (the input of the LM head).
 
     Args:
@@ -929,10 +969,18 @@ def hidden_states(config: TransformerConfig, params: TensorDictBase, batch: Batc
         batch: ``input_ids`` [B, S] int64; optional ``position_ids`` [B|1, S] (default
             ``0..S-1``) and ``doc_ids`` [B|1, S] (block-diagonal causal attention: a token sees
             earlier tokens with the same doc id only; sliding layers also limit the distance).
+        gather: how stored params become the params computed with (:data:`Gather`; FSDP
+            all-gathers shards here). None: the params are used as they are.
 
     Raises:
         ShapeError: ``input_ids`` is not [B, S] ints or the optional fields disagree in shape.
     """
+    return _hidden(config, _gather_root(params, gather), batch, gather)
+
+
+def _hidden(
+    config: TransformerConfig, params: TensorDictBase, batch: Batch, gather: Gather | None
+) -> torch.Tensor:
     ids = batch["input_ids"]
     position_ids = _get(batch, "position_ids")
     doc_ids = _get(batch, "doc_ids")
@@ -941,7 +989,7 @@ def hidden_states(config: TransformerConfig, params: TensorDictBase, batch: Batc
     if position_ids is None:
         position_ids = torch.arange(s, device=ids.device)[None]
     if config.attention_backend != "sdpa":
-        return _decoder(config, params, ids, position_ids, _kernel_attend(config, doc_ids))
+        return _decoder(config, params, ids, position_ids, _kernel_attend(config, doc_ids), gather)
 
     full = None if doc_ids is None else _doc_mask(doc_ids)
     sliding = None
@@ -956,7 +1004,7 @@ def hidden_states(config: TransformerConfig, params: TensorDictBase, batch: Batc
         mask = sliding if config.is_sliding(i) else full
         return _attention(config, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
 
-    return _decoder(config, params, ids, position_ids, attend)
+    return _decoder(config, params, ids, position_ids, attend, gather)
 
 
 def head_weight(config: TransformerConfig, params: TensorDictBase) -> torch.Tensor:
@@ -988,9 +1036,17 @@ def logits_from_hidden(
     return logits
 
 
-def apply(config: TransformerConfig, params: TensorDictBase, batch: Batch) -> torch.Tensor:
-    """Logits [B, S, vocab_size] of the decoder (see :func:`hidden_states` for ``batch``)."""
-    return logits_from_hidden(config, params, hidden_states(config, params, batch))
+def apply(
+    config: TransformerConfig,
+    params: TensorDictBase,
+    batch: Batch,
+    *,
+    gather: Gather | None = None,
+) -> torch.Tensor:
+    """Logits [B, S, vocab_size] of the decoder (see :func:`hidden_states` for ``batch`` and
+    ``gather``)."""
+    params = _gather_root(params, gather)
+    return logits_from_hidden(config, params, _hidden(config, params, batch, gather))
 
 
 # ---------------------------------------------------------------- the model with a KV cache
@@ -1106,13 +1162,17 @@ class Transformer:
         """Fresh parameters from a key (see :func:`init`)."""
         return init(self.config, key, device=device)
 
-    def apply(self, params: TensorDictBase, batch: Batch) -> torch.Tensor:
+    def apply(
+        self, params: TensorDictBase, batch: Batch, *, gather: Gather | None = None
+    ) -> torch.Tensor:
         """Logits [B, S, V] (see :func:`apply`)."""
-        return apply(self.config, params, batch)
+        return apply(self.config, params, batch, gather=gather)
 
-    def hidden_states(self, params: TensorDictBase, batch: Batch) -> torch.Tensor:
+    def hidden_states(
+        self, params: TensorDictBase, batch: Batch, *, gather: Gather | None = None
+    ) -> torch.Tensor:
         """Final-normed hidden states [B, S, H] (see :func:`hidden_states`)."""
-        return hidden_states(self.config, params, batch)
+        return hidden_states(self.config, params, batch, gather=gather)
 
     def logits_from_hidden(self, params: TensorDictBase, h: torch.Tensor) -> torch.Tensor:
         """The LM head applied to hidden states (see :func:`logits_from_hidden`)."""

@@ -30,6 +30,7 @@ from tscale.core import tree as T
 from tscale.optim.base import GradientTransformation
 from tscale.optim.transforms import (
     MaskFn,
+    NormFn,
     Schedule,
     _check_beta,
     _check_real,
@@ -217,6 +218,7 @@ def adamw_8bit(
     weight_decay: float = 0.0,
     mask: MaskFn | None = default_decay_mask,
     max_grad_norm: float | None = None,
+    norm_fn: NormFn | None = None,
     block_size: int = 256,
     min_8bit_size: int = 4096,
 ) -> GradientTransformation:
@@ -232,6 +234,8 @@ def adamw_8bit(
         weight_decay: decoupled decay coefficient (multiplied by the learning rate).
         mask: which leaves decay (see :func:`~tscale.optim.adamw`).
         max_grad_norm: clip gradients to this global L2 norm first; ``None`` disables clipping.
+        norm_fn: the global-norm function of the clip (FSDP: summed across shards; see
+            :func:`~tscale.optim.transforms.clip_by_global_norm`).
         block_size: elements per quantisation block (:data:`BLOCK_SIZES`).
         min_8bit_size: leaves with fewer elements keep float32 moments.
 
@@ -247,4 +251,5 @@ def adamw_8bit(
             weight_decay,
             mask,
         ),
+        norm_fn=norm_fn,
     )

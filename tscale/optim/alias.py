@@ -13,6 +13,7 @@ from tscale.optim.schedule_free import schedule_free_adamw
 from tscale.optim.sophia import sophia_g
 from tscale.optim.transforms import (
     MaskFn,
+    NormFn,
     Schedule,
     clip_then,
     decayed_and_scaled,
@@ -41,6 +42,7 @@ def adamw(
     weight_decay: float = 0.0,
     mask: MaskFn | None = default_decay_mask,
     max_grad_norm: float | None = None,
+    norm_fn: NormFn | None = None,
 ) -> GradientTransformation:
     """AdamW: Adam with decoupled weight decay (Loshchilov & Hutter, "Decoupled Weight Decay
     Regularization", ICLR 2019), optionally after global-norm gradient clipping.
@@ -56,6 +58,8 @@ def adamw(
         mask: which leaves decay: :func:`default_decay_mask` (not norms, biases, embeddings),
             ``None`` for all, or a callable ``(name, tensor) -> bool``.
         max_grad_norm: clip gradients to this global L2 norm first; ``None`` disables clipping.
+        norm_fn: the global-norm function of the clip (FSDP: summed across shards; see
+            :func:`~tscale.optim.transforms.clip_by_global_norm`).
 
     Raises:
         ValueError: any invalid hyper-parameter (the message names it).
@@ -65,6 +69,7 @@ def adamw(
         *decayed_and_scaled(
             scale_by_adam(b1=b1, b2=b2, eps=eps), learning_rate, weight_decay, mask
         ),
+        norm_fn=norm_fn,
     )
 
 

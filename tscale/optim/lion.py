@@ -19,6 +19,7 @@ from tscale.core import tree as T
 from tscale.optim.base import GradientTransformation
 from tscale.optim.transforms import (
     MaskFn,
+    NormFn,
     Schedule,
     _check_beta,
     _check_structure,
@@ -85,6 +86,7 @@ def lion(
     weight_decay: float = 0.0,
     mask: MaskFn | None = default_decay_mask,
     max_grad_norm: float | None = None,
+    norm_fn: NormFn | None = None,
 ) -> GradientTransformation:
     """Lion (Chen et al., "Symbolic Discovery of Optimization Algorithms", NeurIPS 2023).
 
@@ -100,6 +102,8 @@ def lion(
         mask: which leaves decay: :func:`~tscale.optim.transforms.default_decay_mask` (not
             norms, biases, embeddings), ``None`` for all, or ``(name, tensor) -> bool``.
         max_grad_norm: clip gradients to this global L2 norm first; ``None`` disables clipping.
+        norm_fn: the global-norm function of the clip (FSDP: summed across shards; see
+            :func:`~tscale.optim.transforms.clip_by_global_norm`).
 
     Raises:
         ValueError: any invalid hyper-parameter (the message names it).
@@ -107,4 +111,5 @@ def lion(
     return clip_then(
         max_grad_norm,
         *decayed_and_scaled(scale_by_lion(b1=b1, b2=b2), learning_rate, weight_decay, mask),
+        norm_fn=norm_fn,
     )

@@ -25,6 +25,7 @@ from tscale.optim.base import GradientTransformation, chain
 from tscale.optim.lion import _check_float_params
 from tscale.optim.transforms import (
     MaskFn,
+    NormFn,
     Schedule,
     _check_beta,
     _check_structure,
@@ -293,6 +294,7 @@ def muon(
     mask: MaskFn | None = default_decay_mask,
     ns_dtype: torch.dtype | None = None,
     max_grad_norm: float | None = None,
+    norm_fn: NormFn | None = None,
 ) -> GradientTransformation:
     """Muon with auxiliary AdamW (Jordan, "Muon: An optimizer for hidden layers in neural
     networks", 2024; as ``MuonWithAuxAdam`` of the reference code).
@@ -319,6 +321,8 @@ def muon(
         ns_dtype: compute dtype of Newton-Schulz (``None``: float32/float64 as the momentum;
             ``torch.bfloat16`` as the reference does on GPUs).
         max_grad_norm: clip gradients to this global L2 norm first; ``None`` disables clipping.
+        norm_fn: the global-norm function of the clip (FSDP: summed across shards; see
+            :func:`~tscale.optim.transforms.clip_by_global_norm`).
 
     Raises:
         ValueError: any invalid hyper-parameter (the message names it); at init, a leaf
@@ -350,4 +354,5 @@ def muon(
         partition(
             {"muon": hidden, "adamw": rest}, lambda n, t: "muon" if select(n, t) else "adamw"
         ),
+        norm_fn=norm_fn,
     )

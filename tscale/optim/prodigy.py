@@ -35,6 +35,7 @@ from tscale.optim.base import GradientTransformation, empty_state
 from tscale.optim.lion import _check_float_params
 from tscale.optim.transforms import (
     MaskFn,
+    NormFn,
     Schedule,
     _check_beta,
     _check_real,
@@ -219,6 +220,7 @@ def prodigy(
     safeguard_warmup: bool = False,
     mask: MaskFn | None = default_decay_mask,
     max_grad_norm: float | None = None,
+    norm_fn: NormFn | None = None,
 ) -> GradientTransformation:
     """Prodigy (Mishchenko & Defazio, "Prodigy: An Expeditiously Adaptive Parameter-Free
     Learner", ICML 2024): Adam with a step size ``d`` estimated from the distance travelled.
@@ -240,6 +242,8 @@ def prodigy(
         mask: which leaves decay: :func:`~tscale.optim.transforms.default_decay_mask`, ``None``
             for all, or ``(name, tensor) -> bool``.
         max_grad_norm: clip gradients to this global L2 norm first; ``None`` disables clipping.
+        norm_fn: the global-norm function of the clip (FSDP: summed across shards; see
+            :func:`~tscale.optim.transforms.clip_by_global_norm`).
 
     Raises:
         ValueError: any invalid hyper-parameter (the message names it).
@@ -258,4 +262,5 @@ def prodigy(
             safeguard_warmup=safeguard_warmup,
             mask=mask,
         ),
+        norm_fn=norm_fn,
     )

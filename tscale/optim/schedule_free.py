@@ -30,6 +30,7 @@ from tscale.optim.lion import _check_float_params
 from tscale.optim.prodigy import _lr_tensor, _positive, _scalar_dtype
 from tscale.optim.transforms import (
     MaskFn,
+    NormFn,
     Schedule,
     _check_beta,
     _check_real,
@@ -189,6 +190,7 @@ def schedule_free_adamw(
     weight_lr_power: float = 2.0,
     mask: MaskFn | None = default_decay_mask,
     max_grad_norm: float | None = None,
+    norm_fn: NormFn | None = None,
 ) -> GradientTransformation:
     """Schedule-Free AdamW (Defazio et al., "The Road Less Scheduled", NeurIPS 2024).
 
@@ -209,6 +211,8 @@ def schedule_free_adamw(
         mask: which leaves decay: :func:`~tscale.optim.transforms.default_decay_mask`, ``None``
             for all, or ``(name, tensor) -> bool``.
         max_grad_norm: clip gradients to this global L2 norm first; ``None`` disables clipping.
+        norm_fn: the global-norm function of the clip (FSDP: summed across shards; see
+            :func:`~tscale.optim.transforms.clip_by_global_norm`).
 
     Raises:
         ValueError: any invalid hyper-parameter (the message names it).
@@ -226,6 +230,7 @@ def schedule_free_adamw(
             weight_lr_power=weight_lr_power,
             mask=mask,
         ),
+        norm_fn=norm_fn,
     )
 
 

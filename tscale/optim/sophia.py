@@ -41,6 +41,7 @@ from tscale.optim.lion import _check_float_params
 from tscale.optim.prodigy import _positive
 from tscale.optim.transforms import (
     MaskFn,
+    NormFn,
     Schedule,
     _check_beta,
     _check_structure,
@@ -251,6 +252,7 @@ def sophia_g(
     update_every: int = 10,
     mask: MaskFn | None = default_decay_mask,
     max_grad_norm: float | None = None,
+    norm_fn: NormFn | None = None,
 ) -> GradientTransformation:
     """Sophia-G (Liu et al., "Sophia: A Scalable Stochastic Second-order Optimizer for Language
     Model Pre-training", ICLR 2024), with the Gauss-Newton-Bartlett Hessian estimator.
@@ -273,6 +275,8 @@ def sophia_g(
         mask: which leaves decay: :func:`~tscale.optim.transforms.default_decay_mask`, ``None``
             for all, or ``(name, tensor) -> bool``.
         max_grad_norm: clip gradients to this global L2 norm first; ``None`` disables clipping.
+        norm_fn: the global-norm function of the clip (FSDP: summed across shards; see
+            :func:`~tscale.optim.transforms.clip_by_global_norm`).
 
     Raises:
         ValueError: any invalid hyper-parameter (the message names it).
@@ -285,4 +289,5 @@ def sophia_g(
             weight_decay,
             mask,
         ),
+        norm_fn=norm_fn,
     )

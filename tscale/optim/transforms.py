@@ -27,6 +27,9 @@ from tscale.optim.schedules import _real as _check_real  # one validator for the
 MaskFn = Callable[[str, torch.Tensor], bool]
 """``mask(name, tensor) -> bool``: True where weight decay applies (``name`` is dotted)."""
 
+NormFn = Callable[[list[torch.Tensor]], torch.Tensor]
+"""``norm_fn(leaves) -> 0-d tensor``: the global L2 norm of a list of leaves."""
+
 __all__ = [
     "MaskFn",
     "Schedule",
@@ -148,11 +151,15 @@ def scale_by_learning_rate(learning_rate: float | Schedule) -> GradientTransform
 # clipping
 
 
-def clip_by_global_norm(max_norm: float) -> GradientTransformation:
+def clip_by_global_norm(
+    max_norm: float, *, norm_fn: NormFn | None = None
+) -> GradientTransformation:
     """Scale all updates by ``min(1, max_norm / (norm + 1e-6))`` (as ``clip_grad_norm_``).
 
     The factor stays on the device (``torch._foreach_mul_`` with a 0-d tensor), so clipping never
-    waits for the norm. Stateless.
+    waits for the norm. Stateless. ``norm_fn(leaves) -> 0-d norm`` replaces
+    :func:`tscale.core.tree.global_norm` where the leaves are shards of the real tree (FSDP: the
+    squares are summed across ranks, so every shard is clipped by the norm of the whole).
 
     Raises:
         ValueError: ``max_norm`` is not a positive finite number.
@@ -170,7 +177,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         us = T.leaves(updates)
         if not us:
             return updates, state
-        norm = T.global_norm(us)
+        norm = (norm_fn or T.global_norm)(us)
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         torch._foreach_mul_(us, coef)
         return updates, state
@@ -499,11 +506,14 @@ def skipped_steps(opt_state: TensorDictBase) -> torch.Tensor | None:
 
 
 def clip_then(
-    max_grad_norm: float | None, *transforms: GradientTransformation
+    max_grad_norm: float | None,
+    *transforms: GradientTransformation,
+    norm_fn: NormFn | None = None,
 ) -> GradientTransformation:
     """``chain(clip_by_global_norm(max_grad_norm), *transforms)``; without the clip when
-    ``max_grad_norm`` is None (the shape of every optimizer alias)."""
-    clip = () if max_grad_norm is None else (clip_by_global_norm(max_grad_norm),)
+    ``max_grad_norm`` is None (the shape of every optimizer alias). ``norm_fn``: see
+    :func:`clip_by_global_norm`."""
+    clip = () if max_grad_norm is None else (clip_by_global_norm(max_grad_norm, norm_fn=norm_fn),)
     return chain(*clip, *transforms)
 
 

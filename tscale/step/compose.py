@@ -18,6 +18,13 @@ from tscale.optim.transforms import skipped_steps
 LossFn = Callable[[TensorDictBase, Any], tuple[torch.Tensor, Mapping[str, torch.Tensor]]]
 Metrics = dict[str, torch.Tensor]
 StepFn = Callable[[TrainState, TensorDictBase], tuple[TrainState, Metrics]]
+GradSync = Callable[
+    [TensorDictBase, torch.Tensor, torch.Tensor], tuple[TensorDictBase, torch.Tensor, torch.Tensor]
+]
+"""``sync(grads, loss_sum, tokens) -> (grads, loss_sum, tokens)``: the data-parallel reduction of
+the summed (not yet normalised) gradients, loss and token count of a step (see
+:mod:`tscale.parallel`)."""
+NormFn = Callable[[TensorDictBase], torch.Tensor]
 
 
 def split_microbatches(batch: TensorDictBase, microbatches: int) -> tuple[TensorDictBase, ...]:
@@ -54,6 +61,8 @@ def make_train_step(
     *,
     microbatches: int = 1,
     donate: bool = True,
+    grad_sync: GradSync | None = None,
+    grad_norm: NormFn = T.global_norm,
 ) -> StepFn:
     """Build a pure train step with gradient accumulation over ``microbatches``.
 
@@ -66,6 +75,13 @@ def make_train_step(
         microbatches: number of equal parts the batch is split into (gradient accumulation).
         donate: if True the step consumes its input state (updates it in place); if False it
             clones the state first and leaves the argument untouched. Results are bit-identical.
+        grad_sync: called once per step on the summed gradients, loss and token count of the
+            local batch, before the division (data parallelism: an all-reduce for DDP; FSDP
+            reduce-scatters the gradients in the backward and syncs only the counts here). The
+            division then uses the global token count, so the step equals the one-process step
+            on the global batch.
+        grad_norm: the global-norm function for the ``grad_norm`` metric (FSDP passes one that
+            sums the squares across shards).
 
     Returns:
         ``step(state, batch) -> (new_state, metrics)`` with metrics ``loss`` (mean per token),
@@ -79,13 +95,15 @@ def make_train_step(
             state = state.clone()
         parts = split_microbatches(batch, microbatches)
         grads, loss_sum, tokens = accumulate_gradients(loss_fn, state.params, parts)
+        if grad_sync is not None:
+            grads, loss_sum, tokens = grad_sync(grads, loss_sum, tokens)
         denom = tokens.clamp_min(1).to(loss_sum.dtype)
         torch._foreach_div_(T.leaves(grads), denom)
-        grad_norm = T.global_norm(grads)
+        norm = grad_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = apply_updates(state.params, updates)
         new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
-        metrics = {"loss": loss_sum / denom, "tokens": tokens, "grad_norm": grad_norm}
+        metrics = {"loss": loss_sum / denom, "tokens": tokens, "grad_norm": norm}
         skipped = skipped_steps(opt_state)
         if skipped is not None:
             metrics["skipped"] = skipped
