@@ -141,6 +141,18 @@ def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
     return doomed
 
 
+def _place(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` (a full tensor) on the device of ``ref`` and, when ``ref`` is a DTensor, cut to this
+    rank's shard of it (no communication: every rank read the whole file)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(ref, DTensor):
+        return distribute_tensor(
+            t.to(ref.device), ref.device_mesh, ref.placements, src_data_rank=None
+        )
+    return t.to(ref.device)
+
+
 def _fill_tree(template: TensorDictBase, flat: dict[str, torch.Tensor], what: str, path: Path):
     names = T.leaf_keys(template)
     missing = [n for n in names if n not in flat]
@@ -158,7 +170,7 @@ def _fill_tree(template: TensorDictBase, flat: dict[str, torch.Tensor], what: st
                 f"{path}: {what} leaf {name!r} is {t.dtype}{list(t.shape)}, this run expects "
                 f"{ref.dtype}{list(ref.shape)}"
             )
-        out.set(tuple(name.split(T.SEP)), t.to(ref.device))
+        out.set(tuple(name.split(T.SEP)), _place(t, ref))
     return out
 
 
@@ -181,6 +193,10 @@ def load_checkpoint(path: Path, template: TrainState) -> tuple[TrainState, dict[
             f"{path}: checkpoint format {meta.get('format_version')} is not supported "
             f"(this tscale reads format {FORMAT_VERSION})"
         )
+    if meta.get("sharded"):
+        from tscale.checkpoint.sharded import load_sharded
+
+        return load_sharded(path, template, meta), meta
     trees = {}
     for what in ("params", "opt_state"):
         f = path / f"{what}.safetensors"

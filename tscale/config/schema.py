@@ -279,6 +279,36 @@ class LoraSection:
 
 
 @attrs.frozen(kw_only=True)
+class ParallelConfig:
+    """Data parallelism under torchrun (see docs/distributed.md); one process ignores it."""
+
+    dp_replicate: int = _f(-1, "Replicas (DDP degree); -1: the processes left over by dp_shard.")
+    dp_shard: int = _f(
+        1,
+        "Ranks each replica's params and optimizer state are sharded over (FSDP degree); "
+        "1: DDP; -1: all processes left over by dp_replicate.",
+    )
+    backend: Literal["auto", "gloo", "nccl"] = _f(
+        "auto", "Process-group backend: auto is nccl on CUDA, gloo on CPU."
+    )
+    bucket_mb: float = _f(25.0, "DDP: gradient all-reduce bucket size in MiB.")
+    reshard_after_forward: bool = _f(
+        True,
+        "FSDP: free each gathered layer after its forward and all-gather it again in the "
+        "backward (False: keep it, one all-gather per layer and step, more memory).",
+    )
+    param_dtype: Literal["float32", "bfloat16"] | None = _f(
+        None,
+        "Mixed precision: dtype the params are cast to for forward and backward (the master "
+        "params and the optimizer stay in model.dtype); null: no cast. Applies to one process too.",
+    )
+    reduce_dtype: Literal["float32", "bfloat16"] = _f(
+        "float32", "Dtype of the gradient all-reduce / reduce-scatter across ranks."
+    )
+    timeout_s: float = _f(600.0, "Seconds a collective may wait before the run fails.")
+
+
+@attrs.frozen(kw_only=True)
 class Config:
     """A whole run."""
 
@@ -291,3 +321,4 @@ class Config:
     lora: LoraSection = _f(LoraSection(), "LoRA / QLoRA adapters.")
     train: TrainConfig = _f(TrainConfig(), "Training loop.")
     eval: EvalConfig = _f(EvalConfig(), "Evaluation.")
+    parallel: ParallelConfig = _f(ParallelConfig(), "Data parallelism (DDP / FSDP / HSDP).")

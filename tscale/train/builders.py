@@ -159,8 +159,9 @@ def prompt_encoder(cfg: Config, encoder: Encoder) -> Callable[[dict], list[int]]
     return encode
 
 
-def build_data(cfg: Config, run_dir: Path) -> DataBundle:
-    """Generate or load the data, train or load the tokenizer, tokenize, and make the loader."""
+def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1) -> DataBundle:
+    """Generate or load the data, train or load the tokenizer, tokenize, and make the loader
+    (which yields this rank's share of every global batch)."""
     data_dir = run_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     quarantine = data_dir / "quarantine.jsonl"
@@ -224,6 +225,8 @@ def build_data(cfg: Config, run_dir: Path) -> DataBundle:
         group_by_length=d.group_by_length,
         longest_first=d.longest_first,
         max_tokens=d.max_tokens,
+        rank=rank,
+        world_size=world_size,
     )
     report = {
         "train_records": len(train_records),
@@ -389,7 +392,9 @@ _OPTIMIZER_KWARGS: dict[str, tuple[str, ...]] = {
 }
 
 
-def build_optimizer(cfg: Config, schedule: schedules.Schedule) -> GradientTransformation:
+def build_optimizer(
+    cfg: Config, schedule: schedules.Schedule, *, norm_fn: transforms.NormFn | None = None
+) -> GradientTransformation:
     """The optimizer of ``cfg.optimizer`` driven by ``schedule``.
 
     Each factory of ``tscale.optim.OPTIMIZERS`` gets the keyword arguments its signature names
@@ -446,6 +451,8 @@ def build_optimizer(cfg: Config, schedule: schedules.Schedule) -> GradientTransf
     clip_outside = o.max_grad_norm is not None and not takes("max_grad_norm")
     if takes("max_grad_norm"):
         kwargs["max_grad_norm"] = o.max_grad_norm
+    if norm_fn is not None and takes("norm_fn"):  # sharded params: clip by the whole's norm
+        kwargs["norm_fn"] = norm_fn
     keys = {n: f"optimizer.{f}" for f, ns in _OPTIMIZER_KWARGS.items() for n in ns}
     keys |= {"b1": "optimizer.betas[0]", "b2": "optimizer.betas[1]"}
     keys |= {"learning_rate": "optimizer.lr", "max_norm": "optimizer.max_grad_norm"}
@@ -453,7 +460,7 @@ def build_optimizer(cfg: Config, schedule: schedules.Schedule) -> GradientTransf
     try:
         tx = factory(**kwargs)
         if clip_outside:
-            tx = chain(transforms.clip_by_global_norm(o.max_grad_norm), tx)
+            tx = chain(transforms.clip_by_global_norm(o.max_grad_norm, norm_fn=norm_fn), tx)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"optimizer.type={o.type}: {_name_keys(str(err), keys)}") from None
     except ImportError as err:
@@ -481,17 +488,24 @@ def build_loss(cfg: Config, model: Transformer, apply_fn: Callable) -> Callable:
 
 
 def build_step(
-    cfg: Config, model: Transformer, apply_fn: Callable, tx: GradientTransformation
+    cfg: Config,
+    model: Transformer,
+    apply_fn: Callable,
+    tx: GradientTransformation,
+    **parallel: Any,
 ) -> StepFn:
     """The train step the config implies: Sophia-G needs its Hessian-estimating step, every other
     optimizer the plain ``make_train_step`` over the configured loss; LoRA dropout draws its keys
-    from the state's rng and step."""
+    from the state's rng and step. ``parallel``: ``grad_sync`` / ``grad_norm`` of a
+    data-parallel run (see :mod:`tscale.train.distributed`)."""
     t = cfg.train
     if cfg.optimizer.type == "sophia_g":
         step = make_sophia_train_step(apply_fn, tx, microbatches=t.microbatches, donate=t.donate)
     else:
         loss_fn = build_loss(cfg, model, apply_fn)
-        step = make_train_step(loss_fn, tx, microbatches=t.microbatches, donate=t.donate)
+        step = make_train_step(
+            loss_fn, tx, microbatches=t.microbatches, donate=t.donate, **parallel
+        )
     if cfg.lora.enabled and cfg.lora.dropout > 0:
         step = with_dropout_keys(step)
     return step

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from tscale import checkpoint as ckpt
 from tscale.checkpoint.hf import save_pretrained
+from tscale.checkpoint.sharded import is_sharded, read_params
 from tscale.config.load import load_config
 from tscale.core import rng as R
 from tscale.core import tree as T
@@ -34,14 +35,19 @@ def export(run_or_ckpt: str | Path, out: str | Path, *, max_shard_size: str = "5
     that ``transformers`` loads. A LoRA run is merged into its base first (the base is rebuilt
     exactly as the run built it: from ``model.path`` or the run's seed)."""
     path = resolve_checkpoint(run_or_ckpt)
-    for name in ("config.yaml", "tokenizer.json", "params.safetensors"):
+    sharded = is_sharded(path)
+    needed = ("config.yaml", "tokenizer.json") + (() if sharded else ("params.safetensors",))
+    for name in needed:
         if not (path / name).is_file():
             raise CheckpointError(f"{path}: missing {name}; was it written by tscale train?")
     cfg = load_config(path / "config.yaml")
     encoder = Encoder.from_tokenizer(load_tokenizer(path / "tokenizer.json"))
     init_key, _ = R.split(R.key(cfg.run.seed), 2)
     model, base = builders.build_model(cfg, encoder.vocab_size, init_key)
-    params = T.unflatten(load_file(str(path / "params.safetensors")))
+    if sharded:  # written by an FSDP run: DCP gathers the shards into full tensors
+        params = read_params(path)
+    else:
+        params = T.unflatten(load_file(str(path / "params.safetensors")))
     if cfg.lora.enabled:
         params = builders.build_lora_model(cfg, model, base).merged(params)
     extra = {

@@ -22,18 +22,19 @@ from tensordict import TensorDictBase
 
 from tscale import checkpoint as ckpt
 from tscale.checkpoint.peft import save_adapter
+from tscale.checkpoint.sharded import save_sharded
 from tscale.config.load import to_yaml
 from tscale.config.schema import Config
 from tscale.core import rng as R
 from tscale.core.state import TrainState
 from tscale.data.loader import batch_iter
-from tscale.errors import CheckpointError
+from tscale.errors import CheckpointError, ConfigError
 from tscale.losses.lm import make_lm_loss
 from tscale.models.generate import greedy
 from tscale.models.transformer import Transformer
 from tscale.optim.base import GradientTransformation
 from tscale.step.compose import StepFn, make_eval_step
-from tscale.train import builders
+from tscale.train import builders, distributed
 from tscale.train.callbacks import Callback, JsonlLogger, ProgressBar, truncate_jsonl
 
 
@@ -145,20 +146,34 @@ def train(
     device = builders.resolve_device(cfg.run.device)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
+    # under torchrun: join the group; every rank runs this function, rank 0 writes the run files
+    par = distributed.setup(cfg, device)
+    device, main = par.device, par.is_main
+    if par.world_size > 1 and make_step is not None:
+        raise ConfigError(
+            "make_step= builds a single-process step; under torchrun use the built-in step, or "
+            "call make_train_step(..., grad_sync=tscale.parallel.make_ddp_sync(None)) yourself"
+        )
     run_dir = Path(cfg.run.output_dir)
     ckpt_root = run_dir / "checkpoints"
     if overwrite and resume is not False:
         raise CheckpointError("--overwrite and --resume exclude each other; choose one")
-    if overwrite and ckpt_root.exists():
+    if overwrite and ckpt_root.exists() and main:
         shutil.rmtree(ckpt_root)
+    par.barrier()
     resume_from = _resume_path(resume, ckpt_root)
-    run_dir.mkdir(parents=True, exist_ok=True)
     config_yaml = to_yaml(cfg)
-    (run_dir / "config.yaml").write_text(config_yaml)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml)
 
-    bundle = builders.build_data(cfg, run_dir)
+    for r in range(par.world_size):  # one rank after the other: they share the data cache
+        if r == par.plan.rank:
+            bundle = builders.build_data(
+                cfg, run_dir, rank=par.plan.rank, world_size=par.world_size
+            )
+        par.barrier()
     schedule = builders.build_schedule(cfg)
-    tx = builders.build_optimizer(cfg, schedule)
     key = R.key(cfg.run.seed)
     init_key, state_key = R.split(key, 2)
     model, params = builders.build_model(cfg, bundle.encoder.vocab_size, init_key)
@@ -169,34 +184,53 @@ def train(
         lora_model = builders.build_lora_model(cfg, model, params)
         apply_fn = lora_model.apply
         params = lora_model.init(R.fold_in(init_key, 1))
-    state = TrainState.create(params, tx.init(params), state_key.to(device))
+    par = distributed.with_layout(par, cfg, params)
+    tx = builders.build_optimizer(cfg, schedule, norm_fn=par.norm_fn())
+    state = par.init_state(params, tx, state_key.to(device))
+    del params
     loader = bundle.loader
     metrics_file = run_dir / "metrics.jsonl"
     if resume_from is not None:
         state, meta = ckpt.load_checkpoint(resume_from, state)
         loader.load_state_dict(meta["cursor"])
-        truncate_jsonl(metrics_file, meta["step"])
-        console.print(f"resumed from {resume_from} at step {meta['step']}")
-    elif metrics_file.exists():
+        if main:
+            truncate_jsonl(metrics_file, meta["step"])
+            console.print(f"resumed from {resume_from} at step {meta['step']}")
+    elif metrics_file.exists() and main:
         metrics_file.unlink()
 
     if make_step is not None:  # a user's step: called with the model and the optimizer
         step_fn = make_step(model, tx)
     else:
-        step_fn = builders.build_step(cfg, model, apply_fn, tx)
+        step_fn = distributed.wrap_step(
+            par,
+            cfg,
+            model,
+            apply_fn,
+            tx,
+            lambda fn, **kw: builders.build_step(cfg, model, fn, tx, **kw),
+        )
     eval_params = builders.build_eval_params(cfg)
     stop = _Stopper()
-    hooks: list[Callback] = [
-        ProgressBar(console, bar=cfg.train.progress),
-        JsonlLogger(metrics_file),
-        *callbacks,
-    ]
+    hooks: list[Callback] = []
+    if main:  # rank 0 reports for the run; the other ranks only compute
+        hooks = [
+            ProgressBar(console, bar=cfg.train.progress),
+            JsonlLogger(metrics_file),
+            *callbacks,
+        ]
 
     def emit(name: str, **info: Any) -> None:
         info.setdefault("max_steps", cfg.train.max_steps)
         info["stop"] = stop
         for cb in hooks:
             getattr(cb, name)(info)
+
+    def run_eval() -> tuple[dict[str, float], list[dict[str, str]]]:
+        full = par.full_params(eval_params(state))  # a collective under FSDP
+        if not main:
+            return {}, []
+        return evaluate(apply_fn, full, bundle, **ev)
 
     step = int(state.step)
     start_step = step
@@ -217,22 +251,45 @@ def train(
     pad_id = bundle.encoder.pad_id
 
     def save(at: int) -> None:
-        path = ckpt.save_checkpoint(
-            ckpt_root,
-            state,
-            step=at,
-            cursor=loader.state_dict(),
-            config_yaml=config_yaml,
-            files={"tokenizer.json": bundle.tokenizer_file},
-            extra={"eval": last_eval},
-        )
-        ckpt.prune_checkpoints(ckpt_root, cfg.train.keep_last)
-        emit("on_save", step=at, path=str(path))
+        files = {"tokenizer.json": bundle.tokenizer_file}
+        extra = {"eval": last_eval}
+        cursor = loader.state_dict()
+        if par.layout is not None:  # every rank writes its shards (DCP)
+            path = save_sharded(
+                ckpt_root,
+                state,
+                step=at,
+                is_main=main,
+                barrier=par.barrier,
+                cursor=cursor,
+                extra=extra,
+                config_yaml=config_yaml,
+                files=files,
+            )
+        elif main:
+            path = ckpt.save_checkpoint(
+                ckpt_root,
+                state,
+                step=at,
+                cursor=cursor,
+                config_yaml=config_yaml,
+                files=files,
+                extra=extra,
+            )
+        if main:
+            ckpt.prune_checkpoints(ckpt_root, cfg.train.keep_last)
+            emit("on_save", step=at, path=str(path))
+        par.barrier()
 
     def flush() -> None:
         nonlocal pending, window_t0, window_paused, window_tokens, train_tokens
         rows = [_row(s, m, schedule, n) for s, m, n in pending]  # the host sync
         elapsed = time.perf_counter() - window_t0 - window_paused
+        # all ranks: the run's tokens, and a stop a rank-0 callback asked for at the last flush
+        total, stops = par.sum_over_ranks([float(window_tokens), float(stop.requested)])
+        window_tokens = int(total)
+        if stops:
+            stop.requested = True
         train_tokens += window_tokens
         emit("on_step_end", step=step, rows=rows, tokens_per_s=window_tokens / max(elapsed, 1e-9))
         pending, window_t0, window_paused, window_tokens = [], time.perf_counter(), 0.0, 0
@@ -250,7 +307,7 @@ def train(
             last = step == cfg.train.max_steps
             t_pause = time.perf_counter()
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and not last:
-                last_eval, samples = evaluate(apply_fn, eval_params(state), bundle, **ev)
+                last_eval, samples = run_eval()
                 emit("on_eval", step=step, eval=last_eval)
             if cfg.train.save_every and step % cfg.train.save_every == 0 and not last:
                 save(step)
@@ -264,10 +321,10 @@ def train(
         raise
     train_time = time.perf_counter() - loop_t0 - paused
 
-    last_eval, samples = evaluate(apply_fn, eval_params(state), bundle, **ev)
+    last_eval, samples = run_eval()
     emit("on_eval", step=step, eval=last_eval)
     save(step)
-    if lora_model is not None:  # a PEFT adapter directory that `peft` loads
+    if lora_model is not None and main:  # a PEFT adapter directory that `peft` loads
         save_adapter(state.params, lora_model.config, run_dir / "adapter")
     summary = {
         "steps": step - start_step,
@@ -279,7 +336,9 @@ def train(
         "data": bundle.report,
     }
     emit("on_train_end", step=step, summary=summary)
-    _print_summary(console, summary, samples[: cfg.eval.num_show])
+    if main:
+        _print_summary(console, summary, samples[: cfg.eval.num_show])
+    par.shutdown()
     return TrainResult(run_dir=run_dir, final_step=step, state=state, summary=summary)
 
 

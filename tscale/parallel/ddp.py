@@ -1,0 +1,90 @@
+"""DDP over the functional step: every rank holds the params; summed gradients are all-reduced.
+
+The step (:func:`tscale.step.make_train_step`) computes the *sum* of the token losses of its
+local batch and their gradients; :func:`make_ddp_sync` all-reduces both (and the token count) in
+buckets, and the step then divides by the global token count. The result equals one process
+stepping on the global batch, whatever the world size or the number of microbatches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from tensordict import TensorDictBase
+
+from tscale.core import tree as T
+from tscale.step.compose import GradSync
+
+__all__ = ["all_reduce_counts", "bucket_indices", "make_ddp_sync"]
+
+
+def bucket_indices(sizes: list[int], bucket_bytes: int) -> list[list[int]]:
+    """Consecutive groups of leaf indices of at most ``bucket_bytes`` each (a larger leaf is a
+    bucket of its own). One all-reduce per bucket: few large messages, not one per leaf."""
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    filled = 0
+    for i, size in enumerate(sizes):
+        if current and filled + size > bucket_bytes:
+            buckets.append(current)
+            current, filled = [], 0
+        current.append(i)
+        filled += size
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def all_reduce_counts(
+    loss_sum: torch.Tensor, tokens: torch.Tensor, group: dist.ProcessGroup | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum the loss and the token count over ``group`` in one float64 message (token counts
+    stay exact up to 2**53)."""
+    both = torch.stack([loss_sum.detach().double(), tokens.double()])
+    dist.all_reduce(both, group=group)
+    return both[0].to(loss_sum.dtype), both[1].round().to(tokens.dtype)
+
+
+def make_ddp_sync(
+    group: dist.ProcessGroup | None,
+    *,
+    bucket_mb: float = 25.0,
+    reduce_dtype: torch.dtype | None = None,
+) -> GradSync:
+    """The ``grad_sync`` of a DDP step: bucketed all-reduce (sum) of the gradients over ``group``.
+
+    Args:
+        group: the data-parallel process group (None: the default group).
+        bucket_mb: bucket size in MiB; every bucket is one asynchronous all-reduce, all in flight
+            together, then waited for.
+        reduce_dtype: dtype of the reduction (default: the gradients' own); float32 reductions
+            of bf16 gradients avoid summing in bf16.
+    """
+    bucket_bytes = max(1, int(bucket_mb * 2**20))
+
+    def sync(
+        grads: TensorDictBase, loss_sum: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[TensorDictBase, torch.Tensor, torch.Tensor]:
+        leaves = T.leaves(grads)
+        dtype = reduce_dtype
+        counts = torch.stack([loss_sum.detach().double(), tokens.double()])
+        works = [dist.all_reduce(counts, group=group, async_op=True)]
+        flats: list[tuple[list[int], torch.Tensor]] = []
+        sizes = [t.numel() * (dtype or t.dtype).itemsize for t in leaves]
+        for idx in bucket_indices(sizes, bucket_bytes):
+            by_dtype: dict[torch.dtype, list[int]] = {}
+            for i in idx:
+                by_dtype.setdefault(dtype or leaves[i].dtype, []).append(i)
+            for dt, ids in by_dtype.items():
+                flat = torch.cat([leaves[i].reshape(-1).to(dt) for i in ids])
+                works.append(dist.all_reduce(flat, group=group, async_op=True))
+                flats.append((ids, flat))
+        for w in works:
+            w.wait()
+        for ids, flat in flats:
+            pieces = flat.split([leaves[i].numel() for i in ids])
+            for i, piece in zip(ids, pieces, strict=True):
+                leaves[i].copy_(piece.view_as(leaves[i]))
+        return grads, counts[0].to(loss_sum.dtype), counts[1].round().to(tokens.dtype)
+
+    return sync
