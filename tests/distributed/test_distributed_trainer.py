@@ -1,0 +1,105 @@
+"""`tscale train` under torchrun (2 gloo ranks): DDP and FSDP follow the one-process run, sharded
+checkpoints resume on 1 and on 2 ranks with identical losses, and export to one HF directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+# one worker runs the module: its launches are shared by its tests (pytest --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("dist-trainer")
+
+YAML = """
+run: {{output_dir: {out}, seed: 0, threads: 1}}
+model: {{hidden_size: 64, intermediate_size: 128, num_layers: 2, num_heads: 4, num_kv_heads: 2}}
+data:
+  synthetic: {{num_train: 512, num_eval: 16}}
+  batch_size: 16
+  max_length: 64
+optimizer: {{type: adamw, lr: 0.003, max_grad_norm: 1.0, weight_decay: 0.1}}
+scheduler: {{type: cosine, warmup_steps: 2}}
+train: {{max_steps: 10, log_every: 5, save_every: 5, keep_last: 0, progress: false}}
+eval: {{num_samples: 8, batch_size: 8}}
+"""
+FSDP = ["parallel.dp_shard=-1", "parallel.dp_replicate=1"]
+
+
+def _config(tmp: Path, name: str) -> tuple[Path, Path]:
+    out = tmp / name
+    cfg = tmp / f"{name}.yaml"
+    cfg.write_text(YAML.format(out=out))
+    return cfg, out
+
+
+def _losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, torchrun, tscale_cli) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("trainer")
+    out: dict[str, Path] = {}
+    cfg, out["single"] = _config(tmp, "single")
+    tscale_cli(["train", str(cfg)])
+    cfg, out["ddp"] = _config(tmp, "ddp")
+    torchrun(["-m", "tscale.cli", "train", str(cfg)])
+    cfg, out["fsdp"] = _config(tmp, "fsdp")
+    torchrun(["-m", "tscale.cli", "train", str(cfg), *FSDP])
+    out["tmp"] = tmp
+    return out
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_loss_curve_follows_one_process(runs: dict[str, Path], mode: str):
+    single, got = _losses(runs["single"]), _losses(runs[mode])
+    assert sorted(got) == list(range(1, 11))
+    for step, loss in single.items():
+        assert abs(got[step] - loss) <= 1e-5, (step, got[step], loss)
+
+
+def test_only_rank_zero_writes_run_files(runs: dict[str, Path]):
+    rows = (runs["fsdp"] / "metrics.jsonl").read_text().splitlines()
+    assert len([r for r in rows if '"loss"' in r]) == 10  # one writer, no duplicated rows
+    ckpt = runs["fsdp"] / "checkpoints" / "step_00000005"
+    meta = json.loads((ckpt / "state.json").read_text())
+    assert meta["sharded"] and meta["world_size"] == 2
+    assert (ckpt / "dcp" / ".metadata").is_file()
+    assert not list((runs["fsdp"] / "checkpoints").glob(".tmp-*"))
+
+
+def test_sharded_checkpoint_resumes_on_one_rank(runs: dict[str, Path], tscale_cli):
+    cfg, out = _config(runs["tmp"], "resume21")
+    ckpt = runs["fsdp"] / "checkpoints" / "step_00000005"
+    tscale_cli(["train", str(cfg), "--resume", str(ckpt)])
+    got, ref = _losses(out), _losses(runs["fsdp"])
+    assert sorted(got) == [6, 7, 8, 9, 10]
+    for step in got:
+        assert abs(got[step] - ref[step]) <= 1e-6, (step, got[step], ref[step])
+
+
+def test_one_rank_checkpoint_resumes_sharded_on_two(runs: dict[str, Path], torchrun):
+    cfg, out = _config(runs["tmp"], "resume12")
+    ckpt = runs["single"] / "checkpoints" / "step_00000005"
+    torchrun(["-m", "tscale.cli", "train", str(cfg), "--resume", str(ckpt), *FSDP])
+    got, ref = _losses(out), _losses(runs["single"])
+    assert sorted(got) == [6, 7, 8, 9, 10]
+    for step in got:
+        assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
+
+
+def test_sharded_checkpoint_exports_one_hf_directory(runs: dict[str, Path], tscale_cli):
+    transformers = pytest.importorskip("transformers")
+    hf = runs["tmp"] / "hf"
+    tscale_cli(["export", str(runs["fsdp"]), str(hf)])
+    exported = load_file(str(hf / "model.safetensors"))
+    single = load_file(str(runs["single"] / "checkpoints" / "step_00000010" / "params.safetensors"))
+    for name, t in exported.items():
+        assert torch.allclose(t, single[name], atol=1e-5), name
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf)
+    ids = torch.tensor([[1, 5, 9, 13]])
+    assert torch.isfinite(model(ids).logits).all()
