@@ -1,0 +1,197 @@
+"""2-rank DDP and FSDP step time against one process on the same global batch, and the per-rank
+memory of params + optimizer state.
+
+One process runs the plain tscale step on the global batch with all ``--threads`` threads; then
+``torchrun --nproc-per-node 2`` (gloo, CPU) runs the DDP and the FSDP step, each rank on half the
+batch with ``--threads / 2`` threads, so the three use the same cores. Each measures
+``--steps`` steps after ``--warmup`` and reports the median step time; the ratios are
+``one-process time / 2-rank time`` (above 1: the 2 ranks are faster). Memory is the bytes of the
+params and optimizer-state tensors a rank holds (FSDP: its shards), counted from the tensors.
+Writes ``benchmarks/results/parallel.json`` and prints one summary line.
+
+Usage: python benchmarks/parallel.py [--steps 12] [--warmup 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tensordict import TensorDict
+
+from tscale.core import rng as R
+from tscale.core import tree as T
+from tscale.core.state import TrainState
+from tscale.losses import make_lm_loss
+from tscale.models.transformer import Transformer, TransformerConfig
+from tscale.optim import adamw
+from tscale.parallel import ddp, fsdp
+from tscale.parallel.mesh import plan_parallel
+from tscale.step import make_train_step
+
+RESULTS = Path(__file__).resolve().parent / "results" / "parallel.json"
+
+
+def _model(args: argparse.Namespace) -> tuple[Transformer, TensorDict]:
+    cfg = TransformerConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 8 // 3,
+        num_layers=args.layers,
+        num_heads=args.hidden // 64,
+        num_kv_heads=args.hidden // 128,
+        max_position_embeddings=args.seq,
+        tie_word_embeddings=False,
+    )
+    model = Transformer(cfg)
+    return model, model.init(R.key(0))
+
+
+def _batches(args: argparse.Namespace, n: int) -> list[TensorDict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
+        out.append(TensorDict({"input_ids": ids, "labels": ids.clone()}, [args.batch]))
+    return out
+
+
+def _time(step, state, batches: list[TensorDict], warmup: int) -> tuple[float, TrainState]:
+    times = []
+    for i, b in enumerate(batches):
+        t0 = time.perf_counter()
+        state, m = step(state, b)
+        float(m["loss"])  # the step's end, as the trainer reads it
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), state
+
+
+def _state_bytes(state: TrainState) -> int:
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t._local_tensor if hasattr(t, "_local_tensor") else t
+
+    leaves = T.leaves(state.params) + T.leaves(state.opt_state)
+    return sum(local(t).numel() * local(t).element_size() for t in leaves)
+
+
+def _tx():
+    return adamw(1e-3, weight_decay=0.1, max_grad_norm=1.0)
+
+
+def single(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    model, params = _model(args)
+    tx = _tx()
+    state = TrainState.create(params, tx.init(params), R.key(1))
+    step = make_train_step(make_lm_loss(model.apply), tx)
+    median, state = _time(step, state, _batches(args, args.warmup + args.steps), args.warmup)
+    return {"step_s": median, "state_bytes": _state_bytes(state)}
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank of the 2-rank runs (started by torchrun)."""
+    torch.set_num_threads(max(1, args.threads // 2))
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, full = _model(args)
+    batches = _batches(args, args.warmup + args.steps)
+    share = args.batch // world
+    mine = [b[rank * share : (rank + 1) * share] for b in batches]
+    results = {}
+    for mode in ("ddp", "fsdp"):
+        if mode == "ddp":
+            tx = _tx()
+            state = TrainState.create(T.clone(full), tx.init(full), R.key(1))
+            loss = make_lm_loss(model.apply)
+            step = make_train_step(loss, tx, grad_sync=ddp.make_ddp_sync(None))
+        else:
+            plan = plan_parallel(rank, world, rank, 1, -1, "cpu")
+            layout = fsdp.FSDPLayout.of(full, plan.mesh)
+            tx = adamw(1e-3, weight_decay=0.1, max_grad_norm=1.0, norm_fn=fsdp.sharded_norm(layout))
+            params = fsdp.shard_tree(full, plan.mesh)
+            opt = fsdp.shard_opt_state(tx.init(fsdp.local_tree(params)), params, plan.mesh)
+            state = TrainState.create(params, opt, R.key(1))
+            inner = make_train_step(
+                make_lm_loss(fsdp.sharded_apply(model.apply, layout)),
+                tx,
+                grad_sync=fsdp.make_fsdp_sync(None),
+                grad_norm=fsdp.sharded_norm(layout),
+            )
+            step = fsdp.wrap_fsdp_step(inner)
+        dist.barrier()
+        median, state = _time(step, state, mine, args.warmup)
+        slowest = torch.tensor([median])
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        results[mode] = {"step_s": float(slowest), "state_bytes": _state_bytes(state)}
+    if rank == 0:
+        Path(args.worker_out).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker_out:
+        worker(args)
+        return
+
+    one = single(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "ranks.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+        cmd += [__file__, *sys.argv[1:], "--worker-out", str(out)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, args.threads // 2))}
+        subprocess.run(cmd, check=True, env=env)
+        ranks = json.loads(out.read_text())
+    tokens = args.batch * args.seq
+    result = {
+        "benchmark": "parallel",
+        "what": "2-rank DDP / FSDP (gloo, CPU) vs one process, same global batch and cores",
+        "model_params": T.num_elements(_model(args)[1]),
+        "global_batch": [args.batch, args.seq],
+        "threads_total": args.threads,
+        "steps_timed": args.steps,
+        "one_process": {**one, "tokens_per_s": tokens / one["step_s"]},
+        "ddp": {**ranks["ddp"], "tokens_per_s": tokens / ranks["ddp"]["step_s"]},
+        "fsdp": {**ranks["fsdp"], "tokens_per_s": tokens / ranks["fsdp"]["step_s"]},
+        "speed_ratio_ddp": one["step_s"] / ranks["ddp"]["step_s"],
+        "speed_ratio_fsdp": one["step_s"] / ranks["fsdp"]["step_s"],
+        "fsdp_state_memory_vs_ddp": ranks["fsdp"]["state_bytes"] / ranks["ddp"]["state_bytes"],
+        "memory_bar": 0.55,
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+    }
+    result["memory_bar_met"] = result["fsdp_state_memory_vs_ddp"] <= 0.55
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"parallel: one process {one['step_s'] * 1e3:.0f} ms/step; 2-rank ddp "
+        f"{ranks['ddp']['step_s'] * 1e3:.0f} ms (x{result['speed_ratio_ddp']:.2f}), fsdp "
+        f"{ranks['fsdp']['step_s'] * 1e3:.0f} ms (x{result['speed_ratio_fsdp']:.2f}); fsdp "
+        f"params+opt state per rank {result['fsdp_state_memory_vs_ddp']:.3f}x ddp's"
+    )
+
+
+if __name__ == "__main__":
+    main()
