@@ -55,9 +55,10 @@ import numpy as np
 
 import tscale
 from tscale.core.result import Ok
-from tscale.data.length import fit_record
+from tscale.data.length import LengthBudget
 from tscale.data.pack import pack_examples
-from tscale.data.prompt import get_template, make_sample_counter, render, tokenize_rendered
+from tscale.data.prepare import prepare_examples
+from tscale.data.prompt import get_template, render
 from tscale.data.tokenize import Encoder, train_tokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "data_pipeline.json"
@@ -142,44 +143,25 @@ def alpaca_prompt(row: dict[str, str]) -> str:
 
 
 def tscale_prepare(rows: list[dict], encoder: Encoder, max_length: int) -> dict[str, Any]:
-    """fit_record → render → tokenize_rendered per row, then pack_examples; stage times."""
+    """prepare_examples (fit → render → tokenize, batched) then pack_examples; stage times."""
     template = get_template("alpaca")
-    tok = encoder.tokenizer
-
-    def count_tokens(text: str) -> int:
-        return len(tok.encode(text, add_special_tokens=False).ids)
-
-    count_total = make_sample_counter(template, encoder, add_bos=True, add_eos=True)
+    budget = LengthBudget(max_total_length=max_length, strategy="smart")
+    clock = time.perf_counter
+    c0, t0 = time.process_time(), clock()
+    results, length_report = prepare_examples(
+        rows,
+        template,
+        encoder,
+        add_bos=True,
+        add_eos=True,
+        loss_mode="completion_only",
+        max_length=max_length,
+        budget=budget,
+        where=[f"row {i}" for i in range(len(rows))],
+    )
     examples: list[dict] = []
     errors: dict[str, int] = {}
-    truncated = 0
-    clock = time.perf_counter
-    stage = {"fit": 0.0, "render": 0.0, "tokenize": 0.0}  # per-row stages, summed
-    c0, t0 = time.process_time(), clock()
-    for i, row in enumerate(rows):
-        where = f"row {i}"
-        a = clock()
-        res, rep = fit_record(
-            row,
-            columns=COLUMNS,
-            count_tokens=count_tokens,
-            max_total_length=max_length,
-            strategy="smart",
-            count_total=count_total,
-            where=where,
-        )
-        b = clock()
-        stage["fit"] += b - a
-        truncated += bool(rep.truncated)
-        if isinstance(res, Ok):
-            res = render(res.value, template, loss_mode="completion_only", where=where)
-        a = clock()
-        stage["render"] += a - b
-        if isinstance(res, Ok):
-            res = tokenize_rendered(
-                res.value, encoder, add_bos=True, add_eos=True, max_length=max_length, where=where
-            )
-        stage["tokenize"] += clock() - a
+    for res in results:
         if isinstance(res, Ok):
             examples.append(res.value)
         else:
@@ -192,10 +174,11 @@ def tscale_prepare(rows: list[dict], encoder: Encoder, max_length: int) -> dict[
         "examples": examples,
         "packs": packs,
         "report": report,
+        "length_report": length_report,
         "errors": errors,
-        "truncated_rows": truncated,
+        "truncated_rows": length_report.truncated_records,
         "per_row_s": t1 - t0,
-        "stages_s": {**stage, "pack": t2 - t1},
+        "stages_s": {"fit_render_tokenize": t1 - t0, "pack": t2 - t1},
         "pack_s": t2 - t1,
         "total_s": t2 - t0,
         "cpu_s": time.process_time() - c0,
