@@ -409,7 +409,8 @@ def to_messages(
     - ``{"prompt", "completion"}``: a user and an assistant message.
 
     ``system`` is prepended as a system message unless the record already starts with one (the
-    record's own system prompt wins).
+    record's own system prompt wins). A prompt/completion or alpaca record's own ``system``
+    field (a non-empty string) is its system message.
     """
     if "messages" in record or "conversations" in record:
         key = "messages" if "messages" in record else "conversations"
@@ -468,6 +469,11 @@ def to_messages(
             record,
             where,
         )
+    chat = "messages" in record or "conversations" in record
+    own = None if chat else record.get("system")
+    if isinstance(own, str) and own and messages[0]["role"] != "system":
+        # a prompt/completion or alpaca record's own system column (e.g. from data.sources)
+        messages.insert(0, {"role": "system", "content": own})
     if system is not None and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system})
     return Ok(messages)
