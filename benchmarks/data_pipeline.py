@@ -8,10 +8,14 @@ TRL gets the very same ``tokenizers.Tokenizer`` inside a ``PreTrainedTokenizerFa
 
 Methods (each timed once on all rows with ``time.perf_counter``, after a warm-up on 500 rows):
 
-- **tscale**: per record ``fit_record`` (token budget ``max_length`` over the rendered sample via
-  ``make_sample_counter``, ``smart`` strategy, proportional split over the three columns) →
-  ``render`` (built-in ``alpaca``, ``completion_only``) → ``tokenize_rendered`` (BOS + EOS) →
-  ``pack_examples`` (best-fit decreasing, rows of ``max_length``).
+- **tscale**: ``prepare_examples`` (what ``build_data`` runs): every row rendered once (built-in
+  ``alpaca``, ``completion_only``), the texts encoded once with ``encode_batch`` in chunks of
+  2048, the length budget (``LengthBudget(max_total_length=max_length)``, ``smart`` strategy,
+  proportional over the three columns) checked on that encoding, rows over it fitted by
+  ``fit_record`` with ``make_sample_counter`` and re-rendered; loss masks from the offsets; BOS +
+  EOS → ``pack_examples`` (best-fit decreasing, rows of ``max_length``). ``encode_batch`` uses
+  the ``tokenizers`` Rust thread pool (``TOKENIZERS_PARALLELISM`` default): wall time and CPU
+  time are both reported.
 - **pad-to-longest**: tscale's tokenized examples, unpacked, in a seeded shuffled order, in
   batches of 8 padded to the batch's longest: fill = tokens / (rows × padded length).
 - **TRL pack_dataset**: ``trl.data_utils.pack_dataset(ds, max_length, strategy="bfd")`` on
@@ -444,10 +448,12 @@ def main() -> None:
             "stages_s": ts["stages_s"],
             "pack_s": ts["pack_s"],
             "rows_per_s": len(rows) / ts["total_s"],
-            "timed": "per row: fit_record (max_total_length=max_length counted on the finished "
-            "sample by make_sample_counter, smart strategy, proportional) + render (alpaca, "
-            "completion_only) + tokenize_rendered (add_bos, add_eos, max_length); then "
-            "pack_examples(max_length) over all examples",
+            "timed": "prepare_examples over all rows (render once with alpaca/completion_only, "
+            "encode_batch in chunks of 2048 with offsets, LengthBudget(max_total_length="
+            "max_length, smart, proportional) checked on that encoding and rows over it fitted "
+            "by fit_record + make_sample_counter, loss masks from offsets, BOS + EOS, "
+            "max_length); then pack_examples(max_length) over all examples. encode_batch runs "
+            "on the tokenizers thread pool: cpu_s counts all threads",
         },
         "pad_to_longest": {
             "fill_rate": pad_fill,

@@ -322,3 +322,17 @@ def test_a_system_column_becomes_the_system_message(tmp_path: Path):
     bundle = build_data(cfg, run)
     text = bundle.encoder.decode(bundle.train_examples[0]["input_ids"])
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nq0")
+
+
+def test_streaming_keys_are_checked(tmp_path: Path):
+    train = _jsonl(tmp_path / "t.jsonl", _qa_rows(10))
+    base = f"  streaming: true\n  train_files: [{train}]\n"
+    cfg, run = _config(tmp_path, base + "  group_by_length: true\n")
+    with pytest.raises(ConfigError, match=r"data\.group_by_length"):
+        build_data(cfg, run)
+    cfg, run = _config(tmp_path, base + "  packing: {enabled: true, buffer_size: 0}\n")
+    with pytest.raises(ConfigError, match=r"data\.packing\.buffer_size must be >= 1"):
+        build_data(cfg, run)
+    cfg, run = _config(tmp_path, f"  train_files: [{train}]\n  max_error_rate: 1.5\n")
+    with pytest.raises(ConfigError, match=r"data\.max_error_rate must be in \[0, 1\]"):
+        build_data(cfg, run)

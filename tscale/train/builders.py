@@ -95,7 +95,7 @@ class DataBundle:
 
     encoder: Encoder
     tokenizer_file: Path
-    loader: BatchLoader
+    loader: BatchLoader | StreamingBatchLoader
     train_examples: list[dict]
     eval_examples: list[dict]
     eval_records: list[dict]
@@ -481,7 +481,9 @@ def _streaming_bundle(
         "cache": "off (streaming)",
         "sources": [{"source": s.name, "key": s.key, "weight": s.weight} for s in sources],
     }
-    if d.shuffle and (d.group_by_length or d.max_tokens is not None):
+    if d.packing.buffer_size < 1:
+        raise ConfigError(f"data.packing.buffer_size must be >= 1, got {d.packing.buffer_size}")
+    if d.group_by_length or d.max_tokens is not None:
         raise ConfigError(
             "data.streaming reads in order and batches data.batch_size rows: data.group_by_length "
             "and data.max_tokens are for in-memory data; remove them or set data.streaming: false"
@@ -544,7 +546,7 @@ def _streaming_bundle(
     return DataBundle(
         encoder=encoder,
         tokenizer_file=tokenizer_file,
-        loader=loader,  # type: ignore[arg-type]  # same iteration and cursor interface
+        loader=loader,
         train_examples=[],
         eval_examples=eval_examples,
         eval_records=eval_records,
