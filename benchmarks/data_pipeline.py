@@ -8,10 +8,14 @@ TRL gets the very same ``tokenizers.Tokenizer`` inside a ``PreTrainedTokenizerFa
 
 Methods (each timed once on all rows with ``time.perf_counter``, after a warm-up on 500 rows):
 
-- **tscale**: per record ``fit_record`` (token budget ``max_length`` over the rendered sample via
-  ``make_sample_counter``, ``smart`` strategy, proportional split over the three columns) →
-  ``render`` (built-in ``alpaca``, ``completion_only``) → ``tokenize_rendered`` (BOS + EOS) →
-  ``pack_examples`` (best-fit decreasing, rows of ``max_length``).
+- **tscale**: ``prepare_examples`` (what ``build_data`` runs): every row rendered once (built-in
+  ``alpaca``, ``completion_only``), the texts encoded once with ``encode_batch`` in chunks of
+  2048, the length budget (``LengthBudget(max_total_length=max_length)``, ``smart`` strategy,
+  proportional over the three columns) checked on that encoding, rows over it fitted by
+  ``fit_record`` with ``make_sample_counter`` and re-rendered; loss masks from the offsets; BOS +
+  EOS → ``pack_examples`` (best-fit decreasing, rows of ``max_length``). ``encode_batch`` uses
+  the ``tokenizers`` Rust thread pool (``TOKENIZERS_PARALLELISM`` default): wall time and CPU
+  time are both reported.
 - **pad-to-longest**: tscale's tokenized examples, unpacked, in a seeded shuffled order, in
   batches of 8 padded to the batch's longest: fill = tokens / (rows × padded length).
 - **TRL pack_dataset**: ``trl.data_utils.pack_dataset(ds, max_length, strategy="bfd")`` on
@@ -55,9 +59,10 @@ import numpy as np
 
 import tscale
 from tscale.core.result import Ok
-from tscale.data.length import fit_record
+from tscale.data.length import LengthBudget
 from tscale.data.pack import pack_examples
-from tscale.data.prompt import get_template, make_sample_counter, render, tokenize_rendered
+from tscale.data.prepare import prepare_examples
+from tscale.data.prompt import get_template, render
 from tscale.data.tokenize import Encoder, train_tokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "data_pipeline.json"
@@ -142,44 +147,25 @@ def alpaca_prompt(row: dict[str, str]) -> str:
 
 
 def tscale_prepare(rows: list[dict], encoder: Encoder, max_length: int) -> dict[str, Any]:
-    """fit_record → render → tokenize_rendered per row, then pack_examples; stage times."""
+    """prepare_examples (fit → render → tokenize, batched) then pack_examples; stage times."""
     template = get_template("alpaca")
-    tok = encoder.tokenizer
-
-    def count_tokens(text: str) -> int:
-        return len(tok.encode(text, add_special_tokens=False).ids)
-
-    count_total = make_sample_counter(template, encoder, add_bos=True, add_eos=True)
+    budget = LengthBudget(max_total_length=max_length, strategy="smart")
+    clock = time.perf_counter
+    c0, t0 = time.process_time(), clock()
+    results, length_report = prepare_examples(
+        rows,
+        template,
+        encoder,
+        add_bos=True,
+        add_eos=True,
+        loss_mode="completion_only",
+        max_length=max_length,
+        budget=budget,
+        where=[f"row {i}" for i in range(len(rows))],
+    )
     examples: list[dict] = []
     errors: dict[str, int] = {}
-    truncated = 0
-    clock = time.perf_counter
-    stage = {"fit": 0.0, "render": 0.0, "tokenize": 0.0}  # per-row stages, summed
-    c0, t0 = time.process_time(), clock()
-    for i, row in enumerate(rows):
-        where = f"row {i}"
-        a = clock()
-        res, rep = fit_record(
-            row,
-            columns=COLUMNS,
-            count_tokens=count_tokens,
-            max_total_length=max_length,
-            strategy="smart",
-            count_total=count_total,
-            where=where,
-        )
-        b = clock()
-        stage["fit"] += b - a
-        truncated += bool(rep.truncated)
-        if isinstance(res, Ok):
-            res = render(res.value, template, loss_mode="completion_only", where=where)
-        a = clock()
-        stage["render"] += a - b
-        if isinstance(res, Ok):
-            res = tokenize_rendered(
-                res.value, encoder, add_bos=True, add_eos=True, max_length=max_length, where=where
-            )
-        stage["tokenize"] += clock() - a
+    for res in results:
         if isinstance(res, Ok):
             examples.append(res.value)
         else:
@@ -192,10 +178,11 @@ def tscale_prepare(rows: list[dict], encoder: Encoder, max_length: int) -> dict[
         "examples": examples,
         "packs": packs,
         "report": report,
+        "length_report": length_report,
         "errors": errors,
-        "truncated_rows": truncated,
+        "truncated_rows": length_report.truncated_records,
         "per_row_s": t1 - t0,
-        "stages_s": {**stage, "pack": t2 - t1},
+        "stages_s": {"fit_render_tokenize": t1 - t0, "pack": t2 - t1},
         "pack_s": t2 - t1,
         "total_s": t2 - t0,
         "cpu_s": time.process_time() - c0,
@@ -461,10 +448,12 @@ def main() -> None:
             "stages_s": ts["stages_s"],
             "pack_s": ts["pack_s"],
             "rows_per_s": len(rows) / ts["total_s"],
-            "timed": "per row: fit_record (max_total_length=max_length counted on the finished "
-            "sample by make_sample_counter, smart strategy, proportional) + render (alpaca, "
-            "completion_only) + tokenize_rendered (add_bos, add_eos, max_length); then "
-            "pack_examples(max_length) over all examples",
+            "timed": "prepare_examples over all rows (render once with alpaca/completion_only, "
+            "encode_batch in chunks of 2048 with offsets, LengthBudget(max_total_length="
+            "max_length, smart, proportional) checked on that encoding and rows over it fitted "
+            "by fit_record + make_sample_counter, loss masks from offsets, BOS + EOS, "
+            "max_length); then pack_examples(max_length) over all examples. encode_batch runs "
+            "on the tokenizers thread pool: cpu_s counts all threads",
         },
         "pad_to_longest": {
             "fill_rate": pad_fill,

@@ -55,11 +55,16 @@ def test_file_round_trip(tmp_path_factory, cfg):
     assert load_config(path) == cfg
 
 
-def _leaves(data: dict, prefix: str = "") -> list[tuple[str, Any]]:
+def _leaves(data: dict, cls: type = Config, prefix: str = "") -> list[tuple[str, Any]]:
+    """Key paths of the leaves; a mapping field (e.g. data.column_map) is one leaf, since its
+    keys may be any string (empty, dotted) that a key path cannot spell."""
+    attrs.resolve_types(cls)
+    types = {f.name: f.type for f in attrs.fields(cls)}
     out = []
     for key, value in data.items():
-        if isinstance(value, dict):
-            out += _leaves(value, f"{prefix}{key}.")
+        tp = types[key]
+        if isinstance(tp, type) and attrs.has(tp):
+            out += _leaves(value, tp, f"{prefix}{key}.")
         else:
             out.append((prefix + key, value))
     return out

@@ -97,6 +97,87 @@ class PackingConfig:
     split_overflow: bool = _f(
         False, "Split examples longer than data.max_length into chunks (else drop and count)."
     )
+    buffer_size: int = _f(
+        256,
+        "With data.streaming: rows kept open by the streaming packer (a full or the fullest "
+        "row is emitted when a new one must open); memory is buffer_size x max_length tokens.",
+    )
+
+
+_FORMAT = Literal["auto", "prompt_completion", "alpaca", "chat", "sharegpt"]
+_STRATEGY = Literal["smart", "sentence_boundary", "word_boundary", "hard"]
+
+
+@attrs.frozen(kw_only=True)
+class SourceConfig:
+    """One dataset of a weighted mixture (data.sources)."""
+
+    path: str | None = _f(
+        None,
+        "A file (json, jsonl, csv, parquet, arrow, txt), a directory of them, or a "
+        "save_to_disk directory. Set path or hf, not both.",
+    )
+    hf: str | None = _f(None, "A Hugging Face hub dataset name (owner/name); needs the network.")
+    hf_config: str | None = _f(
+        None, "The hub dataset's configuration (subset), when it has several."
+    )
+    split: str = _f(
+        "train", "The split to read (datasets slicing such as train[:1000] is allowed)."
+    )
+    weight: float = _f(
+        1.0,
+        "Mixture weight: each training row comes from this source with probability "
+        "weight / sum of weights (smaller sources repeat until every one is seen whole).",
+    )
+    column_map: dict[str, str] = _f(
+        {},
+        "Canonical field -> this source's column (e.g. {prompt: question, completion: "
+        "answer}); overrides data.column_map and the synonym table.",
+    )
+    format: _FORMAT = _f("auto", "Record format; auto detects it from the columns.")
+
+
+@attrs.frozen(kw_only=True)
+class LengthConfig:
+    """Length budget of each record, fitted on the raw text before templating (data.length)."""
+
+    max_total_length: int | None = _f(
+        None,
+        "Token budget of a record's finished sample (template + BOS/EOS + text, as "
+        "data.max_length counts); over it, the text columns are cut per excess. null: no cut.",
+    )
+    per_column_limits: dict[str, int] = _f(
+        {}, "Character limit per text column (prompt, completion, instruction, input, output)."
+    )
+    strategy: _STRATEGY = _f(
+        "smart",
+        "Where text is cut: smart (sentences, else words, else characters), "
+        "sentence_boundary, word_boundary, hard (at the character).",
+    )
+    side: Literal["right", "left"] = _f(
+        "right", "The end that is cut away: right keeps the beginning, left keeps the end."
+    )
+    column_strategy: dict[str, _STRATEGY] = _f(
+        {}, "Per-column strategy, overriding strategy (e.g. {input: hard})."
+    )
+    column_side: dict[str, Literal["right", "left"]] = _f(
+        {}, "Per-column side, overriding side (e.g. {prompt: left})."
+    )
+    content_distribution: Literal["proportional", "priority", "ratio"] = _f(
+        "proportional",
+        "How the token budget is shared: proportional (same fraction each), priority "
+        "(least important column cut first), ratio (fixed shares).",
+    )
+    priority: list[str] | None = _f(
+        None, "content_distribution priority: columns, most important first (all of them)."
+    )
+    ratios: dict[str, float] | None = _f(
+        None, "content_distribution ratio: a positive share per column."
+    )
+    excess: Literal["truncate", "drop", "raise"] = _f(
+        "truncate",
+        "A record over a limit: truncate (cut), drop (quarantine it), raise (stop the run).",
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -131,6 +212,38 @@ class DataConfig:
     )
     batch_size: int = _f(64, "Examples per optimizer step (split into train.microbatches).")
     shuffle: bool = _f(True, "Shuffle each epoch, deterministically from (seed, epoch).")
+    sources: list[SourceConfig] = _f(
+        [],
+        "Training datasets mixed by weight (instead of train_files); each is read through "
+        "datasets, its format detected and its columns mapped to the canonical fields.",
+    )
+    format: _FORMAT = _f(
+        "auto", "Record format of train_files/eval_files/sources; auto detects it."
+    )
+    column_map: dict[str, str] = _f(
+        {},
+        "Canonical field -> column for every source (e.g. {prompt: question}); overrides the "
+        "synonym table. Setting it (or format) reads train_files through the same path.",
+    )
+    streaming: bool = _f(
+        False,
+        "Read, template, tokenize and pack the training data on the fly (bounded memory); "
+        "the loader's cursor holds the stream position and packer buffer, so resume is exact.",
+    )
+    length: LengthConfig = _f(LengthConfig(), "Length budget (truncation before templating).")
+    max_error_rate: float | None = _f(
+        None,
+        "Abort when more than this fraction of training rows is quarantined (e.g. 0.05); "
+        "null: never abort.",
+    )
+    cache: bool = _f(
+        True,
+        "Cache the processed (tokenized, packed) data under a fingerprint of the data config, "
+        "input files and tokenizer; a second run with the same inputs skips preprocessing.",
+    )
+    cache_dir: str | None = _f(
+        None, "Where the processed-data cache lives; null: <run.output_dir>/data/cache."
+    )
 
 
 @attrs.frozen(kw_only=True)

@@ -1,12 +1,13 @@
 """Data: synthetic tasks, loading and validating records, prompt templates, length budgets,
 tokenizing, packing and batching.
 
-The path the trainer uses today: ``synthetic.make_splits`` (or JSON-lines files) →
-``load_records`` → ``Encoder.encode_batch`` → ``BatchLoader`` (training) / ``batch_iter`` (eval).
-Templates, loss modes and packing are selectable from YAML (``data.template``, ``data.loss_mode``,
-``data.packing``); the length manager (``fit_record``), the streaming packer, the introspector
-(``inspect_source``) and the source loaders (``load_source``, ``mix_sources``, ``cached_map``)
-are tested library pieces not yet wired to YAML (see docs/data.md).
+The path the trainer uses (``tscale.train.builders.build_data``): JSON-lines files
+(``load_records``) or ``data.sources`` read through ``load_source``, their format detected
+(``inspect_source``/``detect_format``, ``data.column_map``) and rows canonicalized, mixed by
+weight (``mix_sources``) → ``prepare_examples`` (length budget ``fit_record`` via
+``LengthBudget``, template ``render``, ``tokenize_encoded``, every text encoded once in a batch)
+→ ``pack_examples`` → ``BatchLoader``; or, with ``data.streaming``, the same stages on the fly
+in a ``StreamingBatchLoader`` (``StreamingPacker``, cursor with the stream position).
 """
 
 from tscale.data.introspect import (
@@ -20,7 +21,16 @@ from tscale.data.introspect import (
     length_histogram,
     make_eval_split,
 )
-from tscale.data.length import LengthReport, allocate_budget, fit_record, fit_records, truncate_text
+from tscale.data.length import (
+    TEXT_COLUMNS,
+    LengthBudget,
+    LengthReport,
+    allocate_budget,
+    fit_record,
+    fit_records,
+    text_columns,
+    truncate_text,
+)
 from tscale.data.load import LoadReport, load_records, validate_record, write_quarantine
 from tscale.data.loader import BatchLoader, batch_iter
 from tscale.data.pack import (
@@ -30,6 +40,7 @@ from tscale.data.pack import (
     cu_seqlens_from_doc_ids,
     pack_examples,
 )
+from tscale.data.prepare import prepare_examples
 from tscale.data.prompt import (
     LOSS_MODES,
     TEMPLATE_NAMES,
@@ -42,9 +53,11 @@ from tscale.data.prompt import (
     render_messages,
     template_from_tokenizer_config,
     to_messages,
+    tokenize_encoded,
     tokenize_rendered,
 )
 from tscale.data.sources import cached_map, fingerprint, load_source, mix_sources, resolve_source
+from tscale.data.stream import StreamingBatchLoader
 from tscale.data.synthetic import TASKS, generate, make_splits, write_jsonl
 from tscale.data.tokenize import (
     IGNORE_INDEX,
@@ -63,14 +76,17 @@ __all__ = [
     "SYNONYMS",
     "TASKS",
     "TEMPLATE_NAMES",
+    "TEXT_COLUMNS",
     "BatchLoader",
     "ChatTemplate",
     "Encoder",
+    "LengthBudget",
     "LengthReport",
     "LoadReport",
     "PackReport",
     "RenderedSample",
     "SourceInfo",
+    "StreamingBatchLoader",
     "StreamingPacker",
     "allocate_budget",
     "batch_iter",
@@ -97,11 +113,14 @@ __all__ = [
     "mix_sources",
     "normalize_sharegpt",
     "pack_examples",
+    "prepare_examples",
     "render",
     "render_messages",
     "resolve_source",
     "template_from_tokenizer_config",
+    "text_columns",
     "to_messages",
+    "tokenize_encoded",
     "tokenize_rendered",
     "train_tokenizer",
     "truncate_text",

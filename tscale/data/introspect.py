@@ -549,6 +549,7 @@ def length_histogram(lengths: Sequence[int], *, max_length: int, bins: int = 10)
     over = sum(1 for x in ordered if x > max_length)
     top = max(ordered[-1] if ordered else 0, max_length)
     width = max(1, math.ceil((top + 1) / bins))
+    bins = min(bins, math.ceil((top + 1) / width))  # no bucket starts past the top
     counts = [0] * bins
     for x in ordered:
         counts[min(x // width, bins - 1)] += 1

@@ -148,6 +148,8 @@ class LengthReport:
     kept: int = 0
     truncated: Mapping[str, Mapping[str, int]] = attrs.field(factory=dict)
     dropped: Mapping[str, int] = attrs.field(factory=dict)
+    truncated_records: int = 0
+    """Records with at least one truncated column."""
 
     def __add__(self, other: LengthReport) -> LengthReport:
         truncated: dict[str, dict[str, int]] = {c: dict(r) for c, r in self.truncated.items()}
@@ -159,7 +161,11 @@ class LengthReport:
         for reason, n in other.dropped.items():
             dropped[reason] = dropped.get(reason, 0) + n
         return LengthReport(
-            self.records + other.records, self.kept + other.kept, truncated, dropped
+            self.records + other.records,
+            self.kept + other.kept,
+            truncated,
+            dropped,
+            self.truncated_records + other.truncated_records,
         )
 
     def summary(self) -> str:
@@ -167,7 +173,8 @@ class LengthReport:
         parts = [f"kept {self.kept}/{self.records} records"]
         cut = [f"{c} {r}: {n}" for c, rs in sorted(self.truncated.items()) for r, n in rs.items()]
         if cut:
-            parts.append("truncated " + ", ".join(cut))
+            records = f" in {self.truncated_records} records" if self.truncated_records else ""
+            parts.append("truncated " + ", ".join(cut) + records)
         if self.dropped:
             parts.append(
                 "dropped " + ", ".join(f"{r}: {n}" for r, n in sorted(self.dropped.items()))
@@ -393,7 +400,7 @@ def fit_record(
             return fail("token_budget", result)
         for c in result:
             mark(c, "token_budget")
-    return Ok(out), LengthReport(1, 1, truncated, {})
+    return Ok(out), LengthReport(1, 1, truncated, {}, int(bool(truncated)))
 
 
 class _CountError(Exception):
@@ -481,3 +488,99 @@ def fit_records(
         results.append(result)
         report = report + rep
     return results, report
+
+
+_RECORD_TEXT_COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("instruction", ("instruction", "input", "output")),
+    ("output", ("instruction", "input", "output")),
+    ("prompt", ("prompt", "completion")),
+    ("completion", ("prompt", "completion")),
+)
+TEXT_COLUMNS: tuple[str, ...] = ("prompt", "completion", "instruction", "input", "output")
+"""The text columns a length budget can cut: prompt/completion and alpaca records."""
+
+
+def text_columns(record: Mapping[str, Any]) -> list[str]:
+    """The text columns of a record, as :func:`tscale.data.prompt.to_messages` reads its shape.
+
+    Chat records (``messages``/``conversations``) have none; alpaca records have ``instruction``,
+    ``input`` (only when it is a string: it is optional) and ``output``; prompt/completion records
+    have ``prompt`` and ``completion``.
+    """
+    if "messages" in record or "conversations" in record:
+        return []
+    for key, columns in _RECORD_TEXT_COLUMNS:
+        if key in record:
+            return [c for c in columns if c != "input" or isinstance(record.get(c), str)]
+    return []
+
+
+@attrs.frozen(kw_only=True)
+class LengthBudget:
+    """The limits of :func:`fit_record` as one record, applied to each record's own columns.
+
+    ``columns`` None means :func:`text_columns` of each record; the per-column settings
+    (``per_column_limits``, a mapping ``strategy``/``sides``, ``priority``, ``ratios``) may name
+    any of :data:`TEXT_COLUMNS` and are restricted to the columns a record has.
+    """
+
+    max_total_length: int | None = None
+    per_column_limits: Mapping[str, int] = attrs.field(factory=dict)
+    strategy: str | Mapping[str, str] = "smart"
+    sides: str | Mapping[str, str] = "right"
+    content_distribution: str = "proportional"
+    priority: Sequence[str] | None = None
+    ratios: Mapping[str, float] | None = None
+    excess: str = "truncate"
+    columns: Sequence[str] | None = None
+
+    def columns_of(self, record: Mapping[str, Any]) -> list[str]:
+        """The columns this budget fits in ``record``."""
+        return list(self.columns) if self.columns is not None else text_columns(record)
+
+    def needs_fit(self, record: Mapping[str, Any], n_tokens: int) -> bool:
+        """Whether :meth:`fit` could change or reject ``record``, whose finished sample has
+        ``n_tokens`` tokens (False: ``fit`` would return it unchanged, so it can be skipped)."""
+        for c in self.columns_of(record):
+            value = record.get(c)
+            if not isinstance(value, str):
+                return True
+            limit = self.per_column_limits.get(c)
+            if limit is not None and len(value) > limit:
+                return True
+        return self.max_total_length is not None and n_tokens > self.max_total_length
+
+    def fit(
+        self,
+        record: Mapping[str, Any],
+        *,
+        count_tokens: Callable[[str], int],
+        count_total: Callable[[Mapping[str, Any]], int] | None = None,
+        where: str | None = None,
+    ) -> tuple[Ok[dict] | Err, LengthReport]:
+        """:func:`fit_record` of ``record`` with this budget over its columns."""
+        columns = self.columns_of(record)
+        present = set(columns)
+
+        def only(value: Any) -> Any:
+            if value is None or isinstance(value, str):
+                return value
+            if isinstance(value, Mapping):
+                return {c: v for c, v in value.items() if c in present}
+            return [c for c in value if c in present]
+
+        return fit_record(
+            record,
+            columns=columns,
+            count_tokens=count_tokens,
+            max_total_length=self.max_total_length,
+            per_column_limits=only(self.per_column_limits),
+            strategy=only(self.strategy),
+            sides=only(self.sides),
+            content_distribution=self.content_distribution,
+            priority=only(self.priority),
+            ratios=only(self.ratios),
+            excess=self.excess,
+            count_total=count_total,
+            where=where,
+        )

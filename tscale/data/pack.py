@@ -27,14 +27,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
+import numpy as np
 import torch
 from tensordict import TensorDict
 
 from tscale.data.tokenize import IGNORE_INDEX
 from tscale.errors import DataError
 
-Segment = tuple[list[int], list[int]]
-"""A document (or a chunk of one) to pack: ``(input_ids, labels)``."""
+Segment = tuple[np.ndarray, np.ndarray]
+"""A document (or a chunk of one) to pack: ``(input_ids, labels)``, int64 arrays."""
 
 _STATE_FORMAT = "tscale.data.pack.StreamingPacker/1"
 
@@ -116,7 +117,7 @@ def _segments(
         raise DataError(
             f"example {index}: input_ids ({len(ids)}) and labels ({len(labels)}) differ in length"
         )
-    ids, labels = [int(x) for x in ids], [int(x) for x in labels]
+    ids, labels = _int_array(ids, index, "input_ids"), _int_array(labels, index, "labels")
     n = len(ids)
     if n == 0:
         return [], "empty"
@@ -130,32 +131,34 @@ def _segments(
     return chunks, "split"
 
 
+def _int_array(values: Any, index: int | str, name: str) -> np.ndarray:
+    """``values`` as a 1-D int64 array (lists, tuples, tensors and arrays alike)."""
+    try:
+        out = np.asarray(values, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise DataError(f"example {index}: {name} are not integers ({e})") from None
+    if out.ndim != 1:
+        raise DataError(f"example {index}: {name} must be a flat list, got shape {out.shape}")
+    return out
+
+
 def _assemble(segments: Sequence[Segment], with_cu_seqlens: bool) -> tuple[dict, int]:
     """One pack from its segments, and how many last-position labels had to be masked."""
-    input_ids: list[int] = []
-    labels: list[int] = []
-    position_ids: list[int] = []
-    doc_ids: list[int] = []
-    cu = [0]
-    masked = 0
-    for k, (ids, labs) in enumerate(segments, start=1):
-        n = len(ids)
-        input_ids += ids
-        labels += labs
-        if labels[-1] != IGNORE_INDEX:  # would target the first token after this document
-            labels[-1] = IGNORE_INDEX
-            masked += 1
-        position_ids += range(n)
-        doc_ids += [k] * n
-        cu.append(cu[-1] + n)
+    lengths = np.fromiter((len(ids) for ids, _ in segments), dtype=np.int64, count=len(segments))
+    ends = np.cumsum(lengths)
+    labels = np.concatenate([labs for _, labs in segments])
+    last = ends - 1  # the label here would target the first token after the document
+    masked = int(np.count_nonzero(labels[last] != IGNORE_INDEX))
+    labels[last] = IGNORE_INDEX
+    starts = np.repeat(ends - lengths, lengths)
     pack = {
-        "input_ids": input_ids,
-        "labels": labels,
-        "position_ids": position_ids,
-        "doc_ids": doc_ids,
+        "input_ids": np.concatenate([ids for ids, _ in segments]).tolist(),
+        "labels": labels.tolist(),
+        "position_ids": (np.arange(int(ends[-1])) - starts).tolist(),
+        "doc_ids": np.repeat(np.arange(1, len(segments) + 1), lengths).tolist(),
     }
     if with_cu_seqlens:
-        pack["cu_seqlens"] = cu
+        pack["cu_seqlens"] = [0, *ends.tolist()]
     return pack, masked
 
 
@@ -183,7 +186,7 @@ class _Counts:
         v = self.values
         v["sequences"] += 1
         v["tokens"] += len(pack["input_ids"])
-        v["trained_tokens"] += sum(x != IGNORE_INDEX for x in pack["labels"])
+        v["trained_tokens"] += len(pack["labels"]) - pack["labels"].count(IGNORE_INDEX)
         v["masked_boundary_labels"] += masked
 
     def report(self) -> PackReport:
@@ -419,8 +422,8 @@ class StreamingPacker:
                 {
                     "id": b,
                     "tick": row.tick,
-                    "input_ids": [list(ids) for ids, _ in row.segments],
-                    "labels": [list(labs) for _, labs in row.segments],
+                    "input_ids": [ids.tolist() for ids, _ in row.segments],
+                    "labels": [labs.tolist() for _, labs in row.segments],
                 }
                 for b, row in rows
             ],
@@ -447,9 +450,11 @@ class StreamingPacker:
             self._pushed = int(state["pushed"])
             for row in state["rows"]:  # saved in tick order: rebuilds each capacity's stack order
                 segments = [
-                    ([int(x) for x in ids], [int(x) for x in labs])
+                    (np.asarray(ids, dtype=np.int64), np.asarray(labs, dtype=np.int64))
                     for ids, labs in zip(row["input_ids"], row["labels"], strict=True)
                 ]
+                if any(a.ndim != 1 or len(a) != len(b) for a, b in segments):
+                    raise ValueError(f"row {row['id']}: input_ids and labels differ in shape")
                 free = self.max_length - sum(len(ids) for ids, _ in segments)
                 if not 0 < free < self.max_length:
                     raise ValueError(f"row {row['id']} holds {self.max_length - free} tokens")

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import attrs
 import jinja2
+import numpy as np
 from jinja2 import nodes
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -408,7 +409,8 @@ def to_messages(
     - ``{"prompt", "completion"}``: a user and an assistant message.
 
     ``system`` is prepended as a system message unless the record already starts with one (the
-    record's own system prompt wins).
+    record's own system prompt wins). A prompt/completion or alpaca record's own ``system``
+    field (a non-empty string) is its system message.
     """
     if "messages" in record or "conversations" in record:
         key = "messages" if "messages" in record else "conversations"
@@ -467,6 +469,11 @@ def to_messages(
             record,
             where,
         )
+    chat = "messages" in record or "conversations" in record
+    own = None if chat else record.get("system")
+    if isinstance(own, str) and own and messages[0]["role"] != "system":
+        # a prompt/completion or alpaca record's own system column (e.g. from data.sources)
+        messages.insert(0, {"role": "system", "content": own})
     if system is not None and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system})
     return Ok(messages)
@@ -562,7 +569,8 @@ def render(
         spans: list[Span] = []
         for i in targets:
             before = render_messages(tpl, messages[:i], add_generation_prompt=True)
-            upto = render_messages(tpl, messages[: i + 1])
+            # The last turn's prefix is the whole conversation: no need to render it twice.
+            upto = text if i + 1 == len(messages) else render_messages(tpl, messages[: i + 1])
             if not text.startswith(before):
                 return Err(_not_prefix(tpl, i, " with add_generation_prompt"), record, where)
             if not text.startswith(upto):
@@ -596,23 +604,17 @@ def _resolve(
 
 def _trained_tokens(
     offsets: Sequence[tuple[int, int]], spans: Sequence[Span], n_chars: int
-) -> list[bool]:
-    """Whether each token overlaps a trained span. A token straddling a span's border is trained:
-    the model must emit it to produce the trained text. O(characters + tokens) by prefix sums."""
-    cum = [0] * (n_chars + 1)  # cum[i]: trained characters among text[:i]
-    marks = [0] * (n_chars + 1)
+) -> np.ndarray:
+    """Whether each token overlaps a trained span, as a bool array. A token straddling a span's
+    border is trained: the model must emit it to produce the trained text. A zero-width token
+    counts as covering the character at its place. O(tokens · spans), vectorised."""
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    start, end = off[:, 0], off[:, 1]
+    end = np.where(end <= start, np.minimum(start + 1, n_chars), end)
+    out = np.zeros(len(off), dtype=bool)
     for a, b in spans:
-        marks[a] += 1
-        marks[b] -= 1
-    depth = 0
-    for i in range(n_chars):
-        depth += marks[i]
-        cum[i + 1] = cum[i] + (depth > 0)
-    out = []
-    for s, e in offsets:
-        if e <= s:  # a zero-width token: trained when the character at its place is
-            e = min(s + 1, n_chars)
-        out.append(cum[e] > cum[s])
+        if b > a:  # an empty span trains no character
+            out |= (start < b) & (end > a) & (end > start)
     return out
 
 
@@ -655,18 +657,61 @@ def tokenize_rendered(
     tok, bos, eos = _resolve(tokenizer, bos_id, eos_id)
     _special_ids(add_bos, add_eos, bos, eos)
     enc = tok.encode(sample.text, add_special_tokens=False)
-    ids = list(enc.ids)
-    trained = _trained_tokens(enc.offsets, sample.trained_spans, len(sample.text))
-    if add_bos and not (ids and ids[0] == bos):
-        ids.insert(0, bos)  # type: ignore[arg-type]  # checked by _special_ids
-        trained.insert(0, False)
-    if add_eos and not (ids and ids[-1] == eos):
+    return tokenize_encoded(
+        sample,
+        enc.ids,
+        enc.offsets,
+        add_bos=add_bos,
+        add_eos=add_eos,
+        bos_id=bos,
+        eos_id=eos,
+        max_length=max_length,
+        where=where,
+    )
+
+
+def sample_length(
+    ids: Sequence[int], *, add_bos: bool, add_eos: bool, bos_id: int | None, eos_id: int | None
+) -> int:
+    """The number of ``input_ids`` a sample encoded as ``ids`` gets (BOS/EOS added if missing)."""
+    n = len(ids)
+    if add_bos and not (n and ids[0] == bos_id):
+        n += 1
+    if add_eos and not (len(ids) and ids[-1] == eos_id):
+        n += 1
+    return n
+
+
+def tokenize_encoded(
+    sample: RenderedSample,
+    ids: Sequence[int],
+    offsets: Sequence[tuple[int, int]],
+    *,
+    add_bos: bool,
+    add_eos: bool,
+    bos_id: int | None,
+    eos_id: int | None,
+    max_length: int | None = None,
+    where: str | None = None,
+) -> Ok[dict] | Err:
+    """:func:`tokenize_rendered` for a sample already encoded (``ids`` and character
+    ``offsets`` of ``sample.text``, encoded without special tokens), e.g. by ``encode_batch``."""
+    _special_ids(add_bos, add_eos, bos_id, eos_id)
+    trained = _trained_tokens(offsets, sample.trained_spans, len(sample.text))
+    ids = list(ids)
+    if add_bos and not (ids and ids[0] == bos_id):
+        ids.insert(0, bos_id)  # type: ignore[arg-type]  # checked by _special_ids
+        trained = np.concatenate([[False], trained])
+    if add_eos and not (ids and ids[-1] == eos_id):
         ends = [e for s, e in sample.trained_spans if e > s]
-        ids.append(eos)  # type: ignore[arg-type]
-        trained.append(bool(ends) and not sample.text[ends[-1] :].strip())
-    labels = [ids[t + 1] if trained[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)]
+        ids.append(eos_id)  # type: ignore[arg-type]
+        eos_trained = bool(ends) and not sample.text[ends[-1] :].strip()
+        trained = np.concatenate([trained, [eos_trained]])
+    # labels[t] = ids[t + 1] where that token is trained; the last label is always -100.
+    shifted = np.asarray(ids[1:], dtype=np.int64)
+    labels = np.where(trained[1:], shifted, IGNORE_INDEX).tolist()
     labels.append(IGNORE_INDEX)
-    if all(x == IGNORE_INDEX for x in labels):
+    if not trained[1:].any():
         if sample.num_assistant_turns == 0:
             why = "the conversation has no assistant message"
         elif not any(e > s for s, e in sample.trained_spans):
@@ -708,11 +753,6 @@ def make_sample_counter(
         except (jinja2.exceptions.TemplateError, TypeError, ValueError, KeyError) as e:
             raise DataError(f"template {tpl.name!r} failed: {e}") from e
         ids = tok.encode(text, add_special_tokens=False).ids
-        n = len(ids)
-        if add_bos and not (ids and ids[0] == bos):
-            n += 1
-        if add_eos and not (ids and ids[-1] == eos):
-            n += 1
-        return n
+        return sample_length(ids, add_bos=add_bos, add_eos=add_eos, bos_id=bos, eos_id=eos)
 
     return count

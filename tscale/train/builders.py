@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +15,18 @@ import torch
 from tensordict import TensorDictBase
 
 from tscale.checkpoint.hf import from_pretrained
-from tscale.config.schema import Config
+from tscale.config.schema import Config, DataConfig
 from tscale.core.result import Err, Ok
 from tscale.core.state import TrainState
 from tscale.data import load as data_load
 from tscale.data import synthetic
+from tscale.data.length import LengthBudget, LengthReport
 from tscale.data.loader import BatchLoader
 from tscale.data.pack import pack_examples
-from tscale.data.prompt import get_template, render, render_messages, to_messages, tokenize_rendered
+from tscale.data.prepare import prepare_examples
+from tscale.data.prompt import get_template, render_messages, to_messages
+from tscale.data.sources import fingerprint
+from tscale.data.stream import StreamingBatchLoader
 from tscale.data.tokenize import Encoder, load_or_train_tokenizer
 from tscale.errors import ConfigError, DataError, ShapeError
 from tscale.losses.lm import make_fused_lm_loss, make_lm_loss
@@ -33,6 +38,7 @@ from tscale.optim.base import GradientTransformation, chain
 from tscale.optim.schedule_free import schedule_free_eval_params
 from tscale.step.compose import StepFn, make_train_step
 from tscale.step.sophia import make_sophia_train_step
+from tscale.train import data_sources
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -89,12 +95,14 @@ class DataBundle:
 
     encoder: Encoder
     tokenizer_file: Path
-    loader: BatchLoader
+    loader: BatchLoader | StreamingBatchLoader
     train_examples: list[dict]
     eval_examples: list[dict]
     eval_records: list[dict]
     report: dict[str, Any]
     encode_prompt: Callable[[dict], list[int]]
+    example_lengths: list[int] = attrs.field(factory=list)
+    """Tokens of each training example before packing (for ``tscale data inspect``)."""
 
 
 def _prepare(
@@ -105,21 +113,30 @@ def _prepare(
     quarantine: Path,
     *,
     max_length: int | None,
-) -> tuple[list[dict], Counter]:
-    """Render each record with the template, tokenize it with its loss mask; an ``Err`` at any
-    stage goes to the quarantine file (with the original record) and is counted by reason."""
+    where: list[str] | None = None,
+    budget: LengthBudget | None = None,
+) -> tuple[list[dict], Counter, LengthReport]:
+    """Fit each record to the length budget, render it with the template and tokenize it with its
+    loss mask (batched, each text encoded once); an ``Err`` at any stage goes to the quarantine
+    file (with the original record) and is counted by reason."""
     d = cfg.data
-    template = get_template(d.template)
+    places = where if where is not None else [f"{name} record {i}" for i in range(len(records))]
+    results, length_report = prepare_examples(
+        records,
+        get_template(d.template),
+        encoder,
+        add_bos=True,
+        add_eos=True,
+        system=d.system_prompt,
+        loss_mode=d.loss_mode,
+        max_length=max_length,
+        budget=budget,
+        where=places,
+    )
     ok: list[dict] = []
     errors: Counter = Counter()
     bad: list[Err] = []
-    for i, record in enumerate(records):
-        where = f"{name} record {i}"
-        res = render(record, template, system=d.system_prompt, loss_mode=d.loss_mode, where=where)
-        if isinstance(res, Ok):
-            res = tokenize_rendered(
-                res.value, encoder, add_bos=True, add_eos=True, max_length=max_length, where=where
-            )
+    for record, res in zip(records, results, strict=True):
         if isinstance(res, Ok):
             ok.append(res.value)
         else:
@@ -127,7 +144,7 @@ def _prepare(
             bad.append(attrs.evolve(res, record=record))
     if bad:
         data_load.write_quarantine(bad, quarantine)
-    return ok, errors
+    return ok, errors, length_report
 
 
 def question_and_answer(record: dict) -> tuple[str, str]:
@@ -135,6 +152,10 @@ def question_and_answer(record: dict) -> tuple[str, str]:
     for chat records the last user turn before the final turn and that final turn."""
     if "completion" in record:
         return str(record.get("prompt", "")), str(record["completion"])
+    if "output" in record:  # alpaca
+        inp = record.get("input") or ""
+        instruction = str(record.get("instruction", ""))
+        return (f"{instruction}\n\n{inp}" if inp else instruction), str(record["output"])
     turns = record.get("messages") or record.get("conversations") or []
     text = [str(t.get("content", t.get("value", ""))) for t in turns if isinstance(t, dict)]
     return (text[-2] if len(text) > 1 else ""), (text[-1] if text else "")
@@ -144,11 +165,11 @@ def prompt_encoder(cfg: Config, encoder: Encoder) -> Callable[[dict], list[int]]
     """``record -> ids`` of the generation prompt: the template's rendering of every message but
     the last (the answer), with the generation prompt added, after bos."""
     d = cfg.data
-    if d.template == "plain":
-        return lambda record: encoder.encode_prompt(record["prompt"])
     template = get_template(d.template)
 
     def encode(record: dict) -> list[int]:
+        if d.template == "plain" and "prompt" in record:
+            return encoder.encode_prompt(record["prompt"])
         messages = to_messages(record, system=d.system_prompt)
         if not isinstance(messages, Ok):
             raise DataError(f"eval record cannot be rendered: {messages.reason}")
@@ -160,15 +181,32 @@ def prompt_encoder(cfg: Config, encoder: Encoder) -> Callable[[dict], list[int]]
 
 
 def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1) -> DataBundle:
-    """Generate or load the data, train or load the tokenizer, tokenize, and make the loader
-    (which yields this rank's share of every global batch)."""
+    """Generate or load the data, train or load the tokenizer, fit, template, tokenize and pack
+    it (or read it back from the processed-data cache), and make the loader (which yields this
+    rank's share of every global batch).
+
+    Raises:
+        ConfigError: data keys that contradict each other or name unknown columns.
+        DataError: unreadable data, no usable example, or more quarantined rows than
+            ``data.max_error_rate`` allows.
+    """
     data_dir = run_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     quarantine = data_dir / "quarantine.jsonl"
     d = cfg.data
-    if d.train_files:
+    if d.sources and d.train_files:
+        raise ConfigError(
+            "data.sources and data.train_files exclude each other; list every training file "
+            "under data.sources (with its weight)"
+        )
+    if not d.streaming:
+        quarantine.unlink(missing_ok=True)  # rebuilt below (or restored from the cache)
+    budget = data_sources.length_budget(d)
+    error_budget = data_sources.ErrorBudget(d.max_error_rate, quarantine)
+    if d.train_files or d.sources:
         train_files = [Path(p) for p in d.train_files]
         eval_files = [Path(p) for p in d.eval_files]
+        synthetic_files = False
     else:
         s = d.synthetic
         train, held_out = synthetic.make_splits(
@@ -182,38 +220,146 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
         train_files, eval_files = [data_dir / "train.jsonl"], [data_dir / "eval.jsonl"]
         synthetic.write_jsonl(train, train_files[0])
         synthetic.write_jsonl(held_out, eval_files[0])
+        synthetic_files = True
     hf_cache = data_dir / "hf-cache"
-    train_records, train_report = data_load.load_records(
-        train_files, quarantine=quarantine, cache_dir=hf_cache
-    )
-    eval_records: list[dict] = []
-    if eval_files:
-        eval_records, _ = data_load.load_records(
-            eval_files, quarantine=quarantine, cache_dir=hf_cache
-        )
-    tokenizer = load_or_train_tokenizer(
-        d.tokenizer.path, train_files, d.tokenizer.vocab_size, cache_dir=data_dir
-    )
+    via_sources = data_sources.uses_sources(d)
+    sources = data_sources.train_sources(d, train_files) if via_sources else []
+    eval_source = data_sources.eval_source(d, eval_files) if via_sources else None
+    if synthetic_files:
+        input_files: list[Path] = []  # generated from the config and seed, both fingerprinted
+    elif via_sources:
+        input_files = data_sources.source_files([*sources, *([eval_source] if eval_source else [])])
+    else:
+        input_files = [*train_files, *eval_files]
+
+    # Records are read lazily: a cache hit (or a cached tokenizer) never reads them.
+    read: dict[str, Any] = {}
+
+    def train_records() -> dict[str, Any]:
+        if not read:
+            read.update(_read_train(cfg, sources, train_files, quarantine, hf_cache))
+        return read
+
     tokenizer_file = data_dir / "tokenizer.json"
+    if d.tokenizer.path is not None or not via_sources:
+        tokenizer = load_or_train_tokenizer(
+            d.tokenizer.path, train_files, d.tokenizer.vocab_size, cache_dir=data_dir
+        )
+    else:
+        key = fingerprint(
+            {"vocab_size": d.tokenizer.vocab_size, "sources": [attrs.asdict(s) for s in sources]},
+            input_files,
+        )
+        cached = data_dir / f"tokenizer-{key[:32]}.json"
+        texts = [] if cached.is_file() else _tokenizer_records(d, sources, train_records, hf_cache)
+        tokenizer = data_sources.train_tokenizer_on(texts, d.tokenizer.vocab_size, cached)
     tokenizer.save(str(tokenizer_file))
     encoder = Encoder.from_tokenizer(tokenizer)
     packing = d.packing.enabled
-    train_examples, train_errors = _prepare(
-        cfg,
-        encoder,
-        train_records,
-        "train",
-        quarantine,
-        max_length=None if packing else d.max_length,
-    )
-    eval_examples, eval_errors = _prepare(
-        cfg, encoder, eval_records, "eval", quarantine, max_length=d.max_length
-    )
-    pack_report = None
-    if packing and train_examples:
-        train_examples, pack_report = pack_examples(
-            train_examples, d.max_length, split_overflow=d.packing.split_overflow
+    eval_records: list[dict] = []
+    eval_places: list[str] | None = None
+    if eval_source is not None:
+        eval_records, eval_places, eval_bad, _ = data_sources.read_source(
+            eval_source, cache_dir=hf_cache
         )
+        data_load.write_quarantine(eval_bad, quarantine)
+    elif eval_files:
+        eval_records, _ = data_load.load_records(
+            eval_files, quarantine=quarantine, cache_dir=hf_cache
+        )
+    if d.streaming:
+        return _streaming_bundle(
+            cfg,
+            sources,
+            encoder,
+            tokenizer_file,
+            eval_records,
+            eval_places,
+            quarantine,
+            error_budget,
+            budget,
+            hf_cache,
+        )
+
+    cache_root = Path(d.cache_dir) if d.cache_dir is not None else data_dir / "cache"
+    folder = cache_root / (
+        "processed-" + data_sources.processed_fingerprint(cfg, tokenizer.to_str(), input_files)[:32]
+    )
+    cached_data = data_sources.load_processed(folder, quarantine) if d.cache else None
+    if cached_data is not None:
+        train_examples, eval_examples, meta = cached_data
+        report = {**meta["report"], "cache": "hit", "cache_path": str(folder)}
+        report["quarantine"] = str(quarantine) if quarantine.exists() else None
+        example_lengths = list(meta["example_lengths"])
+    else:
+        got = train_records()
+        train_examples, train_errors, length_report = [], Counter(), LengthReport()
+        parts = []
+        for records, places in got["parts"]:
+            examples, errors, rep = _prepare(
+                cfg,
+                encoder,
+                records,
+                "train",
+                quarantine,
+                max_length=None if packing else d.max_length,
+                where=places,
+                budget=budget,
+            )
+            parts.append(examples)
+            train_errors += errors
+            length_report = length_report + rep
+        if len(parts) == 1:
+            train_examples = parts[0]
+        else:
+            order = data_sources.mixed_order(
+                [len(p) for p in parts], [s.weight for s in sources], cfg.run.seed
+            )
+            train_examples = [parts[i][j] for i, j in order]
+        eval_examples, eval_errors, _ = _prepare(
+            cfg,
+            encoder,
+            eval_records,
+            "eval",
+            quarantine,
+            max_length=d.max_length,
+            where=eval_places,
+            budget=budget,
+        )
+        rows, load_bad = got["rows"], sum(got["load_errors"].values())
+        error_budget.add(rows, load_bad + sum(train_errors.values()))
+        error_budget.check(final=True)
+        example_lengths = [len(e["input_ids"]) for e in train_examples]
+        pack_report = None
+        if packing and train_examples:
+            train_examples, pack_report = pack_examples(
+                train_examples, d.max_length, split_overflow=d.packing.split_overflow
+            )
+        report = {
+            "train_records": got["records"],
+            "train_examples": len(train_examples),
+            "eval_examples": len(eval_examples),
+            "load_errors": got["load_errors"],
+            "train_encode_errors": dict(train_errors),
+            "eval_encode_errors": dict(eval_errors),
+            "quarantine": str(quarantine) if quarantine.exists() else None,
+            "packing": pack_report.summary() if pack_report is not None else None,
+            "train_rows": rows,
+            "quarantined_rows": error_budget.bad,
+            "error_rate": error_budget.bad / rows if rows else 0.0,
+            "length": _length_summary(length_report) if budget is not None else None,
+            "sources": got["sources"],
+            "streaming": False,
+        }
+        if d.cache and train_examples:
+            data_sources.save_processed(
+                folder,
+                train=train_examples,
+                eval_examples=eval_examples,
+                meta={"report": report, "example_lengths": example_lengths},
+                quarantine=quarantine,
+            )
+        report = {**report, "cache": "miss" if d.cache else "off", "cache_path": str(folder)}
     if not train_examples:
         raise DataError(f"no usable training example; see {quarantine} for the reasons")
     loader = BatchLoader(
@@ -228,21 +374,183 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
         rank=rank,
         world_size=world_size,
     )
-    report = {
-        "train_records": len(train_records),
-        "train_examples": len(train_examples),
-        "eval_examples": len(eval_examples),
-        "load_errors": dict(train_report.errors),
-        "train_encode_errors": dict(train_errors),
-        "eval_encode_errors": dict(eval_errors),
-        "quarantine": str(quarantine) if quarantine.exists() else None,
-        "packing": pack_report.summary() if pack_report is not None else None,
-    }
     return DataBundle(
         encoder=encoder,
         tokenizer_file=tokenizer_file,
         loader=loader,
         train_examples=train_examples,
+        eval_examples=eval_examples,
+        eval_records=eval_records,
+        report=report,
+        encode_prompt=prompt_encoder(cfg, encoder),
+        example_lengths=example_lengths,
+    )
+
+
+def _length_summary(report: LengthReport) -> dict[str, Any]:
+    """The length budget's counts for the end-of-run report."""
+    return {
+        "records": report.records,
+        "kept": report.kept,
+        "truncated_records": report.truncated_records,
+        "truncated_columns": {c: dict(r) for c, r in report.truncated.items()},
+        "dropped": dict(report.dropped),
+        "summary": report.summary(),
+    }
+
+
+def _read_train(
+    cfg: Config,
+    sources: list[data_sources.Source],
+    train_files: list[Path],
+    quarantine: Path,
+    hf_cache: Path,
+) -> dict[str, Any]:
+    """Every training source read and canonicalized (or the JSON-lines files loaded), its bad
+    rows quarantined: ``parts`` (records and places per source), counts, source summaries."""
+    if not sources:
+        records, report = data_load.load_records(
+            train_files, quarantine=quarantine, cache_dir=hf_cache
+        )
+        return {
+            "parts": [(records, [f"train record {i}" for i in range(len(records))])],
+            "records": len(records),
+            "rows": report.total,
+            "load_errors": dict(report.errors),
+            "sources": None,
+        }
+    parts, errors, summaries, rows_total, kept = [], Counter(), [], 0, 0
+    for s in sources:
+        records, places, bad, rows = data_sources.read_source(s, cache_dir=hf_cache)
+        data_load.write_quarantine(bad, quarantine)
+        errors.update(e.reason.split(" (column")[0] for e in bad)
+        parts.append((records, places))
+        rows_total += rows
+        kept += len(records)
+        summaries.append(
+            {"source": s.name, "key": s.key, "rows": rows, "kept": len(records), "weight": s.weight}
+        )
+    return {
+        "parts": parts,
+        "records": kept,
+        "rows": rows_total,
+        "load_errors": dict(errors),
+        "sources": summaries,
+    }
+
+
+_TOKENIZER_STREAM_ROWS = 50000  # streamed rows a tokenizer is trained on (no tokenizer.path)
+
+
+def _tokenizer_records(
+    d: DataConfig,
+    sources: list[data_sources.Source],
+    train_records: Callable[[], dict[str, Any]],
+    hf_cache: Path,
+) -> list[dict]:
+    """Canonical training records to train a tokenizer on (the first rows when streaming)."""
+    if not d.streaming:
+        return [r for records, _ in train_records()["parts"] for r in records]
+    rows = data_sources.open_stream(sources, seed=0, cache_dir=hf_cache)
+    out = []
+    for res, _ in itertools.islice(rows, _TOKENIZER_STREAM_ROWS):
+        if isinstance(res, Ok):
+            out.append(res.value)
+    return out
+
+
+def _streaming_bundle(
+    cfg: Config,
+    sources: list[data_sources.Source],
+    encoder: Encoder,
+    tokenizer_file: Path,
+    eval_records: list[dict],
+    eval_places: list[str] | None,
+    quarantine: Path,
+    error_budget: data_sources.ErrorBudget,
+    budget: LengthBudget | None,
+    hf_cache: Path,
+) -> DataBundle:
+    """The bundle of ``data.streaming``: a loader that reads, prepares and packs on the fly."""
+    d = cfg.data
+    packing = d.packing.enabled
+    template = get_template(d.template)
+    report: dict[str, Any] = {
+        "streaming": True,
+        "train_rows": 0,
+        "quarantined_rows": 0,
+        "error_rate": 0.0,
+        "quarantine": str(quarantine),
+        "cache": "off (streaming)",
+        "sources": [{"source": s.name, "key": s.key, "weight": s.weight} for s in sources],
+    }
+    if d.packing.buffer_size < 1:
+        raise ConfigError(f"data.packing.buffer_size must be >= 1, got {d.packing.buffer_size}")
+    if d.group_by_length or d.max_tokens is not None:
+        raise ConfigError(
+            "data.streaming reads in order and batches data.batch_size rows: data.group_by_length "
+            "and data.max_tokens are for in-memory data; remove them or set data.streaming: false"
+        )
+
+    def prepare(records: Sequence[dict], places: Sequence[str]) -> list[Ok[dict] | Err]:
+        results, _ = prepare_examples(
+            records,
+            template,
+            encoder,
+            add_bos=True,
+            add_eos=True,
+            system=d.system_prompt,
+            loss_mode=d.loss_mode,
+            max_length=None if packing else d.max_length,
+            budget=budget,
+            where=places,
+        )
+        return [
+            attrs.evolve(r, record=rec) if isinstance(r, Err) else r
+            for r, rec in zip(results, records, strict=True)
+        ]
+
+    def on_errors(errors: list[Err], rows: int) -> None:
+        data_load.write_quarantine(errors, quarantine)
+        error_budget.add(rows, len(errors))
+        report.update(
+            train_rows=error_budget.rows,
+            quarantined_rows=error_budget.bad,
+            error_rate=error_budget.bad / error_budget.rows if error_budget.rows else 0.0,
+        )
+        error_budget.check(final=False)
+
+    def stream(epoch: int) -> Iterator[tuple[Ok[dict] | Err, str]]:
+        return data_sources.open_stream(sources, seed=cfg.run.seed + epoch, cache_dir=hf_cache)
+
+    loader = StreamingBatchLoader(
+        stream,
+        prepare,
+        batch_size=d.batch_size,
+        pad_id=encoder.pad_id,
+        packing=packing,
+        max_length=d.max_length,
+        buffer_size=d.packing.buffer_size,
+        split_overflow=d.packing.split_overflow,
+        on_errors=on_errors,
+    )
+    eval_examples, eval_errors, _ = _prepare(
+        cfg,
+        encoder,
+        eval_records,
+        "eval",
+        quarantine,
+        max_length=d.max_length,
+        where=eval_places,
+        budget=budget,
+    )
+    report["eval_examples"] = len(eval_examples)
+    report["eval_encode_errors"] = dict(eval_errors)
+    return DataBundle(
+        encoder=encoder,
+        tokenizer_file=tokenizer_file,
+        loader=loader,
+        train_examples=[],
         eval_examples=eval_examples,
         eval_records=eval_records,
         report=report,

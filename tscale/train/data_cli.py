@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import attrs
 from rich.console import Console
 from rich.text import Text
 
@@ -18,21 +20,83 @@ def inspect_path(path: str, *, split: str | None = None, fmt: str = "auto") -> s
     return inspect_source(path, split=split, format=fmt).summary()
 
 
+def histogram_lines(hist: dict[str, Any], *, width: int = 40) -> list[str]:
+    """A text histogram of :func:`~tscale.data.introspect.length_histogram`'s bins: one line per
+    bucket, ``lo-hi`` tokens, a bar scaled to the fullest bucket, the count."""
+    rows = hist["bins"]
+    most = max((c for _, _, c in rows), default=0)
+    label = max((len(f"{lo}-{hi}") for lo, hi, _ in rows), default=0)
+    count = max((len(str(c)) for _, _, c in rows), default=1)
+    out = []
+    for lo, hi, c in rows:
+        bar = "█" * (round(width * c / most) if most else 0)
+        if c and not bar:
+            bar = "▏"  # a non-empty bucket is never shown empty
+        out.append(f"  {f'{lo}-{hi}':>{label}} | {c:>{count}} {bar}")
+    return out
+
+
 def inspect_config(cfg: Config, console: Console) -> None:
-    """What the config's data looks like after templating and tokenizing: counts, quarantined
-    rows by reason, and the token-length distribution against ``data.max_length``."""
+    """What the config's data looks like after fitting, templating and tokenizing: counts,
+    quarantined rows by reason, a histogram of example lengths with percentiles and max, and
+    what the length budget truncated or dropped and what data.max_length cuts."""
+    if cfg.data.streaming:  # inspect reads the whole training data, in memory
+        cfg = attrs.evolve(cfg, data=attrs.evolve(cfg.data, streaming=False))
     run_dir = Path(cfg.run.output_dir)
     bundle = builders.build_data(cfg, run_dir)
     for key, value in bundle.report.items():
-        if value:
+        if value and key != "length":
             console.print(f"{key}: {value}")
-    lengths = [len(e["input_ids"]) for e in bundle.train_examples]
-    hist = length_histogram(lengths, max_length=cfg.data.max_length)
+    d = cfg.data
+    lengths = bundle.example_lengths or [len(e["input_ids"]) for e in bundle.train_examples]
+    hist = length_histogram(lengths, max_length=d.max_length)
     console.print(
-        f"tokens per {'packed row' if cfg.data.packing.enabled else 'example'}: "
-        f"p50 {hist['p50']}, p90 {hist['p90']}, p99 {hist['p99']}, max {hist['max']} "
-        f"(data.max_length {cfg.data.max_length})"
+        f"tokens per example: p50 {hist['p50']}, p90 {hist['p90']}, p99 {hist['p99']}, "
+        f"max {hist['max']}, mean {hist['mean']:.1f} over {hist['count']} examples "
+        f"(data.max_length {d.max_length})"
+        if hist["count"]
+        else f"tokens per example: p50 None (no example; data.max_length {d.max_length})",
+        soft_wrap=True,
     )
+    for line in histogram_lines(hist):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    console.print(_budget_line(cfg, bundle.report, hist), markup=False, soft_wrap=True)
+
+
+def _budget_line(cfg: Config, report: dict[str, Any], hist: dict[str, Any]) -> str:
+    """What the length budget did, and what happens to examples over data.max_length."""
+    d = cfg.data
+    length = report.get("length")
+    if length:
+        cut = ", ".join(
+            f"{c} {r}: {n}"
+            for c, rs in sorted(length["truncated_columns"].items())
+            for r, n in rs.items()
+        )
+        reasons = length["dropped"]
+        dropped = sum(reasons.values())
+        line = (
+            f"length budget (data.length, max_total_length {d.length.max_total_length}, excess "
+            f"{d.length.excess}): truncated {length['truncated_records']} of {length['records']} "
+            f"records{f' ({cut})' if cut else ''}, dropped {dropped}"
+            + (
+                f" ({', '.join(f'{r}: {n}' for r, n in sorted(reasons.items()))})"
+                if dropped
+                else ""
+            )
+        )
+    else:
+        line = "length budget: none (data.length.max_total_length is null)"
+    too_long = report.get("train_encode_errors", {}).get("too long", 0)
+    over = hist["over_budget"]
+    if d.packing.enabled:
+        fate = "split into chunks" if d.packing.split_overflow else "dropped by the packer"
+        line += f"; {over} examples over data.max_length {d.max_length}: {fate}"
+    else:
+        line += f"; {too_long} examples over data.max_length {d.max_length}: quarantined"
+    if (over or too_long) and not length:
+        line += f" (set data.length.max_total_length: {d.max_length} to truncate them instead)"
+    return line
 
 
 def preview(cfg: Config, console: Console, n: int = 3) -> None:

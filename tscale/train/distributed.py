@@ -122,6 +122,8 @@ def _validate(cfg: Config, plan: ParallelPlan) -> None:
             f"data.batch_size ({cfg.data.batch_size}) must split into {world} equal rank shares, "
             f"each a multiple of train.microbatches ({cfg.train.microbatches})"
         )
+    if cfg.data.streaming and world > 1:
+        raise ConfigError("data.streaming does not shard over torchrun ranks yet; use map-style data")
     if cfg.data.max_tokens is not None and world > 1:
         raise ConfigError("data.max_tokens (token-budget batches) does not support torchrun yet")
     if cfg.parallel.param_dtype is not None and cfg.loss.fused:

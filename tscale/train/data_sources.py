@@ -1,0 +1,428 @@
+"""The data section's I/O: sources read and mixed, the processed-data cache, the error budget.
+
+Used by :func:`tscale.train.builders.build_data`; configs stop here (house rule 2), the library
+pieces (:mod:`tscale.data.sources`, :mod:`tscale.data.introspect`) take plain arguments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import numpy as np
+
+from tscale.config.load import to_dict
+from tscale.config.schema import Config, DataConfig
+from tscale.core.result import Err, Ok
+from tscale.data.introspect import SourceInfo, canonicalize, detect_format
+from tscale.data.length import TEXT_COLUMNS, LengthBudget
+from tscale.data.sources import (
+    fingerprint,
+    is_hub_name,
+    load_source,
+    mix_sources,
+    resolve_source,
+)
+from tscale.data.tokenize import train_tokenizer
+from tscale.errors import ConfigError, DataError
+
+CACHE_VERSION = "tscale-processed-v1"
+"""Bump when the processing changes, so caches made the old way are not read back."""
+
+# Data keys that change how batches are drawn, not what the processed examples are.
+_LOADER_ONLY = ("batch_size", "shuffle", "group_by_length", "longest_first", "max_tokens")
+_NOT_PROCESSING = (*_LOADER_ONLY, "cache", "cache_dir", "max_error_rate", "streaming")
+_SUPPORTED_FORMATS = ("prompt_completion", "alpaca", "chat", "sharegpt")
+
+
+@attrs.frozen
+class Source:
+    """One resolved training (or eval) source: what to read and the YAML key it comes from."""
+
+    key: str  # "data.sources[0]" or "data.train_files"
+    name: str  # shown in "where" places: a path, a hub name
+    spec: Any  # for load_source: a path, a list of paths, or a hub name
+    split: str
+    weight: float
+    column_map: Mapping[str, str]
+    format: str
+    hub_config: str | None = None
+
+
+def uses_sources(d: DataConfig) -> bool:
+    """Whether the data is read through the sources path (load_source + format detection)."""
+    return bool(d.sources) or d.format != "auto" or bool(d.column_map) or d.streaming
+
+
+def train_sources(d: DataConfig, train_files: Sequence[Path]) -> list[Source]:
+    """The training sources: ``data.sources``, else ``data.train_files`` as one source."""
+    if not d.sources:
+        spec = [str(p) for p in train_files]
+        return [
+            Source(
+                "data.train_files", _files_name(spec), spec, "train", 1.0, d.column_map, d.format
+            )
+        ]
+    out = []
+    for i, s in enumerate(d.sources):
+        key = f"data.sources[{i}]"
+        if (s.path is None) == (s.hf is None):
+            raise ConfigError(f"{key}: set exactly one of path and hf")
+        if s.weight <= 0:
+            raise ConfigError(f"{key}.weight must be positive, got {s.weight}")
+        fmt = s.format if s.format != "auto" else d.format
+        name = s.path if s.path is not None else s.hf
+        out.append(
+            Source(
+                key,
+                str(name),
+                name,
+                s.split,
+                s.weight,
+                {**d.column_map, **s.column_map},
+                fmt,
+                s.hf_config,
+            )
+        )
+    return out
+
+
+def eval_source(d: DataConfig, eval_files: Sequence[Path]) -> Source | None:
+    """``data.eval_files`` as one source read like the training data, or None."""
+    if not eval_files:
+        return None
+    spec = [str(p) for p in eval_files]
+    return Source("data.eval_files", _files_name(spec), spec, "train", 1.0, d.column_map, d.format)
+
+
+def _files_name(files: Sequence[str]) -> str:
+    return files[0] if len(files) == 1 else f"{files[0]} (+{len(files) - 1} files)"
+
+
+def source_files(sources: Sequence[Source]) -> list[Path]:
+    """The local files behind the sources (hub sources have none), for fingerprints."""
+    out: list[Path] = []
+    for s in sources:
+        if isinstance(s.spec, str) and is_hub_name(s.spec) and not Path(s.spec).exists():
+            continue  # a hub dataset: its name, split and config are in the fingerprint
+        try:
+            resolved = resolve_source(s.spec)
+        except DataError as e:
+            raise DataError(f"{s.key}: {e}") from None
+        if resolved.kind == "saved" and resolved.path is not None:
+            out += sorted(p for p in resolved.path.rglob("*") if p.is_file())
+        out += list(resolved.files)
+    return out
+
+
+def _load(s: Source, *, streaming: bool, cache_dir: Path) -> Any:
+    try:
+        return load_source(
+            s.spec, split=s.split, streaming=streaming, cache_dir=cache_dir, config=s.hub_config
+        )
+    except DataError as e:
+        raise DataError(f"{s.key}: {e}") from None
+
+
+def _info(s: Source, columns: Sequence[str], sample: Sequence[Mapping[str, Any]]) -> SourceInfo:
+    """The detected format and column mapping of a source, or a ConfigError naming its keys."""
+    try:
+        fmt, mapping = detect_format(columns, sample, column_map=s.column_map, format=s.format)
+    except DataError as e:
+        raise ConfigError(f"{s.key}: {e} (set {s.key}.column_map / format)") from None
+    if fmt not in _SUPPORTED_FORMATS:
+        what = "no known columns" if fmt == "unknown" else f"format {fmt!r}"
+        raise ConfigError(
+            f"{s.key}: {s.name} has {what} (columns {list(columns)}); supervised fine-tuning "
+            f"reads {list(_SUPPORTED_FORMATS)}. Map your columns with column_map, e.g. "
+            "{prompt: question, completion: answer}"
+        )
+    return SourceInfo(
+        spec=s.name,
+        kind="files",
+        builder=None,
+        configs=(),
+        config=None,
+        splits={},
+        split=s.split,
+        columns=tuple(columns),
+        features={},
+        format=fmt,
+        column_map=mapping,
+        sample_size=len(sample),
+    )
+
+
+def read_source(s: Source, *, cache_dir: Path) -> tuple[list[dict], list[str], list[Err], int]:
+    """All rows of a source canonicalized: ``(records, places, errors, rows read)``."""
+    ds = _load(s, streaming=False, cache_dir=cache_dir)
+    rows = ds.to_list()
+    info = _info(s, ds.column_names, rows[:200])
+    records, places, errors = [], [], []
+    for i, row in enumerate(rows):
+        where = f"{s.name}:row {i + 1}"
+        res = canonicalize(row, info, where=where)
+        if isinstance(res, Ok):
+            records.append(_with_system(res.value))
+            places.append(where)
+        else:
+            errors.append(res)
+    return records, places, errors, len(rows)
+
+
+def _with_system(record: dict) -> dict:
+    """A canonical record without its ``system`` field when that is empty (None)."""
+    if "system" in record and not isinstance(record["system"], str):
+        record = {k: v for k, v in record.items() if k != "system"}
+    return record
+
+
+def mixed_order(sizes: Sequence[int], weights: Sequence[float], seed: int) -> list[tuple[int, int]]:
+    """``(source, index)`` pairs of a weighted mixture of in-memory sources, via mix_sources."""
+    import datasets
+
+    parts = [
+        (datasets.Dataset.from_dict({"s": [i] * n, "r": list(range(n))}), w)
+        for i, (n, w) in enumerate(zip(sizes, weights, strict=True))
+        if n
+    ]
+    if not parts:
+        return []
+    mixed = mix_sources(parts, seed=seed, streaming=False)
+    return list(zip(mixed["s"], mixed["r"], strict=True))
+
+
+def open_stream(
+    sources: Sequence[Source], *, seed: int, cache_dir: Path
+) -> Iterator[tuple[Ok[dict] | Err, str]]:
+    """The training rows of one pass over the mixed sources, canonicalized, with their places.
+
+    Every source is read lazily (``streaming=True``); the mixture is ``mix_sources`` over
+    streams of one schema (source index, row number, the row as JSON), so rows of different
+    formats interleave and each is canonicalized with its own source's mapping.
+    """
+    import datasets
+
+    infos, streams = [], []
+    for s in sources:
+        ds = _load(s, streaming=True, cache_dir=cache_dir)
+        sample = list(ds.take(200))
+        columns = list(ds.column_names or (sample[0] if sample else []))
+        infos.append(_info(s, columns, sample))
+        streams.append(ds)
+
+    def rows_of(i: int) -> Iterator[dict]:
+        for n, row in enumerate(streams[i]):
+            yield {"s": i, "n": n + 1, "row": json.dumps(row, ensure_ascii=False, default=str)}
+
+    parts = [
+        (datasets.IterableDataset.from_generator(rows_of, gen_kwargs={"i": i}), s.weight)
+        for i, s in enumerate(sources)
+    ]
+    mixed = mix_sources(parts, seed=seed, streaming=True)
+    for item in mixed:
+        s = sources[item["s"]]
+        where = f"{s.name}:row {item['n']}"
+        res = canonicalize(json.loads(item["row"]), infos[item["s"]], where=where)
+        yield (Ok(_with_system(res.value)) if isinstance(res, Ok) else res), where
+
+
+def tokenizer_texts(records: Sequence[Mapping[str, Any]]) -> Iterator[str]:
+    """The texts of canonical records, to train a tokenizer on."""
+    for r in records:
+        if isinstance(r.get("messages"), list):
+            yield from (m["content"] for m in r["messages"] if isinstance(m.get("content"), str))
+            continue
+        yield "".join(str(r.get(c) or "") for c in TEXT_COLUMNS if isinstance(r.get(c), str))
+
+
+def length_budget(d: DataConfig) -> LengthBudget | None:
+    """The ``data.length`` budget, or None when no limit is set; names are checked here."""
+    lc = d.length
+    if lc.max_total_length is None and not lc.per_column_limits:
+        return None
+    for key, names in (
+        ("per_column_limits", list(lc.per_column_limits)),
+        ("column_strategy", list(lc.column_strategy)),
+        ("column_side", list(lc.column_side)),
+        ("priority", list(lc.priority or [])),
+        ("ratios", list(lc.ratios or {})),
+    ):
+        bad = [n for n in names if n not in TEXT_COLUMNS]
+        if bad:
+            raise ConfigError(
+                f"data.length.{key}: {bad} are not text columns; use {list(TEXT_COLUMNS)} "
+                "(chat records have none: use excess drop for them)"
+            )
+    if lc.max_total_length is not None and lc.max_total_length < 1:
+        raise ConfigError(f"data.length.max_total_length must be >= 1, got {lc.max_total_length}")
+    for c, n in lc.per_column_limits.items():
+        if n < 0:
+            raise ConfigError(f"data.length.per_column_limits.{c} must be >= 0, got {n}")
+    if lc.content_distribution == "priority" and not lc.priority:
+        raise ConfigError(
+            "data.length.content_distribution priority needs data.length.priority (the text "
+            "columns, most important first)"
+        )
+    if lc.content_distribution == "ratio" and not lc.ratios:
+        raise ConfigError(
+            "data.length.content_distribution ratio needs data.length.ratios (a share per column)"
+        )
+    for c, r in (lc.ratios or {}).items():
+        if not r > 0:
+            raise ConfigError(f"data.length.ratios.{c} must be positive, got {r}")
+    return LengthBudget(
+        max_total_length=lc.max_total_length,
+        per_column_limits=dict(lc.per_column_limits),
+        strategy={c: lc.column_strategy.get(c, lc.strategy) for c in TEXT_COLUMNS},
+        sides={c: lc.column_side.get(c, lc.side) for c in TEXT_COLUMNS},
+        content_distribution=lc.content_distribution,
+        priority=list(lc.priority) if lc.priority else None,
+        ratios=dict(lc.ratios) if lc.ratios else None,
+        excess=lc.excess,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Error budget
+# --------------------------------------------------------------------------------------------
+
+
+class ErrorBudget:
+    """Counts quarantined training rows; raises once their share exceeds data.max_error_rate."""
+
+    # A stream is judged only after this many rows (a bad first row is not yet a rate).
+    MIN_ROWS = 100
+
+    def __init__(self, max_rate: float | None, quarantine: Path) -> None:
+        if max_rate is not None and not 0.0 <= max_rate <= 1.0:
+            raise ConfigError(f"data.max_error_rate must be in [0, 1], got {max_rate}")
+        self.max_rate = max_rate
+        self.quarantine = quarantine
+        self.rows = 0
+        self.bad = 0
+
+    def add(self, rows: int, bad: int) -> None:
+        self.rows += rows
+        self.bad += bad
+
+    def check(self, *, final: bool) -> None:
+        """Raise DataError when over the budget (``final``: all rows are in; else a stream)."""
+        if self.max_rate is None or not self.rows or (not final and self.rows < self.MIN_ROWS):
+            return
+        rate = self.bad / self.rows
+        if rate > self.max_rate:
+            raise DataError(
+                f"{self.bad} of {self.rows} training rows ({rate:.1%}) were quarantined, more "
+                f"than data.max_error_rate {self.max_rate:g} ({self.max_rate:.1%}); the rows and "
+                f"reasons are in {self.quarantine}. Fix the data (or data.column_map / "
+                "data.length), or raise data.max_error_rate"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Processed-data cache
+# --------------------------------------------------------------------------------------------
+
+_FIELDS = ("input_ids", "labels", "position_ids", "doc_ids")
+
+
+def processed_fingerprint(cfg: Config, tokenizer_json: str, files: Sequence[Path]) -> str:
+    """A fingerprint of everything the processed examples depend on."""
+    data = to_dict(cfg.data)
+    for key in _NOT_PROCESSING:
+        data.pop(key, None)
+    parts = {
+        "version": CACHE_VERSION,
+        "data": data,
+        "seed": cfg.run.seed,  # synthetic data and the mixture order
+        "tokenizer": hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest(),
+    }
+    return fingerprint(parts, files)
+
+
+def _flatten(examples: Sequence[Mapping[str, Sequence[int]]], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    lengths = np.fromiter((len(e["input_ids"]) for e in examples), np.int64, len(examples))
+    out[f"{prefix}lengths"] = lengths
+    for name in _FIELDS:
+        if examples and name in examples[0]:
+            out[f"{prefix}{name}"] = np.fromiter(
+                (x for e in examples for x in e[name]), np.int64, int(lengths.sum())
+            )
+    return out
+
+
+def _unflatten(arrays: Mapping[str, np.ndarray], prefix: str) -> list[dict]:
+    lengths = arrays[f"{prefix}lengths"]
+    cuts = np.cumsum(lengths)[:-1]
+    fields = {
+        n: np.split(arrays[f"{prefix}{n}"], cuts) for n in _FIELDS if f"{prefix}{n}" in arrays
+    }
+    return [{n: parts[i].tolist() for n, parts in fields.items()} for i in range(len(lengths))]
+
+
+def save_processed(
+    folder: Path,
+    *,
+    train: Sequence[Mapping],
+    eval_examples: Sequence[Mapping],
+    meta: Mapping[str, Any],
+    quarantine: Path,
+) -> None:
+    """Write the processed data to ``folder`` atomically (a temporary folder, then renamed)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        arrays = {**_flatten(train, "train_"), **_flatten(eval_examples, "eval_")}
+        np.savez(tmp / "examples.npz", **arrays)
+        (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False, default=str))
+        if quarantine.exists():
+            shutil.copyfile(quarantine, tmp / "quarantine.jsonl")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_processed(folder: Path, quarantine: Path) -> tuple[list[dict], list[dict], dict] | None:
+    """``(train, eval, meta)`` from a cache folder, or None when there is none (a miss)."""
+    if not (folder / "meta.json").is_file() or not (folder / "examples.npz").is_file():
+        return None
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        with np.load(folder / "examples.npz") as z:
+            arrays = {k: z[k] for k in z.files}
+        train, eval_examples = _unflatten(arrays, "train_"), _unflatten(arrays, "eval_")
+    except (OSError, ValueError, KeyError):
+        return None  # a damaged cache is a miss: it is rebuilt
+    if (folder / "quarantine.jsonl").is_file():
+        shutil.copyfile(folder / "quarantine.jsonl", quarantine)
+    return train, eval_examples, meta
+
+
+def train_tokenizer_on(records: Sequence[Mapping[str, Any]], vocab_size: int, cache: Path) -> Any:
+    """A tokenizer trained on canonical records, cached at ``cache`` (atomic write)."""
+    from tscale.data.tokenize import load_tokenizer
+
+    if cache.is_file():
+        return load_tokenizer(cache)
+    texts = [t for t in tokenizer_texts(records) if t]
+    if not texts:
+        raise DataError("no text in the training records to train a tokenizer on")
+    tok = train_tokenizer(texts, vocab_size)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.name}.", suffix=".tmp")
+    os.close(fd)
+    tok.save(tmp)
+    os.replace(tmp, cache)
+    return tok
