@@ -123,7 +123,9 @@ def _validate(cfg: Config, plan: ParallelPlan) -> None:
             f"each a multiple of train.microbatches ({cfg.train.microbatches})"
         )
     if cfg.data.streaming and world > 1:
-        raise ConfigError("data.streaming does not shard over torchrun ranks yet; use map-style data")
+        raise ConfigError(
+            "data.streaming does not shard over torchrun ranks yet; use map-style data"
+        )
     if cfg.data.max_tokens is not None and world > 1:
         raise ConfigError("data.max_tokens (token-budget batches) does not support torchrun yet")
     if cfg.parallel.param_dtype is not None and cfg.loss.fused:
