@@ -40,6 +40,7 @@ into it in place and returns it; the caller uses only the returned cache.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Mapping
@@ -825,6 +826,41 @@ def _attention(
 _Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class _Modes(contextlib.AbstractContextManager):
+    """Re-enters a list of torch-function modes (bottom of the stack first); re-enterable."""
+
+    def __init__(self, modes: list[Any]) -> None:
+        self.modes = modes
+        self.stacks: list[contextlib.ExitStack] = []
+
+    def __enter__(self) -> None:
+        stack = contextlib.ExitStack()
+        for mode in self.modes:
+            stack.enter_context(mode)
+        self.stacks.append(stack)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stacks.pop().close()
+
+
+def _can_checkpoint() -> bool:
+    """False inside an eager ``torch.func`` transform (``grad``, ``vmap``): it refuses the saved
+    tensor hooks that checkpointing needs, so layers run plainly there (same values, no memory
+    saving). ``torch.compile`` traces checkpoints as its own operator and keeps them."""
+    eager_functorch = torch._C._functorch.maybe_current_level() is not None
+    return torch.compiler.is_compiling() or not eager_functorch
+
+
+def _replay_function_modes() -> tuple[contextlib.AbstractContextManager, _Modes]:
+    """``context_fn`` of the layer checkpoint: the recomputation in the backward runs under the
+    torch-function modes that were active in the forward (LoRA's interception of ``F.linear``),
+    so it repeats the forward's ops. Torch itself replays only its device mode."""
+    from torch.utils._device import DeviceContext  # torch restores that one itself
+
+    stack = torch.overrides._get_current_function_mode_stack()
+    return contextlib.nullcontext(), _Modes([m for m in stack if not isinstance(m, DeviceContext)])
+
+
 def _decoder(
     config: TransformerConfig,
     params: TensorDictBase,
@@ -847,11 +883,14 @@ def _decoder(
 
     layers = model["layers"]
     run = _layer if gather is None else functools.partial(_gathered_layer, gather)
+    checkpoint = config.checkpoint_layers and torch.is_grad_enabled() and _can_checkpoint()
     for i in range(config.num_layers):
-        if config.checkpoint_layers and torch.is_grad_enabled():
-            x = torch.utils.checkpoint.checkpoint(
-                run, config, layers[str(i)], x, cos, sin, attend, i, use_reentrant=False
-            )
+        if checkpoint:
+            # Under torch.compile the modes are traced into the graph (and compile accepts
+            # only dispatch modes as context_fn), so the replay is for eager mode.
+            kw = {} if torch.compiler.is_compiling() else {"context_fn": _replay_function_modes}
+            args = (config, layers[str(i)], x, cos, sin, attend, i)
+            x = torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kw)
         else:
             x = run(config, layers[str(i)], x, cos, sin, attend, i)
     return _norm(config, x, model["norm", "weight"])

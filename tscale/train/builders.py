@@ -822,11 +822,6 @@ def build_step(
 def build_lora_model(cfg: Config, model: Transformer, base: TensorDictBase) -> LoraModel:
     """The LoRA (or QLoRA) wrapper of ``model`` over the frozen ``base`` params."""
     lc = cfg.lora
-    if cfg.model.checkpoint_layers:
-        raise ConfigError(
-            "model.checkpoint_layers does not combine with lora.enabled yet (LoRA's forward "
-            "interception is not active when a layer is recomputed); set one of them to false"
-        )
     try:
         config = LoraConfig(
             rank=lc.rank,
