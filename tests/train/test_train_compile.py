@@ -65,13 +65,20 @@ def _run(tmp_path: Path, name: str, compile: bool, *overrides: str):
     return [r["loss"] for r in rows if "loss" in r], result.state
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_compiled_step_matches_eager_through_the_trainer(tmp_path: Path, lora: bool):
-    extra = ("lora.enabled=true", "lora.dropout=0.1", "optimizer.lr=1e-2") if lora else ()
+LORA = ("lora.enabled=true", "lora.dropout=0.1", "optimizer.lr=1e-2")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [(), (*LORA, "model.checkpoint_layers=true")],
+    ids=["full", "lora-dropout-checkpointed"],
+)
+def test_compiled_step_matches_eager_through_the_trainer(tmp_path: Path, extra: tuple[str, ...]):
     eager_losses, eager = _run(tmp_path, "eager", False, *extra)
     losses, compiled = _run(tmp_path, "compiled", True, *extra)
     assert len(losses) == 4
-    # Tolerance: the traced graph and the torch.func engine reorder float32 sums.
+    # Tolerance: the traced graph and the torch.func engine may reorder float32 sums; measured
+    # over 8 steps (docs/models.md): losses within 2e-7 relative, params within 1.1e-6.
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=1e-5, atol=0)
     expected = T.flatten(eager.params)
     for name, value in T.flatten(compiled.params).items():
