@@ -340,6 +340,17 @@ class TrainConfig:
     max_steps: int = _f(100, "Optimizer steps to take.")
     microbatches: int = _f(1, "Gradient accumulation: data.batch_size is split into this many.")
     donate: bool = _f(True, "The step updates the state in place (False: clone it first).")
+    compile: bool = _f(
+        False,
+        "torch.compile the train step (forward, backward and optimizer update in one graph); "
+        "the first steps are slow while it compiles.",
+    )
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = _f(
+        "inductor",
+        "Backend of train.compile: inductor (generated kernels; on CPU it needs a C++ "
+        "compiler), aot_eager (traced graphs run by eager kernels: quick to compile, for "
+        "checking), eager.",
+    )
     log_every: int = _f(10, "Read metrics from the device and log them every N steps.")
     eval_every: int = _f(0, "Evaluate every N steps (0: only at the end).")
     save_every: int = _f(0, "Checkpoint every N steps (0: only at the end).")

@@ -25,8 +25,9 @@ saved LoRA input ``[tokens, in]`` (shared between q/k/v when dropout is off) plu
 ``[tokens, r]``. Any *other* use of a target weight (``x @ W.T``, ``F.embedding``) gets the
 effective weight ``W + s · B @ A`` built on the fly (one extra ``[out, in]`` per target, kept for
 the backward like any weight): correct for any model, just not memory-lean. The mode costs a few
-microseconds of Python per torch call, noticeable only on tiny models. Tested in eager mode and
-under ``torch.func`` transforms; ``torch.compile`` is not covered.
+microseconds of Python per torch call, noticeable only on tiny models. Tested in eager mode,
+under ``torch.func`` transforms and under ``torch.compile`` (Dynamo traces the mode into the
+graph; ``tscale.step.compile_step``).
 
 LoRA dropout needs randomness: it is active iff the batch carries ``batch["dropout_key"]``, a
 ``[B, 2]`` int64 tensor of per-row keys from :mod:`tscale.core.rng` (or one ``[2]`` key), so it
@@ -495,8 +496,16 @@ class _Adapted(TorchFunctionMode):
         super().__init__()
         self.sites = sites
         self.ctx = ctx
+        # While Dynamo traces, id() of a graph input (a batch tensor) installs a guard on that
+        # object's identity (a recompile every step), and comparing shapes would specialise
+        # dynamic dims; identity tests ("is") against the few target leaves need neither.
+        self.tracing = torch.compiler.is_compiling()
 
     def _site(self, obj: Any) -> _Site | None:
+        if self.tracing:
+            if not (isinstance(obj, torch.Tensor) and obj.dim() == 2):
+                return None
+            return next((s for s in self.sites.values() if s.leaf is obj), None)
         site = self.sites.get(id(obj))
         return site if site is not None and site.leaf is obj else None
 

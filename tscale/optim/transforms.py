@@ -386,6 +386,9 @@ def add_decayed_weights(weight_decay: float, mask: MaskFn | None = None) -> Grad
         return cache[key]
 
     def init(params: TensorDictBase) -> TensorDict:
+        # Resolve the mask now: filled while torch.compile traces, the cache would force a
+        # second compilation of the step.
+        _selected(params, T.leaves(params))
         return empty_state()
 
     def update(

@@ -36,6 +36,7 @@ from tscale.models.transformer import Transformer, TransformerConfig
 from tscale.optim import alias, schedules, transforms
 from tscale.optim.base import GradientTransformation, chain
 from tscale.optim.schedule_free import schedule_free_eval_params
+from tscale.step.compile import compile_step
 from tscale.step.compose import StepFn, make_train_step
 from tscale.step.sophia import make_sophia_train_step
 from tscale.train import data_sources
@@ -804,8 +805,9 @@ def build_step(
 ) -> StepFn:
     """The train step the config implies: Sophia-G needs its Hessian-estimating step, every other
     optimizer the plain ``make_train_step`` over the configured loss; LoRA dropout draws its keys
-    from the state's rng and step. ``parallel``: ``grad_sync`` / ``grad_norm`` of a
-    data-parallel run (see :mod:`tscale.train.distributed`)."""
+    from the state's rng and step; ``train.compile`` wraps the whole in ``torch.compile``.
+    ``parallel``: ``grad_sync`` / ``grad_norm`` of a data-parallel run (see
+    :mod:`tscale.train.distributed`)."""
     t = cfg.train
     if cfg.optimizer.type == "sophia_g":
         step = make_sophia_train_step(apply_fn, tx, microbatches=t.microbatches, donate=t.donate)
@@ -816,6 +818,8 @@ def build_step(
         )
     if cfg.lora.enabled and cfg.lora.dropout > 0:
         step = with_dropout_keys(step)
+    if t.compile:
+        step = compile_step(step, backend=t.compile_backend)
     return step
 
 

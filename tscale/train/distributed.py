@@ -122,6 +122,8 @@ def _validate(cfg: Config, plan: ParallelPlan) -> None:
             f"data.batch_size ({cfg.data.batch_size}) must split into {world} equal rank shares, "
             f"each a multiple of train.microbatches ({cfg.train.microbatches})"
         )
+    if cfg.train.compile and world > 1:
+        raise ConfigError("train.compile is not supported under torchrun yet; set it to false")
     if cfg.data.streaming and world > 1:
         raise ConfigError(
             "data.streaming does not shard over torchrun ranks yet; use map-style data"
