@@ -78,11 +78,10 @@ def _time(step, state, batches: list[TensorDict], warmup: int) -> tuple[float, T
 
 
 def _state_bytes(state: TrainState) -> int:
-    def local(t: torch.Tensor) -> torch.Tensor:
-        return t._local_tensor if hasattr(t, "_local_tensor") else t
-
-    leaves = T.leaves(state.params) + T.leaves(state.opt_state)
-    return sum(local(t).numel() * local(t).element_size() for t in leaves)
+    """Bytes of params + optimizer state this rank holds (its shards under FSDP)."""
+    return T.num_bytes(fsdp.local_tree(state.params)) + T.num_bytes(
+        fsdp.local_tree(state.opt_state)
+    )
 
 
 def _tx():

@@ -112,9 +112,8 @@ def run_case(case: dict, rank: int, world: int) -> dict:
         "losses": losses,
     }
     if plan.sharded:
-        local = sum(
-            t._local_tensor.numel() * t._local_tensor.element_size()
-            for t in T.leaves(state.params) + T.leaves(state.opt_state)
+        local = T.num_bytes(fsdp.local_tree(state.params)) + T.num_bytes(
+            fsdp.local_tree(state.opt_state)
         )
         whole = T.num_bytes(ref.params) + T.num_bytes(ref.opt_state)
         out["memory_ratio"] = local / whole

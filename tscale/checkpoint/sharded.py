@@ -114,7 +114,7 @@ def load_sharded(path: Path, template: TrainState, meta: dict[str, Any]) -> Trai
             f"unexpected {extra}); was it written with a different model or optimizer config?"
         )
     # DCP loads in place: give it fresh tensors, never the template's own storage
-    target = {k: _empty_like(v) for k, v in sd.items()}
+    target = {k: torch.empty_like(v) for k, v in sd.items()}
     try:
         dcp.load(target, checkpoint_id=str(path / DCP_DIR))
     except Exception as err:  # DCP raises CheckpointException/RuntimeError with the reason
@@ -129,10 +129,6 @@ def load_sharded(path: Path, template: TrainState, meta: dict[str, Any]) -> Trai
         step=torch.tensor(meta["step"], dtype=torch.int64, device=device),
         rng=torch.tensor(meta["rng"], dtype=template.rng.dtype, device=template.rng.device),
     )
-
-
-def _empty_like(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(t)
 
 
 def _tree(flat: dict[str, torch.Tensor], prefix: str, like: TensorDictBase) -> TensorDict:

@@ -42,6 +42,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from tscale.core import tree as T
 from tscale.core.state import TrainState
 from tscale.errors import ConfigError, ShapeError
+from tscale.parallel.ddp import all_reduce_counts
+from tscale.parallel.mesh import REPLICATE, SHARD
 from tscale.step.compose import GradSync, StepFn
 
 __all__ = [
@@ -53,9 +55,6 @@ __all__ = [
     "sharded_norm",
     "wrap_fsdp_step",
 ]
-
-SHARD = "dp_shard"
-REPLICATE = "dp_replicate"
 
 
 def _rows_per_rank(rows: int, world: int) -> list[int]:
@@ -152,8 +151,13 @@ def shard_opt_state(
         out[key] = DTensor.from_local(
             v, mesh, _placements(mesh), run_check=False, shape=torch.Size(shape), stride=stride
         )
-    result = opt_state.empty(recurse=True)
-    for k, v in out.items():
+    return _fill(opt_state, out)
+
+
+def _fill(like: TensorDictBase, flat: dict[str, torch.Tensor]) -> TensorDict:
+    """A tree with the structure of ``like`` (empty sub-states kept) holding ``flat``."""
+    result = like.empty(recurse=True)
+    for k, v in flat.items():
         result.set(tuple(k.split(T.SEP)), v)
     return result
 
@@ -404,7 +408,6 @@ def sharded_norm(layout: FSDPLayout) -> Callable[..., torch.Tensor]:
 def make_fsdp_sync(world_group: dist.ProcessGroup | None) -> GradSync:
     """The ``grad_sync`` of an FSDP step: gradients are already reduce-scattered in the
     backward; only the loss and the token count are summed over all ranks."""
-    from tscale.parallel.ddp import all_reduce_counts
 
     def sync(grads: TensorDictBase, loss_sum: torch.Tensor, tokens: torch.Tensor):
         loss_sum, tokens = all_reduce_counts(loss_sum, tokens, world_group)
@@ -480,10 +483,7 @@ def _relocal(local: TensorDictBase, like: TensorDictBase) -> TensorDict:
                 )
         else:
             out[k] = v
-    result = like.empty(recurse=True)
-    for k, v in out.items():
-        result.set(tuple(k.split(T.SEP)), v)
-    return result
+    return _fill(like, out)
 
 
 def check_optimizer(name: str) -> None:
