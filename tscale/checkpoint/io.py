@@ -174,12 +174,8 @@ def _fill_tree(template: TensorDictBase, flat: dict[str, torch.Tensor], what: st
     return out
 
 
-def load_checkpoint(path: Path, template: TrainState) -> tuple[TrainState, dict[str, Any]]:
-    """Load a checkpoint into a state shaped like ``template``; returns ``(state, meta)``.
-
-    ``meta`` holds ``step``, ``cursor`` and ``extra`` as saved. Raises :class:`CheckpointError`
-    naming the file when anything is missing or does not match ``template``.
-    """
+def read_meta(path: Path) -> dict[str, Any]:
+    """The ``state.json`` of a checkpoint directory, checked for its format version."""
     path = Path(path)
     meta_file = path / "state.json"
     if not meta_file.is_file():
@@ -192,6 +188,24 @@ def load_checkpoint(path: Path, template: TrainState) -> tuple[TrainState, dict[
         raise CheckpointError(
             f"{path}: checkpoint format {meta.get('format_version')} is not supported "
             f"(this tscale reads format {FORMAT_VERSION})"
+        )
+    return meta
+
+
+def load_checkpoint(path: Path, template: TrainState) -> tuple[TrainState, dict[str, Any]]:
+    """Load a checkpoint into a state shaped like ``template``; returns ``(state, meta)``.
+
+    ``meta`` holds ``step``, ``cursor`` and ``extra`` as saved. Raises :class:`CheckpointError`
+    naming the file when anything is missing or does not match ``template``.
+    """
+    path = Path(path)
+    meta = read_meta(path)
+    if meta.get("deepspeed"):
+        raise CheckpointError(
+            f"{path}: written by a DeepSpeed run (its optimizer state is in DeepSpeed's "
+            "partitions); resume it with parallel.deepspeed.enabled on "
+            f"{meta['deepspeed'].get('world_size')} ranks, or export its params with "
+            "`tscale export` and start from them with model.path"
         )
     if meta.get("sharded"):
         from tscale.checkpoint.sharded import load_sharded

@@ -7,6 +7,11 @@ optimizer state into ``step_XXXXXXXX/dcp/``; rank 0 writes ``state.json`` (with
 so the checkpoint loads on any world size: into DTensors of another mesh, or into plain tensors
 in one process (2 ranks → 1, 1 → 2 both work); :func:`read_params` gives the full params for
 export without a process group.
+
+A DeepSpeed run (``parallel.deepspeed``) uses the same protocol: every rank writes its ZeRO
+partitions with DeepSpeed's own ``save_checkpoint`` into ``step_XXXXXXXX/deepspeed/``, and rank
+0 adds the full ``params.safetensors`` (so ``tscale export`` and plain runs read its params).
+DeepSpeed's partitions resume on the same world size and ZeRO stage only.
 """
 
 from __future__ import annotations
@@ -27,9 +32,17 @@ from tscale.core import tree as T
 from tscale.core.state import TrainState
 from tscale.errors import CheckpointError
 
-__all__ = ["is_sharded", "load_sharded", "read_params", "save_sharded"]
+__all__ = [
+    "is_sharded",
+    "load_deepspeed",
+    "load_sharded",
+    "read_params",
+    "save_deepspeed",
+    "save_sharded",
+]
 
 DCP_DIR = "dcp"
+DEEPSPEED_DIR = "deepspeed"
 
 
 def _state_dict(state: TrainState) -> dict[str, torch.Tensor]:
@@ -60,6 +73,116 @@ def save_sharded(
 ) -> Path:
     """Every rank writes its shards; rank 0 the metadata; then one atomic rename. Every rank
     must call it (it is a collective) and gets the final path back."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return _save_collective(
+        root,
+        state,
+        step=step,
+        is_main=is_main,
+        barrier=barrier,
+        write_all=lambda tmp: dcp.save(_state_dict(state), checkpoint_id=str(tmp / DCP_DIR)),
+        write_main=None,
+        meta={"sharded": True, "world_size": world},
+        cursor=cursor,
+        extra=extra,
+        config_yaml=config_yaml,
+        files=files,
+    )
+
+
+def save_deepspeed(
+    root: Path,
+    state: TrainState,
+    full_params: TensorDictBase,
+    *,
+    write_engine: Callable[[Path], None],
+    engine_meta: Mapping[str, Any],
+    step: int,
+    is_main: bool,
+    barrier: Callable[[], None],
+    cursor: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    config_yaml: str | None = None,
+    files: Mapping[str, Path] | None = None,
+) -> Path:
+    """A DeepSpeed run's checkpoint: every rank writes its partitions through
+    ``write_engine(dir)`` (DeepSpeed's ``save_checkpoint``) into ``deepspeed/``; rank 0 writes
+    the full ``params.safetensors`` (what ``tscale export`` and a plain run read) and the
+    metadata, with ``"deepspeed": engine_meta``. A collective, like :func:`save_sharded`."""
+
+    def write_main(tmp: Path) -> None:
+        io._save_tree(full_params, tmp / "params.safetensors")
+        io._save_tree(TensorDict(), tmp / "opt_state.safetensors")
+
+    return _save_collective(
+        root,
+        state,
+        step=step,
+        is_main=is_main,
+        barrier=barrier,
+        write_all=lambda tmp: write_engine(tmp / DEEPSPEED_DIR),
+        write_main=write_main,
+        meta={"deepspeed": dict(engine_meta)},
+        cursor=cursor,
+        extra=extra,
+        config_yaml=config_yaml,
+        files=files,
+    )
+
+
+def load_deepspeed(
+    path: Path,
+    template: TrainState,
+    *,
+    load_engine: Callable[[Path], None],
+    engine_meta: Mapping[str, Any],
+) -> tuple[TrainState, dict[str, Any]]:
+    """Resume a DeepSpeed run: ``load_engine(dir)`` restores params and optimizer partitions;
+    the step and rng come from ``state.json``. The world size and ZeRO stage must be those the
+    checkpoint was written with (``engine_meta``)."""
+    path = Path(path)
+    meta = io.read_meta(path)
+    saved = meta.get("deepspeed")
+    if saved is None:
+        raise CheckpointError(
+            f"{path}: not written by a DeepSpeed run, so it holds no DeepSpeed optimizer state; "
+            "resume it without parallel.deepspeed.enabled"
+        )
+    for key in ("world_size", "zero_stage"):
+        if saved.get(key) != engine_meta.get(key):
+            raise CheckpointError(
+                f"{path}: written with DeepSpeed {key}={saved.get(key)}, this run has "
+                f"{engine_meta.get(key)}; resume with the same {key} (DeepSpeed's partitions do "
+                "not reshard here), or start a new run from its params with model.path after "
+                "`tscale export`"
+            )
+    load_engine(path / DEEPSPEED_DIR)
+    device = template.step.device
+    state = template.replace(
+        step=torch.tensor(meta["step"], dtype=torch.int64, device=device),
+        rng=torch.tensor(meta["rng"], dtype=template.rng.dtype, device=template.rng.device),
+    )
+    return state, meta
+
+
+def _save_collective(
+    root: Path,
+    state: TrainState,
+    *,
+    step: int,
+    is_main: bool,
+    barrier: Callable[[], None],
+    write_all: Callable[[Path], None],
+    write_main: Callable[[Path], None] | None,
+    meta: Mapping[str, Any],
+    cursor: Mapping[str, Any] | None,
+    extra: Mapping[str, Any] | None,
+    config_yaml: str | None,
+    files: Mapping[str, Path] | None,
+) -> Path:
+    """The multi-rank save protocol: rank 0 makes a temporary directory, every rank writes its
+    part (``write_all``), rank 0 adds its own files and the metadata, fsyncs and renames the
+    directory into place; barriers between the phases."""
     root = Path(root)
     final = io.checkpoint_dir(root, step)
     tmp = root / f"{io._TMP_PREFIX}{final.name}-sharded"
@@ -69,19 +192,20 @@ def save_sharded(
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     barrier()
-    dcp.save(_state_dict(state), checkpoint_id=str(tmp / DCP_DIR))
+    write_all(tmp)
     barrier()
     if is_main:
-        meta = {
+        if write_main is not None:
+            write_main(tmp)
+        record = {
             "format_version": io.FORMAT_VERSION,
             "step": step,
-            "sharded": True,
-            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            **meta,
             "rng": state.rng.cpu().tolist(),
             "cursor": dict(cursor or {}),
             "extra": dict(extra or {}),
         }
-        (tmp / "state.json").write_text(json.dumps(meta, indent=2))
+        (tmp / "state.json").write_text(json.dumps(record, indent=2))
         if config_yaml is not None:
             (tmp / "config.yaml").write_text(config_yaml)
         for name, src in (files or {}).items():
@@ -89,7 +213,9 @@ def save_sharded(
         for f in tmp.rglob("*"):
             if f.is_file():
                 io._fsync_file(f)
-        io._fsync_dir(tmp / DCP_DIR)
+        for d in tmp.rglob("*"):
+            if d.is_dir():
+                io._fsync_dir(d)
         io._fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)

@@ -9,7 +9,7 @@ Field docstrings live in ``metadata["help"]`` and feed ``docs/config.md``.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
 
@@ -403,6 +403,35 @@ class LoraSection:
 
 
 @attrs.frozen(kw_only=True)
+class DeepSpeedSection:
+    """DeepSpeed's engine instead of tscale's own DDP/FSDP (parallel.deepspeed; see
+    docs/distributed.md). Needs ``pip install 'tscale[deepspeed]'``."""
+
+    enabled: bool = _f(
+        False,
+        "Run the step through deepspeed.initialize (ZeRO); parallel.dp_replicate/dp_shard must "
+        "stay at their defaults (DeepSpeed shards over all ranks).",
+    )
+    zero_stage: Literal[0, 1, 2, 3] = _f(
+        2,
+        "ZeRO stage: 0 replicated (DDP), 1 optimizer state, 2 + gradients, 3 + params "
+        "partitioned over the ranks (each layer gathered when it runs).",
+    )
+    offload_optimizer: Literal["none", "cpu"] = _f(
+        "none", "ZeRO-Offload: keep the optimizer state and step on the CPU (zero_stage >= 1)."
+    )
+    offload_param: Literal["none", "cpu"] = _f(
+        "none", "ZeRO-Infinity: keep the param partitions on the CPU (zero_stage 3)."
+    )
+    config: dict[str, Any] = _f(
+        {},
+        "Extra DeepSpeed config keys merged into the one tscale builds (e.g. zero_optimization."
+        "overlap_comm); keys tscale sets itself (batch sizes, clipping, optimizer, bf16, stage, "
+        "offload) are refused with the tscale key to use.",
+    )
+
+
+@attrs.frozen(kw_only=True)
 class ParallelConfig:
     """Data parallelism under torchrun (see docs/distributed.md); one process ignores it."""
 
@@ -430,6 +459,7 @@ class ParallelConfig:
         "float32", "Dtype of the gradient all-reduce / reduce-scatter across ranks."
     )
     timeout_s: float = _f(600.0, "Seconds a collective may wait before the run fails.")
+    deepspeed: DeepSpeedSection = _f(DeepSpeedSection(), "DeepSpeed ZeRO backend.")
 
 
 @attrs.frozen(kw_only=True)

@@ -701,8 +701,25 @@ _OPTIMIZER_KWARGS: dict[str, tuple[str, ...]] = {
 }
 
 
+def decay_mask(cfg: Config) -> transforms.MaskFn | None:
+    """Which params the configured optimizer decays: ``optimizer.no_decay`` as a mask, else the
+    factory's default mask; None when the factory takes no mask (every param decays)."""
+    factory = alias.OPTIMIZERS.get(cfg.optimizer.type)
+    params = inspect.signature(factory).parameters if factory is not None else {}
+    if "mask" not in params:
+        return None
+    if cfg.optimizer.no_decay is not None:
+        return transforms.no_decay_mask(cfg.optimizer.no_decay)
+    return params["mask"].default
+
+
 def build_optimizer(
-    cfg: Config, schedule: schedules.Schedule, *, norm_fn: transforms.NormFn | None = None
+    cfg: Config,
+    schedule: schedules.Schedule,
+    *,
+    norm_fn: transforms.NormFn | None = None,
+    mask: transforms.MaskFn | str | None = "config",
+    clip: bool = True,
 ) -> GradientTransformation:
     """The optimizer of ``cfg.optimizer`` driven by ``schedule``.
 
@@ -710,6 +727,10 @@ def build_optimizer(
     (a ``null`` field is not passed: the factory's own default applies); a field set away from
     its default for a type that does not take it is an error. Clipping is added in front of a
     factory that takes no ``max_grad_norm``; ``skip_nonfinite`` wraps the whole chain.
+
+    ``mask`` other than ``"config"`` replaces the decay mask (None: decay every param) and
+    ``clip=False`` leaves clipping out: DeepSpeed splits params into decay groups and clips
+    across its partitions itself.
 
     Raises:
         ConfigError: ``optimizer.type`` not registered in this build, a field the type does not
@@ -749,6 +770,8 @@ def build_optimizer(
             continue
         if field == "betas":
             kwargs["b1"], kwargs["b2"] = value
+        elif field == "no_decay" and mask != "config":
+            continue
         elif field == "no_decay":
             try:
                 kwargs["mask"] = transforms.no_decay_mask(value)
@@ -757,9 +780,12 @@ def build_optimizer(
                 raise ConfigError(message) from None
         else:
             kwargs[names[0]] = value
-    clip_outside = o.max_grad_norm is not None and not takes("max_grad_norm")
+    if mask != "config" and takes("mask"):
+        kwargs["mask"] = mask
+    max_grad_norm = o.max_grad_norm if clip else None
+    clip_outside = max_grad_norm is not None and not takes("max_grad_norm")
     if takes("max_grad_norm"):
-        kwargs["max_grad_norm"] = o.max_grad_norm
+        kwargs["max_grad_norm"] = max_grad_norm
     if norm_fn is not None and takes("norm_fn"):  # sharded params: clip by the whole's norm
         kwargs["norm_fn"] = norm_fn
     keys = {n: f"optimizer.{f}" for f, ns in _OPTIMIZER_KWARGS.items() for n in ns}
@@ -769,7 +795,7 @@ def build_optimizer(
     try:
         tx = factory(**kwargs)
         if clip_outside:
-            tx = chain(transforms.clip_by_global_norm(o.max_grad_norm, norm_fn=norm_fn), tx)
+            tx = chain(transforms.clip_by_global_norm(max_grad_norm, norm_fn=norm_fn), tx)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"optimizer.type={o.type}: {_name_keys(str(err), keys)}") from None
     except ImportError as err:

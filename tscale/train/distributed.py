@@ -14,18 +14,22 @@ from typing import Any
 import attrs
 import torch
 import torch.distributed as dist
-from tensordict import TensorDictBase
+from tensordict import TensorDict, TensorDictBase
 
 from tscale.config.schema import Config
 from tscale.core.state import TrainState
 from tscale.errors import ConfigError
+from tscale.models.lora import with_dropout_keys
 from tscale.models.transformer import Transformer
 from tscale.optim.base import GradientTransformation
+from tscale.optim.transforms import MaskFn
 from tscale.parallel import ddp, fsdp
+from tscale.parallel.deepspeed_engine import DeepSpeedRun, deepspeed_config
+from tscale.parallel.deepspeed_engine import initialize as deepspeed_initialize
 from tscale.parallel.mesh import ParallelPlan, init_distributed, plan_parallel
 from tscale.step.compose import StepFn
 
-__all__ = ["Parallel", "cast_apply", "setup"]
+__all__ = ["Parallel", "cast_apply", "setup", "with_deepspeed"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -37,6 +41,7 @@ class Parallel:
     plan: ParallelPlan
     device: torch.device
     layout: fsdp.FSDPLayout | None = None
+    deepspeed: DeepSpeedRun | None = None
 
     @property
     def is_main(self) -> bool:
@@ -66,6 +71,8 @@ class Parallel:
     ) -> TrainState:
         """The step-0 state: sharded DTensors under FSDP (each rank keeps its rows of the
         same full init), the plain state otherwise."""
+        if self.deepspeed is not None:  # the engine owns params and optimizer state
+            return TrainState.create(self.deepspeed.stored_params(), TensorDict(), rng)
         if self.layout is None:
             return TrainState.create(params, tx.init(params), rng)
         mesh = self.layout.mesh
@@ -74,7 +81,10 @@ class Parallel:
         return TrainState.create(sharded, opt_state, rng)
 
     def full_params(self, params: TensorDictBase) -> TensorDictBase:
-        """Full params on every rank (all-gathers under FSDP; every rank must call it)."""
+        """Full params on every rank (all-gathers under FSDP and DeepSpeed ZeRO; every rank
+        must call it)."""
+        if self.deepspeed is not None:
+            return self.deepspeed.full_params()
         return fsdp.full_tree(params) if self.layout is not None else params
 
     def shutdown(self) -> None:
@@ -114,8 +124,106 @@ def with_layout(par: Parallel, cfg: Config, params: TensorDictBase) -> Parallel:
     return attrs.evolve(par, layout=layout)
 
 
+def with_deepspeed(
+    par: Parallel,
+    cfg: Config,
+    params: TensorDictBase,
+    *,
+    make_loss: Callable[[Callable[..., torch.Tensor]], Callable],
+    model_apply: Callable[..., torch.Tensor],
+    apply_fn: Callable[..., torch.Tensor],
+    make_tx: Callable[[MaskFn | None], GradientTransformation],
+    decays: MaskFn | None,
+) -> Parallel:
+    """``par`` with a DeepSpeed engine over ``params`` when ``parallel.deepspeed.enabled``.
+
+    ``make_loss(apply) -> loss_fn`` builds the configured loss over an apply function (ZeRO-3
+    passes ``model_apply`` with the engine's per-layer gather); ``make_tx(mask)`` the configured
+    optimizer without clipping (``mask`` None: every param decays).
+
+    Raises:
+        ConfigError: ``parallel.deepspeed.config`` sets a key tscale derives.
+    """
+    d = cfg.parallel.deepspeed
+    if not d.enabled:
+        return par
+    bf16 = cfg.parallel.param_dtype == "bfloat16" or cfg.model.dtype == "bfloat16"
+    try:
+        conf = deepspeed_config(
+            global_batch=cfg.data.batch_size,
+            world_size=par.world_size,
+            microbatches=cfg.train.microbatches,
+            zero_stage=d.zero_stage,
+            max_grad_norm=cfg.optimizer.max_grad_norm,
+            bf16=bf16,
+            reduce_dtype=_DTYPES[cfg.parallel.reduce_dtype],
+            offload_optimizer=d.offload_optimizer,
+            offload_param=d.offload_param,
+            extra=d.config,
+        )
+    except ValueError as err:
+        raise ConfigError(f"parallel.deepspeed.{err}") from None
+
+    def loss_over(gather: Callable | None) -> Callable:
+        if gather is None:
+            return make_loss(apply_fn)
+        return make_loss(lambda p, batch, **kw: model_apply(p, batch, gather=gather, **kw))
+
+    never: MaskFn = lambda name, t: False  # noqa: E731 - the no-decay group's mask
+    try:
+        run = deepspeed_initialize(
+            params,
+            make_loss=loss_over,
+            make_tx=lambda decay: make_tx(None if decay else never),
+            decays=decays,
+            config=conf,
+            device=par.device,
+            skip_nonfinite=cfg.optimizer.skip_nonfinite,
+        )
+    except ImportError as err:
+        raise ConfigError(str(err)) from None
+    return attrs.evolve(par, deepspeed=run)
+
+
+def _validate_deepspeed(cfg: Config) -> None:
+    d, p = cfg.parallel.deepspeed, cfg.parallel
+    if p.dp_shard != 1 or p.dp_replicate != -1:
+        raise ConfigError(
+            "parallel.dp_replicate / parallel.dp_shard do not apply with parallel.deepspeed."
+            "enabled: DeepSpeed partitions over all ranks; choose parallel.deepspeed.zero_stage "
+            "and leave them at their defaults (-1, 1)"
+        )
+    if cfg.optimizer.type in {"sophia_g", "schedule_free_adamw"}:
+        raise ConfigError(
+            f"optimizer.type={cfg.optimizer.type} does not run under parallel.deepspeed "
+            "(its Hessian step / averaged iterate lives outside DeepSpeed's optimizer step); "
+            "use adamw, adamw_8bit or lion, or tscale's own parallelism"
+        )
+    if d.zero_stage >= 1 and cfg.optimizer.type in {"muon", "prodigy"}:
+        raise ConfigError(
+            f"optimizer.type={cfg.optimizer.type} needs whole tensors or global sums, but ZeRO "
+            "stages >= 1 hand the optimizer flat partitions; use parallel.deepspeed.zero_stage: 0 "
+            "or adamw, adamw_8bit, lion"
+        )
+    if d.zero_stage == 3 and (cfg.lora.enabled or cfg.loss.fused):
+        raise ConfigError(
+            "parallel.deepspeed.zero_stage: 3 does not combine with lora.enabled or loss.fused "
+            "yet; use zero_stage 2"
+        )
+    if d.offload_param != "none" and d.zero_stage != 3:
+        raise ConfigError("parallel.deepspeed.offload_param needs parallel.deepspeed.zero_stage: 3")
+    if d.offload_optimizer != "none" and d.zero_stage == 0:
+        raise ConfigError(
+            "parallel.deepspeed.offload_optimizer needs parallel.deepspeed.zero_stage >= 1"
+        )
+    if cfg.train.compile:
+        raise ConfigError("train.compile does not combine with parallel.deepspeed; set it false")
+
+
 def _validate(cfg: Config, plan: ParallelPlan) -> None:
     world = plan.world_size
+    if cfg.parallel.deepspeed.enabled:
+        _validate_deepspeed(cfg)
     per_rank, rest = divmod(cfg.data.batch_size, world)
     if rest or per_rank % cfg.train.microbatches:
         raise ConfigError(
@@ -172,6 +280,15 @@ def wrap_step(
     DTensor state around it."""
     p = cfg.parallel
     reduce_dtype = _DTYPES[p.reduce_dtype]
+    if par.deepspeed is not None:
+        run, microbatches = par.deepspeed, cfg.train.microbatches
+
+        def engine_step(state: TrainState, batch: TensorDictBase) -> tuple[TrainState, dict]:
+            return state.replace(step=state.step + 1), run.step(batch, microbatches)
+
+        if cfg.lora.enabled and cfg.lora.dropout > 0:
+            return with_dropout_keys(engine_step)
+        return engine_step
     if par.layout is not None:
         sharded = fsdp.sharded_apply(model.apply, par.layout)
         group = None  # all ranks: the loss and token count are global sums

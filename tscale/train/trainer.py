@@ -22,7 +22,7 @@ from tensordict import TensorDictBase
 
 from tscale import checkpoint as ckpt
 from tscale.checkpoint.peft import save_adapter
-from tscale.checkpoint.sharded import save_sharded
+from tscale.checkpoint.sharded import load_deepspeed, save_deepspeed, save_sharded
 from tscale.config.load import to_yaml
 from tscale.config.schema import Config
 from tscale.core import rng as R
@@ -149,6 +149,11 @@ def train(
     # under torchrun: join the group; every rank runs this function, rank 0 writes the run files
     par = distributed.setup(cfg, device)
     device, main = par.device, par.is_main
+    if make_step is not None and cfg.parallel.deepspeed.enabled:
+        raise ConfigError(
+            "make_step= builds a tscale step; parallel.deepspeed runs DeepSpeed's engine step "
+            "instead: leave one of them out"
+        )
     if par.world_size > 1 and make_step is not None:
         raise ConfigError(
             "make_step= builds a single-process step; under torchrun use the built-in step, or "
@@ -185,13 +190,33 @@ def train(
         apply_fn = lora_model.apply
         params = lora_model.init(R.fold_in(init_key, 1))
     par = distributed.with_layout(par, cfg, params)
+    par = distributed.with_deepspeed(  # the engine of parallel.deepspeed (else unchanged)
+        par,
+        cfg,
+        params,
+        make_loss=lambda fn: builders.build_loss(cfg, model, fn),
+        model_apply=model.apply,
+        apply_fn=apply_fn,
+        make_tx=lambda mask: builders.build_optimizer(cfg, schedule, mask=mask, clip=False),
+        decays=builders.decay_mask(cfg),
+    )
     tx = builders.build_optimizer(cfg, schedule, norm_fn=par.norm_fn())
     state = par.init_state(params, tx, state_key.to(device))
     del params
     loader = bundle.loader
     metrics_file = run_dir / "metrics.jsonl"
+    engine = par.deepspeed
+    engine_meta = {
+        "world_size": par.world_size,
+        "zero_stage": cfg.parallel.deepspeed.zero_stage,
+    }
     if resume_from is not None:
-        state, meta = ckpt.load_checkpoint(resume_from, state)
+        if engine is not None:
+            state, meta = load_deepspeed(
+                resume_from, state, load_engine=engine.load, engine_meta=engine_meta
+            )
+        else:
+            state, meta = ckpt.load_checkpoint(resume_from, state)
         loader.load_state_dict(meta["cursor"])
         if main:
             truncate_jsonl(metrics_file, meta["step"])
@@ -254,7 +279,22 @@ def train(
         files = {"tokenizer.json": bundle.tokenizer_file}
         extra = {"eval": last_eval}
         cursor = loader.state_dict()
-        if par.layout is not None:  # every rank writes its shards (DCP)
+        if engine is not None:  # every rank writes its ZeRO partitions, rank 0 the params
+            path = save_deepspeed(
+                ckpt_root,
+                state,
+                engine.full_params(),
+                write_engine=engine.save,
+                engine_meta=engine_meta,
+                step=at,
+                is_main=main,
+                barrier=par.barrier,
+                cursor=cursor,
+                extra=extra,
+                config_yaml=config_yaml,
+                files=files,
+            )
+        elif par.layout is not None:  # every rank writes its shards (DCP)
             path = save_sharded(
                 ckpt_root,
                 state,
