@@ -432,6 +432,7 @@ def initialize(
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's launcher check reads it
     stage = int(config["zero_optimization"]["stage"])
     module = ParamsModule(params, make_loss, gather_layers=stage == 3).to(device)
     dtypes = {k: v.dtype for k, v in T.flatten(params).items()}
