@@ -1,5 +1,5 @@
-"""2-rank DDP and FSDP step time against one process on the same global batch, and the per-rank
-memory of params + optimizer state.
+"""2-rank DDP and FSDP (and DeepSpeed ZeRO-2/3 when installed) step time against one process on
+the same global batch, and the per-rank memory of params + optimizer state.
 
 One process runs the plain tscale step on the global batch with all ``--threads`` threads; then
 ``torchrun --nproc-per-node 2`` (gloo, CPU) runs the DDP and the FSDP step, each rank on half the
@@ -98,6 +98,61 @@ def single(args: argparse.Namespace) -> dict:
     return {"step_s": median, "state_bytes": _state_bytes(state)}
 
 
+def _deepspeed_step(args: argparse.Namespace, model: Transformer, full: TensorDict, stage: int):
+    """DeepSpeed's engine at ``stage`` over the same model and AdamW; returns
+    ``(step(state, batch), run)`` in the shape :func:`_time` takes."""
+    from tscale.optim.transforms import default_decay_mask
+    from tscale.parallel import deepspeed_engine as DSE
+
+    def make_loss(gather):
+        if gather is None:
+            return make_lm_loss(model.apply)
+        return make_lm_loss(lambda p, b: model.apply(p, b, gather=gather))
+
+    conf = DSE.deepspeed_config(
+        global_batch=args.batch,
+        world_size=dist.get_world_size(),
+        microbatches=1,
+        zero_stage=stage,
+        max_grad_norm=1.0,
+        bf16=False,
+        reduce_dtype=torch.float32,
+    )
+    run = DSE.initialize(
+        T.clone(full),
+        make_loss=make_loss,
+        make_tx=lambda decay: adamw(1e-3, weight_decay=0.1 if decay else 0.0),
+        decays=default_decay_mask,
+        config=conf,
+        device=torch.device("cpu"),
+    )
+    return (lambda state, batch: (state, run.step(batch, 1))), run
+
+
+def _deepspeed_bytes(run) -> int:
+    """Bytes a rank holds for params (ZeRO-3: its partitions), DeepSpeed's fp32 master
+    partitions and the optimizer state."""
+    engine_opt = run.engine.optimizer
+    total = 0
+    for p in run.module.named_leaves().values():
+        local = p.ds_tensor if hasattr(p, "ds_tensor") else p
+        total += local.numel() * local.element_size()
+    masters = getattr(engine_opt, "single_partition_of_fp32_groups", None)
+    masters = masters or getattr(engine_opt, "fp32_partitioned_groups_flat", None) or []
+    total += sum(t.numel() * t.element_size() for t in masters)
+    base = getattr(engine_opt, "optimizer", engine_opt)
+    total += sum(T.num_bytes(s["tscale"].tree) for s in base.state.values() if "tscale" in s)
+    return total
+
+
+def _has_deepspeed() -> bool:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def worker(args: argparse.Namespace) -> None:
     """One rank of the 2-rank runs (started by torchrun)."""
     torch.set_num_threads(max(1, args.threads // 2))
@@ -108,8 +163,13 @@ def worker(args: argparse.Namespace) -> None:
     share = args.batch // world
     mine = [b[rank * share : (rank + 1) * share] for b in batches]
     results = {}
-    for mode in ("ddp", "fsdp"):
-        if mode == "ddp":
+    modes = ["ddp", "fsdp"] + (["zero2", "zero3"] if args.deepspeed else [])
+    for mode in modes:
+        run = None
+        if mode.startswith("zero"):
+            state = TrainState.create(T.clone(full), TensorDict(), R.key(1))
+            step, run = _deepspeed_step(args, model, full, int(mode[-1]))
+        elif mode == "ddp":
             tx = _tx()
             state = TrainState.create(T.clone(full), tx.init(full), R.key(1))
             loss = make_lm_loss(model.apply)
@@ -132,7 +192,8 @@ def worker(args: argparse.Namespace) -> None:
         median, state = _time(step, state, mine, args.warmup)
         slowest = torch.tensor([median])
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        results[mode] = {"step_s": float(slowest), "state_bytes": _state_bytes(state)}
+        used = _deepspeed_bytes(run) if run is not None else _state_bytes(state)
+        results[mode] = {"step_s": float(slowest), "state_bytes": used}
     if rank == 0:
         Path(args.worker_out).write_text(json.dumps(results))
     dist.destroy_process_group()
@@ -149,8 +210,15 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument(
+        "--no-deepspeed",
+        dest="deepspeed",
+        action="store_false",
+        help="leave out DeepSpeed ZeRO-2/3 (run when deepspeed is installed)",
+    )
     ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.deepspeed = args.deepspeed and _has_deepspeed()
     if args.worker_out:
         worker(args)
         return
@@ -182,6 +250,22 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
     }
     result["memory_bar_met"] = result["fsdp_state_memory_vs_ddp"] <= 0.55
+    for mode in ("zero2", "zero3"):
+        if mode in ranks:
+            r = ranks[mode]
+            result[f"deepspeed_{mode}"] = {**r, "tokens_per_s": tokens / r["step_s"]}
+            result[f"speed_ratio_deepspeed_{mode}"] = one["step_s"] / r["step_s"]
+            result[f"deepspeed_{mode}_memory_vs_ddp"] = (
+                r["state_bytes"] / ranks["ddp"]["state_bytes"]
+            )
+    if "zero2" in ranks:
+        import deepspeed
+
+        result["deepspeed"] = deepspeed.__version__
+        result["deepspeed_memory_note"] = (
+            "DeepSpeed keeps its own fp32 master partition beside the fp32 module params even in "
+            "fp32 runs; counted here (params + masters + optimizer state)"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(
@@ -190,6 +274,13 @@ def main() -> None:
         f"{ranks['fsdp']['step_s'] * 1e3:.0f} ms (x{result['speed_ratio_fsdp']:.2f}); fsdp "
         f"params+opt state per rank {result['fsdp_state_memory_vs_ddp']:.3f}x ddp's"
     )
+    for mode in ("zero2", "zero3"):
+        if mode in ranks:
+            print(
+                f"  deepspeed {mode}: {ranks[mode]['step_s'] * 1e3:.0f} ms "
+                f"(x{result[f'speed_ratio_deepspeed_{mode}']:.2f}), state per rank "
+                f"{result[f'deepspeed_{mode}_memory_vs_ddp']:.3f}x ddp's"
+            )
 
 
 if __name__ == "__main__":

@@ -36,6 +36,13 @@ def _values(tp: Any) -> st.SearchStrategy:
     if origin is dict:
         return st.dictionaries(_values(args[0]), _values(args[1]), max_size=3)
     simple = {bool: st.booleans(), int: st.integers(), float: _FLOAT, str: _TEXT}
+    if tp is Any:  # free-form YAML (parallel.deepspeed.config): scalars, lists and mappings
+        scalars = st.none() | st.booleans() | st.integers() | _FLOAT | _TEXT
+        return st.recursive(
+            scalars,
+            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3),
+            max_leaves=6,
+        )
     if tp is type(None):
         return st.none()
     return simple[tp]

@@ -225,7 +225,8 @@ def _cfg(tmp_path: Path, *overrides: str):
     [
         (["parallel.dp_shard=2"], "parallel.dp_replicate / parallel.dp_shard do not apply"),
         (["optimizer.type=sophia_g"], "optimizer.type=sophia_g does not run under"),
-        (["optimizer.type=muon"], "use parallel.deepspeed.zero_stage: 0"),
+        (["optimizer.type=muon"], "needs whole named tensors"),
+        (["optimizer.type=prodigy", "parallel.deepspeed.zero_stage=0"], "use adamw, adamw_8bit"),
         (["parallel.deepspeed.zero_stage=3", "lora.enabled=true"], "zero_stage: 3 does not"),
         (["parallel.deepspeed.offload_param=cpu"], "offload_param needs"),
         (["parallel.deepspeed.zero_stage=0", "parallel.deepspeed.offload_optimizer=cpu"], ">= 1"),
@@ -260,3 +261,26 @@ def test_raw_config_cannot_override_what_tscale_sets():
     ):
         with pytest.raises(ValueError, match=key):
             deepspeed_config(**base, extra=extra)
+
+
+def test_docs_yaml_blocks_load(tmp_path: Path):
+    text = (Path(__file__).resolve().parents[2] / "docs" / "distributed.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```yaml\n")[1:]]
+    deepspeed_blocks = [b for b in blocks if "deepspeed:" in b]
+    assert deepspeed_blocks
+    for block in blocks:
+        path = tmp_path / "block.yaml"
+        path.write_text(block)
+        cfg = load_config(path)
+        if "deepspeed:" in block:
+            assert cfg.parallel.deepspeed.enabled
+            assert deepspeed_config(
+                global_batch=8,
+                world_size=2,
+                microbatches=1,
+                zero_stage=cfg.parallel.deepspeed.zero_stage,
+                max_grad_norm=1.0,
+                bf16=False,
+                reduce_dtype=torch.float32,
+                extra=cfg.parallel.deepspeed.config,
+            )["zero_optimization"]["overlap_comm"]

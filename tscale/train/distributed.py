@@ -199,11 +199,12 @@ def _validate_deepspeed(cfg: Config) -> None:
             "(its Hessian step / averaged iterate lives outside DeepSpeed's optimizer step); "
             "use adamw, adamw_8bit or lion, or tscale's own parallelism"
         )
-    if d.zero_stage >= 1 and cfg.optimizer.type in {"muon", "prodigy"}:
+    if cfg.optimizer.type in {"muon", "prodigy"}:
         raise ConfigError(
-            f"optimizer.type={cfg.optimizer.type} needs whole tensors or global sums, but ZeRO "
-            "stages >= 1 hand the optimizer flat partitions; use parallel.deepspeed.zero_stage: 0 "
-            "or adamw, adamw_8bit, lion"
+            f"optimizer.type={cfg.optimizer.type} needs whole named tensors or sums over all "
+            "params, but DeepSpeed hands the optimizer param groups (flat partitions under ZeRO); "
+            "use adamw, adamw_8bit or lion, or tscale's own parallelism (parallel.deepspeed."
+            "enabled: false)"
         )
     if d.zero_stage == 3 and (cfg.lora.enabled or cfg.loss.fused):
         raise ConfigError(
