@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check tscale tests benchmarks docs/examples
 
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --timeout=300
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --timeout=300
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_throughput.py

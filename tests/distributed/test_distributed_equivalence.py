@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-# one worker runs the module: its launches are shared by its tests (pytest --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("dist-equivalence")
+# `make test` runs pytest with --dist loadfile: one worker runs this module, so its module-scoped
+# launches are shared by its tests (pytest 9.2 broke xdist 3.8's loadgroup marks)
 
 WORKER = str(Path(__file__).resolve().parent / "_equivalence_worker.py")
 
