@@ -223,6 +223,7 @@ def main() -> None:
         worker(args)
         return
 
+    load_before = os.getloadavg()
     one = single(args)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ranks.json"
@@ -248,6 +249,10 @@ def main() -> None:
         "memory_bar": 0.55,
         "torch": torch.__version__,
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+        # 1/5/15-minute load averages around the run (they include its own 2 busy threads);
+        # other work on the machine distorts the speed ratios, not the memory ratios
+        "load_average_before": list(load_before),
+        "load_average_after": list(os.getloadavg()),
     }
     result["memory_bar_met"] = result["fsdp_state_memory_vs_ddp"] <= 0.55
     for mode in ("zero2", "zero3"):

@@ -88,7 +88,16 @@ def import_deepspeed(device: torch.device) -> Any:
             f"parallel.deepspeed needs DeepSpeed: pip install 'tscale[deepspeed]' ({err})"
         ) from None
     deepspeed.utils.logger.setLevel(logging.WARNING)
+    if not any(isinstance(f, _Untested) for f in deepspeed.utils.logger.filters):
+        deepspeed.utils.logger.addFilter(_Untested())
     return deepspeed
+
+
+class _Untested(logging.Filter):
+    """Drops DeepSpeed's "untested optimizer" warning: the optimizer is tscale's by design."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "untested optimizer" not in record.getMessage()
 
 
 def deepspeed_config(
