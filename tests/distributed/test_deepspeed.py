@@ -137,6 +137,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory, torchrun, tscale_cli) -> dict
         torchrun(["-m", "tscale.cli", "train", str(cfg), *_ds(stage)])
     cfg, out["z2-one"] = _config(tmp, "z2-one")  # DeepSpeed in one process
     tscale_cli(["train", str(cfg), *_ds(2)])
+    lora = ["lora.enabled=true", "train.save_every=0"]  # adapters only: no root params
+    cfg, out["lora-single"] = _config(tmp, "lora-single")
+    tscale_cli(["train", str(cfg), *lora])
+    cfg, out["lora-z2"] = _config(tmp, "lora-z2")
+    torchrun(["-m", "tscale.cli", "train", str(cfg), *lora, *_ds(2)])
     return out
 
 
@@ -146,6 +151,14 @@ def test_trainer_curve_follows_one_process(runs: dict[str, Path], name: str):
     assert sorted(got) == list(range(1, 11))
     for step, loss in single.items():
         assert abs(got[step] - loss) <= 1e-5, (step, got[step], loss)
+
+
+def test_lora_adapters_train_under_zero2(runs: dict[str, Path]):
+    single, got = _losses(runs["lora-single"]), _losses(runs["lora-z2"])
+    assert sorted(got) == list(range(1, 11))
+    for step, loss in single.items():
+        assert abs(got[step] - loss) <= 1e-5, (step, got[step], loss)
+    assert (runs["lora-z2"] / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_checkpoint_holds_partitions_and_full_params(runs: dict[str, Path]):

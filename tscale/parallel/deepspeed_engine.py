@@ -239,8 +239,9 @@ class ParamsModule(nn.Module):
         leaves = self.named_leaves()
         self._owner = {}
         for group in self.groups():
-            first = group.stored()[0]
-            self._owner[id(first)] = group
+            stored = group.stored()
+            if stored:  # LoRA: nothing outside the layers is trained
+                self._owner[id(stored[0])] = group
         return T.unflatten(leaves)
 
     def gather(self, stored: TensorDictBase) -> TensorDictBase:
