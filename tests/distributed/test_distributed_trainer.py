@@ -26,6 +26,7 @@ train: {{max_steps: 10, log_every: 5, save_every: 5, keep_last: 0, progress: fal
 eval: {{num_samples: 8, batch_size: 8}}
 """
 FSDP = ["parallel.dp_shard=-1", "parallel.dp_replicate=1"]
+STREAM = ["data.streaming=true", "data.packing.enabled=true"]
 
 
 def _config(tmp: Path, name: str) -> tuple[Path, Path]:
@@ -50,8 +51,17 @@ def runs(tmp_path_factory: pytest.TempPathFactory, torchrun, tscale_cli) -> dict
     torchrun(["-m", "tscale.cli", "train", str(cfg)])
     cfg, out["fsdp"] = _config(tmp, "fsdp")
     torchrun(["-m", "tscale.cli", "train", str(cfg), *FSDP])
+    cfg, out["stream-single"] = _config(tmp, "stream-single")
+    tscale_cli(["train", str(cfg), *STREAM])
+    cfg, out["stream-ddp"] = _config(tmp, "stream-ddp")
+    torchrun(["-m", "tscale.cli", "train", str(cfg), *STREAM])
     out["tmp"] = tmp
     return out
+
+
+def _rows(run: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "loss" in r}
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -103,3 +113,22 @@ def test_sharded_checkpoint_exports_one_hf_directory(runs: dict[str, Path], tsca
     model = transformers.AutoModelForCausalLM.from_pretrained(hf)
     ids = torch.tensor([[1, 5, 9, 13]])
     assert torch.isfinite(model(ids).logits).all()
+
+
+def test_streaming_under_torchrun_follows_one_process(runs: dict[str, Path]):
+    single, got = _rows(runs["stream-single"]), _rows(runs["stream-ddp"])
+    assert sorted(got) == list(range(1, 11))
+    for step, row in single.items():
+        assert abs(got[step]["loss"] - row["loss"]) <= 1e-5, (step, got[step], row)
+        # input_tokens counts every rank's rows, like one process
+        assert got[step]["input_tokens"] == row["input_tokens"], (step, got[step], row)
+
+
+def test_streaming_cursor_resumes_on_one_process(runs: dict[str, Path], tscale_cli):
+    cfg, out = _config(runs["tmp"], "stream-resume21")
+    ckpt = runs["stream-ddp"] / "checkpoints" / "step_00000005"
+    tscale_cli(["train", str(cfg), "--resume", str(ckpt), *STREAM])
+    got, ref = _losses(out), _losses(runs["stream-ddp"])
+    assert sorted(got) == [6, 7, 8, 9, 10]
+    for step in got:
+        assert abs(got[step] - ref[step]) <= 1e-6, (step, got[step], ref[step])

@@ -68,7 +68,6 @@ DDP2 = ParallelPlan(rank=0, world_size=2, dp_replicate=2, dp_shard=1)
     [
         ({"data": {"batch_size": 6}, "train": {"microbatches": 2}}, DDP2, "equal rank shares"),
         ({"optimizer": {"type": "sophia_g"}}, DDP2, "single-process only"),
-        ({"data": {"streaming": True}}, DDP2, "does not shard over torchrun"),
         ({"optimizer": {"type": "muon"}}, FSDP2, "not supported with sharded params"),
         ({"lora": {"enabled": True}}, FSDP2, "use parallel.dp_shard: 1"),
         ({"loss": {"fused": True}}, FSDP2, "loss.fused does not combine"),

@@ -49,6 +49,11 @@ class StreamingBatchLoader:
         on_errors: called with the ``Err`` results of each chunk (to quarantine and count them)
             and the number of rows read in that chunk.
         pad_to_multiple_of: rows are padded to a multiple of this.
+        rank, world_size: data parallelism. Every rank reads and packs the same stream into the
+            same global batches of ``batch_size`` rows and keeps its contiguous
+            ``batch_size / world_size`` of them, so the batches (and the cursor, identical on
+            every rank) are those of one process: curves match it and a checkpoint resumes on
+            any world size. The reading and preparation are repeated on every rank.
     """
 
     def __init__(
@@ -65,6 +70,8 @@ class StreamingBatchLoader:
         chunk_rows: int = 256,
         on_errors: Callable[[list[Err], int], None] | None = None,
         pad_to_multiple_of: int = 8,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         for name, value in (
             ("batch_size", batch_size),
@@ -73,6 +80,12 @@ class StreamingBatchLoader:
         ):
             if value < 1:
                 raise DataError(f"{name} must be >= 1, got {value}")
+        if not 0 <= rank < world_size or batch_size % world_size:
+            raise DataError(
+                f"rank {rank} of world_size {world_size}: the batch of {batch_size} rows must "
+                "split into equal rank shares"
+            )
+        self.rank, self.world_size = rank, world_size
         self._open = open_stream
         self._prepare = prepare
         self.batch_size = batch_size
@@ -133,7 +146,9 @@ class StreamingBatchLoader:
         while len(self._ready) < self.batch_size:
             self._pull()
         rows = [self._ready.popleft() for _ in range(self.batch_size)]
-        return _collate(_as_tensors(rows), self.pad_id, self.pad_to_multiple_of)
+        share = self.batch_size // self.world_size
+        mine = rows[self.rank * share : (self.rank + 1) * share]
+        return _collate(_as_tensors(mine), self.pad_id, self.pad_to_multiple_of)
 
     def __iter__(self) -> Iterator[TensorDict]:
         while True:

@@ -280,6 +280,8 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
             error_budget,
             budget,
             hf_cache,
+            rank=rank,
+            world_size=world_size,
         )
 
     cache_root = Path(d.cache_dir) if d.cache_dir is not None else data_dir / "cache"
@@ -471,8 +473,12 @@ def _streaming_bundle(
     error_budget: data_sources.ErrorBudget,
     budget: LengthBudget | None,
     hf_cache: Path,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataBundle:
-    """The bundle of ``data.streaming``: a loader that reads, prepares and packs on the fly."""
+    """The bundle of ``data.streaming``: a loader that reads, prepares and packs on the fly
+    (every rank the same global batches, keeping its rows; rank 0 writes the quarantine)."""
     d = cfg.data
     packing = d.packing.enabled
     template = get_template(d.template)
@@ -512,7 +518,8 @@ def _streaming_bundle(
         ]
 
     def on_errors(errors: list[Err], rows: int) -> None:
-        data_load.write_quarantine(errors, quarantine)
+        if rank == 0:  # every rank reads the same rows: one copy of each bad one
+            data_load.write_quarantine(errors, quarantine)
         error_budget.add(rows, len(errors))
         report.update(
             train_rows=error_budget.rows,
@@ -534,6 +541,8 @@ def _streaming_bundle(
         buffer_size=d.packing.buffer_size,
         split_overflow=d.packing.split_overflow,
         on_errors=on_errors,
+        rank=rank,
+        world_size=world_size,
     )
     eval_examples, eval_errors, _ = _prepare(
         cfg,

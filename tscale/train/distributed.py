@@ -233,10 +233,6 @@ def _validate(cfg: Config, plan: ParallelPlan) -> None:
         )
     if cfg.train.compile and world > 1:
         raise ConfigError("train.compile is not supported under torchrun yet; set it to false")
-    if cfg.data.streaming and world > 1:
-        raise ConfigError(
-            "data.streaming does not shard over torchrun ranks yet; use map-style data"
-        )
     if cfg.data.max_tokens is not None and world > 1:
         raise ConfigError("data.max_tokens (token-budget batches) does not support torchrun yet")
     if cfg.parallel.param_dtype is not None and cfg.loss.fused:

@@ -323,10 +323,16 @@ def train(
 
     def flush() -> None:
         nonlocal pending, window_t0, window_paused, window_tokens, train_tokens
-        rows = [_row(s, m, schedule, n) for s, m, n in pending]  # the host sync
+        # all ranks: the run's tokens (each step's and the window's), and a stop a rank-0
+        # callback asked for at the last flush
+        sums = par.sum_over_ranks(
+            [float(window_tokens), float(stop.requested), *(float(n) for _, _, n in pending)]
+        )
+        total, stops = sums[0], sums[1]
+        rows = [  # the host sync
+            _row(s, m, schedule, int(n)) for (s, m, _), n in zip(pending, sums[2:], strict=True)
+        ]
         elapsed = time.perf_counter() - window_t0 - window_paused
-        # all ranks: the run's tokens, and a stop a rank-0 callback asked for at the last flush
-        total, stops = par.sum_over_ranks([float(window_tokens), float(stop.requested)])
         window_tokens = int(total)
         if stops:
             stop.requested = True
