@@ -7,9 +7,11 @@ batch with ``--threads / 2`` threads, so the three use the same cores. Each meas
 ``--steps`` steps after ``--warmup`` and reports the median step time; the ratios are
 ``one-process time / 2-rank time`` (above 1: the 2 ranks are faster). Memory is the bytes of the
 params and optimizer-state tensors a rank holds (FSDP: its shards), counted from the tensors.
-Writes ``benchmarks/results/parallel.json`` and prints one summary line.
+``--repeats`` rounds run one after the other (one process, then the 2-rank runs); the medians
+over rounds are reported, with every round's time beside them. Writes
+``benchmarks/results/parallel.json`` and prints one summary line.
 
-Usage: python benchmarks/parallel.py [--steps 12] [--warmup 3] [--threads 2]
+Usage: python benchmarks/parallel.py [--steps 12] [--warmup 3] [--threads 2] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -209,6 +211,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds; medians are reported")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument(
         "--no-deepspeed",
@@ -224,14 +227,30 @@ def main() -> None:
         return
 
     load_before = os.getloadavg()
-    one = single(args)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "ranks.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-        cmd += [__file__, *sys.argv[1:], "--worker-out", str(out)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, args.threads // 2))}
-        subprocess.run(cmd, check=True, env=env)
-        ranks = json.loads(out.read_text())
+    rounds: list[tuple[dict, dict]] = []
+    for _ in range(args.repeats):  # one process, then the 2-rank runs, interleaved per round
+        one = single(args)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "ranks.json"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+            cmd += ["--nproc-per-node=2", __file__, *sys.argv[1:], "--worker-out", str(out)]
+            env = {**os.environ, "OMP_NUM_THREADS": str(max(1, args.threads // 2))}
+            subprocess.run(cmd, check=True, env=env)
+            rounds.append((one, json.loads(out.read_text())))
+    # the median round of each: step times per round, ratios from the per-round medians
+    one = {
+        "step_s": statistics.median(r[0]["step_s"] for r in rounds),
+        "state_bytes": rounds[0][0]["state_bytes"],
+        "rounds_step_s": [r[0]["step_s"] for r in rounds],
+    }
+    ranks = {
+        mode: {
+            "step_s": statistics.median(r[1][mode]["step_s"] for r in rounds),
+            "state_bytes": rounds[0][1][mode]["state_bytes"],
+            "rounds_step_s": [r[1][mode]["step_s"] for r in rounds],
+        }
+        for mode in rounds[0][1]
+    }
     tokens = args.batch * args.seq
     result = {
         "benchmark": "parallel",
@@ -240,6 +259,7 @@ def main() -> None:
         "global_batch": [args.batch, args.seq],
         "threads_total": args.threads,
         "steps_timed": args.steps,
+        "rounds": args.repeats,
         "one_process": {**one, "tokens_per_s": tokens / one["step_s"]},
         "ddp": {**ranks["ddp"], "tokens_per_s": tokens / ranks["ddp"]["step_s"]},
         "fsdp": {**ranks["fsdp"], "tokens_per_s": tokens / ranks["fsdp"]["step_s"]},
