@@ -199,6 +199,23 @@ CASES = {
         "clip": None,
         "solo": {"bf16": False},
     },
+    # stage 0's bf16 wrapper steps once with zero gradients while it sets up (not counted)
+    "z0-bf16": {
+        "stage": 0,
+        "opt": "adamw",
+        "mb": 1,
+        "bf16": True,
+        "clip": None,
+        "solo": {"bf16": False},
+    },
+    "z3-bf16": {
+        "stage": 3,
+        "opt": "adamw",
+        "mb": 1,
+        "bf16": True,
+        "clip": None,
+        "solo": {"bf16": False},
+    },
     "z2-nan": {"stage": 2, "opt": "adamw", "mb": 1, "poison": True, "clip": None},
     "z3-nan": {"stage": 3, "opt": "adamw", "mb": 1, "poison": True},
 }

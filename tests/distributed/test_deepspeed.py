@@ -91,7 +91,7 @@ def test_lion_is_bit_equal(cases: dict, case: str):
     assert cases[case]["param_err"] == 0.0, cases[case]
 
 
-@pytest.mark.parametrize("case", ["z2-adamw_8bit", "z2-bf16"])
+@pytest.mark.parametrize("case", ["z2-adamw_8bit", "z0-bf16", "z2-bf16", "z3-bf16"])
 def test_reduced_precision_within_its_own_noise(cases: dict, case: str):
     r = cases[case]
     # no further from the reference than twice the precision change alone moves one process

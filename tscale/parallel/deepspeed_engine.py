@@ -296,6 +296,10 @@ class TransformOptimizer(torch.optim.Optimizer):
         super().__init__([dict(g) for g in groups], {"lr": 0.0, "decay": True})
         self._tx = {True: make_tx(True), False: make_tx(False)}
         self._any_nonfinite = any_nonfinite
+        # DeepSpeed's wrappers may call step() once with zero gradients while they set up
+        # (stage 0 with bf16 does, to create torch optimizers' state); until armed, a step only
+        # creates the state, so the transform's count and schedule start at the first real step
+        self.armed = False
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
@@ -308,7 +312,7 @@ class TransformOptimizer(torch.optim.Optimizer):
                 work.append((group, tensors))
         if not work:
             return
-        if self._any_nonfinite is not None:
+        if self._any_nonfinite is not None and self.armed:
             grads = [p.grad for _, ts in work for p in ts]
             bad = torch.zeros((), dtype=torch.float32, device=grads[0].device)
             for g in grads:
@@ -323,6 +327,8 @@ class TransformOptimizer(torch.optim.Optimizer):
             slot = self.state[tensors[0]]
             if "tscale" not in slot:
                 slot["tscale"] = _TxState(tx.init(params))
+            if not self.armed:
+                continue
             updates, new_state = tx.update(grads, slot["tscale"].tree, params)
             new_params = apply_updates(params, updates)
             for p, new in zip(tensors, T.leaves(new_params), strict=True):
@@ -376,19 +382,49 @@ class DeepSpeedRun:
             metrics["grad_norm"] = torch.as_tensor(float(norm), dtype=torch.float64)
         return metrics
 
+    def _unfused_masters(self) -> dict[int, torch.Tensor]:
+        """Stage 0 with bf16: DeepSpeed's unfused optimizer keeps one fp32 copy per module
+        param (``fp32_groups`` beside ``fp16_groups``); by module-param id."""
+        opt = self.engine.optimizer
+        low, high = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups", None)
+        if not low or not high:
+            return {}
+        pairs = (zip(lows, highs, strict=True) for lows, highs in zip(low, high, strict=True))
+        return {id(p): m for group in pairs for p, m in group}
+
     def full_params(self) -> TensorDict:
         """The whole params on every rank, in the run's dtypes: the fp32 masters where
         DeepSpeed keeps them (bf16, ZeRO); every rank must call it (it all-gathers)."""
         from deepspeed.utils import safe_get_full_fp32_param
 
+        masters = self._unfused_masters()
         out: dict[str, torch.Tensor] = {}
         for name, p in self.module.named_leaves().items():
             full = safe_get_full_fp32_param(p) if p.requires_grad else None
             if full is None:
-                full = p.detach()
+                full = masters.get(id(p), p).detach()
             shape = getattr(p, "ds_shape", p.shape)
             out[name] = full.detach().reshape(shape).to(self.dtypes[name]).clone()
         return T.unflatten(out)
+
+    def set_masters(self, params: TensorDictBase) -> None:
+        """Overwrite DeepSpeed's fp32 masters with ``params`` (full tensors). DeepSpeed makes
+        its masters from the module after casting it to bf16, so they start rounded; this
+        restores the exact initial values (as tscale's ``param_dtype`` keeps them). Every rank
+        must call it (ZeRO sets its partitions)."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        masters = self._unfused_masters()
+        flat = T.flatten(params)
+        with torch.no_grad():
+            for name, p in self.module.named_leaves().items():
+                if not p.requires_grad:
+                    continue
+                value = flat[name].to(torch.float32)
+                if id(p) in masters:
+                    masters[id(p)].copy_(value.reshape(masters[id(p)].shape))
+                else:
+                    safe_set_full_fp32_param(p, value)
 
     def save(self, directory: Path) -> None:
         """DeepSpeed's own checkpoint (module, optimizer partitions) into ``directory``; a
@@ -459,4 +495,8 @@ def initialize(
     engine, *_ = deepspeed.initialize(
         model=module, optimizer=optimizer, config=dict(config), dist_init_required=False
     )
-    return DeepSpeedRun(engine, module, dtypes=dtypes)
+    optimizer.armed = True
+    run = DeepSpeedRun(engine, module, dtypes=dtypes)
+    if config.get("bf16", {}).get("enabled"):
+        run.set_masters(params)  # DeepSpeed's masters come from the bf16-cast module
+    return run
