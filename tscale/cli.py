@@ -19,6 +19,9 @@ EXIT_USER_ERROR = 2
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tscale", description="Config-driven LLM training.")
+    # DeepSpeed's launcher passes --local_rank=N before the command; the rank is read from the
+    # environment it sets as well (LOCAL_RANK), so the flag is accepted and ignored
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train as a YAML config says")

@@ -5,6 +5,10 @@ does not do."""
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,6 +45,21 @@ scheduler: {{type: cosine, warmup_steps: 2}}
 train: {{max_steps: 10, log_every: 5, save_every: 5, keep_last: 0, progress: false}}
 eval: {{num_samples: 8, batch_size: 8}}
 """
+
+
+def _deepspeed_launcher(args: list[str]) -> None:
+    """``deepspeed --num_gpus 2 ARGS`` (on CPU it starts 2 processes and passes --local_rank)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
+    cmd += ["--master_port", str(port), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env)
+    if proc.returncode != 0:
+        pytest.fail(
+            f"deepspeed launcher failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}"
+        )
 
 
 def _ds(stage: int) -> list[str]:
@@ -137,6 +156,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory, torchrun, tscale_cli) -> dict
         torchrun(["-m", "tscale.cli", "train", str(cfg), *_ds(stage)])
     cfg, out["z2-one"] = _config(tmp, "z2-one")  # DeepSpeed in one process
     tscale_cli(["train", str(cfg), *_ds(2)])
+    cfg, out["launcher"] = _config(tmp, "launcher")  # DeepSpeed's own launcher, not torchrun
+    _deepspeed_launcher(["--module", "tscale.cli", "train", str(cfg), *_ds(2)])
     lora = ["lora.enabled=true", "train.save_every=0"]  # adapters only: no root params
     cfg, out["lora-single"] = _config(tmp, "lora-single")
     tscale_cli(["train", str(cfg), *lora])
@@ -145,7 +166,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, torchrun, tscale_cli) -> dict
     return out
 
 
-@pytest.mark.parametrize("name", ["z2", "z3", "z2-one"])
+@pytest.mark.parametrize("name", ["z2", "z3", "z2-one", "launcher"])
 def test_trainer_curve_follows_one_process(runs: dict[str, Path], name: str):
     single, got = _losses(runs["single"]), _losses(runs[name])
     assert sorted(got) == list(range(1, 11))
