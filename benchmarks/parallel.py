@@ -165,12 +165,18 @@ def worker(args: argparse.Namespace) -> None:
     share = args.batch // world
     mine = [b[rank * share : (rank + 1) * share] for b in batches]
     results = {}
-    modes = ["ddp", "fsdp"] + (["zero2", "zero3"] if args.deepspeed else [])
+    modes = ["ddp", "ddp_overlap", "fsdp"] + (["zero2", "zero3"] if args.deepspeed else [])
     for mode in modes:
         run = None
         if mode.startswith("zero"):
             state = TrainState.create(T.clone(full), TensorDict(), R.key(1))
             step, run = _deepspeed_step(args, model, full, int(mode[-1]))
+        elif mode == "ddp_overlap":  # the all-reduce started per layer in the backward
+            tx = _tx()
+            state = TrainState.create(T.clone(full), tx.init(full), R.key(1))
+            overlapped = ddp.OverlappedDDP(None)
+            loss = make_lm_loss(overlapped.apply(model.apply))
+            step = make_train_step(loss, tx, grad_sync=overlapped.sync)
         elif mode == "ddp":
             tx = _tx()
             state = TrainState.create(T.clone(full), tx.init(full), R.key(1))
@@ -275,6 +281,9 @@ def main() -> None:
         "load_average_after": list(os.getloadavg()),
     }
     result["memory_bar_met"] = result["fsdp_state_memory_vs_ddp"] <= 0.55
+    r = ranks["ddp_overlap"]
+    result["ddp_overlap"] = {**r, "tokens_per_s": tokens / r["step_s"]}
+    result["speed_ratio_ddp_overlap"] = one["step_s"] / r["step_s"]
     for mode in ("zero2", "zero3"):
         if mode in ranks:
             r = ranks[mode]
@@ -298,6 +307,10 @@ def main() -> None:
         f"{ranks['ddp']['step_s'] * 1e3:.0f} ms (x{result['speed_ratio_ddp']:.2f}), fsdp "
         f"{ranks['fsdp']['step_s'] * 1e3:.0f} ms (x{result['speed_ratio_fsdp']:.2f}); fsdp "
         f"params+opt state per rank {result['fsdp_state_memory_vs_ddp']:.3f}x ddp's"
+    )
+    print(
+        f"  ddp with the all-reduce overlapped: {ranks['ddp_overlap']['step_s'] * 1e3:.0f} ms "
+        f"(x{result['speed_ratio_ddp_overlap']:.2f})"
     )
     for mode in ("zero2", "zero3"):
         if mode in ranks:

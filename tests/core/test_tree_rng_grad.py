@@ -107,8 +107,11 @@ def test_both_gradient_engines_agree_and_vmap_composes():
     and value_and_grad under vmap yields per-example gradients."""
     g = torch.Generator().manual_seed(1)
     params = TensorDict(
-        {"w": torch.randn(3, 3, generator=g, dtype=torch.float64),
-         "nested": {"b": torch.randn(3, generator=g, dtype=torch.float64)}}, []
+        {
+            "w": torch.randn(3, 3, generator=g, dtype=torch.float64),
+            "nested": {"b": torch.randn(3, generator=g, dtype=torch.float64)},
+        },
+        [],
     ).lock_()
     xs = torch.randn(5, 3, generator=g, dtype=torch.float64)
     grad_fn = value_and_grad(_quadratic)

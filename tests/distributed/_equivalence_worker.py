@@ -91,6 +91,16 @@ def run_case(case: dict, rank: int, world: int) -> dict:
             grad_norm=fsdp.sharded_norm(layout),
         )
         step = fsdp.wrap_fsdp_step(inner)
+    elif case.get("overlap"):  # the all-reduce started per layer in the backward
+        tx = make_tx()
+        state = TrainState.create(T.clone(full), tx.init(full), R.key(1))
+        overlapped = ddp.OverlappedDDP(None)
+        step = make_train_step(
+            make_lm_loss(overlapped.apply(model.apply)),
+            tx,
+            microbatches=case["mb"],
+            grad_sync=overlapped.sync,
+        )
     else:
         tx = make_tx()
         state = TrainState.create(T.clone(full), tx.init(full), R.key(1))
@@ -125,6 +135,22 @@ CASES = {
     "ddp-adamw-accum": {"degrees": (-1, 1), "opt": "adamw", "mb": 2, "ref_mb": 2},
     "ddp-adamw_8bit": {"degrees": (-1, 1), "opt": "adamw_8bit", "mb": 1, "ref_mb": 2},
     "ddp-lion": {"degrees": (-1, 1), "opt": "lion", "mb": 2, "ref_mb": 1},
+    "ddp-overlap-adamw": {
+        "degrees": (-1, 1),
+        "opt": "adamw",
+        "mb": 1,
+        "ref_mb": 1,
+        "overlap": True,
+    },
+    "ddp-overlap-lion": {"degrees": (-1, 1), "opt": "lion", "mb": 1, "ref_mb": 2, "overlap": True},
+    "ddp-overlap-untied": {
+        "degrees": (-1, 1),
+        "opt": "adamw",
+        "mb": 1,
+        "ref_mb": 1,
+        "overlap": True,
+        "tied": False,
+    },
     "fsdp-adamw": {"degrees": (1, -1), "opt": "adamw", "mb": 1, "ref_mb": 1},
     "fsdp-adamw-accum": {"degrees": (1, -1), "opt": "adamw", "mb": 2, "ref_mb": 4},
     "fsdp-adamw-keep": {

@@ -20,7 +20,21 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory, torchrun) -> dict:
     return json.loads(Path(out).read_text())
 
 
-EXACT = ["ddp-adamw_8bit", "fsdp-adamw_8bit", "ddp-lion", "fsdp-lion", "ddp-bf16", "fsdp-bf16"]
+EXACT = [
+    "ddp-adamw_8bit",
+    "fsdp-adamw_8bit",
+    "ddp-lion",
+    "fsdp-lion",
+    "ddp-bf16",
+    "fsdp-bf16",
+    "ddp-overlap-lion",
+]
+
+
+def test_overlapped_ddp_equals_plain_ddp(two_ranks: dict):
+    # the same sums, started in the backward instead of after it: bit-equal results
+    assert two_ranks["ddp-overlap-adamw"]["param_err"] == two_ranks["ddp-adamw"]["param_err"]
+    assert two_ranks["ddp-overlap-adamw"]["losses"] == two_ranks["ddp-adamw"]["losses"]
 
 
 @pytest.mark.parametrize(
@@ -30,6 +44,9 @@ EXACT = ["ddp-adamw_8bit", "fsdp-adamw_8bit", "ddp-lion", "fsdp-lion", "ddp-bf16
         "ddp-adamw-accum",
         "ddp-adamw_8bit",
         "ddp-lion",
+        "ddp-overlap-adamw",
+        "ddp-overlap-lion",
+        "ddp-overlap-untied",
         "fsdp-adamw",
         "fsdp-adamw-accum",
         "fsdp-adamw-keep",

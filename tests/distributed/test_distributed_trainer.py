@@ -51,6 +51,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory, torchrun, tscale_cli) -> dict
     torchrun(["-m", "tscale.cli", "train", str(cfg)])
     cfg, out["fsdp"] = _config(tmp, "fsdp")
     torchrun(["-m", "tscale.cli", "train", str(cfg), *FSDP])
+    cfg, out["ddp-overlap"] = _config(tmp, "ddp-overlap")
+    torchrun(["-m", "tscale.cli", "train", str(cfg), "parallel.overlap_reduce=true"])
     cfg, out["stream-single"] = _config(tmp, "stream-single")
     tscale_cli(["train", str(cfg), *STREAM])
     cfg, out["stream-ddp"] = _config(tmp, "stream-ddp")
@@ -64,7 +66,7 @@ def _rows(run: Path) -> dict[int, dict]:
     return {r["step"]: r for r in rows if "loss" in r}
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp-overlap"])
 def test_loss_curve_follows_one_process(runs: dict[str, Path], mode: str):
     single, got = _losses(runs["single"]), _losses(runs[mode])
     assert sorted(got) == list(range(1, 11))

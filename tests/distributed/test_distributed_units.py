@@ -69,6 +69,12 @@ DDP2 = ParallelPlan(rank=0, world_size=2, dp_replicate=2, dp_shard=1)
         ({"data": {"batch_size": 6}, "train": {"microbatches": 2}}, DDP2, "equal rank shares"),
         ({"optimizer": {"type": "sophia_g"}}, DDP2, "single-process only"),
         ({"optimizer": {"type": "muon"}}, FSDP2, "not supported with sharded params"),
+        ({"parallel": {"overlap_reduce": True}}, FSDP2, "overlap_reduce does not combine"),
+        (
+            {"parallel": {"overlap_reduce": True}, "train": {"microbatches": 2}},
+            DDP2,
+            "microbatches > 1",
+        ),
         ({"lora": {"enabled": True}}, FSDP2, "use parallel.dp_shard: 1"),
         ({"loss": {"fused": True}}, FSDP2, "loss.fused does not combine"),
     ],

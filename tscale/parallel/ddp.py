@@ -4,9 +4,16 @@ The step (:func:`tscale.step.make_train_step`) computes the *sum* of the token l
 local batch and their gradients; :func:`make_ddp_sync` all-reduces both (and the token count) in
 buckets, and the step then divides by the global token count. The result equals one process
 stepping on the global batch, whatever the world size or the number of microbatches.
+
+:class:`OverlappedDDP` starts the all-reduce of each layer's gradients in the backward, as soon
+as the backward leaves that layer (through the model's ``gather`` hook), so the reduction of the
+later layers runs while the earlier layers' gradients are computed.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -15,7 +22,7 @@ from tensordict import TensorDictBase
 from tscale.core import tree as T
 from tscale.step.compose import GradSync
 
-__all__ = ["all_reduce_counts", "bucket_indices", "make_ddp_sync"]
+__all__ = ["OverlappedDDP", "all_reduce_counts", "bucket_indices", "make_ddp_sync"]
 
 
 def bucket_indices(sizes: list[int], bucket_bytes: int) -> list[list[int]]:
@@ -88,3 +95,66 @@ def make_ddp_sync(
         return grads, counts[0].to(loss_sum.dtype), counts[1].round().to(tokens.dtype)
 
     return sync
+
+
+class _ReduceInBackward(torch.autograd.Function):
+    """Identity in the forward; in the backward one asynchronous all-reduce of the group's
+    gradients, flattened into one buffer. The gradients handed on are views of that buffer:
+    nothing may read them before :meth:`OverlappedDDP.sync` waits for the reduction."""
+
+    @staticmethod
+    def forward(ctx: Any, owner: OverlappedDDP, *params: torch.Tensor):
+        ctx.owner = owner
+        ctx.like = [(p.shape, p.dtype) for p in params]
+        return tuple(p.view_as(p) for p in params)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None):
+        owner: OverlappedDDP = ctx.owner
+        dtype = ctx.like[0][1]
+        parts = [
+            torch.zeros(shape, dtype=dt) if g is None else g
+            for g, (shape, dt) in zip(grads, ctx.like, strict=True)
+        ]
+        flat = torch.cat([g.reshape(-1).to(dtype) for g in parts])
+        owner.works.append(dist.all_reduce(flat, group=owner.group, async_op=True))
+        sizes = [g.numel() for g in parts]
+        outs = [v.view(shape) for v, (shape, _) in zip(flat.split(sizes), ctx.like, strict=True)]
+        return (None, *outs)
+
+
+class OverlappedDDP:
+    """DDP with the gradient all-reduce overlapped with the backward, per layer.
+
+    ``apply(model_apply)`` wraps a model ``apply(params, batch, gather=...)`` so that every layer
+    (and the non-layer params) passes its params through :class:`_ReduceInBackward`; ``sync`` is
+    the step's ``grad_sync``: it waits for the reductions started in the backward and reduces the
+    loss and token count. One microbatch per step only (with accumulation the microbatches'
+    gradients would be summed while still in flight); every group's leaves share one dtype.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
+        self.works: list[Any] = []
+
+    def gather(self, stored: TensorDictBase) -> TensorDictBase:
+        leaves = T.leaves(stored)
+        if len({t.dtype for t in leaves}) != 1:
+            raise ValueError("OverlappedDDP needs one dtype per layer's params")
+        views = _ReduceInBackward.apply(self, *leaves)
+        return T.unflatten(dict(zip(T.leaf_keys(stored), views, strict=True)))
+
+    def apply(self, model_apply: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def run(params: TensorDictBase, batch: Any, **kw: Any) -> torch.Tensor:
+            return model_apply(params, batch, gather=self.gather, **kw)
+
+        return run
+
+    def sync(
+        self, grads: TensorDictBase, loss_sum: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[TensorDictBase, torch.Tensor, torch.Tensor]:
+        loss_sum, tokens = all_reduce_counts(loss_sum, tokens, self.group)
+        works, self.works = self.works, []
+        for w in works:
+            w.wait()
+        return grads, loss_sum, tokens

@@ -221,6 +221,29 @@ def _validate_deepspeed(cfg: Config) -> None:
         raise ConfigError("train.compile does not combine with parallel.deepspeed; set it false")
 
 
+def _validate_overlap(cfg: Config, plan: ParallelPlan) -> None:
+    why = [
+        reason
+        for reason, bad in (
+            ("parallel.dp_shard > 1 (FSDP reduces in its own backward)", plan.sharded),
+            ("parallel.deepspeed.enabled", cfg.parallel.deepspeed.enabled),
+            ("train.microbatches > 1", cfg.train.microbatches > 1),
+            ("parallel.param_dtype", cfg.parallel.param_dtype is not None),
+            (
+                "parallel.reduce_dtype other than model.dtype",
+                cfg.parallel.reduce_dtype != cfg.model.dtype,
+            ),
+            ("lora.enabled", cfg.lora.enabled),
+            ("loss.fused", cfg.loss.fused),
+        )
+        if bad
+    ]
+    if why:
+        raise ConfigError(
+            f"parallel.overlap_reduce does not combine with {', '.join(why)}; set it false"
+        )
+
+
 def _validate(cfg: Config, plan: ParallelPlan) -> None:
     world = plan.world_size
     if cfg.parallel.deepspeed.enabled:
@@ -242,6 +265,8 @@ def _validate(cfg: Config, plan: ParallelPlan) -> None:
             "optimizer.type=sophia_g is single-process only for now (its Hessian step is not "
             "reduced across ranks); choose another optimizer or run one process"
         )
+    if cfg.parallel.overlap_reduce:
+        _validate_overlap(cfg, plan)
     if plan.sharded:
         fsdp.check_optimizer(cfg.optimizer.type)
         if cfg.lora.enabled:
@@ -299,5 +324,8 @@ def wrap_step(
         apply_fn = cast_apply(apply_fn, _DTYPES[p.param_dtype])
     if par.world_size == 1:
         return build(apply_fn)
+    if p.overlap_reduce:  # each layer's all-reduce starts in the backward (validated above)
+        overlapped = ddp.OverlappedDDP(None)
+        return build(overlapped.apply(model.apply), grad_sync=overlapped.sync)
     sync = ddp.make_ddp_sync(None, bucket_mb=p.bucket_mb, reduce_dtype=reduce_dtype)
     return build(apply_fn, grad_sync=sync)
