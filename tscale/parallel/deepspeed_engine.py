@@ -262,12 +262,6 @@ class _TxState:
     def __init__(self, tree: TensorDictBase) -> None:
         self.tree = tree
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"tree": self.tree.to_dict()}
-
-    def __setstate__(self, d: dict[str, Any]) -> None:
-        self.tree = TensorDict(d["tree"], batch_size=[])
-
 
 class TransformOptimizer(torch.optim.Optimizer):
     """A tscale transform behind the ``torch.optim.Optimizer`` interface.
@@ -335,10 +329,6 @@ class TransformOptimizer(torch.optim.Optimizer):
                 if new.data_ptr() != p.data_ptr():  # the transform returned new storage
                     p.data.copy_(new)
             slot["tscale"] = _TxState(new_state)
-
-    def state_dict(self) -> dict[str, Any]:
-        # torch's own packing (params by index) keeps _TxState objects as they are
-        return super().state_dict()
 
 
 class DeepSpeedRun:
