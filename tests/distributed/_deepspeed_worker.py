@@ -13,35 +13,34 @@ import sys
 
 import torch
 import torch.distributed as dist
+
+# the script's directory is on sys.path when torchrun starts it
+from _equivalence_worker import B, tiny_model
+from _equivalence_worker import batches as plain_batches
 from tensordict import TensorDict
 
 from tscale.core import rng as R
 from tscale.core import tree as T
 from tscale.core.state import TrainState
 from tscale.losses.lm import make_lm_loss
-from tscale.models.transformer import Transformer, TransformerConfig
 from tscale.optim import transforms
 from tscale.optim.alias import OPTIMIZERS
 from tscale.parallel import deepspeed_engine as DSE
 from tscale.step.compose import make_train_step
 from tscale.train.distributed import cast_apply
 
-STEPS, B, S, V = 10, 8, 16, 256
 POISON_STEP = 3  # the "nan" case: rank 1's share of this step has a NaN gradient
 
 
 def batches(poison: bool) -> list[TensorDict]:
-    g = torch.Generator().manual_seed(1)
+    """The DDP/FSDP worker's batches with a per-row loss factor (NaN in ``poison`` cases)."""
     out = []
-    for i in range(STEPS):
-        ids = torch.randint(0, V, (B, S), generator=g)
-        labels = ids.clone()
-        labels[:, :3] = -100  # prompts
-        labels[i % B] = -100  # a row without trained tokens: uneven token counts per rank
+    for i, b in enumerate(plain_batches()):
         scale = torch.ones(B)
         if poison and i == POISON_STEP:
             scale[-1] = float("nan")  # the last row: rank 1's share
-        out.append(TensorDict({"input_ids": ids, "labels": labels, "scale": scale}, [B]))
+        b.set("scale", scale)
+        out.append(b)
     return out
 
 
@@ -56,19 +55,7 @@ def scaled(loss_fn):
 
 
 def run_case(case: dict, rank: int, world: int) -> dict:
-    torch.manual_seed(0)
-    cfg = TransformerConfig(
-        vocab_size=V,
-        hidden_size=128,
-        intermediate_size=256,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        tie_word_embeddings=case.get("tied", True),
-        checkpoint_layers=case.get("checkpoint", False),
-    )
-    model = Transformer(cfg)
-    full = model.init(R.key(0))
+    model, full = tiny_model(case)
     data = batches(case.get("poison", False))
     clip = case.get("clip", 1.0)
     opt = OPTIMIZERS[case["opt"]]

@@ -39,7 +39,8 @@ def batches() -> list[TensorDict]:
     return out
 
 
-def run_case(case: dict, rank: int, world: int) -> dict:
+def tiny_model(case: dict) -> tuple[Transformer, TensorDict]:
+    """The 2-layer model of a case (``tied``, ``checkpoint``) and its seed-0 params."""
     torch.manual_seed(0)
     cfg = TransformerConfig(
         vocab_size=V,
@@ -49,9 +50,14 @@ def run_case(case: dict, rank: int, world: int) -> dict:
         num_heads=4,
         num_kv_heads=2,
         tie_word_embeddings=case.get("tied", True),
+        checkpoint_layers=case.get("checkpoint", False),
     )
     model = Transformer(cfg)
-    full = model.init(R.key(0))
+    return model, model.init(R.key(0))
+
+
+def run_case(case: dict, rank: int, world: int) -> dict:
+    model, full = tiny_model(case)
     data = batches()
     clip = case.get("clip", 1.0)
     dtype = torch.bfloat16 if case.get("bf16") else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -51,3 +52,46 @@ def torchrun():
 def tscale_cli():
     """``tscale_cli(args) -> output`` (one process)."""
     return _tscale_cli
+
+
+TINY_YAML = """
+run: {{output_dir: {out}, seed: 0, threads: 1}}
+model: {{hidden_size: 64, intermediate_size: 128, num_layers: 2, num_heads: 4, num_kv_heads: 2}}
+data:
+  synthetic: {{num_train: 512, num_eval: 16}}
+  batch_size: 16
+  max_length: 64
+optimizer: {{type: adamw, lr: 0.003, max_grad_norm: 1.0, weight_decay: 0.1}}
+scheduler: {{type: cosine, warmup_steps: 2}}
+train: {{max_steps: 10, log_every: 5, save_every: 5, keep_last: 0, progress: false}}
+eval: {{num_samples: 8, batch_size: 8}}
+"""
+
+
+class TinyRun:
+    """The 10-step trainer run the distributed trainer tests launch, and its metrics."""
+
+    yaml = TINY_YAML
+
+    @staticmethod
+    def config(tmp: Path, name: str) -> tuple[Path, Path]:
+        """Write ``tmp/NAME.yaml`` (run directory ``tmp/NAME``); returns both paths."""
+        out = tmp / name
+        cfg = tmp / f"{name}.yaml"
+        cfg.write_text(TINY_YAML.format(out=out))
+        return cfg, out
+
+    @staticmethod
+    def rows(run: Path) -> dict[int, dict]:
+        """The step rows of ``run``'s metrics.jsonl by step."""
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r for r in map(json.loads, lines) if "loss" in r}
+
+    @classmethod
+    def losses(cls, run: Path) -> dict[int, float]:
+        return {step: row["loss"] for step, row in cls.rows(run).items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_run() -> type[TinyRun]:
+    return TinyRun

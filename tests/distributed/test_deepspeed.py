@@ -33,19 +33,6 @@ pytest.importorskip("deepspeed")
 
 WORKER = str(Path(__file__).resolve().parent / "_deepspeed_worker.py")
 
-YAML = """
-run: {{output_dir: {out}, seed: 0, threads: 1}}
-model: {{hidden_size: 64, intermediate_size: 128, num_layers: 2, num_heads: 4, num_kv_heads: 2}}
-data:
-  synthetic: {{num_train: 512, num_eval: 16}}
-  batch_size: 16
-  max_length: 64
-optimizer: {{type: adamw, lr: 0.003, max_grad_norm: 1.0, weight_decay: 0.1}}
-scheduler: {{type: cosine, warmup_steps: 2}}
-train: {{max_steps: 10, log_every: 5, save_every: 5, keep_last: 0, progress: false}}
-eval: {{num_samples: 8, batch_size: 8}}
-"""
-
 
 def _deepspeed_launcher(args: list[str]) -> None:
     """``deepspeed --num_gpus 2 ARGS`` (on CPU it starts 2 processes and passes --local_rank)."""
@@ -133,49 +120,41 @@ def test_zero3_partitions_the_params(cases: dict):
 # --------------------------------------------------------------------------------- the trainer
 
 
-def _config(tmp: Path, name: str) -> tuple[Path, Path]:
-    out = tmp / name
-    cfg = tmp / f"{name}.yaml"
-    cfg.write_text(YAML.format(out=out))
-    return cfg, out
-
-
-def _losses(run: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, torchrun, tscale_cli) -> dict[str, Path]:
+def runs(
+    tmp_path_factory: pytest.TempPathFactory, torchrun, tscale_cli, tiny_run
+) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("ds-trainer")
     out: dict[str, Path] = {"tmp": tmp}
-    cfg, out["single"] = _config(tmp, "single")
+    cfg, out["single"] = tiny_run.config(tmp, "single")
     tscale_cli(["train", str(cfg)])
     for stage in (2, 3):
-        cfg, out[f"z{stage}"] = _config(tmp, f"z{stage}")
+        cfg, out[f"z{stage}"] = tiny_run.config(tmp, f"z{stage}")
         torchrun(["-m", "tscale.cli", "train", str(cfg), *_ds(stage)])
-    cfg, out["z2-one"] = _config(tmp, "z2-one")  # DeepSpeed in one process
+    cfg, out["z2-one"] = tiny_run.config(tmp, "z2-one")  # DeepSpeed in one process
     tscale_cli(["train", str(cfg), *_ds(2)])
-    cfg, out["launcher"] = _config(tmp, "launcher")  # DeepSpeed's own launcher, not torchrun
+    cfg, out["launcher"] = tiny_run.config(
+        tmp, "launcher"
+    )  # DeepSpeed's own launcher, not torchrun
     _deepspeed_launcher(["--module", "tscale.cli", "train", str(cfg), *_ds(2)])
     lora = ["lora.enabled=true", "train.save_every=0"]  # adapters only: no root params
-    cfg, out["lora-single"] = _config(tmp, "lora-single")
+    cfg, out["lora-single"] = tiny_run.config(tmp, "lora-single")
     tscale_cli(["train", str(cfg), *lora])
-    cfg, out["lora-z2"] = _config(tmp, "lora-z2")
+    cfg, out["lora-z2"] = tiny_run.config(tmp, "lora-z2")
     torchrun(["-m", "tscale.cli", "train", str(cfg), *lora, *_ds(2)])
     return out
 
 
 @pytest.mark.parametrize("name", ["z2", "z3", "z2-one", "launcher"])
-def test_trainer_curve_follows_one_process(runs: dict[str, Path], name: str):
-    single, got = _losses(runs["single"]), _losses(runs[name])
+def test_trainer_curve_follows_one_process(runs: dict[str, Path], name: str, tiny_run):
+    single, got = tiny_run.losses(runs["single"]), tiny_run.losses(runs[name])
     assert sorted(got) == list(range(1, 11))
     for step, loss in single.items():
         assert abs(got[step] - loss) <= 1e-5, (step, got[step], loss)
 
 
-def test_lora_adapters_train_under_zero2(runs: dict[str, Path]):
-    single, got = _losses(runs["lora-single"]), _losses(runs["lora-z2"])
+def test_lora_adapters_train_under_zero2(runs: dict[str, Path], tiny_run):
+    single, got = tiny_run.losses(runs["lora-single"]), tiny_run.losses(runs["lora-z2"])
     assert sorted(got) == list(range(1, 11))
     for step, loss in single.items():
         assert abs(got[step] - loss) <= 1e-5, (step, got[step], loss)
@@ -198,11 +177,11 @@ def test_checkpoint_holds_partitions_and_full_params(runs: dict[str, Path]):
         assert torch.allclose(t, single[name], atol=1e-5), name
 
 
-def test_resume_continues_with_identical_losses(runs: dict[str, Path], torchrun):
-    cfg, out = _config(runs["tmp"], "resume-z3")
+def test_resume_continues_with_identical_losses(runs: dict[str, Path], torchrun, tiny_run):
+    cfg, out = tiny_run.config(runs["tmp"], "resume-z3")
     ckpt = runs["z3"] / "checkpoints" / "step_00000005"
     torchrun(["-m", "tscale.cli", "train", str(cfg), "--resume", str(ckpt), *_ds(3)])
-    got, ref = _losses(out), _losses(runs["z3"])
+    got, ref = tiny_run.losses(out), tiny_run.losses(runs["z3"])
     assert sorted(got) == [6, 7, 8, 9, 10]
     for step in got:
         assert got[step] == ref[step], (step, got[step], ref[step])
@@ -248,9 +227,9 @@ def test_export_gives_one_hf_directory(runs: dict[str, Path], tscale_cli):
 # ------------------------------------------------------------------------- errors, no processes
 
 
-def _cfg(tmp_path: Path, *overrides: str):
+def _cfg(tiny_run, tmp_path: Path, *overrides: str):
     path = tmp_path / "c.yaml"
-    path.write_text(YAML.format(out=tmp_path / "run"))
+    path.write_text(tiny_run.yaml.format(out=tmp_path / "run"))
     return load_config(path, list(overrides))
 
 
@@ -267,8 +246,8 @@ def _cfg(tmp_path: Path, *overrides: str):
         (["train.compile=true"], "train.compile does not combine with parallel.deepspeed"),
     ],
 )
-def test_unsupported_combinations_name_the_keys(tmp_path: Path, overrides, message):
-    cfg = _cfg(tmp_path, "parallel.deepspeed.enabled=true", *overrides)
+def test_unsupported_combinations_name_the_keys(tmp_path: Path, overrides, message, tiny_run):
+    cfg = _cfg(tiny_run, tmp_path, "parallel.deepspeed.enabled=true", *overrides)
     with pytest.raises(ConfigError, match=message):
         distributed.setup(cfg, torch.device("cpu"))
 

@@ -13,62 +13,35 @@ from safetensors.torch import load_file
 # `make test` runs pytest with --dist loadfile: one worker runs this module, so its module-scoped
 # launches are shared by its tests (pytest 9.2 broke xdist 3.8's loadgroup marks)
 
-YAML = """
-run: {{output_dir: {out}, seed: 0, threads: 1}}
-model: {{hidden_size: 64, intermediate_size: 128, num_layers: 2, num_heads: 4, num_kv_heads: 2}}
-data:
-  synthetic: {{num_train: 512, num_eval: 16}}
-  batch_size: 16
-  max_length: 64
-optimizer: {{type: adamw, lr: 0.003, max_grad_norm: 1.0, weight_decay: 0.1}}
-scheduler: {{type: cosine, warmup_steps: 2}}
-train: {{max_steps: 10, log_every: 5, save_every: 5, keep_last: 0, progress: false}}
-eval: {{num_samples: 8, batch_size: 8}}
-"""
 FSDP = ["parallel.dp_shard=-1", "parallel.dp_replicate=1"]
 STREAM = ["data.streaming=true", "data.packing.enabled=true"]
 
 
-def _config(tmp: Path, name: str) -> tuple[Path, Path]:
-    out = tmp / name
-    cfg = tmp / f"{name}.yaml"
-    cfg.write_text(YAML.format(out=out))
-    return cfg, out
-
-
-def _losses(run: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, torchrun, tscale_cli) -> dict[str, Path]:
+def runs(
+    tmp_path_factory: pytest.TempPathFactory, torchrun, tscale_cli, tiny_run
+) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("trainer")
     out: dict[str, Path] = {}
-    cfg, out["single"] = _config(tmp, "single")
+    cfg, out["single"] = tiny_run.config(tmp, "single")
     tscale_cli(["train", str(cfg)])
-    cfg, out["ddp"] = _config(tmp, "ddp")
+    cfg, out["ddp"] = tiny_run.config(tmp, "ddp")
     torchrun(["-m", "tscale.cli", "train", str(cfg)])
-    cfg, out["fsdp"] = _config(tmp, "fsdp")
+    cfg, out["fsdp"] = tiny_run.config(tmp, "fsdp")
     torchrun(["-m", "tscale.cli", "train", str(cfg), *FSDP])
-    cfg, out["ddp-overlap"] = _config(tmp, "ddp-overlap")
+    cfg, out["ddp-overlap"] = tiny_run.config(tmp, "ddp-overlap")
     torchrun(["-m", "tscale.cli", "train", str(cfg), "parallel.overlap_reduce=true"])
-    cfg, out["stream-single"] = _config(tmp, "stream-single")
+    cfg, out["stream-single"] = tiny_run.config(tmp, "stream-single")
     tscale_cli(["train", str(cfg), *STREAM])
-    cfg, out["stream-ddp"] = _config(tmp, "stream-ddp")
+    cfg, out["stream-ddp"] = tiny_run.config(tmp, "stream-ddp")
     torchrun(["-m", "tscale.cli", "train", str(cfg), *STREAM])
     out["tmp"] = tmp
     return out
 
 
-def _rows(run: Path) -> dict[int, dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows if "loss" in r}
-
-
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp-overlap"])
-def test_loss_curve_follows_one_process(runs: dict[str, Path], mode: str):
-    single, got = _losses(runs["single"]), _losses(runs[mode])
+def test_loss_curve_follows_one_process(runs: dict[str, Path], mode: str, tiny_run):
+    single, got = tiny_run.losses(runs["single"]), tiny_run.losses(runs[mode])
     assert sorted(got) == list(range(1, 11))
     for step, loss in single.items():
         assert abs(got[step] - loss) <= 1e-5, (step, got[step], loss)
@@ -84,21 +57,21 @@ def test_only_rank_zero_writes_run_files(runs: dict[str, Path]):
     assert not list((runs["fsdp"] / "checkpoints").glob(".tmp-*"))
 
 
-def test_sharded_checkpoint_resumes_on_one_rank(runs: dict[str, Path], tscale_cli):
-    cfg, out = _config(runs["tmp"], "resume21")
+def test_sharded_checkpoint_resumes_on_one_rank(runs: dict[str, Path], tscale_cli, tiny_run):
+    cfg, out = tiny_run.config(runs["tmp"], "resume21")
     ckpt = runs["fsdp"] / "checkpoints" / "step_00000005"
     tscale_cli(["train", str(cfg), "--resume", str(ckpt)])
-    got, ref = _losses(out), _losses(runs["fsdp"])
+    got, ref = tiny_run.losses(out), tiny_run.losses(runs["fsdp"])
     assert sorted(got) == [6, 7, 8, 9, 10]
     for step in got:
         assert abs(got[step] - ref[step]) <= 1e-6, (step, got[step], ref[step])
 
 
-def test_one_rank_checkpoint_resumes_sharded_on_two(runs: dict[str, Path], torchrun):
-    cfg, out = _config(runs["tmp"], "resume12")
+def test_one_rank_checkpoint_resumes_sharded_on_two(runs: dict[str, Path], torchrun, tiny_run):
+    cfg, out = tiny_run.config(runs["tmp"], "resume12")
     ckpt = runs["single"] / "checkpoints" / "step_00000005"
     torchrun(["-m", "tscale.cli", "train", str(cfg), "--resume", str(ckpt), *FSDP])
-    got, ref = _losses(out), _losses(runs["single"])
+    got, ref = tiny_run.losses(out), tiny_run.losses(runs["single"])
     assert sorted(got) == [6, 7, 8, 9, 10]
     for step in got:
         assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
@@ -117,8 +90,8 @@ def test_sharded_checkpoint_exports_one_hf_directory(runs: dict[str, Path], tsca
     assert torch.isfinite(model(ids).logits).all()
 
 
-def test_streaming_under_torchrun_follows_one_process(runs: dict[str, Path]):
-    single, got = _rows(runs["stream-single"]), _rows(runs["stream-ddp"])
+def test_streaming_under_torchrun_follows_one_process(runs: dict[str, Path], tiny_run):
+    single, got = tiny_run.rows(runs["stream-single"]), tiny_run.rows(runs["stream-ddp"])
     assert sorted(got) == list(range(1, 11))
     for step, row in single.items():
         assert abs(got[step]["loss"] - row["loss"]) <= 1e-5, (step, got[step], row)
@@ -126,11 +99,11 @@ def test_streaming_under_torchrun_follows_one_process(runs: dict[str, Path]):
         assert got[step]["input_tokens"] == row["input_tokens"], (step, got[step], row)
 
 
-def test_streaming_cursor_resumes_on_one_process(runs: dict[str, Path], tscale_cli):
-    cfg, out = _config(runs["tmp"], "stream-resume21")
+def test_streaming_cursor_resumes_on_one_process(runs: dict[str, Path], tscale_cli, tiny_run):
+    cfg, out = tiny_run.config(runs["tmp"], "stream-resume21")
     ckpt = runs["stream-ddp"] / "checkpoints" / "step_00000005"
     tscale_cli(["train", str(cfg), "--resume", str(ckpt), *STREAM])
-    got, ref = _losses(out), _losses(runs["stream-ddp"])
+    got, ref = tiny_run.losses(out), tiny_run.losses(runs["stream-ddp"])
     assert sorted(got) == [6, 7, 8, 9, 10]
     for step in got:
         assert abs(got[step] - ref[step]) <= 1e-6, (step, got[step], ref[step])

@@ -40,6 +40,7 @@ from torch import nn
 
 from tscale.core import tree as T
 from tscale.errors import CheckpointError
+from tscale.losses.lm import IGNORE_INDEX
 from tscale.optim.base import GradientTransformation, apply_updates
 from tscale.step.compose import split_microbatches
 
@@ -52,7 +53,6 @@ __all__ = [
     "initialize",
 ]
 
-IGNORE_INDEX = -100
 ENGINE_TAG = "engine"
 # DeepSpeed config keys tscale sets from its own YAML (a user's raw config may not set them)
 OWNED_KEYS = {
@@ -217,7 +217,9 @@ class ParamsModule(nn.Module):
         self.layers = nn.ModuleList(
             [_Group(params["model", "layers", str(i)]) for i in range(count)]
         )
-        self._owner: dict[int, _Group] = {}
+        # gather() finds a group by its first Parameter (DeepSpeed swaps their .data, never
+        # the objects); LoRA trains nothing outside the layers, so the root may be empty
+        self._owner = {id(g.stored()[0]): g for g in self.groups() if g.stored()}
         self.loss_fn = make_loss(self.gather if gather_layers else None)
 
     def groups(self) -> list[_Group]:
@@ -236,13 +238,7 @@ class ParamsModule(nn.Module):
     def tree(self) -> TensorDict:
         """The stored params as a tree (the Parameters themselves: under ZeRO-3 their data
         is this rank's partition until gathered)."""
-        leaves = self.named_leaves()
-        self._owner = {}
-        for group in self.groups():
-            stored = group.stored()
-            if stored:  # LoRA: nothing outside the layers is trained
-                self._owner[id(stored[0])] = group
-        return T.unflatten(leaves)
+        return T.unflatten(self.named_leaves())
 
     def gather(self, stored: TensorDictBase) -> TensorDictBase:
         """The model's gather hook: run the group's module (ZeRO-3 fetches it around the call)."""
@@ -477,10 +473,10 @@ def initialize(
         dist.all_reduce(flag)
         return flag
 
+    # only partitions differ between ranks; stage 0 hands every rank the same reduced gradients
+    agree = skip_nonfinite and stage >= 1 and dist.get_world_size() > 1
     optimizer = TransformOptimizer(
-        _groups(module, decays),
-        make_tx,
-        any_nonfinite=any_nonfinite if skip_nonfinite else None,
+        _groups(module, decays), make_tx, any_nonfinite=any_nonfinite if agree else None
     )
     engine, *_ = deepspeed.initialize(
         model=module, optimizer=optimizer, config=dict(config), dist_init_required=False

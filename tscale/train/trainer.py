@@ -279,6 +279,15 @@ def train(
         files = {"tokenizer.json": bundle.tokenizer_file}
         extra = {"eval": last_eval}
         cursor = loader.state_dict()
+        collective = dict(  # the multi-rank savers: every rank calls them
+            step=at,
+            is_main=main,
+            barrier=par.barrier,
+            cursor=cursor,
+            extra=extra,
+            config_yaml=config_yaml,
+            files=files,
+        )
         if engine is not None:  # every rank writes its ZeRO partitions, rank 0 the params
             path = save_deepspeed(
                 ckpt_root,
@@ -286,26 +295,10 @@ def train(
                 engine.full_params(),
                 write_engine=engine.save,
                 engine_meta=engine_meta,
-                step=at,
-                is_main=main,
-                barrier=par.barrier,
-                cursor=cursor,
-                extra=extra,
-                config_yaml=config_yaml,
-                files=files,
+                **collective,
             )
         elif par.layout is not None:  # every rank writes its shards (DCP)
-            path = save_sharded(
-                ckpt_root,
-                state,
-                step=at,
-                is_main=main,
-                barrier=par.barrier,
-                cursor=cursor,
-                extra=extra,
-                config_yaml=config_yaml,
-                files=files,
-            )
+            path = save_sharded(ckpt_root, state, **collective)
         elif main:
             path = ckpt.save_checkpoint(
                 ckpt_root,
