@@ -17,7 +17,7 @@ from tscale.losses import make_lm_loss
 from tscale.models.transformer import Transformer, TransformerConfig
 from tscale.optim.lion import lion, scale_by_lion
 from tscale.step import make_train_step
-from tscale.testing import assert_transform_contract, trees
+from tscale.testing import assert_transform_contract, max_abs_diff, random_case, trees
 
 STEPS = 12
 ATOL = 1e-10
@@ -35,15 +35,7 @@ DECAYED = {k for k, s in SHAPES.items() if len(s) >= 2 and "embed_tokens" not in
 
 
 def _setup(seed: int) -> tuple[TensorDict, dict[str, torch.Tensor], list[TensorDict]]:
-    g = torch.Generator().manual_seed(seed)
-    flat = {k: torch.randn(s, generator=g, dtype=torch.float64) for k, s in SHAPES.items()}
-    grads = [
-        T.unflatten(
-            {k: torch.randn(s, generator=g, dtype=torch.float64) for k, s in SHAPES.items()}
-        )
-        for _ in range(STEPS)
-    ]
-    return T.unflatten(flat), {k: v.clone() for k, v in flat.items()}, grads
+    return random_case(SHAPES, steps=STEPS, seed=seed)
 
 
 def _reference(
@@ -77,11 +69,6 @@ def _run(tx: optim.GradientTransformation, params: TensorDict, grads: list[Tenso
     return params, state
 
 
-def _max_diff(params: TensorDict, ref: dict[str, torch.Tensor]) -> float:
-    flat = T.flatten(params)
-    return max(float((flat[k] - ref[k]).abs().max()) for k in ref)
-
-
 @pytest.mark.parametrize(
     ("seed", "b1", "b2", "wd", "mask"),
     [(0, 0.9, 0.99, 0.0, None), (1, 0.9, 0.99, 0.3, None), (2, 0.5, 0.9, 0.1, "default")],
@@ -93,7 +80,7 @@ def test_lion_matches_paper_transcription(seed, b1, b2, wd, mask) -> None:
     out, _ = _run(tx, params, grads)
     decayed = DECAYED if mask == "default" else set(SHAPES)
     expected = _reference(ref, grads, lambda t: 1e-2, b1, b2, wd, decayed)
-    assert _max_diff(out, expected) <= ATOL  # measured: <= 2.2e-16 over all cases of this file
+    assert max_abs_diff(out, expected) <= ATOL  # measured: <= 2.2e-16 over all cases of this file
 
 
 def test_lion_schedule_matches_paper_transcription() -> None:
@@ -103,7 +90,7 @@ def test_lion_schedule_matches_paper_transcription() -> None:
     expected = _reference(
         ref, grads, lambda t: float(sched(torch.tensor(t))), 0.9, 0.99, 0.2, DECAYED
     )
-    assert _max_diff(out, expected) <= ATOL
+    assert max_abs_diff(out, expected) <= ATOL
 
 
 def test_lion_hand_made_first_steps() -> None:

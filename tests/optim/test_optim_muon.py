@@ -24,7 +24,7 @@ from tscale.optim.muon import (
     scale_by_muon,
 )
 from tscale.step import make_train_step
-from tscale.testing import assert_transform_contract, trees
+from tscale.testing import assert_transform_contract, max_abs_diff, random_case, trees
 
 STEPS = 8
 ATOL = 1e-10
@@ -103,15 +103,7 @@ def _reference(
 
 
 def _setup(seed: int) -> tuple[TensorDict, dict[str, torch.Tensor], list[TensorDict]]:
-    g = torch.Generator().manual_seed(seed)
-    flat = {k: torch.randn(s, generator=g, dtype=torch.float64) for k, s in SHAPES.items()}
-    grads = [
-        T.unflatten(
-            {k: torch.randn(s, generator=g, dtype=torch.float64) for k, s in SHAPES.items()}
-        )
-        for _ in range(STEPS)
-    ]
-    return T.unflatten(flat), {k: v.clone() for k, v in flat.items()}, grads
+    return random_case(SHAPES, steps=STEPS, seed=seed)
 
 
 def _run(tx: optim.GradientTransformation, params: TensorDict, grads: list[TensorDict]):
@@ -120,11 +112,6 @@ def _run(tx: optim.GradientTransformation, params: TensorDict, grads: list[Tenso
         updates, state = tx.update(grad.clone(), state, params)
         params = optim.apply_updates(params, updates)
     return params, state
-
-
-def _max_diff(params: TensorDict, ref: dict[str, torch.Tensor]) -> float:
-    flat = T.flatten(params)
-    return max(float((flat[k] - ref[k]).abs().max()) for k in ref)
 
 
 @pytest.mark.parametrize(
@@ -153,7 +140,7 @@ def test_muon_matches_reference_transcription(kwargs: dict) -> None:
         eps=kwargs.get("adamw_eps", 1e-8),
         decayed=set(SHAPES) if kwargs.get("mask", "default") is None else DECAYED,
     )
-    assert _max_diff(out, expected) <= ATOL  # measured: <= 1.6e-15 over all cases of this file
+    assert max_abs_diff(out, expected) <= ATOL  # measured: <= 1.6e-15 over all cases of this file
 
 
 def test_muon_schedules_match_reference_transcription() -> None:
@@ -163,7 +150,7 @@ def test_muon_schedules_match_reference_transcription() -> None:
     out, _ = _run(tx, params, grads)
     adam_lr = float(optim.constant(1e-2)(torch.tensor(0)))  # the float32 value it produces
     expected = _reference(ref, grads, lambda t: float(sched(torch.tensor(t))), adam_lr, wd=0.1)
-    assert _max_diff(out, expected) <= ATOL
+    assert max_abs_diff(out, expected) <= ATOL
 
 
 @pytest.mark.parametrize("shape", [(8, 8), (12, 5), (5, 12), (3, 7, 6)])

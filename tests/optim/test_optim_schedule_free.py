@@ -20,7 +20,14 @@ from tscale.losses import make_lm_loss
 from tscale.models.transformer import Transformer, TransformerConfig
 from tscale.optim.schedule_free import schedule_free_adamw, schedule_free_eval_params
 from tscale.step import make_train_step
-from tscale.testing import assert_no_alias, assert_transform_contract, assert_trees_equal, trees
+from tscale.testing import (
+    assert_no_alias,
+    assert_transform_contract,
+    assert_trees_equal,
+    max_abs_diff,
+    random_case,
+    trees,
+)
 
 STEPS = 12
 ATOL = 1e-10
@@ -37,15 +44,7 @@ DECAYED = {k for k, s in SHAPES.items() if len(s) >= 2 and "embed_tokens" not in
 
 
 def _setup(seed: int) -> tuple[TensorDict, dict[str, torch.Tensor], list[TensorDict]]:
-    g = torch.Generator().manual_seed(seed)
-    flat = {k: torch.randn(s, generator=g, dtype=torch.float64) for k, s in SHAPES.items()}
-    grads = [
-        T.unflatten(
-            {k: torch.randn(s, generator=g, dtype=torch.float64) for k, s in SHAPES.items()}
-        )
-        for _ in range(STEPS)
-    ]
-    return T.unflatten(flat), {k: v.clone() for k, v in flat.items()}, grads
+    return random_case(SHAPES, steps=STEPS, seed=seed)
 
 
 def _reference(
@@ -94,11 +93,6 @@ def _run(tx: optim.GradientTransformation, params: TensorDict, grads: list[Tenso
     return params, state
 
 
-def _max_diff(params: TensorDict, ref: dict[str, torch.Tensor]) -> float:
-    flat = T.flatten(params)
-    return max(float((flat[k] - ref[k]).abs().max()) for k in ref)
-
-
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -124,9 +118,9 @@ def test_schedule_free_matches_paper_transcription(kwargs: dict) -> None:
         decayed=decayed,
         **rk,
     )
-    assert _max_diff(y, y_ref) <= ATOL  # measured: <= 1.4e-15
+    assert max_abs_diff(y, y_ref) <= ATOL  # measured: <= 1.4e-15
     x = schedule_free_eval_params(y, state, b1=kwargs.get("b1", 0.9))
-    assert _max_diff(x, x_ref) <= ATOL  # measured: <= 1.8e-15
+    assert max_abs_diff(x, x_ref) <= ATOL  # measured: <= 1.8e-15
 
 
 def test_schedule_free_with_a_schedule_matches_paper_transcription() -> None:
@@ -136,8 +130,8 @@ def test_schedule_free_with_a_schedule_matches_paper_transcription() -> None:
     y_ref, x_ref = _reference(
         ref, grads, lambda t: float(sched(torch.tensor(t))), wd=0.1, warmup=2, decayed=DECAYED
     )
-    assert _max_diff(y, y_ref) <= ATOL
-    assert _max_diff(schedule_free_eval_params(y, state), x_ref) <= ATOL
+    assert max_abs_diff(y, y_ref) <= ATOL
+    assert max_abs_diff(schedule_free_eval_params(y, state), x_ref) <= ATOL
 
 
 def test_schedule_free_hand_made_first_step() -> None:

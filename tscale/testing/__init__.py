@@ -17,6 +17,7 @@ from tscale.testing.assertions import (
     assert_trees_close,
     assert_trees_equal,
 )
+from tscale.testing.reference import max_abs_diff, random_case
 from tscale.testing.strategies import batches, float_dtypes, shapes, train_states, trees
 
 __all__ = [
@@ -26,6 +27,8 @@ __all__ = [
     "assert_trees_equal",
     "batches",
     "float_dtypes",
+    "max_abs_diff",
+    "random_case",
     "shapes",
     "train_states",
     "trees",
