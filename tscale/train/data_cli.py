@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,8 @@ import attrs
 from rich.console import Console
 from rich.text import Text
 
-from tscale.config.schema import Config
+from tscale.config.load import load_config
+from tscale.config.schema import Config, resolve_defaults
 from tscale.data.introspect import inspect_source, length_histogram
 from tscale.data.loader import IGNORE_INDEX
 from tscale.train import builders
@@ -40,6 +42,7 @@ def inspect_config(cfg: Config, console: Console) -> None:
     """What the config's data looks like after fitting, templating and tokenizing: counts,
     quarantined rows by reason, a histogram of example lengths with percentiles and max, and
     what the length budget truncated or dropped and what data.max_length cuts."""
+    cfg = resolve_defaults(cfg)
     if cfg.data.streaming:  # inspect reads the whole training data, in memory
         cfg = attrs.evolve(cfg, data=attrs.evolve(cfg.data, streaming=False))
     run_dir = Path(cfg.run.output_dir)
@@ -99,9 +102,29 @@ def _budget_line(cfg: Config, report: dict[str, Any], hist: dict[str, Any]) -> s
     return line
 
 
+def preview_path(
+    path: str,
+    overrides: list[str],
+    console: Console,
+    *,
+    n: int = 3,
+    split: str | None = None,
+    fmt: str = "auto",
+) -> None:
+    """:func:`preview` of a dataset file, directory or hub name (read as one data.sources
+    entry), with the default config plus ``overrides`` (template, tokenizer, model.path …). The
+    run directory (tokenizer cache) is a temporary one unless ``run.output_dir`` is overridden."""
+    source: dict[str, Any] = {"split": split or "train", "format": fmt}
+    source["path" if Path(path).exists() else "hf"] = path
+    with tempfile.TemporaryDirectory(prefix="tscale-preview-") as tmp:
+        cfg = load_config({"run": {"output_dir": tmp}, "data": {"sources": [source]}}, overrides)
+        preview(cfg, console, n=n)
+
+
 def preview(cfg: Config, console: Console, n: int = 3) -> None:
     """Render ``n`` training examples exactly as the model sees them: trained tokens in bold
     green, tokens that are context only (masked out of the loss) dim."""
+    cfg = resolve_defaults(cfg)
     bundle = builders.build_data(cfg, Path(cfg.run.output_dir))
     tok = bundle.encoder.tokenizer
     console.print(
