@@ -139,7 +139,9 @@ class ProgressBar(Callback):
 
     def on_save(self, info: Info) -> None:
         took = f" in {info['seconds']:.2f} s" if "seconds" in info else ""
-        self.console.print(f"saved step {info['step']} to {info['path']}{took}", style="dim")
+        self.console.print(
+            f"saved step {info['step']} to {info['path']}{took}", style="dim", soft_wrap=True
+        )
 
     def on_train_end(self, info: Info) -> None:
         if self.progress is not None:

@@ -121,7 +121,8 @@ def evaluate(
 def reference_answer(record: dict) -> str | None:
     """The reference answer of an eval record (``completion``, alpaca ``output``, or a chat's
     final turn when it is the assistant's), None when it has none to compare with."""
-    if "completion" in record or "output" in record:
+    # a file mixing formats gives every record every column, None where it has none
+    if record.get("completion") is not None or record.get("output") is not None:
         return builders.question_and_answer(record)[1]
     turns = record.get("messages") or record.get("conversations")
     if not isinstance(turns, list) or not turns or not isinstance(turns[-1], dict):
@@ -380,9 +381,11 @@ def train(
     max_steps = cfg.train.max_steps
     assert max_steps is not None  # resolved above
     if not has_eval and main:
+        why = "gave no usable record" if cfg.data.eval_files else "is empty"
         console.print(
-            "no held-out data (data.eval_files is empty): no eval loss; set data.eval_files "
-            "to evaluate"
+            f"no held-out data (data.eval_files {why}): no evaluation; list held-out files "
+            "under data.eval_files to get eval loss and perplexity",
+            soft_wrap=True,
         )
     with signals:  # SIGTERM/SIGINT: finish the step, save, return (restored on the way out)
         try:
@@ -421,12 +424,17 @@ def train(
         if preempted:  # within the launcher's grace period: no final eval, save at once
             stopped_by = signals.requested or "a signal on another rank"
             if main:
-                console.print(f"{stopped_by}: stopping after step {step}, saving a checkpoint")
+                console.print(
+                    f"{stopped_by}: stopping after step {step}, saving a checkpoint",
+                    soft_wrap=True,
+                )
             save_s, path = save_timed(step)
             if main:
                 console.print(
                     f"stopped by {stopped_by} at step {step}: saved to {path} in {save_s:.2f} s; "
-                    "continue with `tscale train CONFIG --resume`"
+                    "continue with `tscale train CONFIG --resume`",
+                    soft_wrap=True,
+                    markup=False,
                 )
         else:
             stopped_by = None
@@ -475,7 +483,8 @@ def _steps_from_epochs(
         console.print(
             f"train.epochs {t.epochs:g}: {per_epoch} steps per epoch ({loader.num_examples} "
             f"examples, data.batch_size {cfg.data.batch_size}) -> {steps} steps"
-            + (f" (train.max_steps {t.max_steps} comes first)" if capped else "")
+            + (f" (train.max_steps {t.max_steps} comes first)" if capped else ""),
+            soft_wrap=True,
         )
         (run_dir / "config.yaml").write_text(config_yaml)
     return resolved, config_yaml
