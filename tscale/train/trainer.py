@@ -246,7 +246,7 @@ def train(
         loader.load_state_dict(meta["cursor"])
         if main:
             truncate_jsonl(metrics_file, meta["step"])
-            console.print(f"resumed from {resume_from} at step {meta['step']}")
+            console.print(f"resumed from {resume_from} at step {meta['step']}", soft_wrap=True)
     elif metrics_file.exists() and main:
         metrics_file.unlink()
 
