@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from tscale.config.load import load_config
 from tscale.config.schema import Config, resolve_defaults
 from tscale.data.introspect import inspect_source, length_histogram
 from tscale.data.loader import IGNORE_INDEX
+from tscale.errors import DataError
 from tscale.train import builders
 
 
@@ -116,9 +118,30 @@ def preview_path(
     run directory (tokenizer cache) is a temporary one unless ``run.output_dir`` is overridden."""
     source: dict[str, Any] = {"split": split or "train", "format": fmt}
     source["path" if Path(path).exists() else "hf"] = path
+    # batch_size 1: a small file is not too small for a batch; the overrides still win
     with tempfile.TemporaryDirectory(prefix="tscale-preview-") as tmp:
-        cfg = load_config({"run": {"output_dir": tmp}, "data": {"sources": [source]}}, overrides)
-        preview(cfg, console, n=n)
+        base = {"run": {"output_dir": tmp}, "data": {"sources": [source], "batch_size": 1}}
+        cfg = load_config(base, overrides)
+        try:
+            preview(cfg, console, n=n)
+        except DataError:  # the quarantine file goes with the temporary directory
+            first = _first_quarantined(Path(cfg.run.output_dir) / "data" / "quarantine.jsonl")
+            if first is None:
+                raise
+            raise DataError(
+                f"{path}: no example to preview; e.g. {first} (data.max_length, data.template "
+                "and data.column_map are overrides: key=value after the path)"
+            ) from None
+
+
+def _first_quarantined(path: Path) -> str | None:
+    """``reason (where)`` of the first quarantined record, None without any."""
+    try:
+        with path.open() as f:
+            row = json.loads(f.readline())
+    except (OSError, ValueError):
+        return None
+    return f"{row.get('reason')} ({row.get('where')})"
 
 
 def preview(cfg: Config, console: Console, n: int = 3) -> None:
