@@ -1,14 +1,14 @@
-"""Tiny pretrained-style Hugging Face folders and chat data, made on the spot for tests and examples.
+"""Tiny pretrained-style Hugging Face folders and chat data, made on the spot for tests.
 
-A user's model folder holds ``config.json``, safetensors weights and an HF tokenizer (``tokenizer.json``
-with added special tokens, ``tokenizer_config.json`` with a ``chat_template``). No hub is reachable
-here, so :func:`make_model_folder` builds such a folder with ``transformers`` itself (random weights,
-a byte-level BPE trained with ``tokenizers`` on the given texts) in one of two styles that cover
-what real folders do differently:
+A user's model folder holds ``config.json``, safetensors weights and an HF tokenizer
+(``tokenizer.json`` with added special tokens, ``tokenizer_config.json``, a chat template). No hub
+is reachable here, so :func:`make_model_folder` builds such a folder with ``transformers`` itself
+(random weights, a byte-level BPE trained with ``tokenizers`` on the given texts) in one of two
+styles that cover what real folders do differently:
 
-- ``"qwen2"``: a Qwen2 model with a ChatML tokenizer (``<|im_start|>``/``<|im_end|>``/``<|endoftext|>``
-  added), no BOS, eos ``<|im_end|>``, **no pad token**, Qwen2.5's chat template, and an embedding
-  larger than the tokenizer (as Qwen2's 151,936 rows).
+- ``"qwen2"``: a Qwen2 model with a ChatML tokenizer (``<|im_start|>``, ``<|im_end|>``,
+  ``<|endoftext|>`` added), no BOS, eos ``<|im_end|>``, **no pad token**, Qwen2.5's chat
+  template, and an embedding larger than the tokenizer (as Qwen2's 151,936 rows).
 - ``"llama3"``: a Llama model whose tokenizer **adds BOS** itself (a post-processor), header tokens
   ``<|start_header_id|>``/``<|end_header_id|>``, eos ``<|eot_id|>``, no pad, and a Llama-3.1-style
   template that writes its own BOS and a date through ``strftime_now``.
@@ -84,12 +84,13 @@ _SPECIALS: dict[str, dict[str, Any]] = {
     },
 }
 
-_WORDS = (
+_WORD_TEXT = (
     "the cat dog bird tree river stone cloud light night sun moon rain wind road house garden "
     "red blue green small large quick slow old new bright dark warm cold happy quiet loud "
     "runs sees finds makes takes gives holds keeps reads writes sings walks jumps sleeps "
     "and but or so then because while after before with without over under near far"
-).split()
+)
+_WORDS = tuple(_WORD_TEXT.split())
 
 
 def chat_records(
