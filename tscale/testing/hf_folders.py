@@ -173,6 +173,7 @@ def make_model_folder(
     num_layers: int = 2,
     num_heads: int = 4,
     num_kv_heads: int = 2,
+    vocab_size: int = 400,
     extra_vocab: int = 24,
     max_position_embeddings: int = 512,
     seed: int = 0,
@@ -180,7 +181,8 @@ def make_model_folder(
     """Write a tiny pretrained-style HF model folder of ``style`` (see the module doc) to ``path``.
 
     The model has random weights from ``seed``; its embedding has ``extra_vocab`` rows more than
-    the tokenizer has tokens. ``texts`` train the tokenizer (default: :func:`chat_records`' words).
+    the tokenizer has tokens. ``texts`` train the tokenizer (default: :func:`chat_records`' words)
+    to ``vocab_size`` tokens.
 
     Returns:
         The folder, which ``AutoModelForCausalLM``/``AutoTokenizer`` and ``tscale`` load.
@@ -201,7 +203,7 @@ def make_model_folder(
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     corpus = list(texts) if texts is not None else _texts(chat_records(200, seed=seed))
-    tok = make_tokenizer(style, corpus)
+    tok = make_tokenizer(style, corpus, vocab_size=vocab_size)
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=spec["bos_token"],
