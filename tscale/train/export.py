@@ -30,7 +30,7 @@ from typing import Any
 import attrs
 from safetensors.torch import load_file
 from tensordict import TensorDictBase
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, processors
 
 from tscale import checkpoint as ckpt
 from tscale.checkpoint.hf import CONFIG_NAME, GENERATION_CONFIG_NAME, save_pretrained
@@ -252,7 +252,8 @@ def write_tokenizer_files(
     Copies the HF tokenizer files ``source`` holds (:data:`TOKENIZER_FILES`) and writes
     ``tokenizer_config.json`` and ``special_tokens_map.json`` with ``ids``' bos/eos/pad (a
     source without a ``tokenizer_config.json`` gets one: tscale's tokenizer, its added tokens,
-    ``model_max_length``), and ``chat_template.jinja`` when the template is known but in no file.
+    ``model_max_length``, and a ``tokenizer.json`` that adds ``<|bos|>`` as tscale did in
+    training), and ``chat_template.jinja`` when the template is known but in no file.
 
     Returns:
         The files written.
@@ -261,13 +262,24 @@ def write_tokenizer_files(
     dst.mkdir(parents=True, exist_ok=True)
     tok = spec.tokenizer
     written: list[Path] = []
+    config = _read_json(src / TOKENIZER_CONFIG)
     for name in TOKENIZER_FILES:
         if name in (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP) or not (src / name).is_file():
             continue
         if (src / name).resolve() != (dst / name).resolve():
             shutil.copy2(src / name, dst / name)
         written.append(dst / name)
-    if not (src / "tokenizer.json").is_file():  # spec came from elsewhere: save its tokenizer
+    if config is None and ids.bos is not None and tok.post_processor is None:
+        # A tokenizer tscale trained: tscale put <|bos|> before every sample it trained on, so
+        # the export's tokenizer adds it too, as Llama's do (tscale encodes without it).
+        tok = Tokenizer.from_str(tok.to_str())
+        bos = tok.id_to_token(ids.bos)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, ids.bos)]
+        )
+        tok.save(str(dst / "tokenizer.json"))
+        written.append(dst / "tokenizer.json")
+    elif not (src / "tokenizer.json").is_file():  # spec came from elsewhere: save its tokenizer
         tok.save(str(dst / "tokenizer.json"))
         written.append(dst / "tokenizer.json")
 
@@ -276,7 +288,6 @@ def write_tokenizer_files(
         "eos_token": _token_string(tok, ids.eos),
         "pad_token": _token_string(tok, ids.pad),
     }
-    config = _read_json(src / TOKENIZER_CONFIG)
     if config is None:
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
