@@ -21,7 +21,12 @@ from tscale.core import tree as T
 from tscale.data.prompt import BUILTIN_TEMPLATES, ChatTemplate
 from tscale.errors import CheckpointError
 from tscale.testing.hf_folders import LLAMA3_TEMPLATE, QWEN2_TEMPLATE, make_model_folder
-from tscale.train.export import end_of_turn_tokens, read_checkpoint_tokenizer, write_hf_export
+from tscale.train.export import (
+    decide_token_ids,
+    end_of_turn_tokens,
+    read_checkpoint_tokenizer,
+    write_hf_export,
+)
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -184,7 +189,7 @@ def _base_style(folder: Path) -> None:
     cfg["eos_token"] = "<|end_of_text|>"
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
     gen = _json(folder / "generation_config.json")
-    gen.update(do_sample=True, temperature=0.6, top_p=0.9)
+    gen.update(do_sample=True, temperature=0.6, top_p=0.9, eos_token_id=1)  # <|end_of_text|>
     (folder / "generation_config.json").write_text(json.dumps(gen))
 
 
@@ -265,6 +270,20 @@ def test_model_folder_export_chats_and_stops_at_the_end_of_turn(tmp_path: Path):
     # with the tokenizer's eos alone, the same model would run on past its turn
     runaway = hf2.generate(**prompt, max_new_tokens=8, do_sample=False, eos_token_id=eos)
     assert runaway.shape[1] == ids.shape[1] + 8
+
+
+def test_stop_ids_keep_the_base_models_special_eos_ids(tmp_path: Path):
+    src = make_model_folder(tmp_path / "llama", "llama3")
+    spec = read_checkpoint_tokenizer(src)
+    header = spec.tokenizer.token_to_id("<|start_header_id|>")
+    word = spec.tokenizer.encode("cat", add_special_tokens=False).ids[0]
+    assert word not in spec.tokenizer.get_added_tokens_decoder()
+    # Llama 3.1 lists <|end_of_text|>, <|eom_id|>, <|eot_id|>: added tokens of its tokenizer
+    # are kept; an id that is no special token of this tokenizer is not
+    ids = decide_token_ids(spec, base_generation={"eos_token_id": [1, header, word, 10**6]})
+    assert ids.stop == (4, 1, header)
+    assert (ids.bos, ids.eos, ids.pad) == (0, 4, 4)
+    assert decide_token_ids(spec).stop == (4,)  # eos and end of turn are one token here
 
 
 def test_qwen_folder_export_keeps_its_eos_and_template(tmp_path: Path):
