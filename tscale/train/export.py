@@ -404,7 +404,7 @@ def export_adapter(
     config: LoraConfig,
     out: str | Path,
     *,
-    checkpoint_dir: str | Path,
+    checkpoint_dir: str | Path | None,
     base_model: str | None,
 ) -> Path:
     """Write the PEFT adapter folder of a LoRA run, with the run's tokenizer files beside it.
@@ -418,6 +418,8 @@ def export_adapter(
         local = Path(base_model)
         name = str(local.resolve()) if local.is_dir() else base_model
     root = save_adapter(adapters, config, out, base_model_name_or_path=name)
+    if checkpoint_dir is None:  # no checkpoint was written: nothing to take the tokenizer from
+        return root
     spec = read_checkpoint_tokenizer(checkpoint_dir)
     base_generation = _read_json(Path(name) / GENERATION_CONFIG_NAME) if name else None
     write_tokenizer_files(
