@@ -311,6 +311,66 @@ def test_qwen_folder_export_keeps_its_eos_and_template(tmp_path: Path):
     )
 
 
+def test_a_run_from_a_model_folder_exports_its_tokenizer_and_template(tmp_path: Path):
+    """The whole way: train from a Qwen2-style folder (its tokenizer, its template) on chats,
+    export, chat with the export. Needs tscale to train with a model folder's tokenizer (the
+    tokenizer part of issue 12); until that lands, it skips."""
+    from rich.console import Console
+
+    from tscale.config import load_config
+    from tscale.errors import DataError
+    from tscale.testing.hf_folders import chat_records, write_jsonl
+    from tscale.train import train
+    from tscale.train.export import export
+
+    src = make_model_folder(tmp_path / "qwen", "qwen2")
+    write_jsonl(chat_records(48, seed=1), tmp_path / "train.jsonl")
+    write_jsonl(chat_records(4, seed=2), tmp_path / "eval.jsonl")
+    options = [
+        f"run.output_dir={tmp_path / 'run'}",
+        f"model.path={src}",
+        f"data.tokenizer.path={src}",
+        f"data.train_files=[{tmp_path / 'train.jsonl'}]",
+        f"data.eval_files=[{tmp_path / 'eval.jsonl'}]",
+        "data.loss_mode=assistant_only",
+        "data.max_length=160",
+        "data.batch_size=8",
+        "scheduler.warmup_steps=1",
+        "train.max_steps=3",
+        "train.progress=false",
+        "eval.num_samples=2",
+        "eval.batch_size=2",
+        "eval.max_new_tokens=2",
+        "eval.num_show=0",
+    ]
+    yaml = tmp_path / "chat.yaml"  # the template as a YAML block: it is full of braces
+    yaml.write_text("data:\n  template: |-\n    " + QWEN2_TEMPLATE + "\n")
+    try:
+        result = train(load_config(yaml, options), console=Console(quiet=True))
+    except DataError as e:
+        if "tokenizer file not found" in str(e) or "lacks the special token" in str(e):
+            pytest.skip(f"tscale does not train with a model folder's tokenizer yet: {e}")
+        raise
+    out = export(tmp_path / "run", tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert (tok.bos_token, tok.eos_token) == (None, "<|im_end|>") and tok.pad_token is not None
+    config, generation = _json(out / "config.json"), _json(out / "generation_config.json")
+    assert config["eos_token_id"] == im_end and config["pad_token_id"] == tok.pad_token_id
+    stop = generation["eos_token_id"]
+    assert im_end in (stop if isinstance(stop, list) else [stop])
+    messages = [{"role": "user", "content": "first: cat dog"}]
+    ids = tok.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    assert tok.decode(ids[0]).endswith("<|im_start|>assistant\n")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    with torch.no_grad():
+        theirs = hf(input_ids=ids).logits
+    ours = from_pretrained(src).transformer.apply(result.state.params, {"input_ids": ids})
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
 def test_a_tokenizer_config_naming_a_missing_token_is_one_clear_error(tmp_path: Path):
     src = make_model_folder(tmp_path / "qwen", "qwen2")
     cfg = _json(src / "tokenizer_config.json")
