@@ -108,15 +108,13 @@ def read_checkpoint_tokenizer(path: str | Path) -> CheckpointTokenizer:
         tok = Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises a plain Exception for a missing or bad file
         raise CheckpointError(f"{file}: cannot read the tokenizer ({e}); re-save it") from e
-    cfg_path = root / TOKENIZER_CONFIG
-    if cfg_path.is_file():
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg = _read_json(root / TOKENIZER_CONFIG)
+    if cfg is not None:
         names = {k: _token_content(cfg.get(f"{k}_token")) for k in ("bos", "eos", "pad")}
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates: the default one
-            template = next(
-                (t.get("template") for t in template if t.get("name") == "default"), None
-            )
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
         jinja = root / CHAT_TEMPLATE_FILE
         if jinja.is_file():
             template = jinja.read_text(encoding="utf-8")
