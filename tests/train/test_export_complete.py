@@ -92,6 +92,8 @@ def test_end_of_turn_tokens_of_templates(template: ChatTemplate, expected: tuple
 def test_end_of_turn_reads_consecutive_specials_and_ignores_plain_text():
     two = "{% for m in messages %}{{ m['content'] }} <|end|><|eot|>\n{% endfor %}"
     assert end_of_turn_tokens(two, ["<|end|>", "<|eot|>", "<|e"]) == ("<|end|>", "<|eot|>")
+    # a tokenizer that added "\n" as a token: the newline after the turn ends nothing
+    assert end_of_turn_tokens(BUILTIN_TEMPLATES["gemma"], [*SPECIALS, "\n"]) == ("<end_of_turn>",)
     # a marker that is not a special token of the tokenizer is no end-of-turn token
     assert end_of_turn_tokens(two, ["<|im_end|>"]) == ()
     # a template that refuses the conversation (mistral has no system role) gives nothing

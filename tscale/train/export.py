@@ -149,14 +149,16 @@ def end_of_turn_tokens(
 
     Renders ``[user "x", assistant SENTINEL]`` and reads, from just after the sentinel, the
     longest ``special_tokens`` one after another (whitespace before the first is skipped, as
-    Llama 2's ``' ' + eos_token``). Pass a :class:`ChatTemplate` whose ``bos_token``/
-    ``eos_token`` are the tokenizer's, so templates that write ``eos_token`` resolve.
+    Llama 2's ``' ' + eos_token``; whitespace-only tokens never count). Pass a
+    :class:`ChatTemplate` whose ``bos_token``/``eos_token`` are the tokenizer's, so templates
+    that write ``eos_token`` resolve.
 
     Returns:
         The tokens in order (e.g. ``("<|im_end|>",)``); empty when the template fails on this
         conversation or writes no special token there.
     """
-    specials = sorted({s for s in special_tokens if s}, key=len, reverse=True)
+    # Whitespace tokens (some tokenizers add "\n" or runs of spaces) end no turn.
+    specials = sorted({s for s in special_tokens if s.strip()}, key=len, reverse=True)
     messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _SENTINEL}]
     try:
         text = render_messages(template, messages)
@@ -314,7 +316,7 @@ def write_tokenizer_files(
     tokens_map = _read_json(src / SPECIAL_TOKENS_MAP) or {}
     tokens_map.update({k: v for k, v in special.items() if v is not None})
     _write_json(dst / SPECIAL_TOKENS_MAP, tokens_map)
-    return [*written, dst / TOKENIZER_CONFIG, dst / SPECIAL_TOKENS_MAP]
+    return list(dict.fromkeys([*written, dst / TOKENIZER_CONFIG, dst / SPECIAL_TOKENS_MAP]))
 
 
 def write_hf_export(
