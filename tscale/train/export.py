@@ -272,6 +272,8 @@ def write_tokenizer_files(
     if config is None and ids.bos is not None and tok.post_processor is None:
         # A tokenizer tscale trained: tscale put <|bos|> before every sample it trained on, so
         # the export's tokenizer adds it too, as Llama's do (tscale encodes without it).
+        # MERGE NOTE: once checkpoints hold a tokenizer_config.json for tscale's own tokenizer
+        # too, the test here becomes "the Encoder prepends BOS and the tokenizer does not".
         tok = Tokenizer.from_str(tok.to_str())
         bos = tok.id_to_token(ids.bos)
         tok.post_processor = processors.TemplateProcessing(
