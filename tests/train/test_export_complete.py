@@ -8,7 +8,6 @@ Every folder here is loaded by the real ``transformers``/``peft`` classes: ``Aut
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,8 +30,29 @@ from tscale.train.export import (
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_export import TINY  # noqa: E402  (the tiny synthetic run of the export tests)
+# A tiny synthetic run (as tests/train/test_export.py's): seconds on a CPU.
+TINY = [
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.max_position_embeddings=64",
+    "model.tie_word_embeddings=false",
+    "data.synthetic.num_train=200",
+    "data.synthetic.num_eval=8",
+    "data.synthetic.max_items=5",
+    "data.tokenizer.vocab_size=300",
+    "data.batch_size=16",
+    "data.max_length=32",
+    "scheduler.warmup_steps=2",
+    "train.max_steps=6",
+    "train.log_every=3",
+    "train.progress=false",
+    "eval.num_samples=2",
+    "eval.batch_size=2",
+    "eval.max_new_tokens=2",
+    "eval.num_show=0",
+]
 
 SPECIALS = (
     "<|im_start|>",
