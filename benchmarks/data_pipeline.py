@@ -48,7 +48,6 @@ import platform
 import pstats
 import random
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -343,10 +342,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     L = args.max_length
-    # This file's folder is sys.path[0]; its kernels.py would shadow the `kernels` package that
-    # transformers probes on import.
-    here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU-kernel probe, via trl
 

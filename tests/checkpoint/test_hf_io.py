@@ -17,7 +17,7 @@ from tscale.core import rng
 from tscale.core import tree as T
 from tscale.errors import CheckpointError, ConfigError
 from tscale.models import Model, RopeScaling, TransformerConfig, init
-from tscale.models.hf import parse_size
+from tscale.models.hf import generation_config_json, parse_size
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -322,3 +322,48 @@ def test_family_rules() -> None:
         TransformerConfig(**kw, hidden_act="relu")
     assert TransformerConfig(**kw, family="qwen2").qkv_bias is True
     assert TransformerConfig(**kw, family="gemma").hidden_act == "gelu_pytorch_tanh"
+
+
+def test_export_keeps_the_source_configs_other_keys(tmp_path: Path) -> None:
+    hf = _hf_llama(bos_token_id=3, eos_token_id=4, attention_dropout=0.0, use_cache=False)
+    hf.config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    hf.save_pretrained(tmp_path / "src")
+    source = json.loads((tmp_path / "src" / "config.json").read_text())
+    source["torch_dtype"] = "bfloat16"  # the older spelling, contradicting the float32 params
+    source["rope_theta"] = 10000.0  # older spelling of what rope_parameters now holds
+    (tmp_path / "src" / "config.json").write_text(json.dumps(source))
+    model = from_pretrained(tmp_path / "src")
+    generation = {"eos_token_id": [4, 5], "pad_token_id": 4, "bos_token_id": 3}
+    out = save_pretrained(
+        (model.config, model.params),
+        tmp_path / "out",
+        base_config=model.hf_config,
+        extra_config={"eos_token_id": 5},
+        generation_config=generation,
+    )
+    written = json.loads((out / "config.json").read_text())
+    assert written["use_cache"] is False and written["attention_dropout"] == 0.0
+    assert (written["bos_token_id"], written["eos_token_id"]) == (3, 5)
+    for dropped in ("torch_dtype", "quantization_config", "transformers_version", "rope_theta"):
+        assert dropped not in written, dropped
+    assert written["dtype"] == "float32"
+    assert json.loads((out / "generation_config.json").read_text()) == generation
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert reloaded.dtype == torch.float32 and reloaded.generation_config.eos_token_id == [4, 5]
+    _same_logits(reloaded, model)
+
+
+def test_generation_config_json() -> None:
+    base = {"temperature": 0.6, "top_p": 0.9, "eos_token_id": 7, "transformers_version": "4.4"}
+    got = generation_config_json(bos_id=1, eos_ids=[2, 9, 2], pad_id=None, base=base)
+    # settings kept, ids replaced, duplicates dropped, pad falls back to the eos
+    assert got == {
+        "temperature": 0.6,
+        "top_p": 0.9,
+        "bos_token_id": 1,
+        "eos_token_id": [2, 9],
+        "pad_token_id": 2,
+    }
+    assert generation_config_json(bos_id=None, eos_ids=[2], pad_id=0)["eos_token_id"] == 2
+    assert generation_config_json(bos_id=None, eos_ids=[2], pad_id=0)["pad_token_id"] == 0
+    assert generation_config_json(bos_id=None, eos_ids=[], pad_id=None)["pad_token_id"] is None

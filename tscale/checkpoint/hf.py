@@ -38,6 +38,7 @@ from tscale.models.hf import (
 from tscale.models.transformer import TransformerConfig, param_shapes
 
 CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -128,11 +129,14 @@ def save_pretrained(
     tokenizer_files: Iterable[str | os.PathLike[str]] | None = None,
     max_shard_size: int | str = "5GB",
     extra_config: Mapping[str, Any] | None = None,
+    base_config: Mapping[str, Any] | None = None,
+    generation_config: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write an HF checkpoint directory that ``transformers`` and :func:`from_pretrained` load.
 
     Writes ``config.json`` (see :func:`tscale.models.hf.config_json`: the family's
-    ``model_type``/``architectures``, the params' dtype, special token ids) and the params as
+    ``model_type``/``architectures``, the params' dtype, special token ids, the source
+    config.json's other keys), ``generation_config.json`` when given, and the params as
     safetensors: one ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` shards plus
     ``model.safetensors.index.json`` when they exceed ``max_shard_size``. Weight files of an
     earlier save in the same directory are removed. A tied model has no ``lm_head.weight``.
@@ -144,6 +148,10 @@ def save_pretrained(
         max_shard_size: bytes per shard, an int or a string such as ``"5GB"``/``"500MB"``.
         extra_config: more config.json entries, e.g. ``{"eos_token_id": 2, "pad_token_id": 0}``
             from the run's tokenizer; they override what ``to_hf_dict`` writes.
+        base_config: the config.json the params came from, for a ``(config, params)`` pair (a
+            ``Model`` brings its own ``hf_config``): its non-architecture keys are kept.
+        generation_config: the contents of ``generation_config.json`` (see
+            :func:`tscale.models.hf.generation_config_json`); None writes none.
 
     Returns:
         The directory.
@@ -154,9 +162,9 @@ def save_pretrained(
         ConfigError: ``max_shard_size`` is not a size.
     """
     if isinstance(model, Model):
-        config, params, token_ids = model.config, model.params, model.hf_config
+        config, params, base = model.config, model.params, model.hf_config
     else:
-        (config, params), token_ids = model, {}
+        (config, params), base = model, base_config or {}
     limit = parse_size(max_shard_size)
     flat = T.flatten(params)
     check_params(config, flat)
@@ -170,7 +178,7 @@ def save_pretrained(
     tensors = {k: flat[k].detach().to("cpu").contiguous() for k in param_shapes(config)}
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     dtype = dtypes.pop() if len(dtypes) == 1 else None
-    hf = config_json(config, dtype, token_ids, extra_config)
+    hf = config_json(config, dtype, base, extra_config)
 
     for old in [*root.glob("model*.safetensors"), root / INDEX_NAME]:
         if old.is_file():
@@ -189,6 +197,9 @@ def save_pretrained(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (root / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     (root / CONFIG_NAME).write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
+    if generation_config is not None:
+        text = json.dumps(dict(generation_config), indent=2) + "\n"
+        (root / GENERATION_CONFIG_NAME).write_text(text, encoding="utf-8")
     for p in tokenizer_paths:
         if p.resolve() != (root / p.name).resolve():
             shutil.copy2(p, root / p.name)

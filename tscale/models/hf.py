@@ -30,6 +30,25 @@ from tscale.models.transformer import (
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 # Keys of config.json that are not architecture but belong to the checkpoint.
 TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# Keys of a source config.json not carried into an export: older spellings of what
+# ``to_hf_dict`` writes (``torch_dtype``; ``rope_theta``/``rope_scaling``, now in
+# ``rope_parameters``), settings the exported dense weights no longer have
+# (``quantization_config``), remote code (``auto_map``: the family's own class loads the export)
+# and the source's bookkeeping.
+_NOT_CARRIED = frozenset(
+    {
+        "torch_dtype",
+        "rope_theta",
+        "rope_scaling",
+        "partial_rotary_factor",
+        "quantization_config",
+        "auto_map",
+        "_name_or_path",
+        "transformers_version",
+    }
+)
+# Keys of a source generation_config.json that the export rewrites or drops.
+_GENERATION_NOT_CARRIED = frozenset({*TOKEN_KEYS, "transformers_version", "_from_model_config"})
 
 
 @attrs.frozen(eq=False)
@@ -162,22 +181,50 @@ def check_params(config: TransformerConfig, flat: Mapping[str, torch.Tensor]) ->
 def config_json(
     config: TransformerConfig,
     dtype: torch.dtype | None,
-    token_ids: Mapping[str, Any] | None = None,
+    base: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The config.json of an export: ``config.to_hf_dict()``, the params' dtype, token ids.
 
-    Token ids come from ``token_ids`` (a loaded checkpoint's config.json), then ``extra``; those
-    absent are written as null rather than left to the family's defaults, which would claim
-    ids of a tokenizer the run may not use.
+    ``base`` is the config.json the model was loaded from (``Model.hf_config``), if any: its keys
+    that are not architecture (``use_cache``, ``attention_dropout``, token ids, …) are kept, the
+    architecture is always ``config``'s, and older spellings of architecture keys
+    (``torch_dtype``, ``rope_theta``, ``rope_scaling``) and ``quantization_config``/``auto_map``
+    are dropped. Token ids come from ``base``, then ``extra``; those absent are written as null
+    rather than left to the family's defaults, which would claim ids of a tokenizer the run may
+    not use. ``extra`` overrides everything.
     """
-    hf = config.to_hf_dict()
+    hf = {k: v for k, v in (base or {}).items() if k not in _NOT_CARRIED}
+    hf.update(config.to_hf_dict())
     if dtype is not None:
         hf["dtype"] = str(dtype).removeprefix("torch.")
     for key in TOKEN_KEYS:
-        hf[key] = (token_ids or {}).get(key)
+        hf[key] = (base or {}).get(key)
     hf.update(extra or {})
     return hf
+
+
+def generation_config_json(
+    *,
+    bos_id: int | None,
+    eos_ids: Iterable[int],
+    pad_id: int | None,
+    base: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The generation_config.json of an export.
+
+    ``base`` is the source model's generation_config.json, if any: its settings (``do_sample``,
+    ``temperature``, ``top_p``, …) are kept and its token ids replaced. ``eos_token_id`` is the
+    one id of ``eos_ids`` or the list of them (duplicates dropped, order kept: ``generate`` stops
+    at any); ``pad_token_id`` is ``pad_id``, or the first eos id when there is none (what
+    ``generate`` falls back to, written out so it does not warn).
+    """
+    eos = list(dict.fromkeys(int(e) for e in eos_ids))
+    out = {k: v for k, v in (base or {}).items() if k not in _GENERATION_NOT_CARRIED}
+    out["bos_token_id"] = bos_id
+    out["eos_token_id"] = (eos[0] if len(eos) == 1 else eos) if eos else None
+    out["pad_token_id"] = pad_id if pad_id is not None else (eos[0] if eos else None)
+    return out
 
 
 _UNITS = {
@@ -234,6 +281,7 @@ __all__ = [
     "check_params",
     "check_tensor",
     "config_json",
+    "generation_config_json",
     "is_ignored",
     "parse_size",
     "plan_shards",

@@ -22,7 +22,6 @@ from rich.table import Table
 from tensordict import TensorDictBase
 
 from tscale import checkpoint as ckpt
-from tscale.checkpoint.peft import save_adapter
 from tscale.checkpoint.sharded import load_deepspeed, save_deepspeed, save_sharded
 from tscale.config.load import to_yaml
 from tscale.config.schema import Config, resolve_defaults, steps_for_epochs
@@ -37,6 +36,7 @@ from tscale.optim.base import GradientTransformation
 from tscale.step.compose import StepFn, make_eval_step
 from tscale.train import builders, distributed
 from tscale.train.callbacks import Callback, JsonlLogger, ProgressBar, truncate_jsonl
+from tscale.train.export import export_adapter
 from tscale.train.signals import StopSignals
 
 
@@ -443,7 +443,13 @@ def train(
                 emit("on_eval", step=step, eval=last_eval)
             save_timed(step)
             if lora_model is not None and main:  # a PEFT adapter directory that `peft` loads
-                save_adapter(state.params, lora_model.config, run_dir / "adapter")
+                export_adapter(
+                    state.params,
+                    lora_model.config,
+                    run_dir / "adapter",
+                    checkpoint_dir=ckpt.latest_checkpoint(ckpt_root),
+                    base_model=cfg.model.path,
+                )
     summary = {
         "steps": step - start_step,
         "final_step": step,

@@ -18,7 +18,7 @@ Candidates are timed in alternating rounds (CUDA events, median) so clock drift 
 Writes ``benchmarks/results/kernels-<device>.json`` with the device, torch and triton versions,
 and prints one summary line per case. Without CUDA it prints why and exits 0 (nothing measured).
 
-Usage: python benchmarks/kernels.py [--only flce,attention,packed] [--rounds 5] [--iters 5]
+Usage: python benchmarks/kernel_speed.py [--only flce,attention,packed] [--rounds 5] [--iters 5]
        [--quick]
 """
 
@@ -312,14 +312,14 @@ def main() -> int:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print(
-            "benchmarks/kernels.py: no CUDA device here; the kernel benchmarks need a GPU. "
+            "benchmarks/kernel_speed.py: no CUDA device here; the kernel benchmarks need a GPU. "
             "Nothing was measured and no result file was written."
         )
         return 0
     try:
         import triton
     except ImportError:
-        print("benchmarks/kernels.py: triton is not installed (pip install 'tscale[triton]').")
+        print("benchmarks/kernel_speed.py: triton is not installed (pip install 'tscale[triton]').")
         return 0
 
     torch.backends.cuda.matmul.allow_tf32 = False
