@@ -97,6 +97,9 @@ def test_model_path_resolves_fine_tuning_defaults(tmp_path: Path, positions: int
     assert cfg.data.max_length == length  # min(1024, the model's max positions)
     assert cfg.data.loss_mode == "assistant_only"
     assert cfg.train.epochs == 1.0 and cfg.train.max_steps is None
+    lora = load_config(None, [f"model.path={tmp_path}", "lora.enabled=true"])
+    assert resolve_defaults(lora).optimizer.lr == 2e-4  # adapters start at zero
+    assert resolve_defaults(load_config(None, ["lora.enabled=true"])).optimizer.lr == 1e-3
 
 
 def test_explicit_values_win(tmp_path: Path):

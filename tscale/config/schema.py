@@ -267,7 +267,7 @@ class OptimizerConfig:
     lr: float | None = _f(
         None,
         "Peak learning rate (prodigy: a factor on its estimated step size); null: 2e-5 with "
-        "model.path (fine-tuning), 1e-3 from random init.",
+        "model.path (fine-tuning; 2e-4 with lora.enabled), 1e-3 from random init.",
     )
     betas: tuple[float, float] | None = _f(
         None, "Moment decay rates [b1, b2]; null: the optimizer's own (adamw: [0.9, 0.999])."
@@ -527,13 +527,15 @@ RANDOM_INIT_DEFAULTS: dict[str, Any] = {
 
 PRETRAINED_DEFAULTS: dict[str, Any] = {
     "optimizer.lr": 2e-5,
+    "optimizer.lr with lora.enabled": 2e-4,
     "data.max_length": 1024,  # at most: the model's max_position_embeddings caps it
     "data.loss_mode": "assistant_only",
     "train.epochs": 1.0,
 }
 """What the null/auto keys become when fine-tuning ``model.path`` (what TRL/Axolotl users
-expect: a small learning rate, the model's context up to 1024 tokens, one pass over the data,
-loss on the assistant turns)."""
+expect: a small learning rate (TRL's SFT default; ten times more for LoRA adapters, which
+start at zero: the QLoRA paper's and Axolotl's LoRA examples' 2e-4), the model's context up to
+1024 tokens, one pass over the data, loss on the assistant turns)."""
 
 _POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
@@ -566,7 +568,10 @@ def resolve_defaults(cfg: Config, *, max_positions: int | None = None) -> Config
     table = PRETRAINED_DEFAULTS if pretrained else RANDOM_INIT_DEFAULTS
     opt, data, train = cfg.optimizer, cfg.data, cfg.train
     if opt.lr is None:
-        opt = attrs.evolve(opt, lr=table["optimizer.lr"])
+        lora = pretrained and cfg.lora.enabled
+        opt = attrs.evolve(
+            opt, lr=table["optimizer.lr with lora.enabled" if lora else "optimizer.lr"]
+        )
     if data.max_length is None:
         length = table["data.max_length"]
         if pretrained:
