@@ -19,12 +19,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import attrs
 from tokenizers import Tokenizer
 
 from tscale.core.result import Err, Ok
-from tscale.data.length import LengthBudget, LengthReport
+from tscale.data.length import Dropped, LengthBudget, LengthReport, answer_text
 from tscale.data.prompt import (
     ChatTemplate,
+    RenderedSample,
     _resolve,
     _special_ids,
     get_template,
@@ -32,9 +34,8 @@ from tscale.data.prompt import (
     render,
     sample_length,
     tokenize_encoded,
-    tokenize_rendered,
 )
-from tscale.data.tokenize import Encoder
+from tscale.data.tokenize import IGNORE_INDEX, Encoder
 from tscale.errors import DataError
 
 CHUNK_ROWS = 2048
@@ -95,9 +96,7 @@ def prepare_examples(
         texts = [r.value.text for r in rendered if isinstance(r, Ok)]
         encodings = iter(tok.encode_batch(texts, add_special_tokens=False))
         for i, res in zip(range(lo, hi), rendered, strict=True):
-            if not isinstance(res, Ok):
-                if budget is not None:
-                    slow.append(i)  # fit_record decides first (its count renders the record)
+            if not isinstance(res, Ok):  # malformed: quarantined as it is, never fitted
                 out.append(res)
                 continue
             enc = next(encodings)
@@ -131,12 +130,64 @@ def prepare_examples(
             res, rep = budget.fit(
                 records[i], count_tokens=count_tokens, count_total=count_total, where=places[i]
             )
-            report = report + rep
+            answer = answer_text(res.value) if isinstance(res, Ok) else None
+            if answer == answer_text(records[i]):
+                answer = None  # the answer was not cut: its end of turn and EOS stay trained
             if isinstance(res, Ok):
                 res = render(res.value, tpl, system=system, loss_mode=loss_mode, where=places[i])
             if isinstance(res, Ok):
-                res = tokenize_rendered(
-                    res.value, tok, max_length=max_length, where=places[i], **special
+                res = _tokenize_fitted(
+                    res.value, answer, tok, max_length=max_length, where=places[i], **special
                 )
+            if isinstance(res, Ok) and rep.truncated_records:
+                rep = attrs.evolve(rep, truncated_examples=1)
+            report = report + rep
             out[i] = res
     return out, report
+
+
+def _tokenize_fitted(
+    sample: RenderedSample,
+    answer: str | None,
+    tok: Tokenizer,
+    *,
+    add_bos: bool,
+    add_eos: bool,
+    bos_id: int | None,
+    eos_id: int | None,
+    max_length: int | None,
+    where: str | None,
+) -> Ok[dict] | Err:
+    """:func:`tokenize_rendered` of a fitted sample; when its last trained turn was cut
+    (``answer`` is the cut text), the trained span ends where the cut answer ends: the turn's
+    end-of-turn text and the EOS stay in ``input_ids`` but carry no loss, so the model is not
+    taught to stop where the cut fell."""
+    spans = sample.trained_spans
+    needle = (answer or "").strip()
+    cut_at = sample.text.rfind(needle, *spans[-1]) if needle and spans else -1
+    if cut_at >= 0:  # (a template that rewrites the content: the span stays as rendered)
+        end = cut_at + len(needle)
+        sample = attrs.evolve(sample, trained_spans=(*spans[:-1], (spans[-1][0], end)))
+    enc = tok.encode(sample.text, add_special_tokens=False)
+    res = tokenize_encoded(
+        sample,
+        enc.ids,
+        enc.offsets,
+        add_bos=add_bos,
+        add_eos=add_eos,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        max_length=max_length,
+        where=where,
+    )
+    if cut_at < 0 or not isinstance(res, Ok):
+        return res
+    ids, labels = res.value["input_ids"], res.value["labels"]
+    appended_eos = add_eos and len(ids) > 1 and (not enc.ids or enc.ids[-1] != eos_id)
+    if appended_eos and labels[-2] != IGNORE_INDEX:  # trained when nothing follows the span
+        labels[-2] = IGNORE_INDEX
+        if all(x == IGNORE_INDEX for x in labels):
+            return Dropped(
+                "nothing trainable fits: no token of the cut answer is left to train", None, where
+            )
+    return res
