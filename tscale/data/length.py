@@ -561,7 +561,7 @@ def fit_chat(
             hi = max(hi, 0)
             if hi or last + 1 < len(got.value):
                 truncated["turns"] = {"oldest_dropped": 1}
-            return Ok(build(hi)), LengthReport(1, 1, truncated, {}, 1)
+            return Ok(build(hi)), LengthReport(1, 1, truncated, {}, int(bool(truncated)))
         if groups or last + 1 < len(got.value):
             truncated["turns"] = {"oldest_dropped": 1}
         # the final exchange: its user message and the last assistant turn share what is left
@@ -609,7 +609,7 @@ def fit_chat(
     for c in result:
         truncated[c] = {"token_budget": 1}
     out = build(len(groups), {i: proxy[c] for c, i in slots.items()})
-    return Ok(out), LengthReport(1, 1, truncated, {}, 1)
+    return Ok(out), LengthReport(1, 1, truncated, {}, int(bool(truncated)))
 
 
 def _only(value: Any, columns: Sequence[str]) -> Any:
