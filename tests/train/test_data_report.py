@@ -34,7 +34,8 @@ TINY = [
     "eval.num_show=0",
 ]
 
-WORDS = "the quick brown fox jumps over a lazy dog while seven birds sing softly".split()
+SENTENCE = "the quick brown fox jumps over a lazy dog while seven birds sing softly"
+WORDS = SENTENCE.split(" ")
 
 
 def _text(n: int, offset: int = 0) -> str:
@@ -50,7 +51,10 @@ def _chat(*turns: str, system: str | None = None) -> dict:
 
 def _files(tmp_path: Path) -> tuple[Path, Path, Path, dict[str, int]]:
     """Two training files and an eval file; the expected counts of the training rows."""
-    pc = [{"prompt": f"add {i % 10} and {i % 7}", "completion": f"{i % 10 + i % 7}"} for i in range(30)]
+    pc = [
+        {"prompt": f"add {i % 10} and {i % 7}", "completion": f"{i % 10 + i % 7}"}
+        for i in range(30)
+    ]
     pc += [{"prompt": _text(150, i), "completion": "yes"} for i in range(5)]  # long prompts
     pc += [{"prompt": "no answer here"}, {"prompt": "still none"}]  # completion missing
     chat = [_chat(f"say {i}", f"{i}") for i in range(20)]
@@ -168,7 +172,9 @@ def test_reason_keys_and_lines():
     )
     assert accounted(counts) and list(counts["quarantined_reasons"]) == ["b", "a"]
     lines = report_lines({"train": counts, "complete": False, "limit": "data.max_length"})
-    assert lines[0] == "data: 10 training rows read so far (streaming): 6 trained, 1 dropped, 3 quarantined"
+    assert lines[0] == (
+        "data: 10 training rows read so far (streaming): 6 trained, 1 dropped, 3 quarantined"
+    )
     assert "2 truncated to fit data.max_length" in lines[1]
     assert not accounted({**counts, "dropped": 2})
 
