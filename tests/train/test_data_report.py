@@ -167,6 +167,7 @@ def test_drop_policy_and_packing_split_counts(tmp_path: Path, capsys):
 def test_reason_keys_and_lines():
     assert reason_key("too long: 80 tokens > data.max_length 64") == "too long"
     assert reason_key("message 3 has no string 'role'") == "message N has no string 'role'"
+    assert reason_key("completion missing (column 'answer')") == "completion missing"
     counts = split_counts(
         rows_read=10, kept=6, dropped={"too long": 1}, quarantined={"a": 1, "b": 2}, truncated=2
     )
@@ -184,3 +185,37 @@ def test_max_error_rate_out_of_range_is_one_line(tmp_path: Path, capsys, rate: s
     assert main(["train", str(_config(tmp_path)), *TINY, f"data.max_error_rate={rate}"]) == 2
     err = capsys.readouterr().err
     assert "data.max_error_rate must be in [0, 1]" in err and len(err.splitlines()) == 1
+
+
+def test_streaming_report_counts_the_rows_read_so_far(tmp_path: Path):
+    from tscale.config import load_config
+    from tscale.train.builders import build_data
+
+    rows = [{"prompt": f"add {i} and 1", "completion": f"{i + 1}"} for i in range(40)]
+    rows += [{"prompt": _text(150, i), "completion": "yes"} for i in range(6)]
+    rows += [{"prompt": "no answer"}] * 2
+    train = tmp_path / "t.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(
+        None,
+        [
+            f"run.output_dir={tmp_path / 'run'}",
+            f"data.train_files=[{train}]",
+            "data.streaming=true",
+            "data.tokenizer.vocab_size=300",
+            "data.max_length=48",
+            "data.batch_size=4",
+        ],
+    )
+    bundle = build_data(cfg, tmp_path / "run")
+    assert bundle.report["complete"] is False and bundle.report["train"]["rows_read"] == 0
+    it = iter(bundle.loader)
+    for _ in range(5):  # the stream is read in chunks of 256 rows: all 48 are read by now
+        next(it)
+    train_counts = bundle.report["train"]
+    assert accounted(train_counts) and train_counts["rows_read"] == len(rows)
+    assert train_counts["quarantined_reasons"] == {"completion missing": 2}
+    assert train_counts["truncated"] >= 6 and train_counts["dropped"] == 0
+    assert report_lines(bundle.report)[0].startswith(
+        f"data: {train_counts['rows_read']} training rows read so far (streaming)"
+    )

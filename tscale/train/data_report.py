@@ -37,8 +37,9 @@ REPORT_FILE = "data_report.json"
 
 def reason_key(reason: str) -> str:
     """The kind of an ``Err``/``Dropped`` reason, for counting: the text before its first
-    colon, with numbers as ``N`` (``"too long: 80 tokens > …"`` → ``"too long"``)."""
-    head = reason.split(":", 1)[0].strip()
+    colon and before a ``(column …)`` note, with numbers as ``N`` (``"too long: 80 tokens > …"``
+    → ``"too long"``)."""
+    head = reason.split(":", 1)[0].split(" (column ")[0].strip()
     return re.sub(r"\d+", "N", head) or "unknown"
 
 
