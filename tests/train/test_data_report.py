@@ -66,13 +66,15 @@ def _files(tmp_path: Path) -> tuple[Path, Path, Path, dict[str, int]]:
     chat.append(_chat("only a question"))  # nothing to train on
     chat.append(_chat("hi", "hello", system=_text(120)))  # the system prompt alone is too long
     train_pc, train_chat, held_out = (tmp_path / n for n in ("pc.jsonl", "chat.jsonl", "ev.jsonl"))
-    train_pc.write_text("".join(json.dumps(r) + "\n" for r in pc))
+    lines = [json.dumps(r) for r in pc]
+    lines.insert(7, '{"prompt": "a broken line", "completion": ')  # bad JSON
+    train_pc.write_text("".join(line + "\n" for line in lines))
     train_chat.write_text("".join(json.dumps(r) + "\n" for r in chat))
     ev = [_chat(f"say {i}", f"{i}") for i in range(3)] + [_chat("hi", _text(100))]
     held_out.write_text("".join(json.dumps(r) + "\n" for r in ev))
     expected = {
-        "rows_read": len(pc) + len(chat),
-        "quarantined": 4,  # 2 completion missing, 1 without role, 1 without an assistant turn
+        "rows_read": len(pc) + 1 + len(chat),
+        "quarantined": 5,  # bad JSON, 2 completion missing, no role, no assistant turn
         "dropped": 1,  # the system prompt alone is over data.max_length
         "truncated": 5 + 6 + 1,
     }
@@ -90,10 +92,10 @@ def test_tscale_train_prints_and_writes_the_data_report(tmp_path: Path, capsys):
     cfg = _config(tmp_path)
     files = [f"data.train_files=[{train_pc},{train_chat}]", f"data.eval_files=[{held_out}]"]
 
-    # 4 of 67 rows quarantined (6.0%) is over the default data.max_error_rate (5%): no training
+    # 5 of 68 rows quarantined (7.4%) is over the default data.max_error_rate (5%): no training
     assert main(["train", str(cfg), *TINY, *files]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("tscale: error: 4 of 67 training rows (6.0%) were quarantined")
+    assert err.startswith("tscale: error: 5 of 68 training rows (7.4%) were quarantined")
     assert "data.max_error_rate" in err and "quarantine.jsonl" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
@@ -109,6 +111,7 @@ def test_tscale_train_prints_and_writes_the_data_report(tmp_path: Path, capsys):
     assert train["truncated"] == want["truncated"] and train["split"] == 0
     assert train["quarantined_reasons"] == {
         "completion missing": 2,
+        "invalid JSON line": 1,
         "message N has no string 'role'": 1,
         "no trained tokens": 1,
     }
@@ -118,15 +121,16 @@ def test_tscale_train_prints_and_writes_the_data_report(tmp_path: Path, capsys):
     assert report["eval"]["truncated"] == 1
     # printed before training, in the terms of the JSON
     head = out.split("run summary")[0]
-    assert f"data: 67 training rows read: {trained} trained, 1 dropped, 4 quarantined" in head
+    assert f"data: 68 training rows read: {trained} trained, 1 dropped, 5 quarantined" in head
     assert f"of the trained rows: {want['truncated']} truncated to fit data.max_length" in head
     assert "dropped: nothing trainable fits (1)" in head and "dropped.jsonl" in head
-    assert "quarantined (6.0%, data.max_error_rate 10.0%): completion missing (2)" in head
+    assert "quarantined (7.4%, data.max_error_rate 10.0%): completion missing (2)" in head
     assert "eval: 4 rows read: 4 kept, 0 dropped, 0 quarantined (1 truncated)" in head
     # every row once: the bad ones in the quarantine, the dropped one beside it
     quarantined = (run / "data" / "quarantine.jsonl").read_text().splitlines()
     dropped = [json.loads(x) for x in (run / "data" / "dropped.jsonl").read_text().splitlines()]
-    assert len(quarantined) == 4 and len(dropped) == 1
+    assert len(quarantined) == 5 and len(dropped) == 1
+    assert any(json.loads(q)["where"].endswith("pc.jsonl:line 8") for q in quarantined)
     assert dropped[0]["record"]["messages"][0]["role"] == "system"
 
     # the same report from the processed-data cache, and in the run summary
@@ -134,7 +138,7 @@ def test_tscale_train_prints_and_writes_the_data_report(tmp_path: Path, capsys):
     again = json.loads((run / "data_report.json").read_text())
     assert again["cache"] == "hit"
     assert again["train"] == train and again["eval"] == report["eval"]
-    assert f"{trained} trained, 1 dropped, 4 quarantined" in capsys.readouterr().out
+    assert f"{trained} trained, 1 dropped, 5 quarantined" in capsys.readouterr().out
     assert (run / "data" / "dropped.jsonl").is_file()
 
 

@@ -114,7 +114,7 @@ def _reasons(counts: Mapping[str, int]) -> str:
     shown = list(counts.items())[:TOP_REASONS]
     text = ", ".join(f"{r} ({n})" for r, n in shown)
     more = len(counts) - len(shown)
-    return text + (f", {more} more reasons" if more > 0 else "")
+    return text + (f", {more} more reason{'s' if more > 1 else ''}" if more > 0 else "")
 
 
 def report_lines(report: Mapping[str, Any]) -> list[str]:
