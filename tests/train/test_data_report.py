@@ -165,6 +165,7 @@ def test_drop_policy_and_packing_split_counts(tmp_path: Path, capsys):
     train = report["train"]
     assert accounted(train) and train["split"] > 0 and 0 < train["fill_rate"] <= 1
     assert train["trained"] == want["rows_read"] - want["quarantined"]  # nothing cut or dropped
+    assert (report["eval"]["kept"], report["eval"]["truncated"]) == (4, 1)  # eval is not packed
     assert f"{train['split']} split over several packed rows" in capsys.readouterr().out
 
 

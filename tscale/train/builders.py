@@ -214,6 +214,7 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
         quarantine.unlink(missing_ok=True)  # rebuilt below (or restored from the cache)
         quarantine.with_name(data_sources.DROPPED_FILE).unlink(missing_ok=True)
     budget = data_sources.length_budget(d)
+    eval_budget = data_sources.length_budget(d, packed=False)
     error_budget = data_sources.ErrorBudget(d.max_error_rate, quarantine)
     if d.train_files or d.sources:
         train_files = [Path(p) for p in d.train_files]
@@ -284,7 +285,7 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
         eval_records, eval_load = data_load.load_records(
             eval_files, quarantine=quarantine, cache_dir=hf_cache
         )
-        eval_read = {"rows": eval_load.total, "load_errors": Counter(eval_load.errors)}
+        eval_read = {"rows": eval_load.total, "load_errors": _by_kind(eval_load.errors)}
     if d.streaming:
         return _streaming_bundle(
             cfg,
@@ -298,6 +299,7 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
             budget,
             hf_cache,
             eval_read,
+            eval_budget,
             rank=rank,
             world_size=world_size,
         )
@@ -347,9 +349,9 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
             quarantine,
             max_length=d.max_length,
             where=eval_places,
-            budget=budget,
+            budget=eval_budget,
         )
-        rows, load_errors = got["rows"], Counter(got["load_errors"])
+        rows, load_errors = got["rows"], _by_kind(got["load_errors"])
         bad = load_errors + train_errors
         error_budget.add(rows, bad.total(), bad)
         error_budget.check(final=True)
@@ -396,7 +398,7 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
                 truncated=eval_length.truncated_examples,
                 examples=len(eval_examples),
             ),
-            "limit": budget.limit_name if budget is not None else None,
+            "limit": _limit_name(budget),
             "dropped_file": _if_exists(quarantine.with_name(data_sources.DROPPED_FILE)),
             "max_error_rate": d.max_error_rate,
             "complete": True,
@@ -435,6 +437,24 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
         encode_prompt=prompt_encoder(cfg, encoder),
         example_lengths=example_lengths,
     )
+
+
+def _by_kind(reasons: dict[str, int]) -> Counter:
+    """Counts by reason, merged by :func:`data_report.reason_key`."""
+    out: Counter = Counter()
+    for reason, n in reasons.items():
+        out[data_report.reason_key(reason)] += n
+    return out
+
+
+def _limit_name(budget: LengthBudget | None) -> str | None:
+    """What the length budget fits examples to, for the data report."""
+    if budget is None:
+        return None
+    if budget.per_column_limits:
+        limit = f" and {budget.limit_name}" if budget.max_total_length is not None else ""
+        return f"data.length.per_column_limits{limit}"
+    return budget.limit_name
 
 
 def _if_exists(path: Path) -> str | None:
@@ -526,6 +546,7 @@ def _streaming_bundle(
     budget: LengthBudget | None,
     hf_cache: Path,
     eval_read: dict[str, Any],
+    eval_budget: LengthBudget | None,
     *,
     rank: int = 0,
     world_size: int = 1,
@@ -547,7 +568,7 @@ def _streaming_bundle(
         "train": data_report.split_counts(
             rows_read=0, kept=0, dropped={}, quarantined={}, truncated=0, split=None
         ),
-        "limit": budget.limit_name if budget is not None else None,
+        "limit": _limit_name(budget),
         "dropped_file": str(quarantine.with_name(data_sources.DROPPED_FILE)),
         "max_error_rate": d.max_error_rate,
         "complete": False,
@@ -629,7 +650,7 @@ def _streaming_bundle(
         quarantine,
         max_length=d.max_length,
         where=eval_places,
-        budget=budget,
+        budget=eval_budget,
     )
     report["eval_examples"] = len(eval_examples)
     report["eval_encode_errors"] = dict(eval_errors)

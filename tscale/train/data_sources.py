@@ -250,13 +250,13 @@ def tokenizer_texts(records: Sequence[Mapping[str, Any]]) -> Iterator[str]:
 _PROMPT_SIDE = ("prompt", "instruction", "input")
 
 
-def length_budget(d: DataConfig) -> LengthBudget | None:
+def length_budget(d: DataConfig, *, packed: bool = True) -> LengthBudget | None:
     """The length budget every record is fitted to: ``data.length`` and ``data.max_length``
     (the tighter of the two token limits; ``data.max_length`` is left to the packer when
-    ``data.packing.split_overflow`` splits long examples), or None when no limit applies.
-    Names are checked here."""
+    ``data.packing.split_overflow`` splits long examples and ``packed``: False for eval
+    examples, which are never packed), or None when no limit applies. Names are checked here."""
     lc = d.length
-    split = d.packing.enabled and d.packing.split_overflow
+    split = packed and d.packing.enabled and d.packing.split_overflow
     limits = [(lc.max_total_length, "data.length.max_total_length")]
     if not split:
         limits.append((d.max_length, "data.max_length"))
