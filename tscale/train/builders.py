@@ -413,7 +413,10 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
             )
         report = {**report, "cache": "miss" if d.cache else "off", "cache_path": str(folder)}
     if not train_examples:
-        raise DataError(f"no usable training example; see {quarantine} for the reasons")
+        raise DataError(
+            f"no usable training example; see {quarantine} and "
+            f"{quarantine.with_name(data_sources.DROPPED_FILE)} for the reasons"
+        )
     loader = BatchLoader(
         train_examples,
         d.batch_size,
