@@ -2,7 +2,14 @@
 
 Pure functions over records. :func:`truncate_text` cuts one string to a character limit with a
 strategy; :func:`fit_record` applies per-column character limits, then fits the record into
-``max_total_length`` tokens by giving each column a share of the budget.
+``max_total_length`` tokens by giving each column a share of the budget; :func:`fit_chat` fits a
+chat record (oldest exchanges out first, then the last user message and assistant turn shared
+like a prompt and a completion). :class:`LengthBudget` picks between them per record.
+
+**Truncated, dropped or malformed.** A record over a limit is cut (``excess="truncate"``), or
+returned as :class:`Dropped` (``excess="drop"``, or when nothing of its answer would be left): a
+decision of the length policy, which callers count apart from the plain ``Err`` of a malformed
+record (quarantined).
 
 **What ``max_total_length`` counts.** With ``count_total`` (a function of the whole record, e.g.
 :func:`tscale.data.prompt.make_sample_counter`) it counts exactly what that function returns — in

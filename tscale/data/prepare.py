@@ -1,15 +1,20 @@
 """Records → tokenized examples in batches: fit → render → tokenize, each text encoded once.
 
-:func:`prepare_examples` gives, for many records, exactly what the per-record chain
-``fit_record → render → tokenize_rendered`` gives (same ``input_ids``, same labels, same ``Err``
-reasons, same :class:`~tscale.data.length.LengthReport`), faster:
+:func:`prepare_examples` gives, for many records, what the per-record chain
+``render (malformed: Err) → fit_record/fit_chat → render → tokenize_rendered`` gives (same
+``input_ids``, same labels, same ``Err`` reasons, same :class:`~tscale.data.length.LengthReport`),
+faster:
 
 - every record is rendered once and its text encoded once, by the tokenizer's ``encode_batch``
   (parallel in Rust), with character offsets that map the trained spans to tokens;
 - the length budget is checked on that encoding: a record that already fits (the common case) is
-  not fitted, rendered or encoded again. Only a record over a limit (or one that does not render)
-  takes the per-record path, through :meth:`LengthBudget.fit` with
-  :func:`~tscale.data.prompt.make_sample_counter` as ``count_total``.
+  not fitted, rendered or encoded again. Only a record over a limit takes the per-record path,
+  through :meth:`LengthBudget.fit` with :func:`~tscale.data.prompt.make_sample_counter` as
+  ``count_total``; a record that does not render is an ``Err`` as it is (never fitted).
+
+One difference from the plain chain, on purpose: when the fit cut a record's answer (its
+completion, output or last assistant turn), the trained span ends with the cut text, so the
+turn's end-of-turn text and the EOS carry no loss (the model is not taught to stop mid-answer).
 
 Pure: no I/O; the caller writes the ``Err`` results to its quarantine file.
 """
