@@ -221,6 +221,8 @@ def test_streaming_report_counts_the_rows_read_so_far(tmp_path: Path):
     assert accounted(train_counts) and train_counts["rows_read"] == len(rows)
     assert train_counts["quarantined_reasons"] == {"completion missing": 2}
     assert train_counts["truncated"] >= 6 and train_counts["dropped"] == 0
+    on_disk = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert on_disk["train"] == train_counts  # the file follows the stream
     assert report_lines(bundle.report)[0].startswith(
         f"data: {train_counts['rows_read']} training rows read so far (streaming)"
     )

@@ -556,7 +556,8 @@ def _streaming_bundle(
 ) -> DataBundle:
     """The bundle of ``data.streaming``: a loader that reads, prepares and packs on the fly
     (every rank the same global batches, keeping its rows; rank 0 writes the quarantine).
-    ``report["train"]`` counts the rows read so far (``complete`` stays False)."""
+    ``report["train"]`` counts the rows read so far (``complete`` stays False); rank 0 rewrites
+    ``<run>/data_report.json`` with every chunk read."""
     d = cfg.data
     packing = d.packing.enabled
     template = get_template(d.template)
@@ -627,6 +628,8 @@ def _streaming_bundle(
                 split=None,
             ),
         )
+        if rank == 0:  # <run>/data_report.json follows the stream (quarantine is <run>/data/…)
+            data_report.write_report(quarantine.parent.parent, report)
         error_budget.check(final=False)
 
     def stream(epoch: int) -> Iterator[tuple[Ok[dict] | Err, str]]:
