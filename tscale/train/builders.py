@@ -20,7 +20,7 @@ from tscale.core.result import Err, Ok
 from tscale.core.state import TrainState
 from tscale.data import load as data_load
 from tscale.data import synthetic
-from tscale.data.length import LengthBudget, LengthReport
+from tscale.data.length import Dropped, LengthBudget, LengthReport
 from tscale.data.loader import BatchLoader
 from tscale.data.pack import pack_examples
 from tscale.data.prepare import prepare_examples
@@ -39,7 +39,7 @@ from tscale.optim.schedule_free import schedule_free_eval_params
 from tscale.step.compile import compile_step
 from tscale.step.compose import StepFn, make_train_step
 from tscale.step.sophia import make_sophia_train_step
-from tscale.train import data_sources
+from tscale.train import data_report, data_sources
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -116,10 +116,15 @@ def _prepare(
     max_length: int | None,
     where: list[str] | None = None,
     budget: LengthBudget | None = None,
-) -> tuple[list[dict], Counter, LengthReport]:
+) -> tuple[list[dict], Counter, Counter, LengthReport]:
     """Fit each record to the length budget, render it with the template and tokenize it with its
-    loss mask (batched, each text encoded once); an ``Err`` at any stage goes to the quarantine
-    file (with the original record) and is counted by reason."""
+    loss mask (batched, each text encoded once). A malformed record (an ``Err``) goes to the
+    quarantine file, a record the length policy leaves out (:class:`Dropped`) to the dropped-rows
+    file beside it, each with the original record.
+
+    Returns:
+        ``(examples, quarantined by reason, dropped by reason, length report)``.
+    """
     d = cfg.data
     places = where if where is not None else [f"{name} record {i}" for i in range(len(records))]
     results, length_report = prepare_examples(
@@ -136,16 +141,21 @@ def _prepare(
     )
     ok: list[dict] = []
     errors: Counter = Counter()
+    dropped: Counter = Counter()
     bad: list[Err] = []
+    left_out: list[Err] = []
     for record, res in zip(records, results, strict=True):
         if isinstance(res, Ok):
             ok.append(res.value)
+        elif isinstance(res, Dropped):
+            dropped[data_report.reason_key(res.reason)] += 1
+            left_out.append(attrs.evolve(res, record=record))
         else:
-            errors[res.reason.split(":")[0]] += 1
+            errors[data_report.reason_key(res.reason)] += 1
             bad.append(attrs.evolve(res, record=record))
-    if bad:
-        data_load.write_quarantine(bad, quarantine)
-    return ok, errors, length_report
+    data_load.write_quarantine(bad, quarantine)
+    data_load.write_quarantine(left_out, quarantine.with_name(data_sources.DROPPED_FILE))
+    return ok, errors, dropped, length_report
 
 
 def question_and_answer(record: dict) -> tuple[str, str]:
@@ -202,7 +212,9 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
         )
     if not d.streaming:
         quarantine.unlink(missing_ok=True)  # rebuilt below (or restored from the cache)
+        quarantine.with_name(data_sources.DROPPED_FILE).unlink(missing_ok=True)
     budget = data_sources.length_budget(d)
+    eval_budget = data_sources.length_budget(d, packed=False)
     error_budget = data_sources.ErrorBudget(d.max_error_rate, quarantine)
     if d.train_files or d.sources:
         train_files = [Path(p) for p in d.train_files]
@@ -259,15 +271,21 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
     packing = d.packing.enabled
     eval_records: list[dict] = []
     eval_places: list[str] | None = None
+    eval_read = {"rows": 0, "load_errors": Counter()}  # rows read and quarantined on loading
     if eval_source is not None:
-        eval_records, eval_places, eval_bad, _ = data_sources.read_source(
+        eval_records, eval_places, eval_bad, eval_rows = data_sources.read_source(
             eval_source, cache_dir=hf_cache
         )
         data_load.write_quarantine(eval_bad, quarantine)
+        eval_read = {
+            "rows": eval_rows,
+            "load_errors": Counter(data_report.reason_key(e.reason) for e in eval_bad),
+        }
     elif eval_files:
-        eval_records, _ = data_load.load_records(
+        eval_records, eval_load = data_load.load_records(
             eval_files, quarantine=quarantine, cache_dir=hf_cache
         )
+        eval_read = {"rows": eval_load.total, "load_errors": _by_kind(eval_load.errors)}
     if d.streaming:
         return _streaming_bundle(
             cfg,
@@ -280,6 +298,8 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
             error_budget,
             budget,
             hf_cache,
+            eval_read,
+            eval_budget,
             rank=rank,
             world_size=world_size,
         )
@@ -293,13 +313,14 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
         train_examples, eval_examples, meta = cached_data
         report = {**meta["report"], "cache": "hit", "cache_path": str(folder)}
         report["quarantine"] = str(quarantine) if quarantine.exists() else None
+        report["dropped_file"] = _if_exists(quarantine.with_name(data_sources.DROPPED_FILE))
         example_lengths = list(meta["example_lengths"])
     else:
         got = train_records()
-        train_examples, train_errors, length_report = [], Counter(), LengthReport()
+        train_errors, train_dropped, length_report = Counter(), Counter(), LengthReport()
         parts = []
         for records, places in got["parts"]:
-            examples, errors, rep = _prepare(
+            examples, errors, dropped, rep = _prepare(
                 cfg,
                 encoder,
                 records,
@@ -311,6 +332,7 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
             )
             parts.append(examples)
             train_errors += errors
+            train_dropped += dropped
             length_report = length_report + rep
         if len(parts) == 1:
             train_examples = parts[0]
@@ -319,7 +341,7 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
                 [len(p) for p in parts], [s.weight for s in sources], cfg.run.seed
             )
             train_examples = [parts[i][j] for i, j in order]
-        eval_examples, eval_errors, _ = _prepare(
+        eval_examples, eval_errors, eval_dropped, eval_length = _prepare(
             cfg,
             encoder,
             eval_records,
@@ -327,10 +349,11 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
             quarantine,
             max_length=d.max_length,
             where=eval_places,
-            budget=budget,
+            budget=eval_budget,
         )
-        rows, load_bad = got["rows"], sum(got["load_errors"].values())
-        error_budget.add(rows, load_bad + sum(train_errors.values()))
+        rows, load_errors = got["rows"], _by_kind(got["load_errors"])
+        bad = load_errors + train_errors
+        error_budget.add(rows, bad.total(), bad)
         error_budget.check(final=True)
         example_lengths = [len(e["input_ids"]) for e in train_examples]
         pack_report = None
@@ -338,6 +361,9 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
             train_examples, pack_report = pack_examples(
                 train_examples, d.max_length, split_overflow=d.packing.split_overflow
             )
+        packer_dropped = pack_report.dropped_too_long if pack_report is not None else 0
+        if packer_dropped:  # not expected: the length budget fits every example first
+            train_dropped["too long (packer)"] += packer_dropped
         report = {
             "train_records": got["records"],
             "train_examples": len(train_examples),
@@ -353,6 +379,29 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
             "length": _length_summary(length_report) if budget is not None else None,
             "sources": got["sources"],
             "streaming": False,
+            "train": data_report.split_counts(
+                rows_read=rows,
+                kept=sum(len(p) for p in parts) - packer_dropped,
+                dropped=train_dropped,
+                quarantined=load_errors + train_errors,
+                truncated=length_report.truncated_examples,
+                split=pack_report.split_documents if pack_report is not None else 0,
+                examples=len(train_examples),
+                **data_report.token_counts(train_examples, pack_report),
+            ),
+            "eval": data_report.split_counts(
+                rows_read=eval_read["rows"],
+                kept=len(eval_examples),
+                kept_name="kept",
+                dropped=eval_dropped,
+                quarantined=eval_read["load_errors"] + eval_errors,
+                truncated=eval_length.truncated_examples,
+                examples=len(eval_examples),
+            ),
+            "limit": _limit_name(budget),
+            "dropped_file": _if_exists(quarantine.with_name(data_sources.DROPPED_FILE)),
+            "max_error_rate": d.max_error_rate,
+            "complete": True,
         }
         if d.cache and train_examples:
             data_sources.save_processed(
@@ -364,7 +413,10 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
             )
         report = {**report, "cache": "miss" if d.cache else "off", "cache_path": str(folder)}
     if not train_examples:
-        raise DataError(f"no usable training example; see {quarantine} for the reasons")
+        raise DataError(
+            f"no usable training example; see {quarantine} and "
+            f"{quarantine.with_name(data_sources.DROPPED_FILE)} for the reasons"
+        )
     loader = BatchLoader(
         train_examples,
         d.batch_size,
@@ -390,12 +442,35 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
     )
 
 
+def _by_kind(reasons: dict[str, int]) -> Counter:
+    """Counts by reason, merged by :func:`data_report.reason_key`."""
+    out: Counter = Counter()
+    for reason, n in reasons.items():
+        out[data_report.reason_key(reason)] += n
+    return out
+
+
+def _limit_name(budget: LengthBudget | None) -> str | None:
+    """What the length budget fits examples to, for the data report."""
+    if budget is None:
+        return None
+    if budget.per_column_limits:
+        limit = f" and {budget.limit_name}" if budget.max_total_length is not None else ""
+        return f"data.length.per_column_limits{limit}"
+    return budget.limit_name
+
+
+def _if_exists(path: Path) -> str | None:
+    return str(path) if path.exists() else None
+
+
 def _length_summary(report: LengthReport) -> dict[str, Any]:
     """The length budget's counts for the end-of-run report."""
     return {
         "records": report.records,
         "kept": report.kept,
         "truncated_records": report.truncated_records,
+        "truncated_examples": report.truncated_examples,
         "truncated_columns": {c: dict(r) for c, r in report.truncated.items()},
         "dropped": dict(report.dropped),
         "summary": report.summary(),
@@ -473,12 +548,16 @@ def _streaming_bundle(
     error_budget: data_sources.ErrorBudget,
     budget: LengthBudget | None,
     hf_cache: Path,
+    eval_read: dict[str, Any],
+    eval_budget: LengthBudget | None,
     *,
     rank: int = 0,
     world_size: int = 1,
 ) -> DataBundle:
     """The bundle of ``data.streaming``: a loader that reads, prepares and packs on the fly
-    (every rank the same global batches, keeping its rows; rank 0 writes the quarantine)."""
+    (every rank the same global batches, keeping its rows; rank 0 writes the quarantine).
+    ``report["train"]`` counts the rows read so far (``complete`` stays False); rank 0 rewrites
+    ``<run>/data_report.json`` with every chunk read."""
     d = cfg.data
     packing = d.packing.enabled
     template = get_template(d.template)
@@ -490,7 +569,15 @@ def _streaming_bundle(
         "quarantine": str(quarantine),
         "cache": "off (streaming)",
         "sources": [{"source": s.name, "key": s.key, "weight": s.weight} for s in sources],
+        "train": data_report.split_counts(
+            rows_read=0, kept=0, dropped={}, quarantined={}, truncated=0, split=None
+        ),
+        "limit": _limit_name(budget),
+        "dropped_file": str(quarantine.with_name(data_sources.DROPPED_FILE)),
+        "max_error_rate": d.max_error_rate,
+        "complete": False,
     }
+    seen = {"dropped": Counter(), "quarantined": Counter(), "truncated": 0}
     if d.packing.buffer_size < 1:
         raise ConfigError(f"data.packing.buffer_size must be >= 1, got {d.packing.buffer_size}")
     if d.group_by_length or d.max_tokens is not None:
@@ -500,7 +587,7 @@ def _streaming_bundle(
         )
 
     def prepare(records: Sequence[dict], places: Sequence[str]) -> list[Ok[dict] | Err]:
-        results, _ = prepare_examples(
+        results, length_report = prepare_examples(
             records,
             template,
             encoder,
@@ -512,20 +599,37 @@ def _streaming_bundle(
             budget=budget,
             where=places,
         )
+        seen["truncated"] += length_report.truncated_examples
         return [
             attrs.evolve(r, record=rec) if isinstance(r, Err) else r
             for r, rec in zip(results, records, strict=True)
         ]
 
     def on_errors(errors: list[Err], rows: int) -> None:
+        bad = [e for e in errors if not isinstance(e, Dropped)]
+        left_out = [e for e in errors if isinstance(e, Dropped)]
         if rank == 0:  # every rank reads the same rows: one copy of each bad one
-            data_load.write_quarantine(errors, quarantine)
-        error_budget.add(rows, len(errors))
+            data_load.write_quarantine(bad, quarantine)
+            data_load.write_quarantine(left_out, quarantine.with_name(data_sources.DROPPED_FILE))
+        reasons = Counter(data_report.reason_key(e.reason) for e in bad)
+        seen["quarantined"].update(reasons)
+        seen["dropped"].update(data_report.reason_key(e.reason) for e in left_out)
+        error_budget.add(rows, len(bad), reasons)
         report.update(
             train_rows=error_budget.rows,
             quarantined_rows=error_budget.bad,
             error_rate=error_budget.bad / error_budget.rows if error_budget.rows else 0.0,
+            train=data_report.split_counts(
+                rows_read=error_budget.rows,
+                kept=error_budget.rows - seen["dropped"].total() - seen["quarantined"].total(),
+                dropped=seen["dropped"],
+                quarantined=seen["quarantined"],
+                truncated=seen["truncated"],
+                split=None,
+            ),
         )
+        if rank == 0:  # <run>/data_report.json follows the stream (quarantine is <run>/data/…)
+            data_report.write_report(quarantine.parent.parent, report)
         error_budget.check(final=False)
 
     def stream(epoch: int) -> Iterator[tuple[Ok[dict] | Err, str]]:
@@ -544,7 +648,7 @@ def _streaming_bundle(
         rank=rank,
         world_size=world_size,
     )
-    eval_examples, eval_errors, _ = _prepare(
+    eval_examples, eval_errors, eval_dropped, eval_length = _prepare(
         cfg,
         encoder,
         eval_records,
@@ -552,10 +656,19 @@ def _streaming_bundle(
         quarantine,
         max_length=d.max_length,
         where=eval_places,
-        budget=budget,
+        budget=eval_budget,
     )
     report["eval_examples"] = len(eval_examples)
     report["eval_encode_errors"] = dict(eval_errors)
+    report["eval"] = data_report.split_counts(
+        rows_read=eval_read["rows"],
+        kept=len(eval_examples),
+        kept_name="kept",
+        dropped=eval_dropped,
+        quarantined=eval_read["load_errors"] + eval_errors,
+        truncated=eval_length.truncated_examples,
+        examples=len(eval_examples),
+    )
     return DataBundle(
         encoder=encoder,
         tokenizer_file=tokenizer_file,

@@ -33,7 +33,7 @@ from tscale.models.generate import greedy
 from tscale.models.transformer import Transformer
 from tscale.optim.base import GradientTransformation
 from tscale.step.compose import StepFn, make_eval_step
-from tscale.train import builders, distributed
+from tscale.train import builders, data_report, distributed
 from tscale.train.callbacks import Callback, JsonlLogger, ProgressBar, truncate_jsonl
 from tscale.train.export import export_adapter
 
@@ -178,6 +178,9 @@ def train(
                 cfg, run_dir, rank=par.plan.rank, world_size=par.world_size
             )
         par.barrier()
+    if main:  # every row accounted for, before the first step (docs/data.md#the-data-report)
+        data_report.print_report(console, bundle.report)
+        data_report.write_report(run_dir, bundle.report)
     schedule = builders.build_schedule(cfg)
     key = R.key(cfg.run.seed)
     init_key, state_key = R.split(key, 2)
