@@ -2,8 +2,8 @@
 
 A folder is what ``transformers``' ``save_pretrained`` writes: ``tokenizer.json`` (the fast
 tokenizer, added tokens included), ``tokenizer_config.json`` (``bos_token``/``eos_token``/
-``pad_token``/``unk_token`` as strings or ``AddedToken`` dicts, ``add_bos_token``, a
-``chat_template`` string or list), ``special_tokens_map.json`` and, since transformers 4.43,
+``pad_token``/``unk_token`` as strings or ``AddedToken`` dicts, a ``chat_template`` string or
+list), ``special_tokens_map.json`` and, since transformers 4.43,
 ``chat_template.jinja``. Everything is read with ``tokenizers`` and ``json``; ``transformers``
 is not needed. tscale's own BPE is just another folder: :func:`save_tokenizer_folder` writes its
 ``tokenizer_config.json``, and a bare tscale ``tokenizer.json`` (checkpoints written before
@@ -99,7 +99,7 @@ def load_encoder(path: str | Path, *, key: str = "data.tokenizer.path") -> Encod
 
     Special tokens come from ``tokenizer_config.json`` (then ``special_tokens_map.json``); a
     missing pad token falls back to eos (``pad_is_eos``). The tokenizer adds BOS (``adds_bos``)
-    when ``add_bos_token`` says so, or, without that key, when its post-processor does.
+    when its post-processor does (``add_bos_token`` is not read, as in transformers 5).
 
     Args:
         key: the YAML key the path came from, named in every error.
@@ -161,10 +161,9 @@ def load_encoder(path: str | Path, *, key: str = "data.tokenizer.path") -> Encod
     pad_is_eos = ids["pad_token"] is None
     pad_id = eos_id if pad_is_eos else ids["pad_token"]
     bos_id = ids["bos_token"]
-    if "add_bos_token" in config:  # as transformers: an explicit flag rebuilds the post-processor
-        adds_bos = bool(config["add_bos_token"]) and bos_id is not None
-    else:
-        adds_bos = post_processor_adds(tok, bos_id)[0]
+    # tokenizer.json's post-processor decides, as in transformers 5 (whose fast tokenizers no
+    # longer read add_bos_token; folders saved by transformers 4 agree with their flag).
+    adds_bos = post_processor_adds(tok, bos_id)[0]
     limit = config.get("model_max_length")
     return Encoder(
         tok,
@@ -228,8 +227,6 @@ def tokenizer_config(encoder: Encoder) -> dict[str, Any]:
         "model_max_length": encoder.model_max_length or _VERY_LARGE_INTEGER,
         "clean_up_tokenization_spaces": False,
     }
-    if not encoder.adds_bos and post_processor_adds(encoder.tokenizer, encoder.bos_id)[0]:
-        config["add_bos_token"] = False  # the encoder does not add the BOS the file would
     if encoder.chat_template is not None:
         config["chat_template"] = encoder.chat_template
     return config
@@ -240,8 +237,8 @@ def save_tokenizer_folder(encoder: Encoder, directory: str | Path) -> dict[str, 
     same special tokens, BOS behaviour and chat template, and that :func:`load_encoder` reads
     back as the same encoder.
 
-    Files: ``tokenizer.json`` (with a post-processor that adds BOS when the encoder adds one
-    and the file did not), ``tokenizer_config.json``, ``special_tokens_map.json`` and, when there
+    Files: ``tokenizer.json`` (its post-processor set to add BOS exactly when the encoder does,
+    e.g. for tscale's BPE), ``tokenizer_config.json``, ``special_tokens_map.json`` and, when there
     is a template, ``chat_template.jinja``. Each is written atomically.
 
     Returns:
@@ -250,14 +247,18 @@ def save_tokenizer_folder(encoder: Encoder, directory: str | Path) -> dict[str, 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tok = encoder.tokenizer
-    if encoder.adds_bos and not post_processor_adds(tok, encoder.bos_id)[0]:
+    if encoder.adds_bos != post_processor_adds(tok, encoder.bos_id)[0]:
+        # The file's post-processor must say what the encoder does (tscale's BPE adds BOS).
         tok = Tokenizer.from_str(tok.to_str())
         bos = encoder.bos_token
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos}:0 $A:0",
-            pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
-            special_tokens=[(bos, encoder.bos_id)],
-        )
+        if encoder.adds_bos:
+            tok.post_processor = processors.TemplateProcessing(
+                single=f"{bos}:0 $A:0",
+                pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                special_tokens=[(bos, encoder.bos_id)],
+            )
+        else:
+            tok.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1")
     files = {
         "tokenizer.json": out / "tokenizer.json",
         "tokenizer_config.json": out / "tokenizer_config.json",

@@ -63,6 +63,31 @@ LLAMA3_TEMPLATE = (
     "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
 
+# Qwen3's way with reasoning, in small: an assistant turn's ``<think>…</think>`` block is kept in
+# the last message only and stripped from earlier turns (the template rewrites earlier turns, so
+# prefix rendering cannot find their spans); ``{% generation %}`` blocks mark what is trained.
+QWEN3_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' %}"
+    "{%- set content = message.content %}"
+    "{%- set reasoning = '' %}"
+    "{%- if '</think>' in content %}"
+    "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}"
+    "{%- endif %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- generation %}"
+    "{%- if loop.last %}{{- '<think>\\n' + reasoning + '\\n</think>\\n\\n' }}{%- endif %}"
+    "{{- content + '<|im_end|>' }}"
+    "{%- endgeneration %}"
+    "{{- '\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
 _SPECIALS: dict[str, dict[str, Any]] = {
     "qwen2": {
         "added": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
@@ -240,6 +265,7 @@ def make_model_folder(
 __all__ = [
     "LLAMA3_TEMPLATE",
     "QWEN2_TEMPLATE",
+    "QWEN3_TEMPLATE",
     "STYLES",
     "chat_records",
     "make_model_folder",
