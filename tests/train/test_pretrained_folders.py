@@ -305,3 +305,33 @@ def test_data_preview_with_an_hf_folder(tmp_path, folders, chat_files):
     data_cli.preview(cfg, console, n=1)
     text = console.export_text()
     assert "<|im_start|>assistant" in text and "<|im_end|>" in text
+
+
+def test_tscale_bpe_runs_keep_their_ids(tmp_path):
+    """Random-init runs with tscale's BPE: [bos] + prompt + completion + [eos], as before
+    tokenizer folders (the quickstart's metrics are unchanged)."""
+    run = tmp_path / "run"
+    cfg = load_config(
+        None,
+        [
+            f"run.output_dir={run}",
+            "data.synthetic.num_train=64",
+            "data.synthetic.num_eval=4",
+            "data.tokenizer.vocab_size=300",
+            "data.shuffle=false",
+        ],
+    )
+    bundle = builders.build_data(cfg, run)
+    enc = bundle.encoder
+    assert (enc.pad_id, enc.bos_id, enc.eos_id, enc.adds_bos, enc.chat_template) == (
+        0, 1, 2, True, None,
+    )  # fmt: skip
+    records = [json.loads(x) for x in (run / "data" / "train.jsonl").read_text().splitlines()]
+    assert len(bundle.train_examples) == len(records)
+    for ex, rec in zip(bundle.train_examples, records, strict=True):
+        assert ex == enc.encode_example(rec, 64).value
+    config = json.loads((run / "data" / "tokenizer" / "tokenizer_config.json").read_text())
+    assert (config["bos_token"], config["eos_token"], config["pad_token"]) == (
+        "<|bos|>", "<|eos|>", "<|pad|>",
+    )  # fmt: skip
+    assert "chat_template" not in config

@@ -561,6 +561,7 @@ class RenderedSample:
     num_assistant_turns: int
 
 
+@functools.lru_cache(maxsize=8)
 def _strftime_now(date: str) -> Callable[[str], str]:
     day = parse_date(date)
     return lambda fmt: day.strftime(fmt)
@@ -576,13 +577,18 @@ def render_messages(
     """The template's text for ``messages`` (raises jinja2's errors; :func:`render` catches).
     ``extra`` are more template variables (as ``apply_chat_template``'s keyword arguments)."""
     tpl = get_template(template)
+    variables = {
+        "tools": None,  # as transformers: defined (None), so `tools is not none` reads the same
+        "documents": None,
+        "bos_token": tpl.bos_token,
+        "eos_token": tpl.eos_token,
+        "strftime_now": _strftime_now(tpl.date),
+        **extra,
+    }
     return _compile(tpl.source, tpl.name).render(
         messages=[dict(m) for m in messages],
         add_generation_prompt=add_generation_prompt,
-        bos_token=tpl.bos_token,
-        eos_token=tpl.eos_token,
-        strftime_now=_strftime_now(tpl.date),
-        **extra,
+        **variables,
     )
 
 
