@@ -102,6 +102,9 @@ def test_sft_from_model_path_alone_trains_on_transformers_ids(tmp_path, folders,
     cfg = load_config(None, args)
     bundle = builders.build_data(cfg, run)
     assert bundle.report["cache"] == "hit"  # the same processed data the run trained on
+    summary = bundle.report["tokenizer"]
+    assert summary["source"] == str(folders[style]) and summary["template"] == "tokenizer"
+    assert summary["pad_is_eos"] and summary["adds_bos"] == (style == "llama3")
     hf = transformers.AutoTokenizer.from_pretrained(folders[style])
     records = [json.loads(x) for x in train.read_text().splitlines()]
     theirs = [_hf_ids(hf, r["messages"]) for r in records]
@@ -302,7 +305,8 @@ def test_data_preview_with_an_hf_folder(tmp_path, folders, chat_files):
     run = tmp_path / "run"
     cfg = load_config(None, _overrides(run, train, eval_, f"model.path={folders['qwen2']}"))
     console = Console(record=True, width=400)
-    data_cli.preview(cfg, console, n=1)
+    with pytest.warns(UserWarning, match="no pad token: padding with its eos token"):
+        data_cli.preview(cfg, console, n=1)
     text = console.export_text()
     assert "<|im_start|>assistant" in text and "<|im_end|>" in text
 
@@ -335,3 +339,28 @@ def test_tscale_bpe_runs_keep_their_ids(tmp_path):
         "<|bos|>", "<|eos|>", "<|pad|>",
     )  # fmt: skip
     assert "chat_template" not in config
+
+
+def test_processed_cache_covers_template_source_and_date(tmp_path, folders, chat_files):
+    train, eval_ = chat_files
+    run = tmp_path / "run"
+    base = _overrides(run, train, eval_, f"model.path={folders['llama3']}")
+
+    def build(*extra: str) -> builders.DataBundle:
+        return builders.build_data(load_config(None, [*base, *extra]), run)
+
+    first = build("data.template_date=2025-01-01")
+    assert (
+        first.report["cache"] == "miss"
+        and build("data.template_date=2025-01-01").report["cache"] == "hit"
+    )
+    other = build("data.template_date=2025-02-01")
+    assert other.report["cache"] == "miss"
+    assert other.train_examples[0]["input_ids"] != first.train_examples[0]["input_ids"]
+    # A .jinja file whose contents change under the same config is a miss too.
+    jinja = tmp_path / "t.jinja"
+    jinja.write_text(folders["llama3"].joinpath("chat_template.jinja").read_text())
+    assert build(f"data.template={jinja}").report["cache"] == "miss"
+    assert build(f"data.template={jinja}").report["cache"] == "hit"
+    jinja.write_text(jinja.read_text().replace("Cutting Knowledge", "Knowledge"))
+    assert build(f"data.template={jinja}").report["cache"] == "miss"

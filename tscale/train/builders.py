@@ -129,7 +129,7 @@ _PLAIN_SOURCE = BUILTIN_TEMPLATES["plain"].source
 
 
 @attrs.frozen
-class _Template:
+class SelectedTemplate:
     """The template the data is rendered with; ``plain_only``: ``data.template: auto`` fell back
     to ``plain`` (no chat_template in the tokenizer), so chat records are an error."""
 
@@ -148,7 +148,7 @@ class _Template:
             )
 
 
-def select_template(cfg: Config, encoder: Encoder) -> _Template:
+def select_template(cfg: Config, encoder: Encoder) -> SelectedTemplate:
     """The template of ``data.template`` with the tokenizer's bos/eos strings and
     ``data.template_date`` bound (see docs/data.md, templates).
 
@@ -176,17 +176,17 @@ def select_template(cfg: Config, encoder: Encoder) -> _Template:
 
     if spec == "auto":
         if encoder.chat_template is not None:
-            return _Template(bind(compile_source(encoder.chat_template, "tokenizer")))
-        return _Template(bind(BUILTIN_TEMPLATES["plain"]), plain_only=True)
+            return SelectedTemplate(bind(compile_source(encoder.chat_template, "tokenizer")))
+        return SelectedTemplate(bind(BUILTIN_TEMPLATES["plain"]), plain_only=True)
     if spec in BUILTIN_TEMPLATES:
-        return _Template(bind(BUILTIN_TEMPLATES[spec]))
+        return SelectedTemplate(bind(BUILTIN_TEMPLATES[spec]))
     if "{%" in spec or "{{" in spec:
-        return _Template(bind(compile_source(spec, "data.template")))
+        return SelectedTemplate(bind(compile_source(spec, "data.template")))
     path = Path(spec)
     if path.suffix == ".jinja" or path.is_file():
         if not path.is_file():
             raise ConfigError(f"data.template: template file {spec} not found")
-        return _Template(bind(compile_source(path.read_text(encoding="utf-8"), path.name)))
+        return SelectedTemplate(bind(compile_source(path.read_text(encoding="utf-8"), path.name)))
     raise ConfigError(
         f"data.template: unknown template {spec!r}; use auto (the tokenizer's chat_template), "
         f"a built-in ({', '.join(TEMPLATE_NAMES)}), a path to a .jinja file or a Jinja2 string"
@@ -203,7 +203,7 @@ def _prepare(
     max_length: int | None,
     where: list[str] | None = None,
     budget: LengthBudget | None = None,
-    template: _Template | None = None,
+    template: SelectedTemplate | None = None,
 ) -> tuple[list[dict], Counter, LengthReport]:
     """Fit each record to the length budget, render it with the template and tokenize it with its
     loss mask (batched, each text encoded once); an ``Err`` at any stage goes to the quarantine
@@ -302,6 +302,19 @@ def build_encoder(cfg: Config, trained: Callable[[], Any]) -> Encoder:
             stacklevel=2,
         )
     return encoder
+
+
+def tokenizer_summary(encoder: Encoder, template: ChatTemplate) -> dict[str, Any]:
+    """The tokenizer and template of a run, for its data report."""
+    return {
+        "source": encoder.source or "trained (tscale BPE)",
+        "vocab_size": encoder.vocab_size,
+        **encoder.special_tokens,
+        "adds_bos": encoder.adds_bos,
+        "pad_is_eos": encoder.pad_is_eos,
+        "template": template.name,
+        "template_date": template.date,
+    }
 
 
 def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1) -> DataBundle:
@@ -498,6 +511,7 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
                 quarantine=quarantine,
             )
         report = {**report, "cache": "miss" if d.cache else "off", "cache_path": str(folder)}
+    report = {**report, "tokenizer": tokenizer_summary(encoder, tpl)}
     if not train_examples:
         raise DataError(f"no usable training example; see {quarantine} for the reasons")
     loader = BatchLoader(
@@ -603,7 +617,7 @@ def _streaming_bundle(
     sources: list[data_sources.Source],
     encoder: Encoder,
     tokenizer_files: dict[str, Path],
-    template: _Template,
+    template: SelectedTemplate,
     eval_records: list[dict],
     eval_places: list[str] | None,
     quarantine: Path,
@@ -694,6 +708,7 @@ def _streaming_bundle(
     )
     report["eval_examples"] = len(eval_examples)
     report["eval_encode_errors"] = dict(eval_errors)
+    report["tokenizer"] = tokenizer_summary(encoder, template.template)
     return DataBundle(
         encoder=encoder,
         tokenizer_files=tokenizer_files,
