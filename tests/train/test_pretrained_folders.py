@@ -364,3 +364,25 @@ def test_processed_cache_covers_template_source_and_date(tmp_path, folders, chat
     assert build(f"data.template={jinja}").report["cache"] == "hit"
     jinja.write_text(jinja.read_text().replace("Cutting Knowledge", "Knowledge"))
     assert build(f"data.template={jinja}").report["cache"] == "miss"
+
+
+def test_streaming_uses_the_folder_tokenizer_and_template(tmp_path, folders, chat_files):
+    train, eval_ = chat_files
+    run = tmp_path / "run"
+    args = _overrides(run, train, eval_, f"model.path={folders['qwen2']}", "data.streaming=true")
+    bundle = builders.build_data(load_config(None, args), run)
+    assert bundle.report["streaming"] and bundle.report["tokenizer"]["template"] == "tokenizer"
+    hf = transformers.AutoTokenizer.from_pretrained(folders["qwen2"])
+    records = [json.loads(x) for x in train.read_text().splitlines()]
+    expected = {tuple(_hf_ids(hf, r["messages"])) for r in records}
+    batch = next(iter(bundle.loader))
+    pad = bundle.encoder.pad_id
+    for row in batch["input_ids"].tolist():
+        while row and row[-1] == pad:  # right padding (eos pads; every sample ends in "\n")
+            row.pop()
+        assert tuple(row) in expected
+    # The eval examples (not streamed) are rendered by the same template.
+    evals = [json.loads(x) for x in eval_.read_text().splitlines()]
+    assert [e["input_ids"] for e in bundle.eval_examples] == [
+        _hf_ids(hf, r["messages"]) for r in evals
+    ]

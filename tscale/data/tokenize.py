@@ -1,4 +1,7 @@
-"""Byte-level BPE tokenizers; the encoder that turns records into ids and pre-shifted labels."""
+"""tscale's byte-level BPE (trained on the data and cached) and the :class:`Encoder`: a tokenizer
+with its special tokens and BOS rule (from an HF tokenizer folder, see
+:mod:`tscale.data.hf_tokenizer`, or tscale's BPE) that turns records into ids and pre-shifted
+labels."""
 
 from __future__ import annotations
 

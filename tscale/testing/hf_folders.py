@@ -13,6 +13,10 @@ styles that cover what real folders do differently:
   ``<|start_header_id|>``/``<|end_header_id|>``, eos ``<|eot_id|>``, no pad, and a Llama-3.1-style
   template that writes its own BOS and a date through ``strftime_now``.
 
+``QWEN3_TEMPLATE`` is a Qwen3-style template for the ``qwen2`` folder's tokens: it drops the
+``<think>`` block of every assistant turn but the last (so it rewrites earlier turns) and marks
+the trained text with ``{% generation %}`` blocks.
+
 ``transformers`` is imported lazily (a test-only dependency of tscale).
 """
 
