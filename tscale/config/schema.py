@@ -83,10 +83,21 @@ class SyntheticConfig:
 
 @attrs.frozen(kw_only=True)
 class TokenizerConfig:
-    """A byte-level BPE tokenizer: loaded from a file or trained on the training data and cached."""
+    """The tokenizer: an HF tokenizer folder (given, or model.path's), or a byte-level BPE
+    trained on the training data and cached (only when there is no pretrained model)."""
 
-    path: str | None = _f(None, "A tokenizer.json to load; None trains one on the training data.")
+    path: str | None = _f(
+        None,
+        "An HF tokenizer folder (tokenizer.json + tokenizer_config.json, its special tokens "
+        "and chat template) or a tokenizer.json; None: model.path's tokenizer, or without "
+        "model.path a BPE trained on the training data.",
+    )
     vocab_size: int = _f(384, "Vocabulary size when training (byte alphabet of 256 included).")
+    add_tokens: list[str] = _f(
+        [],
+        "Special tokens to add (e.g. chat markers for a base model); with model.path the "
+        "embedding and head grow to cover them (new rows: the mean of the old ones).",
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -200,9 +211,15 @@ class DataConfig:
     )
     tokenizer: TokenizerConfig = _f(TokenizerConfig(), "Tokenizer settings.")
     template: str = _f(
-        "plain",
-        "Prompt template: plain, alpaca, chatml, llama-3, mistral, gemma, qwen, or a "
-        "Jinja2 chat template string.",
+        "auto",
+        "Chat template: auto (the tokenizer's chat_template; without one, plain for "
+        "prompt/completion data and an error for chat data), a built-in (plain, alpaca, chatml, "
+        "llama-3, mistral, gemma, qwen), a path to a .jinja file, or a Jinja2 template string.",
+    )
+    template_date: str = _f(
+        "2026-01-01",
+        "The date (YYYY-MM-DD) the template's strftime_now formats (Llama-3.x writes it), "
+        "fixed so that the same data gives the same tokens.",
     )
     loss_mode: Literal["completion_only", "assistant_only", "last_turn_only"] = _f(
         "completion_only", "Which tokens are trained (masks come from rendering prefixes)."

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import re
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -16,15 +17,23 @@ from tensordict import TensorDictBase
 
 from tscale.checkpoint.hf import from_pretrained
 from tscale.config.schema import Config, DataConfig
+from tscale.core import tree as T
 from tscale.core.result import Err, Ok
 from tscale.core.state import TrainState
 from tscale.data import load as data_load
 from tscale.data import synthetic
+from tscale.data.hf_tokenizer import add_tokens, save_tokenizer_folder
 from tscale.data.length import Dropped, LengthBudget, LengthReport
 from tscale.data.loader import BatchLoader
 from tscale.data.pack import pack_examples
 from tscale.data.prepare import prepare_examples
-from tscale.data.prompt import get_template, render_messages, to_messages
+from tscale.data.prompt import (
+    BUILTIN_TEMPLATES,
+    TEMPLATE_NAMES,
+    ChatTemplate,
+    render_messages,
+    to_messages,
+)
 from tscale.data.sources import fingerprint
 from tscale.data.stream import StreamingBatchLoader
 from tscale.data.tokenize import Encoder, load_or_train_tokenizer
@@ -95,7 +104,9 @@ class DataBundle:
     """Everything data the trainer needs."""
 
     encoder: Encoder
-    tokenizer_file: Path
+    tokenizer_files: dict[str, Path]
+    """The run's tokenizer as a complete HF folder (``<run>/data/tokenizer/``): target file name
+    → path, copied into every checkpoint."""
     loader: BatchLoader | StreamingBatchLoader
     train_examples: list[dict]
     eval_examples: list[dict]
@@ -104,6 +115,82 @@ class DataBundle:
     encode_prompt: Callable[[dict], list[int]]
     example_lengths: list[int] = attrs.field(factory=list)
     """Tokens of each training example before packing (for ``tscale data inspect``)."""
+    template: ChatTemplate | None = None
+    """The chat template the data was rendered with (special tokens and date bound)."""
+
+    @property
+    def tokenizer_file(self) -> Path:
+        """The folder's ``tokenizer.json``."""
+        return self.tokenizer_files["tokenizer.json"]
+
+
+_CHAT_KEYS = ("messages", "conversations")
+_PLAIN_SOURCE = BUILTIN_TEMPLATES["plain"].source
+
+
+@attrs.frozen
+class SelectedTemplate:
+    """The template the data is rendered with; ``plain_only``: ``data.template: auto`` fell back
+    to ``plain`` (no chat_template in the tokenizer), so chat records are an error."""
+
+    template: ChatTemplate
+    plain_only: bool = False
+
+    def check(self, records: Sequence[dict], encoder: Encoder) -> None:
+        if self.plain_only and any(k in r for r in records for k in _CHAT_KEYS):
+            where = f" ({encoder.source})" if encoder.source else " (trained by tscale)"
+            names = ", ".join(n for n in TEMPLATE_NAMES if n != "plain")
+            raise DataError(
+                f"data.template: auto, but the tokenizer{where} has no chat_template and the "
+                "data is chat (messages): plain would glue the turns together; set "
+                f"data.template to a built-in ({names}), "
+                "a .jinja file or a Jinja2 string, or use a tokenizer folder with a chat template"
+            )
+
+
+def select_template(cfg: Config, encoder: Encoder) -> SelectedTemplate:
+    """The template of ``data.template`` with the tokenizer's bos/eos strings and
+    ``data.template_date`` bound (see docs/data.md, templates).
+
+    Raises:
+        ConfigError: an unknown name, a missing ``.jinja`` file or invalid Jinja2.
+    """
+    d = cfg.data
+    spec = d.template
+
+    def bind(tpl: ChatTemplate) -> ChatTemplate:
+        try:
+            return tpl.with_tokens(
+                bos_token=encoder.bos_token or "",
+                eos_token=encoder.eos_token or "",
+                date=d.template_date,
+            )
+        except DataError as e:
+            raise ConfigError(str(e)) from None
+
+    def compile_source(source: str, name: str) -> ChatTemplate:
+        try:
+            return ChatTemplate.from_jinja(source, name=name)
+        except DataError as e:
+            raise ConfigError(f"data.template: {e}") from None
+
+    if spec == "auto":
+        if encoder.chat_template is not None:
+            return SelectedTemplate(bind(compile_source(encoder.chat_template, "tokenizer")))
+        return SelectedTemplate(bind(BUILTIN_TEMPLATES["plain"]), plain_only=True)
+    if spec in BUILTIN_TEMPLATES:
+        return SelectedTemplate(bind(BUILTIN_TEMPLATES[spec]))
+    if "{%" in spec or "{{" in spec:
+        return SelectedTemplate(bind(compile_source(spec, "data.template")))
+    path = Path(spec)
+    if path.suffix == ".jinja" or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"data.template: template file {spec} not found")
+        return SelectedTemplate(bind(compile_source(path.read_text(encoding="utf-8"), path.name)))
+    raise ConfigError(
+        f"data.template: unknown template {spec!r}; use auto (the tokenizer's chat_template), "
+        f"a built-in ({', '.join(TEMPLATE_NAMES)}), a path to a .jinja file or a Jinja2 string"
+    )
 
 
 def _prepare(
@@ -116,6 +203,7 @@ def _prepare(
     max_length: int | None,
     where: list[str] | None = None,
     budget: LengthBudget | None = None,
+    template: SelectedTemplate | None = None,
 ) -> tuple[list[dict], Counter, Counter, LengthReport]:
     """Fit each record to the length budget, render it with the template and tokenize it with its
     loss mask (batched, each text encoded once). A malformed record (an ``Err``) goes to the
@@ -127,11 +215,13 @@ def _prepare(
     """
     d = cfg.data
     places = where if where is not None else [f"{name} record {i}" for i in range(len(records))]
+    template = template if template is not None else select_template(cfg, encoder)
+    template.check(records, encoder)
     results, length_report = prepare_examples(
         records,
-        get_template(d.template),
+        template.template,
         encoder,
-        add_bos=True,
+        add_bos=encoder.adds_bos,  # the BOS/EOS rule of docs/data.md
         add_eos=True,
         system=d.system_prompt,
         loss_mode=d.loss_mode,
@@ -172,23 +262,69 @@ def question_and_answer(record: dict) -> tuple[str, str]:
     return (text[-2] if len(text) > 1 else ""), (text[-1] if text else "")
 
 
-def prompt_encoder(cfg: Config, encoder: Encoder) -> Callable[[dict], list[int]]:
+def prompt_encoder(
+    cfg: Config, encoder: Encoder, template: ChatTemplate | None = None
+) -> Callable[[dict], list[int]]:
     """``record -> ids`` of the generation prompt: the template's rendering of every message but
-    the last (the answer), with the generation prompt added, after bos."""
+    the last (the answer), with the generation prompt added, encoded without special tokens;
+    BOS first when the tokenizer adds one and the template did not write it (never twice)."""
     d = cfg.data
-    template = get_template(d.template)
+    tpl = template if template is not None else select_template(cfg, encoder).template
+    plain = tpl.source == _PLAIN_SOURCE
+    bos = [encoder.bos_id] if encoder.adds_bos and encoder.bos_id is not None else []
 
     def encode(record: dict) -> list[int]:
-        if d.template == "plain" and "prompt" in record:
+        if plain and "prompt" in record:
             return encoder.encode_prompt(record["prompt"])
         messages = to_messages(record, system=d.system_prompt)
         if not isinstance(messages, Ok):
             raise DataError(f"eval record cannot be rendered: {messages.reason}")
-        text = render_messages(template, messages.value[:-1], add_generation_prompt=True)
+        text = render_messages(tpl, messages.value[:-1], add_generation_prompt=True)
         ids = encoder.tokenizer.encode(text, add_special_tokens=False).ids
-        return ids if ids[:1] == [encoder.bos_id] else [encoder.bos_id, *ids]
+        return ids if not bos or ids[:1] == bos else [*bos, *ids]
 
     return encode
+
+
+def build_encoder(cfg: Config, trained: Callable[[], Any]) -> Encoder:
+    """The run's tokenizer (see docs/data.md, tokenizers): ``data.tokenizer.path`` (an HF
+    folder or a tokenizer.json), else ``model.path``'s folder, else tscale's BPE trained by
+    ``trained()``; with ``data.tokenizer.add_tokens`` added."""
+    d, m = cfg.data, cfg.model
+    if d.tokenizer.path is not None:
+        encoder = Encoder.from_path(d.tokenizer.path, key="data.tokenizer.path")
+    elif m.path is not None:
+        if not (Path(m.path) / "tokenizer.json").is_file():
+            raise ConfigError(
+                f"model.path {m.path} has no tokenizer.json: set data.tokenizer.path to the "
+                "model's HF tokenizer folder (a tokenizer trained here would not match the "
+                "pretrained embeddings)"
+            )
+        encoder = Encoder.from_path(m.path, key="model.path")
+    else:
+        encoder = Encoder.from_tokenizer(trained())
+    if d.tokenizer.add_tokens:
+        encoder = add_tokens(encoder, d.tokenizer.add_tokens)
+    if encoder.pad_is_eos:
+        warnings.warn(
+            f"tokenizer {encoder.source} has no pad token: padding with its eos token "
+            f"{encoder.eos_token!r} (padded positions carry no loss)",
+            stacklevel=2,
+        )
+    return encoder
+
+
+def tokenizer_summary(encoder: Encoder, template: ChatTemplate) -> dict[str, Any]:
+    """The tokenizer and template of a run, for its data report."""
+    return {
+        "source": encoder.source or "trained (tscale BPE)",
+        "vocab_size": encoder.vocab_size,
+        **encoder.special_tokens,
+        "adds_bos": encoder.adds_bos,
+        "pad_is_eos": encoder.pad_is_eos,
+        "template": template.name,
+        "template_date": template.date,
+    }
 
 
 def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1) -> DataBundle:
@@ -253,21 +389,27 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
             read.update(_read_train(cfg, sources, train_files, quarantine, hf_cache))
         return read
 
-    tokenizer_file = data_dir / "tokenizer.json"
-    if d.tokenizer.path is not None or not via_sources:
-        tokenizer = load_or_train_tokenizer(
-            d.tokenizer.path, train_files, d.tokenizer.vocab_size, cache_dir=data_dir
-        )
-    else:
+    def trained() -> Any:  # tscale's BPE, trained on the training data (cached)
+        if not via_sources:
+            return load_or_train_tokenizer(
+                None, train_files, d.tokenizer.vocab_size, cache_dir=data_dir
+            )
         key = fingerprint(
             {"vocab_size": d.tokenizer.vocab_size, "sources": [attrs.asdict(s) for s in sources]},
             input_files,
         )
         cached = data_dir / f"tokenizer-{key[:32]}.json"
         texts = [] if cached.is_file() else _tokenizer_records(d, sources, train_records, hf_cache)
-        tokenizer = data_sources.train_tokenizer_on(texts, d.tokenizer.vocab_size, cached)
-    tokenizer.save(str(tokenizer_file))
-    encoder = Encoder.from_tokenizer(tokenizer)
+        return data_sources.train_tokenizer_on(texts, d.tokenizer.vocab_size, cached)
+
+    encoder = build_encoder(cfg, trained)
+    template = select_template(cfg, encoder)
+    tpl = template.template
+    # The exported folder carries the template training used (none for plain).
+    trained_template = None if tpl.source == _PLAIN_SOURCE else tpl.source
+    encoder = attrs.evolve(encoder, chat_template=trained_template)
+    tokenizer = encoder.tokenizer
+    tokenizer_files = save_tokenizer_folder(encoder, data_dir / "tokenizer")
     packing = d.packing.enabled
     eval_records: list[dict] = []
     eval_places: list[str] | None = None
@@ -291,7 +433,8 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
             cfg,
             sources,
             encoder,
-            tokenizer_file,
+            tokenizer_files,
+            template,
             eval_records,
             eval_places,
             quarantine,
@@ -306,7 +449,10 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
 
     cache_root = Path(d.cache_dir) if d.cache_dir is not None else data_dir / "cache"
     folder = cache_root / (
-        "processed-" + data_sources.processed_fingerprint(cfg, tokenizer.to_str(), input_files)[:32]
+        "processed-"
+        + data_sources.processed_fingerprint(
+            cfg, tokenizer.to_str(), input_files, template=tpl, encoder=encoder
+        )[:32]
     )
     cached_data = data_sources.load_processed(folder, quarantine) if d.cache else None
     if cached_data is not None:
@@ -329,6 +475,7 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
                 max_length=None if packing else d.max_length,
                 where=places,
                 budget=budget,
+                template=template,
             )
             parts.append(examples)
             train_errors += errors
@@ -350,6 +497,7 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
             max_length=d.max_length,
             where=eval_places,
             budget=eval_budget,
+            template=template,
         )
         rows, load_errors = got["rows"], _by_kind(got["load_errors"])
         bad = load_errors + train_errors
@@ -412,6 +560,7 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
                 quarantine=quarantine,
             )
         report = {**report, "cache": "miss" if d.cache else "off", "cache_path": str(folder)}
+    report = {**report, "tokenizer": tokenizer_summary(encoder, tpl)}
     if not train_examples:
         raise DataError(
             f"no usable training example; see {quarantine} and "
@@ -431,14 +580,15 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
     )
     return DataBundle(
         encoder=encoder,
-        tokenizer_file=tokenizer_file,
+        tokenizer_files=tokenizer_files,
         loader=loader,
         train_examples=train_examples,
         eval_examples=eval_examples,
         eval_records=eval_records,
         report=report,
-        encode_prompt=prompt_encoder(cfg, encoder),
+        encode_prompt=prompt_encoder(cfg, encoder, tpl),
         example_lengths=example_lengths,
+        template=tpl,
     )
 
 
@@ -541,7 +691,8 @@ def _streaming_bundle(
     cfg: Config,
     sources: list[data_sources.Source],
     encoder: Encoder,
-    tokenizer_file: Path,
+    tokenizer_files: dict[str, Path],
+    template: SelectedTemplate,
     eval_records: list[dict],
     eval_places: list[str] | None,
     quarantine: Path,
@@ -560,7 +711,6 @@ def _streaming_bundle(
     ``<run>/data_report.json`` with every chunk read."""
     d = cfg.data
     packing = d.packing.enabled
-    template = get_template(d.template)
     report: dict[str, Any] = {
         "streaming": True,
         "train_rows": 0,
@@ -587,11 +737,12 @@ def _streaming_bundle(
         )
 
     def prepare(records: Sequence[dict], places: Sequence[str]) -> list[Ok[dict] | Err]:
+        template.check(records, encoder)
         results, length_report = prepare_examples(
             records,
-            template,
+            template.template,
             encoder,
-            add_bos=True,
+            add_bos=encoder.adds_bos,  # the BOS/EOS rule of docs/data.md
             add_eos=True,
             system=d.system_prompt,
             loss_mode=d.loss_mode,
@@ -657,6 +808,7 @@ def _streaming_bundle(
         max_length=d.max_length,
         where=eval_places,
         budget=eval_budget,
+        template=template,
     )
     report["eval_examples"] = len(eval_examples)
     report["eval_encode_errors"] = dict(eval_errors)
@@ -669,15 +821,17 @@ def _streaming_bundle(
         truncated=eval_length.truncated_examples,
         examples=len(eval_examples),
     )
+    report["tokenizer"] = tokenizer_summary(encoder, template.template)
     return DataBundle(
         encoder=encoder,
-        tokenizer_file=tokenizer_file,
+        tokenizer_files=tokenizer_files,
         loader=loader,
         train_examples=[],
         eval_examples=eval_examples,
         eval_records=eval_records,
         report=report,
-        encode_prompt=prompt_encoder(cfg, encoder),
+        encode_prompt=prompt_encoder(cfg, encoder, template.template),
+        template=template.template,
     )
 
 
@@ -702,18 +856,43 @@ def build_model(
                 "the architecture; remove model." + f.name
             )
     loaded = from_pretrained(m.path, dtype=_DTYPES[m.dtype])
-    if loaded.config.vocab_size < vocab_size:
-        raise ConfigError(
-            f"model.path {m.path}: vocabulary of {loaded.config.vocab_size} is smaller than the "
-            f"tokenizer's ({vocab_size}); use the checkpoint's tokenizer (data.tokenizer.path)"
-        )
+    config, params = loaded.config, loaded.params
+    rows = config.vocab_size
+    if rows < vocab_size:
+        added = len(cfg.data.tokenizer.add_tokens)
+        if not added or vocab_size - added > rows:
+            tok = cfg.data.tokenizer.path
+            where = f"data.tokenizer.path {tok}" if tok is not None else f"model.path {m.path}'s"
+            raise ConfigError(
+                f"{where} tokenizer has token ids up to {vocab_size - 1}, but the embedding of "
+                f"model.path {m.path} has {rows} rows: use the model's own tokenizer, or list "
+                "new tokens in data.tokenizer.add_tokens to grow the embedding"
+            )
+        config, params = resize_vocab(config, params, vocab_size)
     config = attrs.evolve(
-        loaded.config,
+        config,
         attention_backend=m.attention_backend,
         norm_backend=m.norm_backend,
         checkpoint_layers=m.checkpoint_layers,
     )
-    return Transformer(config), loaded.params
+    return Transformer(config), params
+
+
+def resize_vocab(
+    config: TransformerConfig, params: TensorDictBase, vocab_size: int
+) -> tuple[TransformerConfig, TensorDictBase]:
+    """``config`` and ``params`` with the embedding (and an untied head) grown to ``vocab_size``
+    rows; each new row is the mean of the old rows (a deterministic start that keeps the new
+    tokens' logits near the average, as transformers' ``resize_token_embeddings``)."""
+    flat = dict(T.flatten(params))
+    names = ["model.embed_tokens.weight"]
+    if not config.tie_word_embeddings and "lm_head.weight" in flat:
+        names.append("lm_head.weight")
+    for name in names:
+        old = flat[name]
+        mean = old.float().mean(dim=0, keepdim=True).to(old.dtype)
+        flat[name] = torch.cat([old, mean.expand(vocab_size - old.shape[0], -1)]).contiguous()
+    return attrs.evolve(config, vocab_size=vocab_size), T.unflatten(flat)
 
 
 def _random_model(cfg: Config, vocab_size: int) -> Transformer:

@@ -364,17 +364,41 @@ class ErrorBudget:
 _FIELDS = ("input_ids", "labels", "position_ids", "doc_ids")
 
 
-def processed_fingerprint(cfg: Config, tokenizer_json: str, files: Sequence[Path]) -> str:
-    """A fingerprint of everything the processed examples depend on."""
+def processed_fingerprint(
+    cfg: Config,
+    tokenizer_json: str,
+    files: Sequence[Path],
+    *,
+    template: Any = None,
+    encoder: Any = None,
+) -> str:
+    """A fingerprint of everything the processed examples depend on: the processing part of
+    ``data:``, the seed, the tokenizer's JSON, the input files and, when given, the template
+    (its source, bound special tokens and ``strftime_now`` date: a ``.jinja`` file or the
+    tokenizer folder's template can change while the config stays the same) and the encoder's
+    special tokens and BOS rule."""
     data = to_dict(cfg.data)
     for key in _NOT_PROCESSING:
         data.pop(key, None)
-    parts = {
+    parts: dict[str, Any] = {
         "version": CACHE_VERSION,
         "data": data,
         "seed": cfg.run.seed,  # synthetic data and the mixture order
         "tokenizer": hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest(),
     }
+    if template is not None:
+        parts["template"] = {
+            "source": hashlib.sha256(template.source.encode("utf-8")).hexdigest(),
+            "bos_token": template.bos_token,
+            "eos_token": template.eos_token,
+            "date": template.date,
+        }
+    if encoder is not None:
+        parts["special"] = {
+            **encoder.special_tokens,
+            "ids": [encoder.bos_id, encoder.eos_id, encoder.pad_id],
+            "adds_bos": encoder.adds_bos,
+        }
     return fingerprint(parts, files)
 
 

@@ -279,7 +279,7 @@ def train(
     pad_id = bundle.encoder.pad_id
 
     def save(at: int) -> None:
-        files = {"tokenizer.json": bundle.tokenizer_file}
+        files = dict(bundle.tokenizer_files)  # the run's HF tokenizer folder, flat
         extra = {"eval": last_eval}
         cursor = loader.state_dict()
         collective = dict(  # the multi-rank savers: every rank calls them
