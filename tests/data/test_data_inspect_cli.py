@@ -42,17 +42,24 @@ def test_inspect_prints_a_histogram_and_what_the_budget_does(tmp_path: Path):
     assert "tokens per example: p50" in out and "max " in out
     bars = [line for line in out.splitlines() if " | " in line]
     assert 2 <= len(bars) <= 10 and any("█" in b for b in bars)
-    assert (
-        sum(int(b.split("|")[1].split()[0]) for b in bars)
-        + int(out.split("too long': ")[1].split("}")[0])
-        == 60
-    )
-    assert "examples over data.max_length 48: quarantined" in out
-    assert "set data.length.max_total_length: 48 to truncate them instead" in out
+    # over-long rows are truncated to data.max_length, not lost: all 60 are in the histogram
+    assert sum(int(b.split("|")[1].split()[0]) for b in bars) == 60
+    assert "data: 60 training rows read: 60 trained, 0 dropped, 0 quarantined" in out
+    assert "length budget (data.max_length 48, excess truncate): truncated" in out
+    truncated = int(out.split("excess truncate): truncated ")[1].split()[0])
+    assert truncated > 0 and f"of the trained rows: {truncated} truncated" in out
 
-    out = _inspect(tmp_path, "data.max_length=48", "data.length.max_total_length=48")
-    assert "length budget (data.length, max_total_length 48, excess truncate): truncated" in out
-    assert "0 examples over data.max_length 48" in out
+    out = _inspect(tmp_path, "data.max_length=48", "data.length.excess=drop")
+    dropped = int(out.split("trained, ")[1].split()[0])
+    assert dropped == truncated and f"dropped {dropped} (token_budget: {dropped})" in out
+    out = _inspect(
+        tmp_path,
+        "data.max_length=48",
+        "data.packing.enabled=true",
+        "data.packing.split_overflow=true",
+    )
+    assert "length budget: none" in out and "examples over data.max_length 48: split" in out
+    assert f"{truncated} split over several packed rows" in out
 
 
 def test_histogram_buckets_cover_the_lengths_and_stop_at_the_top():

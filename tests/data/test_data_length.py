@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 from tscale.core.result import Err, Ok
 from tscale.data import Encoder, train_tokenizer
 from tscale.data.length import (
+    Dropped,
+    LengthBudget,
     LengthReport,
     allocate_budget,
     fit_record,
@@ -16,6 +18,7 @@ from tscale.data.length import (
     truncate_text,
     truncate_to_tokens,
 )
+from tscale.data.prepare import prepare_examples
 from tscale.data.prompt import make_sample_counter, render, tokenize_rendered
 from tscale.errors import DataError
 
@@ -133,7 +136,10 @@ def test_budget_without_count_total_counts_columns_plus_overhead(
         ratios={"prompt": 1.0, "completion": 2.0},
     )
     if budget < overhead:
-        assert isinstance(result, Err)
+        assert isinstance(result, Dropped)
+        return
+    if isinstance(result, Dropped):  # the answer would be cut to nothing: dropped, not emptied
+        assert completion.strip() and result.reason.startswith("nothing trainable fits")
         return
     out = result.value
     assert words(out["prompt"]) + words(out["completion"]) + overhead <= budget
@@ -257,3 +263,133 @@ def test_reports_aggregate():
     assert total.truncated["prompt"] == {"token_budget": 1, "char_limit": 2}
     assert total.dropped == {"invalid": 1, "token_budget": 1}
     assert total.summary().startswith("kept 2/4 records; truncated")
+
+
+# --- over-long examples are truncated, not lost (data.length.excess) ----------------------------
+
+SIDES = {"prompt": "left", "instruction": "left", "input": "left", "completion": "right"}
+
+
+def _budget(limit: int, **kwargs) -> LengthBudget:
+    """The budget the config's defaults give (balanced shares, prompt side cut from the left)."""
+    kwargs = {"content_distribution": "balanced", "sides": SIDES, **kwargs}
+    return LengthBudget(max_total_length=limit, limit_name="data.max_length", **kwargs)
+
+
+def _prepare(encoder, records, limit, template="chatml", **kwargs):
+    return prepare_examples(
+        records, template, encoder, add_bos=True, add_eos=True, loss_mode="assistant_only",
+        budget=_budget(limit, **kwargs), max_length=limit,
+    )  # fmt: skip
+
+
+SAY = "the cat sat on the mat and it was long enough"
+
+
+def _say(n: int, k: int = 0) -> str:
+    words = SAY.split(" ")
+    return " ".join(words[(i + k) % len(words)] for i in range(n))
+
+
+def _conversation(exchanges: int, *, answer_words: int = 6) -> dict:
+    messages = [{"role": "system", "content": "Summarise this."}]
+    for k in range(exchanges):
+        messages.append({"role": "user", "content": f"turn {k}: " + _say(6, k)})
+        messages.append({"role": "assistant", "content": _say(answer_words, k + 1)})
+    return {"messages": messages}
+
+
+def _trained_text(encoder, ex) -> str:
+    """The text of the tokens that carry loss (labels are pre-shifted)."""
+    ids = [t for t in ex["labels"] if t != -100]
+    return encoder.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def test_chat_keeps_the_system_prompt_and_drops_the_oldest_exchanges_first(encoder):
+    record = _conversation(4)
+    count = make_sample_counter("chatml", encoder, add_bos=True, add_eos=True)
+    without_first = {"messages": record["messages"][:1] + record["messages"][3:]}
+    limit = count(without_first)  # one exchange too many: the first one goes, only it
+    assert count(record) > limit
+    (res,), report = _prepare(encoder, [record], limit)
+    fitted, _ = _budget(limit).fit(
+        record, count_tokens=lambda s: len(encoder.tokenizer.encode(s).ids), count_total=count
+    )
+    assert fitted.value["messages"] == without_first["messages"]  # whole exchanges, in order
+    assert len(res.value["input_ids"]) == limit
+    assert report.truncated == {"turns": {"oldest_dropped": 1}} and report.truncated_examples == 1
+    # every assistant turn still trains, with its end of turn (none of them was cut)
+    assert _trained_text(encoder, res.value).count("<|im_end|>") == 3
+
+
+@pytest.mark.parametrize("slack", [0, 3, 11, 25])
+def test_chat_cuts_the_last_trained_turn_token_exactly(encoder, slack):
+    record = _conversation(3, answer_words=60)
+    count = make_sample_counter("chatml", encoder, add_bos=True, add_eos=True)
+    last_exchange = {"messages": record["messages"][:1] + record["messages"][-2:]}
+    answer = record["messages"][-1]["content"]
+    limit = count({"messages": last_exchange["messages"][:2]}) + 40 + slack
+    (res,), report = _prepare(encoder, [record], limit)
+    ex = res.value
+    assert len(ex["input_ids"]) <= limit  # token-exact
+    assert limit - len(ex["input_ids"]) <= 4  # and close: only a cut word's tokens are lost
+    text = encoder.tokenizer.decode(ex["input_ids"], skip_special_tokens=False)
+    assert "Summarise this." in text and "turn 0" not in text and "turn 1" not in text
+    assert "turn 2: " + _say(6, 2) in text  # the final user message is short: kept whole
+    assert report.truncated["completion"] == {"token_budget": 1}
+    trained = _trained_text(encoder, ex)
+    # the cut answer trains up to its last word; its end of turn and the EOS carry no loss
+    assert answer.startswith(trained.strip()) and len(trained.strip()) < len(answer)
+    assert "<|im_end|>" not in trained and ex["labels"][-2] == -100
+    assert ex["input_ids"][-1] == encoder.eos_id
+
+
+def test_prompt_is_cut_from_the_left_and_the_completion_kept(encoder):
+    record = {"prompt": _say(80), "completion": RECORD["completion"]}
+    count = make_sample_counter("chatml", encoder, add_bos=True, add_eos=True)
+    limit = count({**record, "prompt": _say(20)})
+    (res,), report = _prepare(encoder, [record], limit)
+    assert len(res.value["input_ids"]) <= limit
+    fitted, _ = _budget(limit).fit(
+        record, count_tokens=lambda s: len(encoder.tokenizer.encode(s).ids), count_total=count
+    )
+    assert fitted.value["completion"] == record["completion"]  # the answer is whole
+    assert record["prompt"].endswith(fitted.value["prompt"]) and fitted.value["prompt"]
+    assert report.truncated == {"prompt": {"token_budget": 1}}
+    assert _trained_text(encoder, res.value).endswith("<|im_end|><|eos|>")  # not cut: stops
+
+
+def test_both_long_share_the_budget_and_the_answer_is_cut_from_the_right(encoder):
+    record = {"prompt": _say(80), "completion": _say(80, 3)}
+    (res,), _ = _prepare(encoder, [record], 90)
+    ex = res.value
+    assert len(ex["input_ids"]) <= 90
+    trained = _trained_text(encoder, ex).strip()
+    assert record["completion"].startswith(trained) and len(trained.split()) >= 15
+
+
+def test_drop_policy_and_what_cannot_fit_are_dropped_not_quarantined(encoder):
+    long_chat = _conversation(4)
+    (res,), report = _prepare(encoder, [long_chat], 60, excess="drop")
+    assert isinstance(res, Dropped) and res.reason.startswith("too long: ")
+    assert "> data.max_length 60" in res.reason and report.dropped == {"token_budget": 1}
+    with pytest.raises(DataError, match=r"data\.max_length 60.*excess: raise"):
+        _prepare(encoder, [long_chat], 60, excess="raise")
+    huge_system = {
+        "messages": [{"role": "system", "content": _say(80)}, *long_chat["messages"][1:3]]
+    }
+    (res,), _ = _prepare(encoder, [huge_system], 60)
+    assert isinstance(res, Dropped) and res.reason.startswith("nothing trainable fits")
+    malformed = {"messages": [{"content": "no role"}]}
+    (res,), _ = _prepare(encoder, [malformed], 60)
+    assert isinstance(res, Err) and not isinstance(res, Dropped)  # quarantined, never fitted
+
+
+def test_a_cut_answer_does_not_train_the_eos_with_the_plain_template(encoder):
+    whole = {"prompt": "the cat ", "completion": _say(8)}
+    cut = {"prompt": "the cat ", "completion": _say(80)}
+    (kept, shortened), _ = _prepare(encoder, [whole, cut], 40, template="plain")
+    assert kept.value["labels"][-2] == encoder.eos_id  # a whole answer learns to stop
+    ex = shortened.value
+    assert len(ex["input_ids"]) <= 40 and ex["input_ids"][-1] == encoder.eos_id
+    assert ex["labels"][-2] == -100 and ex["labels"][-3] != -100  # trained up to the cut only

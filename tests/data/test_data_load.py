@@ -90,11 +90,20 @@ def test_missing_file(tmp_path, hf_cache):
         load_records([tmp_path / "nope.jsonl"], cache_dir=hf_cache)
 
 
-def test_unreadable_file(tmp_path, hf_cache):
+def test_a_bad_json_line_is_quarantined_and_a_file_without_json_is_an_error(tmp_path, hf_cache):
     data = tmp_path / "broken.jsonl"
-    data.write_text('{"prompt": "a", "completion": " b"}\nthis is not json\n')
-    with pytest.raises(DataError, match=r"cannot read .*broken\.jsonl as JSON lines"):
-        load_records([data], cache_dir=hf_cache)
+    data.write_text('{"prompt": "a", "completion": " b"}\nthis is not json\n\n[1, 2]\n')
+    quarantine = tmp_path / "q.jsonl"
+    records, report = load_records([data], quarantine=quarantine, cache_dir=hf_cache)
+    assert records == [{"prompt": "a", "completion": " b"}]
+    assert (report.total, report.errors) == (3, {"invalid JSON line": 2})
+    bad = read_quarantine(quarantine)
+    assert [b["where"].split(":")[-1] for b in bad] == ["line 2", "line 4"]
+    assert bad[0]["record"] == "this is not json"  # the line as it is, to fix
+    not_json = tmp_path / "notes.jsonl"
+    not_json.write_text("hello\nworld\n")
+    with pytest.raises(DataError, match=r"cannot read .*notes\.jsonl as JSON lines"):
+        load_records([not_json], cache_dir=hf_cache)
 
 
 def test_empty_file(tmp_path, hf_cache):

@@ -155,7 +155,7 @@ def test_length_budget_truncates_and_reports(tmp_path: Path):
     assert "dog." in first_cut
 
 
-def test_length_excess_drop_quarantines_and_raise_stops(tmp_path: Path):
+def test_length_excess_drop_counts_dropped_rows_and_raise_stops(tmp_path: Path):
     train = _jsonl(tmp_path / "t.jsonl", _long_rows(20))
     cfg, run = _config(
         tmp_path,
@@ -165,9 +165,12 @@ def test_length_excess_drop_quarantines_and_raise_stops(tmp_path: Path):
     bundle = build_data(cfg, run)
     dropped = bundle.report["length"]["dropped"]
     assert dropped == {"char_limit:prompt": sum(len(r["prompt"]) > 120 for r in _long_rows(20))}
-    lines = (run / "data" / "quarantine.jsonl").read_text().splitlines()
-    assert len(lines) == sum(dropped.values())
+    # dropped by the policy, not quarantined: their own file, not counted as errors
+    lines = (run / "data" / "dropped.jsonl").read_text().splitlines()
+    assert len(lines) == sum(dropped.values()) == bundle.report["train"]["dropped"]
     assert "characters > limit 120" in json.loads(lines[0])["reason"]
+    assert not (run / "data" / "quarantine.jsonl").exists()
+    assert bundle.report["quarantined_rows"] == 0
     cfg, run = _config(
         tmp_path,
         f"  train_files: [{train}]\n  length:\n    max_total_length: 20\n    excess: raise\n",
@@ -229,7 +232,9 @@ def test_processed_cache_hit_and_misses(tmp_path: Path):
 def test_cache_dir_is_shared_between_runs(tmp_path: Path):
     train = _jsonl(tmp_path / "t.jsonl", [*_qa_rows(12), {"prompt": "x"}])
     shared = tmp_path / "shared-cache"
-    cfg, run = _config(tmp_path, f"  train_files: [{train}]\n  cache_dir: {shared}\n")
+    cfg, run = _config(
+        tmp_path, f"  train_files: [{train}]\n  cache_dir: {shared}\n  max_error_rate: 0.1\n"
+    )  # one bad row of 13 is over the default 5%
     assert build_data(cfg, run).report["cache"] == "miss"
     other = load_config(None, [f"run.output_dir={tmp_path / 'run2'}", *_overrides(cfg)])
     bundle = build_data(other, tmp_path / "run2")
@@ -246,6 +251,7 @@ def _overrides(cfg) -> list[str]:
         "data.tokenizer.vocab_size=300",
         "data.max_length=128",
         "data.batch_size=4",
+        f"data.max_error_rate={d.max_error_rate}",
     ]
 
 
@@ -306,7 +312,8 @@ def test_existing_keys_unchanged_on_the_json_lines_path(tmp_path: Path):
         loss_mode="completion_only", max_length=128,
     )  # fmt: skip
     assert bundle.train_examples == [r.value for r in want if isinstance(r, Ok)]
-    assert bundle.report["sources"] is None and bundle.report["length"] is None
+    assert bundle.report["sources"] is None
+    assert bundle.report["length"]["truncated_records"] == 0  # all within data.max_length
     assert os.path.exists(bundle.report["cache_path"])
 
 

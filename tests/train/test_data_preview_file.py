@@ -68,9 +68,11 @@ def test_preview_a_csv_file_with_a_chat_template(tmp_path: Path):
 def test_preview_without_a_usable_example_says_why_in_one_line(tmp_path: Path):
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in _records()))
-    r = _tscale("data", "preview", str(path), "data.max_length=4", cwd=tmp_path)
-    assert r.returncode == 2
-    assert "no example to preview; e.g. too long" in r.stderr and "train.jsonl" in r.stderr
+    r = _tscale(
+        "data", "preview", str(path), "data.max_length=4", "data.length.excess=drop", cwd=tmp_path
+    )
+    assert r.returncode == 2, r.stdout
+    assert "no example to preview; e.g. " in r.stderr and "train.jsonl" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
 

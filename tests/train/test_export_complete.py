@@ -18,12 +18,11 @@ from tscale.checkpoint.hf import from_pretrained
 from tscale.cli import main
 from tscale.core import tree as T
 from tscale.data.prompt import BUILTIN_TEMPLATES, ChatTemplate
-from tscale.errors import CheckpointError
 from tscale.testing.hf_folders import LLAMA3_TEMPLATE, QWEN2_TEMPLATE, make_model_folder
 from tscale.train.export import (
     decide_token_ids,
     end_of_turn_tokens,
-    read_checkpoint_tokenizer,
+    read_tokenizer,
     write_hf_export,
 )
 
@@ -145,7 +144,10 @@ def test_export_of_a_tscale_run_is_a_complete_tokenizer_folder(tmp_path: Path, c
     assert got == want
     # the same ids as tscale's tokenizer, with the <|bos|> tscale put before every sample
     text = "reverse: a b c"
-    assert tok(text).input_ids == [want["bos"], *ckpt_tok.encode(text).ids]
+    assert tok(text).input_ids == [
+        want["bos"],
+        *ckpt_tok.encode(text, add_special_tokens=False).ids,
+    ]
     assert tok.decode(tok(text).input_ids, skip_special_tokens=True) == text
 
     config, generation = _json(out / "config.json"), _json(out / "generation_config.json")
@@ -241,7 +243,7 @@ def test_model_folder_export_chats_and_stops_at_the_end_of_turn(tmp_path: Path):
     src = make_model_folder(tmp_path / "llama", "llama3")
     _base_style(src)
     model = from_pretrained(src)
-    spec = read_checkpoint_tokenizer(src)
+    spec = read_tokenizer(src)
     eos, eot = (
         spec.tokenizer.token_to_id("<|end_of_text|>"),
         spec.tokenizer.token_to_id("<|eot_id|>"),
@@ -296,7 +298,7 @@ def test_model_folder_export_chats_and_stops_at_the_end_of_turn(tmp_path: Path):
 
 def test_stop_ids_keep_the_base_models_special_eos_ids(tmp_path: Path):
     src = make_model_folder(tmp_path / "llama", "llama3")
-    spec = read_checkpoint_tokenizer(src)
+    spec = read_tokenizer(src)
     header = spec.tokenizer.token_to_id("<|start_header_id|>")
     word = spec.tokenizer.encode("cat", add_special_tokens=False).ids[0]
     assert word not in spec.tokenizer.get_added_tokens_decoder()
@@ -391,12 +393,3 @@ def test_a_run_from_a_model_folder_exports_its_tokenizer_and_template(tmp_path: 
         theirs = hf(input_ids=ids).logits
     ours = from_pretrained(src).transformer.apply(result.state.params, {"input_ids": ids})
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
-
-
-def test_a_tokenizer_config_naming_a_missing_token_is_one_clear_error(tmp_path: Path):
-    src = make_model_folder(tmp_path / "qwen", "qwen2")
-    cfg = _json(src / "tokenizer_config.json")
-    cfg["pad_token"] = "<|no_such_pad|>"
-    (src / "tokenizer_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"pad token '<\|no_such_pad\|>' is not in tokenizer"):
-        read_checkpoint_tokenizer(src)

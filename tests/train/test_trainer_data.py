@@ -76,14 +76,7 @@ def test_chat_records_with_a_template_and_bad_rows_quarantined(tmp_path: Path):
                 ]
             }
         )
-    rows.append(
-        {
-            "messages": [
-                {"role": "assistant", "content": "no user turn"},
-                {"role": "assistant", "content": "twice"},
-            ]
-        }
-    )
+    rows.append({"messages": [{"role": "user", "content": "no reply"}]})  # nothing to train on
     rows.append(
         {
             "messages": [
@@ -110,11 +103,13 @@ def test_chat_records_with_a_template_and_bad_rows_quarantined(tmp_path: Path):
     )
     result = train(cfg, console=Console(quiet=True))
     errors = result.summary["data"]["train_encode_errors"]
-    assert sum(errors.values()) == 2, errors
+    assert errors == {"no trained tokens": 1}, errors
     quarantined = [
         json.loads(x) for x in (run / "data" / "quarantine.jsonl").read_text().splitlines()
     ]
-    assert len(quarantined) == 2
+    assert len(quarantined) == 1
     assert all(q["record"]["messages"] for q in quarantined)  # the original record is kept
-    assert result.summary["data"]["train_examples"] == 120
+    # the over-long row is truncated to data.max_length, not lost
+    assert result.summary["data"]["train_examples"] == 121
+    assert result.summary["data"]["train"]["truncated"] >= 1
     assert "exact_match" in result.summary["eval"]

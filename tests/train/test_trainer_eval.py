@@ -128,6 +128,9 @@ def test_exact_match_only_for_records_with_a_reference(tmp_path: Path, files: di
         f"data.train_files=[{files['train']}]",
         f"data.eval_files=[{eval_file}]",
         "data.loss_mode=assistant_only",
+        "data.template=chatml",  # chat data needs a chat template
+        "data.max_length=128",  # chatml markers are not single tokens of this tiny BPE
+        "model.max_position_embeddings=128",
         "eval.num_samples=100",
         "eval.num_show=10",
     ]
@@ -140,9 +143,9 @@ def test_exact_match_only_for_records_with_a_reference(tmp_path: Path, files: di
     out = console.export_text()
     shown = [line for line in out.splitlines() if "(expected " in line]
     assert len(shown) == len(answered)  # generated for the answered records only
-    for r in answered:
+    for r in answered:  # the prompt as the model got it: through the chat template
         question = r["messages"][0]["content"]
-        assert any(repr(question) in line for line in shown), r
+        assert any(f"<|im_start|>user\\n{question}<|im_end|>" in line for line in shown), shown
 
 
 def test_only_eval_records_with_an_answer_have_a_reference():

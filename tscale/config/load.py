@@ -16,6 +16,7 @@ string ``'3e-4'``, so number-looking strings are accepted for number fields; an 
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import functools
 import math
@@ -219,6 +220,8 @@ def _check(value: Any, tp: Any, path: _Path) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, datetime.date):  # YAML reads an unquoted 2026-01-01 as a date
+            return value.isoformat()
         hint = f" (quote it: '{value}')" if isinstance(value, int | float) else ""
         raise _Problem(path, f"expected a string, got {_show(value)}{hint}")
     if tp is type(None):

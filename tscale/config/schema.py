@@ -86,10 +86,21 @@ class SyntheticConfig:
 
 @attrs.frozen(kw_only=True)
 class TokenizerConfig:
-    """A byte-level BPE tokenizer: loaded from a file or trained on the training data and cached."""
+    """The tokenizer: an HF tokenizer folder (given, or model.path's), or a byte-level BPE
+    trained on the training data and cached (only when there is no pretrained model)."""
 
-    path: str | None = _f(None, "A tokenizer.json to load; None trains one on the training data.")
+    path: str | None = _f(
+        None,
+        "An HF tokenizer folder (tokenizer.json + tokenizer_config.json, its special tokens "
+        "and chat template) or a tokenizer.json; None: model.path's tokenizer, or without "
+        "model.path a BPE trained on the training data.",
+    )
     vocab_size: int = _f(384, "Vocabulary size when training (byte alphabet of 256 included).")
+    add_tokens: list[str] = _f(
+        [],
+        "Special tokens to add (e.g. chat markers for a base model); with model.path the "
+        "embedding and head grow to cover them (new rows: the mean of the old ones).",
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -98,7 +109,9 @@ class PackingConfig:
 
     enabled: bool = _f(False, "Pack several examples per row (attention isolated by doc_ids).")
     split_overflow: bool = _f(
-        False, "Split examples longer than data.max_length into chunks (else drop and count)."
+        False,
+        "Split examples longer than data.max_length into chunks (else data.length.excess "
+        "fits them).",
     )
     buffer_size: int = _f(
         256,
@@ -147,7 +160,8 @@ class LengthConfig:
     max_total_length: int | None = _f(
         None,
         "Token budget of a record's finished sample (template + BOS/EOS + text, as "
-        "data.max_length counts); over it, the text columns are cut per excess. null: no cut.",
+        "data.max_length counts), when it should be below data.max_length; over it, the "
+        "record is fitted per excess. null: data.max_length alone.",
     )
     per_column_limits: dict[str, int] = _f(
         {}, "Character limit per text column (prompt, completion, instruction, input, output)."
@@ -157,8 +171,11 @@ class LengthConfig:
         "Where text is cut: smart (sentences, else words, else characters), "
         "sentence_boundary, word_boundary, hard (at the character).",
     )
-    side: Literal["right", "left"] = _f(
-        "right", "The end that is cut away: right keeps the beginning, left keeps the end."
+    side: Literal["auto", "right", "left"] = _f(
+        "auto",
+        "The end that is cut away: right keeps the beginning, left keeps the end; auto: left "
+        "for the prompt side (prompt, instruction, input, a chat's last user message), right "
+        "for the answer (completion, output, the last assistant turn).",
     )
     column_strategy: dict[str, _STRATEGY] = _f(
         {}, "Per-column strategy, overriding strategy (e.g. {input: hard})."
@@ -166,9 +183,10 @@ class LengthConfig:
     column_side: dict[str, Literal["right", "left"]] = _f(
         {}, "Per-column side, overriding side (e.g. {prompt: left})."
     )
-    content_distribution: Literal["proportional", "priority", "ratio"] = _f(
-        "proportional",
-        "How the token budget is shared: proportional (same fraction each), priority "
+    content_distribution: Literal["balanced", "proportional", "priority", "ratio"] = _f(
+        "balanced",
+        "How the token budget is shared: balanced (the prompt side is cut first; the answer is "
+        "cut only when it needs more than half), proportional (same fraction each), priority "
         "(least important column cut first), ratio (fixed shares).",
     )
     priority: list[str] | None = _f(
@@ -179,7 +197,9 @@ class LengthConfig:
     )
     excess: Literal["truncate", "drop", "raise"] = _f(
         "truncate",
-        "A record over a limit: truncate (cut), drop (quarantine it), raise (stop the run).",
+        "A record over data.max_length, max_total_length or a character limit: truncate (chat: "
+        "oldest turns left out, then the last exchange cut; others: prompt side, then answer), "
+        "drop (counted as dropped in the data report), raise (stop the run).",
     )
 
 
@@ -194,9 +214,15 @@ class DataConfig:
     )
     tokenizer: TokenizerConfig = _f(TokenizerConfig(), "Tokenizer settings.")
     template: str = _f(
-        "plain",
-        "Prompt template: plain, alpaca, chatml, llama-3, mistral, gemma, qwen, or a "
-        "Jinja2 chat template string.",
+        "auto",
+        "Chat template: auto (the tokenizer's chat_template; without one, plain for "
+        "prompt/completion data and an error for chat data), a built-in (plain, alpaca, chatml, "
+        "llama-3, mistral, gemma, qwen), a path to a .jinja file, or a Jinja2 template string.",
+    )
+    template_date: str = _f(
+        "2026-01-01",
+        "The date (YYYY-MM-DD) the template's strftime_now formats (Llama-3.x writes it), "
+        "fixed so that the same data gives the same tokens.",
     )
     loss_mode: Literal["auto", "completion_only", "assistant_only", "last_turn_only"] = _f(
         "auto",
@@ -208,8 +234,9 @@ class DataConfig:
     max_length: int | None = _f(
         None,
         "Longest example in tokens, template and bos/eos included (the packed row length); "
-        "longer examples are quarantined with their row unless packing splits them. null: "
-        "min(1024, the model's max_position_embeddings) with model.path, 64 from random init.",
+        "a longer record is fitted per data.length.excess (truncated by default), unless "
+        "data.packing.split_overflow splits it. null: min(1024, the model's "
+        "max_position_embeddings) with model.path, 64 from random init.",
     )
     packing: PackingConfig = _f(PackingConfig(), "Packing.")
     group_by_length: bool = _f(False, "Batch examples of similar length (less padding).")
@@ -239,9 +266,9 @@ class DataConfig:
     )
     length: LengthConfig = _f(LengthConfig(), "Length budget (truncation before templating).")
     max_error_rate: float | None = _f(
-        None,
-        "Abort when more than this fraction of training rows is quarantined (e.g. 0.05); "
-        "null: never abort.",
+        0.05,
+        "Stop before training when more than this fraction of the training rows is "
+        "quarantined (malformed; dropped rows do not count); null: never stop.",
     )
     cache: bool = _f(
         True,

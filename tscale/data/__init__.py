@@ -10,6 +10,7 @@ weight (``mix_sources``) → ``prepare_examples`` (length budget ``fit_record`` 
 in a ``StreamingBatchLoader`` (``StreamingPacker``, cursor with the stream position).
 """
 
+from tscale.data.hf_tokenizer import add_tokens, load_encoder, save_tokenizer_folder
 from tscale.data.introspect import (
     FORMATS,
     SYNONYMS,
@@ -88,6 +89,7 @@ __all__ = [
     "SourceInfo",
     "StreamingBatchLoader",
     "StreamingPacker",
+    "add_tokens",
     "allocate_budget",
     "batch_iter",
     "cached_map",
@@ -103,6 +105,7 @@ __all__ = [
     "inspect_source",
     "iter_canonical",
     "length_histogram",
+    "load_encoder",
     "load_or_train_tokenizer",
     "load_records",
     "load_source",
@@ -117,6 +120,7 @@ __all__ = [
     "render",
     "render_messages",
     "resolve_source",
+    "save_tokenizer_folder",
     "template_from_tokenizer_config",
     "text_columns",
     "to_messages",

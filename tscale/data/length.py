@@ -2,7 +2,14 @@
 
 Pure functions over records. :func:`truncate_text` cuts one string to a character limit with a
 strategy; :func:`fit_record` applies per-column character limits, then fits the record into
-``max_total_length`` tokens by giving each column a share of the budget.
+``max_total_length`` tokens by giving each column a share of the budget; :func:`fit_chat` fits a
+chat record (oldest exchanges out first, then the last user message and assistant turn shared
+like a prompt and a completion). :class:`LengthBudget` picks between them per record.
+
+**Truncated, dropped or malformed.** A record over a limit is cut (``excess="truncate"``), or
+returned as :class:`Dropped` (``excess="drop"``, or when nothing of its answer would be left): a
+decision of the length policy, which callers count apart from the plain ``Err`` of a malformed
+record (quarantined).
 
 **What ``max_total_length`` counts.** With ``count_total`` (a function of the whole record, e.g.
 :func:`tscale.data.prompt.make_sample_counter`) it counts exactly what that function returns — in
@@ -27,12 +34,12 @@ from tscale.errors import DataError
 
 Strategy = Literal["smart", "sentence_boundary", "word_boundary", "hard"]
 Side = Literal["left", "right"]
-Distribution = Literal["proportional", "priority", "ratio"]
+Distribution = Literal["balanced", "proportional", "priority", "ratio"]
 Excess = Literal["truncate", "drop", "raise"]
 
 STRATEGIES: tuple[str, ...] = ("smart", "sentence_boundary", "word_boundary", "hard")
 SIDES: tuple[str, ...] = ("left", "right")
-DISTRIBUTIONS: tuple[str, ...] = ("proportional", "priority", "ratio")
+DISTRIBUTIONS: tuple[str, ...] = ("balanced", "proportional", "priority", "ratio")
 EXCESS_POLICIES: tuple[str, ...] = ("truncate", "drop", "raise")
 
 # A sentence ends after . ! ? or … (and closing quotes/brackets) followed by whitespace, or at a
@@ -136,6 +143,17 @@ def truncate_to_tokens(
 
 
 @attrs.frozen
+class Dropped(Err):
+    """A record left out by the length policy, not for being malformed: over a limit with
+    ``excess: drop``, or nothing of its answer fits. Counted as *dropped* (written to the
+    dropped-rows file), never as *quarantined*; it does not count against ``max_error_rate``.
+
+    ``reason`` starts with its kind: ``too long: …``, ``nothing trainable fits: …`` or
+    ``over character limit: …``.
+    """
+
+
+@attrs.frozen
 class LengthReport:
     """Counts of what :func:`fit_record` did; add reports (``a + b``) to aggregate them.
 
@@ -150,6 +168,9 @@ class LengthReport:
     dropped: Mapping[str, int] = attrs.field(factory=dict)
     truncated_records: int = 0
     """Records with at least one truncated column."""
+    truncated_examples: int = 0
+    """Truncated records that became examples (set by :func:`~tscale.data.prepare.prepare_examples`;
+    a truncated record can still fail later, e.g. when its template does not render)."""
 
     def __add__(self, other: LengthReport) -> LengthReport:
         truncated: dict[str, dict[str, int]] = {c: dict(r) for c, r in self.truncated.items()}
@@ -166,6 +187,7 @@ class LengthReport:
             truncated,
             dropped,
             self.truncated_records + other.truncated_records,
+            self.truncated_examples + other.truncated_examples,
         )
 
     def summary(self) -> str:
@@ -218,6 +240,18 @@ def _largest_remainder(shares: Mapping[str, float], total: int, caps: Mapping[st
     return out
 
 
+ANSWER_COLUMNS: tuple[str, ...] = ("completion", "output")
+"""The text columns that hold the trained answer of a record."""
+
+
+def balanced_ratios(columns: Sequence[str]) -> dict[str, float]:
+    """The shares of ``balanced``: the answer column weighs as much as all the others together
+    (each prompt-side column 1); without an answer column, or with only one, equal shares."""
+    prompt_side = [c for c in columns if c not in ANSWER_COLUMNS]
+    answer_weight = float(max(len(prompt_side), 1))
+    return {c: answer_weight if c in ANSWER_COLUMNS else 1.0 for c in columns}
+
+
 def _check_distribution(
     columns: Sequence[str],
     distribution: str,
@@ -252,6 +286,9 @@ def allocate_budget(
 ) -> dict[str, int]:
     """Per-column token caps that sum to at most ``budget`` (columns under budget keep all).
 
+    - ``balanced``: the answer column (``completion``/``output``) may keep up to half of the
+      budget, the other (prompt-side) columns share the other half; a side needing less gives the
+      rest to the other (``ratio`` with :func:`balanced_ratios`).
     - ``proportional``: every column keeps the same fraction ``budget / total``.
     - ``priority``: ``priority`` lists columns most important first; the excess is taken from the
       least important column first (emptying it if needed), then the next.
@@ -268,6 +305,8 @@ def allocate_budget(
     total = sum(counts.values())
     if total <= budget:
         return dict(counts)
+    if distribution == "balanced":
+        distribution, ratios = "ratio", balanced_ratios(columns)
     if distribution == "proportional":
         shares = {c: counts[c] * budget / total for c in columns}
         return _largest_remainder(shares, budget, counts)
@@ -314,6 +353,7 @@ def fit_record(
     overhead_tokens: int = 0,
     count_total: Callable[[Mapping[str, Any]], int] | None = None,
     where: str | None = None,
+    limit_name: str = "max_total_length",
 ) -> tuple[Ok[dict] | Err, LengthReport]:
     """Fit one record's text ``columns`` into the limits; a new record, the input is not changed.
 
@@ -325,7 +365,12 @@ def fit_record(
     merges across template text make column counts inexact), up to 8 passes.
 
     ``excess`` decides what happens to a record over a limit: ``truncate`` cuts as above,
-    ``drop`` returns ``Err`` (the record goes to quarantine), ``raise`` raises ``DataError``.
+    ``drop`` returns :class:`Dropped`, ``raise`` raises ``DataError``. A record whose answer
+    column (``completion``/``output``) would be cut to nothing is :class:`Dropped` too (nothing
+    trainable fits). A missing or non-string column is a plain ``Err`` (malformed).
+
+    Args:
+        limit_name: how messages name ``max_total_length`` (e.g. ``data.max_length``).
 
     Returns:
         ``(Ok(record) | Err, report)``: the report counts this record (add reports to aggregate).
@@ -347,11 +392,7 @@ def fit_record(
         _check_distribution(columns, content_distribution, priority, ratios)
     strategies = _per_column(strategy, columns, "strategy", STRATEGIES)
     side_of = _per_column(sides, columns, "sides", SIDES)
-
-    def fail(reason: str, detail: str) -> tuple[Err, LengthReport]:
-        if excess == "raise":
-            raise DataError(f"{detail}{f' at {where}' if where else ''}")
-        return Err(detail, record, where), LengthReport(1, 0, {}, {reason: 1})
+    fail = _failer(record, excess, where)
 
     for c in columns:
         if not isinstance(record.get(c), str):
@@ -369,7 +410,9 @@ def fit_record(
         if len(out[c]) > limit:
             if excess != "truncate":
                 return fail(
-                    f"char_limit:{c}", f"column {c!r} has {len(out[c])} characters > limit {limit}"
+                    f"char_limit:{c}",
+                    f"over character limit: column {c!r} has {len(out[c])} characters > limit "
+                    f"{limit}",
                 )
             out[c] = truncate_text(out[c], limit, strategy=strategies[c], side=side_of[c])
             mark(c, "char_limit")
@@ -392,6 +435,7 @@ def fit_record(
                 excess,
                 overhead_tokens,
                 counter,
+                limit_name,
             )
         except _CountError as e:  # the record cannot be rendered: its own fault, not a limit's
             reason = f"cannot count tokens: {e}"
@@ -400,7 +444,186 @@ def fit_record(
             return fail("token_budget", result)
         for c in result:
             mark(c, "token_budget")
+    for c in ANSWER_COLUMNS:
+        if c in truncated and c in columns and not out[c].strip() and record[c].strip():
+            return fail(
+                "nothing_trainable",
+                f"nothing trainable fits: column {c!r} (the answer) was cut to nothing to fit "
+                f"{limit_name} {max_total_length}",
+            )
     return Ok(out), LengthReport(1, 1, truncated, {}, int(bool(truncated)))
+
+
+def _failer(
+    record: Mapping[str, Any], excess: str, where: str | None
+) -> Callable[[str, str], tuple[Err, LengthReport]]:
+    """``fail(reason key, detail)``: the :class:`Dropped` result of a record the policy leaves
+    out, or the ``DataError`` of ``excess="raise"``."""
+
+    def fail(reason: str, detail: str) -> tuple[Err, LengthReport]:
+        if excess == "raise":
+            raise DataError(
+                f"{detail}{f' at {where}' if where else ''} (data.length.excess: raise; use "
+                "truncate or drop to go on)"
+            )
+        return Dropped(detail, record, where), LengthReport(1, 0, {}, {reason: 1})
+
+    return fail
+
+
+def fit_chat(
+    record: Mapping[str, Any],
+    *,
+    max_total_length: int,
+    count_total: Callable[[Mapping[str, Any]], int],
+    count_tokens: Callable[[str], int],
+    strategy: str | Mapping[str, str] = "smart",
+    sides: str | Mapping[str, str] = "right",
+    content_distribution: str = "balanced",
+    priority: Sequence[str] | None = None,
+    ratios: Mapping[str, float] | None = None,
+    excess: str = "truncate",
+    where: str | None = None,
+    limit_name: str = "max_total_length",
+) -> tuple[Ok[dict] | Err, LengthReport]:
+    """Fit a chat record (``messages``/``conversations``) into ``max_total_length`` tokens as
+    ``count_total`` counts them (the finished sample); a new record, the input is not changed.
+
+    With ``excess="truncate"``, in this order, each step only while the sample is still too long:
+
+    1. messages after the last assistant turn (they train nothing) are left out;
+    2. the oldest exchanges (a user message and the turns up to the next one) are left out, as
+       few as needed (binary search); system messages and the final exchange always stay;
+    3. the final exchange's user message (cut from the side of ``sides["prompt"]``) and the last
+       assistant turn (``sides["completion"]``) share what is left, as the ``prompt`` and
+       ``completion`` columns of :func:`fit_record` would (``content_distribution``).
+
+    The result holds ``messages`` (``role``/``content``; ShareGPT turns normalised). A record
+    whose system messages and template alone exceed the limit, or whose last assistant turn would
+    be cut to nothing, is :class:`Dropped`; ``excess="drop"`` drops every record over the limit.
+    The report marks ``turns: oldest_dropped`` and ``prompt``/``completion: token_budget``.
+
+    Raises:
+        DataError: bad arguments, or a record over the limit with ``excess="raise"``.
+    """
+    from tscale.data.prompt import to_messages  # prompt does not import length: no cycle
+
+    if excess not in EXCESS_POLICIES:
+        raise DataError(f"unknown excess policy {excess!r}; use one of {list(EXCESS_POLICIES)}")
+    if max_total_length < 1:
+        raise DataError(f"max_total_length must be >= 1, got {max_total_length}")
+    count = _guarded(count_total)
+    fail = _failer(record, excess, where)
+    try:
+        total = count(record)
+    except _CountError as e:
+        return Err(f"cannot count tokens: {e}", record, where), LengthReport(
+            1, 0, {}, {"uncountable": 1}
+        )
+    if total <= max_total_length:
+        return Ok(dict(record)), LengthReport(1, 1)
+    if excess != "truncate":
+        return fail("token_budget", f"too long: {total} tokens > {limit_name} {max_total_length}")
+    got = to_messages(record)
+    assistants = (
+        []
+        if isinstance(got, Err)
+        else [i for i, m in enumerate(got.value) if m["role"] == "assistant"]
+    )
+    if not assistants:  # nothing to keep training on: rendering reports the record as it is
+        return Ok(dict(record)), LengthReport(1, 1)
+    messages = [dict(m) for m in got.value[: assistants[-1] + 1]]
+    last = len(messages) - 1
+    users = [i for i in range(last) if messages[i]["role"] == "user"]
+    final = users[-1] if users else last  # where the final exchange starts
+    groups: list[list[int]] = []  # the earlier exchanges, oldest first
+    for i in range(final):
+        if messages[i]["role"] == "system":
+            continue
+        if not groups or messages[i]["role"] == "user":
+            groups.append([])
+        groups[-1].append(i)
+    base = {k: v for k, v in record.items() if k not in ("messages", "conversations")}
+
+    def build(dropped: int, contents: Mapping[int, str] | None = None) -> dict:
+        gone = {i for g in groups[:dropped] for i in g}
+        kept = [
+            {**m, "content": (contents or {}).get(i, m["content"])}
+            for i, m in enumerate(messages)
+            if i not in gone
+        ]
+        return {**base, "messages": kept}
+
+    truncated: dict[str, dict[str, int]] = {}
+    try:
+        # fewest exchanges to leave out: counts fall as exchanges go, so a binary search
+        lo, hi = -1, len(groups)  # build(lo) is over the limit (or unknown), build(hi) unknown
+        if count(build(hi)) <= max_total_length:
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if count(build(max(mid, 0))) <= max_total_length:
+                    hi = mid
+                else:
+                    lo = mid
+            hi = max(hi, 0)
+            if hi or last + 1 < len(got.value):
+                truncated["turns"] = {"oldest_dropped": 1}
+            return Ok(build(hi)), LengthReport(1, 1, truncated, {}, int(bool(truncated)))
+        if groups or last + 1 < len(got.value):
+            truncated["turns"] = {"oldest_dropped": 1}
+        # the final exchange: its user message and the last assistant turn share what is left
+        slots = {"completion": last} if final == last else {"prompt": final, "completion": last}
+        proxy = {c: messages[i]["content"] for c, i in slots.items()}
+        columns = list(slots)
+
+        def count_proxy(p: Mapping[str, Any]) -> int:
+            return count(build(len(groups), {i: p[c] for c, i in slots.items()}))
+
+        distribution, prio, rat = content_distribution, priority, ratios
+        prio = [c for c in prio if c in slots] if prio is not None else None
+        rat = {c: r for c, r in rat.items() if c in slots} if rat is not None else None
+        if (distribution == "priority" and sorted(prio or []) != sorted(columns)) or (
+            distribution == "ratio" and set(rat or {}) != set(columns)
+        ):
+            distribution = "balanced"  # the settings name alpaca columns only
+        result = _fit_budget(
+            proxy,
+            columns,
+            count_tokens,
+            max_total_length,
+            _per_column(_only(strategy, columns), columns, "strategy", STRATEGIES),
+            _per_column(_only(sides, columns), columns, "sides", SIDES),
+            distribution,
+            prio,
+            rat,
+            "truncate",
+            0,
+            count_proxy,
+            limit_name,
+        )
+    except _CountError as e:
+        return Err(f"cannot count tokens: {e}", record, where), LengthReport(
+            1, 0, {}, {"uncountable": 1}
+        )
+    if isinstance(result, str):
+        return fail("token_budget", result)
+    if not proxy["completion"].strip():
+        return fail(
+            "nothing_trainable",
+            f"nothing trainable fits: the last assistant turn was cut to nothing to fit "
+            f"{limit_name} {max_total_length}",
+        )
+    for c in result:
+        truncated[c] = {"token_budget": 1}
+    out = build(len(groups), {i: proxy[c] for c, i in slots.items()})
+    return Ok(out), LengthReport(1, 1, truncated, {}, int(bool(truncated)))
+
+
+def _only(value: Any, columns: Sequence[str]) -> Any:
+    """A per-column setting restricted to ``columns`` (a plain value is kept as it is)."""
+    if isinstance(value, Mapping):
+        return {c: v for c, v in value.items() if c in columns}
+    return value
 
 
 class _CountError(Exception):
@@ -430,6 +653,7 @@ def _fit_budget(
     excess: str,
     overhead_tokens: int,
     count_total: Callable[[Mapping[str, Any]], int] | None,
+    limit_name: str = "max_total_length",
 ) -> list[str] | str:
     """Cut ``out``'s columns in place to fit; the truncated columns, or a reason it cannot fit."""
     # With count_total, most records fit: check that first and count columns only when cutting.
@@ -444,14 +668,14 @@ def _fit_budget(
             return []
     overhead = total - sum(counts.values())
     if excess != "truncate":
-        return f"{total} tokens > max_total_length {max_total_length}"
+        return f"too long: {total} tokens > {limit_name} {max_total_length}"
     budget = max_total_length - overhead
     cut: list[str] = []
     for _ in range(_MAX_FIT_PASSES):
         if budget < 0 or not columns:
             return (
-                f"{total} tokens > max_total_length {max_total_length} and the text outside the "
-                f"columns {list(columns)} alone takes {overhead}"
+                f"nothing trainable fits: {total} tokens > {limit_name} {max_total_length} and the "
+                f"text outside the columns {list(columns)} alone takes {overhead}"
             )
         caps = allocate_budget(
             counts, budget, distribution=distribution, priority=priority, ratios=ratios
@@ -470,7 +694,10 @@ def _fit_budget(
         if total <= max_total_length:
             return cut
         budget = min(budget, sum(counts.values())) - (total - max_total_length)
-    return f"could not fit {max_total_length} tokens in {_MAX_FIT_PASSES} passes (last: {total})"
+    return (
+        f"nothing trainable fits: could not fit {limit_name} {max_total_length} tokens in "
+        f"{_MAX_FIT_PASSES} passes (last: {total})"
+    )
 
 
 def fit_records(
@@ -515,6 +742,18 @@ def text_columns(record: Mapping[str, Any]) -> list[str]:
     return []
 
 
+def answer_text(record: Mapping[str, Any]) -> str | None:
+    """The trained answer of a record: the content of its last assistant message as
+    :func:`tscale.data.prompt.to_messages` reads it (``completion``, ``output``, the last
+    assistant or ShareGPT ``gpt`` turn); None when there is none or the record is malformed."""
+    from tscale.data.prompt import to_messages
+
+    got = to_messages(record)
+    if isinstance(got, Err):
+        return None
+    return next((m["content"] for m in reversed(got.value) if m["role"] == "assistant"), None)
+
+
 @attrs.frozen(kw_only=True)
 class LengthBudget:
     """The limits of :func:`fit_record` as one record, applied to each record's own columns.
@@ -533,6 +772,8 @@ class LengthBudget:
     ratios: Mapping[str, float] | None = None
     excess: str = "truncate"
     columns: Sequence[str] | None = None
+    limit_name: str = "max_total_length"
+    """How messages name the token limit (``data.max_length``, ``data.length.max_total_length``)."""
 
     def columns_of(self, record: Mapping[str, Any]) -> list[str]:
         """The columns this budget fits in ``record``."""
@@ -558,7 +799,26 @@ class LengthBudget:
         count_total: Callable[[Mapping[str, Any]], int] | None = None,
         where: str | None = None,
     ) -> tuple[Ok[dict] | Err, LengthReport]:
-        """:func:`fit_record` of ``record`` with this budget over its columns."""
+        """:func:`fit_record` of ``record`` with this budget over its columns; a chat record
+        (``messages``/``conversations``) goes through :func:`fit_chat` (with ``count_total``)."""
+        chat = "messages" in record or "conversations" in record
+        if chat and self.columns is None and self.max_total_length is not None:
+            if count_total is None:
+                raise DataError("fitting a chat record needs count_total (the sample's tokens)")
+            return fit_chat(
+                record,
+                max_total_length=self.max_total_length,
+                count_total=count_total,
+                count_tokens=count_tokens,
+                strategy=self.strategy,
+                sides=self.sides,
+                content_distribution=self.content_distribution,
+                priority=self.priority,
+                ratios=self.ratios,
+                excess=self.excess,
+                where=where,
+                limit_name=self.limit_name,
+            )
         columns = self.columns_of(record)
         present = set(columns)
 
@@ -583,4 +843,5 @@ class LengthBudget:
             excess=self.excess,
             count_total=count_total,
             where=where,
+            limit_name=self.limit_name,
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -107,8 +108,9 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(cur).__name__}: {cur}" if str(cur) else type(cur).__name__
 
 
-def _read_rows(path: Path, cache_dir: Path | None) -> list[dict[str, Any]]:
-    """All rows of one JSON-lines file through ``datasets``, or a DataError saying what to fix."""
+def _read_rows(path: Path, cache_dir: Path | None) -> list[dict[str, Any] | Err]:
+    """All rows of one JSON-lines file through ``datasets`` (line by line when ``datasets``
+    cannot parse it: a bad line is an ``Err``), or a DataError saying what to fix."""
     import datasets
 
     if not path.is_file():
@@ -121,6 +123,9 @@ def _read_rows(path: Path, cache_dir: Path | None) -> list[dict[str, Any]]:
             f"data file {path} is empty; it needs one JSON object a line with "
             "'prompt' and 'completion'"
         )
+    parser_log = logging.getLogger("datasets.packaged_modules.json.json")
+    level = parser_log.level
+    parser_log.setLevel(logging.CRITICAL)  # a bad line is handled below, not logged as an error
     try:
         with _quiet_datasets():
             ds = datasets.load_dataset(
@@ -130,10 +135,17 @@ def _read_rows(path: Path, cache_dir: Path | None) -> list[dict[str, Any]]:
                 cache_dir=str(cache_dir) if cache_dir is not None else None,
             )
     except Exception as e:  # datasets wraps parser errors in several types; StopIteration too
-        raise DataError(
-            f"cannot read {path} as JSON lines ({_root_cause(e)}); each line must be one JSON "
-            'object such as {"prompt": "...", "completion": "..."}'
-        ) from e
+        # A bad line (or columns whose types differ between rows) fails the whole file in
+        # datasets: read it line by line instead, so that only the bad lines are quarantined.
+        rows = _read_lines(path)
+        if rows is None:
+            raise DataError(
+                f"cannot read {path} as JSON lines ({_root_cause(e)}); each line must be one JSON "
+                'object such as {"prompt": "...", "completion": "..."}'
+            ) from e
+        return rows
+    finally:
+        parser_log.setLevel(level)
     missing = [c for c in REQUIRED_COLUMNS if c not in ds.column_names]
     if missing and not any(c in ds.column_names for c in CHAT_COLUMNS):
         raise DataError(
@@ -142,6 +154,31 @@ def _read_rows(path: Path, cache_dir: Path | None) -> list[dict[str, Any]]:
             "turns); rename the columns"
         )
     return ds.to_list()
+
+
+def _read_lines(path: Path) -> list[dict[str, Any] | Err] | None:
+    """The rows of a JSON-lines file read one line at a time (blank lines skipped): a dict per
+    good line, ``Err("invalid JSON line")`` per bad one; None if the file is not UTF-8 text
+    or has no good line at all (not JSON lines: the caller reports the file)."""
+    rows: list[dict[str, Any] | Err] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:line {n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            rows.append(Err("invalid JSON line", line, where))  # the line itself is kept
+            continue
+        if not isinstance(row, dict):
+            rows.append(Err("invalid JSON line", line, where))  # a list, a number …
+            continue
+        rows.append(row)
+    return rows if any(isinstance(r, dict) for r in rows) else None
 
 
 def load_records(
@@ -175,7 +212,7 @@ def load_records(
         rows = _read_rows(path, cache_dir)
         errors: list[Err] = []
         for i, row in enumerate(rows):
-            result = validate_record(row, f"{path}:row {i + 1}")
+            result = row if isinstance(row, Err) else validate_record(row, f"{path}:row {i + 1}")
             if isinstance(result, Ok):
                 records.append(result.value)
             else:

@@ -1,15 +1,20 @@
 """Records → tokenized examples in batches: fit → render → tokenize, each text encoded once.
 
-:func:`prepare_examples` gives, for many records, exactly what the per-record chain
-``fit_record → render → tokenize_rendered`` gives (same ``input_ids``, same labels, same ``Err``
-reasons, same :class:`~tscale.data.length.LengthReport`), faster:
+:func:`prepare_examples` gives, for many records, what the per-record chain
+``render (malformed: Err) → fit_record/fit_chat → render → tokenize_rendered`` gives (same
+``input_ids``, same labels, same ``Err`` reasons, same :class:`~tscale.data.length.LengthReport`),
+faster:
 
 - every record is rendered once and its text encoded once, by the tokenizer's ``encode_batch``
   (parallel in Rust), with character offsets that map the trained spans to tokens;
 - the length budget is checked on that encoding: a record that already fits (the common case) is
-  not fitted, rendered or encoded again. Only a record over a limit (or one that does not render)
-  takes the per-record path, through :meth:`LengthBudget.fit` with
-  :func:`~tscale.data.prompt.make_sample_counter` as ``count_total``.
+  not fitted, rendered or encoded again. Only a record over a limit takes the per-record path,
+  through :meth:`LengthBudget.fit` with :func:`~tscale.data.prompt.make_sample_counter` as
+  ``count_total``; a record that does not render is an ``Err`` as it is (never fitted).
+
+One difference from the plain chain, on purpose: when the fit cut a record's answer (its
+completion, output or last assistant turn), the trained span ends with the cut text, so the
+turn's end-of-turn text and the EOS carry no loss (the model is not taught to stop mid-answer).
 
 Pure: no I/O; the caller writes the ``Err`` results to its quarantine file.
 """
@@ -19,12 +24,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import attrs
 from tokenizers import Tokenizer
 
 from tscale.core.result import Err, Ok
-from tscale.data.length import LengthBudget, LengthReport
+from tscale.data.length import Dropped, LengthBudget, LengthReport, answer_text
 from tscale.data.prompt import (
     ChatTemplate,
+    RenderedSample,
     _resolve,
     _special_ids,
     get_template,
@@ -32,9 +39,8 @@ from tscale.data.prompt import (
     render,
     sample_length,
     tokenize_encoded,
-    tokenize_rendered,
 )
-from tscale.data.tokenize import Encoder
+from tscale.data.tokenize import IGNORE_INDEX, Encoder
 from tscale.errors import DataError
 
 CHUNK_ROWS = 2048
@@ -95,9 +101,7 @@ def prepare_examples(
         texts = [r.value.text for r in rendered if isinstance(r, Ok)]
         encodings = iter(tok.encode_batch(texts, add_special_tokens=False))
         for i, res in zip(range(lo, hi), rendered, strict=True):
-            if not isinstance(res, Ok):
-                if budget is not None:
-                    slow.append(i)  # fit_record decides first (its count renders the record)
+            if not isinstance(res, Ok):  # malformed: quarantined as it is, never fitted
                 out.append(res)
                 continue
             enc = next(encodings)
@@ -131,12 +135,64 @@ def prepare_examples(
             res, rep = budget.fit(
                 records[i], count_tokens=count_tokens, count_total=count_total, where=places[i]
             )
-            report = report + rep
+            answer = answer_text(res.value) if isinstance(res, Ok) else None
+            if answer == answer_text(records[i]):
+                answer = None  # the answer was not cut: its end of turn and EOS stay trained
             if isinstance(res, Ok):
                 res = render(res.value, tpl, system=system, loss_mode=loss_mode, where=places[i])
             if isinstance(res, Ok):
-                res = tokenize_rendered(
-                    res.value, tok, max_length=max_length, where=places[i], **special
+                res = _tokenize_fitted(
+                    res.value, answer, tok, max_length=max_length, where=places[i], **special
                 )
+            if isinstance(res, Ok) and rep.truncated_records:
+                rep = attrs.evolve(rep, truncated_examples=1)
+            report = report + rep
             out[i] = res
     return out, report
+
+
+def _tokenize_fitted(
+    sample: RenderedSample,
+    answer: str | None,
+    tok: Tokenizer,
+    *,
+    add_bos: bool,
+    add_eos: bool,
+    bos_id: int | None,
+    eos_id: int | None,
+    max_length: int | None,
+    where: str | None,
+) -> Ok[dict] | Err:
+    """:func:`tokenize_rendered` of a fitted sample; when its last trained turn was cut
+    (``answer`` is the cut text), the trained span ends where the cut answer ends: the turn's
+    end-of-turn text and the EOS stay in ``input_ids`` but carry no loss, so the model is not
+    taught to stop where the cut fell."""
+    spans = sample.trained_spans
+    needle = (answer or "").strip()
+    cut_at = sample.text.rfind(needle, *spans[-1]) if needle and spans else -1
+    if cut_at >= 0:  # (a template that rewrites the content: the span stays as rendered)
+        end = cut_at + len(needle)
+        sample = attrs.evolve(sample, trained_spans=(*spans[:-1], (spans[-1][0], end)))
+    enc = tok.encode(sample.text, add_special_tokens=False)
+    res = tokenize_encoded(
+        sample,
+        enc.ids,
+        enc.offsets,
+        add_bos=add_bos,
+        add_eos=add_eos,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        max_length=max_length,
+        where=where,
+    )
+    if cut_at < 0 or not isinstance(res, Ok):
+        return res
+    ids, labels = res.value["input_ids"], res.value["labels"]
+    appended_eos = add_eos and len(ids) > 1 and (not enc.ids or enc.ids[-1] != eos_id)
+    if appended_eos and labels[-2] != IGNORE_INDEX:  # trained when nothing follows the span
+        labels[-2] = IGNORE_INDEX
+        if all(x == IGNORE_INDEX for x in labels):
+            return Dropped(
+                "nothing trainable fits: no token of the cut answer is left to train", None, where
+            )
+    return res

@@ -7,11 +7,14 @@ Records come in three shapes (see :func:`to_messages`): ``{"prompt", "completion
 record becomes a list of messages, and every template is a Jinja2 source rendering ``messages`` and
 ``add_generation_prompt`` exactly like a Hugging Face ``chat_template``.
 
-Where the loss is trained is found by **rendering prefixes**, not by generation tags: assistant
+Where the loss is trained is found from the template's ``{% generation %}`` blocks when it has
+them (as ``transformers``' ``return_assistant_tokens_mask``: each block's output is a trained
+span, found by rendering the conversation once), else by **rendering prefixes**: assistant
 turn ``i`` starts where ``render(messages[:i], add_generation_prompt=True)`` ends and ends where
 ``render(messages[:i + 1])`` ends (trailing whitespace after the turn excluded). Both renders must
 be prefixes of the full render; a template for which they are not (one that rewrites earlier turns)
-gives an ``Err`` instead of a wrong mask. :func:`tokenize_rendered` maps the character spans to
+gives an ``Err`` instead of a wrong mask (with generation blocks such a template trains
+correctly). :func:`tokenize_rendered` maps the character spans to
 tokens through the tokenizer's offsets and builds pre-shifted labels; a sample with no trained token
 is an ``Err`` (a template without a usable assistant turn would otherwise train on nothing).
 
@@ -20,8 +23,10 @@ No I/O here: templates are strings, tokenizers are objects the caller loaded.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -170,20 +175,36 @@ _QWEN = r"""{%- if messages[0]['role'] == 'system' %}
 """  # noqa: E501  (the template's lines are kept as Qwen wrote them)
 
 
+DEFAULT_TEMPLATE_DATE = "2026-01-01"
+"""The date ``strftime_now`` formats unless ``data.template_date`` says otherwise."""
+
+
+def parse_date(date: str) -> datetime.date:
+    """``YYYY-MM-DD`` as a date. Raises DataError naming ``data.template_date``."""
+    try:
+        return datetime.date.fromisoformat(date)
+    except (TypeError, ValueError):
+        raise DataError(
+            f"data.template_date: {date!r} is not a date; write it as YYYY-MM-DD"
+        ) from None
+
+
 @attrs.frozen
 class ChatTemplate:
     """A Jinja2 chat template and the ``bos_token``/``eos_token`` strings it renders.
 
-    The source sees ``messages``, ``add_generation_prompt``, ``bos_token``, ``eos_token`` and
-    ``raise_exception`` as in ``transformers``; ``{% generation %}`` blocks are accepted and ignored
-    (masks come from prefix rendering). ``strftime_now`` is not defined, so rendering stays a pure
-    function of the record (templates that test ``strftime_now is defined`` use their fallback).
+    The source sees ``messages``, ``add_generation_prompt``, ``bos_token``, ``eos_token``,
+    ``raise_exception`` and ``strftime_now`` as in ``transformers``; ``strftime_now(fmt)``
+    formats the fixed ``date`` (``YYYY-MM-DD``), not today, so rendering stays a pure function of
+    the record and the config. ``{% generation %}`` blocks mark the trained spans (see
+    :func:`render`).
     """
 
     name: str
     source: str
     bos_token: str = ""
     eos_token: str = ""
+    date: str = DEFAULT_TEMPLATE_DATE
 
     @classmethod
     def from_jinja(
@@ -198,14 +219,27 @@ class ChatTemplate:
         return cls(name=name, source=source, bos_token=bos_token, eos_token=eos_token)
 
     def with_tokens(
-        self, *, bos_token: str | None = None, eos_token: str | None = None
+        self,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        date: str | None = None,
     ) -> ChatTemplate:
-        """The same template rendering other special-token strings (e.g. tscale's ``<|eos|>``)."""
+        """The same template rendering other special-token strings (e.g. tscale's ``<|eos|>``)
+        or another ``strftime_now`` date."""
+        if date is not None:
+            parse_date(date)
         return attrs.evolve(
             self,
             bos_token=self.bos_token if bos_token is None else bos_token,
             eos_token=self.eos_token if eos_token is None else eos_token,
+            date=self.date if date is None else date,
         )
+
+    @property
+    def has_generation_blocks(self) -> bool:
+        """Whether the source has ``{% generation %}`` blocks (they then define the spans)."""
+        return _has_generation(self.source)
 
 
 BUILTIN_TEMPLATES: Mapping[str, ChatTemplate] = {
@@ -221,18 +255,46 @@ TEMPLATE_NAMES: tuple[str, ...] = tuple(BUILTIN_TEMPLATES)
 """Names of the built-in templates."""
 
 
+# Markers around a generation block's output while spans are recorded: Unicode noncharacters,
+# which no text is meant to contain (a record that does is an Err, never a wrong mask).
+_GEN_START, _GEN_END = "\ufdd0", "\ufdd1"
+_GEN_VAR = "tscale_generation_markers"
+
+
 class _GenerationTag(Extension):
-    """Parses HF's ``{% generation %}…{% endgeneration %}`` and renders its body unchanged."""
+    """Parses HF's ``{% generation %}…{% endgeneration %}``; renders its body unchanged, or
+    between markers when the render passes ``tscale_generation_markers`` (span recording)."""
 
     tags = {"generation"}  # noqa: RUF012  (jinja2's Extension API declares tags as a class set)
 
     def parse(self, parser: Any) -> nodes.Node:
         lineno = next(parser.stream).lineno
         body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+        markers = nodes.Name(_GEN_VAR, "load")
+        return nodes.CallBlock(self.call_method("_body", [markers]), [], [], body).set_lineno(
+            lineno
+        )
 
-    def _body(self, caller: Callable[[], str]) -> str:
+    def _body(self, markers: Any, caller: Callable[[], str]) -> str:
+        if isinstance(markers, tuple):
+            return markers[0] + caller() + markers[1]
         return caller()
+
+
+@functools.lru_cache(maxsize=64)
+def _has_generation(source: str) -> bool:
+    """Whether ``source`` has a ``{% generation %}`` tag (a quick lexical check)."""
+    try:
+        tokens = _environment().lex(source)
+    except jinja2.exceptions.TemplateSyntaxError:
+        return False
+    previous = ""
+    for _, kind, value in tokens:
+        if kind == "name" and value == "generation" and previous == "block_begin":
+            return True
+        if kind != "whitespace":
+            previous = kind
+    return False
 
 
 def _raise_exception(message: str) -> None:
@@ -499,20 +561,63 @@ class RenderedSample:
     num_assistant_turns: int
 
 
+@functools.lru_cache(maxsize=8)
+def _strftime_now(date: str) -> Callable[[str], str]:
+    day = parse_date(date)
+    return lambda fmt: day.strftime(fmt)
+
+
 def render_messages(
     template: str | ChatTemplate,
     messages: Sequence[Mapping[str, Any]],
     *,
     add_generation_prompt: bool = False,
+    **extra: Any,
 ) -> str:
-    """The template's text for ``messages`` (raises jinja2's errors; :func:`render` catches)."""
+    """The template's text for ``messages`` (raises jinja2's errors; :func:`render` catches).
+    ``extra`` are more template variables (as ``apply_chat_template``'s keyword arguments)."""
     tpl = get_template(template)
+    variables = {
+        "tools": None,  # as transformers: defined (None), so `tools is not none` reads the same
+        "documents": None,
+        "bos_token": tpl.bos_token,
+        "eos_token": tpl.eos_token,
+        "strftime_now": _strftime_now(tpl.date),
+        **extra,
+    }
     return _compile(tpl.source, tpl.name).render(
         messages=[dict(m) for m in messages],
         add_generation_prompt=add_generation_prompt,
-        bos_token=tpl.bos_token,
-        eos_token=tpl.eos_token,
+        **variables,
     )
+
+
+def _generation_spans(
+    tpl: ChatTemplate, messages: Sequence[Mapping[str, Any]]
+) -> tuple[str, list[Span]] | str:
+    """The text and the output spans of every ``{% generation %}`` block, from one render with
+    markers; or the reason they cannot be found."""
+    for m in messages:
+        if any(c in str(m.get("content", "")) for c in (_GEN_START, _GEN_END)):
+            return "a message contains a Unicode noncharacter U+FDD0/U+FDD1"
+    marked = render_messages(tpl, messages, **{_GEN_VAR: (_GEN_START, _GEN_END)})
+    text: list[str] = []
+    spans: list[Span] = []
+    pos, start = 0, None
+    for piece in re.split(f"([{_GEN_START}{_GEN_END}])", marked):
+        if piece == _GEN_START:
+            if start is not None:
+                return "nested {% generation %} blocks"
+            start = pos
+        elif piece == _GEN_END:
+            if start is None:  # unreachable: the extension writes the markers in pairs
+                return "unbalanced {% generation %} markers"
+            spans.append((start, pos))
+            start = None
+        else:
+            text.append(piece)
+            pos += len(piece)
+    return "".join(text), spans
 
 
 def _not_prefix(tpl: ChatTemplate, i: int, what: str) -> str:
@@ -565,8 +670,15 @@ def render(
         )
     targets = turns if loss_mode == "assistant_only" else turns[-1:]
     try:
+        if tpl.has_generation_blocks:
+            got_spans = _generation_spans(tpl, messages)
+            if isinstance(got_spans, str):
+                return Err(f"template {tpl.name!r}: {got_spans}", record, where)
+            text, blocks = got_spans
+            spans = blocks if loss_mode == "assistant_only" else blocks[-1:]
+            return Ok(RenderedSample(text, tuple(spans), loss_mode, len(turns)))
         text = render_messages(tpl, messages)
-        spans: list[Span] = []
+        spans = []
         for i in targets:
             before = render_messages(tpl, messages[:i], add_generation_prompt=True)
             # The last turn's prefix is the whole conversation: no need to render it twice.
@@ -644,8 +756,11 @@ def tokenize_rendered(
 
     ``add_bos`` prepends ``bos_id`` unless the text already starts with it (templates such as
     llama-3 write their BOS; it is never doubled). ``add_eos`` appends ``eos_id`` unless the text
-    already ends with it; the appended EOS is a trained target exactly when nothing but whitespace
-    follows the last trained span (the sample ends with a trained turn).
+    already has it (a template that writes the tokenizer's EOS, e.g. ChatML's ``<|im_end|>``,
+    owns it, as in ``transformers``' ``apply_chat_template``); the appended EOS is a trained
+    target exactly when nothing but whitespace follows the last trained span (the sample ends
+    with a trained turn). The builders pass ``add_bos=encoder.adds_bos, add_eos=True``: the one
+    BOS/EOS rule of docs/data.md.
 
     Returns:
         ``Err("no trained tokens: ...")`` when every label is -100, ``Err("too long: ...")`` when
@@ -677,7 +792,7 @@ def sample_length(
     n = len(ids)
     if add_bos and not (n and ids[0] == bos_id):
         n += 1
-    if add_eos and not (len(ids) and ids[-1] == eos_id):
+    if add_eos and eos_id not in ids:
         n += 1
     return n
 
@@ -702,7 +817,7 @@ def tokenize_encoded(
     if add_bos and not (ids and ids[0] == bos_id):
         ids.insert(0, bos_id)  # type: ignore[arg-type]  # checked by _special_ids
         trained = np.concatenate([[False], trained])
-    if add_eos and not (ids and ids[-1] == eos_id):
+    if add_eos and eos_id not in ids:
         ends = [e for s, e in sample.trained_spans if e > s]
         ids.append(eos_id)  # type: ignore[arg-type]
         eos_trained = bool(ends) and not sample.text[ends[-1] :].strip()

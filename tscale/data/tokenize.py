@@ -1,4 +1,7 @@
-"""Byte-level BPE tokenizers; the encoder that turns records into ids and pre-shifted labels."""
+"""tscale's byte-level BPE (trained on the data and cached) and the :class:`Encoder`: a tokenizer
+with its special tokens and BOS rule (from an HF tokenizer folder, see
+:mod:`tscale.data.hf_tokenizer`, or tscale's BPE) that turns records into ids and pre-shifted
+labels."""
 
 from __future__ import annotations
 
@@ -97,8 +100,8 @@ def _check_special_tokens(tok: Tokenizer, source: str) -> None:
     if missing:
         raise DataError(
             f"tokenizer {source} lacks the special token(s) {missing}; tscale needs "
-            f"{list(SPECIAL_TOKENS)}: add them to the tokenizer, or give no tokenizer path so "
-            "one is trained on the training data"
+            f"{list(SPECIAL_TOKENS)} in a bare tokenizer.json: give the tokenizer's HF folder "
+            "(tokenizer.json + tokenizer_config.json naming its bos/eos/pad tokens) instead"
         )
 
 
@@ -166,29 +169,86 @@ def load_or_train_tokenizer(
 
 @attrs.frozen(eq=False)
 class Encoder:
-    """A tokenizer with its special-token ids; turns records into ``input_ids`` and ``labels``.
+    """A tokenizer with its special tokens; turns records into ``input_ids`` and ``labels``.
 
     Labels are pre-shifted: ``labels[t]`` is the token the model should predict at position
     ``t``, i.e. ``input_ids[t + 1]`` when that token belongs to the completion or is the final
     ``eos``, else ``-100``. The loss compares ``logits[t]`` with ``labels[t]``, no shift.
+
+    The special tokens come from the tokenizer folder (:meth:`from_path`) or, for tscale's own
+    BPE, are ``<|pad|> <|bos|> <|eos|>`` (:meth:`from_tokenizer`). ``bos_id`` is None for a
+    tokenizer without BOS (Qwen2); ``pad_id`` is ``eos_id`` when the folder names no pad token
+    (``pad_is_eos``). ``adds_bos`` says whether the tokenizer itself puts BOS before a text
+    (its post-processor, or ``add_bos_token`` in its config; tscale's BPE declares it): that is
+    the one rule for BOS everywhere (see :func:`tscale.data.prompt.tokenize_encoded`).
+    ``chat_template`` is the Jinja2 source the run renders with (the folder's own, until the
+    builders replace it by the template the run trains with; None: no template).
     """
 
     tokenizer: Tokenizer
     pad_id: int
-    bos_id: int
+    bos_id: int | None
     eos_id: int
+    bos_token: str | None = attrs.field(default=None, kw_only=True)
+    eos_token: str | None = attrs.field(default=None, kw_only=True)
+    pad_token: str | None = attrs.field(default=None, kw_only=True)
+    unk_token: str | None = attrs.field(default=None, kw_only=True)
+    adds_bos: bool = attrs.field(default=True, kw_only=True)
+    pad_is_eos: bool = attrs.field(default=False, kw_only=True)
+    chat_template: str | None = attrs.field(default=None, kw_only=True)
+    model_max_length: int | None = attrs.field(default=None, kw_only=True)
+    source: str | None = attrs.field(default=None, kw_only=True)
+    """Where the tokenizer came from (a path), for error messages."""
+
+    def __attrs_post_init__(self) -> None:
+        # Token strings default to the tokenizer's strings of the ids (frozen: set once here).
+        for name, tid in (("bos", self.bos_id), ("eos", self.eos_id), ("pad", self.pad_id)):
+            if getattr(self, f"{name}_token") is None and tid is not None:
+                object.__setattr__(self, f"{name}_token", self.tokenizer.id_to_token(tid))
+        if self.bos_id is None and self.adds_bos:
+            object.__setattr__(self, "adds_bos", False)
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Tokenizer) -> Encoder:
-        """An encoder for ``tokenizer``. Raises DataError when a special token is missing."""
-        _check_special_tokens(tokenizer, "given")
+    def from_tokenizer(cls, tokenizer: Tokenizer, *, source: str | None = None) -> Encoder:
+        """An encoder for tscale's own BPE (``<|pad|> <|bos|> <|eos|>``, BOS before every
+        sample). Raises DataError when a special token is missing."""
+        _check_special_tokens(tokenizer, source or "given")
         ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
-        return cls(tokenizer, pad_id=ids[0], bos_id=ids[1], eos_id=ids[2])
+        return cls(tokenizer, pad_id=ids[0], bos_id=ids[1], eos_id=ids[2], source=source)
+
+    @classmethod
+    def from_path(cls, path: str | Path, *, key: str = "data.tokenizer.path") -> Encoder:
+        """An encoder for an HF tokenizer folder, a ``tokenizer.json`` in such a folder, or a bare
+        tscale ``tokenizer.json`` (see :func:`tscale.data.hf_tokenizer.load_encoder`); ``key``
+        is the YAML key named in errors."""
+        from tscale.data.hf_tokenizer import load_encoder
+
+        return load_encoder(path, key=key)
+
+    @property
+    def special_tokens(self) -> dict[str, str | None]:
+        """``{"bos_token", "eos_token", "pad_token", "unk_token"}`` strings (None: none)."""
+        return {
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "unk_token": self.unk_token,
+        }
+
+    @property
+    def unk_id(self) -> int | None:
+        """Id of the unknown token, or None."""
+        return None if self.unk_token is None else self.tokenizer.token_to_id(self.unk_token)
 
     @property
     def vocab_size(self) -> int:
-        """Number of token ids (special tokens included)."""
-        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+        """The largest token id + 1 (special and added tokens included): the embedding rows the
+        tokenizer needs."""
+        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+        return max(vocab.values()) + 1 if vocab else 0
+
+    def _bos(self) -> list[int]:
+        return [self.bos_id] if self.adds_bos and self.bos_id is not None else []
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -201,12 +261,16 @@ class Encoder:
         max_length: int,
         where: str | None,
     ) -> Ok[dict] | Err:
-        ids = [self.bos_id, *prompt_ids, *completion_ids, self.eos_id]
+        bos = self._bos()
+        if bos and prompt_ids[:1] == bos:
+            bos = []  # never a BOS twice
+        ids = [*bos, *prompt_ids, *completion_ids, self.eos_id]
         if len(ids) > max_length:
             return Err(f"too long: {len(ids)} tokens > max_length {max_length}", record, where)
         # Position t predicts ids[t + 1]; it is trained when ids[t + 1] is completion or eos,
         # i.e. t + 1 >= first, the index of the first completion token.
-        first = 1 + len(prompt_ids)
+        first = len(bos) + len(prompt_ids)
+        first = max(first, 1)  # the first token is no one's target
         labels = [IGNORE_INDEX] * (first - 1) + ids[first:] + [IGNORE_INDEX]
         if all(x == IGNORE_INDEX for x in labels):  # unreachable while eos is a label; a guard
             return Err("no trained tokens (all labels masked)", record, where)
@@ -217,8 +281,9 @@ class Encoder:
     ) -> Ok[dict] | Err:
         """``Ok({"input_ids", "labels"})`` for one record, or ``Err`` (too long, bad fields).
 
-        ``input_ids = [bos] + prompt + completion + [eos]``; prompt and completion are tokenized
-        separately, so the label boundary is exact. Nothing is truncated here.
+        ``input_ids = [bos] + prompt + completion + [eos]`` (bos when the tokenizer adds one);
+        prompt and completion are tokenized separately, so the label boundary is exact. Nothing
+        is truncated here.
         """
         checked = validate_record(record, where)
         if isinstance(checked, Err):
@@ -256,9 +321,12 @@ class Encoder:
         return out  # type: ignore[return-value]  # every slot is filled above
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        """``[bos] + prompt ids``: the input from which a completion is generated."""
-        return [self.bos_id, *self._ids(prompt)]
+        """``[bos] + prompt ids`` (bos when the tokenizer adds one and the text does not start
+        with it): the input from which a completion is generated."""
+        ids = self._ids(prompt)
+        bos = self._bos()
+        return ids if not bos or ids[:1] == bos else [*bos, *ids]
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of ``ids``, special tokens (pad, bos, eos) left out."""
+        """Text of ``ids``, special tokens (pad, bos, eos, …) left out."""
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

@@ -13,6 +13,10 @@ styles that cover what real folders do differently:
   ``<|start_header_id|>``/``<|end_header_id|>``, eos ``<|eot_id|>``, no pad, and a Llama-3.1-style
   template that writes its own BOS and a date through ``strftime_now``.
 
+``QWEN3_TEMPLATE`` is a Qwen3-style template for the ``qwen2`` folder's tokens: it drops the
+``<think>`` block of every assistant turn but the last (so it rewrites earlier turns) and marks
+the trained text with ``{% generation %}`` blocks.
+
 ``transformers`` is imported lazily (a test-only dependency of tscale).
 """
 
@@ -61,6 +65,31 @@ LLAMA3_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}"
     "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+# Qwen3's way with reasoning, in small: an assistant turn's ``<think>…</think>`` block is kept in
+# the last message only and stripped from earlier turns (the template rewrites earlier turns, so
+# prefix rendering cannot find their spans); ``{% generation %}`` blocks mark what is trained.
+QWEN3_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' %}"
+    "{%- set content = message.content %}"
+    "{%- set reasoning = '' %}"
+    "{%- if '</think>' in content %}"
+    "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}"
+    "{%- endif %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- generation %}"
+    "{%- if loop.last %}{{- '<think>\\n' + reasoning + '\\n</think>\\n\\n' }}{%- endif %}"
+    "{{- content + '<|im_end|>' }}"
+    "{%- endgeneration %}"
+    "{{- '\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
 _SPECIALS: dict[str, dict[str, Any]] = {
@@ -242,6 +271,7 @@ def make_model_folder(
 __all__ = [
     "LLAMA3_TEMPLATE",
     "QWEN2_TEMPLATE",
+    "QWEN3_TEMPLATE",
     "STYLES",
     "chat_records",
     "make_model_folder",

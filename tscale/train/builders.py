@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import re
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -16,15 +17,23 @@ from tensordict import TensorDictBase
 
 from tscale.checkpoint.hf import from_pretrained
 from tscale.config.schema import Config, DataConfig, model_max_positions, resolve_defaults
+from tscale.core import tree as T
 from tscale.core.result import Err, Ok
 from tscale.core.state import TrainState
 from tscale.data import load as data_load
 from tscale.data import synthetic
-from tscale.data.length import LengthBudget, LengthReport
+from tscale.data.hf_tokenizer import add_tokens, save_tokenizer_folder
+from tscale.data.length import Dropped, LengthBudget, LengthReport
 from tscale.data.loader import BatchLoader
 from tscale.data.pack import pack_examples
 from tscale.data.prepare import prepare_examples
-from tscale.data.prompt import get_template, render_messages, to_messages
+from tscale.data.prompt import (
+    BUILTIN_TEMPLATES,
+    TEMPLATE_NAMES,
+    ChatTemplate,
+    render_messages,
+    to_messages,
+)
 from tscale.data.sources import fingerprint
 from tscale.data.stream import StreamingBatchLoader
 from tscale.data.tokenize import Encoder, load_or_train_tokenizer
@@ -39,7 +48,7 @@ from tscale.optim.schedule_free import schedule_free_eval_params
 from tscale.step.compile import compile_step
 from tscale.step.compose import StepFn, make_train_step
 from tscale.step.sophia import make_sophia_train_step
-from tscale.train import data_sources
+from tscale.train import data_report, data_sources
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -124,7 +133,9 @@ class DataBundle:
     """Everything data the trainer needs."""
 
     encoder: Encoder
-    tokenizer_file: Path
+    tokenizer_files: dict[str, Path]
+    """The run's tokenizer as a complete HF folder (``<run>/data/tokenizer/``): target file name
+    → path, copied into every checkpoint."""
     loader: BatchLoader | StreamingBatchLoader
     train_examples: list[dict]
     eval_examples: list[dict]
@@ -133,6 +144,82 @@ class DataBundle:
     encode_prompt: Callable[[dict], list[int]]
     example_lengths: list[int] = attrs.field(factory=list)
     """Tokens of each training example before packing (for ``tscale data inspect``)."""
+    template: ChatTemplate | None = None
+    """The chat template the data was rendered with (special tokens and date bound)."""
+
+    @property
+    def tokenizer_file(self) -> Path:
+        """The folder's ``tokenizer.json``."""
+        return self.tokenizer_files["tokenizer.json"]
+
+
+_CHAT_KEYS = ("messages", "conversations")
+_PLAIN_SOURCE = BUILTIN_TEMPLATES["plain"].source
+
+
+@attrs.frozen
+class SelectedTemplate:
+    """The template the data is rendered with; ``plain_only``: ``data.template: auto`` fell back
+    to ``plain`` (no chat_template in the tokenizer), so chat records are an error."""
+
+    template: ChatTemplate
+    plain_only: bool = False
+
+    def check(self, records: Sequence[dict], encoder: Encoder) -> None:
+        if self.plain_only and any(k in r for r in records for k in _CHAT_KEYS):
+            where = f" ({encoder.source})" if encoder.source else " (trained by tscale)"
+            names = ", ".join(n for n in TEMPLATE_NAMES if n != "plain")
+            raise DataError(
+                f"data.template: auto, but the tokenizer{where} has no chat_template and the "
+                "data is chat (messages): plain would glue the turns together; set "
+                f"data.template to a built-in ({names}), "
+                "a .jinja file or a Jinja2 string, or use a tokenizer folder with a chat template"
+            )
+
+
+def select_template(cfg: Config, encoder: Encoder) -> SelectedTemplate:
+    """The template of ``data.template`` with the tokenizer's bos/eos strings and
+    ``data.template_date`` bound (see docs/data.md, templates).
+
+    Raises:
+        ConfigError: an unknown name, a missing ``.jinja`` file or invalid Jinja2.
+    """
+    d = cfg.data
+    spec = d.template
+
+    def bind(tpl: ChatTemplate) -> ChatTemplate:
+        try:
+            return tpl.with_tokens(
+                bos_token=encoder.bos_token or "",
+                eos_token=encoder.eos_token or "",
+                date=d.template_date,
+            )
+        except DataError as e:
+            raise ConfigError(str(e)) from None
+
+    def compile_source(source: str, name: str) -> ChatTemplate:
+        try:
+            return ChatTemplate.from_jinja(source, name=name)
+        except DataError as e:
+            raise ConfigError(f"data.template: {e}") from None
+
+    if spec == "auto":
+        if encoder.chat_template is not None:
+            return SelectedTemplate(bind(compile_source(encoder.chat_template, "tokenizer")))
+        return SelectedTemplate(bind(BUILTIN_TEMPLATES["plain"]), plain_only=True)
+    if spec in BUILTIN_TEMPLATES:
+        return SelectedTemplate(bind(BUILTIN_TEMPLATES[spec]))
+    if "{%" in spec or "{{" in spec:
+        return SelectedTemplate(bind(compile_source(spec, "data.template")))
+    path = Path(spec)
+    if path.suffix == ".jinja" or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"data.template: template file {spec} not found")
+        return SelectedTemplate(bind(compile_source(path.read_text(encoding="utf-8"), path.name)))
+    raise ConfigError(
+        f"data.template: unknown template {spec!r}; use auto (the tokenizer's chat_template), "
+        f"a built-in ({', '.join(TEMPLATE_NAMES)}), a path to a .jinja file or a Jinja2 string"
+    )
 
 
 def _prepare(
@@ -145,17 +232,25 @@ def _prepare(
     max_length: int | None,
     where: list[str] | None = None,
     budget: LengthBudget | None = None,
-) -> tuple[list[dict], Counter, LengthReport]:
+    template: SelectedTemplate | None = None,
+) -> tuple[list[dict], Counter, Counter, LengthReport]:
     """Fit each record to the length budget, render it with the template and tokenize it with its
-    loss mask (batched, each text encoded once); an ``Err`` at any stage goes to the quarantine
-    file (with the original record) and is counted by reason."""
+    loss mask (batched, each text encoded once). A malformed record (an ``Err``) goes to the
+    quarantine file, a record the length policy leaves out (:class:`Dropped`) to the dropped-rows
+    file beside it, each with the original record.
+
+    Returns:
+        ``(examples, quarantined by reason, dropped by reason, length report)``.
+    """
     d = cfg.data
     places = where if where is not None else [f"{name} record {i}" for i in range(len(records))]
+    template = template if template is not None else select_template(cfg, encoder)
+    template.check(records, encoder)
     results, length_report = prepare_examples(
         records,
-        get_template(d.template),
+        template.template,
         encoder,
-        add_bos=True,
+        add_bos=encoder.adds_bos,  # the BOS/EOS rule of docs/data.md
         add_eos=True,
         system=d.system_prompt,
         loss_mode=d.loss_mode,
@@ -165,16 +260,21 @@ def _prepare(
     )
     ok: list[dict] = []
     errors: Counter = Counter()
+    dropped: Counter = Counter()
     bad: list[Err] = []
+    left_out: list[Err] = []
     for record, res in zip(records, results, strict=True):
         if isinstance(res, Ok):
             ok.append(res.value)
+        elif isinstance(res, Dropped):
+            dropped[data_report.reason_key(res.reason)] += 1
+            left_out.append(attrs.evolve(res, record=record))
         else:
-            errors[res.reason.split(":")[0]] += 1
+            errors[data_report.reason_key(res.reason)] += 1
             bad.append(attrs.evolve(res, record=record))
-    if bad:
-        data_load.write_quarantine(bad, quarantine)
-    return ok, errors, length_report
+    data_load.write_quarantine(bad, quarantine)
+    data_load.write_quarantine(left_out, quarantine.with_name(data_sources.DROPPED_FILE))
+    return ok, errors, dropped, length_report
 
 
 def question_and_answer(record: dict) -> tuple[str, str]:
@@ -191,23 +291,69 @@ def question_and_answer(record: dict) -> tuple[str, str]:
     return (text[-2] if len(text) > 1 else ""), (text[-1] if text else "")
 
 
-def prompt_encoder(cfg: Config, encoder: Encoder) -> Callable[[dict], list[int]]:
+def prompt_encoder(
+    cfg: Config, encoder: Encoder, template: ChatTemplate | None = None
+) -> Callable[[dict], list[int]]:
     """``record -> ids`` of the generation prompt: the template's rendering of every message but
-    the last (the answer), with the generation prompt added, after bos."""
+    the last (the answer), with the generation prompt added, encoded without special tokens;
+    BOS first when the tokenizer adds one and the template did not write it (never twice)."""
     d = cfg.data
-    template = get_template(d.template)
+    tpl = template if template is not None else select_template(cfg, encoder).template
+    plain = tpl.source == _PLAIN_SOURCE
+    bos = [encoder.bos_id] if encoder.adds_bos and encoder.bos_id is not None else []
 
     def encode(record: dict) -> list[int]:
-        if d.template == "plain" and "prompt" in record:
+        if plain and "prompt" in record:
             return encoder.encode_prompt(record["prompt"])
         messages = to_messages(record, system=d.system_prompt)
         if not isinstance(messages, Ok):
             raise DataError(f"eval record cannot be rendered: {messages.reason}")
-        text = render_messages(template, messages.value[:-1], add_generation_prompt=True)
+        text = render_messages(tpl, messages.value[:-1], add_generation_prompt=True)
         ids = encoder.tokenizer.encode(text, add_special_tokens=False).ids
-        return ids if ids[:1] == [encoder.bos_id] else [encoder.bos_id, *ids]
+        return ids if not bos or ids[:1] == bos else [*bos, *ids]
 
     return encode
+
+
+def build_encoder(cfg: Config, trained: Callable[[], Any]) -> Encoder:
+    """The run's tokenizer (see docs/data.md, tokenizers): ``data.tokenizer.path`` (an HF
+    folder or a tokenizer.json), else ``model.path``'s folder, else tscale's BPE trained by
+    ``trained()``; with ``data.tokenizer.add_tokens`` added."""
+    d, m = cfg.data, cfg.model
+    if d.tokenizer.path is not None:
+        encoder = Encoder.from_path(d.tokenizer.path, key="data.tokenizer.path")
+    elif m.path is not None:
+        if not (Path(m.path) / "tokenizer.json").is_file():
+            raise ConfigError(
+                f"model.path {m.path} has no tokenizer.json: set data.tokenizer.path to the "
+                "model's HF tokenizer folder (a tokenizer trained here would not match the "
+                "pretrained embeddings)"
+            )
+        encoder = Encoder.from_path(m.path, key="model.path")
+    else:
+        encoder = Encoder.from_tokenizer(trained())
+    if d.tokenizer.add_tokens:
+        encoder = add_tokens(encoder, d.tokenizer.add_tokens)
+    if encoder.pad_is_eos:
+        warnings.warn(
+            f"tokenizer {encoder.source} has no pad token: padding with its eos token "
+            f"{encoder.eos_token!r} (padded positions carry no loss)",
+            stacklevel=2,
+        )
+    return encoder
+
+
+def tokenizer_summary(encoder: Encoder, template: ChatTemplate) -> dict[str, Any]:
+    """The tokenizer and template of a run, for its data report."""
+    return {
+        "source": encoder.source or "trained (tscale BPE)",
+        "vocab_size": encoder.vocab_size,
+        **encoder.special_tokens,
+        "adds_bos": encoder.adds_bos,
+        "pad_is_eos": encoder.pad_is_eos,
+        "template": template.name,
+        "template_date": template.date,
+    }
 
 
 def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1) -> DataBundle:
@@ -232,7 +378,9 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
         )
     if not d.streaming:
         quarantine.unlink(missing_ok=True)  # rebuilt below (or restored from the cache)
+        quarantine.with_name(data_sources.DROPPED_FILE).unlink(missing_ok=True)
     budget = data_sources.length_budget(d)
+    eval_budget = data_sources.length_budget(d, packed=False)
     error_budget = data_sources.ErrorBudget(d.max_error_rate, quarantine)
     if d.train_files or d.sources:
         train_files = [Path(p) for p in d.train_files]
@@ -271,65 +419,84 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
             read.update(_read_train(cfg, sources, train_files, quarantine, hf_cache))
         return read
 
-    tokenizer_file = data_dir / "tokenizer.json"
-    if d.tokenizer.path is not None or not via_sources:
-        tokenizer = load_or_train_tokenizer(
-            d.tokenizer.path, train_files, d.tokenizer.vocab_size, cache_dir=data_dir
-        )
-    else:
+    def trained() -> Any:  # tscale's BPE, trained on the training data (cached)
+        if not via_sources:
+            return load_or_train_tokenizer(
+                None, train_files, d.tokenizer.vocab_size, cache_dir=data_dir
+            )
         key = fingerprint(
             {"vocab_size": d.tokenizer.vocab_size, "sources": [attrs.asdict(s) for s in sources]},
             input_files,
         )
         cached = data_dir / f"tokenizer-{key[:32]}.json"
         texts = [] if cached.is_file() else _tokenizer_records(d, sources, train_records, hf_cache)
-        tokenizer = data_sources.train_tokenizer_on(texts, d.tokenizer.vocab_size, cached)
-    tokenizer.save(str(tokenizer_file))
-    encoder = Encoder.from_tokenizer(tokenizer)
+        return data_sources.train_tokenizer_on(texts, d.tokenizer.vocab_size, cached)
+
+    encoder = build_encoder(cfg, trained)
+    template = select_template(cfg, encoder)
+    tpl = template.template
+    # The exported folder carries the template training used (none for plain).
+    trained_template = None if tpl.source == _PLAIN_SOURCE else tpl.source
+    encoder = attrs.evolve(encoder, chat_template=trained_template)
+    tokenizer = encoder.tokenizer
+    tokenizer_files = save_tokenizer_folder(encoder, data_dir / "tokenizer")
     packing = d.packing.enabled
     eval_records: list[dict] = []
     eval_places: list[str] | None = None
+    eval_read = {"rows": 0, "load_errors": Counter()}  # rows read and quarantined on loading
     if eval_source is not None:
-        eval_records, eval_places, eval_bad, _ = data_sources.read_source(
+        eval_records, eval_places, eval_bad, eval_rows = data_sources.read_source(
             eval_source, cache_dir=hf_cache
         )
         data_load.write_quarantine(eval_bad, quarantine)
+        eval_read = {
+            "rows": eval_rows,
+            "load_errors": Counter(data_report.reason_key(e.reason) for e in eval_bad),
+        }
     elif eval_files:
-        eval_records, _ = data_load.load_records(
+        eval_records, eval_load = data_load.load_records(
             eval_files, quarantine=quarantine, cache_dir=hf_cache
         )
+        eval_read = {"rows": eval_load.total, "load_errors": _by_kind(eval_load.errors)}
     if d.streaming:
         return _streaming_bundle(
             cfg,
             sources,
             encoder,
-            tokenizer_file,
+            tokenizer_files,
+            template,
             eval_records,
             eval_places,
             quarantine,
             error_budget,
             budget,
             hf_cache,
+            eval_read,
+            eval_budget,
             rank=rank,
             world_size=world_size,
         )
 
     cache_root = Path(d.cache_dir) if d.cache_dir is not None else data_dir / "cache"
     folder = cache_root / (
-        "processed-" + data_sources.processed_fingerprint(cfg, tokenizer.to_str(), input_files)[:32]
+        "processed-"
+        + data_sources.processed_fingerprint(
+            cfg, tokenizer.to_str(), input_files, template=tpl, encoder=encoder
+        )[:32]
     )
     cached_data = data_sources.load_processed(folder, quarantine) if d.cache else None
     if cached_data is not None:
         train_examples, eval_examples, meta = cached_data
         report = {**meta["report"], "cache": "hit", "cache_path": str(folder)}
         report["quarantine"] = str(quarantine) if quarantine.exists() else None
+        report["dropped_file"] = _if_exists(quarantine.with_name(data_sources.DROPPED_FILE))
         example_lengths = list(meta["example_lengths"])
     else:
         got = train_records()
-        train_examples, train_errors, length_report = [], Counter(), LengthReport()
+        train_errors, train_dropped, length_report = Counter(), Counter(), LengthReport()
         parts = []
         for records, places in got["parts"]:
-            examples, errors, rep = _prepare(
+            examples, errors, dropped, rep = _prepare(
                 cfg,
                 encoder,
                 records,
@@ -338,9 +505,11 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
                 max_length=None if packing else d.max_length,
                 where=places,
                 budget=budget,
+                template=template,
             )
             parts.append(examples)
             train_errors += errors
+            train_dropped += dropped
             length_report = length_report + rep
         if len(parts) == 1:
             train_examples = parts[0]
@@ -349,7 +518,7 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
                 [len(p) for p in parts], [s.weight for s in sources], cfg.run.seed
             )
             train_examples = [parts[i][j] for i, j in order]
-        eval_examples, eval_errors, _ = _prepare(
+        eval_examples, eval_errors, eval_dropped, eval_length = _prepare(
             cfg,
             encoder,
             eval_records,
@@ -357,10 +526,12 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
             quarantine,
             max_length=d.max_length,
             where=eval_places,
-            budget=budget,
+            budget=eval_budget,
+            template=template,
         )
-        rows, load_bad = got["rows"], sum(got["load_errors"].values())
-        error_budget.add(rows, load_bad + sum(train_errors.values()))
+        rows, load_errors = got["rows"], _by_kind(got["load_errors"])
+        bad = load_errors + train_errors
+        error_budget.add(rows, bad.total(), bad)
         error_budget.check(final=True)
         example_lengths = [len(e["input_ids"]) for e in train_examples]
         pack_report = None
@@ -368,6 +539,9 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
             train_examples, pack_report = pack_examples(
                 train_examples, d.max_length, split_overflow=d.packing.split_overflow
             )
+        packer_dropped = pack_report.dropped_too_long if pack_report is not None else 0
+        if packer_dropped:  # not expected: the length budget fits every example first
+            train_dropped["too long (packer)"] += packer_dropped
         report = {
             "train_records": got["records"],
             "train_examples": len(train_examples),
@@ -383,6 +557,29 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
             "length": _length_summary(length_report) if budget is not None else None,
             "sources": got["sources"],
             "streaming": False,
+            "train": data_report.split_counts(
+                rows_read=rows,
+                kept=sum(len(p) for p in parts) - packer_dropped,
+                dropped=train_dropped,
+                quarantined=load_errors + train_errors,
+                truncated=length_report.truncated_examples,
+                split=pack_report.split_documents if pack_report is not None else 0,
+                examples=len(train_examples),
+                **data_report.token_counts(train_examples, pack_report),
+            ),
+            "eval": data_report.split_counts(
+                rows_read=eval_read["rows"],
+                kept=len(eval_examples),
+                kept_name="kept",
+                dropped=eval_dropped,
+                quarantined=eval_read["load_errors"] + eval_errors,
+                truncated=eval_length.truncated_examples,
+                examples=len(eval_examples),
+            ),
+            "limit": _limit_name(budget),
+            "dropped_file": _if_exists(quarantine.with_name(data_sources.DROPPED_FILE)),
+            "max_error_rate": d.max_error_rate,
+            "complete": True,
         }
         if d.cache and train_examples:
             data_sources.save_processed(
@@ -393,8 +590,12 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
                 quarantine=quarantine,
             )
         report = {**report, "cache": "miss" if d.cache else "off", "cache_path": str(folder)}
+    report = {**report, "tokenizer": tokenizer_summary(encoder, tpl)}
     if not train_examples:
-        raise DataError(f"no usable training example; see {quarantine} for the reasons")
+        raise DataError(
+            f"no usable training example; see {quarantine} and "
+            f"{quarantine.with_name(data_sources.DROPPED_FILE)} for the reasons"
+        )
     loader = BatchLoader(
         train_examples,
         d.batch_size,
@@ -409,15 +610,38 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
     )
     return DataBundle(
         encoder=encoder,
-        tokenizer_file=tokenizer_file,
+        tokenizer_files=tokenizer_files,
         loader=loader,
         train_examples=train_examples,
         eval_examples=eval_examples,
         eval_records=eval_records,
         report=report,
-        encode_prompt=prompt_encoder(cfg, encoder),
+        encode_prompt=prompt_encoder(cfg, encoder, tpl),
         example_lengths=example_lengths,
+        template=tpl,
     )
+
+
+def _by_kind(reasons: dict[str, int]) -> Counter:
+    """Counts by reason, merged by :func:`data_report.reason_key`."""
+    out: Counter = Counter()
+    for reason, n in reasons.items():
+        out[data_report.reason_key(reason)] += n
+    return out
+
+
+def _limit_name(budget: LengthBudget | None) -> str | None:
+    """What the length budget fits examples to, for the data report."""
+    if budget is None:
+        return None
+    if budget.per_column_limits:
+        limit = f" and {budget.limit_name}" if budget.max_total_length is not None else ""
+        return f"data.length.per_column_limits{limit}"
+    return budget.limit_name
+
+
+def _if_exists(path: Path) -> str | None:
+    return str(path) if path.exists() else None
 
 
 def _length_summary(report: LengthReport) -> dict[str, Any]:
@@ -426,6 +650,7 @@ def _length_summary(report: LengthReport) -> dict[str, Any]:
         "records": report.records,
         "kept": report.kept,
         "truncated_records": report.truncated_records,
+        "truncated_examples": report.truncated_examples,
         "truncated_columns": {c: dict(r) for c, r in report.truncated.items()},
         "dropped": dict(report.dropped),
         "summary": report.summary(),
@@ -496,22 +721,26 @@ def _streaming_bundle(
     cfg: Config,
     sources: list[data_sources.Source],
     encoder: Encoder,
-    tokenizer_file: Path,
+    tokenizer_files: dict[str, Path],
+    template: SelectedTemplate,
     eval_records: list[dict],
     eval_places: list[str] | None,
     quarantine: Path,
     error_budget: data_sources.ErrorBudget,
     budget: LengthBudget | None,
     hf_cache: Path,
+    eval_read: dict[str, Any],
+    eval_budget: LengthBudget | None,
     *,
     rank: int = 0,
     world_size: int = 1,
 ) -> DataBundle:
     """The bundle of ``data.streaming``: a loader that reads, prepares and packs on the fly
-    (every rank the same global batches, keeping its rows; rank 0 writes the quarantine)."""
+    (every rank the same global batches, keeping its rows; rank 0 writes the quarantine).
+    ``report["train"]`` counts the rows read so far (``complete`` stays False); rank 0 rewrites
+    ``<run>/data_report.json`` with every chunk read."""
     d = cfg.data
     packing = d.packing.enabled
-    template = get_template(d.template)
     report: dict[str, Any] = {
         "streaming": True,
         "train_rows": 0,
@@ -520,7 +749,15 @@ def _streaming_bundle(
         "quarantine": str(quarantine),
         "cache": "off (streaming)",
         "sources": [{"source": s.name, "key": s.key, "weight": s.weight} for s in sources],
+        "train": data_report.split_counts(
+            rows_read=0, kept=0, dropped={}, quarantined={}, truncated=0, split=None
+        ),
+        "limit": _limit_name(budget),
+        "dropped_file": str(quarantine.with_name(data_sources.DROPPED_FILE)),
+        "max_error_rate": d.max_error_rate,
+        "complete": False,
     }
+    seen = {"dropped": Counter(), "quarantined": Counter(), "truncated": 0}
     if d.packing.buffer_size < 1:
         raise ConfigError(f"data.packing.buffer_size must be >= 1, got {d.packing.buffer_size}")
     if d.group_by_length or d.max_tokens is not None:
@@ -530,11 +767,12 @@ def _streaming_bundle(
         )
 
     def prepare(records: Sequence[dict], places: Sequence[str]) -> list[Ok[dict] | Err]:
-        results, _ = prepare_examples(
+        template.check(records, encoder)
+        results, length_report = prepare_examples(
             records,
-            template,
+            template.template,
             encoder,
-            add_bos=True,
+            add_bos=encoder.adds_bos,  # the BOS/EOS rule of docs/data.md
             add_eos=True,
             system=d.system_prompt,
             loss_mode=d.loss_mode,
@@ -542,20 +780,37 @@ def _streaming_bundle(
             budget=budget,
             where=places,
         )
+        seen["truncated"] += length_report.truncated_examples
         return [
             attrs.evolve(r, record=rec) if isinstance(r, Err) else r
             for r, rec in zip(results, records, strict=True)
         ]
 
     def on_errors(errors: list[Err], rows: int) -> None:
+        bad = [e for e in errors if not isinstance(e, Dropped)]
+        left_out = [e for e in errors if isinstance(e, Dropped)]
         if rank == 0:  # every rank reads the same rows: one copy of each bad one
-            data_load.write_quarantine(errors, quarantine)
-        error_budget.add(rows, len(errors))
+            data_load.write_quarantine(bad, quarantine)
+            data_load.write_quarantine(left_out, quarantine.with_name(data_sources.DROPPED_FILE))
+        reasons = Counter(data_report.reason_key(e.reason) for e in bad)
+        seen["quarantined"].update(reasons)
+        seen["dropped"].update(data_report.reason_key(e.reason) for e in left_out)
+        error_budget.add(rows, len(bad), reasons)
         report.update(
             train_rows=error_budget.rows,
             quarantined_rows=error_budget.bad,
             error_rate=error_budget.bad / error_budget.rows if error_budget.rows else 0.0,
+            train=data_report.split_counts(
+                rows_read=error_budget.rows,
+                kept=error_budget.rows - seen["dropped"].total() - seen["quarantined"].total(),
+                dropped=seen["dropped"],
+                quarantined=seen["quarantined"],
+                truncated=seen["truncated"],
+                split=None,
+            ),
         )
+        if rank == 0:  # <run>/data_report.json follows the stream (quarantine is <run>/data/…)
+            data_report.write_report(quarantine.parent.parent, report)
         error_budget.check(final=False)
 
     def stream(epoch: int) -> Iterator[tuple[Ok[dict] | Err, str]]:
@@ -574,7 +829,7 @@ def _streaming_bundle(
         rank=rank,
         world_size=world_size,
     )
-    eval_examples, eval_errors, _ = _prepare(
+    eval_examples, eval_errors, eval_dropped, eval_length = _prepare(
         cfg,
         encoder,
         eval_records,
@@ -582,19 +837,31 @@ def _streaming_bundle(
         quarantine,
         max_length=d.max_length,
         where=eval_places,
-        budget=budget,
+        budget=eval_budget,
+        template=template,
     )
     report["eval_examples"] = len(eval_examples)
     report["eval_encode_errors"] = dict(eval_errors)
+    report["eval"] = data_report.split_counts(
+        rows_read=eval_read["rows"],
+        kept=len(eval_examples),
+        kept_name="kept",
+        dropped=eval_dropped,
+        quarantined=eval_read["load_errors"] + eval_errors,
+        truncated=eval_length.truncated_examples,
+        examples=len(eval_examples),
+    )
+    report["tokenizer"] = tokenizer_summary(encoder, template.template)
     return DataBundle(
         encoder=encoder,
-        tokenizer_file=tokenizer_file,
+        tokenizer_files=tokenizer_files,
         loader=loader,
         train_examples=[],
         eval_examples=eval_examples,
         eval_records=eval_records,
         report=report,
-        encode_prompt=prompt_encoder(cfg, encoder),
+        encode_prompt=prompt_encoder(cfg, encoder, template.template),
+        template=template.template,
     )
 
 
@@ -619,18 +886,43 @@ def build_model(
                 "the architecture; remove model." + f.name
             )
     loaded = from_pretrained(m.path, dtype=_DTYPES[m.dtype])
-    if loaded.config.vocab_size < vocab_size:
-        raise ConfigError(
-            f"model.path {m.path}: vocabulary of {loaded.config.vocab_size} is smaller than the "
-            f"tokenizer's ({vocab_size}); use the checkpoint's tokenizer (data.tokenizer.path)"
-        )
+    config, params = loaded.config, loaded.params
+    rows = config.vocab_size
+    if rows < vocab_size:
+        added = len(cfg.data.tokenizer.add_tokens)
+        if not added or vocab_size - added > rows:
+            tok = cfg.data.tokenizer.path
+            where = f"data.tokenizer.path {tok}" if tok is not None else f"model.path {m.path}'s"
+            raise ConfigError(
+                f"{where} tokenizer has token ids up to {vocab_size - 1}, but the embedding of "
+                f"model.path {m.path} has {rows} rows: use the model's own tokenizer, or list "
+                "new tokens in data.tokenizer.add_tokens to grow the embedding"
+            )
+        config, params = resize_vocab(config, params, vocab_size)
     config = attrs.evolve(
-        loaded.config,
+        config,
         attention_backend=m.attention_backend,
         norm_backend=m.norm_backend,
         checkpoint_layers=m.checkpoint_layers,
     )
-    return Transformer(config), loaded.params
+    return Transformer(config), params
+
+
+def resize_vocab(
+    config: TransformerConfig, params: TensorDictBase, vocab_size: int
+) -> tuple[TransformerConfig, TensorDictBase]:
+    """``config`` and ``params`` with the embedding (and an untied head) grown to ``vocab_size``
+    rows; each new row is the mean of the old rows (a deterministic start that keeps the new
+    tokens' logits near the average, as transformers' ``resize_token_embeddings``)."""
+    flat = dict(T.flatten(params))
+    names = ["model.embed_tokens.weight"]
+    if not config.tie_word_embeddings and "lm_head.weight" in flat:
+        names.append("lm_head.weight")
+    for name in names:
+        old = flat[name]
+        mean = old.float().mean(dim=0, keepdim=True).to(old.dtype)
+        flat[name] = torch.cat([old, mean.expand(vocab_size - old.shape[0], -1)]).contiguous()
+    return attrs.evolve(config, vocab_size=vocab_size), T.unflatten(flat)
 
 
 def _random_model(cfg: Config, vocab_size: int) -> Transformer:

@@ -16,7 +16,7 @@ from tscale.config.schema import Config, resolve_defaults
 from tscale.data.introspect import inspect_source, length_histogram
 from tscale.data.loader import IGNORE_INDEX
 from tscale.errors import DataError
-from tscale.train import builders
+from tscale.train import builders, data_report, data_sources
 
 
 def inspect_path(path: str, *, split: str | None = None, fmt: str = "auto") -> str:
@@ -49,8 +49,9 @@ def inspect_config(cfg: Config, console: Console) -> None:
         cfg = attrs.evolve(cfg, data=attrs.evolve(cfg.data, streaming=False))
     run_dir = Path(cfg.run.output_dir)
     bundle = builders.build_data(cfg, run_dir)
+    data_report.print_report(console, bundle.report)
     for key, value in bundle.report.items():
-        if value and key != "length":
+        if value and key not in ("length", "train", "eval"):
             console.print(f"{key}: {value}")
     d = cfg.data
     lengths = bundle.example_lengths or [len(e["input_ids"]) for e in bundle.train_examples]
@@ -72,7 +73,10 @@ def _budget_line(cfg: Config, report: dict[str, Any], hist: dict[str, Any]) -> s
     """What the length budget did, and what happens to examples over data.max_length."""
     d = cfg.data
     length = report.get("length")
+    split = d.packing.enabled and d.packing.split_overflow
     if length:
+        limits = [n for n in (d.length.max_total_length, None if split else d.max_length) if n]
+        limit = f"{report.get('limit')} {min(limits)}, " if limits else ""
         cut = ", ".join(
             f"{c} {r}: {n}"
             for c, rs in sorted(length["truncated_columns"].items())
@@ -81,9 +85,9 @@ def _budget_line(cfg: Config, report: dict[str, Any], hist: dict[str, Any]) -> s
         reasons = length["dropped"]
         dropped = sum(reasons.values())
         line = (
-            f"length budget (data.length, max_total_length {d.length.max_total_length}, excess "
-            f"{d.length.excess}): truncated {length['truncated_records']} of {length['records']} "
-            f"records{f' ({cut})' if cut else ''}, dropped {dropped}"
+            f"length budget ({limit}excess {d.length.excess}): truncated "
+            f"{length['truncated_records']} of {length['records']} records"
+            f"{f' ({cut})' if cut else ''}, dropped {dropped}"
             + (
                 f" ({', '.join(f'{r}: {n}' for r, n in sorted(reasons.items()))})"
                 if dropped
@@ -91,16 +95,9 @@ def _budget_line(cfg: Config, report: dict[str, Any], hist: dict[str, Any]) -> s
             )
         )
     else:
-        line = "length budget: none (data.length.max_total_length is null)"
-    too_long = report.get("train_encode_errors", {}).get("too long", 0)
-    over = hist["over_budget"]
-    if d.packing.enabled:
-        fate = "split into chunks" if d.packing.split_overflow else "dropped by the packer"
-        line += f"; {over} examples over data.max_length {d.max_length}: {fate}"
-    else:
-        line += f"; {too_long} examples over data.max_length {d.max_length}: quarantined"
-    if (over or too_long) and not length:
-        line += f" (set data.length.max_total_length: {d.max_length} to truncate them instead)"
+        line = "length budget: none"
+    if split:
+        line += f"; {hist['over_budget']} examples over data.max_length {d.max_length}: split"
     return line
 
 
@@ -125,7 +122,10 @@ def preview_path(
         try:
             preview(cfg, console, n=n)
         except DataError:  # the quarantine file goes with the temporary directory
-            first = _first_quarantined(Path(cfg.run.output_dir) / "data" / "quarantine.jsonl")
+            data_dir = Path(cfg.run.output_dir) / "data"
+            first = _first_quarantined(data_dir / "quarantine.jsonl") or _first_quarantined(
+                data_dir / data_sources.DROPPED_FILE
+            )
             if first is None:
                 raise
             raise DataError(
@@ -135,7 +135,8 @@ def preview_path(
 
 
 def _first_quarantined(path: Path) -> str | None:
-    """``reason (where)`` of the first quarantined record, None without any."""
+    """``reason (where)`` of the first record of a quarantine (or dropped) file, None without
+    any."""
     try:
         with path.open() as f:
             row = json.loads(f.readline())

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,13 +34,16 @@ from tscale.data.sources import (
 from tscale.data.tokenize import train_tokenizer
 from tscale.errors import ConfigError, DataError
 
-CACHE_VERSION = "tscale-processed-v1"
+CACHE_VERSION = "tscale-processed-v2"
 """Bump when the processing changes, so caches made the old way are not read back."""
 
 # Data keys that change how batches are drawn, not what the processed examples are.
 _LOADER_ONLY = ("batch_size", "shuffle", "group_by_length", "longest_first", "max_tokens")
 _NOT_PROCESSING = (*_LOADER_ONLY, "cache", "cache_dir", "max_error_rate", "streaming")
 _SUPPORTED_FORMATS = ("prompt_completion", "alpaca", "chat", "sharegpt")
+DROPPED_FILE = "dropped.jsonl"
+"""Beside quarantine.jsonl: the rows the length policy left out (data.length.excess drop, or
+nothing trainable fits), one ``{"where", "reason", "record"}`` a line."""
 
 
 @attrs.frozen
@@ -243,10 +247,21 @@ def tokenizer_texts(records: Sequence[Mapping[str, Any]]) -> Iterator[str]:
         yield "".join(str(r.get(c) or "") for c in TEXT_COLUMNS if isinstance(r.get(c), str))
 
 
-def length_budget(d: DataConfig) -> LengthBudget | None:
-    """The ``data.length`` budget, or None when no limit is set; names are checked here."""
+_PROMPT_SIDE = ("prompt", "instruction", "input")
+
+
+def length_budget(d: DataConfig, *, packed: bool = True) -> LengthBudget | None:
+    """The length budget every record is fitted to: ``data.length`` and ``data.max_length``
+    (the tighter of the two token limits; ``data.max_length`` is left to the packer when
+    ``data.packing.split_overflow`` splits long examples and ``packed``: False for eval
+    examples, which are never packed), or None when no limit applies. Names are checked here."""
     lc = d.length
-    if lc.max_total_length is None and not lc.per_column_limits:
+    split = packed and d.packing.enabled and d.packing.split_overflow
+    limits = [(lc.max_total_length, "data.length.max_total_length")]
+    if not split:
+        limits.append((d.max_length, "data.max_length"))
+    limits = [(n, key) for n, key in limits if n is not None]
+    if not limits and not lc.per_column_limits:
         return None
     for key, names in (
         ("per_column_limits", list(lc.per_column_limits)),
@@ -259,7 +274,8 @@ def length_budget(d: DataConfig) -> LengthBudget | None:
         if bad:
             raise ConfigError(
                 f"data.length.{key}: {bad} are not text columns; use {list(TEXT_COLUMNS)} "
-                "(chat records have none: use excess drop for them)"
+                "(a chat's last user message and assistant turn are fitted as prompt and "
+                "completion)"
             )
     if lc.max_total_length is not None and lc.max_total_length < 1:
         raise ConfigError(f"data.length.max_total_length must be >= 1, got {lc.max_total_length}")
@@ -278,11 +294,19 @@ def length_budget(d: DataConfig) -> LengthBudget | None:
     for c, r in (lc.ratios or {}).items():
         if not r > 0:
             raise ConfigError(f"data.length.ratios.{c} must be positive, got {r}")
+    limit, limit_name = min(limits) if limits else (None, "data.max_length")
+
+    def side(c: str) -> str:
+        if lc.side != "auto":
+            return lc.side
+        return "left" if c in _PROMPT_SIDE else "right"
+
     return LengthBudget(
-        max_total_length=lc.max_total_length,
+        max_total_length=limit,
+        limit_name=limit_name,
         per_column_limits=dict(lc.per_column_limits),
         strategy={c: lc.column_strategy.get(c, lc.strategy) for c in TEXT_COLUMNS},
-        sides={c: lc.column_side.get(c, lc.side) for c in TEXT_COLUMNS},
+        sides={c: lc.column_side.get(c, side(c)) for c in TEXT_COLUMNS},
         content_distribution=lc.content_distribution,
         priority=list(lc.priority) if lc.priority else None,
         ratios=dict(lc.ratios) if lc.ratios else None,
@@ -296,7 +320,8 @@ def length_budget(d: DataConfig) -> LengthBudget | None:
 
 
 class ErrorBudget:
-    """Counts quarantined training rows; raises once their share exceeds data.max_error_rate."""
+    """Counts quarantined training rows (by reason); raises once their share exceeds
+    data.max_error_rate. Dropped rows (the length policy's) are not errors and not counted."""
 
     # A stream is judged only after this many rows (a bad first row is not yet a rate).
     MIN_ROWS = 100
@@ -308,10 +333,13 @@ class ErrorBudget:
         self.quarantine = quarantine
         self.rows = 0
         self.bad = 0
+        self.reasons: Counter[str] = Counter()
 
-    def add(self, rows: int, bad: int) -> None:
+    def add(self, rows: int, bad: int, reasons: Mapping[str, int] | None = None) -> None:
+        """Count ``rows`` read, ``bad`` of them quarantined (``reasons``: counts by reason)."""
         self.rows += rows
         self.bad += bad
+        self.reasons.update(reasons or {})
 
     def check(self, *, final: bool) -> None:
         """Raise DataError when over the budget (``final``: all rows are in; else a stream)."""
@@ -319,11 +347,13 @@ class ErrorBudget:
             return
         rate = self.bad / self.rows
         if rate > self.max_rate:
+            top = ", ".join(f"{r} ({n})" for r, n in self.reasons.most_common(3))
             raise DataError(
                 f"{self.bad} of {self.rows} training rows ({rate:.1%}) were quarantined, more "
-                f"than data.max_error_rate {self.max_rate:g} ({self.max_rate:.1%}); the rows and "
-                f"reasons are in {self.quarantine}. Fix the data (or data.column_map / "
-                "data.length), or raise data.max_error_rate"
+                f"than data.max_error_rate {self.max_rate:g} ({self.max_rate:.1%})"
+                f"{f'; top reasons: {top}' if top else ''}; the rows and reasons are in "
+                f"{self.quarantine}. Fix the data (or data.column_map / data.loss_mode / "
+                "data.template), or raise data.max_error_rate (null: never stop)"
             )
 
 
@@ -334,17 +364,41 @@ class ErrorBudget:
 _FIELDS = ("input_ids", "labels", "position_ids", "doc_ids")
 
 
-def processed_fingerprint(cfg: Config, tokenizer_json: str, files: Sequence[Path]) -> str:
-    """A fingerprint of everything the processed examples depend on."""
+def processed_fingerprint(
+    cfg: Config,
+    tokenizer_json: str,
+    files: Sequence[Path],
+    *,
+    template: Any = None,
+    encoder: Any = None,
+) -> str:
+    """A fingerprint of everything the processed examples depend on: the processing part of
+    ``data:``, the seed, the tokenizer's JSON, the input files and, when given, the template
+    (its source, bound special tokens and ``strftime_now`` date: a ``.jinja`` file or the
+    tokenizer folder's template can change while the config stays the same) and the encoder's
+    special tokens and BOS rule."""
     data = to_dict(cfg.data)
     for key in _NOT_PROCESSING:
         data.pop(key, None)
-    parts = {
+    parts: dict[str, Any] = {
         "version": CACHE_VERSION,
         "data": data,
         "seed": cfg.run.seed,  # synthetic data and the mixture order
         "tokenizer": hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest(),
     }
+    if template is not None:
+        parts["template"] = {
+            "source": hashlib.sha256(template.source.encode("utf-8")).hexdigest(),
+            "bos_token": template.bos_token,
+            "eos_token": template.eos_token,
+            "date": template.date,
+        }
+    if encoder is not None:
+        parts["special"] = {
+            **encoder.special_tokens,
+            "ids": [encoder.bos_id, encoder.eos_id, encoder.pad_id],
+            "adds_bos": encoder.adds_bos,
+        }
     return fingerprint(parts, files)
 
 
@@ -384,8 +438,9 @@ def save_processed(
         arrays = {**_flatten(train, "train_"), **_flatten(eval_examples, "eval_")}
         np.savez(tmp / "examples.npz", **arrays)
         (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False, default=str))
-        if quarantine.exists():
-            shutil.copyfile(quarantine, tmp / "quarantine.jsonl")
+        for side_file in (quarantine, quarantine.with_name(DROPPED_FILE)):
+            if side_file.exists():
+                shutil.copyfile(side_file, tmp / side_file.name)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -407,6 +462,8 @@ def load_processed(folder: Path, quarantine: Path) -> tuple[list[dict], list[dic
         return None  # a damaged cache is a miss: it is rebuilt
     if (folder / "quarantine.jsonl").is_file():
         shutil.copyfile(folder / "quarantine.jsonl", quarantine)
+    if (folder / DROPPED_FILE).is_file():
+        shutil.copyfile(folder / DROPPED_FILE, quarantine.with_name(DROPPED_FILE))
     return train, eval_examples, meta
 
 

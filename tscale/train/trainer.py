@@ -34,7 +34,7 @@ from tscale.models.generate import greedy
 from tscale.models.transformer import Transformer
 from tscale.optim.base import GradientTransformation
 from tscale.step.compose import StepFn, make_eval_step
-from tscale.train import builders, distributed
+from tscale.train import builders, data_report, distributed
 from tscale.train.callbacks import Callback, JsonlLogger, ProgressBar, truncate_jsonl
 from tscale.train.export import export_adapter
 from tscale.train.signals import StopSignals
@@ -202,6 +202,9 @@ def train(
                 cfg, run_dir, rank=par.plan.rank, world_size=par.world_size
             )
         par.barrier()
+    if main:  # every row accounted for, before the first step (docs/data.md#the-data-report)
+        data_report.print_report(console, bundle.report)
+        data_report.write_report(run_dir, bundle.report)
     if cfg.train.epochs is not None:  # train.epochs: the data decides train.max_steps
         cfg, config_yaml = _steps_from_epochs(cfg, bundle, run_dir, console, main)
     schedule = builders.build_schedule(cfg)
@@ -308,7 +311,7 @@ def train(
     saved_to: list[Path] = []  # rank 0: the checkpoint the last save wrote
 
     def save(at: int) -> None:
-        files = {"tokenizer.json": bundle.tokenizer_file}
+        files = dict(bundle.tokenizer_files)  # the run's HF tokenizer folder, flat
         extra = {"eval": last_eval}
         cursor = loader.state_dict()
         collective = dict(  # the multi-rank savers: every rank calls them
