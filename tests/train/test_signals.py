@@ -143,3 +143,34 @@ def test_handlers_last_for_the_context_and_a_second_ctrl_c_aborts():
         time.sleep(0.01)
         assert signals.requested == "SIGTERM"
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_aborts_a_real_run_at_once(tmp_path: Path):
+    """A model big enough (~100M params) that finishing the step and saving take seconds: a
+    second SIGINT 1.2 s after the first aborts (exit 130, "interrupted", no stop checkpoint)."""
+    out = tmp_path / "big"
+    cfg = tmp_path / "big.yaml"
+    cfg.write_text(
+        YAML.format(out=out, steps=STEPS).replace(
+            "{hidden_size: 32, intermediate_size: 64, num_layers: 2, num_heads: 2,",
+            "{hidden_size: 1024, intermediate_size: 2048, num_layers: 8, num_heads: 8,",
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tscale.cli", "train", str(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env(),
+    )
+    wait_for_rows(proc, out, 1)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1.2)
+    assert proc.poll() is None, "the run ended before the second Ctrl-C"
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert "tscale: interrupted" in output and "stopped by" not in output
+    ckpts = out / "checkpoints"
+    assert not (ckpts.exists() and list(ckpts.glob("step_*")))  # no complete stop checkpoint
