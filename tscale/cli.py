@@ -4,6 +4,12 @@
 [key=value ...]`` prints the resolved config; ``tscale schedule plot CFG [key=value ...] [-o
 lr.png]`` draws the learning rate over ``train.max_steps``. A user's mistake (bad config, data,
 checkpoint) is printed as one line on stderr and exits with status 2 — no traceback.
+
+Exit status of ``tscale train``: 0 when the run finished, and also when SIGTERM or a first
+Ctrl-C (SIGINT) stopped it cleanly (the step finished, a checkpoint saved, its path printed;
+``--resume`` continues exactly) — under torchrun that keeps the launcher from reporting a
+ChildFailedError for a preemption; 130 when a second Ctrl-C aborted without saving; 2 for a
+user's mistake.
 """
 
 from __future__ import annotations
@@ -54,9 +60,15 @@ def _parser() -> argparse.ArgumentParser:
     di.add_argument("--split", default=None, help="split to inspect (paths only)")
     di.add_argument("--format", default="auto", help="force a record format (paths only)")
     dp = dsub.add_parser("preview", help="render examples as the model sees them")
-    dp.add_argument("config", help="path to a YAML config")
-    dp.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    dp.add_argument("config", help="a YAML config, or a data file/directory/hub name")
+    dp.add_argument(
+        "overrides",
+        nargs="*",
+        help="key.path=value overrides (with a path: e.g. data.template=chatml, model.path=DIR)",
+    )
     dp.add_argument("-n", type=int, default=3, help="examples to show")
+    dp.add_argument("--split", default=None, help="split to preview (paths only)")
+    dp.add_argument("--format", default="auto", help="force a record format (paths only)")
 
     c = sub.add_parser("config", help="config tools")
     csub = c.add_subparsers(dest="config_command", required=True)
@@ -77,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from tscale.config import load_config, to_yaml
+    from tscale.config.schema import resolve_defaults
 
     if args.command == "export":
         from tscale.train.export import export
@@ -93,17 +106,29 @@ def _run(args: argparse.Namespace) -> int:
         if args.data_command == "inspect" and not is_yaml:
             print(data_cli.inspect_path(args.config, split=args.split, fmt=args.format))
             return 0
-        cfg = load_config(args.config, args.overrides)
+        if not is_yaml:  # preview a dataset path with the defaults (and the overrides)
+            data_cli.preview_path(
+                args.config, args.overrides, Console(), n=args.n, split=args.split, fmt=args.format
+            )
+            return 0
+        cfg = resolve_defaults(load_config(args.config, args.overrides))
         if args.data_command == "inspect":
             data_cli.inspect_config(cfg, Console())
         else:
             data_cli.preview(cfg, Console(), n=args.n)
         return 0
     cfg = load_config(args.config, args.overrides)
-    if args.command == "config":
-        sys.stdout.write(to_yaml(cfg))
+    if args.command == "config":  # the values this run uses: null/auto keys resolved
+        resolved = resolve_defaults(cfg)
+        sys.stdout.write(to_yaml(resolved))
+        if resolved.train.max_steps is None:
+            sys.stdout.write(
+                f"# train.max_steps: train.epochs ({resolved.train.epochs:g}) x the steps per "
+                "epoch, known once the data is read (`tscale train` prints it)\n"
+            )
         return 0
     if args.command == "schedule":
+        cfg = resolve_defaults(cfg)
         from tscale.train.plot import plot_schedule
 
         print(f"wrote {plot_schedule(cfg, args.output)}")

@@ -175,7 +175,10 @@ def test_unknown_key_with_nothing_close_lists_the_valid_keys():
             "rex, inverse_sqrt, polynomial",
         ),
         ({"optimizer": {"lr": "fast"}}, "optimizer.lr: expected a number, got 'fast'"),
-        ({"optimizer": {"lr": None}}, "optimizer.lr: expected a number, got null"),
+        (
+            {"optimizer": {"weight_decay": None}},
+            "optimizer.weight_decay: expected a number, got null",
+        ),
         ({"optimizer": {"lr": True}}, "optimizer.lr: expected a number, got true"),
         ({"optimizer": [1, 2]}, "optimizer: expected a mapping, got a list"),
         ({"optimizer": "adamw"}, "optimizer: expected a mapping, got 'adamw'"),
@@ -339,7 +342,10 @@ def test_a_bad_file_value_still_blames_the_file_when_overrides_are_given(tmp_pat
         ("=3", "override '=3': expected key.path=value"),
         ("optimizer..lr=3", "override 'optimizer..lr=3': empty name in key path"),
         ("optimizer.lr=[", "override 'optimizer.lr=[': invalid YAML value"),
-        ("optimizer.lr.x=1", "override 'optimizer.lr.x=1': optimizer.lr: is a number, not a"),
+        (
+            "optimizer.weight_decay.x=1",
+            "override 'optimizer.weight_decay.x=1': optimizer.weight_decay: is a number, not a",
+        ),
     ],
 )
 def test_malformed_overrides(override, expected):

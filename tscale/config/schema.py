@@ -9,6 +9,9 @@ Field docstrings live in ``metadata["help"]`` and feed ``docs/config.md``.
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
 from typing import Any, Literal
 
 import attrs
@@ -221,15 +224,19 @@ class DataConfig:
         "The date (YYYY-MM-DD) the template's strftime_now formats (Llama-3.x writes it), "
         "fixed so that the same data gives the same tokens.",
     )
-    loss_mode: Literal["completion_only", "assistant_only", "last_turn_only"] = _f(
-        "completion_only", "Which tokens are trained (masks come from rendering prefixes)."
+    loss_mode: Literal["auto", "completion_only", "assistant_only", "last_turn_only"] = _f(
+        "auto",
+        "Which tokens are trained (masks come from rendering prefixes); auto: assistant_only "
+        "with model.path (every assistant turn of chat data, exactly the completion of "
+        "prompt/completion records), completion_only from random init.",
     )
     system_prompt: str | None = _f(None, "System prompt for records that have none.")
-    max_length: int = _f(
-        64,
+    max_length: int | None = _f(
+        None,
         "Longest example in tokens, template and bos/eos included (the packed row length); "
         "a longer record is fitted per data.length.excess (truncated by default), unless "
-        "data.packing.split_overflow splits it.",
+        "data.packing.split_overflow splits it. null: min(1024, the model's "
+        "max_position_embeddings) with model.path, 64 from random init.",
     )
     packing: PackingConfig = _f(PackingConfig(), "Packing.")
     group_by_length: bool = _f(False, "Batch examples of similar length (less padding).")
@@ -284,7 +291,11 @@ class OptimizerConfig:
     type: Literal[
         "adamw", "adamw_8bit", "lion", "prodigy", "sophia_g", "schedule_free_adamw", "muon"
     ] = _f("adamw", "Optimizer (the registry tscale.optim.OPTIMIZERS).")
-    lr: float = _f(1e-3, "Peak learning rate (prodigy: a factor on its estimated step size).")
+    lr: float | None = _f(
+        None,
+        "Peak learning rate (prodigy: a factor on its estimated step size); null: 2e-5 with "
+        "model.path (fine-tuning; 2e-4 with lora.enabled), 1e-3 from random init.",
+    )
     betas: tuple[float, float] | None = _f(
         None, "Moment decay rates [b1, b2]; null: the optimizer's own (adamw: [0.9, 0.999])."
     )
@@ -364,7 +375,18 @@ class SchedulerConfig:
 class TrainConfig:
     """The training loop."""
 
-    max_steps: int = _f(100, "Optimizer steps to take.")
+    max_steps: int | None = _f(
+        None,
+        "Optimizer steps to take; null: train.epochs passes over the data, or 100 steps from "
+        "random init without train.epochs. With train.epochs too, the run stops at whichever "
+        "comes first.",
+    )
+    epochs: float | None = _f(
+        None,
+        "Passes over the training data (steps = ceil(epochs x steps per epoch), printed at the "
+        "start; may be fractional); null: 1 with model.path unless train.max_steps is set. "
+        "Not with data.streaming (the number of steps per epoch is unknown).",
+    )
     microbatches: int = _f(1, "Gradient accumulation: data.batch_size is split into this many.")
     donate: bool = _f(True, "The step updates the state in place (False: clone it first).")
     compile: bool = _f(
@@ -379,7 +401,9 @@ class TrainConfig:
         "checking), eager.",
     )
     log_every: int = _f(10, "Read metrics from the device and log them every N steps.")
-    eval_every: int = _f(0, "Evaluate every N steps (0: only at the end).")
+    eval_every: int = _f(
+        0, "Evaluate every N steps (0: only at the end; nothing without held-out data)."
+    )
     save_every: int = _f(0, "Checkpoint every N steps (0: only at the end).")
     keep_last: int = _f(2, "Checkpoints to keep (oldest are deleted); 0 keeps all.")
     progress: bool = _f(True, "Show a rich progress bar on a terminal (else a log line every 5 s).")
@@ -387,12 +411,19 @@ class TrainConfig:
 
 @attrs.frozen(kw_only=True)
 class EvalConfig:
-    """Held-out evaluation: loss, and exact match of greedy answers."""
+    """Held-out evaluation (data.eval_files, or the synthetic task's held-out split): loss and
+    perplexity, and exact match of greedy answers."""
 
-    num_samples: int = _f(200, "Held-out problems to answer greedily (0: loss only).")
+    num_samples: int = _f(
+        200,
+        "Held-out records to answer greedily and score by exact match against their reference "
+        "answer (0: loss and perplexity only); records without one are skipped.",
+    )
     batch_size: int = _f(100, "Problems decoded at once.")
     max_new_tokens: int = _f(24, "Longest answer generated.")
-    num_show: int = _f(3, "Sample generations printed at the end of the run.")
+    num_show: int = _f(
+        3, "Sample generations printed at the end of the run (prompts through data.template)."
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -509,3 +540,88 @@ class Config:
     train: TrainConfig = _f(TrainConfig(), "Training loop.")
     eval: EvalConfig = _f(EvalConfig(), "Evaluation.")
     parallel: ParallelConfig = _f(ParallelConfig(), "Data parallelism (DDP / FSDP / HSDP).")
+
+
+# ---- defaults that depend on the run ------------------------------------------------------------
+
+RANDOM_INIT_DEFAULTS: dict[str, Any] = {
+    "optimizer.lr": 1e-3,
+    "data.max_length": 64,
+    "data.loss_mode": "completion_only",
+    "train.max_steps": 100,
+}
+"""What the null/auto keys become for a model trained from random init (the quickstart's)."""
+
+PRETRAINED_DEFAULTS: dict[str, Any] = {
+    "optimizer.lr": 2e-5,
+    "optimizer.lr with lora.enabled": 2e-4,
+    "data.max_length": 1024,  # at most: the model's max_position_embeddings caps it
+    "data.loss_mode": "assistant_only",
+    "train.epochs": 1.0,
+}
+"""What the null/auto keys become when fine-tuning ``model.path`` (what TRL/Axolotl users
+expect: a small learning rate (TRL's SFT default; ten times more for LoRA adapters, which
+start at zero: the QLoRA paper's and Axolotl's LoRA examples' 2e-4), the model's context up to
+1024 tokens, one pass over the data, loss on the assistant turns)."""
+
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def model_max_positions(path: str | Path) -> int | None:
+    """The longest sequence the checkpoint at ``path`` supports, from its ``config.json``
+    (``max_position_embeddings`` or a family's synonym); None when unreadable or absent."""
+    try:
+        hf = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for key in _POSITION_KEYS:
+        value = hf.get(key) if isinstance(hf, dict) else None
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def resolve_defaults(cfg: Config, *, max_positions: int | None = None) -> Config:
+    """``cfg`` with its null/auto keys (optimizer.lr, data.max_length, data.loss_mode,
+    train.max_steps / train.epochs) set for this run: :data:`PRETRAINED_DEFAULTS` when
+    ``model.path`` is set (``data.max_length`` capped by ``max_positions``, read from the
+    checkpoint's config.json when not given), else :data:`RANDOM_INIT_DEFAULTS`. Keys the user
+    set are kept; resolving twice changes nothing.
+
+    ``train.max_steps`` stays null when ``train.epochs`` decides the length: the steps per epoch
+    are known once the data is read (:func:`steps_for_epochs`).
+    """
+    pretrained = cfg.model.path is not None
+    table = PRETRAINED_DEFAULTS if pretrained else RANDOM_INIT_DEFAULTS
+    opt, data, train = cfg.optimizer, cfg.data, cfg.train
+    if opt.lr is None:
+        lora = pretrained and cfg.lora.enabled
+        opt = attrs.evolve(
+            opt, lr=table["optimizer.lr with lora.enabled" if lora else "optimizer.lr"]
+        )
+    if data.max_length is None:
+        length = table["data.max_length"]
+        if pretrained:
+            limit = max_positions or model_max_positions(cfg.model.path)  # type: ignore[arg-type]
+            length = min(length, limit) if limit else length
+        data = attrs.evolve(data, max_length=length)
+    if data.loss_mode == "auto":
+        data = attrs.evolve(data, loss_mode=table["data.loss_mode"])
+    if train.max_steps is None and train.epochs is None:
+        if pretrained:
+            train = attrs.evolve(train, epochs=table["train.epochs"])
+        else:
+            train = attrs.evolve(train, max_steps=table["train.max_steps"])
+    return attrs.evolve(cfg, optimizer=opt, data=data, train=train)
+
+
+def steps_for_epochs(cfg: Config, steps_per_epoch: int) -> int:
+    """The run's optimizer steps: ``ceil(train.epochs x steps_per_epoch)``, or
+    ``train.max_steps`` when that comes first (or alone)."""
+    t = cfg.train
+    if t.epochs is None:
+        if t.max_steps is None:
+            raise ValueError("train.max_steps and train.epochs are both null: resolve first")
+        return t.max_steps
+    by_epochs = max(1, math.ceil(t.epochs * steps_per_epoch - 1e-9))
+    return by_epochs if t.max_steps is None else min(t.max_steps, by_epochs)

@@ -16,7 +16,7 @@ import torch
 from tensordict import TensorDictBase
 
 from tscale.checkpoint.hf import from_pretrained
-from tscale.config.schema import Config, DataConfig
+from tscale.config.schema import Config, DataConfig, model_max_positions, resolve_defaults
 from tscale.core import tree as T
 from tscale.core.result import Err, Ok
 from tscale.core.state import TrainState
@@ -54,14 +54,20 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks the schema cannot express; raises ConfigError naming the keys."""
+    """Cross-field checks the schema cannot express, on the resolved values
+    (:func:`~tscale.config.schema.resolve_defaults`); raises ConfigError naming the keys.
+
+    ``train.max_steps`` may still be null (``train.epochs`` decides it once the data is read):
+    the step checks then run again through :func:`validate_steps`.
+    """
+    cfg = resolve_defaults(cfg)
     if cfg.data.batch_size % cfg.train.microbatches:
         raise ConfigError(
             f"data.batch_size ({cfg.data.batch_size}) must be a multiple of train.microbatches "
             f"({cfg.train.microbatches})"
         )
+    assert cfg.data.max_length is not None  # resolved
     for key, value in (
-        ("train.max_steps", cfg.train.max_steps),
         ("data.batch_size", cfg.data.batch_size),
         ("train.microbatches", cfg.train.microbatches),
         ("train.log_every", cfg.train.log_every),
@@ -69,20 +75,43 @@ def validate(cfg: Config) -> None:
     ):
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
+    if cfg.train.epochs is not None and not cfg.train.epochs > 0:
+        raise ConfigError(f"train.epochs must be above 0, got {cfg.train.epochs}")
+    if cfg.train.epochs is not None and cfg.data.streaming and cfg.train.max_steps is None:
+        raise ConfigError(
+            "train.epochs: data.streaming does not know the number of steps per epoch in "
+            "advance; set train.max_steps (the learning-rate schedule needs the total)"
+        )
     if cfg.model.hidden_size % cfg.model.num_heads and cfg.model.head_dim is None:
         raise ConfigError(
             f"model.hidden_size ({cfg.model.hidden_size}) must be divisible by model.num_heads "
             f"({cfg.model.num_heads}), or set model.head_dim"
         )
-    if cfg.scheduler.warmup_steps > cfg.train.max_steps:
+    if cfg.model.path is not None:
+        positions = model_max_positions(cfg.model.path)
+        key = f"the max_position_embeddings of {cfg.model.path}/config.json"
+    else:
+        positions, key = cfg.model.max_position_embeddings, "model.max_position_embeddings"
+    if positions is not None and cfg.data.max_length > positions:
+        raise ConfigError(
+            f"data.max_length ({cfg.data.max_length}) exceeds {key} ({positions}); "
+            "lower data.max_length"
+        )
+    if cfg.train.max_steps is not None:
+        validate_steps(cfg)
+
+
+def validate_steps(cfg: Config) -> None:
+    """The checks that need the run's length (``train.max_steps``, resolved)."""
+    steps = cfg.train.max_steps
+    if steps is None:
+        raise ConfigError("train.max_steps is null: set it or train.epochs")
+    if steps < 1:
+        raise ConfigError(f"train.max_steps must be at least 1, got {steps}")
+    if cfg.scheduler.warmup_steps > steps:
         raise ConfigError(
             f"scheduler.warmup_steps ({cfg.scheduler.warmup_steps}) exceeds train.max_steps "
-            f"({cfg.train.max_steps})"
-        )
-    if cfg.data.max_length > cfg.model.max_position_embeddings:
-        raise ConfigError(
-            f"data.max_length ({cfg.data.max_length}) exceeds model.max_position_embeddings "
-            f"({cfg.model.max_position_embeddings})"
+            f"({steps})"
         )
 
 
@@ -337,6 +366,7 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
         DataError: unreadable data, no usable example, or more quarantined rows than
             ``data.max_error_rate`` allows.
     """
+    cfg = resolve_defaults(cfg)  # null/auto keys (data.max_length, data.loss_mode)
     data_dir = run_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     quarantine = data_dir / "quarantine.jsonl"
@@ -955,6 +985,12 @@ def build_schedule(cfg: Config) -> schedules.Schedule:
         ConfigError: a ``scheduler`` field set that the chosen type does not use, or a value the
             schedule rejects (the message names the config keys).
     """
+    cfg = resolve_defaults(cfg)
+    if cfg.train.max_steps is None:
+        raise ConfigError(
+            "train.max_steps is null: train.epochs sets it once the data is read (the trainer "
+            "does); set train.max_steps to build the schedule without the data"
+        )
     s = cfg.scheduler
     used = schedules.SCHEDULE_ARGS[s.type]
     for field in _SCHEDULE_FIELDS:
@@ -1037,6 +1073,7 @@ def build_optimizer(
         ConfigError: ``optimizer.type`` not registered in this build, a field the type does not
             use, or a value the factory rejects (the message names the config key).
     """
+    cfg = resolve_defaults(cfg)
     o = cfg.optimizer
     factory = alias.OPTIMIZERS.get(o.type)
     if factory is None:

@@ -39,10 +39,12 @@ class Callback:
         """An evaluation finished: ``info["eval"]`` holds its metrics."""
 
     def on_save(self, info: Info) -> None:
-        """A checkpoint was written to ``info["path"]``."""
+        """A checkpoint of step ``info["step"]`` was written to ``info["path"]`` (in
+        ``info["seconds"]``, every rank's part included)."""
 
     def on_train_end(self, info: Info) -> None:
-        """The run ended: ``info["summary"]``."""
+        """The run ended: ``info["summary"]`` (``stopped_by``: the signal that ended it early,
+        after a checkpoint; ``interrupted``: an exception or a second Ctrl-C, no checkpoint)."""
 
 
 class JsonlLogger(Callback):
@@ -128,11 +130,18 @@ class ProgressBar(Callback):
 
     def on_eval(self, info: Info) -> None:
         ev = info["eval"]
-        acc = f"  exact-match {ev['exact_match']:.1%}" if "exact_match" in ev else ""
-        self.console.print(f"eval @ step {info['step']}: loss {ev['loss']:.4f}{acc}")
+        parts = [f"loss {ev['loss']:.4f}"] if "loss" in ev else []
+        if "perplexity" in ev:
+            parts.append(f"perplexity {ev['perplexity']:.2f}")
+        if "exact_match" in ev:
+            parts.append(f"exact-match {ev['exact_match']:.1%}")
+        self.console.print(f"eval @ step {info['step']}: {'  '.join(parts) or 'no metrics'}")
 
     def on_save(self, info: Info) -> None:
-        self.console.print(f"saved {info['path']}", style="dim")
+        took = f" in {info['seconds']:.2f} s" if "seconds" in info else ""
+        self.console.print(
+            f"saved step {info['step']} to {info['path']}{took}", style="dim", soft_wrap=True
+        )
 
     def on_train_end(self, info: Info) -> None:
         if self.progress is not None:

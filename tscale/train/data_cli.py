@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -9,10 +11,12 @@ import attrs
 from rich.console import Console
 from rich.text import Text
 
-from tscale.config.schema import Config
+from tscale.config.load import load_config
+from tscale.config.schema import Config, resolve_defaults
 from tscale.data.introspect import inspect_source, length_histogram
 from tscale.data.loader import IGNORE_INDEX
-from tscale.train import builders, data_report
+from tscale.errors import DataError
+from tscale.train import builders, data_report, data_sources
 
 
 def inspect_path(path: str, *, split: str | None = None, fmt: str = "auto") -> str:
@@ -40,6 +44,7 @@ def inspect_config(cfg: Config, console: Console) -> None:
     """What the config's data looks like after fitting, templating and tokenizing: counts,
     quarantined rows by reason, a histogram of example lengths with percentiles and max, and
     what the length budget truncated or dropped and what data.max_length cuts."""
+    cfg = resolve_defaults(cfg)
     if cfg.data.streaming:  # inspect reads the whole training data, in memory
         cfg = attrs.evolve(cfg, data=attrs.evolve(cfg.data, streaming=False))
     run_dir = Path(cfg.run.output_dir)
@@ -96,9 +101,54 @@ def _budget_line(cfg: Config, report: dict[str, Any], hist: dict[str, Any]) -> s
     return line
 
 
+def preview_path(
+    path: str,
+    overrides: list[str],
+    console: Console,
+    *,
+    n: int = 3,
+    split: str | None = None,
+    fmt: str = "auto",
+) -> None:
+    """:func:`preview` of a dataset file, directory or hub name (read as one data.sources
+    entry), with the default config plus ``overrides`` (template, tokenizer, model.path …). The
+    run directory (tokenizer cache) is a temporary one unless ``run.output_dir`` is overridden."""
+    source: dict[str, Any] = {"split": split or "train", "format": fmt}
+    source["path" if Path(path).exists() else "hf"] = path
+    # batch_size 1: a small file is not too small for a batch; the overrides still win
+    with tempfile.TemporaryDirectory(prefix="tscale-preview-") as tmp:
+        base = {"run": {"output_dir": tmp}, "data": {"sources": [source], "batch_size": 1}}
+        cfg = load_config(base, overrides)
+        try:
+            preview(cfg, console, n=n)
+        except DataError:  # the quarantine file goes with the temporary directory
+            data_dir = Path(cfg.run.output_dir) / "data"
+            first = _first_quarantined(data_dir / "quarantine.jsonl") or _first_quarantined(
+                data_dir / data_sources.DROPPED_FILE
+            )
+            if first is None:
+                raise
+            raise DataError(
+                f"{path}: no example to preview; e.g. {first} (data.max_length, data.template "
+                "and data.column_map are overrides: key=value after the path)"
+            ) from None
+
+
+def _first_quarantined(path: Path) -> str | None:
+    """``reason (where)`` of the first record of a quarantine (or dropped) file, None without
+    any."""
+    try:
+        with path.open() as f:
+            row = json.loads(f.readline())
+    except (OSError, ValueError):
+        return None
+    return f"{row.get('reason')} ({row.get('where')})"
+
+
 def preview(cfg: Config, console: Console, n: int = 3) -> None:
     """Render ``n`` training examples exactly as the model sees them: trained tokens in bold
     green, tokens that are context only (masked out of the loss) dim."""
+    cfg = resolve_defaults(cfg)
     bundle = builders.build_data(cfg, Path(cfg.run.output_dir))
     tok = bundle.encoder.tokenizer
     console.print(

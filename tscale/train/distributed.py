@@ -29,7 +29,7 @@ from tscale.parallel.deepspeed_engine import initialize as deepspeed_initialize
 from tscale.parallel.mesh import ParallelPlan, init_distributed, plan_parallel
 from tscale.step.compose import StepFn
 
-__all__ = ["Parallel", "cast_apply", "setup", "with_deepspeed"]
+__all__ = ["Parallel", "StopVote", "cast_apply", "setup", "with_deepspeed"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -90,6 +90,51 @@ class Parallel:
     def shutdown(self) -> None:
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+class StopVote:
+    """All ranks agree on the step at which a stop request (a signal) ends the run, with no host
+    sync inside a step.
+
+    After each step every rank calls :meth:`poll` with its own flag: it waits for the vote it
+    started after the previous step (an all-reduce that ran beside this step's compute on a
+    gloo group of its own) and starts the next one. Every rank gets the same answer at the same
+    step, so a request made during step k stops every rank after step k + 1 (one process: after
+    step k). :meth:`close` settles the last vote with one blocking all-reduce.
+    """
+
+    def __init__(self, par: Parallel) -> None:
+        self.world_size = par.world_size
+        self._group: Any = None
+        self._work: Any = None
+        self._flag: torch.Tensor | None = None
+        if self.world_size > 1:  # the vote's own CPU group: never queued behind NCCL work
+            self._group = dist.new_group(backend="gloo")
+
+    def poll(self, local: bool) -> bool:
+        """True when some rank asked to stop by the previous poll (every rank gets the same)."""
+        if self.world_size == 1:
+            return local
+        agreed = self._wait()
+        self._flag = torch.tensor([1.0 if local else 0.0])
+        self._work = dist.all_reduce(self._flag, group=self._group, async_op=True)
+        return agreed
+
+    def close(self, local: bool) -> bool:
+        """Settle: True when any rank asked to stop (by now); every rank must call it."""
+        if self.world_size == 1:
+            return local
+        self._wait()
+        flag = torch.tensor([1.0 if local else 0.0])
+        dist.all_reduce(flag, group=self._group)
+        return bool(flag.item())
+
+    def _wait(self) -> bool:
+        if self._work is None or self._flag is None:
+            return False
+        self._work.wait()
+        self._work = None
+        return bool(self._flag.item())
 
 
 def setup(cfg: Config, device: torch.device) -> Parallel:

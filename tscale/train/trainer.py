@@ -17,16 +17,17 @@ from typing import Any
 import attrs
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from tensordict import TensorDictBase
 
 from tscale import checkpoint as ckpt
 from tscale.checkpoint.sharded import load_deepspeed, save_deepspeed, save_sharded
 from tscale.config.load import to_yaml
-from tscale.config.schema import Config
+from tscale.config.schema import Config, resolve_defaults, steps_for_epochs
 from tscale.core import rng as R
 from tscale.core.state import TrainState
-from tscale.data.loader import batch_iter
+from tscale.data.loader import BatchLoader, batch_iter
 from tscale.errors import CheckpointError, ConfigError
 from tscale.losses.lm import make_lm_loss
 from tscale.models.generate import greedy
@@ -36,6 +37,7 @@ from tscale.step.compose import StepFn, make_eval_step
 from tscale.train import builders, data_report, distributed
 from tscale.train.callbacks import Callback, JsonlLogger, ProgressBar, truncate_jsonl
 from tscale.train.export import export_adapter
+from tscale.train.signals import StopSignals
 
 
 @attrs.frozen(kw_only=True)
@@ -57,12 +59,15 @@ def evaluate(
     batch_size: int,
     max_new_tokens: int,
     device: torch.device,
-) -> tuple[dict[str, float], list[dict[str, str]]]:
-    """Held-out loss over all eval examples and exact match of greedy answers on the first
-    ``num_samples`` eval records (overall, and per ``task`` when records carry one); returns
-    ``(metrics, samples)``."""
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Held-out loss and perplexity over all eval examples, and exact match of greedy answers
+    on the first ``num_samples`` eval records that carry a reference answer (overall, and per
+    ``task`` when records carry one); returns ``(metrics, samples)``. No eval data: ``({}, [])``.
+
+    Each sample's ``prompt`` is the decoded generation prompt, i.e. the record as the template
+    (``bundle.encode_prompt``) gave it to the model."""
     metrics: dict[str, float] = {}
-    samples: list[dict[str, str]] = []
+    samples: list[dict[str, Any]] = []
     if bundle.eval_examples:
         eval_step = make_eval_step(make_lm_loss(apply_fn))
         loss_sum = torch.zeros((), dtype=torch.float64)
@@ -72,7 +77,9 @@ def evaluate(
             loss_sum += out["loss_sum"].double().cpu()
             tokens += out["tokens"].cpu()
         metrics["loss"] = float(loss_sum / tokens.clamp_min(1))
-    records = bundle.eval_records[:num_samples]
+        metrics["perplexity"] = math.exp(min(metrics["loss"], 700.0))  # finite in float64
+    answerable = [r for r in bundle.eval_records if reference_answer(r) is not None]
+    records = answerable[:num_samples] if num_samples > 0 else []
     if records:
         enc = bundle.encoder
         correct = 0
@@ -89,16 +96,17 @@ def evaluate(
                 pad_id=enc.pad_id,
                 device=device,
             )
-            for r, out in zip(chunk, outs, strict=True):
+            for r, prompt, out in zip(chunk, prompts, outs, strict=True):
                 answer = enc.decode(out)
-                question, expected = builders.question_and_answer(r)
+                expected = reference_answer(r) or ""
                 ok = answer.strip() == expected.strip()
                 correct += ok
                 if "task" in r:
                     by_task.setdefault(str(r["task"]), []).append(ok)
+                shown = prompt[1:] if prompt[:1] == [enc.bos_id] else prompt
                 samples.append(
                     {
-                        "prompt": question,
+                        "prompt": enc.tokenizer.decode(shown, skip_special_tokens=False),
                         "expected": expected,
                         "answer": answer,
                         "correct": ok,
@@ -108,6 +116,21 @@ def evaluate(
         for task, oks in sorted(by_task.items()):
             metrics[f"exact_match/{task}"] = sum(oks) / len(oks)
     return metrics, samples
+
+
+def reference_answer(record: dict) -> str | None:
+    """The reference answer of an eval record (``completion``, alpaca ``output``, or a chat's
+    final turn when it is the assistant's), None when it has none to compare with."""
+    # a file mixing formats gives every record every column, None where it has none
+    if record.get("completion") is not None or record.get("output") is not None:
+        return builders.question_and_answer(record)[1]
+    turns = record.get("messages") or record.get("conversations")
+    if not isinstance(turns, list) or not turns or not isinstance(turns[-1], dict):
+        return None
+    role = turns[-1].get("role", turns[-1].get("from"))
+    if role not in ("assistant", "gpt", "model", "bot"):
+        return None
+    return builders.question_and_answer(record)[1]
 
 
 class _Stopper:
@@ -142,6 +165,7 @@ def train(
     """
     t_start = time.perf_counter()
     console = console or Console()
+    cfg = resolve_defaults(cfg)  # null/auto keys: fine-tuning or random-init defaults
     builders.validate(cfg)
     device = builders.resolve_device(cfg.run.device)
     if cfg.run.threads:
@@ -181,6 +205,8 @@ def train(
     if main:  # every row accounted for, before the first step (docs/data.md#the-data-report)
         data_report.print_report(console, bundle.report)
         data_report.write_report(run_dir, bundle.report)
+    if cfg.train.epochs is not None:  # train.epochs: the data decides train.max_steps
+        cfg, config_yaml = _steps_from_epochs(cfg, bundle, run_dir, console, main)
     schedule = builders.build_schedule(cfg)
     key = R.key(cfg.run.seed)
     init_key, state_key = R.split(key, 2)
@@ -223,7 +249,7 @@ def train(
         loader.load_state_dict(meta["cursor"])
         if main:
             truncate_jsonl(metrics_file, meta["step"])
-            console.print(f"resumed from {resume_from} at step {meta['step']}")
+            console.print(f"resumed from {resume_from} at step {meta['step']}", soft_wrap=True)
     elif metrics_file.exists() and main:
         metrics_file.unlink()
 
@@ -262,6 +288,11 @@ def train(
 
     step = int(state.step)
     start_step = step
+    # held-out loss needs eval examples; exact match, records with a reference answer
+    has_eval = bool(bundle.eval_examples) or (
+        cfg.eval.num_samples > 0
+        and any(reference_answer(r) is not None for r in bundle.eval_records)
+    )
     ev = dict(
         num_samples=cfg.eval.num_samples,
         batch_size=cfg.eval.batch_size,
@@ -277,6 +308,7 @@ def train(
     samples: list[dict[str, str]] = []
     batches = iter(loader)
     pad_id = bundle.encoder.pad_id
+    saved_to: list[Path] = []  # rank 0: the checkpoint the last save wrote
 
     def save(at: int) -> None:
         files = dict(bundle.tokenizer_files)  # the run's HF tokenizer folder, flat
@@ -314,7 +346,7 @@ def train(
             )
         if main:
             ckpt.prune_checkpoints(ckpt_root, cfg.train.keep_last)
-            emit("on_save", step=at, path=str(path))
+            saved_to[:] = [Path(path)]
         par.barrier()
 
     def flush() -> None:
@@ -336,44 +368,91 @@ def train(
         emit("on_step_end", step=step, rows=rows, tokens_per_s=window_tokens / max(elapsed, 1e-9))
         pending, window_t0, window_paused, window_tokens = [], time.perf_counter(), 0.0, 0
 
-    try:
-        while step < cfg.train.max_steps and not stop.requested:
-            batch = next(batches)
-            n_tokens = int((batch["input_ids"] != pad_id).sum())
-            state, metrics = step_fn(state, batch.to(device, non_blocking=True))
-            step += 1
-            pending.append((step, metrics, n_tokens))
-            window_tokens += n_tokens
-            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+    def save_timed(at: int) -> tuple[float, Path | None]:
+        """``save`` (every rank) and its wall time; rank 0 reports it (``on_save``)."""
+        t0 = time.perf_counter()
+        save(at)
+        seconds = time.perf_counter() - t0
+        path = saved_to[0] if saved_to else None
+        if main:
+            emit("on_save", step=at, path=str(path), seconds=seconds)
+        return seconds, path
+
+    signals = StopSignals()
+    vote = distributed.StopVote(par)  # ranks agree on the step a signal stops the run at
+    preempted = False
+    max_steps = cfg.train.max_steps
+    assert max_steps is not None  # resolved above
+    if not has_eval and main:
+        why = "gave no usable record" if cfg.data.eval_files else "is empty"
+        console.print(
+            f"no held-out data (data.eval_files {why}): no evaluation; list held-out files "
+            "under data.eval_files to get eval loss and perplexity",
+            soft_wrap=True,
+        )
+    with signals:  # SIGTERM/SIGINT: finish the step, save, return (restored on the way out)
+        try:
+            while step < max_steps and not stop.requested:
+                batch = next(batches)
+                n_tokens = int((batch["input_ids"] != pad_id).sum())
+                state, metrics = step_fn(state, batch.to(device, non_blocking=True))
+                step += 1
+                preempted = vote.poll(signals.requested is not None)
+                pending.append((step, metrics, n_tokens))
+                window_tokens += n_tokens
+                last = step == max_steps or preempted
+                if step % cfg.train.log_every == 0 or last:
+                    flush()
+                if preempted:
+                    break
+                t_pause = time.perf_counter()
+                evaluate_now = cfg.train.eval_every and step % cfg.train.eval_every == 0
+                if evaluate_now and has_eval and not last:
+                    last_eval, samples = run_eval()
+                    emit("on_eval", step=step, eval=last_eval)
+                if cfg.train.save_every and step % cfg.train.save_every == 0 and not last:
+                    save_timed(step)
+                dt = time.perf_counter() - t_pause
+                paused += dt
+                window_paused += dt
+            if pending:
                 flush()
-            last = step == cfg.train.max_steps
-            t_pause = time.perf_counter()
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and not last:
+            # a signal during the last steps or a callback's stop: every rank decides the same
+            preempted = vote.close(signals.requested is not None)
+        except BaseException:
+            emit("on_train_end", step=step, summary={"interrupted": True})
+            raise
+        train_time = time.perf_counter() - loop_t0 - paused
+
+        if preempted:  # within the launcher's grace period: no final eval, save at once
+            stopped_by = signals.requested or "a signal on another rank"
+            if main:
+                console.print(
+                    f"{stopped_by}: stopping after step {step}, saving a checkpoint",
+                    soft_wrap=True,
+                )
+            save_s, path = save_timed(step)
+            if main:
+                console.print(
+                    f"stopped by {stopped_by} at step {step}: saved to {path} in {save_s:.2f} s; "
+                    "continue with `tscale train CONFIG --resume`",
+                    soft_wrap=True,
+                    markup=False,
+                )
+        else:
+            stopped_by = None
+            if has_eval:
                 last_eval, samples = run_eval()
                 emit("on_eval", step=step, eval=last_eval)
-            if cfg.train.save_every and step % cfg.train.save_every == 0 and not last:
-                save(step)
-            dt = time.perf_counter() - t_pause
-            paused += dt
-            window_paused += dt
-        if pending:
-            flush()
-    except BaseException:
-        emit("on_train_end", step=step, summary={"interrupted": True})
-        raise
-    train_time = time.perf_counter() - loop_t0 - paused
-
-    last_eval, samples = run_eval()
-    emit("on_eval", step=step, eval=last_eval)
-    save(step)
-    if lora_model is not None and main:  # a PEFT adapter directory that `peft` loads
-        export_adapter(
-            state.params,
-            lora_model.config,
-            run_dir / "adapter",
-            checkpoint_dir=ckpt.latest_checkpoint(ckpt_root),
-            base_model=cfg.model.path,
-        )
+            save_timed(step)
+            if lora_model is not None and main:  # a PEFT adapter directory that `peft` loads
+                export_adapter(
+                    state.params,
+                    lora_model.config,
+                    run_dir / "adapter",
+                    checkpoint_dir=ckpt.latest_checkpoint(ckpt_root),
+                    base_model=cfg.model.path,
+                )
     summary = {
         "steps": step - start_step,
         "final_step": step,
@@ -382,12 +461,42 @@ def train(
         "tokens_per_s": train_tokens / train_time if train_time else float("nan"),
         "eval": last_eval,
         "data": bundle.report,
+        "stopped_by": stopped_by,
     }
     emit("on_train_end", step=step, summary=summary)
     if main:
         _print_summary(console, summary, samples[: cfg.eval.num_show])
     par.shutdown()
     return TrainResult(run_dir=run_dir, final_step=step, state=state, summary=summary)
+
+
+def _steps_from_epochs(
+    cfg: Config, bundle: builders.DataBundle, run_dir: Path, console: Console, main: bool
+) -> tuple[Config, str]:
+    """``cfg`` with ``train.max_steps`` from ``train.epochs`` and the loader's steps per epoch
+    (the first epoch's with ``data.max_tokens``), checked; rank 0 prints the figures and writes
+    the run's config.yaml again. Returns the config and its YAML."""
+    loader = bundle.loader
+    if not isinstance(loader, BatchLoader):  # builders.validate refuses streaming + epochs
+        raise ConfigError(
+            "train.epochs needs the data's size; with data.streaming set train.max_steps"
+        )
+    per_epoch = loader.num_batches_per_epoch
+    steps = steps_for_epochs(cfg, per_epoch)
+    t = cfg.train
+    resolved = attrs.evolve(cfg, train=attrs.evolve(t, max_steps=steps))
+    builders.validate_steps(resolved)
+    config_yaml = to_yaml(resolved)
+    if main:
+        capped = t.max_steps is not None and steps < (t.epochs or 0) * per_epoch
+        console.print(
+            f"train.epochs {t.epochs:g}: {per_epoch} steps per epoch ({loader.num_examples} "
+            f"examples, data.batch_size {cfg.data.batch_size}) -> {steps} steps"
+            + (f" (train.max_steps {t.max_steps} comes first)" if capped else ""),
+            soft_wrap=True,
+        )
+        (run_dir / "config.yaml").write_text(config_yaml)
+    return resolved, config_yaml
 
 
 def _row(step: int, m: dict[str, torch.Tensor], schedule, n_tokens: int) -> dict[str, Any]:
@@ -428,6 +537,8 @@ def _resume_path(resume: bool | str | Path, ckpt_root: Path) -> Path | None:
 def _print_summary(console: Console, summary: dict[str, Any], samples: list[dict]) -> None:
     table = Table(title="run summary", show_header=False)
     table.add_row("steps", str(summary["steps"]))
+    if summary.get("stopped_by"):
+        table.add_row("stopped by", summary["stopped_by"])
     table.add_row("wall time", f"{summary['wall_time_s']:.1f} s")
     table.add_row("training time", f"{summary['train_time_s']:.1f} s")
     tps = summary["tokens_per_s"]
@@ -435,6 +546,7 @@ def _print_summary(console: Console, summary: dict[str, Any], samples: list[dict
     for k, v in summary["eval"].items():
         table.add_row(f"eval {k}", f"{v:.2%}" if k.startswith("exact_match") else f"{v:.4f}")
     console.print(table)
-    for s in samples:
+    for s in samples:  # the prompt as the model saw it (through data.template)
         mark = "[green]✓[/]" if s["correct"] else "[red]✗[/]"
-        console.print(f"{mark} {s['prompt']!r} → {s['answer']!r} (expected {s['expected']!r})")
+        shown = (escape(repr(s[k])) for k in ("prompt", "answer", "expected"))
+        console.print("{} {} → {} (expected {})".format(mark, *shown))

@@ -1,0 +1,176 @@
+"""SIGTERM and SIGINT to a real ``tscale train`` process: the step finishes, a checkpoint is
+saved and named, the process exits 0, and ``--resume`` gives the uninterrupted run's losses bit
+for bit. A second Ctrl-C aborts at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tscale.train.signals import StopSignals
+
+STEPS = 80
+YAML = """
+run: {{output_dir: {out}, seed: 0, threads: 1}}
+model: {{hidden_size: 32, intermediate_size: 64, num_layers: 2, num_heads: 2,
+        max_position_embeddings: 64}}
+data:
+  synthetic: {{num_train: 400, num_eval: 8, max_items: 5}}
+  tokenizer: {{vocab_size: 300}}
+  batch_size: 16
+  max_length: 32
+optimizer: {{lr: 0.003}}
+scheduler: {{warmup_steps: 2}}
+train: {{max_steps: {steps}, log_every: 1, keep_last: 0, progress: false}}
+eval: {{num_samples: 4, batch_size: 4, max_new_tokens: 4, num_show: 0}}
+"""
+STOPPED = re.compile(r"stopped by (\w+) at step (\d+): saved to (\S+) in ([\d.]+) s")
+
+
+def write_config(tmp: Path, name: str, steps: int = STEPS) -> tuple[Path, Path]:
+    out = tmp / name
+    cfg = tmp / f"{name}.yaml"
+    cfg.write_text(YAML.format(out=out, steps=steps))
+    return cfg, out
+
+
+def step_rows(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    lines = [x for x in path.read_text().splitlines() if x.endswith("}")]
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def wait_for_rows(proc: subprocess.Popen, run: Path, n: int, timeout: float = 240) -> None:
+    """Until the run has logged ``n`` steps (fails if the process ends first)."""
+    deadline = time.monotonic() + timeout
+    while len(step_rows(run)) < n:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (rc {proc.returncode}) before step {n}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no step {n} within {timeout} s")
+        time.sleep(0.02)
+
+
+def cli(*args: str, timeout: int = 240) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tscale.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env(),
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cfg, out = write_config(tmp_path_factory.mktemp("full"), "full")
+    cli("train", str(cfg))
+    assert len(step_rows(out)) == STEPS
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_and_resume_is_bit_identical(
+    tmp_path: Path, uninterrupted: Path, sig: signal.Signals
+):
+    cfg, out = write_config(tmp_path, "run")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tscale.cli", "train", str(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env(),
+    )
+    wait_for_rows(proc, out, 3)
+    proc.send_signal(sig)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output  # a clean stop is not a failure
+    assert "Traceback" not in output, output
+    found = STOPPED.search(output)
+    assert found, output
+    name, stop, path, seconds = found[1], int(found[2]), Path(found[3]), float(found[4])
+    assert name == sig.name and 3 <= stop < STEPS
+    assert path == out / "checkpoints" / f"step_{stop:08d}" and (path / "state.json").is_file()
+    assert json.loads((path / "state.json").read_text())["step"] == stop
+    assert f"saved step {stop} to {path} in " in output
+    assert seconds < 30  # well within a launcher's grace period (torchrun, SLURM: ~30 s)
+    rows = step_rows(out)
+    assert [r["step"] for r in rows] == list(range(1, stop + 1))  # every finished step logged
+    resumed = cli("train", str(cfg), "--resume")
+    assert f"resumed from {path} at step {stop}" in resumed
+    assert step_rows(out) == step_rows(uninterrupted)  # loss, grad norm, lr: bit for bit
+
+
+def test_handlers_last_for_the_context_and_a_second_ctrl_c_aborts():
+    """Real signals to this process: the first only records a request; a repeat within the
+    window (torchrun forwarding the same Ctrl-C) is the same request; a later Ctrl-C raises
+    KeyboardInterrupt; the previous handlers come back after."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with StopSignals(repeat_window_s=0.3) as signals:
+        assert signal.getsignal(signal.SIGINT) != before[signal.SIGINT]
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # the handler runs between bytecodes of the main thread
+        assert signals.requested == "SIGINT"
+        os.kill(os.getpid(), signal.SIGINT)  # within the window: no abort
+        os.kill(os.getpid(), signal.SIGTERM)  # a second SIGTERM never aborts
+        time.sleep(0.01)
+        time.sleep(0.35)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+    assert {s: signal.getsignal(s) for s in before} == before
+    with StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert signals.requested == "SIGTERM"
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_aborts_a_real_run_at_once(tmp_path: Path):
+    """A model big enough (~100M params) that finishing the step and saving take seconds: a
+    second SIGINT 1.2 s after the first aborts (exit 130, "interrupted", no stop checkpoint)."""
+    out = tmp_path / "big"
+    cfg = tmp_path / "big.yaml"
+    cfg.write_text(
+        YAML.format(out=out, steps=STEPS).replace(
+            "{hidden_size: 32, intermediate_size: 64, num_layers: 2, num_heads: 2,",
+            "{hidden_size: 1024, intermediate_size: 2048, num_layers: 8, num_heads: 8,",
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tscale.cli", "train", str(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env(),
+    )
+    wait_for_rows(proc, out, 1)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1.2)
+    assert proc.poll() is None, "the run ended before the second Ctrl-C"
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert "tscale: interrupted" in output and "stopped by" not in output
+    ckpts = out / "checkpoints"
+    assert not (ckpts.exists() and list(ckpts.glob("step_*")))  # no complete stop checkpoint
