@@ -239,7 +239,11 @@ class DataConfig:
         "max_position_embeddings) with model.path, 64 from random init.",
     )
     packing: PackingConfig = _f(PackingConfig(), "Packing.")
-    group_by_length: bool = _f(False, "Batch examples of similar length (less padding).")
+    group_by_length: bool | None = _f(
+        None,
+        "Batch examples of similar length (less padding; batches still drawn at random). null: "
+        "true when fine-tuning model.path (without data.streaming), false from random init.",
+    )
     longest_first: bool = _f(False, "Put the batch with the longest example first (OOM at once).")
     max_tokens: int | None = _f(
         None, "Token-budget batching: at most this many padded tokens per batch (single process)."
@@ -439,6 +443,11 @@ class LossConfig:
     chunk_bytes: int | None = _f(None, "Memory per chunk of the fused loss; null: its default.")
     label_smoothing: float = _f(0.0, "Label smoothing of the cross-entropy.")
     z_loss: float = _f(0.0, "Weight of the z-loss (logsumexp^2 per trained token).")
+    trained_positions_only: bool = _f(
+        True,
+        "Run the LM head only at trained positions (labels != -100): the same loss with less "
+        "compute when prompts are long. False: logits at every position.",
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -548,6 +557,7 @@ RANDOM_INIT_DEFAULTS: dict[str, Any] = {
     "optimizer.lr": 1e-3,
     "data.max_length": 64,
     "data.loss_mode": "completion_only",
+    "data.group_by_length": False,
     "train.max_steps": 100,
 }
 """What the null/auto keys become for a model trained from random init (the quickstart's)."""
@@ -557,12 +567,15 @@ PRETRAINED_DEFAULTS: dict[str, Any] = {
     "optimizer.lr with lora.enabled": 2e-4,
     "data.max_length": 1024,  # at most: the model's max_position_embeddings caps it
     "data.loss_mode": "assistant_only",
+    "data.group_by_length": True,  # in-memory data only: streaming reads in order
     "train.epochs": 1.0,
 }
 """What the null/auto keys become when fine-tuning ``model.path`` (what TRL/Axolotl users
 expect: a small learning rate (TRL's SFT default; ten times more for LoRA adapters, which
 start at zero: the QLoRA paper's and Axolotl's LoRA examples' 2e-4), the model's context up to
-1024 tokens, one pass over the data, loss on the assistant turns)."""
+1024 tokens, one pass over the data, loss on the assistant turns, batches of similar lengths
+(HF Trainer's ``group_by_length``): benchmarks/e2e_sft.py measured half the epoch time of
+random batches, whose padding the model computes)."""
 
 _POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
@@ -583,7 +596,7 @@ def model_max_positions(path: str | Path) -> int | None:
 
 def resolve_defaults(cfg: Config, *, max_positions: int | None = None) -> Config:
     """``cfg`` with its null/auto keys (optimizer.lr, data.max_length, data.loss_mode,
-    train.max_steps / train.epochs) set for this run: :data:`PRETRAINED_DEFAULTS` when
+    data.group_by_length, train.max_steps / train.epochs) set for this run: :data:`PRETRAINED_DEFAULTS` when
     ``model.path`` is set (``data.max_length`` capped by ``max_positions``, read from the
     checkpoint's config.json when not given), else :data:`RANDOM_INIT_DEFAULTS`. Keys the user
     set are kept; resolving twice changes nothing.
@@ -605,6 +618,9 @@ def resolve_defaults(cfg: Config, *, max_positions: int | None = None) -> Config
             limit = max_positions or model_max_positions(cfg.model.path)  # type: ignore[arg-type]
             length = min(length, limit) if limit else length
         data = attrs.evolve(data, max_length=length)
+    if data.group_by_length is None:
+        group = table["data.group_by_length"] and not data.streaming
+        data = attrs.evolve(data, group_by_length=group)
     if data.loss_mode == "auto":
         data = attrs.evolve(data, loss_mode=table["data.loss_mode"])
     if train.max_steps is None and train.epochs is None:

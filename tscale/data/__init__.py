@@ -33,7 +33,7 @@ from tscale.data.length import (
     truncate_text,
 )
 from tscale.data.load import LoadReport, load_records, validate_record, write_quarantine
-from tscale.data.loader import BatchLoader, batch_iter
+from tscale.data.loader import BatchLoader, batch_iter, with_logits_index
 from tscale.data.pack import (
     PackReport,
     StreamingPacker,
@@ -129,6 +129,7 @@ __all__ = [
     "train_tokenizer",
     "truncate_text",
     "validate_record",
+    "with_logits_index",
     "write_jsonl",
     "write_quarantine",
 ]

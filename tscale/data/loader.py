@@ -321,6 +321,26 @@ class BatchLoader:
         self._moves += 1
 
 
+def with_logits_index(batch: TensorDict) -> TensorDict:
+    """``batch`` with ``logits_index`` [B, M]: each row's trained positions (``labels != -100``)
+    in order, padded with the row's last position, whose label is always -100; M is the most
+    trained positions of any row (at least 1). The model then computes logits at those positions
+    only and the loss reads the labels there (:func:`tscale.losses.lm.target_labels`): the same
+    loss without the LM head's work on prompts and padding. Host-side, before the step (the
+    shape depends on the data, so the step itself needs no host sync)."""
+    labels = batch["labels"]
+    trained = labels != IGNORE_INDEX
+    counts = trained.sum(dim=1)
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    length = labels.shape[1]
+    positions = torch.arange(length).expand_as(labels)
+    first = torch.where(trained, positions, positions + length).argsort(dim=1)[:, :width]
+    index = torch.where(torch.arange(width) < counts.unsqueeze(1), first, length - 1)
+    out = batch.copy()
+    out["logits_index"] = index
+    return out
+
+
 def batch_iter(
     examples: Sequence[dict[str, Any]],
     batch_size: int,

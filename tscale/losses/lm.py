@@ -96,6 +96,14 @@ def token_cross_entropy(
     return loss_sum, tokens
 
 
+def target_labels(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The labels the model's logits line up with: ``labels`` [B, S], or the labels at
+    ``logits_index`` [B, M] when the batch has one (the model then computes logits only there)."""
+    labels = batch["labels"]
+    index = batch.get("logits_index", None)
+    return labels if index is None else labels.gather(1, index)
+
+
 def make_lm_loss(
     apply_fn: ApplyFn,
     *,
@@ -114,7 +122,7 @@ def make_lm_loss(
         logits = apply_fn(params, batch)
         loss_sum, tokens = token_cross_entropy(
             logits,
-            batch["labels"],
+            target_labels(batch),
             ignore_index=ignore_index,
             label_smoothing=label_smoothing,
             z_loss=z_loss,
@@ -170,7 +178,7 @@ def make_fused_lm_loss(
         loss_sum, tokens = linear_cross_entropy(
             hidden,
             model.head_weight(params),
-            batch["labels"],
+            target_labels(batch),
             ignore_index=ignore_index,
             label_smoothing=label_smoothing,
             z_loss=z_loss,

@@ -1011,10 +1011,22 @@ def hidden_states(
         gather: how stored params become the params computed with (:data:`Gather`; FSDP
             all-gathers shards here). None: the params are used as they are.
 
+    With ``batch["logits_index"]`` [B, M] (the positions the loss reads, from
+    :func:`tscale.data.loader.with_logits_index`) the result is [B, M, hidden_size]: the hidden
+    states at those positions only, so the LM head runs on the trained positions alone.
+
     Raises:
         ShapeError: ``input_ids`` is not [B, S] ints or the optional fields disagree in shape.
     """
-    return _hidden(config, _gather_root(params, gather), batch, gather)
+    return _at_logits_index(_hidden(config, _gather_root(params, gather), batch, gather), batch)
+
+
+def _at_logits_index(h: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """``h`` [B, S, H] at ``batch["logits_index"]`` [B, M] when the batch has one."""
+    index = batch.get("logits_index", None)
+    if index is None:
+        return h
+    return h.gather(1, index.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
 
 
 def _hidden(
@@ -1082,10 +1094,11 @@ def apply(
     *,
     gather: Gather | None = None,
 ) -> torch.Tensor:
-    """Logits [B, S, vocab_size] of the decoder (see :func:`hidden_states` for ``batch`` and
-    ``gather``)."""
+    """Logits [B, S, vocab_size] of the decoder, or [B, M, vocab_size] at
+    ``batch["logits_index"]`` (see :func:`hidden_states` for ``batch`` and ``gather``)."""
     params = _gather_root(params, gather)
-    return logits_from_hidden(config, params, _hidden(config, params, batch, gather))
+    h = _at_logits_index(_hidden(config, params, batch, gather), batch)
+    return logits_from_hidden(config, params, h)
 
 
 # ---------------------------------------------------------------- the model with a KV cache

@@ -79,7 +79,8 @@ def _make_sampled_loss(apply_fn: ApplyFn, ignore_index: int):
 
     def loss_fn(params: TensorDictBase, batch: TensorDictBase):
         u = batch[_UNIFORM_KEY]
-        logits = apply_fn(params, batch.exclude(_UNIFORM_KEY))
+        # every position's logits: the uniforms and the labels are [B, S]
+        logits = apply_fn(params, batch.exclude(_UNIFORM_KEY, "logits_index"))
         with torch.no_grad():
             yhat = sample_categorical(logits, u)
             yhat = torch.where(batch["labels"] == ignore_index, ignore_index, yhat)

@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from tensordict import TensorDictBase
+from tensordict import TensorDict, TensorDictBase
 
 from tscale import checkpoint as ckpt
 from tscale.checkpoint.sharded import load_deepspeed, save_deepspeed, save_sharded
@@ -27,7 +27,7 @@ from tscale.config.load import to_yaml
 from tscale.config.schema import Config, resolve_defaults, steps_for_epochs
 from tscale.core import rng as R
 from tscale.core.state import TrainState
-from tscale.data.loader import BatchLoader, batch_iter
+from tscale.data.loader import BatchLoader, batch_iter, with_logits_index
 from tscale.errors import CheckpointError, ConfigError
 from tscale.losses.lm import make_lm_loss
 from tscale.models.generate import greedy
@@ -59,6 +59,7 @@ def evaluate(
     batch_size: int,
     max_new_tokens: int,
     device: torch.device,
+    prepare_batch: Callable[[TensorDict], TensorDict] = lambda batch: batch,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Held-out loss and perplexity over all eval examples, and exact match of greedy answers
     on the first ``num_samples`` eval records that carry a reference answer (overall, and per
@@ -73,7 +74,7 @@ def evaluate(
         loss_sum = torch.zeros((), dtype=torch.float64)
         tokens = torch.zeros((), dtype=torch.int64)
         for batch in batch_iter(bundle.eval_examples, batch_size, bundle.encoder.pad_id):
-            out = eval_step(params, batch.to(device))
+            out = eval_step(params, prepare_batch(batch).to(device))
             loss_sum += out["loss_sum"].double().cpu()
             tokens += out["tokens"].cpu()
         metrics["loss"] = float(loss_sum / tokens.clamp_min(1))
@@ -253,6 +254,12 @@ def train(
     elif metrics_file.exists() and main:
         metrics_file.unlink()
 
+    # The built-in losses read the labels at logits_index; a user's step gets the plain batch.
+    prepare_batch = (
+        with_logits_index
+        if make_step is None and cfg.loss.trained_positions_only
+        else lambda batch: batch
+    )
     if make_step is not None:  # a user's step: called with the model and the optimizer
         step_fn = make_step(model, tx)
     else:
@@ -297,6 +304,7 @@ def train(
         num_samples=cfg.eval.num_samples,
         batch_size=cfg.eval.batch_size,
         max_new_tokens=cfg.eval.max_new_tokens,
+        prepare_batch=prepare_batch,
         device=device,
     )
     emit("on_train_start", step=step)
@@ -393,7 +401,7 @@ def train(
     with signals:  # SIGTERM/SIGINT: finish the step, save, return (restored on the way out)
         try:
             while step < max_steps and not stop.requested:
-                batch = next(batches)
+                batch = prepare_batch(next(batches))
                 n_tokens = int((batch["input_ids"] != pad_id).sum())
                 state, metrics = step_fn(state, batch.to(device, non_blocking=True))
                 step += 1
