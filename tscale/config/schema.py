@@ -598,8 +598,8 @@ def resolve_defaults(cfg: Config, *, max_positions: int | None = None) -> Config
     """``cfg`` with its null/auto keys (optimizer.lr, data.max_length, data.loss_mode,
     data.group_by_length, train.max_steps / train.epochs) set for this run:
     :data:`PRETRAINED_DEFAULTS` when ``model.path`` is set (``data.max_length`` capped by
-    ``max_positions``, read from the checkpoint's config.json when not given), else :data:`RANDOM_INIT_DEFAULTS`. Keys the user
-    set are kept; resolving twice changes nothing.
+    ``max_positions``, read from the checkpoint's config.json when not given), else
+    :data:`RANDOM_INIT_DEFAULTS`. Keys the user set are kept; resolving twice changes nothing.
 
     ``train.max_steps`` stays null when ``train.epochs`` decides the length: the steps per epoch
     are known once the data is read (:func:`steps_for_epochs`).
