@@ -335,61 +335,58 @@ def test_qwen_folder_export_keeps_its_eos_and_template(tmp_path: Path):
     )
 
 
-def test_a_run_from_a_model_folder_exports_its_tokenizer_and_template(tmp_path: Path):
-    """The whole way: train from a Qwen2-style folder (its tokenizer, its template) on chats,
-    export, chat with the export. Needs tscale to train with a model folder's tokenizer (the
-    tokenizer part of issue 12); until that lands, it skips."""
-    from rich.console import Console
+END_OF_TURN = {"qwen2": "<|im_end|>", "llama3": "<|eot_id|>"}
 
-    from tscale.config import load_config
-    from tscale.errors import DataError
+
+@pytest.mark.slow
+@pytest.mark.parametrize("style", ["qwen2", "llama3"])
+def test_fine_tune_a_model_folder_export_and_chat_with_transformers(tmp_path: Path, style: str):
+    """The whole way, from ``model.path`` alone (its tokenizer, special tokens and template):
+    SFT on multi-turn chats, ``tscale export``, then ``AutoTokenizer.apply_chat_template`` +
+    ``generate`` in transformers stop at the template's end-of-turn token (learned in training,
+    not wired), and the export's logits equal tscale's."""
     from tscale.testing.hf_folders import chat_records, write_jsonl
-    from tscale.train import train
-    from tscale.train.export import export
 
-    src = make_model_folder(tmp_path / "qwen", "qwen2")
-    write_jsonl(chat_records(48, seed=1), tmp_path / "train.jsonl")
-    write_jsonl(chat_records(4, seed=2), tmp_path / "eval.jsonl")
-    options = [
-        f"run.output_dir={tmp_path / 'run'}",
-        f"model.path={src}",
-        f"data.tokenizer.path={src}",
-        f"data.train_files=[{tmp_path / 'train.jsonl'}]",
-        f"data.eval_files=[{tmp_path / 'eval.jsonl'}]",
-        "data.loss_mode=assistant_only",
-        "data.max_length=160",
-        "data.batch_size=8",
-        "scheduler.warmup_steps=1",
-        "train.max_steps=3",
+    src = make_model_folder(tmp_path / style, style)
+    write_jsonl(chat_records(600, seed=1), tmp_path / "train.jsonl")
+    run = tmp_path / "run"
+    config = tmp_path / "own.yaml"  # model.path and the data are all it takes
+    config.write_text(f"model: {{path: {src}}}\ndata: {{train_files: [{tmp_path}/train.jsonl]}}\n")
+    args = [
+        "train",
+        str(config),
+        f"run.output_dir={run}",
+        "data.batch_size=16",
+        "optimizer.lr=3e-3",  # the folder's weights are random: far from a fine-tuner's 2e-5
+        "train.max_steps=120",
         "train.progress=false",
-        "eval.num_samples=2",
-        "eval.batch_size=2",
-        "eval.max_new_tokens=2",
-        "eval.num_show=0",
     ]
-    yaml = tmp_path / "chat.yaml"  # the template as a YAML block: it is full of braces
-    yaml.write_text("data:\n  template: |-\n    " + QWEN2_TEMPLATE + "\n")
-    try:
-        result = train(load_config(yaml, options), console=Console(quiet=True))
-    except DataError as e:
-        if "tokenizer file not found" in str(e) or "lacks the special token" in str(e):
-            pytest.skip(f"tscale does not train with a model folder's tokenizer yet: {e}")
-        raise
-    out = export(tmp_path / "run", tmp_path / "hf")
+    assert main(args) == 0
+    assert main(["export", str(run), str(tmp_path / "hf")]) == 0
+    out = tmp_path / "hf"
     tok = transformers.AutoTokenizer.from_pretrained(out)
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    assert (tok.bos_token, tok.eos_token) == (None, "<|im_end|>") and tok.pad_token is not None
-    config, generation = _json(out / "config.json"), _json(out / "generation_config.json")
-    assert config["eos_token_id"] == im_end and config["pad_token_id"] == tok.pad_token_id
+    end = tok.convert_tokens_to_ids(END_OF_TURN[style])
+    assert tok.pad_token is not None
+    generation = _json(out / "generation_config.json")
     stop = generation["eos_token_id"]
-    assert im_end in (stop if isinstance(stop, list) else [stop])
-    messages = [{"role": "user", "content": "first: cat dog"}]
-    ids = tok.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )["input_ids"]
-    assert tok.decode(ids[0]).endswith("<|im_start|>assistant\n")
+    assert end in (stop if isinstance(stop, list) else [stop])
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
-    with torch.no_grad():
-        theirs = hf(input_ids=ids).logits
-    ours = from_pretrained(src).transformer.apply(result.state.params, {"input_ids": ids})
-    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    ours = from_pretrained(out)
+    stopped = 0
+    for record in chat_records(6, seed=7, system_every=0):
+        chat = record["messages"][:1]
+        ids = tok.apply_chat_template(
+            chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        prompt = ids["input_ids"]
+        assert prompt[0].tolist().count(tok.bos_token_id) <= 1  # never two BOS
+        with torch.no_grad():
+            torch.testing.assert_close(
+                hf(input_ids=prompt).logits,
+                ours.apply(ours.params, {"input_ids": prompt}),
+                atol=1e-4,
+                rtol=1e-4,
+            )
+            new = hf.generate(**ids, max_new_tokens=24, do_sample=False)[0, prompt.shape[1] :]
+        stopped += int(new[-1] == end and len(new) < 24)
+    assert stopped == 6  # every reply ended with the end-of-turn token, before the limit
