@@ -51,6 +51,25 @@ def test_group_by_length_pads_less_and_still_visits_each_example_once():
     assert len(seen) == len(set(seen)) == 400
 
 
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(4, 90), batch=st.integers(1, 16), group=st.booleans(), seed=st.integers(0, 99))
+def test_keeping_the_last_batch_trains_every_example_each_epoch(n, batch, group, seed):
+    batch = min(batch, n)
+    ex = make_examples(n, seed=seed)
+    kept = BatchLoader(
+        ex, batch, seed=seed, shuffle=True, pad_id=PAD, group_by_length=group, drop_last=False
+    )
+    dropped = BatchLoader(ex, batch, seed=seed, shuffle=True, pad_id=PAD, group_by_length=group)
+    per_epoch = -(-n // batch)
+    assert kept.num_batches_per_epoch == per_epoch
+    assert dropped.num_batches_per_epoch == n // batch
+    batches = take(kept, per_epoch)
+    assert all(len(ids_of(b)) == batch for b in batches)  # full batches: ranks/microbatches split
+    seen = [i for b in batches for i in ids_of(b)]
+    assert set(seen) == set(range(n))  # every example, the last batch's fill a second time
+    assert len(seen) - n == per_epoch * batch - n
+
+
 def test_longest_first_puts_the_longest_example_in_the_first_batch():
     ex = make_examples(100, seed=3)
     longest = max(range(100), key=lambda i: len(ex[i]["input_ids"]))

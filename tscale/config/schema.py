@@ -244,6 +244,12 @@ class DataConfig:
         "Batch examples of similar length (less padding; batches still drawn at random). null: "
         "true when fine-tuning model.path (without data.streaming), false from random init.",
     )
+    drop_last: bool | None = _f(
+        None,
+        "Drop the rows left over after an epoch's last full batch (true), or train them in a last "
+        "batch completed with the epoch's first rows (false). null: false when fine-tuning "
+        "model.path (every row trains each epoch), true from random init.",
+    )
     longest_first: bool = _f(False, "Put the batch with the longest example first (OOM at once).")
     max_tokens: int | None = _f(
         None, "Token-budget batching: at most this many padded tokens per batch (single process)."
@@ -558,6 +564,7 @@ RANDOM_INIT_DEFAULTS: dict[str, Any] = {
     "data.max_length": 64,
     "data.loss_mode": "completion_only",
     "data.group_by_length": False,
+    "data.drop_last": True,
     "train.max_steps": 100,
 }
 """What the null/auto keys become for a model trained from random init (the quickstart's)."""
@@ -568,12 +575,14 @@ PRETRAINED_DEFAULTS: dict[str, Any] = {
     "data.max_length": 1024,  # at most: the model's max_position_embeddings caps it
     "data.loss_mode": "assistant_only",
     "data.group_by_length": True,  # in-memory data only: streaming reads in order
+    "data.drop_last": False,
     "train.epochs": 1.0,
 }
 """What the null/auto keys become when fine-tuning ``model.path`` (what TRL/Axolotl users
 expect: a small learning rate (TRL's SFT default; ten times more for LoRA adapters, which
 start at zero: the QLoRA paper's and Axolotl's LoRA examples' 2e-4), the model's context up to
-1024 tokens, one pass over the data, loss on the assistant turns, batches of similar lengths
+1024 tokens, one pass over the data in which every row trains, loss on the assistant turns,
+batches of similar lengths
 (HF Trainer's ``group_by_length``): benchmarks/e2e_sft.py measured half the epoch time of
 random batches, whose padding the model computes)."""
 
@@ -596,7 +605,7 @@ def model_max_positions(path: str | Path) -> int | None:
 
 def resolve_defaults(cfg: Config, *, max_positions: int | None = None) -> Config:
     """``cfg`` with its null/auto keys (optimizer.lr, data.max_length, data.loss_mode,
-    data.group_by_length, train.max_steps / train.epochs) set for this run:
+    data.group_by_length, data.drop_last, train.max_steps / train.epochs) set for this run:
     :data:`PRETRAINED_DEFAULTS` when ``model.path`` is set (``data.max_length`` capped by
     ``max_positions``, read from the checkpoint's config.json when not given), else
     :data:`RANDOM_INIT_DEFAULTS`. Keys the user set are kept; resolving twice changes nothing.
@@ -621,6 +630,8 @@ def resolve_defaults(cfg: Config, *, max_positions: int | None = None) -> Config
     if data.group_by_length is None:
         group = table["data.group_by_length"] and not data.streaming
         data = attrs.evolve(data, group_by_length=group)
+    if data.drop_last is None:
+        data = attrs.evolve(data, drop_last=table["data.drop_last"])
     if data.loss_mode == "auto":
         data = attrs.evolve(data, loss_mode=table["data.loss_mode"])
     if train.max_steps is None and train.epochs is None:

@@ -99,13 +99,16 @@ def plan_epoch(
     longest_first: bool = False,
     max_tokens: int | None = None,
     pad_to_multiple_of: int = 1,
+    drop_last: bool = True,
 ) -> list[torch.Tensor]:
     """The global batches of one epoch, as tensors of example indices (pure and deterministic).
 
     With ``max_tokens`` a batch takes examples in order while ``rows * padded_longest <=
     max_tokens`` (at most ``batch_size`` rows; an example longer than the budget is a batch of its
     own) and the last, partial batch is kept; otherwise batches have exactly ``batch_size`` rows
-    and the remainder of the epoch's order is dropped.
+    and the remainder of the epoch's order is dropped, or with ``drop_last=False`` made a last
+    batch, completed with the epoch's first examples (every example trains each epoch; a few
+    twice), so every batch still splits evenly over ranks and microbatches.
     """
     n = lengths.numel()
     gen = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
@@ -118,7 +121,9 @@ def plan_epoch(
             parts.append(chunk[torch.argsort(lengths[chunk], descending=True, stable=True)])
         order = torch.cat(parts) if parts else order
     if max_tokens is None:
-        full = n // batch_size
+        if not drop_last and n % batch_size:
+            order = torch.cat([order, order[: batch_size - n % batch_size]])
+        full = order.numel() // batch_size
         batches = list(order[: full * batch_size].split(batch_size))
     else:
         batches, current, longest = [], [], 0
@@ -159,6 +164,9 @@ class BatchLoader:
         max_tokens: token-budget batching: at most this many padded tokens per global batch.
         rank, world_size: this process's share of each global batch (data parallelism).
         prefetch: batches collated ahead in a background thread (0: none).
+        drop_last: drop the examples left over after the epoch's last full batch (True), or
+            make them a last batch completed with the epoch's first examples (see
+            :func:`plan_epoch`).
 
     Batches are TensorDicts of int64 ``[B, L]`` fields, right-padded (ids with ``pad_id``, labels
     with -100, ``position_ids``/``doc_ids`` with 0). Iterating never ends; it starts at the cursor
@@ -181,6 +189,7 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         prefetch: int = 0,
+        drop_last: bool = True,
     ) -> None:
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
@@ -214,6 +223,7 @@ class BatchLoader:
         self.pad_id = pad_id
         self.pad_to_multiple_of = pad_to_multiple_of
         self.group_by_length = group_by_length
+        self.drop_last = drop_last
         self.longest_first = longest_first
         self.max_tokens = max_tokens
         self.rank = rank
@@ -250,6 +260,7 @@ class BatchLoader:
                     longest_first=self.longest_first,
                     max_tokens=self.max_tokens,
                     pad_to_multiple_of=self.pad_to_multiple_of,
+                    drop_last=self.drop_last,
                 )
             return self._plans[epoch]
 

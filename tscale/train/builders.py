@@ -607,6 +607,7 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
         max_tokens=d.max_tokens,
         rank=rank,
         world_size=world_size,
+        drop_last=d.drop_last is not False,
     )
     return DataBundle(
         encoder=encoder,

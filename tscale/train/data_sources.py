@@ -38,7 +38,14 @@ CACHE_VERSION = "tscale-processed-v2"
 """Bump when the processing changes, so caches made the old way are not read back."""
 
 # Data keys that change how batches are drawn, not what the processed examples are.
-_LOADER_ONLY = ("batch_size", "shuffle", "group_by_length", "longest_first", "max_tokens")
+_LOADER_ONLY = (
+    "batch_size",
+    "shuffle",
+    "group_by_length",
+    "longest_first",
+    "max_tokens",
+    "drop_last",
+)
 _NOT_PROCESSING = (*_LOADER_ONLY, "cache", "cache_dir", "max_error_rate", "streaming")
 _SUPPORTED_FORMATS = ("prompt_completion", "alpaca", "chat", "sharegpt")
 DROPPED_FILE = "dropped.jsonl"
