@@ -28,7 +28,8 @@ The trained-token count of one epoch (tokens that carry loss: the completions an
 read from each run (tscale: the sum of ``tokens`` in metrics.jsonl; TRL: the sum of its
 targets in the prepared dataset's ``labels``) and asserted equal, so the frameworks do the same
 work (the row count is cut to whole batches of 8; tscale's packed epoch ends with a batch of packs
-completed with its first packs, so that run's count is at least the others', recorded). Writes ``benchmarks/results/e2e_sft.json`` and prints one summary line.
+completed with its first packs, so that run's count is at least the others', recorded).
+Writes ``benchmarks/results/e2e_sft.json`` and prints one summary line.
 
 Usage: python benchmarks/e2e_sft.py [--rows 1200] [--max-length 512] [--hidden 192] [--layers 4]
 """
