@@ -188,7 +188,7 @@ def _tokenize_fitted(
     if cut_at < 0 or not isinstance(res, Ok):
         return res
     ids, labels = res.value["input_ids"], res.value["labels"]
-    appended_eos = add_eos and len(ids) > 1 and (not enc.ids or enc.ids[-1] != eos_id)
+    appended_eos = add_eos and len(ids) > 1 and eos_id not in enc.ids  # tokenize_encoded's rule
     if appended_eos and labels[-2] != IGNORE_INDEX:  # trained when nothing follows the span
         labels[-2] = IGNORE_INDEX
         if all(x == IGNORE_INDEX for x in labels):

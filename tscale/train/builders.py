@@ -567,15 +567,7 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
                 examples=len(train_examples),
                 **data_report.token_counts(train_examples, pack_report),
             ),
-            "eval": data_report.split_counts(
-                rows_read=eval_read["rows"],
-                kept=len(eval_examples),
-                kept_name="kept",
-                dropped=eval_dropped,
-                quarantined=eval_read["load_errors"] + eval_errors,
-                truncated=eval_length.truncated_examples,
-                examples=len(eval_examples),
-            ),
+            "eval": _eval_counts(eval_read, eval_examples, eval_dropped, eval_errors, eval_length),
             "limit": _limit_name(budget),
             "dropped_file": _if_exists(quarantine.with_name(data_sources.DROPPED_FILE)),
             "max_error_rate": d.max_error_rate,
@@ -643,6 +635,25 @@ def _limit_name(budget: LengthBudget | None) -> str | None:
 
 def _if_exists(path: Path) -> str | None:
     return str(path) if path.exists() else None
+
+
+def _eval_counts(
+    read: dict[str, Any],
+    examples: list[dict],
+    dropped: Counter,
+    errors: Counter,
+    length: LengthReport,
+) -> dict[str, Any]:
+    """The data report's ``eval`` entry: eval rows read = kept + dropped + quarantined."""
+    return data_report.split_counts(
+        rows_read=read["rows"],
+        kept=len(examples),
+        kept_name="kept",
+        dropped=dropped,
+        quarantined=read["load_errors"] + errors,
+        truncated=length.truncated_examples,
+        examples=len(examples),
+    )
 
 
 def _length_summary(report: LengthReport) -> dict[str, Any]:
@@ -843,15 +854,7 @@ def _streaming_bundle(
     )
     report["eval_examples"] = len(eval_examples)
     report["eval_encode_errors"] = dict(eval_errors)
-    report["eval"] = data_report.split_counts(
-        rows_read=eval_read["rows"],
-        kept=len(eval_examples),
-        kept_name="kept",
-        dropped=eval_dropped,
-        quarantined=eval_read["load_errors"] + eval_errors,
-        truncated=eval_length.truncated_examples,
-        examples=len(eval_examples),
-    )
+    report["eval"] = _eval_counts(eval_read, eval_examples, eval_dropped, eval_errors, eval_length)
     report["tokenizer"] = tokenizer_summary(encoder, template.template)
     return DataBundle(
         encoder=encoder,
