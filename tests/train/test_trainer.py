@@ -138,6 +138,10 @@ def test_overwrite_starts_again(tmp_path: Path):
     assert [r["step"] for r in _rows(run_dir)] == [1, 2]
     with pytest.raises(CheckpointError, match="exclude"):
         train(_cfg(run_dir), resume=True, overwrite=True, console=_quiet())
+    # a mistake found while building the new run leaves the old checkpoints as they were
+    with pytest.raises(ConfigError, match=r"data\.train_files\[0\]: .*missing\.jsonl not found"):
+        train(_cfg(run_dir, f"data.train_files=[{tmp_path / 'missing.jsonl'}]"), overwrite=True)
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000002"]
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path: Path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import itertools
 import re
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -323,6 +322,11 @@ def build_encoder(cfg: Config, trained: Callable[[], Any]) -> Encoder:
     if d.tokenizer.path is not None:
         encoder = Encoder.from_path(d.tokenizer.path, key="data.tokenizer.path")
     elif m.path is not None:
+        if not Path(m.path).is_dir():
+            raise ConfigError(
+                f"model.path: {m.path} not found; give a local HF model folder (config.json, "
+                "safetensors weights, tokenizer files)"
+            )
         if not (Path(m.path) / "tokenizer.json").is_file():
             raise ConfigError(
                 f"model.path {m.path} has no tokenizer.json: set data.tokenizer.path to the "
@@ -334,13 +338,7 @@ def build_encoder(cfg: Config, trained: Callable[[], Any]) -> Encoder:
         encoder = Encoder.from_tokenizer(trained())
     if d.tokenizer.add_tokens:
         encoder = add_tokens(encoder, d.tokenizer.add_tokens)
-    if encoder.pad_is_eos:
-        warnings.warn(
-            f"tokenizer {encoder.source} has no pad token: padding with its eos token "
-            f"{encoder.eos_token!r} (padded positions carry no loss)",
-            stacklevel=2,
-        )
-    return encoder
+    return encoder  # a missing pad (pad_is_eos) is said once, in the data report
 
 
 def tokenizer_summary(encoder: Encoder, template: ChatTemplate) -> dict[str, Any]:
@@ -385,6 +383,10 @@ def build_data(cfg: Config, run_dir: Path, *, rank: int = 0, world_size: int = 1
     if d.train_files or d.sources:
         train_files = [Path(p) for p in d.train_files]
         eval_files = [Path(p) for p in d.eval_files]
+        for key, files in (("data.train_files", train_files), ("data.eval_files", eval_files)):
+            for i, f in enumerate(files):
+                if not f.exists():
+                    raise ConfigError(f"{key}[{i}]: {f} not found")
         synthetic_files = False
     else:
         s = d.synthetic

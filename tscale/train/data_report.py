@@ -155,6 +155,12 @@ def report_lines(report: Mapping[str, Any]) -> list[str]:
         if train.get("fill_rate") is not None:
             tokens += f"; {train['packed_rows']:,} packed rows, fill {train['fill_rate']:.1%}"
         lines.append(tokens)
+    tok = report.get("tokenizer")
+    if tok:
+        line = f"  tokenizer: {tok['source']}, template {tok['template']}"
+        if tok.get("pad_is_eos"):
+            line += f"; it has no pad token: padding with its eos {tok['eos_token']!r} (no loss)"
+        lines.append(line)
     ev = report.get("eval")
     if ev and ev["rows_read"]:
         line = (

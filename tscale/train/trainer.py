@@ -188,10 +188,9 @@ def train(
     ckpt_root = run_dir / "checkpoints"
     if overwrite and resume is not False:
         raise CheckpointError("--overwrite and --resume exclude each other; choose one")
-    if overwrite and ckpt_root.exists() and main:
-        shutil.rmtree(ckpt_root)
-    par.barrier()
-    resume_from = _resume_path(resume, ckpt_root)
+    # --overwrite deletes the old checkpoints only once the new run is built (below): a run that
+    # stops on a config or data mistake leaves them as they were.
+    resume_from = None if overwrite else _resume_path(resume, ckpt_root)
     config_yaml = to_yaml(cfg)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -251,8 +250,11 @@ def train(
         if main:
             truncate_jsonl(metrics_file, meta["step"])
             console.print(f"resumed from {resume_from} at step {meta['step']}", soft_wrap=True)
-    elif metrics_file.exists() and main:
-        metrics_file.unlink()
+    elif main:
+        if overwrite and ckpt_root.exists():
+            shutil.rmtree(ckpt_root)
+        metrics_file.unlink(missing_ok=True)
+    par.barrier()
 
     # The built-in losses read the labels at logits_index; a user's step gets the plain batch.
     prepare_batch = (
