@@ -89,3 +89,19 @@ def test_data_inspect_and_preview(tmp_path: Path):
     assert r.returncode == 0 and "format: prompt_completion" in r.stdout
     r = _tscale("data", "inspect", str(tmp_path / "missing.jsonl"))
     assert r.returncode == 2 and "missing.jsonl" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_version_and_python_dash_m():
+    from tscale import __version__
+
+    r = _tscale("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"tscale {__version__}"
+    r = subprocess.run(
+        [sys.executable, "-m", "tscale", "config", "show", "configs/quickstart.yaml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert yaml.safe_load(r.stdout)["run"]["name"] == "quickstart"

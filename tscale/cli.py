@@ -18,6 +18,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from tscale import __version__
 from tscale.errors import TscaleError
 
 EXIT_USER_ERROR = 2
@@ -28,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     # DeepSpeed's launcher passes --local_rank=N before the command; the rank is read from the
     # environment it sets as well (LOCAL_RANK), so the flag is accepted and ignored
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--version", action="version", version=f"tscale {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train as a YAML config says")
