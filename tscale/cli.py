@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("config", help="path to a YAML config")
     show.add_argument("overrides", nargs="*", help="key.path=value overrides")
 
+    r = sub.add_parser("runs", help="list the runs under a folder: last step, loss, eval")
+    r.add_argument("folder", nargs="?", default="runs", help="default: %(default)s")
+
     s = sub.add_parser("schedule", help="learning-rate schedule tools")
     ssub = s.add_subparsers(dest="schedule_command", required=True)
     plot = ssub.add_parser("plot", help="write a PNG of the learning rate over train.max_steps")
@@ -97,6 +100,14 @@ def _run(args: argparse.Namespace) -> int:
         from tscale.train.export import export
 
         print(f"wrote {export(args.checkpoint, args.out, max_shard_size=args.max_shard_size)}")
+        return 0
+
+    if args.command == "runs":
+        from rich.console import Console
+
+        from tscale.train.runs_cli import print_runs
+
+        print_runs(args.folder, Console())
         return 0
 
     if args.command == "data":
