@@ -22,6 +22,7 @@ from typing import Any
 import attrs
 from tokenizers import AddedToken, Tokenizer, processors
 
+from tscale.data.prompt import config_chat_template, token_string
 from tscale.data.tokenize import SPECIAL_TOKENS, Encoder
 from tscale.errors import DataError
 
@@ -42,42 +43,16 @@ def _read_json(path: Path, key: str) -> dict[str, Any]:
     return data
 
 
-def token_string(value: Any) -> str | None:
-    """A special token of a ``tokenizer_config.json``: a string, an ``AddedToken`` dict, or
-    None."""
-    if value is None or isinstance(value, str):
-        return value or None
-    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
-        return value["content"] or None
-    raise DataError(f"cannot read a special token from {value!r}")
-
-
-def _config_template(config: Mapping[str, Any], where: str, key: str) -> str | None:
-    source = config.get("chat_template")
-    if isinstance(source, list):  # [{"name", "template"}]: the one named "default"
-        named = {t.get("name"): t.get("template") for t in source if isinstance(t, Mapping)}
-        source = named.get("default")
-        if source is None:
-            raise DataError(
-                f"{key}: {where} has chat templates {sorted(map(str, named))} but none named "
-                "'default'; set data.template to the one you want (a .jinja file)"
-            )
-    if source is not None and not isinstance(source, str):
-        raise DataError(f"{key}: chat_template of {where} is not a string")
-    return source or None
-
-
 def read_chat_template(folder: Path, config: Mapping[str, Any], key: str) -> str | None:
     """The folder's chat template: ``chat_template.jinja``, else ``tokenizer_config.json``'s
     ``chat_template``, else ``chat_template.json`` (older processors); None when none."""
     jinja = folder / CHAT_TEMPLATE_FILE
     if jinja.is_file():
         return jinja.read_text(encoding="utf-8") or None
-    source = _config_template(config, str(folder / "tokenizer_config.json"), key)
+    source = config_chat_template(config, where=str(folder / "tokenizer_config.json"), key=key)
     if source is None:
-        source = _config_template(
-            _read_json(folder / "chat_template.json", key), str(folder / "chat_template.json"), key
-        )
+        other = folder / "chat_template.json"
+        source = config_chat_template(_read_json(other, key), where=str(other), key=key)
     return source
 
 
@@ -286,6 +261,5 @@ __all__ = [
     "post_processor_adds",
     "read_chat_template",
     "save_tokenizer_folder",
-    "token_string",
     "tokenizer_config",
 ]

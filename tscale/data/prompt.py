@@ -357,46 +357,60 @@ def get_template(template: str | ChatTemplate) -> ChatTemplate:
     )
 
 
-def _token_string(value: Any) -> str:
-    """A special token of a ``tokenizer_config.json``: a string or an ``AddedToken`` dict."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
+def token_string(value: Any) -> str | None:
+    """A special token of a ``tokenizer_config.json``: a string, an ``AddedToken`` dict, or
+    None."""
+    if value is None or isinstance(value, str):
+        return value or None
     if isinstance(value, Mapping) and isinstance(value.get("content"), str):
-        return value["content"]
+        return value["content"] or None
     raise DataError(f"cannot read a special token from {value!r}")
 
 
-def template_from_tokenizer_config(
-    config: Mapping[str, Any], *, name: str = "tokenizer"
-) -> ChatTemplate:
-    """The chat template of a parsed ``tokenizer_config.json`` (a dict; the caller reads the file).
-
-    ``chat_template`` may be a string or a list of ``{"name", "template"}``; the one named
-    ``default`` is taken from a list.
+def config_chat_template(
+    config: Mapping[str, Any], *, where: str = "tokenizer config", key: str | None = None
+) -> str | None:
+    """The ``chat_template`` source of a parsed ``tokenizer_config.json``: a string, or the entry
+    named ``default`` of a ``[{"name", "template"}]`` list; None when there is none.
 
     Raises:
-        DataError: no usable ``chat_template``, or invalid Jinja2.
+        DataError: a list without ``default``, or a value that is not a string (the message starts
+            with ``key`` when given).
     """
+    prefix = f"{key}: " if key else ""
     source = config.get("chat_template")
     if isinstance(source, list):
         named = {t.get("name"): t.get("template") for t in source if isinstance(t, Mapping)}
         source = named.get("default")
         if source is None:
             raise DataError(
-                f"tokenizer config has chat templates {sorted(map(str, named))} but none named "
-                "'default'; pass the one you want with ChatTemplate.from_jinja"
+                f"{prefix}{where} has chat templates {sorted(map(str, named))} but none named "
+                "'default'; choose the one you want (data.template: a .jinja file)"
             )
-    if not isinstance(source, str) or not source:
+    if source is not None and not isinstance(source, str):
+        raise DataError(f"{prefix}chat_template of {where} is not a string")
+    return source or None
+
+
+def template_from_tokenizer_config(
+    config: Mapping[str, Any], *, name: str = "tokenizer"
+) -> ChatTemplate:
+    """The chat template of a parsed ``tokenizer_config.json`` (a dict; the caller reads the file)
+    with its bos/eos strings (see :func:`config_chat_template`).
+
+    Raises:
+        DataError: no usable ``chat_template``, or invalid Jinja2.
+    """
+    source = config_chat_template(config)
+    if source is None:
         raise DataError(
             "tokenizer config has no chat_template; choose a built-in template "
             f"({list(TEMPLATE_NAMES)}) or give a Jinja2 template"
         )
     return ChatTemplate.from_jinja(
         source,
-        bos_token=_token_string(config.get("bos_token")),
-        eos_token=_token_string(config.get("eos_token")),
+        bos_token=token_string(config.get("bos_token")) or "",
+        eos_token=token_string(config.get("eos_token")) or "",
         name=name,
     )
 
