@@ -5,59 +5,22 @@ checkpoint is written well within the agent's grace period, no ChildFailedError,
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from tscale.testing.runs import (
+    STOPPED,
+    step_rows,
+    wait_for_rows,
+    write_tiny_config,
+)
+
 STEPS = 60
-YAML = """
-run: {{output_dir: {out}, seed: 0, threads: 1}}
-model: {{hidden_size: 32, intermediate_size: 64, num_layers: 2, num_heads: 2,
-        max_position_embeddings: 64}}
-data:
-  synthetic: {{num_train: 400, num_eval: 8, max_items: 5}}
-  tokenizer: {{vocab_size: 300}}
-  batch_size: 16
-  max_length: 32
-optimizer: {{lr: 0.003}}
-scheduler: {{warmup_steps: 2}}
-train: {{max_steps: {steps}, log_every: 1, keep_last: 0, progress: false}}
-eval: {{num_samples: 4, batch_size: 4, max_new_tokens: 4, num_show: 0}}
-"""
-STOPPED = re.compile(r"stopped by (\w+) at step (\d+): saved to (\S+) in ([\d.]+) s")
-
-
-def write_config(tmp: Path, name: str, steps: int) -> tuple[Path, Path]:
-    out = tmp / name
-    cfg = tmp / f"{name}.yaml"
-    cfg.write_text(YAML.format(out=out, steps=steps))
-    return cfg, out
-
-
-def step_rows(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return []
-    lines = [x for x in path.read_text().splitlines() if x.endswith("}")]
-    return [r for r in map(json.loads, lines) if "loss" in r]
-
-
-def wait_for_rows(proc: subprocess.Popen, run: Path, n: int, timeout: float = 240) -> None:
-    """Until the run has logged ``n`` steps (fails if the process ends first)."""
-    deadline = time.monotonic() + timeout
-    while len(step_rows(run)) < n:
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended (rc {proc.returncode}) before step {n}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"no step {n} within {timeout} s")
-        time.sleep(0.02)
 
 
 def _torchrun_cmd(*args: str) -> list[str]:
@@ -68,7 +31,7 @@ def _torchrun_cmd(*args: str) -> list[str]:
 @pytest.fixture(scope="module")
 def full(tmp_path_factory: pytest.TempPathFactory, torchrun) -> Path:
     """The uninterrupted 2-rank run."""
-    cfg, out = write_config(tmp_path_factory.mktemp("full"), "full", steps=STEPS)
+    cfg, out = write_tiny_config(tmp_path_factory.mktemp("full"), "full", steps=STEPS)
     torchrun(["-m", "tscale.cli", "train", str(cfg)])
     assert len(step_rows(out)) == STEPS
     return out
@@ -86,7 +49,7 @@ def test_signal_under_torchrun_saves_and_resumes_bit_identically(
     Ctrl-C in the terminal does; the agent forwards it once more, and that repeat must not
     abort). ``workers``: SIGTERM to the workers only (what the agent sends), after which
     torchrun itself must report success."""
-    cfg, out = write_config(tmp_path, "run", steps=STEPS)
+    cfg, out = write_tiny_config(tmp_path, "run", steps=STEPS)
     proc = subprocess.Popen(
         _torchrun_cmd("train", str(cfg)),
         stdout=subprocess.PIPE,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -15,55 +14,31 @@ from pathlib import Path
 
 import pytest
 
+from tscale.testing.runs import (
+    STOPPED,
+    TINY_RUN_YAML,
+    step_rows,
+    wait_for_rows,
+    write_tiny_config,
+)
 from tscale.train.signals import StopSignals
 
 STEPS = 80
-YAML = """
-run: {{output_dir: {out}, seed: 0, threads: 1}}
-model: {{hidden_size: 32, intermediate_size: 64, num_layers: 2, num_heads: 2,
-        max_position_embeddings: 64}}
-data:
-  synthetic: {{num_train: 400, num_eval: 8, max_items: 5}}
-  tokenizer: {{vocab_size: 300}}
-  batch_size: 16
-  max_length: 32
-optimizer: {{lr: 0.003}}
-scheduler: {{warmup_steps: 2}}
-train: {{max_steps: {steps}, log_every: 1, keep_last: 0, progress: false}}
-eval: {{num_samples: 4, batch_size: 4, max_new_tokens: 4, num_show: 0}}
-"""
-STOPPED = re.compile(r"stopped by (\w+) at step (\d+): saved to (\S+) in ([\d.]+) s")
-
-
-def write_config(tmp: Path, name: str, steps: int = STEPS) -> tuple[Path, Path]:
-    out = tmp / name
-    cfg = tmp / f"{name}.yaml"
-    cfg.write_text(YAML.format(out=out, steps=steps))
-    return cfg, out
-
-
-def step_rows(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return []
-    lines = [x for x in path.read_text().splitlines() if x.endswith("}")]
-    return [r for r in map(json.loads, lines) if "loss" in r]
 
 
 def env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def wait_for_rows(proc: subprocess.Popen, run: Path, n: int, timeout: float = 240) -> None:
-    """Until the run has logged ``n`` steps (fails if the process ends first)."""
-    deadline = time.monotonic() + timeout
-    while len(step_rows(run)) < n:
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended (rc {proc.returncode}) before step {n}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"no step {n} within {timeout} s")
-        time.sleep(0.02)
+def start_train(cfg: Path) -> subprocess.Popen:
+    """``tscale train CFG`` as a child process, its output piped (read by ``communicate``)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "tscale.cli", "train", str(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env(),
+    )
 
 
 def cli(*args: str, timeout: int = 240) -> str:
@@ -81,7 +56,7 @@ def cli(*args: str, timeout: int = 240) -> str:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg, out = write_config(tmp_path_factory.mktemp("full"), "full")
+    cfg, out = write_tiny_config(tmp_path_factory.mktemp("full"), "full", STEPS)
     cli("train", str(cfg))
     assert len(step_rows(out)) == STEPS
     return out
@@ -92,14 +67,8 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_signal_saves_and_resume_is_bit_identical(
     tmp_path: Path, uninterrupted: Path, sig: signal.Signals
 ):
-    cfg, out = write_config(tmp_path, "run")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tscale.cli", "train", str(cfg)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env(),
-    )
+    cfg, out = write_tiny_config(tmp_path, "run", STEPS)
+    proc = start_train(cfg)
     wait_for_rows(proc, out, 3)
     proc.send_signal(sig)
     output, _ = proc.communicate(timeout=120)
@@ -152,18 +121,12 @@ def test_a_second_ctrl_c_aborts_a_real_run_at_once(tmp_path: Path):
     out = tmp_path / "big"
     cfg = tmp_path / "big.yaml"
     cfg.write_text(
-        YAML.format(out=out, steps=STEPS).replace(
+        TINY_RUN_YAML.format(out=out, steps=STEPS).replace(
             "{hidden_size: 32, intermediate_size: 64, num_layers: 2, num_heads: 2,",
             "{hidden_size: 1024, intermediate_size: 2048, num_layers: 8, num_heads: 8,",
         )
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tscale.cli", "train", str(cfg)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env(),
-    )
+    proc = start_train(cfg)
     wait_for_rows(proc, out, 1)
     proc.send_signal(signal.SIGINT)
     time.sleep(1.2)
