@@ -45,6 +45,7 @@ def test_the_own_model_walkthrough_runs_as_written(tmp_path: Path, monkeypatch):
     printed = io.StringIO()
     for kind, code in _blocks():
         if kind == "python":
+            printed = io.StringIO()  # what this block prints (the last one: the reply)
             with contextlib.redirect_stdout(printed):
                 exec(compile(code, "docs/quickstart.md", "exec"), {"__name__": "__doc__"})
             continue
@@ -53,7 +54,7 @@ def test_the_own_model_walkthrough_runs_as_written(tmp_path: Path, monkeypatch):
                 continue
             argv = shlex.split(line)
             assert argv[0] == "tscale", line
-            with contextlib.redirect_stdout(printed):
+            with contextlib.redirect_stdout(io.StringIO()):
                 code_ = cli.main(argv[1:])
             assert code_ in (0, None), f"{line} exited {code_}"
     run = tmp_path / "runs" / "own_model"
@@ -73,5 +74,6 @@ def test_the_own_model_walkthrough_runs_as_written(tmp_path: Path, monkeypatch):
         "tokenizer_config.json",
     ):
         assert (export / name).is_file(), name
-    # the last block printed the model's reply to a chat turn
-    assert printed.getvalue().strip()
+    # the last block printed the model's reply to a chat turn: some text, no special tokens
+    reply = printed.getvalue().strip()
+    assert reply and "<|im_end|>" not in reply and "<|im_start|>" not in reply
