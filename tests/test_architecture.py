@@ -22,6 +22,8 @@ ALLOWED: dict[str, set[str]] = {
     "step": {"core", "optim", "losses", "kernels", "errors"},
     "parallel": {"core", "optim", "losses", "step", "models", "kernels", "errors"},
     "checkpoint": {"core", "errors", "config", "models", "optim"},
+    # one module per objective: the pieces a loss, a pre-pass and an eval are made of
+    "tasks": {"core", "errors", "data", "losses", "models", "step", "kernels"},
     "testing": {"core", "errors", "optim", "step", "losses"},
     "train": {"*"},
     "cli": {"*"},

@@ -225,5 +225,6 @@ def load_checkpoint(path: Path, template: TrainState) -> tuple[TrainState, dict[
         opt_state=trees["opt_state"],
         step=torch.tensor(meta["step"], dtype=torch.int64, device=device),
         rng=torch.tensor(meta["rng"], dtype=template.rng.dtype, device=template.rng.device),
+        frozen=template.frozen,
     )
     return state, meta

@@ -161,6 +161,7 @@ def load_deepspeed(
     state = template.replace(
         step=torch.tensor(meta["step"], dtype=torch.int64, device=device),
         rng=torch.tensor(meta["rng"], dtype=template.rng.dtype, device=template.rng.device),
+        frozen=template.frozen,
     )
     return state, meta
 
@@ -254,6 +255,7 @@ def load_sharded(path: Path, template: TrainState, meta: dict[str, Any]) -> Trai
         opt_state=opt_state,
         step=torch.tensor(meta["step"], dtype=torch.int64, device=device),
         rng=torch.tensor(meta["rng"], dtype=template.rng.dtype, device=template.rng.device),
+        frozen=template.frozen,
     )
 
 

@@ -9,6 +9,7 @@ bit-identical results.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -27,34 +28,46 @@ class TrainState:
         opt_state: the optimizer state, a TensorDict tree (see ``tscale.optim``).
         step: number of optimizer steps taken, a 0-d int64 tensor (no host sync to advance it).
         rng: a key from :mod:`tscale.core.rng`, advanced by the step when it needs randomness.
+        frozen: named trees that take part in the forward but are never trained (the LoRA base,
+            a reference model, a reward model …): no gradient, no optimizer state, never written
+            by a step. A step passes them to the loss as ``frozen=``.
     """
 
     params: TensorDictBase
     opt_state: TensorDictBase
     step: torch.Tensor
     rng: torch.Tensor
+    frozen: Mapping[str, Any] = attrs.field(factory=dict)
 
     @classmethod
     def create(
-        cls, params: TensorDictBase, opt_state: TensorDictBase, rng: torch.Tensor
+        cls,
+        params: TensorDictBase,
+        opt_state: TensorDictBase,
+        rng: torch.Tensor,
+        frozen: Mapping[str, Any] | None = None,
     ) -> TrainState:
         """A step-0 state; locks ``params`` so that no step can add or drop a leaf."""
         if not params.is_locked:
             params.lock_()
         step = torch.zeros((), dtype=torch.int64, device=T.leaves(params)[0].device)
-        return cls(params=params, opt_state=opt_state, step=step, rng=rng)
+        return cls(
+            params=params, opt_state=opt_state, step=step, rng=rng, frozen=dict(frozen or {})
+        )
 
     def replace(self, **changes: Any) -> TrainState:
         """A new record with some fields replaced (the old one is not modified)."""
         return attrs.evolve(self, **changes)
 
     def clone(self) -> TrainState:
-        """A deep copy: no tensor of the result aliases one of ``self``."""
+        """A copy whose params, optimizer state, step and rng alias nothing of ``self``; the
+        frozen trees are shared (no step writes them)."""
         return TrainState(
             params=T.clone(self.params),
             opt_state=T.clone(self.opt_state),
             step=self.step.clone(),
             rng=self.rng.clone(),
+            frozen=self.frozen,
         )
 
     def to_tensordict(self) -> TensorDict:

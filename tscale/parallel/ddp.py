@@ -12,7 +12,7 @@ later layers runs while the earlier layers' gradients are computed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -20,9 +20,16 @@ import torch.distributed as dist
 from tensordict import TensorDictBase
 
 from tscale.core import tree as T
-from tscale.step.compose import GradSync
+from tscale.core.metrics import Metric, reduce_over
+from tscale.step.compose import GradSync, MetricSync
 
-__all__ = ["OverlappedDDP", "all_reduce_counts", "bucket_indices", "make_ddp_sync"]
+__all__ = [
+    "OverlappedDDP",
+    "all_reduce_counts",
+    "bucket_indices",
+    "make_ddp_sync",
+    "make_metric_sync",
+]
 
 
 def bucket_indices(sizes: list[int], bucket_bytes: int) -> list[list[int]]:
@@ -158,3 +165,21 @@ class OverlappedDDP:
         for w in works:
             w.wait()
         return grads, loss_sum, tokens
+
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def make_metric_sync(group: dist.ProcessGroup | None) -> MetricSync:
+    """The ``metric_sync`` of a data-parallel step: each metric a loss returns is reduced over
+    ``group`` as it declares (sums and weighted means summed, maxima and minima by max / min)."""
+
+    def all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
+        out = t.clone()
+        dist.all_reduce(out, op=_OPS[op], group=group)
+        return out
+
+    def sync(aux: Mapping[str, Metric]) -> dict[str, Metric]:
+        return reduce_over(aux, all_reduce)
+
+    return sync

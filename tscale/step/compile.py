@@ -20,13 +20,18 @@ class _TracedState(NamedTuple):
     opt_state: TensorDictBase
     step: torch.Tensor
     rng: torch.Tensor
+    frozen: Any = None
 
     def replace(self, **changes: Any) -> _TracedState:
         return self._replace(**changes)
 
     def clone(self) -> _TracedState:
         return _TracedState(
-            T.clone(self.params), T.clone(self.opt_state), self.step.clone(), self.rng.clone()
+            T.clone(self.params),
+            T.clone(self.opt_state),
+            self.step.clone(),
+            self.rng.clone(),
+            self.frozen,
         )
 
 
@@ -56,8 +61,8 @@ def compile_step(
         mode, fullgraph, dynamic: passed to ``torch.compile``.
     """
 
-    def fields(params, opt_state, step_t, rng, batch):
-        new, metrics = step(_TracedState(params, opt_state, step_t, rng), batch)
+    def fields(params, opt_state, step_t, rng, frozen, batch):
+        new, metrics = step(_TracedState(params, opt_state, step_t, rng, frozen), batch)
         return new.params, new.opt_state, new.step, new.rng, metrics
 
     compiled = torch.compile(
@@ -66,10 +71,11 @@ def compile_step(
 
     def wrapped(state: TrainState, batch: Any):
         params, opt_state, step_t, rng, metrics = compiled(
-            state.params, state.opt_state, state.step, state.rng, batch
+            state.params, state.opt_state, state.step, state.rng, state.frozen, batch
         )
         if state.params.is_locked and not params.is_locked:
             params.lock_()
-        return TrainState(params=params, opt_state=opt_state, step=step_t, rng=rng), metrics
+        new = state.replace(params=params, opt_state=opt_state, step=step_t, rng=rng)
+        return new, metrics
 
     return wrapped

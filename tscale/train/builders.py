@@ -37,7 +37,6 @@ from tscale.data.sources import fingerprint
 from tscale.data.stream import StreamingBatchLoader
 from tscale.data.tokenize import Encoder, load_or_train_tokenizer
 from tscale.errors import ConfigError, DataError, ShapeError
-from tscale.losses.lm import make_fused_lm_loss, make_lm_loss
 from tscale.models.lora import LoraConfig, LoraModel, with_dropout_keys
 from tscale.models.quant import make_qlora_model
 from tscale.models.transformer import Transformer, TransformerConfig
@@ -1147,42 +1146,23 @@ def build_optimizer(
     return transforms.skip_nonfinite(tx) if o.skip_nonfinite else tx
 
 
-def build_loss(cfg: Config, model: Transformer, apply_fn: Callable) -> Callable:
-    """The LM loss of ``cfg.loss``: fused linear cross-entropy, or logits then cross-entropy."""
-    lc = cfg.loss
-    if lc.fused:
-        if cfg.lora.enabled or cfg.optimizer.type == "sophia_g":
-            raise ConfigError(
-                "loss.fused does not combine with lora.enabled or optimizer.type=sophia_g yet; "
-                "set loss.fused: false"
-            )
-        return make_fused_lm_loss(
-            model,
-            backend=lc.backend,
-            chunk_bytes=lc.chunk_bytes,
-            label_smoothing=lc.label_smoothing,
-            z_loss=lc.z_loss,
-        )
-    return make_lm_loss(apply_fn, label_smoothing=lc.label_smoothing, z_loss=lc.z_loss)
-
-
 def build_step(
     cfg: Config,
-    model: Transformer,
-    apply_fn: Callable,
+    loss_fn: Callable,
     tx: GradientTransformation,
+    *,
+    apply_fn: Callable,
     **parallel: Any,
 ) -> StepFn:
-    """The train step the config implies: Sophia-G needs its Hessian-estimating step, every other
-    optimizer the plain ``make_train_step`` over the configured loss; LoRA dropout draws its keys
-    from the state's rng and step; ``train.compile`` wraps the whole in ``torch.compile``.
-    ``parallel``: ``grad_sync`` / ``grad_norm`` of a data-parallel run (see
-    :mod:`tscale.train.distributed`)."""
+    """The train step the config implies over the task's ``loss_fn``: Sophia-G needs its
+    Hessian-estimating step, every other optimizer the plain ``make_train_step``; LoRA dropout
+    draws its keys from the state's rng and step; ``train.compile`` wraps the whole in
+    ``torch.compile``. ``parallel``: ``grad_sync`` / ``grad_norm`` / ``metric_sync`` of a
+    data-parallel run (see :mod:`tscale.train.distributed`)."""
     t = cfg.train
     if cfg.optimizer.type == "sophia_g":
         step = make_sophia_train_step(apply_fn, tx, microbatches=t.microbatches, donate=t.donate)
     else:
-        loss_fn = build_loss(cfg, model, apply_fn)
         step = make_train_step(
             loss_fn, tx, microbatches=t.microbatches, donate=t.donate, **parallel
         )

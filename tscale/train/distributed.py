@@ -363,6 +363,7 @@ def wrap_step(
             sharded,
             grad_sync=fsdp.make_fsdp_sync(group),
             grad_norm=fsdp.sharded_norm(par.layout),
+            metric_sync=ddp.make_metric_sync(group),
         )
         return fsdp.wrap_fsdp_step(step)
     if p.param_dtype is not None:
@@ -371,6 +372,10 @@ def wrap_step(
         return build(apply_fn)
     if p.overlap_reduce:  # each layer's all-reduce starts in the backward (validated above)
         overlapped = ddp.OverlappedDDP(None)
-        return build(overlapped.apply(model.apply), grad_sync=overlapped.sync)
+        return build(
+            overlapped.apply(model.apply),
+            grad_sync=overlapped.sync,
+            metric_sync=ddp.make_metric_sync(None),
+        )
     sync = ddp.make_ddp_sync(None, bucket_mb=p.bucket_mb, reduce_dtype=reduce_dtype)
-    return build(apply_fn, grad_sync=sync)
+    return build(apply_fn, grad_sync=sync, metric_sync=ddp.make_metric_sync(None))

@@ -1,0 +1,142 @@
+"""The task seam: what one training objective supplies to the trainer.
+
+A task is one module (``tscale/tasks/sft.py`` …, or a user's own module named in YAML as
+``task.type: package.module:ClassName``). Its config record is a frozen attrs class with a
+``type`` field; the record *is* the task: the trainer calls its methods, never branches on its
+name. Everything but :meth:`Task.loss` has a default, so a task that only changes the objective
+is a loss function and a record (docs/tasks.md walks through one).
+
+The contract, in the order the trainer uses it:
+
+- ``example_stage``: the per-record data stage (record → example, its batch layout); ``None``
+  keeps the SFT pipeline (template, loss mask, packing).
+- ``prepare(ctx)``: a pre-pass over the data before the first step (e.g. reference log-probs
+  computed once); returns the frozen trees it adds to the state.
+- ``rollout(state, batch, key)``: a batch stage that depends on the state (online RL); the
+  identity by default.
+- ``loss(ctx)``: ``loss_fn(params, batch, *, frozen=...) -> (loss_sum, aux)`` with
+  ``aux["tokens"]`` the normaliser and every other entry a metric with its reduction
+  (:mod:`tscale.core.metrics`); pure, no host sync.
+- ``updates_per_batch``: optimizer steps taken on one (rolled-out) batch.
+- ``evaluate(ctx, params)``: held-out metrics and sample generations.
+- ``key_metrics``: the metrics the progress line shows beside the loss.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import attrs
+import torch
+from tensordict import TensorDictBase
+
+from tscale.core.state import TrainState
+from tscale.errors import ConfigError
+
+__all__ = ["TASKS", "Task", "TaskContext", "register_task", "resolve_task_class"]
+
+LossFn = Callable[..., tuple[torch.Tensor, Mapping[str, Any]]]
+
+
+@attrs.frozen(kw_only=True)
+class TaskContext:
+    """What a task may use to build its loss, pre-pass and eval: the model (the composed
+    protocol object the step differentiates through), the run's data bundle, the device and
+    the resolved run config (for the sections the task reads, e.g. ``loss`` and ``eval``), and
+    the host-side batch stage the loop applies before each step (``prepare_batch``)."""
+
+    model: Any
+    apply_fn: Callable[..., torch.Tensor]
+    data: Any
+    device: torch.device
+    config: Any
+    prepare_batch: Callable[[TensorDictBase], TensorDictBase] = lambda batch: batch
+
+
+@runtime_checkable
+class Task(Protocol):
+    """One objective. See the module docstring for the contract."""
+
+    type: str
+    key_metrics: ClassVar[tuple[str, ...]]
+    updates_per_batch: ClassVar[int]
+
+    def loss(self, ctx: TaskContext) -> LossFn: ...
+
+    def prepare(self, ctx: TaskContext) -> Mapping[str, Any]: ...
+
+    def rollout(self, state: TrainState, batch: TensorDictBase, key: torch.Tensor) -> Any: ...
+
+    def evaluate(
+        self, ctx: TaskContext, params: TensorDictBase
+    ) -> tuple[dict[str, float], list[dict[str, Any]]]: ...
+
+
+class TaskDefaults:
+    """The defaults of the optional parts of :class:`Task` (inherit them)."""
+
+    key_metrics: ClassVar[tuple[str, ...]] = ()
+    updates_per_batch: ClassVar[int] = 1
+    example_stage: ClassVar[Callable[..., Any] | None] = None
+
+    def prepare(self, ctx: TaskContext) -> Mapping[str, Any]:
+        """No pre-pass: no frozen trees added."""
+        return {}
+
+    def rollout(self, state: TrainState, batch: TensorDictBase, key: torch.Tensor) -> Any:
+        """No state-dependent batch stage."""
+        return batch
+
+    def evaluate(
+        self, ctx: TaskContext, params: TensorDictBase
+    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """No held-out evaluation."""
+        return {}, []
+
+
+TASKS: dict[str, type] = {}
+"""Built-in task records by ``type`` (``register_task`` adds to it)."""
+
+
+def register_task(cls: type) -> type:
+    """Class decorator: make ``cls`` (an attrs record with a ``type`` default) a built-in task."""
+    name = attrs.fields_dict(cls)["type"].default
+    TASKS[name] = cls
+    return cls
+
+
+def resolve_task_class(name: str, key: str = "task.type") -> type:
+    """The record class of ``task.type``: a registered name, or ``module:ClassName`` imported
+    (a user's task module on the Python path).
+
+    Raises:
+        ConfigError: unknown name, a module that does not import, or a class that is not a task.
+    """
+    if name in TASKS:
+        return TASKS[name]
+    if ":" not in name:
+        known = ", ".join(sorted(TASKS))
+        raise ConfigError(
+            f"{key}: unknown task {name!r}; built-in: {known}, or module:ClassName for your own"
+        )
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(
+            f"{key}: cannot import {module_name!r} ({err}); is its folder on PYTHONPATH?"
+        ) from None
+    cls = getattr(module, attr, None)
+    if cls is None or not attrs.has(cls) or "type" not in attrs.fields_dict(cls):
+        raise ConfigError(
+            f"{key}: {name} is not a task record (an attrs class with a `type` field) in "
+            f"{module_name}"
+        )
+    return cls
+
+
+def field_names(cls: type) -> Sequence[str]:
+    """The YAML keys a task record takes."""
+    return [f.name for f in attrs.fields(cls)]

@@ -1,0 +1,355 @@
+"""Assembly: ``build_run(cfg) -> Run``, everything the loop needs, built once from the config.
+
+The config is read here (and in the builders it calls), never by the loop: the loop in
+:mod:`tscale.train.trainer` only moves batches through ``run.step``, reads metrics, evaluates,
+saves and calls the hooks. Reading order: device and ranks → run directory → data (the task's
+example stage) → model and state → the task's loss → the step → evaluation and saving.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+from rich.console import Console
+from tensordict import TensorDict
+
+from tscale import checkpoint as ckpt
+from tscale.checkpoint.sharded import load_deepspeed, save_deepspeed, save_sharded
+from tscale.config.load import to_yaml
+from tscale.config.schema import Config, resolve_defaults, steps_for_epochs
+from tscale.core import rng as R
+from tscale.core.state import TrainState
+from tscale.data.loader import BatchLoader, with_logits_index
+from tscale.errors import CheckpointError, ConfigError
+from tscale.models.transformer import Transformer
+from tscale.optim.base import GradientTransformation
+from tscale.optim.schedules import Schedule
+from tscale.step.compose import StepFn
+from tscale.tasks.base import Task, TaskContext
+from tscale.tasks.sft import SFTTask, reference_answer
+from tscale.train import builders, data_report, distributed
+from tscale.train.callbacks import Callback, JsonlLogger, ProgressBar, truncate_jsonl
+from tscale.train.export import export_adapter
+
+__all__ = ["Run", "build_run"]
+
+MakeStep = Callable[[Transformer, GradientTransformation], StepFn]
+
+
+@attrs.define(kw_only=True, eq=False)
+class Run:
+    """A built run: the state to start from and the functions the loop calls.
+
+    Attributes:
+        step: ``step(state, batch) -> (state, metrics)``, pure, wrapped for the parallel plan.
+        batches: the training batches (the loader's iterator; its cursor is saved).
+        prepare_batch: the host-side batch stage before ``step`` (e.g. ``logits_index``).
+        evaluate: ``evaluate(state) -> (metrics, samples)``; a collective under sharding,
+            ``({}, [])`` on ranks other than 0.
+        save: ``save(state, step, extra) -> path`` (every rank calls it; None off rank 0).
+        finish: called on rank 0 after the final save (e.g. the LoRA adapter export).
+    """
+
+    cfg: Config
+    par: distributed.Parallel
+    task: Task
+    state: TrainState
+    step: StepFn
+    loader: Any
+    batches: Iterator[TensorDict]
+    prepare_batch: Callable[[TensorDict], TensorDict]
+    schedule: Schedule
+    data: Any
+    evaluate: Callable[[TrainState], tuple[dict[str, float], list[dict[str, Any]]]]
+    has_eval: bool
+    save: Callable[[TrainState, int, dict[str, Any]], Path | None]
+    finish: Callable[[TrainState], None]
+    hooks: list[Callback]
+    run_dir: Path
+    pad_id: int
+    resumed_from: Path | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.par.is_main
+
+
+def build_run(
+    cfg: Config,
+    *,
+    resume: bool | str | Path = False,
+    overwrite: bool = False,
+    callbacks: Sequence[Callback] = (),
+    console: Console | None = None,
+    make_step: MakeStep | None = None,
+) -> Run:
+    """Build everything a run needs from ``cfg`` (see :func:`tscale.train.trainer.train` for
+    the arguments); the state is restored from a checkpoint when resuming."""
+    console = console or Console()
+    cfg = resolve_defaults(cfg)  # null/auto keys: fine-tuning or random-init defaults
+    builders.validate(cfg)
+    device = builders.resolve_device(cfg.run.device)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    # under torchrun: join the group; every rank runs this function, rank 0 writes the run files
+    par = distributed.setup(cfg, device)
+    device, main = par.device, par.is_main
+    _check_custom_step(make_step, cfg, par)
+    run_dir = Path(cfg.run.output_dir)
+    ckpt_root = run_dir / "checkpoints"
+    if overwrite and resume is not False:
+        raise CheckpointError("--overwrite and --resume exclude each other; choose one")
+    # --overwrite deletes the old checkpoints only once the new run is built (below): a run that
+    # stops on a config or data mistake leaves them as they were.
+    resume_from = None if overwrite else _resume_path(resume, ckpt_root)
+    config_yaml = to_yaml(cfg)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml)
+
+    task: Task = SFTTask()
+    for r in range(par.world_size):  # one rank after the other: they share the data cache
+        if r == par.plan.rank:
+            bundle = builders.build_data(
+                cfg, run_dir, rank=par.plan.rank, world_size=par.world_size
+            )
+        par.barrier()
+    if main:  # every row accounted for, before the first step (docs/data.md#the-data-report)
+        data_report.print_report(console, bundle.report)
+        data_report.write_report(run_dir, bundle.report)
+    if cfg.train.epochs is not None:  # train.epochs: the data decides train.max_steps
+        cfg, config_yaml = _steps_from_epochs(cfg, bundle, run_dir, console, main)
+    schedule = builders.build_schedule(cfg)
+
+    # the model, the trained params and the frozen trees
+    init_key, state_key = R.split(R.key(cfg.run.seed), 2)
+    model, params = builders.build_model(cfg, bundle.encoder.vocab_size, init_key)
+    params = params.to(device)
+    apply_fn = model.apply
+    lora_model = None
+    if cfg.lora.enabled:  # the base is frozen; the adapters are the trained params
+        lora_model = builders.build_lora_model(cfg, model, params)
+        apply_fn = lora_model.apply
+        params = lora_model.init(R.fold_in(init_key, 1))
+
+    # The built-in losses read the labels at logits_index; a user's step gets the plain batch.
+    prepare_batch = (
+        with_logits_index if make_step is None and cfg.loss.trained_positions_only else _unchanged
+    )
+    ctx = TaskContext(
+        model=model,
+        apply_fn=apply_fn,
+        data=bundle,
+        device=device,
+        config=cfg,
+        prepare_batch=prepare_batch,
+    )
+
+    par = distributed.with_layout(par, cfg, params)
+    par = distributed.with_deepspeed(  # the engine of parallel.deepspeed (else unchanged)
+        par,
+        cfg,
+        params,
+        make_loss=lambda fn: task.loss(attrs.evolve(ctx, apply_fn=fn)),
+        model_apply=model.apply,
+        apply_fn=apply_fn,
+        make_tx=lambda mask: builders.build_optimizer(cfg, schedule, mask=mask, clip=False),
+        decays=builders.decay_mask(cfg),
+    )
+    tx = builders.build_optimizer(cfg, schedule, norm_fn=par.norm_fn())
+    state = par.init_state(params, tx, state_key.to(device))
+    del params
+
+    engine = par.deepspeed
+    engine_meta = {"world_size": par.world_size, "zero_stage": cfg.parallel.deepspeed.zero_stage}
+    metrics_file = run_dir / "metrics.jsonl"
+    loader = bundle.loader
+    if resume_from is not None:
+        if engine is not None:
+            state, meta = load_deepspeed(
+                resume_from, state, load_engine=engine.load, engine_meta=engine_meta
+            )
+        else:
+            state, meta = ckpt.load_checkpoint(resume_from, state)
+        loader.load_state_dict(meta["cursor"])
+        if main:
+            truncate_jsonl(metrics_file, meta["step"])
+            console.print(f"resumed from {resume_from} at step {meta['step']}", soft_wrap=True)
+    elif main:
+        if overwrite and ckpt_root.exists():
+            shutil.rmtree(ckpt_root)
+        metrics_file.unlink(missing_ok=True)
+    par.barrier()
+
+    if make_step is not None:  # a user's step: called with the model and the optimizer
+        step_fn = make_step(model, tx)
+    else:
+        step_fn = distributed.wrap_step(
+            par,
+            cfg,
+            model,
+            apply_fn,
+            tx,
+            lambda fn, **kw: builders.build_step(
+                cfg, task.loss(attrs.evolve(ctx, apply_fn=fn)), tx, apply_fn=fn, **kw
+            ),
+        )
+
+    eval_params = builders.build_eval_params(cfg)
+
+    def evaluate(st: TrainState) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        full = par.full_params(eval_params(st))  # a collective under FSDP
+        return task.evaluate(ctx, full) if main else ({}, [])
+
+    # held-out loss needs eval examples; exact match, records with a reference answer
+    has_eval = bool(bundle.eval_examples) or (
+        cfg.eval.num_samples > 0
+        and any(reference_answer(r) is not None for r in bundle.eval_records)
+    )
+
+    def save(st: TrainState, at: int, extra: dict[str, Any]) -> Path | None:
+        files = dict(bundle.tokenizer_files)  # the run's HF tokenizer folder, flat
+        cursor = loader.state_dict()
+        collective = dict(  # the multi-rank savers: every rank calls them
+            step=at,
+            is_main=main,
+            barrier=par.barrier,
+            cursor=cursor,
+            extra=extra,
+            config_yaml=config_yaml,
+            files=files,
+        )
+        path: Path | None = None
+        if engine is not None:  # every rank writes its ZeRO partitions, rank 0 the params
+            path = save_deepspeed(
+                ckpt_root,
+                st,
+                engine.full_params(),
+                write_engine=engine.save,
+                engine_meta=engine_meta,
+                **collective,
+            )
+        elif par.layout is not None:  # every rank writes its shards (DCP)
+            path = save_sharded(ckpt_root, st, **collective)
+        elif main:
+            path = ckpt.save_checkpoint(
+                ckpt_root,
+                st,
+                step=at,
+                cursor=cursor,
+                config_yaml=config_yaml,
+                files=files,
+                extra=extra,
+            )
+        if main:
+            ckpt.prune_checkpoints(ckpt_root, cfg.train.keep_last)
+        par.barrier()
+        return Path(path) if main and path is not None else None
+
+    def finish(st: TrainState) -> None:
+        if lora_model is not None and main:  # a PEFT adapter directory that `peft` loads
+            export_adapter(
+                st.params,
+                lora_model.config,
+                run_dir / "adapter",
+                checkpoint_dir=ckpt.latest_checkpoint(ckpt_root),
+                base_model=cfg.model.path,
+            )
+
+    hooks: list[Callback] = []
+    if main:  # rank 0 reports for the run; the other ranks only compute
+        hooks = [
+            ProgressBar(console, bar=cfg.train.progress),
+            JsonlLogger(metrics_file),
+            *callbacks,
+        ]
+    return Run(
+        cfg=cfg,
+        par=par,
+        task=task,
+        state=state,
+        step=step_fn,
+        loader=loader,
+        batches=iter(loader),
+        prepare_batch=prepare_batch,
+        schedule=schedule,
+        data=bundle,
+        evaluate=evaluate,
+        has_eval=has_eval,
+        save=save,
+        finish=finish,
+        hooks=hooks,
+        run_dir=run_dir,
+        pad_id=bundle.encoder.pad_id,
+        resumed_from=resume_from,
+    )
+
+
+def _unchanged(batch: TensorDict) -> TensorDict:
+    return batch
+
+
+def _check_custom_step(make_step: MakeStep | None, cfg: Config, par: Any) -> None:
+    if make_step is not None and cfg.parallel.deepspeed.enabled:
+        raise ConfigError(
+            "make_step= builds a tscale step; parallel.deepspeed runs DeepSpeed's engine step "
+            "instead: leave one of them out"
+        )
+    if par.world_size > 1 and make_step is not None:
+        raise ConfigError(
+            "make_step= builds a single-process step; under torchrun use the built-in step, or "
+            "call make_train_step(..., grad_sync=tscale.parallel.make_ddp_sync(None)) yourself"
+        )
+
+
+def _steps_from_epochs(
+    cfg: Config, bundle: Any, run_dir: Path, console: Console, main: bool
+) -> tuple[Config, str]:
+    """``cfg`` with ``train.max_steps`` from ``train.epochs`` and the loader's steps per epoch
+    (the first epoch's with ``data.max_tokens``), checked; rank 0 prints the figures and writes
+    the run's config.yaml again. Returns the config and its YAML."""
+    loader = bundle.loader
+    if not isinstance(loader, BatchLoader):  # builders.validate refuses streaming + epochs
+        raise ConfigError(
+            "train.epochs needs the data's size; with data.streaming set train.max_steps"
+        )
+    per_epoch = loader.num_batches_per_epoch
+    steps = steps_for_epochs(cfg, per_epoch)
+    t = cfg.train
+    resolved = attrs.evolve(cfg, train=attrs.evolve(t, max_steps=steps))
+    builders.validate_steps(resolved)
+    config_yaml = to_yaml(resolved)
+    if main:
+        capped = t.max_steps is not None and steps < (t.epochs or 0) * per_epoch
+        console.print(
+            f"train.epochs {t.epochs:g}: {per_epoch} steps per epoch ({loader.num_examples} "
+            f"examples, data.batch_size {cfg.data.batch_size}) -> {steps} steps"
+            + (f" (train.max_steps {t.max_steps} comes first)" if capped else ""),
+            soft_wrap=True,
+        )
+        (run_dir / "config.yaml").write_text(config_yaml)
+    return resolved, config_yaml
+
+
+def _resume_path(resume: bool | str | Path, ckpt_root: Path) -> Path | None:
+    if resume is False:
+        if ckpt.list_checkpoints(ckpt_root):
+            raise CheckpointError(
+                f"{ckpt_root.parent} already holds checkpoints; pass --resume to continue that "
+                "run, --overwrite to start it again, or choose another run.output_dir"
+            )
+        return None
+    if resume is True:
+        found = ckpt.latest_checkpoint(ckpt_root)
+        if found is None:
+            raise CheckpointError(f"--resume: no checkpoint under {ckpt_root}")
+        return found
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise CheckpointError(f"--resume {path}: not a checkpoint directory (no state.json)")
+    return path
