@@ -4,7 +4,9 @@ Layout of ``<run>/checkpoints/step_00000100/``::
 
     params.safetensors     the params tree, keys named like the HF checkpoint
     opt_state.safetensors  the optimizer state tree (dotted keys)
-    state.json             format version, step, rng key, data cursor, extra metadata
+    state.json             format version, step, rng key, data cursor, extra metadata, and each
+                           frozen tree's source folder + fingerprint (tscale.checkpoint.frozen)
+    frozen.<name>.safetensors  a frozen tree that has no source folder
     config.yaml            the resolved config of the run
     <files>                e.g. tokenizer.json, copied so the checkpoint stands alone
 
@@ -29,11 +31,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from tensordict import TensorDictBase
 
+from tscale.checkpoint.frozen import FrozenSource, restore_frozen, write_frozen
 from tscale.core import tree as T
 from tscale.core.state import TrainState
 from tscale.errors import CheckpointError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: state.json records the frozen trees. Format 1 (no frozen trees recorded) still loads."""
+_READABLE = (1, 2)
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _TMP_PREFIX = ".tmp-"
 
@@ -70,6 +75,7 @@ def save_checkpoint(
     extra: Mapping[str, Any] | None = None,
     config_yaml: str | None = None,
     files: Mapping[str, Path] | None = None,
+    frozen_sources: Mapping[str, FrozenSource] | None = None,
 ) -> Path:
     """Write ``state`` atomically to ``root/step_XXXXXXXX`` and return that path.
 
@@ -81,6 +87,8 @@ def save_checkpoint(
         extra: JSON-able metadata (e.g. the last metrics).
         config_yaml: the resolved config, saved as ``config.yaml``.
         files: extra files copied in, by target name (e.g. ``{"tokenizer.json": path}``).
+        frozen_sources: the folder each frozen tree was loaded from (recorded, not copied);
+            frozen trees without one are saved.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -97,6 +105,7 @@ def save_checkpoint(
         "rng": state.rng.cpu().tolist(),
         "cursor": dict(cursor or {}),
         "extra": dict(extra or {}),
+        "frozen": write_frozen(tmp, state.frozen, frozen_sources or {}),
     }
     (tmp / "state.json").write_text(json.dumps(meta, indent=2))
     if config_yaml is not None:
@@ -184,7 +193,7 @@ def read_meta(path: Path) -> dict[str, Any]:
         meta = json.loads(meta_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{meta_file}: unreadable ({e})") from None
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in _READABLE:
         raise CheckpointError(
             f"{path}: checkpoint format {meta.get('format_version')} is not supported "
             f"(this tscale reads format {FORMAT_VERSION})"
@@ -192,11 +201,17 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def load_checkpoint(path: Path, template: TrainState) -> tuple[TrainState, dict[str, Any]]:
+def load_checkpoint(
+    path: Path,
+    template: TrainState,
+    frozen_sources: Mapping[str, FrozenSource] | None = None,
+) -> tuple[TrainState, dict[str, Any]]:
     """Load a checkpoint into a state shaped like ``template``; returns ``(state, meta)``.
 
-    ``meta`` holds ``step``, ``cursor`` and ``extra`` as saved. Raises :class:`CheckpointError`
-    naming the file when anything is missing or does not match ``template``.
+    ``meta`` holds ``step``, ``cursor`` and ``extra`` as saved. Frozen trees recorded by folder
+    keep ``template``'s (checked against ``frozen_sources``' fingerprints); saved ones are read.
+    Raises :class:`CheckpointError` naming the file when anything is missing or does not match
+    ``template``.
     """
     path = Path(path)
     meta = read_meta(path)
@@ -225,6 +240,6 @@ def load_checkpoint(path: Path, template: TrainState) -> tuple[TrainState, dict[
         opt_state=trees["opt_state"],
         step=torch.tensor(meta["step"], dtype=torch.int64, device=device),
         rng=torch.tensor(meta["rng"], dtype=template.rng.dtype, device=template.rng.device),
-        frozen=template.frozen,
+        frozen=restore_frozen(path, meta, template.frozen, frozen_sources or {}),
     )
     return state, meta

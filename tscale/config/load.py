@@ -267,8 +267,31 @@ def _check_section(value: Any, cls: type, path: _Path) -> dict:
     for key, item in value.items():
         if key not in fields:
             raise _Problem((*path, str(key)), "unknown key", section=cls)
-        out[key] = _check(item, fields[key].type, (*path, key))
+        resolve = fields[key].metadata.get("resolve")
+        if resolve is not None:
+            out[key] = _check_resolved(item, resolve, fields[key], (*path, key))
+        else:
+            out[key] = _check(item, fields[key].type, (*path, key))
     return out
+
+
+def _check_resolved(value: Any, resolve: Any, field: attrs.Attribute, path: _Path) -> Any:
+    """An open tagged union (e.g. ``task``): ``resolve(type_name)`` gives the record class of
+    ``value["type"]`` (the default's type when absent); the value is checked against that class
+    and returned built (the schema types the field ``Any``, so cattrs passes it through)."""
+    default = field.default.factory() if isinstance(field.default, attrs.Factory) else field.default
+    if value is None:
+        return default
+    if not isinstance(value, Mapping):
+        raise _Problem(path, f"expected a mapping, got {_show(value)}")
+    name = value.get("type", default.type)
+    if not isinstance(name, str):
+        raise _Problem((*path, "type"), f"expected a string, got {_show(name)}")
+    try:
+        cls = resolve(name)
+    except ConfigError as err:
+        raise _Problem((*path, "type"), str(err).split(": ", 1)[-1]) from None
+    return _converter.structure(_check_section(value, cls, path), cls)
 
 
 def _check_union(value: Any, tp: Any, path: _Path) -> Any:

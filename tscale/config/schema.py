@@ -16,6 +16,9 @@ from typing import Any, Literal
 
 import attrs
 
+from tscale.tasks.base import resolve_task_class
+from tscale.tasks.sft import SFTTask
+
 
 def _f(default, help: str, **kw):  # "help": the metadata key
     if isinstance(default, list | dict):
@@ -546,6 +549,14 @@ class Config:
     """A whole run."""
 
     run: RunConfig = _f(RunConfig(), "Run directory, seed, device.")
+    task: Any = attrs.field(
+        default=SFTTask(),
+        metadata={
+            "help": "The training objective: task.type (sft, or module:ClassName of your own "
+            "task record, see docs/tasks.md) and that task's own keys.",
+            "resolve": resolve_task_class,
+        },
+    )
     model: ModelConfig = _f(ModelConfig(), "Model architecture.")
     data: DataConfig = _f(DataConfig(), "Data.")
     optimizer: OptimizerConfig = _f(OptimizerConfig(), "Optimizer.")

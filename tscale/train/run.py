@@ -31,7 +31,7 @@ from tscale.optim.base import GradientTransformation
 from tscale.optim.schedules import Schedule
 from tscale.step.compose import StepFn
 from tscale.tasks.base import Task, TaskContext
-from tscale.tasks.sft import SFTTask, reference_answer
+from tscale.tasks.sft import reference_answer
 from tscale.train import builders, data_report, distributed
 from tscale.train.callbacks import Callback, JsonlLogger, ProgressBar, truncate_jsonl
 from tscale.train.export import export_adapter
@@ -112,7 +112,7 @@ def build_run(
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_yaml)
 
-    task: Task = SFTTask()
+    task: Task = cfg.task  # the objective: its record is the task (tscale/tasks)
     for r in range(par.world_size):  # one rank after the other: they share the data cache
         if r == par.plan.rank:
             bundle = builders.build_data(
