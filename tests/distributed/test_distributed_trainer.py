@@ -4,6 +4,7 @@ checkpoints resume on 1 and on 2 ranks with identical losses, and export to one 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ from safetensors.torch import load_file
 # launches are shared by its tests (pytest 9.2 broke xdist 3.8's loadgroup marks)
 
 FSDP = ["parallel.dp_shard=-1", "parallel.dp_replicate=1"]
+EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
+TASK = ["task.type=confidence_penalty_task:ConfidencePenaltySFT", "task.beta=0.5"]
 STREAM = ["data.streaming=true", "data.packing.enabled=true"]
 
 
@@ -107,3 +110,24 @@ def test_streaming_cursor_resumes_on_one_process(runs: dict[str, Path], tscale_c
     assert sorted(got) == [6, 7, 8, 9, 10]
     for step in got:
         assert abs(got[step] - ref[step]) <= 1e-6, (step, got[step], ref[step])
+
+
+def test_a_tasks_own_metrics_are_reduced_over_ranks(
+    runs: dict[str, Path], torchrun, tscale_cli, tiny_run, monkeypatch: pytest.MonkeyPatch
+):
+    """The docs/tasks.md task logs weighted means (ce, entropy): under DDP each is reduced over
+    the ranks as it declares, so the rows equal one process on the global batch."""
+    path = os.pathsep.join(p for p in (str(EXAMPLES), os.environ.get("PYTHONPATH")) if p)
+    monkeypatch.setenv("PYTHONPATH", path)
+    cfg, one = tiny_run.config(runs["tmp"], "task-single")
+    tscale_cli(["train", str(cfg), *TASK])
+    cfg, two = tiny_run.config(runs["tmp"], "task-ddp")
+    torchrun(["-m", "tscale.cli", "train", str(cfg), *TASK])
+    rows = [
+        [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"ce"' in x]
+        for run in (one, two)
+    ]
+    assert len(rows[0]) == len(rows[1]) == 10
+    for a, b in zip(*rows, strict=True):
+        for key in ("loss", "ce", "entropy", "tokens"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (a["step"], key)

@@ -25,6 +25,7 @@ __all__ = [
     "NORMALISER",
     "Metric",
     "Reduction",
+    "as_metric",
     "combine",
     "finalise",
     "maximum",
@@ -85,7 +86,7 @@ def minimum(value: torch.Tensor) -> Metric:
     return Metric(value, "min")
 
 
-def _as_metric(value: torch.Tensor | Metric) -> Metric:
+def as_metric(value: torch.Tensor | Metric) -> Metric:
     return value if isinstance(value, Metric) else Metric(value, "sum")
 
 
@@ -107,7 +108,7 @@ def combine(
     """Two microbatches' aux merged by each metric's reduction (the keys must agree)."""
     if a.keys() != b.keys():
         raise ValueError(f"microbatches returned different metrics: {sorted(a)} vs {sorted(b)}")
-    return {k: _combine_one(_as_metric(a[k]), _as_metric(b[k]), k) for k in a}
+    return {k: _combine_one(as_metric(a[k]), as_metric(b[k]), k) for k in a}
 
 
 def reduce_over(
@@ -117,7 +118,7 @@ def reduce_over(
     """``aux`` reduced across ranks by ``all_reduce(tensor, "sum" | "max" | "min")``."""
     out: dict[str, Metric] = {}
     for k, v in aux.items():
-        m = _as_metric(v)
+        m = as_metric(v)
         if m.reduce == "mean":
             assert m.weight is not None
             both = all_reduce(torch.stack([m.value.double(), m.weight.double()]), "sum")
@@ -131,7 +132,7 @@ def finalise(aux: Mapping[str, torch.Tensor | Metric]) -> dict[str, torch.Tensor
     """Each metric's value: sums, maxima and minima as they are, weighted means divided."""
     out: dict[str, torch.Tensor] = {}
     for k, v in aux.items():
-        m = _as_metric(v)
+        m = as_metric(v)
         if m.reduce == "mean":
             assert m.weight is not None
             out[k] = m.value / m.weight.to(m.value.dtype).clamp_min(1e-12)

@@ -38,10 +38,12 @@ import torch.distributed as dist
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
+from tscale.core import metrics as M
 from tscale.core import tree as T
 from tscale.errors import CheckpointError
 from tscale.losses.lm import IGNORE_INDEX
 from tscale.optim.base import GradientTransformation, apply_updates
+from tscale.parallel.ddp import make_metric_sync
 from tscale.step.compose import split_microbatches
 
 __all__ = [
@@ -353,16 +355,21 @@ class DeepSpeedRun:
         dist.all_reduce(tokens)
         scale = self.world_size / tokens.clamp_min(1)
         loss_total = torch.zeros(1, dtype=torch.float64, device=tokens.device)
+        aux: dict[str, M.Metric] = {}
         for mb in parts:
-            loss_sum, _ = self.engine(mb)
+            loss_sum, mb_aux = self.engine(mb)
             self.engine.backward(loss_sum * scale.to(loss_sum.dtype), scale_wrt_gas=False)
             self.engine.step()
             loss_total += loss_sum.detach().double()
+            mb_aux = {k: v for k, v in mb_aux.items() if k != M.NORMALISER}
+            aux = M.combine(aux, mb_aux) if aux else {k: M.as_metric(v) for k, v in mb_aux.items()}
         dist.all_reduce(loss_total)
         metrics = {
             "loss": (loss_total / tokens.clamp_min(1)).reshape(()),
             "tokens": tokens.reshape(()).to(torch.int64),
         }
+        if aux:  # the loss's own metrics, reduced over the ranks as each declares
+            metrics |= M.finalise(make_metric_sync(None)(aux))
         norm = self.engine.get_global_grad_norm()
         if norm is not None:
             metrics["grad_norm"] = torch.as_tensor(float(norm), dtype=torch.float64)

@@ -58,17 +58,13 @@ def accumulate(
     microbatches (not yet normalised); ``kwargs`` go to every ``loss_fn`` call."""
     grad_fn = value_and_grad(loss_fn)
     (loss_sum, aux), grads = grad_fn(params, microbatches[0], **kwargs)
-    merged = {k: _metric(v) for k, v in aux.items()}
+    merged = {k: M.as_metric(v) for k, v in aux.items()}
     for mb in microbatches[1:]:
         (mb_loss, aux), mb_grads = grad_fn(params, mb, **kwargs)
         torch._foreach_add_(T.leaves(grads), T.leaves(mb_grads))
         loss_sum = loss_sum + mb_loss
         merged = M.combine(merged, aux)
     return grads, loss_sum, merged
-
-
-def _metric(value: torch.Tensor | M.Metric) -> M.Metric:
-    return value if isinstance(value, M.Metric) else M.total(value)
 
 
 def accumulate_gradients(
@@ -154,6 +150,6 @@ def make_eval_step(loss_fn: LossFn) -> Callable[[TensorDictBase, Any], Metrics]:
     def eval_step(params: TensorDictBase, batch: Any, **kwargs: Any) -> Metrics:
         with torch.no_grad():
             loss_sum, aux = loss_fn(params, batch, **kwargs)
-        return {"loss_sum": loss_sum, "tokens": _metric(aux[M.NORMALISER]).value}
+        return {"loss_sum": loss_sum, "tokens": M.as_metric(aux[M.NORMALISER]).value}
 
     return eval_step
