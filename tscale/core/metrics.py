@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-import attrs
 import torch
 from torch.utils import _pytree
 
@@ -40,16 +39,23 @@ NORMALISER = "tokens"
 """The aux key the step divides by (a count, summed)."""
 
 
-@attrs.frozen
 class Metric:
     """A metric with its reduction; for ``mean``, ``value`` is the weighted *sum* and ``weight``
     the sum of weights (the mean is ``value / weight`` once everything is reduced). A pytree
-    node whose tensors are its children and whose reduction is static (``torch.func`` and
-    ``torch.compile`` see only tensors)."""
+    node whose tensors are its children and whose reduction is static, so ``torch.func`` sees
+    only tensors; a plain class, which ``torch.compile`` traces. Treat it as immutable."""
 
-    value: torch.Tensor
-    reduce: Reduction = "sum"
-    weight: torch.Tensor | None = None
+    __slots__ = ("reduce", "value", "weight")
+
+    def __init__(
+        self, value: torch.Tensor, reduce: Reduction = "sum", weight: torch.Tensor | None = None
+    ) -> None:
+        self.value = value
+        self.reduce = reduce
+        self.weight = weight
+
+    def __repr__(self) -> str:
+        return f"Metric({self.value!r}, {self.reduce!r}, {self.weight!r})"
 
 
 def _flatten(m: Metric) -> tuple[list[Any], Any]:
