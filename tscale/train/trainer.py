@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from tscale.config.schema import Config
+from tscale.core import rng as R
 from tscale.core.state import TrainState
 from tscale.tasks.sft import evaluate_lm as evaluate
 from tscale.tasks.sft import reference_answer
@@ -163,14 +164,19 @@ def train_loop(run: Run, console: Console, *, t_start: float | None = None) -> T
             while step < t.max_steps and not stop.requested:
                 batch = run.prepare_batch(next(run.batches))
                 n_tokens = int((batch["input_ids"] != run.pad_id).sum())
-                state, metrics = run.step(state, batch.to(run.par.device, non_blocking=True))
-                step += 1
-                preempted = vote.poll(signals.requested is not None)
-                window.pending.append((step, metrics, n_tokens))
-                window.tokens += n_tokens
-                last = step == t.max_steps or preempted
-                if step % t.log_every == 0 or last:
-                    flush()
+                batch = batch.to(run.par.device, non_blocking=True)
+                batch = run.task.rollout(state, batch, R.fold_in(state.rng, step))
+                for _ in range(run.task.updates_per_batch):  # several updates per rollout
+                    state, metrics = run.step(state, batch)
+                    step += 1
+                    preempted = vote.poll(signals.requested is not None)
+                    window.pending.append((step, metrics, n_tokens))
+                    window.tokens += n_tokens
+                    last = step == t.max_steps or preempted
+                    if step % t.log_every == 0 or last:
+                        flush()
+                    if last:
+                        break
                 if preempted:
                     break
                 t_pause = time.perf_counter()
