@@ -29,7 +29,16 @@ from tscale.parallel.deepspeed_engine import initialize as deepspeed_initialize
 from tscale.parallel.mesh import ParallelPlan, init_distributed, plan_parallel
 from tscale.step.compose import StepFn
 
-__all__ = ["Parallel", "StopVote", "cast_apply", "setup", "with_deepspeed"]
+__all__ = [
+    "Parallel",
+    "StepPlan",
+    "StopVote",
+    "cast_apply",
+    "engine_step",
+    "setup",
+    "step_plan",
+    "with_deepspeed",
+]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -334,48 +343,61 @@ def cast_apply(apply_fn: Callable[..., torch.Tensor], dtype: torch.dtype) -> Cal
     return run
 
 
-def wrap_step(
-    par: Parallel,
-    cfg: Config,
-    model: Transformer,
-    apply_fn: Callable[..., torch.Tensor],
-    tx: GradientTransformation,
-    build: Callable[..., StepFn],
-) -> StepFn:
-    """The step of the plan: ``build(apply_fn, grad_sync=..., grad_norm=...)`` makes the plain
-    step (see ``builders.build_step``); DDP adds the all-reduce, FSDP the sharded apply and the
-    DTensor state around it."""
+@attrs.frozen(kw_only=True)
+class StepPlan:
+    """How the parallel plan shapes the step: the apply function the loss runs (sharded,
+    overlapped or cast), the reductions the step calls, and a wrapper around the built step
+    (FSDP: a state of DTensors in and out). One process: the apply function as given."""
+
+    apply_fn: Callable[..., torch.Tensor]
+    reductions: dict[str, Any] = attrs.field(factory=dict)
+    """``grad_sync`` / ``grad_norm`` / ``metric_sync`` for ``make_train_step``."""
+    wrap: Callable[[StepFn], StepFn] = lambda step: step
+
+
+def step_plan(
+    par: Parallel, cfg: Config, model: Transformer, apply_fn: Callable[..., torch.Tensor]
+) -> StepPlan:
+    """The :class:`StepPlan` of ``par``: DDP adds the all-reduce, FSDP the sharded apply and
+    the DTensor state, overlapped DDP the reductions started in the backward."""
     p = cfg.parallel
-    reduce_dtype = _DTYPES[p.reduce_dtype]
-    if par.deepspeed is not None:
-        run, microbatches = par.deepspeed, cfg.train.microbatches
-
-        def engine_step(state: TrainState, batch: TensorDictBase) -> tuple[TrainState, dict]:
-            return state.replace(step=state.step + 1), run.step(batch, microbatches)
-
-        if cfg.lora.enabled and cfg.lora.dropout > 0:
-            return with_dropout_keys(engine_step)
-        return engine_step
     if par.layout is not None:
-        sharded = fsdp.sharded_apply(model.apply, par.layout)
         group = None  # all ranks: the loss and token count are global sums
-        step = build(
-            sharded,
-            grad_sync=fsdp.make_fsdp_sync(group),
-            grad_norm=fsdp.sharded_norm(par.layout),
-            metric_sync=ddp.make_metric_sync(group),
+        return StepPlan(
+            apply_fn=fsdp.sharded_apply(model.apply, par.layout),
+            reductions=dict(
+                grad_sync=fsdp.make_fsdp_sync(group),
+                grad_norm=fsdp.sharded_norm(par.layout),
+                metric_sync=ddp.make_metric_sync(group),
+            ),
+            wrap=fsdp.wrap_fsdp_step,
         )
-        return fsdp.wrap_fsdp_step(step)
     if p.param_dtype is not None:
         apply_fn = cast_apply(apply_fn, _DTYPES[p.param_dtype])
     if par.world_size == 1:
-        return build(apply_fn)
+        return StepPlan(apply_fn=apply_fn)
     if p.overlap_reduce:  # each layer's all-reduce starts in the backward (validated above)
         overlapped = ddp.OverlappedDDP(None)
-        return build(
-            overlapped.apply(model.apply),
-            grad_sync=overlapped.sync,
-            metric_sync=ddp.make_metric_sync(None),
+        return StepPlan(
+            apply_fn=overlapped.apply(model.apply),
+            reductions=dict(grad_sync=overlapped.sync, metric_sync=ddp.make_metric_sync(None)),
         )
-    sync = ddp.make_ddp_sync(None, bucket_mb=p.bucket_mb, reduce_dtype=reduce_dtype)
-    return build(apply_fn, grad_sync=sync, metric_sync=ddp.make_metric_sync(None))
+    sync = ddp.make_ddp_sync(None, bucket_mb=p.bucket_mb, reduce_dtype=_DTYPES[p.reduce_dtype])
+    return StepPlan(
+        apply_fn=apply_fn,
+        reductions=dict(grad_sync=sync, metric_sync=ddp.make_metric_sync(None)),
+    )
+
+
+def engine_step(par: Parallel, cfg: Config) -> StepFn:
+    """The step of ``parallel.deepspeed``: DeepSpeed's engine takes the optimizer step; the
+    state only counts steps (and carries the rng for LoRA dropout keys)."""
+    run, microbatches = par.deepspeed, cfg.train.microbatches
+    assert run is not None
+
+    def step(state: TrainState, batch: TensorDictBase) -> tuple[TrainState, dict]:
+        return state.replace(step=state.step + 1), run.step(batch, microbatches)
+
+    if cfg.lora.enabled and cfg.lora.dropout > 0:
+        return with_dropout_keys(step)
+    return step

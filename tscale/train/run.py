@@ -188,16 +188,13 @@ def build_run(
 
     if make_step is not None:  # a user's step: called with the model and the optimizer
         step_fn = make_step(model, tx)
-    else:
-        step_fn = distributed.wrap_step(
-            par,
-            cfg,
-            model,
-            apply_fn,
-            tx,
-            lambda fn, **kw: builders.build_step(
-                cfg, task.loss(attrs.evolve(ctx, apply_fn=fn)), tx, apply_fn=fn, **kw
-            ),
+    elif par.deepspeed is not None:  # DeepSpeed's engine takes the step
+        step_fn = distributed.engine_step(par, cfg)
+    else:  # the task's loss over the plan's apply, in make_train_step, wrapped for the plan
+        plan = distributed.step_plan(par, cfg, model, apply_fn)
+        loss_fn = task.loss(attrs.evolve(ctx, apply_fn=plan.apply_fn))
+        step_fn = plan.wrap(
+            builders.build_step(cfg, loss_fn, tx, apply_fn=plan.apply_fn, **plan.reductions)
         )
 
     eval_params = builders.build_eval_params(cfg)
