@@ -297,6 +297,13 @@ def _check_custom_step(make_step: MakeStep | None, cfg: Config, par: Any) -> Non
             "make_step= builds a tscale step; parallel.deepspeed runs DeepSpeed's engine step "
             "instead: leave one of them out"
         )
+    if make_step is not None and cfg.train.microbatches > 1:
+        raise ConfigError(
+            f"train.microbatches ({cfg.train.microbatches}) splits the built-in step's batch; "
+            "make_step= builds its own step: accumulate inside it (tscale.step.make_train_step("
+            "loss_fn, tx, microbatches=k)), or write a task instead (docs/tasks.md), whose loss "
+            "gets train.microbatches from the trainer"
+        )
     if par.world_size > 1 and make_step is not None:
         raise ConfigError(
             "make_step= builds a single-process step; under torchrun use the built-in step, or "
