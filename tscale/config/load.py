@@ -34,6 +34,7 @@ import yaml
 from cattrs.errors import ClassValidationError, IterableValidationError
 
 from tscale.config.schema import Config
+from tscale.core.fields import domain_of
 from tscale.errors import ConfigError
 
 __all__ = ["load_config", "save_config", "to_dict", "to_yaml"]
@@ -53,11 +54,14 @@ _INTEGER = re.compile(r"[-+]?\d[\d_]*")
 class _Problem(Exception):
     """A mistake found at a key path; :func:`load_config` adds the source (file, line, override)."""
 
-    def __init__(self, path: _Path, message: str, *, section: type | None = None) -> None:
+    def __init__(
+        self, path: _Path, message: str, *, section: type | None = None, sep: str = ": "
+    ) -> None:
         super().__init__(message)
         self.path = path
         self.message = message
         self.section = section  # set for an unknown key: the attrs class it is not a field of
+        self.sep = sep  # between the key path and the message ("key: expected…", "key must…")
 
 
 def _dotted(path: _Path) -> str:
@@ -268,7 +272,26 @@ def _check_section(value: Any, cls: type, path: _Path) -> dict:
         if key not in fields:
             raise _Problem((*path, str(key)), "unknown key", section=cls)
         out[key] = _check(item, fields[key].type, (*path, key))
+        _check_domain(out[key], fields[key], (*path, key))
     return out
+
+
+def _check_domain(value: Any, f: attrs.Attribute, path: _Path) -> None:
+    """The field's declared domain (:func:`tscale.core.fields.field`) holds for ``value``, or
+    for each item of a list or mapping value (``data.length.per_column_limits``)."""
+    domain = domain_of(f)
+    if domain is None:
+        return
+    if isinstance(value, Mapping):
+        items: list[tuple[_Path, Any]] = [((*path, str(k)), v) for k, v in value.items()]
+    elif isinstance(value, list | tuple):
+        items = [((*path, i), v) for i, v in enumerate(value)]
+    else:
+        items = [(path, value)]
+    for where, item in items:
+        wrong = domain.check(item)
+        if wrong is not None:
+            raise _Problem(where, wrong, sep=" ")
 
 
 def _check_union(value: Any, tp: Any, path: _Path) -> Any:
@@ -398,7 +421,7 @@ _converter = _make_converter()
 def _cattrs_problem(error: BaseException, path: _Path = ()) -> _Problem:
     """The first leaf of a cattrs error tree, with its key path (a backstop to the pre-check)."""
     if isinstance(error, _Problem):
-        return _Problem(path + error.path, error.message, section=error.section)
+        return _Problem(path + error.path, error.message, section=error.section, sep=error.sep)
     if isinstance(error, ClassValidationError | IterableValidationError):
         with_notes, without = error.group_exceptions()
         for exc, note in with_notes:
@@ -657,7 +680,7 @@ def _format(problem: _Problem, root: type) -> str:
         return _unknown_key_message(problem.path, problem.section, root)
     if not problem.path:
         return problem.message
-    return f"{_dotted(problem.path)}: {problem.message}"
+    return f"{_dotted(problem.path)}{problem.sep}{problem.message}"
 
 
 def to_dict(config: Any) -> dict:
