@@ -368,7 +368,7 @@ def _unknown_key_message(path: _Path, section: type, root: type) -> str:
     """``unknown key 'train.lr'; did you mean 'optimizer.lr'?`` (or the valid keys)."""
     *parent, key = [str(p) for p in path]
     here = [f.name for f in _fields(section)]
-    prefix = "".join(f"{p}." for p in parent)
+    prefix = f"{_dotted(path[:-1])}." if parent else ""  # list items as [i]: data.sources[0].
     near = [(prefix + name, score) for name, score in _similar(key, here)[:1]]
     # The same key in another section (train.lr → optimizer.lr) beats a loose match here.
     elsewhere = [p for p in _all_paths(root) if p[:-1] != tuple(parent)]
@@ -383,7 +383,7 @@ def _unknown_key_message(path: _Path, section: type, root: type) -> str:
     message = f"unknown key '{_dotted(path)}'"
     if suggestions:
         return f"{message}; did you mean {_or_list(suggestions[:3])}?"
-    where = f" in '{'.'.join(parent)}'" if parent else ""
+    where = f" in '{_dotted(path[:-1])}'" if parent else ""
     return f"{message}; valid keys{where}: {', '.join(here)}"
 
 

@@ -103,7 +103,10 @@ class TokenizerConfig:
         "model.path a BPE trained on the training data.",
     )
     vocab_size: int = field(
-        384, "Vocabulary size when training (byte alphabet of 256 included).", ge=1
+        384,
+        "Vocabulary size when training: the 256-byte alphabet and 3 special tokens (pad, bos, "
+        "eos) included, the rest learned merges.",
+        ge=259,
     )
     add_tokens: list[str] = field(
         [],

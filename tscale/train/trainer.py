@@ -34,7 +34,7 @@ from tscale.models.generate import greedy
 from tscale.models.transformer import Transformer
 from tscale.optim.base import GradientTransformation
 from tscale.step.compose import StepFn, make_eval_step
-from tscale.train import builders, data_report, distributed
+from tscale.train import builders, data_report, distributed, preflight
 from tscale.train.callbacks import Callback, JsonlLogger, ProgressBar, truncate_jsonl
 from tscale.train.export import export_adapter
 from tscale.train.signals import StopSignals
@@ -168,6 +168,7 @@ def train(
     console = console or Console()
     cfg = resolve_defaults(cfg)  # null/auto keys: fine-tuning or random-init defaults
     builders.validate(cfg)
+    preflight.check(cfg)  # input paths exist, output places writable: before any write
     device = builders.resolve_device(cfg.run.device)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
