@@ -6,7 +6,12 @@ names the file, the line, the key path and the fix::
 
     cfg.yaml:7: unknown key 'optimizer.lr_rate'; did you mean 'optimizer.lr'?
     cfg.yaml:3: optimizer.type: 'adamx' is not one of: adamw (did you mean 'adamw'?)
+    cfg.yaml:5: model.hidden_size must be >= 1, got 0
     override 'optimizer.lr=fast': optimizer.lr: expected a number, got 'fast'
+
+A field's declared domain (:func:`tscale.core.fields.field`: a range and its sentinels) is
+checked in the same walk, on the value or on each item of a list or mapping value; rules that
+relate several keys live in :mod:`tscale.config.rules`.
 
 The pre-check also normalises values that YAML gets wrong: PyYAML reads ``3e-4`` (no dot) as the
 string ``'3e-4'``, so number-looking strings are accepted for number fields; an ``int`` field takes
