@@ -26,7 +26,6 @@ class Case:
     args: tuple[str, ...]  # overrides and flags after the config path
     expect: str  # a regex the stderr line must contain; {cfg} and {tmp} are filled in
     config: str = "{cfg}"  # the config argument
-    writes_run_dir: bool = False  # a mistake found only after the run directory is made
 
 
 def show(id: str, yaml: str | bytes | None, expect: str, *args: str, **kw) -> Case:
@@ -288,8 +287,23 @@ CASES = [
     train(
         "choice-template",
         "data:\n  template: nosuchtemplate\n",
-        r"data\.template: unknown template 'nosuchtemplate'",
-        writes_run_dir=True,  # the template is resolved with the tokenizer, in build_data
+        r"data\.template: unknown template 'nosuchtemplate'; use auto",
+    ),
+    train(
+        "value-template-date",
+        "data:\n  template_date: yesterday\n",
+        r"data\.template_date: 'yesterday' is not a date; write it as YYYY-MM-DD",
+    ),
+    train(
+        "value-impossible-date",
+        "data:\n  template_date: 2026-13-45\n",
+        r"data\.template_date: '2026-13-45' is not a date",
+    ),
+    train(
+        "value-impossible-date-override",
+        "",
+        r"data\.template_date: '2026-02-30' is not a date",
+        "data.template_date=2026-02-30",
     ),
     # ---- bad paths -------------------------------------------------------------------------
     train("path-model", "model:\n  path: {tmp}/no-model\n", r"model\.path: .*no-model not found"),
@@ -454,7 +468,7 @@ def test_a_broken_config_is_one_line_and_exit_2(case: Case, tmp_path: Path, caps
     assert re.search(expect, err), f"{expect!r} not in {err!r}"
     if case.command == "show":
         assert out == ""
-    elif not case.writes_run_dir:
+    else:
         assert not run.exists(), "a broken config must not leave a run directory"
     assert not list(tmp_path.rglob(".tmp-*")), "no temporary files left behind"
 

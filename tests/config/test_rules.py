@@ -29,6 +29,7 @@ def _cfg(*overrides: str):
             r"data\.synthetic\.max_items \(4\) must be >= data\.synthetic\.min_items \(5\)",
         ),
         (["data.synthetic.tasks=[add]", "data.synthetic.min_items=1"], r"'add' task"),
+        (["data.template_date=2026-02-30"], r"data\.template_date: '2026-02-30' is not a date"),
         (["scheduler.warmup_steps=200"], r"scheduler\.warmup_steps \(200\) exceeds train\.max_s"),
         (
             ["data.streaming=true", "train.epochs=1", "train.max_steps=null"],

@@ -447,6 +447,19 @@ class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader; a separate class so that nothing global is changed."""
 
 
+def _timestamp_or_text(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+    """A YAML timestamp (``2026-01-01``) as PyYAML builds it, or its text when it is no real
+    date (``2026-13-45``): PyYAML raises a bare ValueError there, which the string field's own
+    check turns into a message with the key."""
+    try:
+        return loader.construct_yaml_timestamp(node)
+    except ValueError:
+        return loader.construct_scalar(node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:timestamp", _timestamp_or_text)
+
+
 def _parse_yaml(text: str, name: str) -> tuple[Any, dict[_Path, int]]:
     """Parse one YAML document; return the data and the line (1-based) of every key path."""
     loader = _Loader(text)

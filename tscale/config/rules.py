@@ -11,6 +11,8 @@ needs them, facts the caller read: the checkpoint's max positions, the world siz
 
 from __future__ import annotations
 
+import datetime
+
 from tscale.config.schema import Config
 from tscale.errors import ConfigError
 
@@ -47,6 +49,12 @@ def check(cfg: Config, *, checkpoint_positions: int | None = None) -> None:
             "advance; set train.max_steps (the learning-rate schedule needs the total)"
         )
     _check_model(cfg)
+    try:
+        datetime.date.fromisoformat(cfg.data.template_date)
+    except ValueError:
+        raise ConfigError(
+            f"data.template_date: {cfg.data.template_date!r} is not a date; write it as YYYY-MM-DD"
+        ) from None
     if cfg.model.path is not None:
         positions = checkpoint_positions
         key = f"the max_position_embeddings of {cfg.model.path}/config.json"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tscale.checkpoint import io
 from tscale.config.schema import Config
+from tscale.data.prompt import BUILTIN_TEMPLATES, TEMPLATE_NAMES
 from tscale.errors import ConfigError
 
 __all__ = ["check"]
@@ -51,8 +52,22 @@ def _check_inputs(cfg: Config) -> None:
     for i, source in enumerate(d.sources):
         if source.path is not None and not Path(source.path).exists():
             raise ConfigError(f"data.sources[{i}].path: {source.path} not found")
-    if d.template.endswith(".jinja") and not Path(d.template).is_file():
-        raise ConfigError(f"data.template: template file {d.template} not found")
+    _check_template(d.template)
+
+
+def _check_template(spec: str) -> None:
+    """``data.template`` names something: auto, a built-in, Jinja2 source, or a file."""
+    if spec == "auto" or spec in BUILTIN_TEMPLATES or "{%" in spec or "{{" in spec:
+        return
+    path = Path(spec)
+    if path.is_file():
+        return
+    if path.suffix == ".jinja":
+        raise ConfigError(f"data.template: template file {spec} not found")
+    raise ConfigError(
+        f"data.template: unknown template {spec!r}; use auto (the tokenizer's chat_template), "
+        f"a built-in ({', '.join(TEMPLATE_NAMES)}), a path to a .jinja file or a Jinja2 string"
+    )
 
 
 def _check_output(path: Path, key: str) -> None:
