@@ -16,6 +16,8 @@ from tscale.core.fields import Domain, domain_of
 
 _TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=12)
 _FLOAT = st.floats(allow_nan=False)
+_INT64 = (-(2**63), 2**63 - 1)  # the loader refuses integers wider than 64 bits
+_INT = st.integers(*_INT64)
 
 
 def _values(tp: Any, domain: Domain | None = None) -> st.SearchStrategy:
@@ -42,7 +44,7 @@ def _values(tp: Any, domain: Domain | None = None) -> st.SearchStrategy:
         return st.dictionaries(_values(args[0]), _values(args[1], domain), max_size=3)
     if domain is not None and tp in (int, float):
         return _in_domain(tp, domain)
-    simple = {bool: st.booleans(), int: st.integers(), float: _FLOAT, str: _TEXT}
+    simple = {bool: st.booleans(), int: _INT, float: _FLOAT, str: _TEXT}
     if tp is Any:  # free-form YAML (parallel.deepspeed.config): scalars, lists and mappings
         scalars = st.none() | st.booleans() | st.integers() | _FLOAT | _TEXT
         return st.recursive(
@@ -60,8 +62,8 @@ def _in_domain(tp: type, d: Domain) -> st.SearchStrategy:
     low = d.ge if d.ge is not None else d.gt
     high = d.le if d.le is not None else d.lt
     if tp is int:
-        lo = None if low is None else math.floor(low) + (d.gt is not None)
-        hi = None if high is None else math.ceil(high) - (d.lt is not None)
+        lo = _INT64[0] if low is None else math.floor(low) + (d.gt is not None)
+        hi = _INT64[1] if high is None else math.ceil(high) - (d.lt is not None)
         inside = st.integers(min_value=lo, max_value=hi)
     else:
         inside = st.floats(

@@ -221,3 +221,13 @@ def test_field_stores_help_and_domain_and_copies_mutable_defaults():
     assert Rec().items is not Rec().items
     with pytest.raises(Exception, match=r"n must be >= 1, got 0"):
         load_config({"n": 0}, cls=Rec)
+
+
+def test_integers_wider_than_64_bits_are_refused_for_every_integer_key(capsys):
+    assert main(["config", "show", "/dev/null", f"train.max_steps={2**63}"]) == 2
+    _, err = capsys.readouterr()
+    assert err == (
+        f"tscale: error: override 'train.max_steps={2**63}': train.max_steps: integer too large "
+        f"(more than 64 bits): {2**63}\n"
+    )
+    assert load_config(None, [f"run.seed={2**32 - 1}"]).run.seed == 2**32 - 1

@@ -194,6 +194,16 @@ CASES = [
         "data:\n  sources:\n    - {path: a.jsonl, weight: 0}\n",
         r"{cfg}:3: data\.sources\[0\]\.weight must be > 0",
     ),
+    show(
+        "range-int64",
+        "train:\n  max_steps: 1e30\n",
+        r"{cfg}:2: train\.max_steps: integer too large \(more than 64 bits\)",
+    ),
+    show(
+        "range-threads",
+        "run:\n  threads: 3000000000\n",
+        r"{cfg}:2: run\.threads must be in \[1, 2147483647\], got 3000000000",
+    ),
     # ---- keys that disagree (tscale/config/rules.py) ---------------------------------------
     train(
         "rule-items",

@@ -337,7 +337,17 @@ def _number_from_string(value: str) -> float | None:
     return None
 
 
+_INT64 = (-(2**63), 2**63 - 1)  # what torch, numpy and C libraries take as an integer
+
+
 def _check_int(value: Any, path: _Path) -> int:
+    number = _int_value(value, path)
+    if not _INT64[0] <= number <= _INT64[1]:
+        raise _Problem(path, f"integer too large (more than 64 bits): {_show(number)}")
+    return number
+
+
+def _int_value(value: Any, path: _Path) -> int:
     if isinstance(value, bool):
         raise _Problem(path, f"expected an integer, got {_show(value)}")
     if isinstance(value, int):

@@ -35,7 +35,10 @@ class RunConfig:
     )
     device: str = field("cpu", "Torch device: cpu, cuda, cuda:1, or auto (cuda when available).")
     threads: int | None = field(
-        None, "torch.set_num_threads for CPU runs (None: torch's default).", ge=1
+        None,
+        "torch.set_num_threads for CPU runs (None: torch's default).",
+        ge=1,
+        le=2**31 - 1,  # a C int
     )
 
 
