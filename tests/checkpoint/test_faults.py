@@ -168,3 +168,21 @@ def test_an_output_dir_that_is_a_file_is_refused(tmp_path: Path, capsys):
         f"tscale: error: run.output_dir: {run} is a file, not a directory; remove it or choose "
         "another run.output_dir\n"
     )
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_a_fault_in_the_sharded_writer_is_the_same_line(tmp_path: Path):
+    from tscale.checkpoint.sharded import save_sharded
+
+    root = tmp_path / "checkpoints"
+    first = save_sharded(root, _state(1), step=1, is_main=True, barrier=lambda: None)
+
+    def full_at_state_json(path: Path) -> None:
+        if path.name == "state.json" and "step_00000002" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    with io.write_hook(full_at_state_json), pytest.raises(CheckpointError) as info:
+        save_sharded(root, _state(2), step=2, is_main=True, barrier=lambda: None)
+    assert "\n" not in str(info.value)
+    assert f"the last saved checkpoint is step 1 ({first})" in str(info.value)
+    assert list_checkpoints(root) == [first] and not _leftovers(root)
