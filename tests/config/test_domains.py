@@ -227,7 +227,7 @@ def test_integers_wider_than_64_bits_are_refused_for_every_integer_key(capsys):
     assert main(["config", "show", "/dev/null", f"train.max_steps={2**63}"]) == 2
     _, err = capsys.readouterr()
     assert err == (
-        f"tscale: error: override 'train.max_steps={2**63}': train.max_steps: integer too large "
-        f"(more than 64 bits): {2**63}\n"
+        f"tscale: error: override 'train.max_steps={2**63}': train.max_steps: integer out of the "
+        f"64-bit range: {2**63}\n"
     )
     assert load_config(None, [f"run.seed={2**32 - 1}"]).run.seed == 2**32 - 1

@@ -197,7 +197,7 @@ CASES = [
     show(
         "range-int64",
         "train:\n  max_steps: 1e30\n",
-        r"{cfg}:2: train\.max_steps: integer too large \(more than 64 bits\)",
+        r"{cfg}:2: train\.max_steps: integer out of the 64-bit range",
     ),
     show(
         "range-threads",

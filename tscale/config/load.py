@@ -343,7 +343,7 @@ _INT64 = (-(2**63), 2**63 - 1)  # what torch, numpy and C libraries take as an i
 def _check_int(value: Any, path: _Path) -> int:
     number = _int_value(value, path)
     if not _INT64[0] <= number <= _INT64[1]:
-        raise _Problem(path, f"integer too large (more than 64 bits): {_show(number)}")
+        raise _Problem(path, f"integer out of the 64-bit range: {_show(number)}")
     return number
 
 
