@@ -133,8 +133,10 @@ def check_writable(directory: Path) -> None:
         raise NotADirectoryError(errnos.ENOTDIR, os.strerror(errnos.ENOTDIR), str(existing))
     probe = existing / f"{_TMP_PREFIX}write-test-{uuid.uuid4().hex[:8]}"
     _before_write(probe)
-    probe.write_bytes(b"")
-    probe.unlink()
+    try:
+        probe.write_bytes(bytes(4096))  # a data block, not only an inode: a full disk shows
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:
