@@ -254,7 +254,11 @@ def _replace(root: Path, tmp: Path, final: Path) -> None:
     if final.exists():  # re-saving a step: move the old one out of the way first
         old = root / f"{_TMP_PREFIX}old-{final.name}-{uuid.uuid4().hex[:8]}"
         os.rename(final, old)
-        os.rename(tmp, final)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # the old save goes back: a failed re-save loses nothing
+            os.rename(old, final)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
