@@ -186,3 +186,20 @@ def test_a_fault_in_the_sharded_writer_is_the_same_line(tmp_path: Path):
     assert "\n" not in str(info.value)
     assert f"the last saved checkpoint is step 1 ({first})" in str(info.value)
     assert list_checkpoints(root) == [first] and not _leftovers(root)
+
+
+def test_a_failed_re_save_of_a_step_keeps_the_old_save(tmp_path: Path):
+    tok = tmp_path / "tok.json"
+    tok.write_text("{}")
+    root = tmp_path / "checkpoints"
+    first = _save(root, 10, tok)
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    for n in range(1, _writes_of_one_save(tmp_path) + 2):  # + the rename of the old save back
+        with io.write_hook(io.FailNthWrite(n, errno.ENOSPC, sticky=False)):
+            try:
+                again = _save(root, 10, tok)
+            except CheckpointError:
+                again = None
+        assert list_checkpoints(root) == [first] and not _leftovers(root), n
+        if again is None:
+            assert {p.name: p.read_bytes() for p in first.iterdir()} == before, n

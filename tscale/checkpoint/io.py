@@ -16,10 +16,11 @@ never returns and the next save removes.
 **Filesystem faults.** A save that fails with an ``OSError`` (disk full, read-only filesystem,
 permissions) removes its temporary directory and raises :class:`~tscale.errors.CheckpointError`:
 one line with the path, the cause, what to do, and the last complete checkpoint (earlier ones are
-never touched before the new one is whole). **The write seam**: every file the writer creates goes
-through :func:`_before_write`, which calls the hook installed with :func:`write_hook` (none by
-default). Tests inject faults with it, e.g. ``with write_hook(FailNthWrite(3, errno.ENOSPC)):``
-— in-process, as root, where permissions do not block writes.
+never touched before the new one is whole). **The write seam**: every file the writer creates (and
+each rename into place) goes through :func:`_before_write`, which calls the hook installed with
+:func:`write_hook` (none by default). Tests inject faults with it, e.g. ``with
+write_hook(FailNthWrite(3, errno.ENOSPC)):`` — in-process, as root, where permissions block
+nothing.
 """
 
 from __future__ import annotations
@@ -251,10 +252,12 @@ def _write_checkpoint(
 
 def _replace(root: Path, tmp: Path, final: Path) -> None:
     """Rename the whole ``tmp`` into ``final`` (moving an older save of the step aside first)."""
+    _before_write(final)  # a rename writes the directory: faults can be injected here too
     if final.exists():  # re-saving a step: move the old one out of the way first
         old = root / f"{_TMP_PREFIX}old-{final.name}-{uuid.uuid4().hex[:8]}"
         os.rename(final, old)
         try:
+            _before_write(final)
             os.rename(tmp, final)
         except OSError:  # the old save goes back: a failed re-save loses nothing
             os.rename(old, final)
