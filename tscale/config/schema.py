@@ -18,6 +18,8 @@ import attrs
 
 from tscale.core.fields import field
 
+_f = field  # the optimizer and scheduler records' name for it, until their per-type records land
+
 
 @attrs.frozen(kw_only=True)
 class RunConfig:
@@ -331,50 +333,50 @@ class OptimizerConfig:
 
     type: Literal[
         "adamw", "adamw_8bit", "lion", "prodigy", "sophia_g", "schedule_free_adamw", "muon"
-    ] = field("adamw", "Optimizer (the registry tscale.optim.OPTIMIZERS).")
-    lr: float | None = field(
+    ] = _f("adamw", "Optimizer (the registry tscale.optim.OPTIMIZERS).")
+    lr: float | None = _f(
         None,
         "Peak learning rate (prodigy: a factor on its estimated step size); null: 2e-5 with "
         "model.path (fine-tuning; 2e-4 with lora.enabled), 1e-3 from random init.",
     )
-    betas: tuple[float, float] | None = field(
+    betas: tuple[float, float] | None = _f(
         None, "Moment decay rates [b1, b2]; null: the optimizer's own (adamw: [0.9, 0.999])."
     )
-    eps: float | None = field(
+    eps: float | None = _f(
         None, "Denominator epsilon of the Adam family; null: the optimizer's own (1e-8)."
     )
-    weight_decay: float = field(0.0, "Decoupled weight decay, scaled by the learning rate.")
-    no_decay: list[str] | None = field(
+    weight_decay: float = _f(0.0, "Decoupled weight decay, scaled by the learning rate.")
+    no_decay: list[str] | None = _f(
         None,
         "Regexes (re.search on dotted param names) of the params exempt from weight decay, e.g. "
         "['\\.bias$', 'norm', 'embed_tokens']; null: 1-D params and embed_tokens; []: none.",
     )
-    max_grad_norm: float | None = field(
+    max_grad_norm: float | None = _f(
         1.0, "Clip gradients to this global L2 norm; null: no clipping."
     )
-    skip_nonfinite: bool = field(
+    skip_nonfinite: bool = _f(
         True,
         "Drop a step whose gradients or updates hold NaN/inf: params and optimizer state stay "
         "as they were, and the step counts in the 'skipped' metric.",
     )
-    block_size: int | None = field(
+    block_size: int | None = _f(
         None, "adamw_8bit: elements per quantisation block (64 to 4096); null: 256."
     )
-    min_8bit_size: int | None = field(
+    min_8bit_size: int | None = _f(
         None, "adamw_8bit: params with fewer elements keep float32 moments; null: 4096."
     )
-    momentum: float | None = field(None, "muon: momentum coefficient; null: muon's own.")
-    nesterov: bool | None = field(None, "muon: Nesterov momentum; null: muon's own.")
-    ns_steps: int | None = field(None, "muon: Newton-Schulz iterations; null: muon's own (5).")
-    rho: float | None = field(None, "sophia_g: clipping threshold of the update; null: its own.")
-    update_every: int | None = field(
+    momentum: float | None = _f(None, "muon: momentum coefficient; null: muon's own.")
+    nesterov: bool | None = _f(None, "muon: Nesterov momentum; null: muon's own.")
+    ns_steps: int | None = _f(None, "muon: Newton-Schulz iterations; null: muon's own (5).")
+    rho: float | None = _f(None, "sophia_g: clipping threshold of the update; null: its own.")
+    update_every: int | None = _f(
         None, "sophia_g: steps between Hessian estimates; null: its own (10)."
     )
-    d0: float | None = field(None, "prodigy: initial step-size estimate; null: its own (1e-6).")
-    d_coef: float | None = field(
+    d0: float | None = _f(None, "prodigy: initial step-size estimate; null: its own (1e-6).")
+    d_coef: float | None = _f(
         None, "prodigy: factor on the estimated step size; null: its own (1.0)."
     )
-    safeguard_warmup: bool | None = field(
+    safeguard_warmup: bool | None = _f(
         None, "prodigy: keep the lr out of the step-size estimate (use with warmup); null: off."
     )
 
@@ -396,18 +398,16 @@ class SchedulerConfig:
         "rex",
         "inverse_sqrt",
         "polynomial",
-    ] = field("cosine", "Schedule after warmup.")
-    warmup_steps: int = field(0, "Linear warmup from 0 to the peak learning rate.")
-    min_lr_ratio: float = field(
+    ] = _f("cosine", "Schedule after warmup.")
+    warmup_steps: int = _f(0, "Linear warmup from 0 to the peak learning rate.")
+    min_lr_ratio: float = _f(
         0.0, "Final learning rate as a fraction of the peak (all but constant and inverse_sqrt)."
     )
-    num_cycles: int = field(1, "cosine_restarts: cosine cycles, each restarting at the peak.")
-    decay_fraction: float = field(
-        0.2, "wsd: fraction of train.max_steps spent decaying at the end."
-    )
-    decay_shape: Literal["linear", "cosine", "1-sqrt"] = field("1-sqrt", "wsd: shape of the decay.")
-    power: float = field(1.0, "polynomial: exponent of the decay (1: linear).")
-    timescale: int | None = field(
+    num_cycles: int = _f(1, "cosine_restarts: cosine cycles, each restarting at the peak.")
+    decay_fraction: float = _f(0.2, "wsd: fraction of train.max_steps spent decaying at the end.")
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = _f("1-sqrt", "wsd: shape of the decay.")
+    power: float = _f(1.0, "polynomial: exponent of the decay (1: linear).")
+    timescale: int | None = _f(
         None,
         "inverse_sqrt: lr = peak / sqrt((step - warmup_steps + timescale) / timescale); "
         "null: warmup_steps (10000 without warmup).",
@@ -617,8 +617,8 @@ class Config:
     run: RunConfig = field(RunConfig(), "Run directory, seed, device.")
     model: ModelConfig = field(ModelConfig(), "Model architecture.")
     data: DataConfig = field(DataConfig(), "Data.")
-    optimizer: OptimizerConfig = field(OptimizerConfig(), "Optimizer.")
-    scheduler: SchedulerConfig = field(SchedulerConfig(), "Learning-rate schedule.")
+    optimizer: OptimizerConfig = _f(OptimizerConfig(), "Optimizer.")
+    scheduler: SchedulerConfig = _f(SchedulerConfig(), "Learning-rate schedule.")
     loss: LossConfig = field(LossConfig(), "Loss.")
     lora: LoraSection = field(LoraSection(), "LoRA / QLoRA adapters.")
     train: TrainConfig = field(TrainConfig(), "Training loop.")
