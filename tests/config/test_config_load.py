@@ -155,7 +155,7 @@ def test_unknown_key_with_nothing_close_lists_the_valid_keys():
         "min_lr_ratio, num_cycles, decay_fraction, decay_shape, power, timescale"
     )
     message = _error({"zzz": 1})
-    assert message.startswith("unknown key 'zzz'; valid keys: run, model, data, optimizer")
+    assert message.startswith("unknown key 'zzz'; valid keys: run, task, model, data, optimizer")
 
 
 # ---- bad values -------------------------------------------------------------------------------

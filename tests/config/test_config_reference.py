@@ -66,3 +66,23 @@ def test_module_prints_the_reference():
     )
     assert out.stdout == render_reference()
     assert out.stderr == ""
+
+
+def test_every_declared_domain_is_in_its_row():
+    from tscale.core.fields import domain_of
+
+    text = render_reference()
+    shown = 0
+    for path in _leaf_paths(Config):
+        *parents, name = path.split(".")
+        section = Config
+        for part in parents:
+            section = attrs.fields_dict(section)[part].type
+        domain = domain_of(attrs.fields_dict(section)[name])
+        if domain is None:
+            continue
+        (row,) = [line for line in text.splitlines() if line.startswith(f"| `{path}` |")]
+        assert f" | {domain.describe()} | " in row, path
+        shown += 1
+    assert shown >= 40  # the run's numeric keys (optimizer and scheduler records add theirs)
+    assert "| `train.keep_last` | int | `2` | >= 1, or 0: keep all |" in text

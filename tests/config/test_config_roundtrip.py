@@ -12,30 +12,45 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tscale.config import Config, load_config, to_dict, to_yaml
+from tscale.core.fields import Domain, domain_of
+from tscale.tasks import TASKS
 
 _TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=12)
 _FLOAT = st.floats(allow_nan=False)
+_INT64 = (-(2**63), 2**63 - 1)  # the loader refuses integers wider than 64 bits
+_INT = st.integers(*_INT64)
 
 
-def _values(tp: Any) -> st.SearchStrategy:
-    """Values of a schema type, from the type alone, so new fields are covered automatically."""
+def _field_values(f: attrs.Attribute) -> st.SearchStrategy:
+    """A field's values; an open union (``task``) takes any registered record of it."""
+    if "resolve" in f.metadata:
+        return st.one_of(*(_values(cls) for _, cls in sorted(TASKS.items())))
+    return _values(f.type, domain_of(f))
+
+
+def _values(tp: Any, domain: Domain | None = None) -> st.SearchStrategy:
+    """Values of a schema type, from the type and the field's declared domain alone, so new
+    fields are covered automatically (a domain applies to a number, or to each item of a list or
+    mapping of numbers)."""
     if isinstance(tp, type) and attrs.has(tp):
         attrs.resolve_types(tp)
-        return st.builds(tp, **{f.name: _values(f.type) for f in attrs.fields(tp) if f.init})
+        return st.builds(tp, **{f.name: _field_values(f) for f in attrs.fields(tp) if f.init})
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal:
         return st.sampled_from(args)
     if origin in (typing.Union, type(int | None)):
-        return st.one_of(*(_values(a) for a in args))
+        return st.one_of(*(_values(a, domain) for a in args))
     if origin is list:
-        return st.lists(_values(args[0]), max_size=3)
+        return st.lists(_values(args[0], domain), max_size=3)
     if origin is tuple:
         if len(args) == 2 and args[1] is Ellipsis:
-            return st.lists(_values(args[0]), max_size=3).map(tuple)
-        return st.tuples(*(_values(a) for a in args))
+            return st.lists(_values(args[0], domain), max_size=3).map(tuple)
+        return st.tuples(*(_values(a, domain) for a in args))
     if origin is dict:
-        return st.dictionaries(_values(args[0]), _values(args[1]), max_size=3)
-    simple = {bool: st.booleans(), int: st.integers(), float: _FLOAT, str: _TEXT}
+        return st.dictionaries(_values(args[0]), _values(args[1], domain), max_size=3)
+    if domain is not None and tp in (int, float):
+        return _in_domain(tp, domain)
+    simple = {bool: st.booleans(), int: _INT, float: _FLOAT, str: _TEXT}
     if tp is Any:  # free-form YAML (parallel.deepspeed.config): scalars, lists and mappings
         scalars = st.none() | st.booleans() | st.integers() | _FLOAT | _TEXT
         return st.recursive(
@@ -46,6 +61,26 @@ def _values(tp: Any) -> st.SearchStrategy:
     if tp is type(None):
         return st.none()
     return simple[tp]
+
+
+def _in_domain(tp: type, d: Domain) -> st.SearchStrategy:
+    """Numbers of type ``tp`` inside the domain ``d``, or one of its sentinels."""
+    low = d.ge if d.ge is not None else d.gt
+    high = d.le if d.le is not None else d.lt
+    if tp is int:
+        lo = _INT64[0] if low is None else math.floor(low) + (d.gt is not None)
+        hi = _INT64[1] if high is None else math.ceil(high) - (d.lt is not None)
+        inside = st.integers(min_value=lo, max_value=hi)
+    else:
+        inside = st.floats(
+            min_value=low,
+            max_value=high,
+            exclude_min=d.gt is not None,
+            exclude_max=d.lt is not None,
+            allow_nan=False,
+            allow_infinity=False,
+        )
+    return inside | st.sampled_from(list(d.sentinels)) if d.sentinels else inside
 
 
 @settings(max_examples=60, deadline=None)

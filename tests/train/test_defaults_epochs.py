@@ -130,7 +130,7 @@ def test_validate_checks_the_resolved_values(tmp_path: Path):
     builders.validate(load_config(None, [f"model.path={model}"]))  # 48: fits
     with pytest.raises(ConfigError, match=r"train\.epochs: data\.streaming"):
         builders.validate(load_config(None, [f"model.path={model}", "data.streaming=true"]))
-    with pytest.raises(ConfigError, match=r"train\.epochs must be above 0"):
+    with pytest.raises(ConfigError, match=r"train\.epochs must be > 0, got 0"):
         builders.validate(load_config(None, ["train.epochs=0"]))
     with pytest.raises(ConfigError, match=r"scheduler.warmup_steps \(200\) exceeds"):
         builders.validate(load_config(None, ["scheduler.warmup_steps=200"]))  # max_steps 100

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tensordict import TensorDictBase
 
 from tscale.core import tree as T
 from tscale.errors import CheckpointError
 
-__all__ = ["FrozenSource", "folder_fingerprint", "restore_frozen", "write_frozen"]
+__all__ = ["FrozenSource", "folder_fingerprint", "frozen_entries", "restore_frozen"]
 
 _MIB = 1 << 20
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
@@ -71,16 +71,17 @@ def _file_name(name: str) -> str:
     return f"frozen.{name}.safetensors"
 
 
-def write_frozen(
-    directory: Path, frozen: Mapping[str, Any], sources: Mapping[str, FrozenSource]
-) -> dict[str, dict[str, str]]:
-    """Write the frozen trees that have no source into ``directory``; returns the ``state.json``
-    entry of every tree (``{"path", "fingerprint"}`` or ``{"file"}``).
+def frozen_entries(
+    frozen: Mapping[str, Any], sources: Mapping[str, FrozenSource]
+) -> tuple[dict[str, dict[str, str]], dict[str, TensorDictBase]]:
+    """The ``state.json`` entry of every frozen tree (``{"path", "fingerprint"}`` or
+    ``{"file"}``) and the trees to write, by file name (those without a source folder).
 
     Raises:
         CheckpointError: a tree without a source that is not a tensor tree (e.g. quantised).
     """
     entries: dict[str, dict[str, str]] = {}
+    to_write: dict[str, TensorDictBase] = {}
     for name, tree in frozen.items():
         source = sources.get(name)
         if source is not None:
@@ -91,10 +92,9 @@ def write_frozen(
                 f"frozen tree {name!r} has no source folder and is not a tensor tree "
                 f"({type(tree).__name__}); it cannot be checkpointed"
             )
-        flat = {k: v.detach().contiguous().cpu() for k, v in T.flatten(tree).items()}
-        save_file(flat, str(directory / _file_name(name)), metadata={"format": "pt"})
         entries[name] = {"file": _file_name(name)}
-    return entries
+        to_write[_file_name(name)] = tree
+    return entries, to_write
 
 
 def restore_frozen(

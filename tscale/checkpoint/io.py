@@ -14,16 +14,27 @@ A checkpoint is written into a hidden temporary directory beside its final place
 fsynced, and only then is the directory renamed into place (an atomic ``rename`` on POSIX). A save
 interrupted at any point leaves at most a ``.tmp`` directory, which :func:`latest_checkpoint`
 never returns and the next save removes.
+
+**Filesystem faults.** A save that fails with an ``OSError`` (disk full, read-only filesystem,
+permissions) removes its temporary directory and raises :class:`~tscale.errors.CheckpointError`:
+one line with the path, the cause, what to do, and the last complete checkpoint (earlier ones are
+never touched before the new one is whole). **The write seam**: every file the writer creates (and
+each rename into place) goes through :func:`_before_write`, which calls the hook installed with
+:func:`write_hook` (none by default). Tests inject faults with it, e.g. ``with
+write_hook(FailNthWrite(3, errno.ENOSPC)):`` — in-process, as root, where permissions block
+nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno as errnos
 import json
 import os
 import re
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tensordict import TensorDictBase
 
-from tscale.checkpoint.frozen import FrozenSource, restore_frozen, write_frozen
+from tscale.checkpoint.frozen import FrozenSource, frozen_entries, restore_frozen
 from tscale.core import tree as T
 from tscale.core.state import TrainState
 from tscale.errors import CheckpointError
@@ -41,6 +52,97 @@ FORMAT_VERSION = 2
 _READABLE = (1, 2)
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _TMP_PREFIX = ".tmp-"
+
+
+WriteHook = Callable[[Path], None]
+"""Called with each path the writer is about to create; raising OSError simulates a fault."""
+
+_hook: WriteHook | None = None
+
+
+@contextlib.contextmanager
+def write_hook(hook: WriteHook) -> Iterator[None]:
+    """Install ``hook`` for every write of the checkpoint writer (and of
+    :func:`check_writable`) inside the block: the seam through which tests inject faults."""
+    global _hook
+    previous, _hook = _hook, hook
+    try:
+        yield
+    finally:
+        _hook = previous
+
+
+class FailNthWrite:
+    """A :data:`WriteHook` raising ``OSError(code)`` at the ``n``-th write (1-based) and, with
+    ``sticky``, at every write after it (a disk that stays full)."""
+
+    def __init__(self, n: int, code: int, *, sticky: bool = True) -> None:
+        self.n, self.code, self.sticky = n, code, sticky
+        self.writes = 0
+
+    def __call__(self, path: Path) -> None:
+        self.writes += 1
+        if self.writes == self.n or (self.sticky and self.writes > self.n):
+            raise OSError(self.code, os.strerror(self.code), str(path))
+
+
+def _before_write(path: Path) -> None:
+    if _hook is not None:
+        _hook(path)
+
+
+_ADVICE = {
+    errnos.ENOSPC: "free space on that disk or point {key} at another one",
+    errnos.EDQUOT: "free space within your disk quota or point {key} at another disk",
+    errnos.EROFS: "the filesystem is read-only: choose a writable {key}",
+    errnos.EACCES: "you may not write there: fix its permissions or choose another {key}",
+    errnos.EPERM: "you may not write there: fix its permissions or choose another {key}",
+}
+
+
+def describe_os_error(error: OSError, key: str = "run.output_dir") -> str:
+    """``No space left on device (ENOSPC) at PATH; free space on that disk or point KEY at
+    another one``: the cause, the path and what to do (``key``: the config key of the place)."""
+    name = errnos.errorcode.get(error.errno or 0, "")
+    cause = error.strerror or str(error)
+    where = f" at {error.filename}" if error.filename else ""
+    advice = _ADVICE.get(error.errno or 0, "check that disk and {key}").format(key=key)
+    return f"{cause}{f' ({name})' if name else ''}{where}; {advice}"
+
+
+def save_failed(error: OSError, root: Path, step: int) -> CheckpointError:
+    """The one-line error of a save at ``step`` that failed with ``error``, naming the last
+    complete checkpoint under ``root`` and how to continue from it."""
+    last = latest_checkpoint(root)
+    if last is None:
+        saved = "no checkpoint of this run was saved before"
+    else:
+        saved = (
+            f"the last saved checkpoint is step {int(last.name.removeprefix('step_'))} ({last}); "
+            "continue from it with `tscale train CONFIG --resume`"
+        )
+    return CheckpointError(
+        f"saving the checkpoint of step {step} under {root} failed: {describe_os_error(error)}; "
+        f"{saved}"
+    )
+
+
+def check_writable(directory: Path) -> None:
+    """Raise the ``OSError`` that writing a file into ``directory`` gives (or, while it does not
+    exist, into its nearest existing parent, where it would be created); writes nothing that
+    stays. Goes through the write seam, so injected faults show here too."""
+    directory = Path(directory).absolute()
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(errnos.ENOTDIR, os.strerror(errnos.ENOTDIR), str(existing))
+    probe = existing / f"{_TMP_PREFIX}write-test-{uuid.uuid4().hex[:8]}"
+    _before_write(probe)
+    try:
+        probe.write_bytes(bytes(4096))  # a data block, not only an inode: a full disk shows
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:
@@ -62,6 +164,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _save_tree(tree: TensorDictBase, path: Path) -> None:
+    _before_write(path)
     flat = {k: v.detach().contiguous().cpu() for k, v in T.flatten(tree).items()}
     save_file(flat, str(path), metadata={"format": "pt", "tscale_format": str(FORMAT_VERSION)})
 
@@ -89,41 +192,93 @@ def save_checkpoint(
         files: extra files copied in, by target name (e.g. ``{"tokenizer.json": path}``).
         frozen_sources: the folder each frozen tree was loaded from (recorded, not copied);
             frozen trees without one are saved.
+
+    Raises:
+        CheckpointError: the filesystem refused a write (disk full, read-only, permissions):
+            one line with the path, the cause, what to do and the last complete checkpoint;
+            the temporary directory is removed and earlier checkpoints are untouched.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(f"{_TMP_PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)
     final = checkpoint_dir(root, step)
     tmp = root / f"{_TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        _before_write(root)
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(f"{_TMP_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        _before_write(tmp)
+        tmp.mkdir()
+        _write_checkpoint(tmp, state, step, cursor, extra, config_yaml, files, frozen_sources)
+        _replace(root, tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise save_failed(e, root, step) from None
+    except BaseException:  # e.g. a second Ctrl-C: no temporary directory is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _write_text(path: Path, text: str) -> None:
+    _before_write(path)
+    path.write_text(text)
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    _before_write(dst)
+    shutil.copyfile(src, dst)
+
+
+def _write_checkpoint(
+    tmp: Path,
+    state: TrainState,
+    step: int,
+    cursor: Mapping[str, Any] | None,
+    extra: Mapping[str, Any] | None,
+    config_yaml: str | None,
+    files: Mapping[str, Path] | None,
+    frozen_sources: Mapping[str, FrozenSource] | None = None,
+) -> None:
+    """Every file of a checkpoint into ``tmp``, each fsynced, and the directory."""
     _save_tree(state.params, tmp / "params.safetensors")
     _save_tree(state.opt_state, tmp / "opt_state.safetensors")
+    frozen, frozen_files = frozen_entries(state.frozen, frozen_sources or {})
+    for name, tree in frozen_files.items():
+        _save_tree(tree, tmp / name)
     meta = {
         "format_version": FORMAT_VERSION,
         "step": step,
         "rng": state.rng.cpu().tolist(),
         "cursor": dict(cursor or {}),
         "extra": dict(extra or {}),
-        "frozen": write_frozen(tmp, state.frozen, frozen_sources or {}),
+        "frozen": frozen,
     }
-    (tmp / "state.json").write_text(json.dumps(meta, indent=2))
+    _write_text(tmp / "state.json", json.dumps(meta, indent=2))
     if config_yaml is not None:
-        (tmp / "config.yaml").write_text(config_yaml)
+        _write_text(tmp / "config.yaml", config_yaml)
     for name, src in (files or {}).items():
-        shutil.copyfile(src, tmp / name)
+        _copy_file(src, tmp / name)
     for f in tmp.iterdir():
         _fsync_file(f)
     _fsync_dir(tmp)
+
+
+def _replace(root: Path, tmp: Path, final: Path) -> None:
+    """Rename the whole ``tmp`` into ``final`` (moving an older save of the step aside first)."""
+    _before_write(final)  # a rename writes the directory: faults can be injected here too
     if final.exists():  # re-saving a step: move the old one out of the way first
         old = root / f"{_TMP_PREFIX}old-{final.name}-{uuid.uuid4().hex[:8]}"
         os.rename(final, old)
-        os.rename(tmp, final)
+        try:
+            _before_write(final)
+            os.rename(tmp, final)
+        except OSError:  # the old save goes back: a failed re-save loses nothing
+            os.rename(old, final)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
     _fsync_dir(root)
-    return final
 
 
 def list_checkpoints(root: Path) -> list[Path]:

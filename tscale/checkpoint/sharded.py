@@ -16,9 +16,10 @@ DeepSpeed's partitions resume on the same world size and ZeRO stage only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -183,47 +184,86 @@ def _save_collective(
 ) -> Path:
     """The multi-rank save protocol: rank 0 makes a temporary directory, every rank writes its
     part (``write_all``), rank 0 adds its own files and the metadata, fsyncs and renames the
-    directory into place; barriers between the phases."""
+    directory into place; barriers between the phases.
+
+    A filesystem fault on rank 0 (disk full, read-only) removes the temporary directory and
+    raises :class:`~tscale.errors.CheckpointError` there, as :func:`io.save_checkpoint` does;
+    the other ranks then fail at the next collective (``parallel.timeout_s``).
+    """
     root = Path(root)
     final = io.checkpoint_dir(root, step)
     tmp = root / f"{io._TMP_PREFIX}{final.name}-sharded"
     if is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(f"{io._TMP_PREFIX}*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
+        with _faults_removing(tmp, root, step):
+            io._before_write(root)
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(f"{io._TMP_PREFIX}*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            io._before_write(tmp)
+            tmp.mkdir()
     barrier()
-    write_all(tmp)
+    with _faults_removing(tmp, root, step) if is_main else contextlib.nullcontext():
+        write_all(tmp)
     barrier()
     if is_main:
-        if write_main is not None:
-            write_main(tmp)
-        record = {
-            "format_version": io.FORMAT_VERSION,
-            "step": step,
-            **meta,
-            "rng": state.rng.cpu().tolist(),
-            "cursor": dict(cursor or {}),
-            "extra": dict(extra or {}),
-        }
-        (tmp / "state.json").write_text(json.dumps(record, indent=2))
-        if config_yaml is not None:
-            (tmp / "config.yaml").write_text(config_yaml)
-        for name, src in (files or {}).items():
-            shutil.copyfile(src, tmp / name)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                io._fsync_file(f)
-        for d in tmp.rglob("*"):
-            if d.is_dir():
-                io._fsync_dir(d)
-        io._fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        io._fsync_dir(root)
+        with _faults_removing(tmp, root, step):
+            _write_main_files(
+                root, tmp, final, state, step, write_main, meta, cursor, extra, config_yaml, files
+            )
     barrier()
     return final
+
+
+@contextlib.contextmanager
+def _faults_removing(tmp: Path, root: Path, step: int) -> Iterator[None]:
+    """An OSError inside the block: remove ``tmp`` and raise the save's one-line error."""
+    try:
+        yield
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise io.save_failed(e, root, step) from None
+
+
+def _write_main_files(
+    root: Path,
+    tmp: Path,
+    final: Path,
+    state: TrainState,
+    step: int,
+    write_main: Callable[[Path], None] | None,
+    meta: Mapping[str, Any],
+    cursor: Mapping[str, Any] | None,
+    extra: Mapping[str, Any] | None,
+    config_yaml: str | None,
+    files: Mapping[str, Path] | None,
+) -> None:
+    """Rank 0's part: its own files, the metadata, fsyncs, and the rename into place."""
+    if write_main is not None:
+        write_main(tmp)
+    record = {
+        "format_version": io.FORMAT_VERSION,
+        "step": step,
+        **meta,
+        "rng": state.rng.cpu().tolist(),
+        "cursor": dict(cursor or {}),
+        "extra": dict(extra or {}),
+    }
+    io._write_text(tmp / "state.json", json.dumps(record, indent=2))
+    if config_yaml is not None:
+        io._write_text(tmp / "config.yaml", config_yaml)
+    for name, src in (files or {}).items():
+        io._copy_file(src, tmp / name)
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            io._fsync_file(f)
+    for d in tmp.rglob("*"):
+        if d.is_dir():
+            io._fsync_dir(d)
+    io._fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    io._fsync_dir(root)
 
 
 def load_sharded(path: Path, template: TrainState, meta: dict[str, Any]) -> TrainState:

@@ -6,7 +6,12 @@ names the file, the line, the key path and the fix::
 
     cfg.yaml:7: unknown key 'optimizer.lr_rate'; did you mean 'optimizer.lr'?
     cfg.yaml:3: optimizer.type: 'adamx' is not one of: adamw (did you mean 'adamw'?)
+    cfg.yaml:5: model.hidden_size must be >= 1, got 0
     override 'optimizer.lr=fast': optimizer.lr: expected a number, got 'fast'
+
+A field's declared domain (:func:`tscale.core.fields.field`: a range and its sentinels) is
+checked in the same walk, on the value or on each item of a list or mapping value; rules that
+relate several keys live in :mod:`tscale.config.rules`.
 
 The pre-check also normalises values that YAML gets wrong: PyYAML reads ``3e-4`` (no dot) as the
 string ``'3e-4'``, so number-looking strings are accepted for number fields; an ``int`` field takes
@@ -34,6 +39,7 @@ import yaml
 from cattrs.errors import ClassValidationError, IterableValidationError
 
 from tscale.config.schema import Config
+from tscale.core.fields import domain_of
 from tscale.errors import ConfigError
 
 __all__ = ["load_config", "save_config", "to_dict", "to_yaml"]
@@ -53,11 +59,14 @@ _INTEGER = re.compile(r"[-+]?\d[\d_]*")
 class _Problem(Exception):
     """A mistake found at a key path; :func:`load_config` adds the source (file, line, override)."""
 
-    def __init__(self, path: _Path, message: str, *, section: type | None = None) -> None:
+    def __init__(
+        self, path: _Path, message: str, *, section: type | None = None, sep: str = ": "
+    ) -> None:
         super().__init__(message)
         self.path = path
         self.message = message
         self.section = section  # set for an unknown key: the attrs class it is not a field of
+        self.sep = sep  # between the key path and the message ("key: expected…", "key must…")
 
 
 def _dotted(path: _Path) -> str:
@@ -140,15 +149,19 @@ def _section_class(tp: Any) -> type | None:
     return tp if isinstance(tp, type) and attrs.has(tp) else None
 
 
-def _all_paths(cls: type, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    """Every settable key path of a schema, sections included, in schema order."""
+def _all_paths(
+    cls: type, prefix: tuple[str, ...] = (), *, sections: bool = True
+) -> list[tuple[str, ...]]:
+    """Every settable key path of a schema in schema order; ``sections=False`` leaves out the
+    open unions (``task``: its keys depend on its type, so it is never where a key belongs)."""
     out = []
     for f in _fields(cls):
         path = (*prefix, f.name)
-        out.append(path)
         sub = _section_class(f.type)
+        if sections or "resolve" not in f.metadata:
+            out.append(path)
         if sub is not None:
-            out += _all_paths(sub, path)
+            out += _all_paths(sub, path, sections=sections)
     return out
 
 
@@ -272,7 +285,26 @@ def _check_section(value: Any, cls: type, path: _Path) -> dict:
             out[key] = _check_resolved(item, resolve, fields[key], (*path, key))
         else:
             out[key] = _check(item, fields[key].type, (*path, key))
+            _check_domain(out[key], fields[key], (*path, key))
     return out
+
+
+def _check_domain(value: Any, f: attrs.Attribute, path: _Path) -> None:
+    """The field's declared domain (:func:`tscale.core.fields.field`) holds for ``value``, or
+    for each item of a list or mapping value (``data.length.per_column_limits``)."""
+    domain = domain_of(f)
+    if domain is None:
+        return
+    if isinstance(value, Mapping):
+        items: list[tuple[_Path, Any]] = [((*path, str(k)), v) for k, v in value.items()]
+    elif isinstance(value, list | tuple):
+        items = [((*path, i), v) for i, v in enumerate(value)]
+    else:
+        items = [(path, value)]
+    for where, item in items:
+        wrong = domain.check(item)
+        if wrong is not None:
+            raise _Problem(where, wrong, sep=" ")
 
 
 def _check_resolved(value: Any, resolve: Any, field: attrs.Attribute, path: _Path) -> Any:
@@ -332,7 +364,17 @@ def _number_from_string(value: str) -> float | None:
     return None
 
 
+_INT64 = (-(2**63), 2**63 - 1)  # what torch, numpy and C libraries take as an integer
+
+
 def _check_int(value: Any, path: _Path) -> int:
+    number = _int_value(value, path)
+    if not _INT64[0] <= number <= _INT64[1]:
+        raise _Problem(path, f"integer out of the 64-bit range: {_show(number)}")
+    return number
+
+
+def _int_value(value: Any, path: _Path) -> int:
     if isinstance(value, bool):
         raise _Problem(path, f"expected an integer, got {_show(value)}")
     if isinstance(value, int):
@@ -368,10 +410,10 @@ def _unknown_key_message(path: _Path, section: type, root: type) -> str:
     """``unknown key 'train.lr'; did you mean 'optimizer.lr'?`` (or the valid keys)."""
     *parent, key = [str(p) for p in path]
     here = [f.name for f in _fields(section)]
-    prefix = "".join(f"{p}." for p in parent)
+    prefix = f"{_dotted(path[:-1])}." if parent else ""  # list items as [i]: data.sources[0].
     near = [(prefix + name, score) for name, score in _similar(key, here)[:1]]
     # The same key in another section (train.lr → optimizer.lr) beats a loose match here.
-    elsewhere = [p for p in _all_paths(root) if p[:-1] != tuple(parent)]
+    elsewhere = [p for p in _all_paths(root, sections=False) if p[:-1] != tuple(parent)]
     exact = [".".join(p) for p in elsewhere if _norm(p[-1]) == _norm(key)]
     if near and near[0][1] == 1.0:  # a different case, or lr_rate → lr: surely meant here
         exact = []
@@ -383,7 +425,7 @@ def _unknown_key_message(path: _Path, section: type, root: type) -> str:
     message = f"unknown key '{_dotted(path)}'"
     if suggestions:
         return f"{message}; did you mean {_or_list(suggestions[:3])}?"
-    where = f" in '{'.'.join(parent)}'" if parent else ""
+    where = f" in '{_dotted(path[:-1])}'" if parent else ""
     return f"{message}; valid keys{where}: {', '.join(here)}"
 
 
@@ -421,7 +463,7 @@ _converter = _make_converter()
 def _cattrs_problem(error: BaseException, path: _Path = ()) -> _Problem:
     """The first leaf of a cattrs error tree, with its key path (a backstop to the pre-check)."""
     if isinstance(error, _Problem):
-        return _Problem(path + error.path, error.message, section=error.section)
+        return _Problem(path + error.path, error.message, section=error.section, sep=error.sep)
     if isinstance(error, ClassValidationError | IterableValidationError):
         with_notes, without = error.group_exceptions()
         for exc, note in with_notes:
@@ -440,6 +482,19 @@ def _cattrs_problem(error: BaseException, path: _Path = ()) -> _Problem:
 
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader; a separate class so that nothing global is changed."""
+
+
+def _timestamp_or_text(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+    """A YAML timestamp (``2026-01-01``) as PyYAML builds it, or its text when it is no real
+    date (``2026-13-45``): PyYAML raises a bare ValueError there, which the string field's own
+    check turns into a message with the key."""
+    try:
+        return loader.construct_yaml_timestamp(node)
+    except ValueError:
+        return loader.construct_scalar(node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:timestamp", _timestamp_or_text)
 
 
 def _parse_yaml(text: str, name: str) -> tuple[Any, dict[_Path, int]]:
@@ -680,7 +735,7 @@ def _format(problem: _Problem, root: type) -> str:
         return _unknown_key_message(problem.path, problem.section, root)
     if not problem.path:
         return problem.message
-    return f"{_dotted(problem.path)}: {problem.message}"
+    return f"{_dotted(problem.path)}{problem.sep}{problem.message}"
 
 
 def to_dict(config: Any) -> dict:

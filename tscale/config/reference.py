@@ -14,6 +14,7 @@ import attrs
 
 from tscale.config.load import _fields, _is_union, _plain_out, _section_class, _yaml_scalar
 from tscale.config.schema import Config
+from tscale.core.fields import domain_of
 
 __all__ = ["render_reference"]
 
@@ -27,6 +28,11 @@ A config is a YAML file of the sections below. Every key has a default, so an em
 valid config; a key that is not listed here is an error (the message names the closest valid key).
 Any key can be overridden on the command line as `key.path=value`, where the value is YAML:
 `optimizer.lr=3e-4`, `data.synthetic.tasks=[sort]`, `model.num_kv_heads=null`.
+
+The domain column gives the values a number accepts (for a list or mapping: each of its
+numbers), and the special values allowed outside that range with what they mean
+(`>= 1, or 0: keep all`). The loader checks it when the config is read, so a value outside it
+stops at once with the key and the file:line where it was written.
 """
 
 
@@ -64,6 +70,12 @@ def _default(field: attrs.Attribute) -> str:
     return f"`{_yaml_scalar(_plain_out(default))}`"
 
 
+def _domain(field: attrs.Attribute) -> str:
+    """The field's declared domain in words (empty when any value of its type is accepted)."""
+    domain = domain_of(field)
+    return domain.describe() if domain is not None else ""
+
+
 def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
@@ -94,10 +106,11 @@ def _section(cls: type, path: tuple[str, ...], level: int, title: str | None) ->
             if not path:
                 continue  # top-level sections are the headings themselves
         type_name = _cell(_type_name(field.type))
-        rows.append(f"| `{key}` | {type_name} | {_default(field)} | {help_text} |")
+        domain = _cell(_domain(field))
+        rows.append(f"| `{key}` | {type_name} | {_default(field)} | {domain} | {help_text} |")
     if rows:
-        out.append("| key | type | default | description |")
-        out.append("| --- | --- | --- | --- |")
+        out.append("| key | type | default | domain | description |")
+        out.append("| --- | --- | --- | --- | --- |")
         out.extend(rows)
         out.append("")
     for sub, sub_path in nested:
@@ -107,7 +120,8 @@ def _section(cls: type, path: tuple[str, ...], level: int, title: str | None) ->
 
 
 def render_reference(cls: type = Config) -> str:
-    """The markdown reference of a config schema: one table per section (key, type, default, help).
+    """The markdown reference of a config schema: one table per section (key, type, default,
+    domain, help).
 
     Args:
         cls: the root attrs record (the run config by default).

@@ -5,7 +5,7 @@ Every field has a default, so an empty YAML file is a valid (tiny) run. Unknown 
 Field docstrings live in ``metadata["help"]`` and feed ``docs/config.md``.
 """
 
-# ruff: noqa: RUF009 - `_f` returns an attrs field (a default declaration), not a shared value
+# ruff: noqa: RUF009 - `field` returns an attrs field (a default declaration), not a shared value
 
 from __future__ import annotations
 
@@ -16,60 +16,71 @@ from typing import Any, Literal
 
 import attrs
 
+from tscale.core.fields import field
 from tscale.tasks.base import resolve_task_class
 from tscale.tasks.sft import SFTTask
 
-
-def _f(default, help: str, **kw):  # "help": the metadata key
-    if isinstance(default, list | dict):
-        return attrs.field(factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
-    return attrs.field(default=default, metadata={"help": help}, **kw)
+_f = field  # the optimizer and scheduler records' name for it, until their per-type records land
 
 
 @attrs.frozen(kw_only=True)
 class RunConfig:
     """Where the run writes and how it is seeded."""
 
-    name: str = _f("run", "Name of the run, shown in logs.")
-    output_dir: str = _f(
+    name: str = field("run", "Name of the run, shown in logs.")
+    output_dir: str = field(
         "runs/run", "Run directory: metrics.jsonl, config.yaml, checkpoints/, data/."
     )
-    seed: int = _f(0, "Seed of everything: init, data order, synthetic data.")
-    device: str = _f("cpu", "Torch device: cpu, cuda, cuda:1, or auto (cuda when available).")
-    threads: int | None = _f(None, "torch.set_num_threads for CPU runs (None: torch's default).")
+    seed: int = field(
+        0,
+        "Seed of everything: init, data order, synthetic data.",
+        ge=0,
+        le=2**32 - 1,  # numpy and datasets take seeds in [0, 2^32)
+    )
+    device: str = field("cpu", "Torch device: cpu, cuda, cuda:1, or auto (cuda when available).")
+    threads: int | None = field(
+        None,
+        "torch.set_num_threads for CPU runs (None: torch's default).",
+        ge=1,
+        le=2**31 - 1,  # a C int
+    )
 
 
 @attrs.frozen(kw_only=True)
 class ModelConfig:
     """The model: a Llama-style decoder initialised at random, or an HF checkpoint (``path``)."""
 
-    path: str | None = _f(
+    path: str | None = field(
         None,
         "HF checkpoint directory (config.json + safetensors) to start from; its config.json "
         "sets the architecture, so the architecture keys below must stay at their defaults.",
     )
-    vocab_size: int | None = _f(None, "Vocabulary size; None takes the tokenizer's.")
-    hidden_size: int = _f(128, "Width of the residual stream.")
-    intermediate_size: int = _f(384, "Width of the SwiGLU MLP.")
-    num_layers: int = _f(4, "Number of decoder layers.")
-    num_heads: int = _f(4, "Number of query heads.")
-    num_kv_heads: int | None = _f(None, "Number of key/value heads (GQA); None: num_heads.")
-    head_dim: int | None = _f(None, "Per-head width; None: hidden_size // num_heads.")
-    max_position_embeddings: int = _f(2048, "Longest sequence the RoPE tables cover.")
-    rope_theta: float = _f(10000.0, "RoPE base frequency.")
-    rms_norm_eps: float = _f(1e-6, "Epsilon of RMSNorm.")
-    tie_word_embeddings: bool = _f(True, "Share the input embedding with the output head.")
-    init_std: float = _f(0.02, "Standard deviation of the normal init of weight matrices.")
-    dtype: Literal["float32", "bfloat16"] = _f("float32", "Parameter and compute dtype.")
-    attention_backend: Literal["sdpa", "auto", "triton", "torch"] = _f(
+    vocab_size: int | None = field(None, "Vocabulary size; None takes the tokenizer's.", ge=1)
+    hidden_size: int = field(128, "Width of the residual stream.", ge=1)
+    intermediate_size: int = field(384, "Width of the SwiGLU MLP.", ge=1)
+    num_layers: int = field(4, "Number of decoder layers.", ge=1)
+    num_heads: int = field(4, "Number of query heads.", ge=1)
+    num_kv_heads: int | None = field(
+        None, "Number of key/value heads (GQA); a divisor of num_heads; None: num_heads.", ge=1
+    )
+    head_dim: int | None = field(
+        None, "Per-head width (even: RoPE rotates pairs); None: hidden_size // num_heads.", ge=1
+    )
+    max_position_embeddings: int = field(2048, "Longest sequence the RoPE tables cover.", ge=1)
+    rope_theta: float = field(10000.0, "RoPE base frequency.", gt=0)
+    rms_norm_eps: float = field(1e-6, "Epsilon of RMSNorm.", gt=0)
+    tie_word_embeddings: bool = field(True, "Share the input embedding with the output head.")
+    init_std: float = field(0.02, "Standard deviation of the normal init of weight matrices.", ge=0)
+    dtype: Literal["float32", "bfloat16"] = field("float32", "Parameter and compute dtype.")
+    attention_backend: Literal["sdpa", "auto", "triton", "torch"] = field(
         "sdpa",
         "Attention: sdpa (PyTorch SDPA with masks), or tscale.kernels.attention with "
         "backend auto (Triton FlashAttention-2 on CUDA, PyTorch on CPU), triton or torch.",
     )
-    checkpoint_layers: bool = _f(
+    checkpoint_layers: bool = field(
         False, "Activation checkpointing: recompute each layer in the backward (less memory)."
     )
-    norm_backend: Literal["torch", "auto", "triton"] = _f(
+    norm_backend: Literal["torch", "auto", "triton"] = field(
         "torch", "RMSNorm: torch, or tscale.kernels.rms_norm (auto: Triton on CUDA)."
     )
 
@@ -78,13 +89,13 @@ class ModelConfig:
 class SyntheticConfig:
     """The built-in instruction task, generated into the run directory as JSONL."""
 
-    tasks: list[Literal["reverse", "sort", "add"]] = _f(
+    tasks: list[Literal["reverse", "sort", "add"]] = field(
         ["reverse", "sort"], "Tasks mixed in equal shares."
     )
-    num_train: int = _f(20000, "Training examples.")
-    num_eval: int = _f(200, "Held-out examples (disjoint from training).")
-    min_items: int = _f(3, "Fewest items (letters/digits) in a problem.")
-    max_items: int = _f(8, "Most items in a problem.")
+    num_train: int = field(20000, "Training examples.", ge=1)
+    num_eval: int = field(200, "Held-out examples (disjoint from training).", ge=0)
+    min_items: int = field(3, "Fewest items (letters/digits) in a problem (add: at least 2).", ge=1)
+    max_items: int = field(8, "Most items in a problem (at least min_items).", ge=1)
 
 
 @attrs.frozen(kw_only=True)
@@ -92,14 +103,19 @@ class TokenizerConfig:
     """The tokenizer: an HF tokenizer folder (given, or model.path's), or a byte-level BPE
     trained on the training data and cached (only when there is no pretrained model)."""
 
-    path: str | None = _f(
+    path: str | None = field(
         None,
         "An HF tokenizer folder (tokenizer.json + tokenizer_config.json, its special tokens "
         "and chat template) or a tokenizer.json; None: model.path's tokenizer, or without "
         "model.path a BPE trained on the training data.",
     )
-    vocab_size: int = _f(384, "Vocabulary size when training (byte alphabet of 256 included).")
-    add_tokens: list[str] = _f(
+    vocab_size: int = field(
+        384,
+        "Vocabulary size when training: the 256-byte alphabet and 3 special tokens (pad, bos, "
+        "eos) included, the rest learned merges.",
+        ge=259,
+    )
+    add_tokens: list[str] = field(
         [],
         "Special tokens to add (e.g. chat markers for a base model); with model.path the "
         "embedding and head grow to cover them (new rows: the mean of the old ones).",
@@ -110,16 +126,17 @@ class TokenizerConfig:
 class PackingConfig:
     """Best-fit-decreasing packing of examples into rows of data.max_length tokens."""
 
-    enabled: bool = _f(False, "Pack several examples per row (attention isolated by doc_ids).")
-    split_overflow: bool = _f(
+    enabled: bool = field(False, "Pack several examples per row (attention isolated by doc_ids).")
+    split_overflow: bool = field(
         False,
         "Split examples longer than data.max_length into chunks (else data.length.excess "
         "fits them).",
     )
-    buffer_size: int = _f(
+    buffer_size: int = field(
         256,
         "With data.streaming: rows kept open by the streaming packer (a full or the fullest "
         "row is emitted when a new one must open); memory is buffer_size x max_length tokens.",
+        ge=1,
     )
 
 
@@ -131,74 +148,78 @@ _STRATEGY = Literal["smart", "sentence_boundary", "word_boundary", "hard"]
 class SourceConfig:
     """One dataset of a weighted mixture (data.sources)."""
 
-    path: str | None = _f(
+    path: str | None = field(
         None,
         "A file (json, jsonl, csv, parquet, arrow, txt), a directory of them, or a "
         "save_to_disk directory. Set path or hf, not both.",
     )
-    hf: str | None = _f(None, "A Hugging Face hub dataset name (owner/name); needs the network.")
-    hf_config: str | None = _f(
+    hf: str | None = field(None, "A Hugging Face hub dataset name (owner/name); needs the network.")
+    hf_config: str | None = field(
         None, "The hub dataset's configuration (subset), when it has several."
     )
-    split: str = _f(
+    split: str = field(
         "train", "The split to read (datasets slicing such as train[:1000] is allowed)."
     )
-    weight: float = _f(
+    weight: float = field(
         1.0,
         "Mixture weight: each training row comes from this source with probability "
         "weight / sum of weights (smaller sources repeat until every one is seen whole).",
+        gt=0,
     )
-    column_map: dict[str, str] = _f(
+    column_map: dict[str, str] = field(
         {},
         "Canonical field -> this source's column (e.g. {prompt: question, completion: "
         "answer}); overrides data.column_map and the synonym table.",
     )
-    format: _FORMAT = _f("auto", "Record format; auto detects it from the columns.")
+    format: _FORMAT = field("auto", "Record format; auto detects it from the columns.")
 
 
 @attrs.frozen(kw_only=True)
 class LengthConfig:
     """Length budget of each record, fitted on the raw text before templating (data.length)."""
 
-    max_total_length: int | None = _f(
+    max_total_length: int | None = field(
         None,
         "Token budget of a record's finished sample (template + BOS/EOS + text, as "
         "data.max_length counts), when it should be below data.max_length; over it, the "
         "record is fitted per excess. null: data.max_length alone.",
+        ge=1,
     )
-    per_column_limits: dict[str, int] = _f(
-        {}, "Character limit per text column (prompt, completion, instruction, input, output)."
+    per_column_limits: dict[str, int] = field(
+        {},
+        "Character limit per text column (prompt, completion, instruction, input, output).",
+        ge=1,
     )
-    strategy: _STRATEGY = _f(
+    strategy: _STRATEGY = field(
         "smart",
         "Where text is cut: smart (sentences, else words, else characters), "
         "sentence_boundary, word_boundary, hard (at the character).",
     )
-    side: Literal["auto", "right", "left"] = _f(
+    side: Literal["auto", "right", "left"] = field(
         "auto",
         "The end that is cut away: right keeps the beginning, left keeps the end; auto: left "
         "for the prompt side (prompt, instruction, input, a chat's last user message), right "
         "for the answer (completion, output, the last assistant turn).",
     )
-    column_strategy: dict[str, _STRATEGY] = _f(
+    column_strategy: dict[str, _STRATEGY] = field(
         {}, "Per-column strategy, overriding strategy (e.g. {input: hard})."
     )
-    column_side: dict[str, Literal["right", "left"]] = _f(
+    column_side: dict[str, Literal["right", "left"]] = field(
         {}, "Per-column side, overriding side (e.g. {prompt: left})."
     )
-    content_distribution: Literal["balanced", "proportional", "priority", "ratio"] = _f(
+    content_distribution: Literal["balanced", "proportional", "priority", "ratio"] = field(
         "balanced",
         "How the token budget is shared: balanced (the prompt side is cut first; the answer is "
         "cut only when it needs more than half), proportional (same fraction each), priority "
         "(least important column cut first), ratio (fixed shares).",
     )
-    priority: list[str] | None = _f(
+    priority: list[str] | None = field(
         None, "content_distribution priority: columns, most important first (all of them)."
     )
-    ratios: dict[str, float] | None = _f(
-        None, "content_distribution ratio: a positive share per column."
+    ratios: dict[str, float] | None = field(
+        None, "content_distribution ratio: a positive share per column.", gt=0
     )
-    excess: Literal["truncate", "drop", "raise"] = _f(
+    excess: Literal["truncate", "drop", "raise"] = field(
         "truncate",
         "A record over data.max_length, max_total_length or a character limit: truncate (chat: "
         "oldest turns left out, then the last exchange cut; others: prompt side, then answer), "
@@ -210,85 +231,96 @@ class LengthConfig:
 class DataConfig:
     """Training and evaluation data (prompt/completion records)."""
 
-    train_files: list[str] = _f([], "JSONL files of {prompt, completion}; empty: synthetic data.")
-    eval_files: list[str] = _f([], "Held-out JSONL files; empty: synthetic eval data.")
-    synthetic: SyntheticConfig = _f(
+    train_files: list[str] = field(
+        [], "JSONL files of {prompt, completion}; empty: synthetic data."
+    )
+    eval_files: list[str] = field([], "Held-out JSONL files; empty: synthetic eval data.")
+    synthetic: SyntheticConfig = field(
         SyntheticConfig(), "The built-in task (when no files are given)."
     )
-    tokenizer: TokenizerConfig = _f(TokenizerConfig(), "Tokenizer settings.")
-    template: str = _f(
+    tokenizer: TokenizerConfig = field(TokenizerConfig(), "Tokenizer settings.")
+    template: str = field(
         "auto",
         "Chat template: auto (the tokenizer's chat_template; without one, plain for "
         "prompt/completion data and an error for chat data), a built-in (plain, alpaca, chatml, "
         "llama-3, mistral, gemma, qwen), a path to a .jinja file, or a Jinja2 template string.",
     )
-    template_date: str = _f(
+    template_date: str = field(
         "2026-01-01",
         "The date (YYYY-MM-DD) the template's strftime_now formats (Llama-3.x writes it), "
         "fixed so that the same data gives the same tokens.",
     )
-    loss_mode: Literal["auto", "completion_only", "assistant_only", "last_turn_only"] = _f(
+    loss_mode: Literal["auto", "completion_only", "assistant_only", "last_turn_only"] = field(
         "auto",
         "Which tokens are trained (masks come from rendering prefixes); auto: assistant_only "
         "with model.path (every assistant turn of chat data, exactly the completion of "
         "prompt/completion records), completion_only from random init.",
     )
-    system_prompt: str | None = _f(None, "System prompt for records that have none.")
-    max_length: int | None = _f(
+    system_prompt: str | None = field(None, "System prompt for records that have none.")
+    max_length: int | None = field(
         None,
         "Longest example in tokens, template and bos/eos included (the packed row length); "
         "a longer record is fitted per data.length.excess (truncated by default), unless "
         "data.packing.split_overflow splits it. null: min(1024, the model's "
         "max_position_embeddings) with model.path, 64 from random init.",
+        ge=1,
     )
-    packing: PackingConfig = _f(PackingConfig(), "Packing.")
-    group_by_length: bool | None = _f(
+    packing: PackingConfig = field(PackingConfig(), "Packing.")
+    group_by_length: bool | None = field(
         None,
         "Batch examples of similar length (less padding; batches still drawn at random). null: "
         "true when fine-tuning model.path (without data.streaming), false from random init.",
     )
-    drop_last: bool | None = _f(
+    drop_last: bool | None = field(
         None,
         "Drop the rows left over after an epoch's last full batch (true), or train them in a last "
         "batch completed with the epoch's first rows (false). null: false when fine-tuning "
         "model.path (every row trains each epoch), true from random init.",
     )
-    longest_first: bool = _f(False, "Put the batch with the longest example first (OOM at once).")
-    max_tokens: int | None = _f(
-        None, "Token-budget batching: at most this many padded tokens per batch (single process)."
+    longest_first: bool = field(
+        False, "Put the batch with the longest example first (OOM at once)."
     )
-    batch_size: int = _f(64, "Examples per optimizer step (split into train.microbatches).")
-    shuffle: bool = _f(True, "Shuffle each epoch, deterministically from (seed, epoch).")
-    sources: list[SourceConfig] = _f(
+    max_tokens: int | None = field(
+        None,
+        "Token-budget batching: at most this many padded tokens per batch (single process).",
+        ge=1,
+    )
+    batch_size: int = field(
+        64, "Examples per optimizer step (split into train.microbatches).", ge=1
+    )
+    shuffle: bool = field(True, "Shuffle each epoch, deterministically from (seed, epoch).")
+    sources: list[SourceConfig] = field(
         [],
         "Training datasets mixed by weight (instead of train_files); each is read through "
         "datasets, its format detected and its columns mapped to the canonical fields.",
     )
-    format: _FORMAT = _f(
+    format: _FORMAT = field(
         "auto", "Record format of train_files/eval_files/sources; auto detects it."
     )
-    column_map: dict[str, str] = _f(
+    column_map: dict[str, str] = field(
         {},
         "Canonical field -> column for every source (e.g. {prompt: question}); overrides the "
         "synonym table. Setting it (or format) reads train_files through the same path.",
     )
-    streaming: bool = _f(
+    streaming: bool = field(
         False,
         "Read, template, tokenize and pack the training data on the fly (bounded memory); "
         "the loader's cursor holds the stream position and packer buffer, so resume is exact.",
     )
-    length: LengthConfig = _f(LengthConfig(), "Length budget (truncation before templating).")
-    max_error_rate: float | None = _f(
+    length: LengthConfig = field(LengthConfig(), "Length budget (truncation before templating).")
+    max_error_rate: float | None = field(
         0.05,
         "Stop before training when more than this fraction of the training rows is "
         "quarantined (malformed; dropped rows do not count); null: never stop.",
+        ge=0,
+        le=1,
     )
-    cache: bool = _f(
+    cache: bool = field(
         True,
         "Cache the processed (tokenized, packed) data under a fingerprint of the data config, "
         "input files and tokenizer; a second run with the same inputs skips preprocessing.",
     )
-    cache_dir: str | None = _f(
+    cache_dir: str | None = field(
         None, "Where the processed-data cache lives; null: <run.output_dir>/data/cache."
     )
 
@@ -388,38 +420,57 @@ class SchedulerConfig:
 class TrainConfig:
     """The training loop."""
 
-    max_steps: int | None = _f(
+    max_steps: int | None = field(
         None,
         "Optimizer steps to take; null: train.epochs passes over the data, or 100 steps from "
         "random init without train.epochs. With train.epochs too, the run stops at whichever "
         "comes first.",
+        ge=1,
     )
-    epochs: float | None = _f(
+    epochs: float | None = field(
         None,
         "Passes over the training data (steps = ceil(epochs x steps per epoch), printed at the "
         "start; may be fractional); null: 1 with model.path unless train.max_steps is set. "
         "Not with data.streaming (the number of steps per epoch is unknown).",
+        gt=0,
     )
-    microbatches: int = _f(1, "Gradient accumulation: data.batch_size is split into this many.")
-    donate: bool = _f(True, "The step updates the state in place (False: clone it first).")
-    compile: bool = _f(
+    microbatches: int = field(
+        1, "Gradient accumulation: data.batch_size is split into this many.", ge=1
+    )
+    donate: bool = field(True, "The step updates the state in place (False: clone it first).")
+    compile: bool = field(
         False,
         "torch.compile the train step (forward, backward and optimizer update in one graph); "
         "the first steps are slow while it compiles.",
     )
-    compile_backend: Literal["inductor", "aot_eager", "eager"] = _f(
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = field(
         "inductor",
         "Backend of train.compile: inductor (generated kernels; on CPU it needs a C++ "
         "compiler), aot_eager (traced graphs run by eager kernels: quick to compile, for "
         "checking), eager.",
     )
-    log_every: int = _f(10, "Read metrics from the device and log them every N steps.")
-    eval_every: int = _f(
-        0, "Evaluate every N steps (0: only at the end; nothing without held-out data)."
+    log_every: int = field(10, "Read metrics from the device and log them every N steps.", ge=1)
+    eval_every: int = field(
+        0,
+        "Evaluate every N steps (0: only at the end; nothing without held-out data).",
+        ge=1,
+        sentinels={0: "only at the end"},
     )
-    save_every: int = _f(0, "Checkpoint every N steps (0: only at the end).")
-    keep_last: int = _f(2, "Checkpoints to keep (oldest are deleted); 0 keeps all.")
-    progress: bool = _f(True, "Show a rich progress bar on a terminal (else a log line every 5 s).")
+    save_every: int = field(
+        0,
+        "Checkpoint every N steps (0: only at the end).",
+        ge=1,
+        sentinels={0: "only at the end"},
+    )
+    keep_last: int = field(
+        2,
+        "Checkpoints to keep (oldest are deleted); 0 keeps all.",
+        ge=1,
+        sentinels={0: "keep all"},
+    )
+    progress: bool = field(
+        True, "Show a rich progress bar on a terminal (else a log line every 5 s)."
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -427,15 +478,19 @@ class EvalConfig:
     """Held-out evaluation (data.eval_files, or the synthetic task's held-out split): loss and
     perplexity, and exact match of greedy answers."""
 
-    num_samples: int = _f(
+    num_samples: int = field(
         200,
         "Held-out records to answer greedily and score by exact match against their reference "
         "answer (0: loss and perplexity only); records without one are skipped.",
+        ge=1,
+        sentinels={0: "loss and perplexity only"},
     )
-    batch_size: int = _f(100, "Problems decoded at once.")
-    max_new_tokens: int = _f(24, "Longest answer generated.")
-    num_show: int = _f(
-        3, "Sample generations printed at the end of the run (prompts through data.template)."
+    batch_size: int = field(100, "Problems decoded at once.", ge=1)
+    max_new_tokens: int = field(24, "Longest answer generated.", ge=1)
+    num_show: int = field(
+        3,
+        "Sample generations printed at the end of the run (prompts through data.template).",
+        ge=0,
     )
 
 
@@ -443,16 +498,18 @@ class EvalConfig:
 class LossConfig:
     """The training loss: token cross-entropy, summed and normalised by the batch's tokens."""
 
-    fused: bool = _f(
+    fused: bool = field(
         False,
         "Fused linear cross-entropy (tscale.kernels): never materialises tokens x vocab "
         "logits. Not with lora.enabled or optimizer.type=sophia_g.",
     )
-    backend: Literal["auto", "triton", "torch"] = _f("auto", "Kernel backend of the fused loss.")
-    chunk_bytes: int | None = _f(None, "Memory per chunk of the fused loss; null: its default.")
-    label_smoothing: float = _f(0.0, "Label smoothing of the cross-entropy.")
-    z_loss: float = _f(0.0, "Weight of the z-loss (logsumexp^2 per trained token).")
-    trained_positions_only: bool = _f(
+    backend: Literal["auto", "triton", "torch"] = field("auto", "Kernel backend of the fused loss.")
+    chunk_bytes: int | None = field(
+        None, "Memory per chunk of the fused loss; null: its default.", ge=1
+    )
+    label_smoothing: float = field(0.0, "Label smoothing of the cross-entropy.", ge=0, le=1)
+    z_loss: float = field(0.0, "Weight of the z-loss (logsumexp^2 per trained token).", ge=0)
+    trained_positions_only: bool = field(
         True,
         "Run the LM head only at trained positions (labels != -100): the same loss with less "
         "compute when prompts are long. False: logits at every position.",
@@ -463,19 +520,23 @@ class LossConfig:
 class LoraSection:
     """Parameter-efficient fine-tuning: only LoRA adapters are trained (see docs/lora.md)."""
 
-    enabled: bool = _f(False, "Train LoRA adapters instead of the model's weights.")
-    rank: int = _f(8, "Rank r of each B @ A update.")
-    alpha: float = _f(16.0, "Scale numerator: updates are (alpha / r) * B @ A.")
-    dropout: float = _f(0.0, "Dropout on the LoRA input path (keys from the run's rng and step).")
-    targets: list[str] | None = _f(
+    enabled: bool = field(False, "Train LoRA adapters instead of the model's weights.")
+    rank: int = field(8, "Rank r of each B @ A update.", ge=1)
+    alpha: float = field(16.0, "Scale numerator: updates are (alpha / r) * B @ A.", gt=0)
+    dropout: float = field(
+        0.0, "Dropout on the LoRA input path (keys from the run's rng and step).", ge=0, lt=1
+    )
+    targets: list[str] | None = field(
         None,
         "Weights that get adapters (module names, globs or re:<regex>); null: attention "
         "and MLP projections.",
     )
-    use_dora: bool = _f(False, "DoRA: also learn a magnitude vector per target.")
-    use_rslora: bool = _f(False, "Rank-stabilised scale alpha / sqrt(r).")
-    qlora: bool = _f(False, "QLoRA: store the frozen target weights as NF4 (bitsandbytes).")
-    qlora_block_size: int = _f(64, "NF4 quantisation block size.")
+    use_dora: bool = field(False, "DoRA: also learn a magnitude vector per target.")
+    use_rslora: bool = field(False, "Rank-stabilised scale alpha / sqrt(r).")
+    qlora: bool = field(False, "QLoRA: store the frozen target weights as NF4 (bitsandbytes).")
+    qlora_block_size: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = field(
+        64, "NF4 quantisation block size."
+    )
 
 
 @attrs.frozen(kw_only=True)
@@ -483,23 +544,23 @@ class DeepSpeedSection:
     """DeepSpeed's engine instead of tscale's own DDP/FSDP (parallel.deepspeed; see
     docs/distributed.md). Needs ``pip install 'tscale[deepspeed]'``."""
 
-    enabled: bool = _f(
+    enabled: bool = field(
         False,
         "Run the step through deepspeed.initialize (ZeRO); parallel.dp_replicate/dp_shard must "
         "stay at their defaults (DeepSpeed shards over all ranks).",
     )
-    zero_stage: Literal[0, 1, 2, 3] = _f(
+    zero_stage: Literal[0, 1, 2, 3] = field(
         2,
         "ZeRO stage: 0 replicated (DDP), 1 optimizer state, 2 + gradients, 3 + params "
         "partitioned over the ranks (each layer gathered when it runs).",
     )
-    offload_optimizer: Literal["none", "cpu"] = _f(
+    offload_optimizer: Literal["none", "cpu"] = field(
         "none", "ZeRO-Offload: keep the optimizer state and step on the CPU (zero_stage >= 1)."
     )
-    offload_param: Literal["none", "cpu"] = _f(
+    offload_param: Literal["none", "cpu"] = field(
         "none", "ZeRO-Infinity: keep the param partitions on the CPU (zero_stage 3)."
     )
-    config: dict[str, Any] = _f(
+    config: dict[str, Any] = field(
         {},
         "Extra DeepSpeed config keys merged into the one tscale builds (e.g. zero_optimization."
         "overlap_comm); keys tscale sets itself (batch sizes, clipping, optimizer, bf16, stage, "
@@ -511,44 +572,51 @@ class DeepSpeedSection:
 class ParallelConfig:
     """Data parallelism under torchrun (see docs/distributed.md); one process ignores it."""
 
-    dp_replicate: int = _f(-1, "Replicas (DDP degree); -1: the processes left over by dp_shard.")
-    dp_shard: int = _f(
+    dp_replicate: int = field(
+        -1,
+        "Replicas (DDP degree); -1: the processes left over by dp_shard.",
+        ge=1,
+        sentinels={-1: "fill"},
+    )
+    dp_shard: int = field(
         1,
         "Ranks each replica's params and optimizer state are sharded over (FSDP degree); "
         "1: DDP; -1: all processes left over by dp_replicate.",
+        ge=1,
+        sentinels={-1: "fill"},
     )
-    backend: Literal["auto", "gloo", "nccl"] = _f(
+    backend: Literal["auto", "gloo", "nccl"] = field(
         "auto", "Process-group backend: auto is nccl on CUDA, gloo on CPU."
     )
-    bucket_mb: float = _f(25.0, "DDP: gradient all-reduce bucket size in MiB.")
-    overlap_reduce: bool = _f(
+    bucket_mb: float = field(25.0, "DDP: gradient all-reduce bucket size in MiB.", gt=0)
+    overlap_reduce: bool = field(
         False,
         "DDP: start each layer's gradient all-reduce in the backward as soon as the layer is "
         "done (train.microbatches 1, no param_dtype, no LoRA, no loss.fused). Measured no gain "
         "on CPU/gloo, where the reduction competes for the same cores.",
     )
-    reshard_after_forward: bool = _f(
+    reshard_after_forward: bool = field(
         True,
         "FSDP: free each gathered layer after its forward and all-gather it again in the "
         "backward (False: keep it, one all-gather per layer and step, more memory).",
     )
-    param_dtype: Literal["float32", "bfloat16"] | None = _f(
+    param_dtype: Literal["float32", "bfloat16"] | None = field(
         None,
         "Mixed precision: dtype the params are cast to for forward and backward (the master "
         "params and the optimizer stay in model.dtype); null: no cast. Applies to one process too.",
     )
-    reduce_dtype: Literal["float32", "bfloat16"] = _f(
+    reduce_dtype: Literal["float32", "bfloat16"] = field(
         "float32", "Dtype of the gradient all-reduce / reduce-scatter across ranks."
     )
-    timeout_s: float = _f(600.0, "Seconds a collective may wait before the run fails.")
-    deepspeed: DeepSpeedSection = _f(DeepSpeedSection(), "DeepSpeed ZeRO backend.")
+    timeout_s: float = field(600.0, "Seconds a collective may wait before the run fails.", gt=0)
+    deepspeed: DeepSpeedSection = field(DeepSpeedSection(), "DeepSpeed ZeRO backend.")
 
 
 @attrs.frozen(kw_only=True)
 class Config:
     """A whole run."""
 
-    run: RunConfig = _f(RunConfig(), "Run directory, seed, device.")
+    run: RunConfig = field(RunConfig(), "Run directory, seed, device.")
     task: Any = attrs.field(
         default=SFTTask(),
         metadata={
@@ -557,15 +625,15 @@ class Config:
             "resolve": resolve_task_class,
         },
     )
-    model: ModelConfig = _f(ModelConfig(), "Model architecture.")
-    data: DataConfig = _f(DataConfig(), "Data.")
+    model: ModelConfig = field(ModelConfig(), "Model architecture.")
+    data: DataConfig = field(DataConfig(), "Data.")
     optimizer: OptimizerConfig = _f(OptimizerConfig(), "Optimizer.")
     scheduler: SchedulerConfig = _f(SchedulerConfig(), "Learning-rate schedule.")
-    loss: LossConfig = _f(LossConfig(), "Loss.")
-    lora: LoraSection = _f(LoraSection(), "LoRA / QLoRA adapters.")
-    train: TrainConfig = _f(TrainConfig(), "Training loop.")
-    eval: EvalConfig = _f(EvalConfig(), "Evaluation.")
-    parallel: ParallelConfig = _f(ParallelConfig(), "Data parallelism (DDP / FSDP / HSDP).")
+    loss: LossConfig = field(LossConfig(), "Loss.")
+    lora: LoraSection = field(LoraSection(), "LoRA / QLoRA adapters.")
+    train: TrainConfig = field(TrainConfig(), "Training loop.")
+    eval: EvalConfig = field(EvalConfig(), "Evaluation.")
+    parallel: ParallelConfig = field(ParallelConfig(), "Data parallelism (DDP / FSDP / HSDP).")
 
 
 # ---- defaults that depend on the run ------------------------------------------------------------

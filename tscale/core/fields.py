@@ -43,13 +43,19 @@ class Domain:
             or (self.le is not None and value > self.le)
             or (self.lt is not None and value >= self.lt)
         )
-        return f"must be{self._range_phrase()}, got {value}" if bad else None
+        return (
+            f"must be{self._range_phrase()}{self._sentinel_phrase()}, got {value}" if bad else None
+        )
 
     def describe(self) -> str:
         """The domain in words for docs/config.md (``>= 1``, ``[0, 1]``, ``>= 1, or -1: fill``)."""
         text = self._range_phrase().removeprefix(" ")
         extra = ", ".join(f"{_show(k)}: {v}" for k, v in self.sentinels.items())
         return f"{text}, or {extra}" if text and extra else text or extra
+
+    def _sentinel_phrase(self) -> str:
+        """`` or 0 (keep all)`` / `` or -1 (fill)``: the sentinels, for messages."""
+        return "".join(f" or {_show(k)} ({v})" for k, v in self.sentinels.items())
 
     def _range_phrase(self) -> str:
         low = (f"{_show(self.ge)}", "[") if self.ge is not None else None

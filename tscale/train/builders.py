@@ -15,6 +15,7 @@ import torch
 from tensordict import TensorDictBase
 
 from tscale.checkpoint.hf import from_pretrained
+from tscale.config import rules
 from tscale.config.schema import Config, DataConfig, model_max_positions, resolve_defaults
 from tscale.core import tree as T
 from tscale.core.result import Err, Ok
@@ -52,65 +53,13 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks the schema cannot express, on the resolved values
-    (:func:`~tscale.config.schema.resolve_defaults`); raises ConfigError naming the keys.
-
-    ``train.max_steps`` may still be null (``train.epochs`` decides it once the data is read):
-    the step checks then run again through :func:`validate_steps`.
-    """
-    cfg = resolve_defaults(cfg)
-    if cfg.data.batch_size % cfg.train.microbatches:
-        raise ConfigError(
-            f"data.batch_size ({cfg.data.batch_size}) must be a multiple of train.microbatches "
-            f"({cfg.train.microbatches})"
-        )
-    assert cfg.data.max_length is not None  # resolved
-    for key, value in (
-        ("data.batch_size", cfg.data.batch_size),
-        ("train.microbatches", cfg.train.microbatches),
-        ("train.log_every", cfg.train.log_every),
-        ("data.max_length", cfg.data.max_length),
-    ):
-        if value < 1:
-            raise ConfigError(f"{key} must be at least 1, got {value}")
-    if cfg.train.epochs is not None and not cfg.train.epochs > 0:
-        raise ConfigError(f"train.epochs must be above 0, got {cfg.train.epochs}")
-    if cfg.train.epochs is not None and cfg.data.streaming and cfg.train.max_steps is None:
-        raise ConfigError(
-            "train.epochs: data.streaming does not know the number of steps per epoch in "
-            "advance; set train.max_steps (the learning-rate schedule needs the total)"
-        )
-    if cfg.model.hidden_size % cfg.model.num_heads and cfg.model.head_dim is None:
-        raise ConfigError(
-            f"model.hidden_size ({cfg.model.hidden_size}) must be divisible by model.num_heads "
-            f"({cfg.model.num_heads}), or set model.head_dim"
-        )
-    if cfg.model.path is not None:
-        positions = model_max_positions(cfg.model.path)
-        key = f"the max_position_embeddings of {cfg.model.path}/config.json"
-    else:
-        positions, key = cfg.model.max_position_embeddings, "model.max_position_embeddings"
-    if positions is not None and cfg.data.max_length > positions:
-        raise ConfigError(
-            f"data.max_length ({cfg.data.max_length}) exceeds {key} ({positions}); "
-            "lower data.max_length"
-        )
-    if cfg.train.max_steps is not None:
-        validate_steps(cfg)
+    """:func:`tscale.config.rules.check` on the resolved values, with ``model.path``'s max
+    positions read here; raises ConfigError naming the keys."""
+    positions = model_max_positions(cfg.model.path) if cfg.model.path is not None else None
+    rules.check(resolve_defaults(cfg, max_positions=positions), checkpoint_positions=positions)
 
 
-def validate_steps(cfg: Config) -> None:
-    """The checks that need the run's length (``train.max_steps``, resolved)."""
-    steps = cfg.train.max_steps
-    if steps is None:
-        raise ConfigError("train.max_steps is null: set it or train.epochs")
-    if steps < 1:
-        raise ConfigError(f"train.max_steps must be at least 1, got {steps}")
-    if cfg.scheduler.warmup_steps > steps:
-        raise ConfigError(
-            f"scheduler.warmup_steps ({cfg.scheduler.warmup_steps}) exceeds train.max_steps "
-            f"({steps})"
-        )
+validate_steps = rules.check_steps
 
 
 def resolve_device(name: str) -> torch.device:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from tensordict import TensorDict, TensorDictBase
 
+from tscale.config import rules
 from tscale.config.schema import Config
 from tscale.core.state import TrainState
 from tscale.errors import ConfigError
@@ -239,97 +240,9 @@ def with_deepspeed(
     return attrs.evolve(par, deepspeed=run)
 
 
-def _validate_deepspeed(cfg: Config) -> None:
-    d, p = cfg.parallel.deepspeed, cfg.parallel
-    if p.dp_shard != 1 or p.dp_replicate != -1:
-        raise ConfigError(
-            "parallel.dp_replicate / parallel.dp_shard do not apply with parallel.deepspeed."
-            "enabled: DeepSpeed partitions over all ranks; choose parallel.deepspeed.zero_stage "
-            "and leave them at their defaults (-1, 1)"
-        )
-    if cfg.optimizer.type in {"sophia_g", "schedule_free_adamw"}:
-        raise ConfigError(
-            f"optimizer.type={cfg.optimizer.type} does not run under parallel.deepspeed "
-            "(its Hessian step / averaged iterate lives outside DeepSpeed's optimizer step); "
-            "use adamw, adamw_8bit or lion, or tscale's own parallelism"
-        )
-    if cfg.optimizer.type in {"muon", "prodigy"}:
-        raise ConfigError(
-            f"optimizer.type={cfg.optimizer.type} needs whole named tensors or sums over all "
-            "params, but DeepSpeed hands the optimizer param groups (flat partitions under ZeRO); "
-            "use adamw, adamw_8bit or lion, or tscale's own parallelism (parallel.deepspeed."
-            "enabled: false)"
-        )
-    if d.zero_stage == 3 and (cfg.lora.enabled or cfg.loss.fused):
-        raise ConfigError(
-            "parallel.deepspeed.zero_stage: 3 does not combine with lora.enabled or loss.fused "
-            "yet; use zero_stage 2"
-        )
-    if d.offload_param != "none" and d.zero_stage != 3:
-        raise ConfigError("parallel.deepspeed.offload_param needs parallel.deepspeed.zero_stage: 3")
-    if d.offload_optimizer != "none" and d.zero_stage == 0:
-        raise ConfigError(
-            "parallel.deepspeed.offload_optimizer needs parallel.deepspeed.zero_stage >= 1"
-        )
-    if cfg.train.compile:
-        raise ConfigError("train.compile does not combine with parallel.deepspeed; set it false")
-
-
-def _validate_overlap(cfg: Config, plan: ParallelPlan) -> None:
-    why = [
-        reason
-        for reason, bad in (
-            ("parallel.dp_shard > 1 (FSDP reduces in its own backward)", plan.sharded),
-            ("parallel.deepspeed.enabled", cfg.parallel.deepspeed.enabled),
-            ("train.microbatches > 1", cfg.train.microbatches > 1),
-            ("parallel.param_dtype", cfg.parallel.param_dtype is not None),
-            (
-                "parallel.reduce_dtype other than model.dtype",
-                cfg.parallel.reduce_dtype != cfg.model.dtype,
-            ),
-            ("lora.enabled", cfg.lora.enabled),
-            ("loss.fused", cfg.loss.fused),
-        )
-        if bad
-    ]
-    if why:
-        raise ConfigError(
-            f"parallel.overlap_reduce does not combine with {', '.join(why)}; set it false"
-        )
-
-
 def _validate(cfg: Config, plan: ParallelPlan) -> None:
-    world = plan.world_size
-    if cfg.parallel.deepspeed.enabled:
-        _validate_deepspeed(cfg)
-    per_rank, rest = divmod(cfg.data.batch_size, world)
-    if rest or per_rank % cfg.train.microbatches:
-        raise ConfigError(
-            f"data.batch_size ({cfg.data.batch_size}) must split into {world} equal rank shares, "
-            f"each a multiple of train.microbatches ({cfg.train.microbatches})"
-        )
-    if cfg.train.compile and world > 1:
-        raise ConfigError("train.compile is not supported under torchrun yet; set it to false")
-    if cfg.data.max_tokens is not None and world > 1:
-        raise ConfigError("data.max_tokens (token-budget batches) does not support torchrun yet")
-    if cfg.parallel.param_dtype is not None and cfg.loss.fused:
-        raise ConfigError("parallel.param_dtype does not combine with loss.fused yet")
-    if world > 1 and cfg.optimizer.type == "sophia_g":
-        raise ConfigError(
-            "optimizer.type=sophia_g is single-process only for now (its Hessian step is not "
-            "reduced across ranks); choose another optimizer or run one process"
-        )
-    if cfg.parallel.overlap_reduce:
-        _validate_overlap(cfg, plan)
-    if plan.sharded:
-        fsdp.check_optimizer(cfg.optimizer.type)
-        if cfg.lora.enabled:
-            raise ConfigError(
-                "lora.enabled with parallel.dp_shard > 1: adapters are small, shard nothing; "
-                "use parallel.dp_shard: 1 (DDP)"
-            )
-        if cfg.loss.fused:
-            raise ConfigError("loss.fused does not combine with parallel.dp_shard > 1 yet")
+    """The config's rules for this plan (:func:`tscale.config.rules.check_parallel`)."""
+    rules.check_parallel(cfg, plan.world_size, sharded=plan.sharded)
 
 
 def cast_apply(apply_fn: Callable[..., torch.Tensor], dtype: torch.dtype) -> Callable:

@@ -32,7 +32,7 @@ from tscale.optim.schedules import Schedule
 from tscale.step.compose import StepFn
 from tscale.tasks.base import Task, TaskContext
 from tscale.tasks.sft import reference_answer
-from tscale.train import builders, data_report, distributed
+from tscale.train import builders, data_report, distributed, preflight
 from tscale.train.callbacks import Callback, JsonlLogger, ProgressBar, truncate_jsonl
 from tscale.train.export import export_adapter
 
@@ -93,6 +93,7 @@ def build_run(
     console = console or Console()
     cfg = resolve_defaults(cfg)  # null/auto keys: fine-tuning or random-init defaults
     builders.validate(cfg)
+    preflight.check(cfg)  # input paths exist, output places writable: before any write
     device = builders.resolve_device(cfg.run.device)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
