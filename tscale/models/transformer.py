@@ -56,13 +56,7 @@ from tscale.core import tree as T
 from tscale.errors import ConfigError, ShapeError
 from tscale.kernels import attention as kernel_attention
 from tscale.kernels import rms_norm as kernel_rms_norm
-
-Batch = TensorDictBase | Mapping[str, torch.Tensor]
-Gather = Callable[[TensorDictBase], TensorDictBase]
-"""``gather(stored) -> used``: maps a group of stored params (the non-layer params once, then
-each layer's) to the tensors the layer computes with. The model stays single-device; a parallel
-wrapper passes one (:mod:`tscale.parallel.fsdp` all-gathers the shards of a layer in one
-collective and reduce-scatters its gradients in the backward)."""
+from tscale.models.protocol import Batch, Frozen, Gather
 
 #: The supported families: HF ``model_type`` -> the ``architectures`` entry of its config.json.
 FAMILIES: dict[str, str] = {
@@ -909,12 +903,18 @@ def _gathered_layer(
     return _layer(config, gather(layer), x, cos, sin, attend, i)
 
 
-def _gather_root(params: TensorDictBase, gather: Gather | None) -> TensorDictBase:
+def _gather_root(
+    params: TensorDictBase, gather: Gather | None, *, head: bool = True
+) -> TensorDictBase:
     """The params with everything outside ``model.layers`` (embedding, final norm, head)
-    gathered once; the layers stay as stored and are gathered one at a time by ``_decoder``."""
+    gathered once; the layers stay as stored and are gathered one at a time by ``_decoder``.
+    ``head=False`` leaves an untied ``lm_head`` out (hidden states do not read it)."""
     if gather is None:
         return params
-    root = gather(params.exclude(("model", "layers")))
+    skip: list[Any] = [("model", "layers")]
+    if not head and "lm_head" in params.keys():  # noqa: SIM118 - a TensorDict's keys
+        skip.append("lm_head")
+    root = gather(params.exclude(*skip))
     root.set(("model", "layers"), params["model", "layers"])
     return root
 
@@ -1018,7 +1018,8 @@ def hidden_states(
     Raises:
         ShapeError: ``input_ids`` is not [B, S] ints or the optional fields disagree in shape.
     """
-    return _at_logits_index(_hidden(config, _gather_root(params, gather), batch, gather), batch)
+    root = _gather_root(params, gather, head=False)
+    return _at_logits_index(_hidden(config, root, batch, gather), batch)
 
 
 def _at_logits_index(h: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -1058,18 +1059,26 @@ def _hidden(
     return _decoder(config, params, ids, position_ids, attend, gather)
 
 
-def head_weight(config: TransformerConfig, params: TensorDictBase) -> torch.Tensor:
+def head_weight(
+    config: TransformerConfig, params: TensorDictBase, *, gather: Gather | None = None
+) -> torch.Tensor:
     """The LM head's weight [vocab_size, hidden_size]: ``lm_head.weight``, or the input embedding
     ``model.embed_tokens.weight`` when ``tie_word_embeddings``.
+
+    With ``gather`` the weight is gathered on its own (a group of one leaf): a fused loss reads
+    it beside :func:`hidden_states`, which gathers the rest (FSDP: a tied embedding is then
+    all-gathered twice, once for the input and once for the head).
 
     ``logits = hidden @ head_weight.T``, then Gemma 2's final soft-cap
     (``config.final_logit_softcap``), which is not part of the weight: a fused loss must apply it
     (``linear_cross_entropy(..., softcap=config.final_logit_softcap)``). Gemma's
     ``sqrt(hidden_size)`` scale belongs to the input embedding only and never to the head.
     """
-    if config.tie_word_embeddings:
-        return params["model", "embed_tokens", "weight"]
-    return params["lm_head", "weight"]
+    path = ("model", "embed_tokens") if config.tie_word_embeddings else ("lm_head",)
+    w = params[(*path, "weight")]
+    if gather is None:
+        return w
+    return gather(TensorDict({"weight": w}, batch_size=[]))["weight"]
 
 
 def logits_from_hidden(
@@ -1139,6 +1148,8 @@ def apply_with_cache(
     batch: Batch,
     cache: TensorDictBase,
     offset: int,
+    *,
+    gather: Gather | None = None,
 ) -> tuple[torch.Tensor, TensorDictBase]:
     """Logits of new tokens that attend to the cached ones; returns ``(logits, cache)``.
 
@@ -1158,10 +1169,12 @@ def apply_with_cache(
             default ``offset + 0..S-1``) and ``doc_ids`` [B|1, S] (default 0).
         cache: from :func:`init_cache` or the previous call.
         offset: how many slots earlier calls filled.
+        gather: as for :func:`hidden_states`.
 
     Raises:
         ShapeError: the batch is malformed or does not fit the cache.
     """
+    params = _gather_root(params, gather)
     ids = batch["input_ids"]
     position_ids = _get(batch, "position_ids")
     doc_ids = _get(batch, "doc_ids")
@@ -1200,39 +1213,81 @@ def apply_with_cache(
         keys, values = ck[i, :, :, :end].to(q.dtype), cv[i, :, :, :end].to(q.dtype)
         return _attention(config, q.transpose(1, 2), keys, values, mask)
 
-    h = _decoder(config, params, ids, position_ids, attend)
+    h = _decoder(config, params, ids, position_ids, attend, gather)
     return logits_from_hidden(config, params, h), cache
 
 
 @attrs.frozen
 class Transformer:
-    """A decoder: a config and the pure functions bound to it, held as one object."""
+    """A decoder: a config and the pure functions bound to it, held as one object.
+
+    Implements :class:`~tscale.models.protocol.LanguageModel`; ``frozen`` is accepted
+    everywhere and ignored (a plain decoder has no frozen trees).
+    """
 
     config: TransformerConfig
 
-    def init(self, key: torch.Tensor, *, device: torch.device | str = "cpu") -> TensorDict:
+    @property
+    def final_logit_softcap(self) -> float | None:
+        """Gemma 2's final logit soft-cap (None for other families)."""
+        return self.config.final_logit_softcap
+
+    def init(
+        self,
+        key: torch.Tensor,
+        *,
+        device: torch.device | str = "cpu",
+        frozen: Frozen | None = None,
+    ) -> TensorDict:
         """Fresh parameters from a key (see :func:`init`)."""
         return init(self.config, key, device=device)
 
     def apply(
-        self, params: TensorDictBase, batch: Batch, *, gather: Gather | None = None
+        self,
+        params: TensorDictBase,
+        batch: Batch,
+        *,
+        gather: Gather | None = None,
+        frozen: Frozen | None = None,
     ) -> torch.Tensor:
         """Logits [B, S, V] (see :func:`apply`)."""
         return apply(self.config, params, batch, gather=gather)
 
     def hidden_states(
-        self, params: TensorDictBase, batch: Batch, *, gather: Gather | None = None
+        self,
+        params: TensorDictBase,
+        batch: Batch,
+        *,
+        gather: Gather | None = None,
+        frozen: Frozen | None = None,
     ) -> torch.Tensor:
         """Final-normed hidden states [B, S, H] (see :func:`hidden_states`)."""
         return hidden_states(self.config, params, batch, gather=gather)
 
-    def logits_from_hidden(self, params: TensorDictBase, h: torch.Tensor) -> torch.Tensor:
+    def logits_from_hidden(
+        self,
+        params: TensorDictBase,
+        h: torch.Tensor,
+        *,
+        gather: Gather | None = None,
+        frozen: Frozen | None = None,
+    ) -> torch.Tensor:
         """The LM head applied to hidden states (see :func:`logits_from_hidden`)."""
-        return logits_from_hidden(self.config, params, h)
+        if gather is None:
+            return logits_from_hidden(self.config, params, h)
+        logits = F.linear(h, head_weight(self.config, params, gather=gather))
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
-    def head_weight(self, params: TensorDictBase) -> torch.Tensor:
+    def head_weight(
+        self,
+        params: TensorDictBase,
+        *,
+        gather: Gather | None = None,
+        frozen: Frozen | None = None,
+    ) -> torch.Tensor:
         """The LM head's weight [V, H], tied or not (see :func:`head_weight`)."""
-        return head_weight(self.config, params)
+        return head_weight(self.config, params, gather=gather)
 
     def init_cache(
         self,
@@ -1241,15 +1296,23 @@ class Transformer:
         *,
         dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu",
+        frozen: Frozen | None = None,
     ) -> TensorDict:
         """An empty KV cache (see :func:`init_cache`)."""
         return init_cache(self.config, batch_size, max_length, dtype=dtype, device=device)
 
     def apply_with_cache(
-        self, params: TensorDictBase, batch: Batch, cache: TensorDictBase, offset: int
+        self,
+        params: TensorDictBase,
+        batch: Batch,
+        cache: TensorDictBase,
+        offset: int,
+        *,
+        gather: Gather | None = None,
+        frozen: Frozen | None = None,
     ) -> tuple[torch.Tensor, TensorDictBase]:
         """Logits of new tokens against the cache, and the cache (see :func:`apply_with_cache`)."""
-        return apply_with_cache(self.config, params, batch, cache, offset)
+        return apply_with_cache(self.config, params, batch, cache, offset, gather=gather)
 
     def num_params(self, params: TensorDictBase | None = None) -> int:
         """Number of scalar parameters (of ``params``, or of the config's shapes when None)."""

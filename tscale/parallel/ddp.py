@@ -15,14 +15,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import torch
 import torch.distributed as dist
-from tensordict import TensorDictBase
+from tensordict import TensorDict, TensorDictBase
 
 from tscale.core import tree as T
+from tscale.models.lora import LoraModel
+from tscale.models.protocol import layers
 from tscale.step.compose import GradSync
 
-__all__ = ["OverlappedDDP", "all_reduce_counts", "bucket_indices", "make_ddp_sync"]
+__all__ = [
+    "OverlappedDDP",
+    "OverlappedModel",
+    "all_reduce_counts",
+    "bucket_indices",
+    "make_ddp_sync",
+]
 
 
 def bucket_indices(sizes: list[int], bucket_bytes: int) -> list[list[int]]:
@@ -150,6 +159,11 @@ class OverlappedDDP:
 
         return run
 
+    def wrap(self, model: Any) -> OverlappedModel:
+        """``model`` (a :class:`~tscale.models.protocol.LanguageModel`) with this overlap's
+        ``gather`` passed to every method (see :class:`OverlappedModel`)."""
+        return OverlappedModel(model, self)
+
     def sync(
         self, grads: TensorDictBase, loss_sum: torch.Tensor, tokens: torch.Tensor
     ) -> tuple[TensorDictBase, torch.Tensor, torch.Tensor]:
@@ -158,3 +172,91 @@ class OverlappedDDP:
         for w in works:
             w.wait()
         return grads, loss_sum, tokens
+
+
+@attrs.frozen(eq=False)
+class OverlappedModel:
+    """:class:`OverlappedDDP`'s apply as a model wrapper: every method of the
+    :class:`~tscale.models.protocol.LanguageModel` protocol runs ``inner`` with
+    ``gather=ddp.gather``, so each layer's gradient all-reduce starts in the backward (the
+    step's ``grad_sync`` is ``ddp.sync``).
+
+    The hook sees the tree the innermost model computes with; that must be the trainable
+    params, so LoRA (whose decoder computes with the frozen base) is refused.
+
+    Raises:
+        ValueError: LoRA in the stack.
+    """
+
+    inner: Any
+    ddp: OverlappedDDP
+
+    def __attrs_post_init__(self) -> None:
+        if any(isinstance(m, LoraModel) for m in layers(self.inner)):
+            raise ValueError(
+                "OverlappedModel over LoRA: the overlap hook would see the frozen base, not the "
+                "adapters; reduce the adapters' gradients with make_ddp_sync instead"
+            )
+
+    @property
+    def final_logit_softcap(self) -> float | None:
+        """The inner model's."""
+        return getattr(self.inner, "final_logit_softcap", None)
+
+    def _check(self, gather: Any) -> None:
+        if gather is not None:
+            raise ValueError("OverlappedModel is the outermost wrapper: it takes no gather hook")
+
+    def init(self, key: torch.Tensor, **kw: Any) -> TensorDict:
+        """The inner model's fresh params."""
+        return self.inner.init(key, **kw)
+
+    def apply(
+        self, params: TensorDictBase, batch: Any, *, gather: Any = None, frozen: Any = None
+    ) -> torch.Tensor:
+        """The inner ``apply`` with the overlap hook."""
+        self._check(gather)
+        return self.inner.apply(params, batch, gather=self.ddp.gather, **_frozen(frozen))
+
+    def hidden_states(
+        self, params: TensorDictBase, batch: Any, *, gather: Any = None, frozen: Any = None
+    ) -> torch.Tensor:
+        """The inner ``hidden_states`` with the overlap hook."""
+        self._check(gather)
+        return self.inner.hidden_states(params, batch, gather=self.ddp.gather, **_frozen(frozen))
+
+    def head_weight(
+        self, params: TensorDictBase, *, gather: Any = None, frozen: Any = None
+    ) -> torch.Tensor:
+        """The head weight through the overlap hook (its all-reduce starts in the backward)."""
+        self._check(gather)
+        return self.inner.head_weight(params, gather=self.ddp.gather, **_frozen(frozen))
+
+    def logits_from_hidden(
+        self, params: TensorDictBase, h: torch.Tensor, *, gather: Any = None, frozen: Any = None
+    ) -> torch.Tensor:
+        """The inner LM head with the overlap hook."""
+        self._check(gather)
+        return self.inner.logits_from_hidden(params, h, gather=self.ddp.gather, **_frozen(frozen))
+
+    def init_cache(self, batch_size: int, max_length: int, **kw: Any) -> TensorDict:
+        """The inner model's cache."""
+        return self.inner.init_cache(batch_size, max_length, **kw)
+
+    def apply_with_cache(
+        self,
+        params: TensorDictBase,
+        batch: Any,
+        cache: TensorDictBase,
+        offset: int,
+        *,
+        gather: Any = None,
+        frozen: Any = None,
+    ) -> tuple[torch.Tensor, TensorDictBase]:
+        """The inner ``apply_with_cache`` (no gradients flow when decoding; no hook needed)."""
+        self._check(gather)
+        return self.inner.apply_with_cache(params, batch, cache, offset, **_frozen(frozen))
+
+
+def _frozen(frozen: Any) -> dict[str, Any]:
+    return {} if frozen is None else {"frozen": frozen}

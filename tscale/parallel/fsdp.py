@@ -9,7 +9,7 @@ so ``torch.distributed.checkpoint`` saves and reshards them (2 ranks â†’ 1, 1 â†
 Compute. The step runs on the ranks' *local* shards as plain tensors (DTensor dispatch costs
 tens of microseconds per op, more than a small optimizer's whole update):
 
-- the model's ``gather`` hook (:data:`tscale.models.transformer.Gather`) turns a layer's local
+- the model's ``gather`` hook (:data:`tscale.models.protocol.Gather`) turns a layer's local
   shards into full tensors with **one** ``all_gather_into_tensor`` per layer (all its leaves
   flattened into one buffer), cast to the compute dtype first (bf16 halves the traffic); its
   backward flattens the layer's gradients and **one** ``reduce_scatter_tensor`` in the reduce dtype
@@ -42,16 +42,21 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from tscale.core import tree as T
 from tscale.core.state import TrainState
 from tscale.errors import ConfigError, ShapeError
+from tscale.models.lora import LoraModel
+from tscale.models.protocol import layers
+from tscale.models.stack import CastModel
 from tscale.parallel.ddp import all_reduce_counts
 from tscale.parallel.mesh import REPLICATE, SHARD
 from tscale.step.compose import GradSync, StepFn
 
 __all__ = [
     "FSDPLayout",
+    "ShardedModel",
     "full_tree",
     "local_tree",
     "make_fsdp_sync",
     "shard_tree",
+    "sharded_apply",
     "sharded_norm",
     "wrap_fsdp_step",
 ]
@@ -438,6 +443,121 @@ def sharded_apply(
             return apply(params, batch, gather=make_gather(layout, plans, regather))
 
     return run
+
+
+@attrs.frozen(eq=False)
+class ShardedModel:
+    """FSDP's per-layer gather as a model wrapper: every method of the
+    :class:`~tscale.models.protocol.LanguageModel` protocol runs the inner model with a
+    ``gather`` hook over this rank's local shards (one all-gather per layer, a reduce-scatter of
+    its gradients in the backward; with ``reshard_after_forward`` a re-gather in the backward).
+
+    Attributes:
+        inner: the model (a ``Transformer``, or the stack of :func:`tscale.models.stack.stack_model`
+            without a ``CastModel``: ``layout.param_dtype`` casts inside the gather).
+        layout: the placements (:meth:`FSDPLayout.of` over the full tree that is sharded).
+        tree: which tree holds the shards: None for ``params`` (the trainable tree), or the name
+            of a frozen tree (``"base"``: LoRA over a sharded frozen base; the adapters are then
+            plain replicated tensors whose gradients a DDP ``grad_sync`` reduces).
+
+    Raises:
+        ValueError: a ``CastModel`` in the stack, or LoRA with ``tree=None`` (LoRA hands the
+            gather its base, not its adapters).
+    """
+
+    inner: Any
+    layout: FSDPLayout
+    tree: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        stack = layers(self.inner)
+        if any(isinstance(m, CastModel) for m in stack):
+            raise ValueError(
+                "ShardedModel over a CastModel: under FSDP the compute dtype is the layout's "
+                "param_dtype (cast inside the gather); build the stack without param_dtype"
+            )
+        if self.tree is None and any(isinstance(m, LoraModel) for m in stack):
+            raise ValueError(
+                "ShardedModel over LoRA shards the frozen base: pass tree='base' (the adapters "
+                "stay replicated)"
+            )
+
+    @property
+    def final_logit_softcap(self) -> float | None:
+        """The inner model's."""
+        return getattr(self.inner, "final_logit_softcap", None)
+
+    @contextmanager
+    def _gather(self, params: TensorDictBase, frozen: Any, gather: Any) -> Iterator[Any]:
+        if gather is not None:
+            raise ValueError("ShardedModel is the outermost wrapper: it takes no gather hook")
+        if self.tree is None:
+            stored = params
+        elif frozen is None or self.tree not in frozen:
+            raise ValueError(f"ShardedModel(tree={self.tree!r}) needs frozen[{self.tree!r}]")
+        else:
+            stored = frozen[self.tree]
+        layout = self.layout
+        regather = _Regather(layout) if layout.reshard_after_forward else None
+        plans = {id(t): layout.leaves[k] for k, t in T.flatten(stored).items()}
+        with _regather_hooks(regather):
+            yield make_gather(layout, plans, regather)
+
+    def init(self, key: torch.Tensor, **kw: Any) -> TensorDict:
+        """The inner model's fresh (full) params; :func:`shard_tree` shards them."""
+        return self.inner.init(key, **kw)
+
+    def apply(
+        self, params: TensorDictBase, batch: Any, *, gather: Any = None, frozen: Any = None
+    ) -> torch.Tensor:
+        """The inner ``apply`` with each layer gathered on use."""
+        with self._gather(params, frozen, gather) as g:
+            return self.inner.apply(params, batch, gather=g, **_frozen(frozen))
+
+    def hidden_states(
+        self, params: TensorDictBase, batch: Any, *, gather: Any = None, frozen: Any = None
+    ) -> torch.Tensor:
+        """The inner ``hidden_states`` with each layer gathered on use."""
+        with self._gather(params, frozen, gather) as g:
+            return self.inner.hidden_states(params, batch, gather=g, **_frozen(frozen))
+
+    def head_weight(
+        self, params: TensorDictBase, *, gather: Any = None, frozen: Any = None
+    ) -> torch.Tensor:
+        """The full (gathered) head weight; its gradient is reduce-scattered in the backward."""
+        with self._gather(params, frozen, gather) as g:
+            return self.inner.head_weight(params, gather=g, **_frozen(frozen))
+
+    def logits_from_hidden(
+        self, params: TensorDictBase, h: torch.Tensor, *, gather: Any = None, frozen: Any = None
+    ) -> torch.Tensor:
+        """The inner LM head over the gathered head weight."""
+        with self._gather(params, frozen, gather) as g:
+            return self.inner.logits_from_hidden(params, h, gather=g, **_frozen(frozen))
+
+    def init_cache(self, batch_size: int, max_length: int, **kw: Any) -> TensorDict:
+        """The inner model's cache (caches are not sharded)."""
+        return self.inner.init_cache(batch_size, max_length, **kw)
+
+    def apply_with_cache(
+        self,
+        params: TensorDictBase,
+        batch: Any,
+        cache: TensorDictBase,
+        offset: int,
+        *,
+        gather: Any = None,
+        frozen: Any = None,
+    ) -> tuple[torch.Tensor, TensorDictBase]:
+        """Decoding over sharded params: each layer gathered on use."""
+        with self._gather(params, frozen, gather) as g:
+            return self.inner.apply_with_cache(
+                params, batch, cache, offset, gather=g, **_frozen(frozen)
+            )
+
+
+def _frozen(frozen: Any) -> dict[str, Any]:
+    return {} if frozen is None else {"frozen": frozen}
 
 
 def wrap_fsdp_step(step: StepFn) -> StepFn:
