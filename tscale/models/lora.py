@@ -592,6 +592,8 @@ class _Adapted(TorchFunctionMode):
                         f"LoRA target {site.name!r} is stored quantised; a gather hook (FSDP) "
                         f"over a quantised base is not supported"
                     )
+                if site.lora is not None:
+                    _check_site(site.name, site.lora, tuple(full.shape), self.ctx.config.use_dora)
                 # Weakly held: a gathered weight dies after its layer (FSDP's reshard after
                 # forward), and the adaptation must not keep it alive.
                 self.aliases[id(full)] = (weakref.ref(full), site)
@@ -602,8 +604,15 @@ class _Adapted(TorchFunctionMode):
 
 
 def _sites(
-    base: Base, adapters: TensorDictBase, config: LoraConfig, extra: Iterable[str] = ()
+    base: Base,
+    adapters: TensorDictBase,
+    config: LoraConfig,
+    extra: Iterable[str] = (),
+    *,
+    check: bool = True,
 ) -> tuple[TensorDictBase, dict[int, _Site]]:
+    """The sites of ``base``'s targets by ``id`` of the leaf; ``check=False`` leaves the shape
+    checks to the gather hook (stored leaves are shards, the gathered ones are checked)."""
     tree, weights = _view(base)
     flat = T.flatten(tree)
     groups = _group(adapters)
@@ -618,7 +627,7 @@ def _sites(
         leaf = flat[name]
         w = weights.get(name, leaf)
         g = groups.get(name)
-        if g is not None:
+        if g is not None and check:
             _check_site(name, g, tuple(w.shape), config.use_dora)
         sites[id(leaf)] = _Site(name=name, leaf=leaf, weight=w, lora=g, salt=order[name])
     return tree, sites
@@ -642,7 +651,7 @@ def _run(
     keys = None
     if batch is not None and config.dropout > 0:
         keys = batch.get(DROPOUT_KEY, None)
-    tree, sites = _sites(base, adapters, config)
+    tree, sites = _sites(base, adapters, config, check=gather is None)
     mode = _Adapted(sites, _Ctx(config=config, keys=keys))
     stored = list(sites.values())
     with mode:
