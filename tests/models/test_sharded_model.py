@@ -1,5 +1,6 @@
-"""FSDP's gather as a model wrapper, on 2 gloo ranks: the fused loss over sharded params, and
-LoRA over a sharded frozen base, equal one process over the full params."""
+"""The parallel model wrappers on 2 gloo ranks: FSDP's gather (the fused loss and decoding over
+sharded params, LoRA over a sharded frozen base) and DDP's overlapped all-reduce equal one
+process over the full params."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from tscale.core import rng as R
 from tscale.core import tree as T
 from tscale.core.grad import value_and_grad
 from tscale.losses import make_fused_lm_loss, make_lm_loss
-from tscale.models import Transformer, TransformerConfig
+from tscale.models import Transformer, TransformerConfig, generate
 from tscale.models.lora import LoraConfig, LoraModel
 from tscale.parallel import fsdp
+from tscale.parallel.ddp import OverlappedDDP
 from tscale.parallel.mesh import plan_parallel
 from tscale.testing import assert_trees_close
 
@@ -74,7 +76,7 @@ def _check(rank: int) -> None:
             sums = [make_lm_loss(model.apply)(p, b)[0] for b in both]
             return sums[0] + sums[1], {}
 
-        _, want = value_and_grad(total)(full, None)
+        (want_total, _), want = value_and_grad(total)(full, None)
         want_mine = make_lm_loss(model.apply)(full, both[rank])[0]
         torch.testing.assert_close(loss, want_mine, rtol=1e-6, atol=1e-5)
         # The reduce-scatter sums both ranks' gradients into this rank's rows.
@@ -82,6 +84,20 @@ def _check(rank: int) -> None:
         # The same wrapper gives the plain loss too.
         plain = make_lm_loss(sharded.apply)(local, both[rank])[0]
         torch.testing.assert_close(plain, want_mine, rtol=1e-6, atol=1e-5)
+
+    # Decoding over sharded params: each layer gathered on use, the same tokens.
+    kw = {"max_new_tokens": 5, "pad_id": 0}
+    prompts = [[3, 4, 5], [7]]
+    assert generate(sharded, local, prompts, **kw) == generate(model, full, prompts, **kw)
+
+    # The DDP overlap wrapper: each layer's all-reduce starts in the backward, the fused loss too.
+    ddp = OverlappedDDP(None)
+    (loss, aux), grads = value_and_grad(make_fused_lm_loss(ddp.wrap(model), backend="torch"))(
+        full, both[rank]
+    )
+    grads, loss_sum, _ = ddp.sync(grads, loss, aux["tokens"])
+    assert_trees_close(grads, want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(loss_sum, want_total, rtol=1e-6, atol=1e-5)
 
     # 2. LoRA over a sharded frozen base: the adapters are replicated, the base is sharded.
     lm_full = LoraModel(model=model, base=full, config=LORA)

@@ -135,8 +135,10 @@ class _ReduceInBackward(torch.autograd.Function):
 class OverlappedDDP:
     """DDP with the gradient all-reduce overlapped with the backward, per layer.
 
-    ``apply(model_apply)`` wraps a model ``apply(params, batch, gather=...)`` so that every layer
-    (and the non-layer params) passes its params through :class:`_ReduceInBackward`; ``sync`` is
+    ``wrap(model)`` gives the whole model protocol (:class:`OverlappedModel`, e.g. for the
+    fused loss); ``apply(model_apply)`` wraps a model ``apply(params, batch, gather=...)`` so
+    that every layer (and the non-layer params) passes its params through
+    :class:`_ReduceInBackward`; ``sync`` is
     the step's ``grad_sync``: it waits for the reductions started in the backward and reduces the
     loss and token count. One microbatch per step only (with accumulation the microbatches'
     gradients would be summed while still in flight); every group's leaves share one dtype.

@@ -434,7 +434,10 @@ def sharded_apply(
     apply: Callable[..., torch.Tensor], layout: FSDPLayout
 ) -> Callable[[TensorDictBase, Any], torch.Tensor]:
     """``apply(local_params, batch)`` of a model whose ``apply`` takes a ``gather`` hook: each
-    layer is all-gathered on use (and, with ``reshard_after_forward``, again in the backward)."""
+    layer is all-gathered on use (and, with ``reshard_after_forward``, again in the backward).
+
+    The apply-only form of :class:`ShardedModel` (which gives every method of the model
+    protocol, e.g. for the fused loss); kept for callers that hold an apply function."""
 
     def run(params: TensorDictBase, batch: Any) -> torch.Tensor:
         regather = _Regather(layout) if layout.reshard_after_forward else None
