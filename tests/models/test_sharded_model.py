@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -113,6 +114,59 @@ def _check(rank: int) -> None:
         assert_trees_close(grads, want, atol=1e-5, rtol=1e-4)  # this rank's batch, no sync
     # Frozen means frozen: the stored shards get no gradient and are not written.
     assert all(not t.requires_grad for t in T.leaves(base_local))
+    _check_memory(rank, model, full, adapters, both[rank], mesh)
+
+
+def _nbytes(tree) -> int:
+    return sum(t.numel() * t.element_size() for t in T.leaves(tree))
+
+
+def _check_memory(rank, model, full, adapters, batch, mesh) -> None:
+    """Per-rank memory of LoRA over a sharded base: each rank stores its rows of the base, and
+    after the forward (before the backward) no gathered layer weight is alive under
+    ``reshard_after_forward`` — LoRA's adoption of the gathered weights keeps none of them."""
+    base_local = fsdp.local_tree(fsdp.shard_tree(full, mesh))
+    assert _nbytes(base_local) <= _nbytes(full) // 2 + 4 * CFG.hidden_size * 4  # its rows only
+    adapters = adapters.apply(lambda t: t.detach().requires_grad_())  # a graph to keep
+    alive = {}
+    for reshard in (True, False):
+        layout = fsdp.FSDPLayout.of(full, mesh, reshard_after_forward=reshard)
+        lm = fsdp.ShardedModel(LoraModel(model=model, config=LORA), layout, tree="base")
+        record: list[tuple[weakref.ref, int]] = []
+        real = fsdp.make_gather
+
+        def tracking(layout, plans, regather=None, real=real, record=record):
+            gather = real(layout, plans, regather)
+
+            def run(group):
+                out = gather(group)
+                if any(".mlp." in f".{k}" for k in T.leaf_keys(group)):  # a layer, not the root
+                    record.extend(
+                        (weakref.ref(t), t.numel() * t.element_size()) for t in T.leaves(out)
+                    )
+                return out
+
+            return run
+
+        fsdp.make_gather = tracking
+        try:
+            loss, _ = make_fused_lm_loss(lm, backend="torch")(
+                adapters, batch, frozen={"base": base_local}
+            )
+        finally:
+            fsdp.make_gather = real
+        alive[reshard] = sum(n for ref, n in record if ref() is not None)
+        layers = sum(n for _, n in record)
+        assert layers > 0
+        loss.backward()  # the backward re-gathers what it needs
+    assert alive[True] == 0, alive  # nothing of the layers kept between forward and backward
+    # The measurement sees what the backward keeps without resharding: every gathered layer
+    # weight but layer 0's q/k/v projections and input norm (their input, the embedding, needs
+    # no gradient, so autograd saves no weight there).
+    first = full["model", "layers", "0"]
+    unsaved = _nbytes(first["self_attn"].select("q_proj", "k_proj", "v_proj"))
+    unsaved += _nbytes(first["input_layernorm"])
+    assert alive[False] == layers - unsaved > 0, (alive, layers, unsaved)
 
 
 def _free_port() -> int:
