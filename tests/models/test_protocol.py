@@ -12,7 +12,7 @@ from tscale.core import rng as R
 from tscale.core import tree as T
 from tscale.core.grad import value_and_grad
 from tscale.losses import make_fused_lm_loss, make_lm_loss
-from tscale.models import Transformer, TransformerConfig, generate
+from tscale.models import Model, Transformer, TransformerConfig, generate
 from tscale.models.lora import LoraConfig, LoraModel, merge
 from tscale.models.protocol import LanguageModel, layers
 from tscale.models.stack import CastModel, stack_model
@@ -62,7 +62,9 @@ def _lora(
 def test_every_model_and_wrapper_implements_the_protocol():
     lm, _, _ = _lora()
     stacked = stack_model(MODEL, lora=LoraConfig(rank=2), base=PARAMS, param_dtype=torch.bfloat16)
-    for m in (MODEL, lm, CastModel(MODEL, torch.bfloat16), stacked, OverlappedModel(MODEL, None)):
+    loaded = Model(config=CFG, params=PARAMS)
+    wrappers = (CastModel(MODEL, torch.bfloat16), stacked, OverlappedModel(MODEL, None))
+    for m in (MODEL, loaded, lm, *wrappers):
         assert isinstance(m, LanguageModel), type(m).__name__
     assert [type(m) for m in layers(stacked)] == [CastModel, LoraModel, Transformer]
     # A bound ``model.apply`` (today's builders) gives the same full-protocol LoRA model.

@@ -18,6 +18,7 @@ from tscale.core.grad import value_and_grad
 from tscale.losses import make_fused_lm_loss, make_lm_loss
 from tscale.models import Transformer, TransformerConfig, generate
 from tscale.models.lora import LoraConfig, LoraModel
+from tscale.models.protocol import LanguageModel
 from tscale.parallel import fsdp
 from tscale.parallel.ddp import OverlappedDDP
 from tscale.parallel.mesh import plan_parallel
@@ -69,6 +70,7 @@ def _check(rank: int) -> None:
         layout = fsdp.FSDPLayout.of(full, mesh, reshard_after_forward=reshard)
         local = fsdp.local_tree(fsdp.shard_tree(full, mesh))
         sharded = fsdp.ShardedModel(model, layout)
+        assert isinstance(sharded, LanguageModel)
         (loss, _), grads = value_and_grad(make_fused_lm_loss(sharded, backend="torch"))(
             local, both[rank]
         )
