@@ -272,3 +272,13 @@ def test_qlora_stacks_and_offers_the_fused_loss_and_cached_generation():
     prompts = [[5, 6, 7], [9]]
     kw = {"max_new_tokens": 6, "pad_id": 0}
     assert generate(qlm, adapters, prompts, **kw) == generate(MODEL, merged, prompts, **kw)
+
+
+def test_lora_dropout_on_the_head_is_refused_by_the_fused_loss_only():
+    lm, base, adapters = _lora()
+    dropping = LoraModel(model=MODEL, base=base, config=attrs.evolve(lm.config, dropout=0.1))
+    with pytest.raises(ValueError, match=r"LoRA dropout \(0.1\) on the LM head"):
+        make_fused_lm_loss(dropping, backend="torch")(adapters, _batch())
+    make_lm_loss(dropping.apply)(adapters, _batch())  # the unfused loss takes it
+    blocks = LoraModel(model=MODEL, base=base, config=LoraConfig(rank=4, dropout=0.1))
+    make_fused_lm_loss(blocks, backend="torch")(_random_adapters(blocks), _batch())

@@ -200,7 +200,7 @@ def generate(
     dev = torch.device(device)
     generator = R.generator(key, device=dev) if temperature > 0.0 and key is not None else None
     cached = _cached_model(model, use_cache)
-    apply_fn: ApplyFn = model.apply if hasattr(model, "apply_with_cache") else model  # type: ignore[union-attr]
+    apply_fn: ApplyFn = model.apply if isinstance(model, CachedModel) else model
     stops = torch.as_tensor(list(stop_tokens), dtype=torch.int64, device=dev)
 
     with torch.no_grad():

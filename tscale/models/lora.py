@@ -842,8 +842,25 @@ class LoraModel:
         frozen: Frozen | None = None,
     ) -> torch.Tensor:
         """The LM head's weight as the adapted model computes with it: ``W + s · B @ A`` (DoRA:
-        rescaled) when the head (or, tied, the embedding) is a target, else the base's."""
+        rescaled) when the head (or, tied, the embedding) is a target, else the base's.
+
+        Raises:
+            ValueError: the head is a target and ``config.dropout > 0``: dropout acts on the
+                adapter's input, which a weight (for a fused loss) cannot express.
+        """
         m = self._model("head_weight")
+        base = self.base_of(frozen)
+        if self.config.dropout > 0:
+            tree, _ = _view(base)
+            head = m.head_weight(tree)
+            name = next((k for k, v in T.flatten(tree).items() if v is head), None)
+            if name in _group(adapters):
+                raise ValueError(
+                    f"LoRA dropout ({self.config.dropout}) on the LM head ({name}) does not "
+                    f"combine with a loss that takes the head's weight (the fused loss): dropout "
+                    f"acts on the adapter's input; drop the head from the targets, set the "
+                    f"dropout to 0, or use the unfused loss"
+                )
 
         def fn(tree: TensorDictBase, g: Gather | None) -> torch.Tensor:
             w = m.head_weight(tree, **gather_kw(g), **frozen_kw(frozen))
@@ -851,7 +868,6 @@ class LoraModel:
             # weight (a view of the weight itself when it is no target).
             return w.view(w.shape)
 
-        base = self.base_of(frozen)
         return _run(fn, base, adapters, None, self.config, gather=gather, optional=T.leaves)
 
     def logits_from_hidden(
