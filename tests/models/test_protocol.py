@@ -13,7 +13,7 @@ from tscale.core import tree as T
 from tscale.core.grad import value_and_grad
 from tscale.losses import make_fused_lm_loss, make_lm_loss
 from tscale.models import Model, Transformer, TransformerConfig, generate
-from tscale.models.lora import LoraConfig, LoraModel, merge
+from tscale.models.lora import LoraConfig, LoraModel, add_dropout_keys, merge
 from tscale.models.protocol import LanguageModel, layers
 from tscale.models.stack import CastModel, stack_model
 from tscale.parallel.ddp import OverlappedDDP, OverlappedModel
@@ -280,5 +280,12 @@ def test_lora_dropout_on_the_head_is_refused_by_the_fused_loss_only():
     with pytest.raises(ValueError, match=r"LoRA dropout \(0.1\) on the LM head"):
         make_fused_lm_loss(dropping, backend="torch")(adapters, _batch())
     make_lm_loss(dropping.apply)(adapters, _batch())  # the unfused loss takes it
-    blocks = LoraModel(model=MODEL, base=base, config=LoraConfig(rank=4, dropout=0.1))
-    make_fused_lm_loss(blocks, backend="torch")(_random_adapters(blocks), _batch())
+    # Block targets keep their dropout under the fused loss: the same masks as the unfused one.
+    model = Transformer(attrs.evolve(CFG, dtype=torch.float64))
+    blocks = LoraModel(model=model, base=model.init(R.key(0)), config=LoraConfig(dropout=0.3))
+    adapters = _random_adapters(blocks)
+    batch = add_dropout_keys(_batch(), R.key(9))
+    fused = make_fused_lm_loss(blocks, backend="torch")(adapters, batch)[0]
+    plain = make_lm_loss(blocks.apply)(adapters, batch)[0]
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-10)
+    assert not torch.allclose(plain, make_lm_loss(blocks.apply)(adapters, _batch())[0])
