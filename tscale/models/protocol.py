@@ -35,10 +35,14 @@ from tensordict import TensorDict, TensorDictBase
 Batch = TensorDictBase | Mapping[str, torch.Tensor]
 Frozen = Mapping[str, Any]
 Gather = Callable[[TensorDictBase], TensorDictBase]
-"""``gather(stored) -> used``: maps a group of stored params (the non-layer params once, then
-each layer's) to the tensors the layer computes with. The model stays single-device; a parallel
-wrapper passes one (:mod:`tscale.parallel.fsdp` all-gathers the shards of a layer in one
-collective and reduce-scatters its gradients in the backward)."""
+"""``gather(stored) -> used``: maps a group of stored params to the tensors the model computes
+with. The groups: the non-layer params once (``hidden_states`` leaves an untied ``lm_head``
+out), then each layer's params, and for ``head_weight`` (also inside ``logits_from_hidden`` with
+a hook) the head's weight alone, as ``{"weight": w}``. The model stays single-device; a
+parallel wrapper passes one (:mod:`tscale.parallel.fsdp` all-gathers the shards of a group in
+one collective and reduce-scatters its gradients in the backward; it finds the shards by
+identity, so any group works). A hook that finds groups by their first leaf (DeepSpeed ZeRO-3's
+``ParamsModule.gather``) knows only the root and the layers, which is what ``apply`` uses."""
 
 #: The name under which the frozen trees hold a LoRA base (``TrainState.frozen["base"]``).
 BASE = "base"
