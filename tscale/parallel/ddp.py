@@ -22,7 +22,7 @@ from tensordict import TensorDict, TensorDictBase
 
 from tscale.core import tree as T
 from tscale.models.lora import LoraModel
-from tscale.models.protocol import layers
+from tscale.models.protocol import Frozen, Gather, frozen_kw, layers
 from tscale.step.compose import GradSync
 
 __all__ = [
@@ -205,7 +205,7 @@ class OverlappedModel:
         """The inner model's."""
         return getattr(self.inner, "final_logit_softcap", None)
 
-    def _check(self, gather: Any) -> None:
+    def _check(self, gather: Gather | None) -> None:
         if gather is not None:
             raise ValueError("OverlappedModel is the outermost wrapper: it takes no gather hook")
 
@@ -214,32 +214,47 @@ class OverlappedModel:
         return self.inner.init(key, **kw)
 
     def apply(
-        self, params: TensorDictBase, batch: Any, *, gather: Any = None, frozen: Any = None
+        self,
+        params: TensorDictBase,
+        batch: Any,
+        *,
+        gather: Gather | None = None,
+        frozen: Frozen | None = None,
     ) -> torch.Tensor:
         """The inner ``apply`` with the overlap hook."""
         self._check(gather)
-        return self.inner.apply(params, batch, gather=self.ddp.gather, **_frozen(frozen))
+        return self.inner.apply(params, batch, gather=self.ddp.gather, **frozen_kw(frozen))
 
     def hidden_states(
-        self, params: TensorDictBase, batch: Any, *, gather: Any = None, frozen: Any = None
+        self,
+        params: TensorDictBase,
+        batch: Any,
+        *,
+        gather: Gather | None = None,
+        frozen: Frozen | None = None,
     ) -> torch.Tensor:
         """The inner ``hidden_states`` with the overlap hook."""
         self._check(gather)
-        return self.inner.hidden_states(params, batch, gather=self.ddp.gather, **_frozen(frozen))
+        return self.inner.hidden_states(params, batch, gather=self.ddp.gather, **frozen_kw(frozen))
 
     def head_weight(
-        self, params: TensorDictBase, *, gather: Any = None, frozen: Any = None
+        self, params: TensorDictBase, *, gather: Gather | None = None, frozen: Frozen | None = None
     ) -> torch.Tensor:
         """The head weight through the overlap hook (its all-reduce starts in the backward)."""
         self._check(gather)
-        return self.inner.head_weight(params, gather=self.ddp.gather, **_frozen(frozen))
+        return self.inner.head_weight(params, gather=self.ddp.gather, **frozen_kw(frozen))
 
     def logits_from_hidden(
-        self, params: TensorDictBase, h: torch.Tensor, *, gather: Any = None, frozen: Any = None
+        self,
+        params: TensorDictBase,
+        h: torch.Tensor,
+        *,
+        gather: Gather | None = None,
+        frozen: Frozen | None = None,
     ) -> torch.Tensor:
         """The inner LM head with the overlap hook."""
         self._check(gather)
-        return self.inner.logits_from_hidden(params, h, gather=self.ddp.gather, **_frozen(frozen))
+        return self.inner.logits_from_hidden(params, h, gather=self.ddp.gather, **frozen_kw(frozen))
 
     def init_cache(self, batch_size: int, max_length: int, **kw: Any) -> TensorDict:
         """The inner model's cache."""
@@ -252,13 +267,9 @@ class OverlappedModel:
         cache: TensorDictBase,
         offset: int,
         *,
-        gather: Any = None,
-        frozen: Any = None,
+        gather: Gather | None = None,
+        frozen: Frozen | None = None,
     ) -> tuple[torch.Tensor, TensorDictBase]:
         """The inner ``apply_with_cache`` (no gradients flow when decoding; no hook needed)."""
         self._check(gather)
-        return self.inner.apply_with_cache(params, batch, cache, offset, **_frozen(frozen))
-
-
-def _frozen(frozen: Any) -> dict[str, Any]:
-    return {} if frozen is None else {"frozen": frozen}
+        return self.inner.apply_with_cache(params, batch, cache, offset, **frozen_kw(frozen))

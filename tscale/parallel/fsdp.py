@@ -43,7 +43,7 @@ from tscale.core import tree as T
 from tscale.core.state import TrainState
 from tscale.errors import ConfigError, ShapeError
 from tscale.models.lora import LoraModel
-from tscale.models.protocol import layers
+from tscale.models.protocol import Frozen, Gather, frozen_kw, layers
 from tscale.models.stack import CastModel
 from tscale.parallel.ddp import all_reduce_counts
 from tscale.parallel.mesh import REPLICATE, SHARD
@@ -491,7 +491,9 @@ class ShardedModel:
         return getattr(self.inner, "final_logit_softcap", None)
 
     @contextmanager
-    def _gather(self, params: TensorDictBase, frozen: Any, gather: Any) -> Iterator[Any]:
+    def _gather(
+        self, params: TensorDictBase, frozen: Frozen | None, gather: Gather | None
+    ) -> Iterator[Gather]:
         if gather is not None:
             raise ValueError("ShardedModel is the outermost wrapper: it takes no gather hook")
         if self.tree is None:
@@ -511,32 +513,47 @@ class ShardedModel:
         return self.inner.init(key, **kw)
 
     def apply(
-        self, params: TensorDictBase, batch: Any, *, gather: Any = None, frozen: Any = None
+        self,
+        params: TensorDictBase,
+        batch: Any,
+        *,
+        gather: Gather | None = None,
+        frozen: Frozen | None = None,
     ) -> torch.Tensor:
         """The inner ``apply`` with each layer gathered on use."""
         with self._gather(params, frozen, gather) as g:
-            return self.inner.apply(params, batch, gather=g, **_frozen(frozen))
+            return self.inner.apply(params, batch, gather=g, **frozen_kw(frozen))
 
     def hidden_states(
-        self, params: TensorDictBase, batch: Any, *, gather: Any = None, frozen: Any = None
+        self,
+        params: TensorDictBase,
+        batch: Any,
+        *,
+        gather: Gather | None = None,
+        frozen: Frozen | None = None,
     ) -> torch.Tensor:
         """The inner ``hidden_states`` with each layer gathered on use."""
         with self._gather(params, frozen, gather) as g:
-            return self.inner.hidden_states(params, batch, gather=g, **_frozen(frozen))
+            return self.inner.hidden_states(params, batch, gather=g, **frozen_kw(frozen))
 
     def head_weight(
-        self, params: TensorDictBase, *, gather: Any = None, frozen: Any = None
+        self, params: TensorDictBase, *, gather: Gather | None = None, frozen: Frozen | None = None
     ) -> torch.Tensor:
         """The full (gathered) head weight; its gradient is reduce-scattered in the backward."""
         with self._gather(params, frozen, gather) as g:
-            return self.inner.head_weight(params, gather=g, **_frozen(frozen))
+            return self.inner.head_weight(params, gather=g, **frozen_kw(frozen))
 
     def logits_from_hidden(
-        self, params: TensorDictBase, h: torch.Tensor, *, gather: Any = None, frozen: Any = None
+        self,
+        params: TensorDictBase,
+        h: torch.Tensor,
+        *,
+        gather: Gather | None = None,
+        frozen: Frozen | None = None,
     ) -> torch.Tensor:
         """The inner LM head over the gathered head weight."""
         with self._gather(params, frozen, gather) as g:
-            return self.inner.logits_from_hidden(params, h, gather=g, **_frozen(frozen))
+            return self.inner.logits_from_hidden(params, h, gather=g, **frozen_kw(frozen))
 
     def init_cache(self, batch_size: int, max_length: int, **kw: Any) -> TensorDict:
         """The inner model's cache (caches are not sharded)."""
@@ -549,18 +566,14 @@ class ShardedModel:
         cache: TensorDictBase,
         offset: int,
         *,
-        gather: Any = None,
-        frozen: Any = None,
+        gather: Gather | None = None,
+        frozen: Frozen | None = None,
     ) -> tuple[torch.Tensor, TensorDictBase]:
         """Decoding over sharded params: each layer gathered on use."""
         with self._gather(params, frozen, gather) as g:
             return self.inner.apply_with_cache(
-                params, batch, cache, offset, gather=g, **_frozen(frozen)
+                params, batch, cache, offset, gather=g, **frozen_kw(frozen)
             )
-
-
-def _frozen(frozen: Any) -> dict[str, Any]:
-    return {} if frozen is None else {"frozen": frozen}
 
 
 def wrap_fsdp_step(step: StepFn) -> StepFn:
