@@ -26,7 +26,8 @@ Two keyword arguments run through every method:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -137,6 +138,101 @@ class LanguageModel(Protocol):
         ...
 
 
+class Wrapper:
+    """Base of the wrappers that change only what reaches ``inner`` (``CastModel``,
+    ``ShardedModel``, ``OverlappedModel``): every protocol method runs ``inner``'s under
+    :meth:`around`, which maps the call's params and ``gather`` hook to those handed on.
+
+    Subclasses set ``inner`` and override :meth:`around` (and ``init``/``init_cache`` where they
+    differ); ``frozen`` is handed on unchanged.
+    """
+
+    inner: Any
+
+    @contextlib.contextmanager
+    def around(
+        self, params: TensorDictBase, gather: Gather | None, frozen: Frozen | None
+    ) -> Iterator[tuple[TensorDictBase, Gather | None]]:
+        """The params and hook ``inner`` gets; the context stays open during its call."""
+        yield params, gather
+
+    @property
+    def final_logit_softcap(self) -> float | None:
+        """The inner model's."""
+        return getattr(self.inner, "final_logit_softcap", None)
+
+    def init(self, key: torch.Tensor, **kw: Any) -> TensorDict:
+        """The inner model's fresh params."""
+        return self.inner.init(key, **kw)
+
+    def apply(
+        self,
+        params: TensorDictBase,
+        batch: Batch,
+        *,
+        gather: Gather | None = None,
+        frozen: Frozen | None = None,
+    ) -> torch.Tensor:
+        """The inner ``apply``."""
+        with self.around(params, gather, frozen) as (p, g):
+            return self.inner.apply(p, batch, **gather_kw(g), **frozen_kw(frozen))
+
+    def hidden_states(
+        self,
+        params: TensorDictBase,
+        batch: Batch,
+        *,
+        gather: Gather | None = None,
+        frozen: Frozen | None = None,
+    ) -> torch.Tensor:
+        """The inner ``hidden_states``."""
+        with self.around(params, gather, frozen) as (p, g):
+            return self.inner.hidden_states(p, batch, **gather_kw(g), **frozen_kw(frozen))
+
+    def head_weight(
+        self,
+        params: TensorDictBase,
+        *,
+        gather: Gather | None = None,
+        frozen: Frozen | None = None,
+    ) -> torch.Tensor:
+        """The inner ``head_weight``."""
+        with self.around(params, gather, frozen) as (p, g):
+            return self.inner.head_weight(p, **gather_kw(g), **frozen_kw(frozen))
+
+    def logits_from_hidden(
+        self,
+        params: TensorDictBase,
+        h: torch.Tensor,
+        *,
+        gather: Gather | None = None,
+        frozen: Frozen | None = None,
+    ) -> torch.Tensor:
+        """The inner ``logits_from_hidden``."""
+        with self.around(params, gather, frozen) as (p, g):
+            return self.inner.logits_from_hidden(p, h, **gather_kw(g), **frozen_kw(frozen))
+
+    def init_cache(self, batch_size: int, max_length: int, **kw: Any) -> TensorDict:
+        """The inner model's cache."""
+        return self.inner.init_cache(batch_size, max_length, **kw)
+
+    def apply_with_cache(
+        self,
+        params: TensorDictBase,
+        batch: Batch,
+        cache: TensorDictBase,
+        offset: int,
+        *,
+        gather: Gather | None = None,
+        frozen: Frozen | None = None,
+    ) -> tuple[torch.Tensor, TensorDictBase]:
+        """The inner ``apply_with_cache``."""
+        with self.around(params, gather, frozen) as (p, g):
+            return self.inner.apply_with_cache(
+                p, batch, cache, offset, **gather_kw(g), **frozen_kw(frozen)
+            )
+
+
 def gather_kw(gather: Gather | None) -> dict[str, Gather]:
     """``{"gather": gather}``, or ``{}`` for None: hand a hook on only where there is one, so
     plain ``apply(params, batch)`` functions without the keyword keep working."""
@@ -156,4 +252,14 @@ def layers(model: Any) -> list[Any]:
     return out
 
 
-__all__ = ["BASE", "Batch", "Frozen", "Gather", "LanguageModel", "frozen_kw", "gather_kw", "layers"]
+__all__ = [
+    "BASE",
+    "Batch",
+    "Frozen",
+    "Gather",
+    "LanguageModel",
+    "Wrapper",
+    "frozen_kw",
+    "gather_kw",
+    "layers",
+]

@@ -24,6 +24,8 @@ and it is the trainer's: under FSDP the layout's ``param_dtype`` casts inside th
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
@@ -31,7 +33,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from tscale.models.lora import Base, LoraConfig, LoraModel
-from tscale.models.protocol import Batch, Frozen, Gather, LanguageModel, frozen_kw, gather_kw
+from tscale.models.protocol import Frozen, Gather, LanguageModel, Wrapper
 from tscale.models.quant import QLoraModel, QuantizedParams
 
 
@@ -42,7 +44,7 @@ def cast_floats(params: TensorDictBase, dtype: torch.dtype) -> TensorDictBase:
 
 
 @attrs.frozen(eq=False)
-class CastModel:
+class CastModel(Wrapper):
     """Mixed precision without sharding: the float params are cast to ``dtype`` for every
     method (the cast is differentiable, so gradients come back in the master dtype).
 
@@ -54,61 +56,12 @@ class CastModel:
     inner: Any
     dtype: torch.dtype
 
-    @property
-    def final_logit_softcap(self) -> float | None:
-        """The inner model's."""
-        return getattr(self.inner, "final_logit_softcap", None)
-
-    def init(self, key: torch.Tensor, *, frozen: Frozen | None = None, **kw: Any) -> TensorDict:
-        """The inner model's fresh params, in their own (master) dtype."""
-        return self.inner.init(key, **frozen_kw(frozen), **kw)
-
-    def apply(
-        self,
-        params: TensorDictBase,
-        batch: Batch,
-        *,
-        gather: Gather | None = None,
-        frozen: Frozen | None = None,
-    ) -> torch.Tensor:
-        """The inner ``apply`` over the cast params."""
-        p = cast_floats(params, self.dtype)
-        return self.inner.apply(p, batch, **gather_kw(gather), **frozen_kw(frozen))
-
-    def hidden_states(
-        self,
-        params: TensorDictBase,
-        batch: Batch,
-        *,
-        gather: Gather | None = None,
-        frozen: Frozen | None = None,
-    ) -> torch.Tensor:
-        """The inner ``hidden_states`` over the cast params."""
-        p = cast_floats(params, self.dtype)
-        return self.inner.hidden_states(p, batch, **gather_kw(gather), **frozen_kw(frozen))
-
-    def head_weight(
-        self,
-        params: TensorDictBase,
-        *,
-        gather: Gather | None = None,
-        frozen: Frozen | None = None,
-    ) -> torch.Tensor:
-        """The inner head weight over the cast params."""
-        p = cast_floats(params, self.dtype)
-        return self.inner.head_weight(p, **gather_kw(gather), **frozen_kw(frozen))
-
-    def logits_from_hidden(
-        self,
-        params: TensorDictBase,
-        h: torch.Tensor,
-        *,
-        gather: Gather | None = None,
-        frozen: Frozen | None = None,
-    ) -> torch.Tensor:
-        """The inner LM head over the cast params."""
-        p = cast_floats(params, self.dtype)
-        return self.inner.logits_from_hidden(p, h, **gather_kw(gather), **frozen_kw(frozen))
+    @contextlib.contextmanager
+    def around(
+        self, params: TensorDictBase, gather: Gather | None, frozen: Frozen | None
+    ) -> Iterator[tuple[TensorDictBase, Gather | None]]:
+        """The params cast to ``dtype``; the hook as given."""
+        yield cast_floats(params, self.dtype), gather
 
     def init_cache(
         self,
@@ -117,27 +70,11 @@ class CastModel:
         *,
         dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu",
-        frozen: Frozen | None = None,
+        **kw: Any,
     ) -> TensorDict:
         """The inner model's cache, in ``dtype`` (default the compute dtype)."""
         return self.inner.init_cache(
-            batch_size, max_length, dtype=dtype or self.dtype, device=device, **frozen_kw(frozen)
-        )
-
-    def apply_with_cache(
-        self,
-        params: TensorDictBase,
-        batch: Batch,
-        cache: TensorDictBase,
-        offset: int,
-        *,
-        gather: Gather | None = None,
-        frozen: Frozen | None = None,
-    ) -> tuple[torch.Tensor, TensorDictBase]:
-        """The inner ``apply_with_cache`` over the cast params."""
-        p = cast_floats(params, self.dtype)
-        return self.inner.apply_with_cache(
-            p, batch, cache, offset, **gather_kw(gather), **frozen_kw(frozen)
+            batch_size, max_length, dtype=dtype or self.dtype, device=device, **kw
         )
 
 

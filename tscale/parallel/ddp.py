@@ -12,17 +12,18 @@ later layers runs while the earlier layers' gradients are computed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import attrs
 import torch
 import torch.distributed as dist
-from tensordict import TensorDict, TensorDictBase
+from tensordict import TensorDictBase
 
 from tscale.core import tree as T
 from tscale.models.lora import LoraModel
-from tscale.models.protocol import Frozen, Gather, frozen_kw, layers
+from tscale.models.protocol import Frozen, Gather, Wrapper, layers
 from tscale.step.compose import GradSync
 
 __all__ = [
@@ -177,7 +178,7 @@ class OverlappedDDP:
 
 
 @attrs.frozen(eq=False)
-class OverlappedModel:
+class OverlappedModel(Wrapper):
     """:class:`OverlappedDDP`'s apply as a model wrapper: every method of the
     :class:`~tscale.models.protocol.LanguageModel` protocol runs ``inner`` with
     ``gather=ddp.gather``, so each layer's gradient all-reduce starts in the backward (the
@@ -200,76 +201,11 @@ class OverlappedModel:
                 "adapters; reduce the adapters' gradients with make_ddp_sync instead"
             )
 
-    @property
-    def final_logit_softcap(self) -> float | None:
-        """The inner model's."""
-        return getattr(self.inner, "final_logit_softcap", None)
-
-    def _check(self, gather: Gather | None) -> None:
+    @contextmanager
+    def around(
+        self, params: TensorDictBase, gather: Gather | None, frozen: Frozen | None
+    ) -> Iterator[tuple[TensorDictBase, Gather]]:
+        """The params as they are, and the overlap's hook."""
         if gather is not None:
             raise ValueError("OverlappedModel is the outermost wrapper: it takes no gather hook")
-
-    def init(self, key: torch.Tensor, **kw: Any) -> TensorDict:
-        """The inner model's fresh params."""
-        return self.inner.init(key, **kw)
-
-    def apply(
-        self,
-        params: TensorDictBase,
-        batch: Any,
-        *,
-        gather: Gather | None = None,
-        frozen: Frozen | None = None,
-    ) -> torch.Tensor:
-        """The inner ``apply`` with the overlap hook."""
-        self._check(gather)
-        return self.inner.apply(params, batch, gather=self.ddp.gather, **frozen_kw(frozen))
-
-    def hidden_states(
-        self,
-        params: TensorDictBase,
-        batch: Any,
-        *,
-        gather: Gather | None = None,
-        frozen: Frozen | None = None,
-    ) -> torch.Tensor:
-        """The inner ``hidden_states`` with the overlap hook."""
-        self._check(gather)
-        return self.inner.hidden_states(params, batch, gather=self.ddp.gather, **frozen_kw(frozen))
-
-    def head_weight(
-        self, params: TensorDictBase, *, gather: Gather | None = None, frozen: Frozen | None = None
-    ) -> torch.Tensor:
-        """The head weight through the overlap hook (its all-reduce starts in the backward)."""
-        self._check(gather)
-        return self.inner.head_weight(params, gather=self.ddp.gather, **frozen_kw(frozen))
-
-    def logits_from_hidden(
-        self,
-        params: TensorDictBase,
-        h: torch.Tensor,
-        *,
-        gather: Gather | None = None,
-        frozen: Frozen | None = None,
-    ) -> torch.Tensor:
-        """The inner LM head with the overlap hook."""
-        self._check(gather)
-        return self.inner.logits_from_hidden(params, h, gather=self.ddp.gather, **frozen_kw(frozen))
-
-    def init_cache(self, batch_size: int, max_length: int, **kw: Any) -> TensorDict:
-        """The inner model's cache."""
-        return self.inner.init_cache(batch_size, max_length, **kw)
-
-    def apply_with_cache(
-        self,
-        params: TensorDictBase,
-        batch: Any,
-        cache: TensorDictBase,
-        offset: int,
-        *,
-        gather: Gather | None = None,
-        frozen: Frozen | None = None,
-    ) -> tuple[torch.Tensor, TensorDictBase]:
-        """The inner ``apply_with_cache`` (no gradients flow when decoding; no hook needed)."""
-        self._check(gather)
-        return self.inner.apply_with_cache(params, batch, cache, offset, **frozen_kw(frozen))
+        yield params, self.ddp.gather

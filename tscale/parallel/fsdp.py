@@ -43,7 +43,7 @@ from tscale.core import tree as T
 from tscale.core.state import TrainState
 from tscale.errors import ConfigError, ShapeError
 from tscale.models.lora import LoraModel
-from tscale.models.protocol import Frozen, Gather, frozen_kw, layers
+from tscale.models.protocol import Frozen, Gather, Wrapper, layers
 from tscale.models.stack import CastModel
 from tscale.parallel.ddp import all_reduce_counts
 from tscale.parallel.mesh import REPLICATE, SHARD
@@ -449,7 +449,7 @@ def sharded_apply(
 
 
 @attrs.frozen(eq=False)
-class ShardedModel:
+class ShardedModel(Wrapper):
     """FSDP's per-layer gather as a model wrapper: every method of the
     :class:`~tscale.models.protocol.LanguageModel` protocol runs the inner model with a
     ``gather`` hook over this rank's local shards (one all-gather per layer, a reduce-scatter of
@@ -485,15 +485,12 @@ class ShardedModel:
                 "stay replicated)"
             )
 
-    @property
-    def final_logit_softcap(self) -> float | None:
-        """The inner model's."""
-        return getattr(self.inner, "final_logit_softcap", None)
-
     @contextmanager
-    def _gather(
-        self, params: TensorDictBase, frozen: Frozen | None, gather: Gather | None
-    ) -> Iterator[Gather]:
+    def around(
+        self, params: TensorDictBase, gather: Gather | None, frozen: Frozen | None
+    ) -> Iterator[tuple[TensorDictBase, Gather]]:
+        """The params as they are, and the gather hook over this rank's shards (of ``params``,
+        or of ``frozen[tree]``), with the re-gather hooks of ``reshard_after_forward``."""
         if gather is not None:
             raise ValueError("ShardedModel is the outermost wrapper: it takes no gather hook")
         if self.tree is None:
@@ -506,74 +503,7 @@ class ShardedModel:
         regather = _Regather(layout) if layout.reshard_after_forward else None
         plans = {id(t): layout.leaves[k] for k, t in T.flatten(stored).items()}
         with _regather_hooks(regather):
-            yield make_gather(layout, plans, regather)
-
-    def init(self, key: torch.Tensor, **kw: Any) -> TensorDict:
-        """The inner model's fresh (full) params; :func:`shard_tree` shards them."""
-        return self.inner.init(key, **kw)
-
-    def apply(
-        self,
-        params: TensorDictBase,
-        batch: Any,
-        *,
-        gather: Gather | None = None,
-        frozen: Frozen | None = None,
-    ) -> torch.Tensor:
-        """The inner ``apply`` with each layer gathered on use."""
-        with self._gather(params, frozen, gather) as g:
-            return self.inner.apply(params, batch, gather=g, **frozen_kw(frozen))
-
-    def hidden_states(
-        self,
-        params: TensorDictBase,
-        batch: Any,
-        *,
-        gather: Gather | None = None,
-        frozen: Frozen | None = None,
-    ) -> torch.Tensor:
-        """The inner ``hidden_states`` with each layer gathered on use."""
-        with self._gather(params, frozen, gather) as g:
-            return self.inner.hidden_states(params, batch, gather=g, **frozen_kw(frozen))
-
-    def head_weight(
-        self, params: TensorDictBase, *, gather: Gather | None = None, frozen: Frozen | None = None
-    ) -> torch.Tensor:
-        """The full (gathered) head weight; its gradient is reduce-scattered in the backward."""
-        with self._gather(params, frozen, gather) as g:
-            return self.inner.head_weight(params, gather=g, **frozen_kw(frozen))
-
-    def logits_from_hidden(
-        self,
-        params: TensorDictBase,
-        h: torch.Tensor,
-        *,
-        gather: Gather | None = None,
-        frozen: Frozen | None = None,
-    ) -> torch.Tensor:
-        """The inner LM head over the gathered head weight."""
-        with self._gather(params, frozen, gather) as g:
-            return self.inner.logits_from_hidden(params, h, gather=g, **frozen_kw(frozen))
-
-    def init_cache(self, batch_size: int, max_length: int, **kw: Any) -> TensorDict:
-        """The inner model's cache (caches are not sharded)."""
-        return self.inner.init_cache(batch_size, max_length, **kw)
-
-    def apply_with_cache(
-        self,
-        params: TensorDictBase,
-        batch: Any,
-        cache: TensorDictBase,
-        offset: int,
-        *,
-        gather: Gather | None = None,
-        frozen: Frozen | None = None,
-    ) -> tuple[torch.Tensor, TensorDictBase]:
-        """Decoding over sharded params: each layer gathered on use."""
-        with self._gather(params, frozen, gather) as g:
-            return self.inner.apply_with_cache(
-                params, batch, cache, offset, gather=g, **frozen_kw(frozen)
-            )
+            yield params, make_gather(layout, plans, regather)
 
 
 def wrap_fsdp_step(step: StepFn) -> StepFn:
