@@ -33,20 +33,29 @@ LossFn = Callable[[TensorDictBase, Mapping[str, torch.Tensor]], tuple[torch.Tens
 
 
 class HeadModel(Protocol):
-    """What :func:`make_fused_lm_loss` needs of a model (a ``Transformer`` has it)."""
+    """What :func:`make_fused_lm_loss` needs of a model: the part of the model protocol
+    (:class:`tscale.models.protocol.LanguageModel`) that feeds the LM head. A ``Transformer``
+    has it, and so has every wrapper of it (LoRA, dtype cast, FSDP gather)."""
 
-    @property
-    def config(self) -> Any:
-        """Read for ``final_logit_softcap`` (None when absent)."""
-        ...
-
-    def hidden_states(self, params: TensorDictBase, batch: Any) -> torch.Tensor:
+    def hidden_states(self, params: TensorDictBase, batch: Any, **kw: Any) -> torch.Tensor:
         """Final-normed hidden states [..., H], the input of the LM head."""
         ...
 
-    def head_weight(self, params: TensorDictBase) -> torch.Tensor:
-        """The LM head's weight [V, H] (the embedding when tied)."""
+    def head_weight(self, params: TensorDictBase, **kw: Any) -> torch.Tensor:
+        """The LM head's weight [V, H] as the model computes with it (tied, adapted …)."""
         ...
+
+
+def _softcap(model: Any) -> float | None:
+    """The final logit soft-cap of a model: the protocol's ``final_logit_softcap``, else (an
+    older model record) its ``config.final_logit_softcap``."""
+    if hasattr(model, "final_logit_softcap"):
+        return model.final_logit_softcap
+    return getattr(getattr(model, "config", None), "final_logit_softcap", None)
+
+
+def _frozen_kw(frozen: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {} if frozen is None else {"frozen": frozen}
 
 
 def _check_options(where: str, label_smoothing: float, z_loss: float) -> None:
@@ -113,13 +122,21 @@ def make_lm_loss(
 ) -> LossFn:
     """A loss ``loss_fn(params, batch) -> (loss_sum, {"tokens": n})`` for ``apply_fn``'s logits.
 
+    ``loss_fn(params, batch, frozen=trees)`` hands the train state's frozen trees on as
+    ``apply_fn(params, batch, frozen=trees)`` (a model of :mod:`tscale.models.protocol`).
+
     Raises:
         ConfigError: ``label_smoothing`` outside ``[0, 1]`` or a negative ``z_loss``.
     """
     _check_options("make_lm_loss", label_smoothing, z_loss)
 
-    def loss_fn(params: TensorDictBase, batch: Mapping[str, torch.Tensor]):
-        logits = apply_fn(params, batch)
+    def loss_fn(
+        params: TensorDictBase,
+        batch: Mapping[str, torch.Tensor],
+        *,
+        frozen: Mapping[str, Any] | None = None,
+    ):
+        logits = apply_fn(params, batch, **_frozen_kw(frozen))
         loss_sum, tokens = token_cross_entropy(
             logits,
             target_labels(batch),
@@ -145,13 +162,18 @@ def make_fused_lm_loss(
 
     ``loss_fn(params, batch)`` computes ``model.hidden_states(params, batch)`` and hands them with
     ``model.head_weight(params)`` to :func:`tscale.kernels.linear_cross_entropy`
-    (``reduction="sum"``), with ``softcap=model.config.final_logit_softcap`` (Gemma 2) so the loss
-    is that of the model's own logits. On CUDA (``backend="auto"``) the Triton kernel holds at
+    (``reduction="sum"``), with ``softcap=model.final_logit_softcap`` (Gemma 2) so the loss
+    is that of the model's own logits. ``model`` is any model of the protocol
+    (:mod:`tscale.models.protocol`): a ``Transformer``, a ``LoraModel`` (the adapted head when
+    ``lm_head`` is a target), a ``CastModel``, FSDP's ``ShardedModel`` (hidden states and the
+    head weight each gathered); ``loss_fn(params, batch, frozen=trees)`` hands frozen trees on.
+    On CUDA (``backend="auto"``) the Triton kernel holds at
     most one ``chunk_bytes`` chunk of logits; on CPU small problems use the plain reference and
     large ones the chunked PyTorch algorithm (see ``docs/kernels.md``).
 
     Args:
-        model: a ``Transformer`` (anything with ``config``, ``hidden_states`` and ``head_weight``).
+        model: a model with ``hidden_states``, ``head_weight`` and ``final_logit_softcap``
+            (or, as older records, ``config.final_logit_softcap``).
         ignore_index: label value that is not trained.
         chunk_bytes: budget of one logits chunk (default the kernel's, 512 MiB).
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``linear_cross_entropy``).
@@ -171,13 +193,19 @@ def make_fused_lm_loss(
         raise ConfigError(f"make_fused_lm_loss: backend must be one of {BACKENDS}, got {backend!r}")
     if chunk_bytes is not None and not chunk_bytes > 0:
         raise ConfigError(f"make_fused_lm_loss: chunk_bytes must be > 0, got {chunk_bytes}")
-    softcap = getattr(model.config, "final_logit_softcap", None)
+    softcap = _softcap(model)
 
-    def loss_fn(params: TensorDictBase, batch: Mapping[str, torch.Tensor]):
-        hidden = model.hidden_states(params, batch)
+    def loss_fn(
+        params: TensorDictBase,
+        batch: Mapping[str, torch.Tensor],
+        *,
+        frozen: Mapping[str, Any] | None = None,
+    ):
+        kw = _frozen_kw(frozen)
+        hidden = model.hidden_states(params, batch, **kw)
         loss_sum, tokens = linear_cross_entropy(
             hidden,
-            model.head_weight(params),
+            model.head_weight(params, **kw),
             target_labels(batch),
             ignore_index=ignore_index,
             label_smoothing=label_smoothing,

@@ -3,11 +3,15 @@
 Parameters are nested TensorDicts named exactly like the HF checkpoint of the same architecture.
 HF checkpoint directories are read and written by ``tscale.checkpoint.hf`` (``from_pretrained``,
 ``save_pretrained``), into the :class:`Model` record
-of ``tscale.models.hf``.
+of ``tscale.models.hf``. Every model implements one protocol (:class:`LanguageModel`); the
+wrappers (LoRA, :class:`CastModel`, the parallel ones) implement it around another model and
+:func:`stack_model` stacks them in their one order.
 """
 
 from tscale.models.generate import CachedModel, filter_logits, generate, greedy
 from tscale.models.hf import Model
+from tscale.models.protocol import LanguageModel
+from tscale.models.stack import CastModel, stack_model
 from tscale.models.transformer import (
     FAMILIES,
     RopeScaling,
@@ -25,6 +29,8 @@ from tscale.models.transformer import (
 __all__ = [
     "FAMILIES",
     "CachedModel",
+    "CastModel",
+    "LanguageModel",
     "Model",
     "RopeScaling",
     "Transformer",
@@ -39,4 +45,5 @@ __all__ = [
     "init_cache",
     "logits_from_hidden",
     "param_shapes",
+    "stack_model",
 ]

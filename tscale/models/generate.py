@@ -6,8 +6,9 @@ attends to a pad), and ``position_ids`` count from 0 at each prompt's first real
 decodes exactly as it would alone.
 
 A model that offers ``init_cache(batch_size, max_length, device=...)`` and
-``apply_with_cache(params, batch, cache, offset) -> (logits, cache)`` (a
-:class:`~tscale.models.transformer.Transformer` or a loaded :class:`~tscale.models.hf.Model`) is
+``apply_with_cache(params, batch, cache, offset) -> (logits, cache)`` (any model of
+:mod:`tscale.models.protocol`: a :class:`~tscale.models.transformer.Transformer`, a loaded
+:class:`~tscale.models.hf.Model`, a ``LoraModel`` — decoding with unmerged adapters — …) is
 decoded incrementally: one prefill over the prompts, then one token per step against the cache. A
 plain ``apply(params, batch) -> logits`` function is decoded by re-running it over the whole
 sequence each step (O(steps x length) work; the reference the cache is tested against).
@@ -137,11 +138,17 @@ def _cached_model(model: CachedModel | ApplyFn, use_cache: bool) -> CachedModel 
     if not use_cache:
         return None
     if isinstance(model, CachedModel):
-        return model
+        return model if _offers_cache(model) else None
     owner = getattr(model, "__self__", None)
     if getattr(model, "__name__", None) == "apply" and isinstance(owner, CachedModel):
-        return owner
+        return owner if _offers_cache(owner) else None
     return None
+
+
+def _offers_cache(model: Any) -> bool:
+    """A wrapper whose methods exist but whose inner model has no cache (a ``LoraModel`` built
+    from a bare ``apply_fn``) says so with ``offers_cache = False``."""
+    return bool(getattr(model, "offers_cache", True))
 
 
 def generate(

@@ -76,17 +76,33 @@ class Model:
             return ()
         return tuple(int(e) for e in eos) if isinstance(eos, list) else (int(eos),)
 
-    def apply(self, params: TensorDictBase, batch: Batch) -> torch.Tensor:
-        """Logits [B, S, V] (see :func:`tscale.models.transformer.apply`)."""
-        return self.transformer.apply(params, batch)
+    @property
+    def final_logit_softcap(self) -> float | None:
+        """Gemma 2's final logit soft-cap (None for other families)."""
+        return self.config.final_logit_softcap
 
-    def hidden_states(self, params: TensorDictBase, batch: Batch) -> torch.Tensor:
+    def init(self, key: torch.Tensor, **kw: Any) -> TensorDict:
+        """Fresh params of this architecture (see :meth:`Transformer.init`)."""
+        return self.transformer.init(key, **kw)
+
+    def apply(self, params: TensorDictBase, batch: Batch, **kw: Any) -> torch.Tensor:
+        """Logits [B, S, V] (see :func:`tscale.models.transformer.apply`); ``gather``/``frozen``
+        as in :mod:`tscale.models.protocol`."""
+        return self.transformer.apply(params, batch, **kw)
+
+    def hidden_states(self, params: TensorDictBase, batch: Batch, **kw: Any) -> torch.Tensor:
         """Final-normed hidden states [B, S, H]."""
-        return self.transformer.hidden_states(params, batch)
+        return self.transformer.hidden_states(params, batch, **kw)
 
-    def logits_from_hidden(self, params: TensorDictBase, h: torch.Tensor) -> torch.Tensor:
+    def head_weight(self, params: TensorDictBase, **kw: Any) -> torch.Tensor:
+        """The LM head's weight [V, H], tied or not."""
+        return self.transformer.head_weight(params, **kw)
+
+    def logits_from_hidden(
+        self, params: TensorDictBase, h: torch.Tensor, **kw: Any
+    ) -> torch.Tensor:
         """The LM head (with Gemma 2's final soft-cap)."""
-        return self.transformer.logits_from_hidden(params, h)
+        return self.transformer.logits_from_hidden(params, h, **kw)
 
     def init_cache(
         self,
@@ -95,15 +111,16 @@ class Model:
         *,
         dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu",
+        **kw: Any,
     ) -> TensorDict:
         """An empty KV cache (see :func:`tscale.models.transformer.init_cache`)."""
-        return self.transformer.init_cache(batch_size, max_length, dtype=dtype, device=device)
+        return self.transformer.init_cache(batch_size, max_length, dtype=dtype, device=device, **kw)
 
     def apply_with_cache(
-        self, params: TensorDictBase, batch: Batch, cache: TensorDictBase, offset: int
+        self, params: TensorDictBase, batch: Batch, cache: TensorDictBase, offset: int, **kw: Any
     ) -> tuple[torch.Tensor, TensorDictBase]:
         """Logits of new tokens against the cache, and the cache."""
-        return self.transformer.apply_with_cache(params, batch, cache, offset)
+        return self.transformer.apply_with_cache(params, batch, cache, offset, **kw)
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

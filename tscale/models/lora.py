@@ -42,6 +42,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -55,9 +56,9 @@ from tscale.core import rng as R
 from tscale.core import tree as T
 from tscale.core.state import TrainState
 from tscale.errors import ShapeError
+from tscale.models.protocol import BASE, Batch, Frozen, Gather, frozen_kw, gather_kw
 
 ApplyFn = Callable[[TensorDictBase, Any], torch.Tensor]
-Batch = TensorDictBase | Mapping[str, torch.Tensor]
 
 #: The projections of a Llama-style block (attention and MLP), as glob patterns over param names.
 DEFAULT_TARGETS: tuple[str, ...] = tuple(
@@ -444,6 +445,13 @@ class _Site:
     lora: Mapping[str, torch.Tensor] | None
     salt: int
     used: bool = False
+    #: For a weight gathered during the forward (FSDP): the site of the stored shard it came from.
+    origin: _Site | None = None
+
+    def mark_used(self) -> None:
+        self.used = True
+        if self.origin is not None:
+            self.origin.used = True
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None, ctx: _Ctx) -> torch.Tensor:
         y = _base_linear(self.weight, x, bias)
@@ -492,10 +500,15 @@ def _merge_one(w: torch.Tensor, g: Mapping[str, torch.Tensor], scale: float) -> 
 class _Adapted(TorchFunctionMode):
     """Routes torch calls that touch a target weight (matched by identity) through its site."""
 
-    def __init__(self, sites: Mapping[int, _Site], ctx: _Ctx) -> None:
+    def __init__(self, sites: dict[int, _Site], ctx: _Ctx) -> None:
         super().__init__()
         self.sites = sites
         self.ctx = ctx
+        # True while an outer gather hook runs: its collectives read the stored (sharded)
+        # target leaves as plain tensors, not as adapted weights.
+        self.paused = False
+        # id(gathered weight) -> (a weak reference to it, the site of the stored leaf)
+        self.aliases: dict[int, tuple[weakref.ref[torch.Tensor], _Site]] = {}
         # While Dynamo traces, id() of a graph input (a batch tensor) installs a guard on that
         # object's identity (a recompile every step), and comparing shapes would specialise
         # dynamic dims; identity tests ("is") against the few target leaves need neither.
@@ -505,14 +518,27 @@ class _Adapted(TorchFunctionMode):
         if self.tracing:
             if not (isinstance(obj, torch.Tensor) and obj.dim() == 2):
                 return None
-            return next((s for s in self.sites.values() if s.leaf is obj), None)
+            hit = next((s for s in self.sites.values() if s.leaf is obj), None)
+            if hit is not None or not self.aliases:
+                return hit
+            return next((self._alias(o, obj) for r, o in self.aliases.values() if r() is obj), None)
         site = self.sites.get(id(obj))
-        return site if site is not None and site.leaf is obj else None
+        if site is not None and site.leaf is obj:
+            return site
+        alias = self.aliases.get(id(obj))
+        if alias is not None and alias[0]() is obj:
+            return self._alias(alias[1], obj)
+        return None
+
+    @staticmethod
+    def _alias(origin: _Site, full: torch.Tensor) -> _Site:
+        """The site of a gathered weight: ``origin``'s adapters over the full tensor."""
+        return attrs.evolve(origin, leaf=full, weight=full, used=False, origin=origin)
 
     def _swap(self, obj: Any) -> Any:
         site = self._site(obj)
         if site is not None:
-            site.used = True
+            site.mark_used()
             return site.effective(self.ctx)
         if isinstance(obj, list | tuple) and any(self._site(o) is not None for o in obj):
             return type(obj)(self._swap(o) for o in obj)
@@ -526,13 +552,15 @@ class _Adapted(TorchFunctionMode):
         kwargs: Mapping[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
+        if self.paused:
+            return func(*args, **kwargs)
         if func is _LINEAR:
             w = args[1] if len(args) > 1 else kwargs.get("weight")
             site = self._site(w)
             if site is not None:
                 x = args[0] if args else kwargs["input"]
                 bias = args[2] if len(args) > 2 else kwargs.get("bias")
-                site.used = True
+                site.mark_used()
                 return site.linear(x, bias, self.ctx)
         elif func in _META_FUNCS or (
             getattr(func, "__name__", "") == "__get__"
@@ -543,10 +571,48 @@ class _Adapted(TorchFunctionMode):
         kwargs = {k: self._swap(v) for k, v in kwargs.items()}
         return func(*args, **kwargs)
 
+    def gathered(self, gather: Gather) -> Gather:
+        """``gather`` run outside the adaptation, its outputs adopted as the targets they come
+        from: a gathered target weight is adapted like the stored one (FSDP under LoRA)."""
+
+        def run(group: TensorDictBase) -> TensorDictBase:
+            self.paused = True
+            try:
+                out = gather(group)
+            finally:
+                self.paused = False
+            stored, used = T.flatten(group), T.flatten(out)
+            for name, leaf in stored.items():
+                site = self._site(leaf)
+                full = used.get(name)
+                if site is None or full is None or full is leaf:
+                    continue
+                if not isinstance(site.weight, torch.Tensor):
+                    raise ShapeError(
+                        f"LoRA target {site.name!r} is stored quantised; a gather hook (FSDP) "
+                        f"over a quantised base is not supported"
+                    )
+                if site.lora is not None:
+                    _check_site(site.name, site.lora, tuple(full.shape), self.ctx.config.use_dora)
+                # Weakly held: a gathered weight dies after its layer (FSDP's reshard after
+                # forward), and the adaptation must not keep it alive.
+                self.aliases[id(full)] = (weakref.ref(full), site)
+                weakref.finalize(full, self.aliases.pop, id(full), None)
+            return out
+
+        return run
+
 
 def _sites(
-    base: Base, adapters: TensorDictBase, config: LoraConfig, extra: Iterable[str] = ()
+    base: Base,
+    adapters: TensorDictBase,
+    config: LoraConfig,
+    extra: Iterable[str] = (),
+    *,
+    check: bool = True,
 ) -> tuple[TensorDictBase, dict[int, _Site]]:
+    """The sites of ``base``'s targets by ``id`` of the leaf; ``check=False`` leaves the shape
+    checks to the gather hook (stored leaves are shards, the gathered ones are checked)."""
     tree, weights = _view(base)
     flat = T.flatten(tree)
     groups = _group(adapters)
@@ -561,20 +627,37 @@ def _sites(
         leaf = flat[name]
         w = weights.get(name, leaf)
         g = groups.get(name)
-        if g is not None:
+        if g is not None and check:
             _check_site(name, g, tuple(w.shape), config.use_dora)
         sites[id(leaf)] = _Site(name=name, leaf=leaf, weight=w, lora=g, salt=order[name])
     return tree, sites
 
 
 def _run(
-    apply_fn: ApplyFn, base: Base, adapters: TensorDictBase, batch: Batch, config: LoraConfig
-) -> torch.Tensor:
-    keys = batch.get(DROPOUT_KEY, None) if config.dropout > 0 else None
-    tree, sites = _sites(base, adapters, config)
-    with _Adapted(sites, _Ctx(config=config, keys=keys)):
-        out = apply_fn(tree, batch)
-    unused = [s.name for s in sites.values() if not s.used]
+    fn: Callable[[TensorDictBase, Gather | None], Any],
+    base: Base,
+    adapters: TensorDictBase,
+    batch: Batch | None,
+    config: LoraConfig,
+    *,
+    gather: Gather | None = None,
+    optional: Callable[[TensorDictBase], Iterable[torch.Tensor]] | None = None,
+) -> Any:
+    """``fn(tree, gather)`` under the adaptation: ``tree`` is the base's tree, whose target
+    weights (and the weights ``gather`` makes of them) are adapted wherever ``fn`` uses them.
+
+    Every target must be used, except the leaves ``optional(tree)`` names (the LM head, which
+    :meth:`LoraModel.hidden_states` does not read)."""
+    keys = None
+    if batch is not None and config.dropout > 0:
+        keys = batch.get(DROPOUT_KEY, None)
+    tree, sites = _sites(base, adapters, config, check=gather is None)
+    mode = _Adapted(sites, _Ctx(config=config, keys=keys))
+    stored = list(sites.values())
+    with mode:
+        out = fn(tree, None if gather is None else mode.gathered(gather))
+    skip = {id(t) for t in optional(tree)} if optional is not None else set()
+    unused = [s.name for s in stored if not s.used and id(s.leaf) not in skip]
     if unused:
         raise ShapeError(
             f"apply_fn never used the target weight(s) {unused[:3]} through torch calls on the "
@@ -594,12 +677,14 @@ def lora_apply(
     """
 
     def adapted(adapters: TensorDictBase, batch: Batch, base: Base) -> torch.Tensor:
-        return _run(apply_fn, base, adapters, batch, config)
+        return _run(lambda tree, _: apply_fn(tree, batch), base, adapters, batch, config)
 
     return adapted
 
 
-def _frozen_base(base: Base) -> Base:
+def _frozen_base(base: Base | None) -> Base | None:
+    if base is None:
+        return None
     if isinstance(base, TensorDictBase):
         view = base.clone(False)  # a new container over the same tensors, locked
         return view if view.is_locked else view.lock_()
@@ -607,40 +692,238 @@ def _frozen_base(base: Base) -> Base:
     return base
 
 
+_PROTOCOL_METHODS = ("hidden_states", "head_weight", "init_cache", "apply_with_cache")
+
+
+def _owner_model(apply_fn: ApplyFn | None) -> Any:
+    """The model whose bound ``.apply`` ``apply_fn`` is, if it offers the whole protocol."""
+    owner = getattr(apply_fn, "__self__", None)
+    if getattr(apply_fn, "__name__", None) != "apply" or owner is None:
+        return None
+    return owner if all(callable(getattr(owner, m, None)) for m in _PROTOCOL_METHODS) else None
+
+
 @attrs.frozen(kw_only=True, eq=False)
 class LoraModel:
     """A model with frozen base params and LoRA adapters: ``apply(adapters, batch)``.
 
+    Implements :class:`~tscale.models.protocol.LanguageModel` over the adapters: ``apply``,
+    ``hidden_states``, ``head_weight`` (the adapted head when ``lm_head`` is a target),
+    ``logits_from_hidden``, ``init_cache`` and ``apply_with_cache`` (decoding with the adapters
+    applied, without merging them) all run the wrapped model on the base tree with the adapters
+    applied to its target weights.
+
+    The frozen base comes from ``frozen["base"]`` when the call passes one (the train state's
+    frozen trees), else from ``base``. A ``gather`` hook (FSDP over the base) is run on the base
+    tree and the weights it gathers are adapted like the stored ones.
+
     Attributes:
-        apply_fn: the base model's ``apply(params, batch)`` (any model with HF-style names).
+        model: the wrapped model (any :class:`~tscale.models.protocol.LanguageModel`).
+        apply_fn: instead of ``model``, a bare ``apply(params, batch)`` (any model with HF-style
+            names): then only ``apply`` works. A bound ``model.apply`` of a model that offers the
+            protocol counts as ``model``.
         base: the frozen params — a tree (held as a locked view, never written) or
-            :class:`~tscale.models.quant.QuantizedParams`.
+            :class:`~tscale.models.quant.QuantizedParams`; None when every call passes
+            ``frozen["base"]``.
         config: the LoRA hyper-parameters.
-        targets: the resolved target names (derived; validated at construction).
+        targets: the resolved target names of ``base`` (derived; () without a base).
 
     Raises:
         ShapeError: a target pattern matches nothing or a non-matrix.
+        TypeError: neither ``model`` nor ``apply_fn``.
     """
 
-    apply_fn: ApplyFn
-    base: Base = attrs.field(converter=_frozen_base)
+    apply_fn: ApplyFn | None = None
+    base: Base | None = attrs.field(default=None, converter=_frozen_base)
     config: LoraConfig = attrs.field(factory=LoraConfig)
+    model: Any = None
     targets: tuple[str, ...] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        object.__setattr__(self, "targets", lora_targets(self.base, self.config))
+        if self.model is None and self.apply_fn is None:
+            raise TypeError("LoraModel needs model= (a LanguageModel) or apply_fn=")
+        if self.model is None:
+            object.__setattr__(self, "model", _owner_model(self.apply_fn))
+        elif self.apply_fn is None:
+            object.__setattr__(self, "apply_fn", self.model.apply)
+        targets = () if self.base is None else lora_targets(self.base, self.config)
+        object.__setattr__(self, "targets", targets)
 
-    def init(self, key: torch.Tensor, *, dtype: torch.dtype | None = None) -> TensorDict:
+    @property
+    def inner(self) -> Any:
+        """The wrapped model (None when built from a bare ``apply_fn``)."""
+        return self.model
+
+    @property
+    def offers_cache(self) -> bool:
+        """Whether :meth:`apply_with_cache` works (the wrapped model has a KV cache)."""
+        return callable(getattr(self.model, "apply_with_cache", None))
+
+    @property
+    def final_logit_softcap(self) -> float | None:
+        """The wrapped model's (LoRA does not change the head's soft-cap)."""
+        return getattr(self._model("final_logit_softcap"), "final_logit_softcap", None)
+
+    def base_of(self, frozen: Frozen | None = None) -> Base:
+        """The frozen base of a call: ``frozen["base"]``, else ``self.base``.
+
+        Raises:
+            ValueError: neither is there.
+        """
+        if frozen is not None and BASE in frozen:
+            return frozen[BASE]
+        if self.base is None:
+            raise ValueError(
+                f"LoraModel has no base: pass frozen={{{BASE!r}: params}} or build it with base="
+            )
+        return self.base
+
+    def _model(self, what: str) -> Any:
+        if self.model is None:
+            raise TypeError(
+                f"LoraModel.{what} needs the wrapped model: build it with model=<a "
+                f"LanguageModel> (it was built from a bare apply_fn, which offers apply only)"
+            )
+        return self.model
+
+    def init(
+        self,
+        key: torch.Tensor,
+        *,
+        dtype: torch.dtype | None = None,
+        frozen: Frozen | None = None,
+    ) -> TensorDict:
         """Fresh adapters (``B = 0``), see :func:`init_lora`."""
-        return init_lora(self.base, self.config, key, dtype=dtype)
+        return init_lora(self.base_of(frozen), self.config, key, dtype=dtype)
 
-    def apply(self, adapters: TensorDictBase, batch: Batch) -> torch.Tensor:
+    def apply(
+        self,
+        adapters: TensorDictBase,
+        batch: Batch,
+        *,
+        gather: Gather | None = None,
+        frozen: Frozen | None = None,
+    ) -> torch.Tensor:
         """``apply_fn(base ⊕ adapters, batch)``; dropout iff ``batch`` has ``dropout_key``."""
-        return _run(self.apply_fn, self.base, adapters, batch, self.config)
+        apply_fn = self.apply_fn
+        assert apply_fn is not None  # set at construction
+        extra = frozen_kw(frozen) if self.model is not None else {}
 
-    def merged(self, adapters: TensorDictBase) -> TensorDict:
+        def fn(tree: TensorDictBase, g: Gather | None) -> torch.Tensor:
+            return apply_fn(tree, batch, **gather_kw(g), **extra)
+
+        return _run(fn, self.base_of(frozen), adapters, batch, self.config, gather=gather)
+
+    def hidden_states(
+        self,
+        adapters: TensorDictBase,
+        batch: Batch,
+        *,
+        gather: Gather | None = None,
+        frozen: Frozen | None = None,
+    ) -> torch.Tensor:
+        """The wrapped model's final hidden states with the adapters applied."""
+        m = self._model("hidden_states")
+
+        def fn(tree: TensorDictBase, g: Gather | None) -> torch.Tensor:
+            return m.hidden_states(tree, batch, **gather_kw(g), **frozen_kw(frozen))
+
+        def head(tree: TensorDictBase) -> list[torch.Tensor]:
+            return [m.head_weight(tree)]  # an adapted head is read by head_weight, not here
+
+        base = self.base_of(frozen)
+        return _run(fn, base, adapters, batch, self.config, gather=gather, optional=head)
+
+    def head_weight(
+        self,
+        adapters: TensorDictBase,
+        *,
+        gather: Gather | None = None,
+        frozen: Frozen | None = None,
+    ) -> torch.Tensor:
+        """The LM head's weight as the adapted model computes with it: ``W + s · B @ A`` (DoRA:
+        rescaled) when the head (or, tied, the embedding) is a target, else the base's.
+
+        Raises:
+            ValueError: the head is a target and ``config.dropout > 0``: dropout acts on the
+                adapter's input, which a weight (for a fused loss) cannot express.
+        """
+        m = self._model("head_weight")
+        base = self.base_of(frozen)
+        if self.config.dropout > 0:
+            tree, _ = _view(base)
+            head = m.head_weight(tree)
+            name = next((k for k, v in T.flatten(tree).items() if v is head), None)
+            if name in _group(adapters):
+                raise ValueError(
+                    f"LoRA dropout ({self.config.dropout}) on the LM head ({name}) does not "
+                    f"combine with a loss that takes the head's weight (the fused loss): dropout "
+                    f"acts on the adapter's input; drop the head from the targets, set the "
+                    f"dropout to 0, or use the unfused loss"
+                )
+
+        def fn(tree: TensorDictBase, g: Gather | None) -> torch.Tensor:
+            w = m.head_weight(tree, **gather_kw(g), **frozen_kw(frozen))
+            # A torch call on a target weight under the adaptation yields its effective
+            # weight (a view of the weight itself when it is no target).
+            return w.view(w.shape)
+
+        return _run(fn, base, adapters, None, self.config, gather=gather, optional=T.leaves)
+
+    def logits_from_hidden(
+        self,
+        adapters: TensorDictBase,
+        h: torch.Tensor,
+        *,
+        gather: Gather | None = None,
+        frozen: Frozen | None = None,
+    ) -> torch.Tensor:
+        """The (adapted) LM head on hidden states."""
+        m = self._model("logits_from_hidden")
+
+        def fn(tree: TensorDictBase, g: Gather | None) -> torch.Tensor:
+            return m.logits_from_hidden(tree, h, **gather_kw(g), **frozen_kw(frozen))
+
+        base = self.base_of(frozen)
+        return _run(fn, base, adapters, None, self.config, gather=gather, optional=T.leaves)
+
+    def init_cache(
+        self,
+        batch_size: int,
+        max_length: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+        frozen: Frozen | None = None,
+    ) -> TensorDict:
+        """The wrapped model's empty KV cache (adapters change no cache shape)."""
+        m = self._model("init_cache")
+        return m.init_cache(batch_size, max_length, dtype=dtype, device=device, **frozen_kw(frozen))
+
+    def apply_with_cache(
+        self,
+        adapters: TensorDictBase,
+        batch: Batch,
+        cache: TensorDictBase,
+        offset: int,
+        *,
+        gather: Gather | None = None,
+        frozen: Frozen | None = None,
+    ) -> tuple[torch.Tensor, TensorDictBase]:
+        """Incremental decoding with the adapters applied (no merge): the wrapped model's
+        ``apply_with_cache`` on the base tree under the adaptation."""
+        m = self._model("apply_with_cache")
+
+        def fn(tree: TensorDictBase, g: Gather | None) -> tuple[torch.Tensor, TensorDictBase]:
+            return m.apply_with_cache(
+                tree, batch, cache, offset, **gather_kw(g), **frozen_kw(frozen)
+            )
+
+        return _run(fn, self.base_of(frozen), adapters, batch, self.config, gather=gather)
+
+    def merged(self, adapters: TensorDictBase, *, frozen: Frozen | None = None) -> TensorDict:
         """Dense params with the adapters folded in (dequantised first for a quantised base)."""
-        tree, weights = _view(self.base)
+        tree, weights = _view(self.base_of(frozen))
         flat = T.flatten(tree)
         dense = {k: (weights[k].dense() if k in weights else v) for k, v in flat.items()}
         return merge(T.unflatten(dense), adapters, self.config)

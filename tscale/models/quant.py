@@ -32,6 +32,7 @@ from tensordict import TensorDict, TensorDictBase
 from tscale.core import tree as T
 from tscale.errors import ShapeError
 from tscale.models.lora import DEFAULT_TARGETS, ApplyFn, LoraConfig, LoraModel, match_targets
+from tscale.models.protocol import Frozen, LanguageModel
 
 #: Block sizes bitsandbytes accepts for 4-bit quantisation.
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -376,33 +377,37 @@ class QLoraModel(LoraModel):
     """
 
     def __attrs_post_init__(self) -> None:
-        if not isinstance(self.base, QuantizedParams):
+        if self.base is not None and not isinstance(self.base, QuantizedParams):
             raise TypeError(
                 f"QLoraModel.base must be QuantizedParams (see quantize_params), got "
                 f"{type(self.base).__name__}"
             )
         super().__attrs_post_init__()
 
-    def memory(self) -> dict[str, float]:
+    def memory(self, *, frozen: Frozen | None = None) -> dict[str, float]:
         """:func:`quantized_bytes` of the base."""
-        assert isinstance(self.base, QuantizedParams)  # checked at construction
-        return quantized_bytes(self.base)
+        base = self.base_of(frozen)
+        if not isinstance(base, QuantizedParams):
+            raise TypeError(f"QLoraModel base must be QuantizedParams, got {type(base).__name__}")
+        return quantized_bytes(base)
 
 
 def make_qlora_model(
-    apply_fn: ApplyFn,
+    apply_fn: ApplyFn | LanguageModel,
     params: TensorDictBase,
     config: LoraConfig,
     *,
     quantize: Iterable[str] = DEFAULT_TARGETS,
     block_size: int = 64,
 ) -> QLoraModel:
-    """Quantise ``params`` (the ``quantize`` patterns) and wrap them with LoRA ``config``."""
-    return QLoraModel(
-        apply_fn=apply_fn,
-        base=quantize_params(params, quantize, block_size=block_size),
-        config=config,
-    )
+    """Quantise ``params`` (the ``quantize`` patterns) and wrap them with LoRA ``config``.
+
+    ``apply_fn``: the base model (a :class:`~tscale.models.protocol.LanguageModel`, which gives
+    the whole protocol) or a bare ``apply(params, batch)`` (then ``apply`` only)."""
+    base = quantize_params(params, quantize, block_size=block_size)
+    if callable(getattr(apply_fn, "hidden_states", None)):
+        return QLoraModel(model=apply_fn, base=base, config=config)
+    return QLoraModel(apply_fn=apply_fn, base=base, config=config)
 
 
 __all__ = [

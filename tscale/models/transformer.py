@@ -20,6 +20,9 @@ Transformer", 2020). ``TransformerConfig.family`` and a few switches give the ot
   "Gemma 2", 2024).
 - ``phi3``: fused ``qkv_proj`` and ``gate_up_proj`` weights, optional partial rotary.
 
+The differences are one table, :data:`tscale.models.families.TABLE` (one row per family), which
+also holds the HF ``config.json`` mapping (``to_hf_dict``/``from_hf_dict`` delegate to it).
+
 Packed rows: pass ``doc_ids`` ([B, S] ints) and restarting ``position_ids``; a token then attends
 only to earlier tokens of its own document (and, in a sliding layer, only to the last
 ``sliding_window`` of them). Isolation comes from ``doc_ids`` alone: unlike HF (which guesses
@@ -31,6 +34,10 @@ architecture; ``to_hf_dict`` leaves them out) that route the forward through
 :func:`tscale.kernels.attention` (FlashAttention-2 in Triton on CUDA) and
 :func:`tscale.kernels.rms_norm`. :func:`head_weight` is the LM head's weight, for a fused loss
 (:func:`tscale.losses.lm.make_fused_lm_loss`) that never builds the [tokens, vocab] logits.
+
+:class:`Transformer` implements the model protocol of :mod:`tscale.models.protocol` (every
+method takes ``gather=`` and ``frozen=``), which the wrappers of :mod:`tscale.models.stack`,
+:mod:`tscale.models.lora` and :mod:`tscale.parallel` implement again around it.
 
 Incremental decoding: :func:`init_cache` preallocates a key/value cache, and
 :func:`apply_with_cache` runs new tokens against it and returns it. Like a train step consumes its
@@ -56,26 +63,19 @@ from tscale.core import tree as T
 from tscale.errors import ConfigError, ShapeError
 from tscale.kernels import attention as kernel_attention
 from tscale.kernels import rms_norm as kernel_rms_norm
-
-Batch = TensorDictBase | Mapping[str, torch.Tensor]
-Gather = Callable[[TensorDictBase], TensorDictBase]
-"""``gather(stored) -> used``: maps a group of stored params (the non-layer params once, then
-each layer's) to the tensors the layer computes with. The model stays single-device; a parallel
-wrapper passes one (:mod:`tscale.parallel.fsdp` all-gathers the shards of a layer in one
-collective and reduce-scatters its gradients in the backward)."""
-
-#: The supported families: HF ``model_type`` -> the ``architectures`` entry of its config.json.
-FAMILIES: dict[str, str] = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "gemma": "GemmaForCausalLM",
-    "gemma2": "Gemma2ForCausalLM",
-    "phi3": "Phi3ForCausalLM",
-}
-_GEMMA = ("gemma", "gemma2")
-FULL, SLIDING = "full_attention", "sliding_attention"
+from tscale.models.families import (
+    DTYPE_NAMES,
+    DTYPES,
+    FAMILIES,
+    FULL,
+    SLIDING,
+    TABLE,
+    RopeScaling,
+    config_from_hf,
+    family_problems,
+    to_hf_dict,
+)
+from tscale.models.protocol import Batch, Frozen, Gather
 
 #: ``TransformerConfig.attention_backend``: ``"sdpa"`` is the model's own attention (PyTorch SDPA
 #: with boolean masks, an explicit softmax under Gemma 2's soft-cap); the others call
@@ -85,13 +85,7 @@ ATTENTION_BACKENDS = ("sdpa", "auto", "triton", "torch")
 #: ``"triton"`` call :func:`tscale.kernels.rms_norm` with that ``backend``.
 NORM_BACKENDS = ("torch", "auto", "triton")
 
-_DTYPE_NAMES = {
-    torch.float32: "float32",
-    torch.bfloat16: "bfloat16",
-    torch.float16: "float16",
-    torch.float64: "float64",
-}
-_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+_DTYPE_NAMES, _DTYPES = DTYPE_NAMES, DTYPES  # the names older imports use
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -109,48 +103,6 @@ def _positive(name: str, value: Any) -> None:
 
 def _optional_tuple(value: Any) -> tuple[str, ...] | None:
     return None if value is None else tuple(value)
-
-
-@attrs.frozen(kw_only=True)
-class RopeScaling:
-    """RoPE frequency scaling: ``linear`` (all divided by ``factor``) or Llama 3.1's ``llama3``.
-
-    ``llama3`` divides low frequencies (wavelength above
-    ``original_max_position_embeddings / low_freq_factor``) by ``factor``, keeps high ones
-    (below ``.../high_freq_factor``) and interpolates smoothly in between, as HF does.
-    """
-
-    rope_type: str
-    factor: float
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
-
-    def __attrs_post_init__(self) -> None:
-        if self.rope_type not in ("linear", "llama3"):
-            raise ConfigError(
-                f"RoPE scaling type {self.rope_type!r} is not supported; supported: 'linear', "
-                f"'llama3' (or none)"
-            )
-        if not self.factor > 0 or (
-            self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor > 0
-        ):
-            raise ConfigError(
-                f"RoPE scaling: factor ({self.factor}) must be > 0 and high_freq_factor "
-                f"({self.high_freq_factor}) > low_freq_factor ({self.low_freq_factor}) > 0"
-            )
-
-    def to_hf_dict(self) -> dict[str, Any]:
-        """The entries of HF ``rope_parameters`` for this scaling."""
-        if self.rope_type == "linear":
-            return {"rope_type": "linear", "factor": float(self.factor)}
-        return {
-            "rope_type": "llama3",
-            "factor": float(self.factor),
-            "low_freq_factor": float(self.low_freq_factor),
-            "high_freq_factor": float(self.high_freq_factor),
-            "original_max_position_embeddings": int(self.original_max_position_embeddings),
-        }
 
 
 @attrs.frozen(kw_only=True)
@@ -241,10 +193,9 @@ class TransformerConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         _positive("head_dim", self.head_dim)
         if self.hidden_act is None:
-            act = "gelu_pytorch_tanh" if self.family in _GEMMA else "silu"
-            object.__setattr__(self, "hidden_act", act)
+            object.__setattr__(self, "hidden_act", TABLE[self.family].activation)
         if self.qkv_bias is None:
-            object.__setattr__(self, "qkv_bias", self.family == "qwen2")
+            object.__setattr__(self, "qkv_bias", TABLE[self.family].attention_bias == "qkv")
         if self.num_heads % self.num_kv_heads:
             raise ShapeError(
                 f"TransformerConfig: num_kv_heads={self.num_kv_heads} must divide "
@@ -322,60 +273,36 @@ class TransformerConfig:
 
     def _check_family(self) -> None:
         """Reject switches the family's HF config cannot express (so export stays faithful)."""
-        f = self.family
-        problems = []
-        if f == "qwen2" and (not self.qkv_bias or self.o_bias):
-            problems.append("qwen2 has a bias on q/k/v only (qkv_bias=True, o_bias=False)")
-        elif f in ("mistral", "phi3") and (self.qkv_bias or self.o_bias):
-            problems.append(f"{f} has no attention biases")
-        elif f not in ("qwen2", "mistral", "phi3") and self.qkv_bias != self.o_bias:
-            problems.append(f"{f} has one attention_bias switch: qkv_bias must equal o_bias")
-        if self.mlp_bias and f != "llama":
-            problems.append("mlp_bias exists on llama only")
-        if self.sliding_window is not None and f in ("llama", "gemma"):
-            problems.append(f"{f} has no sliding-window attention")
-        if f in ("mistral", "phi3") and self.layer_types not in (
-            None,
-            (SLIDING,) * self.num_layers,
-        ):
-            problems.append(f"{f} slides on all layers or none (leave layer_types None)")
-        if f == "gemma2" and self.sliding_window is None:
-            problems.append("gemma2 needs sliding_window")
-        if f != "gemma2":
-            for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
-                if getattr(self, name) is not None:
-                    problems.append(f"{name} exists on gemma2 only")
-        if self.partial_rotary_factor != 1.0 and f != "phi3":
-            problems.append("partial_rotary_factor exists on phi3 only")
+        problems = family_problems(self)
         if problems:
-            raise ConfigError(f"TransformerConfig(family={f!r}): " + "; ".join(problems))
+            raise ConfigError(f"TransformerConfig(family={self.family!r}): " + "; ".join(problems))
 
     # ------------------------------------------------------------ family traits
 
     @property
     def norm_plus_one(self) -> bool:
         """RMSNorm scales by ``1 + w`` (Gemma), computed in float32 before the cast back."""
-        return self.family in _GEMMA
+        return TABLE[self.family].norm_plus_one
 
     @property
     def scale_embeddings(self) -> bool:
         """Embeddings are multiplied by ``sqrt(hidden_size)`` (Gemma)."""
-        return self.family in _GEMMA
+        return TABLE[self.family].scale_embeddings
 
     @property
     def sandwich_norms(self) -> bool:
         """Norms after attention and before/after the MLP (Gemma 2)."""
-        return self.family == "gemma2"
+        return TABLE[self.family].sandwich_norms
 
     @property
     def qk_norm(self) -> bool:
         """RMSNorm over each query and key head before RoPE (Qwen3)."""
-        return self.family == "qwen3"
+        return TABLE[self.family].qk_norm
 
     @property
     def fused_projections(self) -> bool:
         """One ``qkv_proj`` and one ``gate_up_proj`` weight (Phi-3)."""
-        return self.family == "phi3"
+        return TABLE[self.family].fused_projections
 
     @property
     def rotary_dim(self) -> int:
@@ -404,58 +331,7 @@ class TransformerConfig:
         The result also works as keyword arguments of the family's ``transformers`` config class
         (``LlamaConfig(**config.to_hf_dict())``).
         """
-        f = self.family
-        rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(self.rope_theta)}
-        if self.rope_scaling is not None:
-            rope.update(self.rope_scaling.to_hf_dict())
-        if f == "phi3":
-            rope["partial_rotary_factor"] = float(self.partial_rotary_factor)
-        out: dict[str, Any] = {
-            "model_type": f,
-            "architectures": [FAMILIES[f]],
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "max_position_embeddings": self.max_position_embeddings,
-            "rope_parameters": rope,
-            "rms_norm_eps": self.rms_norm_eps,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "initializer_range": self.init_std,
-            "dtype": _DTYPE_NAMES.get(self.dtype, str(self.dtype).removeprefix("torch.")),
-        }
-        out["hidden_activation" if f == "gemma2" else "hidden_act"] = self.hidden_act
-        if f in ("llama", "gemma", "gemma2", "qwen3"):
-            out["attention_bias"] = bool(self.qkv_bias)
-        if f == "llama":
-            out["mlp_bias"] = self.mlp_bias
-        if f in ("mistral", "phi3", "gemma2"):
-            out["sliding_window"] = self.sliding_window
-        if f in ("qwen2", "qwen3"):
-            out["use_sliding_window"] = self.sliding_window is not None
-            out["sliding_window"] = self.sliding_window
-            types = [SLIDING if self.is_sliding(i) else FULL for i in range(self.num_layers)]
-            out["layer_types"] = types
-            # HF rebuilds layer_types from max_window_layers when it is absent; keep both true.
-            out["max_window_layers"] = types.index(SLIDING) if SLIDING in types else self.num_layers
-        if f == "gemma2":
-            out["layer_types"] = [
-                SLIDING if self.is_sliding(i) else FULL for i in range(self.num_layers)
-            ]
-            scalar = self.query_pre_attn_scalar or self.head_dim
-            # HF's Gemma2Config insists on an int where the value is one (256, 144).
-            out["query_pre_attn_scalar"] = int(scalar) if float(scalar).is_integer() else scalar
-            out["attn_logit_softcapping"] = self.attn_logit_softcap
-            out["final_logit_softcapping"] = self.final_logit_softcap
-        if f == "phi3" and self.rope_scaling is not None:
-            # Phi-3 reads llama3's original length from the top level first.
-            out["original_max_position_embeddings"] = (
-                self.rope_scaling.original_max_position_embeddings
-            )
-        return out
+        return to_hf_dict(self)
 
     @classmethod
     def from_hf_dict(
@@ -471,129 +347,7 @@ class TransformerConfig:
         Raises:
             ConfigError: an unsupported ``model_type``/``architectures``, RoPE type or value.
         """
-        return _config_from_hf(cls, hf, dtype)
-
-
-def _family_of(hf: Mapping[str, Any]) -> str:
-    supported = ", ".join(f"{f} ({a})" for f, a in FAMILIES.items())
-    archs = hf.get("architectures") or []
-    model_type = hf.get("model_type")
-    if model_type is None and archs:
-        by_arch = {a: f for f, a in FAMILIES.items()}
-        model_type = by_arch.get(archs[0])
-    if model_type not in FAMILIES:
-        raise ConfigError(
-            f"model_type {hf.get('model_type')!r} (architectures {archs}) is not supported; "
-            f"supported: {supported}"
-        )
-    for arch in archs:
-        if arch != FAMILIES[model_type]:
-            raise ConfigError(
-                f"architecture {arch!r} is not supported (only the causal LM head of each "
-                f"family loads); supported: {supported}"
-            )
-    return model_type
-
-
-def _rope_of(hf: Mapping[str, Any], family: str) -> tuple[float, RopeScaling | None, float]:
-    """``(rope_theta, scaling, partial_rotary_factor)`` from v5 ``rope_parameters`` or v4 keys."""
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    partial = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
-    kind = rope.get("rope_type", rope.get("type", "default")) or "default"
-    if kind == "default":
-        return theta, None, partial
-    if kind not in ("linear", "llama3"):
-        raise ConfigError(
-            f"rope type {kind!r} is not supported; supported: default, linear, llama3"
-        )
-    if "factor" not in rope:
-        raise ConfigError(f"rope type {kind!r} needs a 'factor' in rope_parameters")
-    if kind == "linear":
-        return theta, RopeScaling(rope_type="linear", factor=float(rope["factor"])), partial
-    original = rope.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
-    if family == "phi3" and hf.get("original_max_position_embeddings") is not None:
-        original = hf["original_max_position_embeddings"]
-    scaling = RopeScaling(
-        rope_type="llama3",
-        factor=float(rope["factor"]),
-        low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(original or 8192),
-    )
-    return theta, scaling, partial
-
-
-def _layer_types_of(hf: Mapping[str, Any], family: str, n: int) -> tuple[int | None, Any]:
-    """``(sliding_window, layer_types)`` as HF derives them for each family."""
-    window = hf.get("sliding_window")
-    types = hf.get("layer_types")
-    if family in ("llama", "gemma"):
-        return None, None
-    if family in ("mistral", "phi3"):
-        return window, None
-    if family in ("qwen2", "qwen3"):
-        if not hf.get("use_sliding_window", False) or window is None:
-            return None, None
-        if types is None:
-            start = hf.get("max_window_layers", n)
-            types = [SLIDING if i >= start else FULL for i in range(n)]
-        return (window, types) if SLIDING in types else (None, None)
-    # gemma2: every other layer slides, starting with the first.
-    if types is None:
-        types = [SLIDING if (i + 1) % 2 else FULL for i in range(n)]
-    return (window if window is not None else 4096), types
-
-
-def _config_from_hf(
-    cls: type[TransformerConfig], hf: Mapping[str, Any], dtype: torch.dtype | None
-) -> TransformerConfig:
-    family = _family_of(hf)
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
-        if key not in hf:
-            raise ConfigError(f"config.json has no {key!r}")
-    if dtype is None:
-        name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-        if name not in _DTYPES:
-            raise ConfigError(f"config.json dtype {name!r} is not one of {sorted(_DTYPES)}")
-        dtype = _DTYPES[name]
-    n = int(hf["num_hidden_layers"])
-    theta, scaling, partial = _rope_of(hf, family)
-    window, types = _layer_types_of(hf, family, n)
-    act = hf.get("hidden_activation") if family == "gemma2" else hf.get("hidden_act")
-    if family == "gemma" and act == "gelu":
-        act = "gelu_pytorch_tanh"  # a legacy value of the Gemma releases; HF reads it as tanh
-    attention_bias = bool(hf.get("attention_bias", False))
-    qkv_bias = {"qwen2": True, "mistral": False, "phi3": False}.get(family, attention_bias)
-    o_bias = attention_bias and family not in ("qwen2", "mistral", "phi3")
-    gemma2 = family == "gemma2"
-    return cls(
-        family=family,
-        vocab_size=int(hf["vocab_size"]),
-        hidden_size=int(hf["hidden_size"]),
-        intermediate_size=int(hf["intermediate_size"]),
-        num_layers=n,
-        num_heads=int(hf["num_attention_heads"]),
-        num_kv_heads=hf.get("num_key_value_heads"),
-        head_dim=hf.get("head_dim"),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        partial_rotary_factor=partial,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", family in _GEMMA)),
-        init_std=float(hf.get("initializer_range", 0.02)),
-        dtype=dtype,
-        hidden_act=act,
-        qkv_bias=qkv_bias,
-        o_bias=o_bias,
-        mlp_bias=bool(hf.get("mlp_bias", False)) and family == "llama",
-        sliding_window=window,
-        layer_types=types,
-        query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256) if gemma2 else None,
-        attn_logit_softcap=hf.get("attn_logit_softcapping") if gemma2 else None,
-        final_logit_softcap=hf.get("final_logit_softcapping") if gemma2 else None,
-    )
+        return config_from_hf(cls, hf, dtype)
 
 
 # ---------------------------------------------------------------- parameters
@@ -909,12 +663,18 @@ def _gathered_layer(
     return _layer(config, gather(layer), x, cos, sin, attend, i)
 
 
-def _gather_root(params: TensorDictBase, gather: Gather | None) -> TensorDictBase:
+def _gather_root(
+    params: TensorDictBase, gather: Gather | None, *, head: bool = True
+) -> TensorDictBase:
     """The params with everything outside ``model.layers`` (embedding, final norm, head)
-    gathered once; the layers stay as stored and are gathered one at a time by ``_decoder``."""
+    gathered once; the layers stay as stored and are gathered one at a time by ``_decoder``.
+    ``head=False`` leaves an untied ``lm_head`` out (hidden states do not read it)."""
     if gather is None:
         return params
-    root = gather(params.exclude(("model", "layers")))
+    skip: list[Any] = [("model", "layers")]
+    if not head and "lm_head" in params.keys():  # noqa: SIM118 - a TensorDict's keys
+        skip.append("lm_head")
+    root = gather(params.exclude(*skip))
     root.set(("model", "layers"), params["model", "layers"])
     return root
 
@@ -1018,7 +778,8 @@ def hidden_states(
     Raises:
         ShapeError: ``input_ids`` is not [B, S] ints or the optional fields disagree in shape.
     """
-    return _at_logits_index(_hidden(config, _gather_root(params, gather), batch, gather), batch)
+    root = _gather_root(params, gather, head=False)
+    return _at_logits_index(_hidden(config, root, batch, gather), batch)
 
 
 def _at_logits_index(h: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -1058,18 +819,26 @@ def _hidden(
     return _decoder(config, params, ids, position_ids, attend, gather)
 
 
-def head_weight(config: TransformerConfig, params: TensorDictBase) -> torch.Tensor:
+def head_weight(
+    config: TransformerConfig, params: TensorDictBase, *, gather: Gather | None = None
+) -> torch.Tensor:
     """The LM head's weight [vocab_size, hidden_size]: ``lm_head.weight``, or the input embedding
     ``model.embed_tokens.weight`` when ``tie_word_embeddings``.
+
+    With ``gather`` the weight is gathered on its own (a group of one leaf): a fused loss reads
+    it beside :func:`hidden_states`, which gathers the rest (FSDP: a tied embedding is then
+    all-gathered twice, once for the input and once for the head).
 
     ``logits = hidden @ head_weight.T``, then Gemma 2's final soft-cap
     (``config.final_logit_softcap``), which is not part of the weight: a fused loss must apply it
     (``linear_cross_entropy(..., softcap=config.final_logit_softcap)``). Gemma's
     ``sqrt(hidden_size)`` scale belongs to the input embedding only and never to the head.
     """
-    if config.tie_word_embeddings:
-        return params["model", "embed_tokens", "weight"]
-    return params["lm_head", "weight"]
+    path = ("model", "embed_tokens") if config.tie_word_embeddings else ("lm_head",)
+    w = params[(*path, "weight")]
+    if gather is None:
+        return w
+    return gather(TensorDict({"weight": w}, batch_size=[]))["weight"]
 
 
 def logits_from_hidden(
@@ -1139,6 +908,8 @@ def apply_with_cache(
     batch: Batch,
     cache: TensorDictBase,
     offset: int,
+    *,
+    gather: Gather | None = None,
 ) -> tuple[torch.Tensor, TensorDictBase]:
     """Logits of new tokens that attend to the cached ones; returns ``(logits, cache)``.
 
@@ -1158,10 +929,12 @@ def apply_with_cache(
             default ``offset + 0..S-1``) and ``doc_ids`` [B|1, S] (default 0).
         cache: from :func:`init_cache` or the previous call.
         offset: how many slots earlier calls filled.
+        gather: as for :func:`hidden_states`.
 
     Raises:
         ShapeError: the batch is malformed or does not fit the cache.
     """
+    params = _gather_root(params, gather)
     ids = batch["input_ids"]
     position_ids = _get(batch, "position_ids")
     doc_ids = _get(batch, "doc_ids")
@@ -1200,39 +973,81 @@ def apply_with_cache(
         keys, values = ck[i, :, :, :end].to(q.dtype), cv[i, :, :, :end].to(q.dtype)
         return _attention(config, q.transpose(1, 2), keys, values, mask)
 
-    h = _decoder(config, params, ids, position_ids, attend)
+    h = _decoder(config, params, ids, position_ids, attend, gather)
     return logits_from_hidden(config, params, h), cache
 
 
 @attrs.frozen
 class Transformer:
-    """A decoder: a config and the pure functions bound to it, held as one object."""
+    """A decoder: a config and the pure functions bound to it, held as one object.
+
+    Implements :class:`~tscale.models.protocol.LanguageModel`; ``frozen`` is accepted
+    everywhere and ignored (a plain decoder has no frozen trees).
+    """
 
     config: TransformerConfig
 
-    def init(self, key: torch.Tensor, *, device: torch.device | str = "cpu") -> TensorDict:
+    @property
+    def final_logit_softcap(self) -> float | None:
+        """Gemma 2's final logit soft-cap (None for other families)."""
+        return self.config.final_logit_softcap
+
+    def init(
+        self,
+        key: torch.Tensor,
+        *,
+        device: torch.device | str = "cpu",
+        frozen: Frozen | None = None,
+    ) -> TensorDict:
         """Fresh parameters from a key (see :func:`init`)."""
         return init(self.config, key, device=device)
 
     def apply(
-        self, params: TensorDictBase, batch: Batch, *, gather: Gather | None = None
+        self,
+        params: TensorDictBase,
+        batch: Batch,
+        *,
+        gather: Gather | None = None,
+        frozen: Frozen | None = None,
     ) -> torch.Tensor:
         """Logits [B, S, V] (see :func:`apply`)."""
         return apply(self.config, params, batch, gather=gather)
 
     def hidden_states(
-        self, params: TensorDictBase, batch: Batch, *, gather: Gather | None = None
+        self,
+        params: TensorDictBase,
+        batch: Batch,
+        *,
+        gather: Gather | None = None,
+        frozen: Frozen | None = None,
     ) -> torch.Tensor:
         """Final-normed hidden states [B, S, H] (see :func:`hidden_states`)."""
         return hidden_states(self.config, params, batch, gather=gather)
 
-    def logits_from_hidden(self, params: TensorDictBase, h: torch.Tensor) -> torch.Tensor:
+    def logits_from_hidden(
+        self,
+        params: TensorDictBase,
+        h: torch.Tensor,
+        *,
+        gather: Gather | None = None,
+        frozen: Frozen | None = None,
+    ) -> torch.Tensor:
         """The LM head applied to hidden states (see :func:`logits_from_hidden`)."""
-        return logits_from_hidden(self.config, params, h)
+        if gather is None:
+            return logits_from_hidden(self.config, params, h)
+        logits = F.linear(h, head_weight(self.config, params, gather=gather))
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
-    def head_weight(self, params: TensorDictBase) -> torch.Tensor:
+    def head_weight(
+        self,
+        params: TensorDictBase,
+        *,
+        gather: Gather | None = None,
+        frozen: Frozen | None = None,
+    ) -> torch.Tensor:
         """The LM head's weight [V, H], tied or not (see :func:`head_weight`)."""
-        return head_weight(self.config, params)
+        return head_weight(self.config, params, gather=gather)
 
     def init_cache(
         self,
@@ -1241,15 +1056,23 @@ class Transformer:
         *,
         dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu",
+        frozen: Frozen | None = None,
     ) -> TensorDict:
         """An empty KV cache (see :func:`init_cache`)."""
         return init_cache(self.config, batch_size, max_length, dtype=dtype, device=device)
 
     def apply_with_cache(
-        self, params: TensorDictBase, batch: Batch, cache: TensorDictBase, offset: int
+        self,
+        params: TensorDictBase,
+        batch: Batch,
+        cache: TensorDictBase,
+        offset: int,
+        *,
+        gather: Gather | None = None,
+        frozen: Frozen | None = None,
     ) -> tuple[torch.Tensor, TensorDictBase]:
         """Logits of new tokens against the cache, and the cache (see :func:`apply_with_cache`)."""
-        return apply_with_cache(self.config, params, batch, cache, offset)
+        return apply_with_cache(self.config, params, batch, cache, offset, gather=gather)
 
     def num_params(self, params: TensorDictBase | None = None) -> int:
         """Number of scalar parameters (of ``params``, or of the config's shapes when None)."""

@@ -12,19 +12,24 @@ later layers runs while the earlier layers' gradients are computed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
+import attrs
 import torch
 import torch.distributed as dist
 from tensordict import TensorDictBase
 
 from tscale.core import tree as T
 from tscale.core.metrics import Metric, reduce_over
+from tscale.models.lora import LoraModel
+from tscale.models.protocol import Frozen, Gather, Wrapper, layers
 from tscale.step.compose import GradSync, MetricSync
 
 __all__ = [
     "OverlappedDDP",
+    "OverlappedModel",
     "all_reduce_counts",
     "bucket_indices",
     "make_ddp_sync",
@@ -133,8 +138,10 @@ class _ReduceInBackward(torch.autograd.Function):
 class OverlappedDDP:
     """DDP with the gradient all-reduce overlapped with the backward, per layer.
 
-    ``apply(model_apply)`` wraps a model ``apply(params, batch, gather=...)`` so that every layer
-    (and the non-layer params) passes its params through :class:`_ReduceInBackward`; ``sync`` is
+    ``wrap(model)`` gives the whole model protocol (:class:`OverlappedModel`, e.g. for the
+    fused loss); ``apply(model_apply)`` wraps a model ``apply(params, batch, gather=...)`` so
+    that every layer (and the non-layer params) passes its params through
+    :class:`_ReduceInBackward`; ``sync`` is
     the step's ``grad_sync``: it waits for the reductions started in the backward and reduces the
     loss and token count. One microbatch per step only (with accumulation the microbatches'
     gradients would be summed while still in flight); every group's leaves share one dtype.
@@ -156,6 +163,11 @@ class OverlappedDDP:
             return model_apply(params, batch, gather=self.gather, **kw)
 
         return run
+
+    def wrap(self, model: Any) -> OverlappedModel:
+        """``model`` (a :class:`~tscale.models.protocol.LanguageModel`) with this overlap's
+        ``gather`` passed to every method (see :class:`OverlappedModel`)."""
+        return OverlappedModel(model, self)
 
     def sync(
         self, grads: TensorDictBase, loss_sum: torch.Tensor, tokens: torch.Tensor
@@ -183,3 +195,37 @@ def make_metric_sync(group: dist.ProcessGroup | None) -> MetricSync:
         return reduce_over(aux, all_reduce)
 
     return sync
+
+
+@attrs.frozen(eq=False)
+class OverlappedModel(Wrapper):
+    """:class:`OverlappedDDP`'s apply as a model wrapper: every method of the
+    :class:`~tscale.models.protocol.LanguageModel` protocol runs ``inner`` with
+    ``gather=ddp.gather``, so each layer's gradient all-reduce starts in the backward (the
+    step's ``grad_sync`` is ``ddp.sync``).
+
+    The hook sees the tree the innermost model computes with; that must be the trainable
+    params, so LoRA (whose decoder computes with the frozen base) is refused.
+
+    Raises:
+        ValueError: LoRA in the stack.
+    """
+
+    inner: Any
+    ddp: OverlappedDDP
+
+    def __attrs_post_init__(self) -> None:
+        if any(isinstance(m, LoraModel) for m in layers(self.inner)):
+            raise ValueError(
+                "OverlappedModel over LoRA: the overlap hook would see the frozen base, not the "
+                "adapters; reduce the adapters' gradients with make_ddp_sync instead"
+            )
+
+    @contextmanager
+    def around(
+        self, params: TensorDictBase, gather: Gather | None, frozen: Frozen | None
+    ) -> Iterator[tuple[TensorDictBase, Gather]]:
+        """The params as they are, and the overlap's hook."""
+        if gather is not None:
+            raise ValueError("OverlappedModel is the outermost wrapper: it takes no gather hook")
+        yield params, self.ddp.gather

@@ -9,7 +9,7 @@ so ``torch.distributed.checkpoint`` saves and reshards them (2 ranks â†’ 1, 1 â†
 Compute. The step runs on the ranks' *local* shards as plain tensors (DTensor dispatch costs
 tens of microseconds per op, more than a small optimizer's whole update):
 
-- the model's ``gather`` hook (:data:`tscale.models.transformer.Gather`) turns a layer's local
+- the model's ``gather`` hook (:data:`tscale.models.protocol.Gather`) turns a layer's local
   shards into full tensors with **one** ``all_gather_into_tensor`` per layer (all its leaves
   flattened into one buffer), cast to the compute dtype first (bf16 halves the traffic); its
   backward flattens the layer's gradients and **one** ``reduce_scatter_tensor`` in the reduce dtype
@@ -42,16 +42,21 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from tscale.core import tree as T
 from tscale.core.state import TrainState
 from tscale.errors import ConfigError, ShapeError
+from tscale.models.lora import LoraModel
+from tscale.models.protocol import Frozen, Gather, Wrapper, layers
+from tscale.models.stack import CastModel
 from tscale.parallel.ddp import all_reduce_counts
 from tscale.parallel.mesh import REPLICATE, SHARD
 from tscale.step.compose import GradSync, StepFn
 
 __all__ = [
     "FSDPLayout",
+    "ShardedModel",
     "full_tree",
     "local_tree",
     "make_fsdp_sync",
     "shard_tree",
+    "sharded_apply",
     "sharded_norm",
     "wrap_fsdp_step",
 ]
@@ -429,7 +434,10 @@ def sharded_apply(
     apply: Callable[..., torch.Tensor], layout: FSDPLayout
 ) -> Callable[[TensorDictBase, Any], torch.Tensor]:
     """``apply(local_params, batch)`` of a model whose ``apply`` takes a ``gather`` hook: each
-    layer is all-gathered on use (and, with ``reshard_after_forward``, again in the backward)."""
+    layer is all-gathered on use (and, with ``reshard_after_forward``, again in the backward).
+
+    The apply-only form of :class:`ShardedModel` (which gives every method of the model
+    protocol, e.g. for the fused loss); kept for callers that hold an apply function."""
 
     def run(params: TensorDictBase, batch: Any) -> torch.Tensor:
         regather = _Regather(layout) if layout.reshard_after_forward else None
@@ -438,6 +446,64 @@ def sharded_apply(
             return apply(params, batch, gather=make_gather(layout, plans, regather))
 
     return run
+
+
+@attrs.frozen(eq=False)
+class ShardedModel(Wrapper):
+    """FSDP's per-layer gather as a model wrapper: every method of the
+    :class:`~tscale.models.protocol.LanguageModel` protocol runs the inner model with a
+    ``gather`` hook over this rank's local shards (one all-gather per layer, a reduce-scatter of
+    its gradients in the backward; with ``reshard_after_forward`` a re-gather in the backward).
+
+    Attributes:
+        inner: the model (a ``Transformer``, or the stack of :func:`tscale.models.stack.stack_model`
+            without a ``CastModel``: ``layout.param_dtype`` casts inside the gather).
+        layout: the placements (:meth:`FSDPLayout.of` over the full tree that is sharded).
+        tree: which tree holds the shards: None for ``params`` (the trainable tree), or the name
+            of a frozen tree (``"base"``: LoRA over a sharded frozen base; the adapters are then
+            plain replicated tensors whose gradients a DDP ``grad_sync`` reduces).
+
+    Raises:
+        ValueError: a ``CastModel`` in the stack, or LoRA with ``tree=None`` (LoRA hands the
+            gather its base, not its adapters).
+    """
+
+    inner: Any
+    layout: FSDPLayout
+    tree: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        stack = layers(self.inner)
+        if any(isinstance(m, CastModel) for m in stack):
+            raise ValueError(
+                "ShardedModel over a CastModel: under FSDP the compute dtype is the layout's "
+                "param_dtype (cast inside the gather); build the stack without param_dtype"
+            )
+        if self.tree is None and any(isinstance(m, LoraModel) for m in stack):
+            raise ValueError(
+                "ShardedModel over LoRA shards the frozen base: pass tree='base' (the adapters "
+                "stay replicated)"
+            )
+
+    @contextmanager
+    def around(
+        self, params: TensorDictBase, gather: Gather | None, frozen: Frozen | None
+    ) -> Iterator[tuple[TensorDictBase, Gather]]:
+        """The params as they are, and the gather hook over this rank's shards (of ``params``,
+        or of ``frozen[tree]``), with the re-gather hooks of ``reshard_after_forward``."""
+        if gather is not None:
+            raise ValueError("ShardedModel is the outermost wrapper: it takes no gather hook")
+        if self.tree is None:
+            stored = params
+        elif frozen is None or self.tree not in frozen:
+            raise ValueError(f"ShardedModel(tree={self.tree!r}) needs frozen[{self.tree!r}]")
+        else:
+            stored = frozen[self.tree]
+        layout = self.layout
+        regather = _Regather(layout) if layout.reshard_after_forward else None
+        plans = {id(t): layout.leaves[k] for k, t in T.flatten(stored).items()}
+        with _regather_hooks(regather):
+            yield params, make_gather(layout, plans, regather)
 
 
 def wrap_fsdp_step(step: StepFn) -> StepFn:
