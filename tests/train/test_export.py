@@ -76,9 +76,8 @@ def test_export_loads_in_transformers_with_the_same_logits(lora: bool, tmp_path:
         from tscale.core import rng as R
 
         model, base = builders.build_model(cfg, 300, R.split(R.key(0), 2)[0])
-        expected = builders.build_lora_model(cfg, model, base).apply(
-            result.state.params, {"input_ids": ids}
-        )
+        stacked, base = builders.build_lora_model(cfg, model, base)
+        expected = stacked.apply(result.state.params, {"input_ids": ids}, frozen={"base": base})
     else:
         model, _ = builders.build_model(cfg, 300, torch.zeros(2, dtype=torch.int64))
         expected = model.apply(result.state.params, {"input_ids": ids})

@@ -4,25 +4,34 @@ A frozen tree (the LoRA base, a reference model …) that came from an HF folder
 every checkpoint — PEFT users expect adapter-only checkpoints — but recorded in ``state.json`` as
 its folder and a fingerprint of the weights. Resuming or exporting checks that the folder still
 holds the same weights (one line when it does not). A frozen tree with no folder (e.g. a base
-initialised at random) is saved beside the params as ``frozen.<name>.safetensors``.
+initialised at random) is saved beside the params as ``frozen.<name>.safetensors``; one that is
+not a plain tensor tree (a QLoRA base quantised from a random init) is rebuilt from the run's
+config and seed, and recorded by a fingerprint of its tensors, which the rebuilt tree must match.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
+import torch
 from safetensors.torch import load_file
 from tensordict import TensorDictBase
 
 from tscale.core import tree as T
 from tscale.errors import CheckpointError
 
-__all__ = ["FrozenSource", "folder_fingerprint", "frozen_entries", "restore_frozen"]
+__all__ = [
+    "FrozenSource",
+    "folder_fingerprint",
+    "frozen_entries",
+    "restore_frozen",
+    "tensors_fingerprint",
+]
 
 _MIB = 1 << 20
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
@@ -67,6 +76,32 @@ def folder_fingerprint(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _tensors(obj: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a tree-like object by a stable name (TensorDicts, mappings, attrs
+    records such as QuantizedParams), in sorted order."""
+    if isinstance(obj, torch.Tensor):
+        yield "", obj
+    elif isinstance(obj, TensorDictBase):
+        yield from sorted(T.flatten(obj).items())
+    elif isinstance(obj, Mapping):
+        for key in sorted(obj):
+            yield from ((f"{key}.{n}", t) for n, t in _tensors(obj[key]))
+    elif attrs.has(type(obj)):
+        for f in attrs.fields(type(obj)):
+            if f.init:  # derived fields (a view of the others) are not content
+                yield from ((f"{f.name}.{n}", t) for n, t in _tensors(getattr(obj, f.name)))
+
+
+def tensors_fingerprint(tree: Any) -> str:
+    """A sha256 over every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for name, t in _tensors(tree):
+        data = t.detach().cpu().contiguous().reshape(-1)
+        h.update(json.dumps([name, str(data.dtype), list(data.shape)]).encode())
+        h.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return h.hexdigest()
+
+
 def _file_name(name: str) -> str:
     return f"frozen.{name}.safetensors"
 
@@ -77,8 +112,6 @@ def frozen_entries(
     """The ``state.json`` entry of every frozen tree (``{"path", "fingerprint"}`` or
     ``{"file"}``) and the trees to write, by file name (those without a source folder).
 
-    Raises:
-        CheckpointError: a tree without a source that is not a tensor tree (e.g. quantised).
     """
     entries: dict[str, dict[str, str]] = {}
     to_write: dict[str, TensorDictBase] = {}
@@ -87,11 +120,9 @@ def frozen_entries(
         if source is not None:
             entries[name] = {"path": source.path, "fingerprint": source.fingerprint}
             continue
-        if not isinstance(tree, TensorDictBase):
-            raise CheckpointError(
-                f"frozen tree {name!r} has no source folder and is not a tensor tree "
-                f"({type(tree).__name__}); it cannot be checkpointed"
-            )
+        if not isinstance(tree, TensorDictBase):  # rebuilt from the config: its content recorded
+            entries[name] = {"rebuilt": tensors_fingerprint(tree)}
+            continue
         entries[name] = {"file": _file_name(name)}
         to_write[_file_name(name)] = tree
     return entries, to_write
@@ -118,6 +149,13 @@ def restore_frozen(
                 f"{path}: the checkpoint has a frozen tree {name!r} this run does not build; "
                 "was it written with another task or lora setting?"
             )
+        if "rebuilt" in entry:
+            if tensors_fingerprint(template[name]) != entry["rebuilt"]:
+                raise CheckpointError(
+                    f"{path}: frozen tree {name!r} is rebuilt from the run's config and seed, but "
+                    "this config builds other values; resume with the config the run started with"
+                )
+            continue
         if "path" in entry:
             now = sources.get(name)
             if now is None or now.fingerprint != entry["fingerprint"]:

@@ -24,6 +24,7 @@ from tensordict import TensorDictBase
 
 from tscale.core import rng as R
 from tscale.errors import ShapeError
+from tscale.models.protocol import frozen_kw
 
 ApplyFn = Callable[[TensorDictBase, Mapping[str, torch.Tensor]], torch.Tensor]
 
@@ -165,6 +166,7 @@ def generate(
     key: torch.Tensor | None = None,
     use_cache: bool = True,
     device: torch.device | str | None = None,
+    frozen: Mapping[str, Any] | None = None,
 ) -> list[list[int]]:
     """Continue each prompt, all prompts in one left-padded batch.
 
@@ -184,6 +186,7 @@ def generate(
             tokens.
         use_cache: False forces the no-cache path even for a model that has a cache.
         device: where to run; default the device of the first parameter.
+        frozen: the train state's frozen trees (e.g. the LoRA base), handed to every call.
 
     Returns:
         The new tokens of each prompt, in order, excluding the stop token.
@@ -211,9 +214,11 @@ def generate(
         cache = None
         if cached is not None:
             cache = cached.init_cache(b, width + max_new_tokens, device=dev)
-            logits, cache = cached.apply_with_cache(params, _batch_for(ids, pads), cache, 0)
+            logits, cache = cached.apply_with_cache(
+                params, _batch_for(ids, pads), cache, 0, **frozen_kw(frozen)
+            )
         else:
-            logits = apply_fn(params, _batch_for(ids, pads))
+            logits = apply_fn(params, _batch_for(ids, pads), **frozen_kw(frozen))
         for step in range(max_new_tokens):
             nxt = _next_token(logits[:, -1], temperature, top_k, top_p, generator)
             # Finished rows ride along until all are done; their tokens are cut at the stop below.
@@ -231,10 +236,12 @@ def generate(
                     "position_ids": (width - pads + step)[:, None],
                     "doc_ids": torch.ones_like(nxt)[:, None],
                 }
-                logits, cache = cached.apply_with_cache(params, batch, cache, width + step)
+                logits, cache = cached.apply_with_cache(
+                    params, batch, cache, width + step, **frozen_kw(frozen)
+                )
             else:
                 ids = torch.cat((ids, nxt[:, None]), dim=1)
-                logits = apply_fn(params, _batch_for(ids, pads))
+                logits = apply_fn(params, _batch_for(ids, pads), **frozen_kw(frozen))
         out = torch.stack(new, dim=1).tolist()
 
     stop_set = set(stop_tokens)
@@ -254,6 +261,7 @@ def greedy(
     eos_id: int | None,
     pad_id: int,
     device: torch.device | str | None = None,
+    frozen: Mapping[str, Any] | None = None,
 ) -> list[list[int]]:
     """Greedy (argmax) continuation of each prompt: :func:`generate` with ``temperature=0``.
 
@@ -281,4 +289,5 @@ def greedy(
         pad_id=pad_id,
         stop_tokens=() if eos_id is None else (eos_id,),
         device=device,
+        frozen=frozen,
     )

@@ -18,7 +18,7 @@ The contract, in the order the trainer uses it:
   ``aux["tokens"]`` the normaliser and every other entry a metric with its reduction
   (:mod:`tscale.core.metrics`); pure, no host sync.
 - ``updates_per_batch``: optimizer steps taken on one (rolled-out) batch.
-- ``evaluate(ctx, params)``: held-out metrics and sample generations.
+- ``evaluate(ctx, params, frozen)``: held-out metrics and sample generations.
 - ``key_metrics``: the metrics the progress line shows beside the loss.
 """
 
@@ -70,7 +70,7 @@ class Task(Protocol):
     def rollout(self, state: TrainState, batch: TensorDictBase, key: torch.Tensor) -> Any: ...
 
     def evaluate(
-        self, ctx: TaskContext, params: TensorDictBase
+        self, ctx: TaskContext, params: TensorDictBase, frozen: Mapping[str, Any] | None = None
     ) -> tuple[dict[str, float], list[dict[str, Any]]]: ...
 
 
@@ -90,7 +90,7 @@ class TaskDefaults:
         return batch
 
     def evaluate(
-        self, ctx: TaskContext, params: TensorDictBase
+        self, ctx: TaskContext, params: TensorDictBase, frozen: Mapping[str, Any] | None = None
     ) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """No held-out evaluation."""
         return {}, []

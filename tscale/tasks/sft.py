@@ -8,7 +8,7 @@ loss is :func:`tscale.losses.lm.make_lm_loss` (or the fused linear cross-entropy
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Literal
 
 import attrs
@@ -20,6 +20,7 @@ from tscale.data.loader import batch_iter
 from tscale.errors import ConfigError
 from tscale.losses.lm import make_fused_lm_loss, make_lm_loss
 from tscale.models.generate import greedy
+from tscale.models.protocol import frozen_kw
 from tscale.step.compose import make_eval_step
 from tscale.tasks.base import LossFn, TaskContext, TaskDefaults, register_task
 
@@ -54,12 +55,12 @@ class SFTTask(TaskDefaults):
         return make_lm_loss(ctx.apply_fn, label_smoothing=lc.label_smoothing, z_loss=lc.z_loss)
 
     def evaluate(
-        self, ctx: TaskContext, params: TensorDictBase
+        self, ctx: TaskContext, params: TensorDictBase, frozen: Mapping[str, Any] | None = None
     ) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """Held-out loss/perplexity and exact match (see :func:`evaluate_lm`)."""
         ev = ctx.config.eval
         return evaluate_lm(
-            ctx.apply_fn,
+            ctx.model,
             params,
             ctx.data,
             num_samples=ev.num_samples,
@@ -67,11 +68,12 @@ class SFTTask(TaskDefaults):
             max_new_tokens=ev.max_new_tokens,
             device=ctx.device,
             prepare_batch=ctx.prepare_batch,
+            frozen=frozen,
         )
 
 
 def evaluate_lm(
-    apply_fn: Callable[..., torch.Tensor],
+    model: Any,
     params: TensorDictBase,
     bundle: Any,
     *,
@@ -80,21 +82,24 @@ def evaluate_lm(
     max_new_tokens: int,
     device: torch.device,
     prepare_batch: Callable[[TensorDict], TensorDict] = lambda batch: batch,
+    frozen: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Held-out loss and perplexity over all eval examples, and exact match of greedy answers
     on the first ``num_samples`` eval records that carry a reference answer (overall, and per
     ``task`` when records carry one); returns ``(metrics, samples)``. No eval data: ``({}, [])``.
 
     Each sample's ``prompt`` is the decoded generation prompt, i.e. the record as the template
-    (``bundle.encode_prompt``) gave it to the model."""
+    (``bundle.encode_prompt``) gave it to the model. ``model`` is a protocol model (decoded with
+    its KV cache) or an ``apply`` function; ``frozen`` the state's frozen trees (the LoRA base)."""
     metrics: dict[str, float] = {}
     samples: list[dict[str, Any]] = []
     if bundle.eval_examples:
+        apply_fn = model.apply if hasattr(model, "apply_with_cache") else model
         eval_step = make_eval_step(make_lm_loss(apply_fn))
         loss_sum = torch.zeros((), dtype=torch.float64)
         tokens = torch.zeros((), dtype=torch.int64)
         for batch in batch_iter(bundle.eval_examples, batch_size, bundle.encoder.pad_id):
-            out = eval_step(params, prepare_batch(batch).to(device))
+            out = eval_step(params, prepare_batch(batch).to(device), **frozen_kw(frozen))
             loss_sum += out["loss_sum"].double().cpu()
             tokens += out["tokens"].cpu()
         metrics["loss"] = float(loss_sum / tokens.clamp_min(1))
@@ -109,13 +114,14 @@ def evaluate_lm(
             chunk = records[start : start + batch_size]
             prompts = [bundle.encode_prompt(r) for r in chunk]
             outs = greedy(
-                apply_fn,
+                model,
                 params,
                 prompts,
                 max_new_tokens=max_new_tokens,
                 eos_id=enc.eos_id,
                 pad_id=enc.pad_id,
                 device=device,
+                frozen=frozen,
             )
             for r, prompt, out in zip(chunk, prompts, outs, strict=True):
                 answer = enc.decode(out)

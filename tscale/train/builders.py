@@ -38,8 +38,10 @@ from tscale.data.sources import fingerprint
 from tscale.data.stream import StreamingBatchLoader
 from tscale.data.tokenize import Encoder, load_or_train_tokenizer
 from tscale.errors import ConfigError, DataError, ShapeError
-from tscale.models.lora import LoraConfig, LoraModel, with_dropout_keys
-from tscale.models.quant import make_qlora_model
+from tscale.models.lora import Base, LoraConfig, with_dropout_keys
+from tscale.models.protocol import LanguageModel
+from tscale.models.quant import quantize_params
+from tscale.models.stack import stack_model
 from tscale.models.transformer import Transformer, TransformerConfig
 from tscale.optim import alias, schedules, transforms
 from tscale.optim.base import GradientTransformation, chain
@@ -1122,8 +1124,12 @@ def build_step(
     return step
 
 
-def build_lora_model(cfg: Config, model: Transformer, base: TensorDictBase) -> LoraModel:
-    """The LoRA (or QLoRA) wrapper of ``model`` over the frozen ``base`` params."""
+def build_lora_model(
+    cfg: Config, model: Transformer, params: TensorDictBase
+) -> tuple[LanguageModel, Base]:
+    """The LoRA (or QLoRA) stack over ``model`` and its frozen base: ``params``, or with
+    ``lora.qlora`` their NF4-quantised targets. The returned model holds no base: every call
+    gets it as ``frozen["base"]`` (the train state's frozen tree, checkpointed by folder)."""
     lc = cfg.lora
     try:
         config = LoraConfig(
@@ -1134,17 +1140,17 @@ def build_lora_model(cfg: Config, model: Transformer, base: TensorDictBase) -> L
             use_rslora=lc.use_rslora,
             **({"targets": tuple(lc.targets)} if lc.targets is not None else {}),
         )
+        base: Base = params
         if lc.qlora:
-            return make_qlora_model(
-                model.apply, base, config, quantize=config.targets, block_size=lc.qlora_block_size
-            )
-        return LoraModel(apply_fn=model.apply, base=base, config=config)
+            base = quantize_params(params, config.targets, block_size=lc.qlora_block_size)
+        stacked = stack_model(model, lora=config, base=base)  # checks the targets against it
     except (ValueError, ShapeError) as err:
         raise ConfigError(f"lora: {str(err).replace('LoraConfig.', 'lora.')}") from None
     except ImportError as err:
         raise ConfigError(
             f"lora.qlora needs bitsandbytes (pip install 'tscale[bnb]'): {err}"
         ) from None
+    return attrs.evolve(stacked, base=None), base
 
 
 def build_eval_params(cfg: Config) -> Callable[[TrainState], TensorDictBase]:

@@ -8,7 +8,7 @@ config (configs stop at the builders).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -21,7 +21,7 @@ from tscale.config.schema import Config
 from tscale.core.state import TrainState
 from tscale.errors import ConfigError
 from tscale.models.lora import with_dropout_keys
-from tscale.models.transformer import Transformer
+from tscale.models.stack import CastModel
 from tscale.optim.base import GradientTransformation
 from tscale.optim.transforms import MaskFn
 from tscale.parallel import ddp, fsdp
@@ -77,18 +77,22 @@ class Parallel:
         return fsdp.sharded_norm(self.layout) if self.layout is not None else None
 
     def init_state(
-        self, params: TensorDictBase, tx: GradientTransformation, rng: torch.Tensor
+        self,
+        params: TensorDictBase,
+        tx: GradientTransformation,
+        rng: torch.Tensor,
+        frozen: Mapping[str, Any] | None = None,
     ) -> TrainState:
         """The step-0 state: sharded DTensors under FSDP (each rank keeps its rows of the
-        same full init), the plain state otherwise."""
+        same full init), the plain state otherwise; ``frozen`` trees as given."""
         if self.deepspeed is not None:  # the engine owns params and optimizer state
-            return TrainState.create(self.deepspeed.stored_params(), TensorDict(), rng)
+            return TrainState.create(self.deepspeed.stored_params(), TensorDict(), rng, frozen)
         if self.layout is None:
-            return TrainState.create(params, tx.init(params), rng)
+            return TrainState.create(params, tx.init(params), rng, frozen)
         mesh = self.layout.mesh
         sharded = fsdp.shard_tree(params, mesh)
         opt_state = fsdp.shard_opt_state(tx.init(fsdp.local_tree(sharded)), sharded, mesh)
-        return TrainState.create(sharded, opt_state, rng)
+        return TrainState.create(sharded, opt_state, rng, frozen)
 
     def full_params(self, params: TensorDictBase) -> TensorDictBase:
         """Full params on every rank (all-gathers under FSDP and DeepSpeed ZeRO; every rank
@@ -258,26 +262,26 @@ def cast_apply(apply_fn: Callable[..., torch.Tensor], dtype: torch.dtype) -> Cal
 
 @attrs.frozen(kw_only=True)
 class StepPlan:
-    """How the parallel plan shapes the step: the apply function the loss runs (sharded,
-    overlapped or cast), the reductions the step calls, and a wrapper around the built step
-    (FSDP: a state of DTensors in and out). One process: the apply function as given."""
+    """How the parallel plan shapes the step: the model the loss runs (the stack wrapped for the
+    plan: sharded, overlapped or cast), the reductions the step calls, and a wrapper around the
+    built step (FSDP: a state of DTensors in and out). One process: the model as given."""
 
-    apply_fn: Callable[..., torch.Tensor]
+    model: Any
     reductions: dict[str, Any] = attrs.field(factory=dict)
     """``grad_sync`` / ``grad_norm`` / ``metric_sync`` for ``make_train_step``."""
     wrap: Callable[[StepFn], StepFn] = lambda step: step
 
 
-def step_plan(
-    par: Parallel, cfg: Config, model: Transformer, apply_fn: Callable[..., torch.Tensor]
-) -> StepPlan:
-    """The :class:`StepPlan` of ``par``: DDP adds the all-reduce, FSDP the sharded apply and
-    the DTensor state, overlapped DDP the reductions started in the backward."""
+def step_plan(par: Parallel, cfg: Config, model: Any) -> StepPlan:
+    """The :class:`StepPlan` of ``par`` around ``model`` (a :mod:`tscale.models.protocol`
+    stack): FSDP gathers each layer (``ShardedModel``) and steps on DTensors, DDP all-reduces
+    the gradients (overlapped: ``OverlappedModel`` starts each layer's in the backward), and
+    ``parallel.param_dtype`` casts the params for the compute (``CastModel``)."""
     p = cfg.parallel
     if par.layout is not None:
         group = None  # all ranks: the loss and token count are global sums
         return StepPlan(
-            apply_fn=fsdp.sharded_apply(model.apply, par.layout),
+            model=fsdp.ShardedModel(model, par.layout),
             reductions=dict(
                 grad_sync=fsdp.make_fsdp_sync(group),
                 grad_norm=fsdp.sharded_norm(par.layout),
@@ -286,19 +290,18 @@ def step_plan(
             wrap=fsdp.wrap_fsdp_step,
         )
     if p.param_dtype is not None:
-        apply_fn = cast_apply(apply_fn, _DTYPES[p.param_dtype])
+        model = CastModel(model, _DTYPES[p.param_dtype])
     if par.world_size == 1:
-        return StepPlan(apply_fn=apply_fn)
+        return StepPlan(model=model)
     if p.overlap_reduce:  # each layer's all-reduce starts in the backward (validated above)
         overlapped = ddp.OverlappedDDP(None)
         return StepPlan(
-            apply_fn=overlapped.apply(model.apply),
+            model=overlapped.wrap(model),
             reductions=dict(grad_sync=overlapped.sync, metric_sync=ddp.make_metric_sync(None)),
         )
     sync = ddp.make_ddp_sync(None, bucket_mb=p.bucket_mb, reduce_dtype=_DTYPES[p.reduce_dtype])
     return StepPlan(
-        apply_fn=apply_fn,
-        reductions=dict(grad_sync=sync, metric_sync=ddp.make_metric_sync(None)),
+        model=model, reductions=dict(grad_sync=sync, metric_sync=ddp.make_metric_sync(None))
     )
 
 

@@ -31,7 +31,9 @@ from safetensors.torch import load_file
 from tensordict import TensorDictBase
 
 from tscale import checkpoint as ckpt
+from tscale.checkpoint.frozen import FrozenSource, restore_frozen
 from tscale.checkpoint.hf import CONFIG_NAME, GENERATION_CONFIG_NAME, save_pretrained
+from tscale.checkpoint.io import read_meta
 from tscale.checkpoint.peft import save_adapter
 from tscale.checkpoint.sharded import is_sharded, read_params
 from tscale.config.load import load_config
@@ -217,8 +219,11 @@ def export(run_or_ckpt: str | Path, out: str | Path, *, max_shard_size: str = "5
         params = read_params(path)
     else:
         params = T.unflatten(load_file(str(path / "params.safetensors")))
-    if cfg.lora.enabled:
-        params = builders.build_lora_model(cfg, model, base).merged(params)
+    if cfg.lora.enabled:  # the base as the run used it: its folder (checked), saved or rebuilt
+        stacked, base_tree = builders.build_lora_model(cfg, model, base)
+        sources = {"base": FrozenSource.of(cfg.model.path)} if cfg.model.path else {}
+        frozen = restore_frozen(path, read_meta(path), {"base": base_tree}, sources)
+        params = stacked.merged(params, frozen=frozen)
     return write_hf_export(
         model.config,
         params,

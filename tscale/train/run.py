@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from rich.console import Console
 from tensordict import TensorDict
 
 from tscale import checkpoint as ckpt
+from tscale.checkpoint.frozen import FrozenSource
 from tscale.checkpoint.sharded import load_deepspeed, save_deepspeed, save_sharded
 from tscale.config.load import to_yaml
 from tscale.config.schema import Config, resolve_defaults, steps_for_epochs
@@ -131,20 +133,22 @@ def build_run(
     init_key, state_key = R.split(R.key(cfg.run.seed), 2)
     model, params = builders.build_model(cfg, bundle.encoder.vocab_size, init_key)
     params = params.to(device)
-    apply_fn = model.apply
-    lora_model = None
-    if cfg.lora.enabled:  # the base is frozen; the adapters are the trained params
-        lora_model = builders.build_lora_model(cfg, model, params)
-        apply_fn = lora_model.apply
-        params = lora_model.init(R.fold_in(init_key, 1))
+    stacked: Any = model  # the model the trained params belong to (tscale.models.stack)
+    frozen: dict[str, Any] = {}
+    sources: dict[str, FrozenSource] = {}
+    if cfg.lora.enabled:  # the base is a frozen tree of the state; the adapters are trained
+        stacked, frozen["base"] = builders.build_lora_model(cfg, model, params)
+        if cfg.model.path is not None:  # checkpoints record the folder, not a copy
+            sources["base"] = FrozenSource.of(cfg.model.path)
+        params = stacked.init(R.fold_in(init_key, 1), frozen=frozen)
 
     # The built-in losses read the labels at logits_index; a user's step gets the plain batch.
     prepare_batch = (
         with_logits_index if make_step is None and cfg.loss.trained_positions_only else _unchanged
     )
     ctx = TaskContext(
-        model=model,
-        apply_fn=apply_fn,
+        model=stacked,
+        apply_fn=stacked.apply,
         data=bundle,
         device=device,
         config=cfg,
@@ -152,18 +156,19 @@ def build_run(
     )
 
     par = distributed.with_layout(par, cfg, params)
+    bound = {"frozen": frozen} if frozen else {}  # DeepSpeed calls the loss without the state
     par = distributed.with_deepspeed(  # the engine of parallel.deepspeed (else unchanged)
         par,
         cfg,
         params,
-        make_loss=lambda fn: task.loss(attrs.evolve(ctx, apply_fn=fn)),
+        make_loss=lambda fn: task.loss(attrs.evolve(ctx, apply_fn=partial(fn, **bound))),
         model_apply=model.apply,
-        apply_fn=apply_fn,
+        apply_fn=stacked.apply,
         make_tx=lambda mask: builders.build_optimizer(cfg, schedule, mask=mask, clip=False),
         decays=builders.decay_mask(cfg),
     )
     tx = builders.build_optimizer(cfg, schedule, norm_fn=par.norm_fn())
-    state = par.init_state(params, tx, state_key.to(device))
+    state = par.init_state(params, tx, state_key.to(device), frozen)
     del params
 
     engine = par.deepspeed
@@ -176,7 +181,7 @@ def build_run(
                 resume_from, state, load_engine=engine.load, engine_meta=engine_meta
             )
         else:
-            state, meta = ckpt.load_checkpoint(resume_from, state)
+            state, meta = ckpt.load_checkpoint(resume_from, state, sources)
         loader.load_state_dict(meta["cursor"])
         if main:
             truncate_jsonl(metrics_file, meta["step"])
@@ -187,22 +192,22 @@ def build_run(
         metrics_file.unlink(missing_ok=True)
     par.barrier()
 
-    if make_step is not None:  # a user's step: called with the model and the optimizer
-        step_fn = make_step(model, tx)
+    if make_step is not None:  # a user's step: the model the params belong to, the optimizer
+        step_fn = make_step(stacked, tx)
     elif par.deepspeed is not None:  # DeepSpeed's engine takes the step
         step_fn = distributed.engine_step(par, cfg)
-    else:  # the task's loss over the plan's apply, in make_train_step, wrapped for the plan
-        plan = distributed.step_plan(par, cfg, model, apply_fn)
-        loss_fn = task.loss(attrs.evolve(ctx, apply_fn=plan.apply_fn))
+    else:  # the task's loss over the plan's model, in make_train_step, wrapped for the plan
+        plan = distributed.step_plan(par, cfg, stacked)
+        loss_fn = task.loss(attrs.evolve(ctx, model=plan.model, apply_fn=plan.model.apply))
         step_fn = plan.wrap(
-            builders.build_step(cfg, loss_fn, tx, apply_fn=plan.apply_fn, **plan.reductions)
+            builders.build_step(cfg, loss_fn, tx, apply_fn=plan.model.apply, **plan.reductions)
         )
 
     eval_params = builders.build_eval_params(cfg)
 
     def evaluate(st: TrainState) -> tuple[dict[str, float], list[dict[str, Any]]]:
         full = par.full_params(eval_params(st))  # a collective under FSDP
-        return task.evaluate(ctx, full) if main else ({}, [])
+        return task.evaluate(ctx, full, st.frozen or None) if main else ({}, [])
 
     # held-out loss needs eval examples; exact match, records with a reference answer
     has_eval = bool(bundle.eval_examples) or (
@@ -243,6 +248,7 @@ def build_run(
                 config_yaml=config_yaml,
                 files=files,
                 extra=extra,
+                frozen_sources=sources,
             )
         if main:
             ckpt.prune_checkpoints(ckpt_root, cfg.train.keep_last)
@@ -250,10 +256,10 @@ def build_run(
         return Path(path) if main and path is not None else None
 
     def finish(st: TrainState) -> None:
-        if lora_model is not None and main:  # a PEFT adapter directory that `peft` loads
+        if cfg.lora.enabled and main:  # a PEFT adapter directory that `peft` loads
             export_adapter(
                 st.params,
-                lora_model.config,
+                stacked.config,
                 run_dir / "adapter",
                 checkpoint_dir=ckpt.latest_checkpoint(ckpt_root),
                 base_model=cfg.model.path,
