@@ -42,6 +42,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from tscale.core import tree as T
 from tscale.core.state import TrainState
 from tscale.errors import ConfigError, ShapeError
+from tscale.optim.alias import OPTIMIZER_TYPES
 from tscale.parallel.ddp import all_reduce_counts
 from tscale.parallel.mesh import REPLICATE, SHARD
 from tscale.step.compose import GradSync, StepFn
@@ -487,8 +488,9 @@ def _relocal(local: TensorDictBase, like: TensorDictBase) -> TensorDict:
 
 
 def check_optimizer(name: str) -> None:
-    """Raise for optimizers whose update is not elementwise per shard."""
-    if name in {"muon", "prodigy", "sophia_g"}:
+    """Raise for optimizers whose update is not elementwise per shard (their capabilities)."""
+    caps = OPTIMIZER_TYPES[name].capabilities
+    if not caps.elementwise or caps.needs_objective:
         raise ConfigError(
             f"optimizer.type={name} is not supported with sharded params (parallel.dp_shard > 1): "
             "its update needs whole tensors or global sums; use parallel.dp_shard: 1 (DDP) or "

@@ -25,6 +25,9 @@ GradSync = Callable[
 the summed (not yet normalised) gradients, loss and token count of a step (see
 :mod:`tscale.parallel`)."""
 NormFn = Callable[[TensorDictBase], torch.Tensor]
+UpdateExtra = Callable[[TrainState, TensorDictBase], Mapping[str, Any]]
+"""``update_extra(state, batch) -> {name: value}``: extra arguments of the optimizer's update
+that come from the objective (Sophia-G's ``hessian``; see :mod:`tscale.step.sophia`)."""
 
 
 def split_microbatches(batch: TensorDictBase, microbatches: int) -> tuple[TensorDictBase, ...]:
@@ -63,6 +66,7 @@ def make_train_step(
     donate: bool = True,
     grad_sync: GradSync | None = None,
     grad_norm: NormFn = T.global_norm,
+    update_extra: UpdateExtra | None = None,
 ) -> StepFn:
     """Build a pure train step with gradient accumulation over ``microbatches``.
 
@@ -82,6 +86,9 @@ def make_train_step(
             on the global batch.
         grad_norm: the global-norm function for the ``grad_norm`` metric (FSDP passes one that
             sums the squares across shards).
+        update_extra: ``(state, batch) -> kwargs`` passed to ``tx.update`` (optax's extra
+            arguments), computed from the state before the update: an optimizer that needs
+            the objective, such as Sophia-G's Hessian estimate.
 
     Returns:
         ``step(state, batch) -> (new_state, metrics)`` with metrics ``loss`` (mean per token),
@@ -100,7 +107,8 @@ def make_train_step(
         denom = tokens.clamp_min(1).to(loss_sum.dtype)
         torch._foreach_div_(T.leaves(grads), denom)
         norm = grad_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        extra = update_extra(state, batch) if update_extra is not None else {}
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
         params = apply_updates(state.params, updates)
         new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
         metrics = {"loss": loss_sum / denom, "tokens": tokens, "grad_norm": norm}

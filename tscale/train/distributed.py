@@ -238,13 +238,13 @@ def _validate_deepspeed(cfg: Config) -> None:
             "enabled: DeepSpeed partitions over all ranks; choose parallel.deepspeed.zero_stage "
             "and leave them at their defaults (-1, 1)"
         )
-    if cfg.optimizer.type in {"sophia_g", "schedule_free_adamw"}:
+    if cfg.optimizer.capabilities.needs_objective or cfg.optimizer.capabilities.eval_params:
         raise ConfigError(
             f"optimizer.type={cfg.optimizer.type} does not run under parallel.deepspeed "
             "(its Hessian step / averaged iterate lives outside DeepSpeed's optimizer step); "
             "use adamw, adamw_8bit or lion, or tscale's own parallelism"
         )
-    if cfg.optimizer.type in {"muon", "prodigy"}:
+    if not cfg.optimizer.capabilities.elementwise:
         raise ConfigError(
             f"optimizer.type={cfg.optimizer.type} needs whole named tensors or sums over all "
             "params, but DeepSpeed hands the optimizer param groups (flat partitions under ZeRO); "
@@ -305,7 +305,7 @@ def _validate(cfg: Config, plan: ParallelPlan) -> None:
         raise ConfigError("data.max_tokens (token-budget batches) does not support torchrun yet")
     if cfg.parallel.param_dtype is not None and cfg.loss.fused:
         raise ConfigError("parallel.param_dtype does not combine with loss.fused yet")
-    if world > 1 and cfg.optimizer.type == "sophia_g":
+    if world > 1 and cfg.optimizer.capabilities.needs_objective:
         raise ConfigError(
             "optimizer.type=sophia_g is single-process only for now (its Hessian step is not "
             "reduced across ranks); choose another optimizer or run one process"
