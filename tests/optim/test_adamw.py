@@ -112,7 +112,7 @@ def test_adamw_warmup_cosine_schedule_matches_torch() -> None:
 @pytest.mark.parametrize("max_norm", [0.5, 1e3])  # clipping active / never active
 def test_adamw_clipping_matches_clip_grad_norm(max_norm: float) -> None:
     params, ref, grads = _setup(4)
-    tx = optim.adamw(1e-2, weight_decay=0.1, max_grad_norm=max_norm)
+    tx = optim.chain(optim.clip_by_global_norm(max_norm), optim.adamw(1e-2, weight_decay=0.1))
     topt = _grouped_adamw(params, ref, 1e-2, 0.1)
     for grad in grads:
         _set_grads(ref, grad)
@@ -126,7 +126,7 @@ def test_adamw_float32_close_to_torch() -> None:
     params = params.apply(lambda p: p.float())
     ref = [torch.nn.Parameter(p.detach().float()) for p in ref]
     grads = [g.apply(lambda t: t.float()) for g in grads]
-    tx = optim.adamw(1e-2, weight_decay=0.1, max_grad_norm=1.0)
+    tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2, weight_decay=0.1))
     topt = _grouped_adamw(params, ref, 1e-2, 0.1)
     for grad in grads:
         _set_grads(ref, grad)
@@ -138,7 +138,7 @@ def test_adamw_float32_close_to_torch() -> None:
 def test_update_does_not_modify_params() -> None:
     params, _, grads = _setup(6)
     before = params.clone()
-    tx = optim.adamw(1e-2, weight_decay=0.1, max_grad_norm=1.0)
+    tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2, weight_decay=0.1))
     state = tx.init(params)
     tx.update(grads[0], state, params)
     for a, b in zip(T.leaves(params), T.leaves(before), strict=True):
