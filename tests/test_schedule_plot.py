@@ -45,6 +45,6 @@ def test_a_config_mistake_is_one_line(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert rc == 2 and not (tmp_path / "x.png").exists()
     assert err.strip() == (
-        "tscale: error: scheduler.num_cycles is not used by scheduler.type=cosine; "
-        "remove it or pick a type that uses it (cosine_restarts)"
+        "tscale: error: override 'scheduler.num_cycles=3': scheduler.num_cycles is not a field "
+        "of scheduler.type: cosine (cosine_restarts takes it)"
     )
