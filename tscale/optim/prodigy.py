@@ -40,34 +40,19 @@ from tscale.optim.transforms import (
     Schedule,
     _check_beta,
     _check_float_params,
-    _check_real,
     _check_structure,
+    _lr_source,
+    _lr_tensor,
     _moment_dtype,
     _new_count,
     _positive,
+    _scalar_dtype,
     _zeros_like_moments,
     add_decayed_weights,
     default_decay_mask,
 )
 
 __all__ = ["ProdigyConfig", "prodigy", "scale_by_prodigy"]
-
-
-def _scalar_dtype(params: TensorDictBase) -> torch.dtype:
-    return (
-        torch.float64 if any(p.dtype == torch.float64 for p in T.leaves(params)) else torch.float32
-    )
-
-
-def _lr_tensor(
-    sched: Schedule | None, lr_const: float, count: torch.Tensor, like: torch.Tensor
-) -> torch.Tensor:
-    """The learning rate at ``count`` as a 0-d tensor like ``like``, built on the device (a fill,
-    not a host-to-device copy of a Python float, which would wait for CUDA)."""
-    lr = sched(count) if sched is not None else lr_const
-    if isinstance(lr, torch.Tensor):
-        return lr.to(like.dtype)
-    return torch.full_like(like, float(lr))
 
 
 def scale_by_prodigy(
@@ -89,14 +74,7 @@ def scale_by_prodigy(
     are float32 for bfloat16/float16 params and keep the param dtype otherwise; ``d``/``r`` are
     float64 if any param is. Returned updates keep the dtype of the incoming updates.
     """
-    if callable(learning_rate):
-        sched: Schedule | None = learning_rate
-        lr_const = 0.0
-    else:
-        sched = None
-        lr_const = _check_real("learning_rate", learning_rate)
-        if lr_const < 0:
-            raise ValueError(f"learning_rate must be >= 0, got {learning_rate!r}")
+    sched, lr_const = _lr_source(learning_rate)
     b1 = _check_beta("b1", b1)
     b2 = _check_beta("b2", b2)
     b3 = math.sqrt(b2) if beta3 is None else _check_beta("beta3", beta3)

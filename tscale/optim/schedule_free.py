@@ -29,7 +29,6 @@ from tensordict import TensorDict, TensorDictBase
 from tscale.core import tree as T
 from tscale.core.fields import field
 from tscale.optim.base import GradientTransformation, chain, empty_state
-from tscale.optim.prodigy import _lr_tensor, _scalar_dtype
 from tscale.optim.record import Capabilities, OptimizerRecord, record
 from tscale.optim.transforms import (
     MaskFn,
@@ -38,9 +37,12 @@ from tscale.optim.transforms import (
     _check_float_params,
     _check_real,
     _check_structure,
+    _lr_source,
+    _lr_tensor,
     _moment_dtype,
     _new_count,
     _positive,
+    _scalar_dtype,
     add_decayed_weights,
     default_decay_mask,
 )
@@ -83,14 +85,7 @@ def scale_by_schedule_free_adamw(
     The state is ``{"z", "nu": trees, "count": 0-d int64, "lr_max", "weight_sum": 0-d}``;
     trees are float32 for bfloat16/float16 params and keep the param dtype otherwise.
     """
-    if callable(learning_rate):
-        sched: Schedule | None = learning_rate
-        lr_const = 0.0
-    else:
-        sched = None
-        lr_const = _check_real("learning_rate", learning_rate)
-        if lr_const < 0:
-            raise ValueError(f"learning_rate must be >= 0, got {learning_rate!r}")
+    sched, lr_const = _lr_source(learning_rate)
     b1 = _check_b1(b1)
     b2 = _check_beta("b2", b2)
     eps = _positive("eps", eps)

@@ -117,6 +117,38 @@ def _new_count(params: TensorDictBase) -> torch.Tensor:
     return torch.zeros((), dtype=torch.int64, device=_count_device(params))
 
 
+def _scalar_dtype(params: TensorDictBase) -> torch.dtype:
+    return (
+        torch.float64 if any(p.dtype == torch.float64 for p in T.leaves(params)) else torch.float32
+    )
+
+
+def _lr_source(learning_rate: float | Schedule) -> tuple[Schedule | None, float]:
+    """``(schedule, 0.0)`` or ``(None, lr)`` for a transform that reads its learning rate inside
+    its update (Prodigy, schedule-free), with :func:`_lr_tensor`.
+
+    Raises:
+        ValueError: a float ``learning_rate`` that is negative or not finite.
+    """
+    if callable(learning_rate):
+        return learning_rate, 0.0
+    lr = _check_real("learning_rate", learning_rate)
+    if lr < 0:
+        raise ValueError(f"learning_rate must be >= 0, got {learning_rate!r}")
+    return None, lr
+
+
+def _lr_tensor(
+    sched: Schedule | None, lr_const: float, count: torch.Tensor, like: torch.Tensor
+) -> torch.Tensor:
+    """The learning rate at ``count`` as a 0-d tensor like ``like``, built on the device (a fill,
+    not a host-to-device copy of a Python float, which would wait for CUDA)."""
+    lr = sched(count) if sched is not None else lr_const
+    if isinstance(lr, torch.Tensor):
+        return lr.to(like.dtype)
+    return torch.full_like(like, float(lr))
+
+
 # --------------------------------------------------------------------------------------------
 # scaling
 
@@ -186,12 +218,9 @@ def scale_by_learning_rate(learning_rate: float | Schedule) -> GradientTransform
     Raises:
         ValueError: a float ``learning_rate`` that is negative or not finite.
     """
-    if callable(learning_rate):
-        sched = learning_rate
+    sched, lr = _lr_source(learning_rate)
+    if sched is not None:
         return scale_by_schedule(lambda count: torch.neg(sched(count)))
-    lr = _check_real("learning_rate", learning_rate)
-    if lr < 0:
-        raise ValueError(f"learning_rate must be >= 0, got {learning_rate!r}")
     return scale(-lr)
 
 
