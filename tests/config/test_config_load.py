@@ -385,6 +385,17 @@ def test_a_field_of_another_type_names_the_types_that_take_it(tmp_path):
     )
 
 
+def test_a_typo_of_another_types_key_suggests_it_with_its_types():
+    assert _error({"optimizer": {"momentun": 0.9}}) == (
+        "optimizer.momentun is not a field of optimizer.type: adamw; did you mean "
+        "'optimizer.momentum' (muon takes it)?"
+    )
+    # a typo of the chosen type's own key stays the usual unknown key
+    assert _error({"optimizer": {"type": "muon", "momentun": 0.9}}) == (
+        "unknown key 'optimizer.momentun'; did you mean 'optimizer.momentum'?"
+    )
+
+
 def test_an_override_switches_the_type_of_a_file_section(tmp_path):
     path = _write(tmp_path, "optimizer:\n  type: adamw\n  lr: 0.1\n  betas: [0.8, 0.9]\n")
     cfg = load_config(path, ["optimizer.type=lion"])

@@ -215,6 +215,20 @@ def test_record_round_trips_through_yaml(name: str) -> None:
     assert load_config({"optimizer": CASES[name] | {"type": name}}).optimizer == rec
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_the_clip_joins_the_optimizer_chain(name: str) -> None:
+    """One flat chain whether or not the builder clips: the clip's state first, then the
+    optimizer's members as without it (checkpoints keep one layout)."""
+    rec = _record(name)
+    params = _params(torch.float32)
+    bare = rec.build(1e-3, clip=False).init(params)["inner"]
+    clipped = rec.build(1e-3).init(params)["inner"]
+    assert list(clipped.keys()) == [str(i) for i in range(len(bare.keys()) + 1)]
+    assert T.leaf_keys(clipped["0"]) == []  # the clip is stateless
+    for i in range(len(bare.keys())):
+        assert T.leaf_keys(clipped[str(i + 1)]) == T.leaf_keys(bare[str(i)])
+
+
 def _capability(name: str) -> Callable[[str], bool]:
     return lambda t: getattr(OPTIMIZER_TYPES[t].capabilities, name)
 

@@ -339,16 +339,26 @@ def _check_tagged(value: Any, members: dict[str, type], path: _Path) -> dict:
     _check_literal(tag, tuple(members), (*path, "type"))
     cls = members[tag]
     own = {f.name for f in _fields(cls)}
+
+    def takers(name: str) -> str:
+        them = [t for t, m in members.items() if name in {f.name for f in _fields(m)}]
+        return f"{', '.join(them)} take{'s' * (len(them) == 1)} it"
+
+    others = sorted({f.name for m in members.values() for f in _fields(m)} - own)
     for key in value:
         if key in own:
             continue
-        takers = [t for t, m in members.items() if key in {f.name for f in _fields(m)}]
-        if takers:
-            them = ", ".join(takers)
+        where, kind = _dotted((*path, str(key))), f"{_dotted((*path, 'type'))}: {tag}"
+        if key in others:
+            raise _Problem((*path, str(key)), f"{where} is not a field of {kind} ({takers(key)})")
+        near_other = _similar(str(key), others)[:1]
+        near_own = _similar(str(key), sorted(own))[:1]
+        if near_other and (not near_own or near_other[0][1] > near_own[0][1]):
+            name = near_other[0][0]  # a typo of another type's key
             raise _Problem(
                 (*path, str(key)),
-                f"{_dotted((*path, str(key)))} is not a field of {_dotted((*path, 'type'))}: "
-                f"{tag} ({them} take{'s' * (len(takers) == 1)} it)",
+                f"{where} is not a field of {kind}; did you mean "
+                f"'{_dotted((*path, name))}' ({takers(name)})?",
             )
     return {"type": tag, **_check_section(value, cls, path)}
 

@@ -160,13 +160,17 @@ def _tagged_section(
         f"`{dotted}.type` picks one of {tags}; each type takes the keys below and its own, and "
         "a key that the chosen type does not take is an error.\n"
     )
-    out.append("| key | type | default | description |")
-    out.append("| --- | --- | --- | --- |")
-    choices = " \\| ".join(f"`{t}`" for t in members)
-    out.append(f"| `{dotted}.type` | {choices} | `{next(iter(members))}` | The type. |")
-    first = _section(classes[0], path, level, None, skip=frozenset(_fields_but(classes[0], shared)))
-    out.extend(line for line in first if line.startswith("| `"))
-    out.append("")
+    # The shared keys' table as _section renders it (header and columns included), with the
+    # type row listing every tag.
+    keep = shared | {"type"}
+    first = _section(classes[0], path, level, None, skip=frozenset(_fields_but(classes[0], keep)))
+    table = [line for line in first if line.startswith("|")]
+    type_row = next(i for i, line in enumerate(table) if line.startswith(f"| `{dotted}.type` |"))
+    cells = table[type_row].split(" | ")
+    cells[1] = " \\| ".join(f"`{t}`" for t in members)
+    cells[-1] = "The type: the keys of each are below. |"
+    table[type_row] = " | ".join(cells)
+    out.extend([*table, ""])
     sub_level = min(level + 1, 6)
     for tag, cls in members.items():
         out.append("")
