@@ -91,7 +91,7 @@ def test_no_decay_patterns_override_the_default_mask() -> None:
     assert decayed([]) == [True, True, True]
     assert decayed([r"\.bias$"]) == [True, False, True]
     assert decayed(["norm", "up_proj"]) == [False, False, False]
-    with pytest.raises(ConfigError, match=r"optimizer\.no_decay\[1\] '\(' is not a valid regex"):
+    with pytest.raises(ConfigError, match=r"optimizer\.no_decay\[1\]: '\(' is not a valid regex"):
         _tx(_cfg({"no_decay": ["ok", "("]}))
 
 

@@ -14,6 +14,7 @@ section is their tagged union, so adding an optimizer is one record and one regi
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
@@ -148,10 +149,13 @@ class OptimizerRecord:
         """
         if self.no_decay is None:
             return default_decay_mask
-        try:
-            return no_decay_mask(self.no_decay)
-        except ValueError as err:  # "patterns[1] '(' is not ...": our field is no_decay
-            raise ValueError(f"no_decay{str(err).removeprefix('patterns')}") from None
+        for i, pattern in enumerate(self.no_decay):
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                problem = f"{pattern!r} is not a valid regex: {err}"
+                raise ValueError(f"no_decay[{i}]: {problem}") from None
+        return no_decay_mask(self.no_decay)
 
     def build(
         self,
