@@ -8,18 +8,10 @@ from tensordict import TensorDict
 
 from tscale import optim
 from tscale.core import tree as T
+from tscale.testing.optim import NAMED_SHAPES as SHAPES
 
 STEPS = 20
 ATOL = 1e-10
-SHAPES = {
-    "model.embed_tokens.weight": (11, 4),
-    "model.layers.0.self_attn.q_proj.weight": (4, 4),
-    "model.layers.0.mlp.up_proj.weight": (6, 4),
-    "model.layers.0.mlp.up_proj.bias": (6,),
-    "model.norm.weight": (4,),
-    "model.gate": (),
-    "lm_head.weight": (11, 4),
-}
 
 
 def _setup(seed: int = 0) -> tuple[TensorDict, list[torch.nn.Parameter], list[TensorDict]]:
