@@ -412,6 +412,22 @@ def test_an_override_switches_the_type_of_a_file_section(tmp_path):
     )
 
 
+def test_null_leaves_out_a_key_the_new_type_does_not_take(tmp_path):
+    """Switching a file's section to another type from the command line: null unsets a key
+    the new type does not take; a null for a key the type takes keeps its meaning (or is an
+    error), and a typo stays an error."""
+    path = _write(tmp_path, "optimizer:\n  betas: [0.9, 0.98]\n  max_grad_norm: 0.5\n")
+    cfg = load_config(path, ["optimizer.type=muon", "optimizer.betas=null"])
+    assert cfg.optimizer == MuonConfig(max_grad_norm=0.5)
+    assert _error(path, ["optimizer.type=lion", "optimizer.betas=null"]).endswith(
+        "optimizer.betas: expected a list of 2 items, got null"
+    )
+    assert load_config(path, ["optimizer.max_grad_norm=null"]).optimizer.max_grad_norm is None
+    assert _error(path, ["optimizer.betaz=null"]).startswith(
+        "override 'optimizer.betaz=null': unknown key 'optimizer.betaz'"
+    )
+
+
 def test_every_type_round_trips_through_yaml():
     from tscale.optim import OPTIMIZER_CONFIGS, SCHEDULE_CONFIGS
 

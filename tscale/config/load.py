@@ -331,20 +331,25 @@ def _check_tagged(value: Any, members: dict[str, type], path: _Path) -> dict:
     record, then the section is checked as that record; the result names its ``type``.
 
     A key the chosen type does not take but another does is one error naming the types that
-    take it; a key no type takes is an unknown key (with "did you mean").
+    take it; a key no type takes is an unknown key (with "did you mean"). ``null`` for a key the
+    chosen type does not take (but another does) unsets it.
     """
     if not isinstance(value, Mapping):
         raise _Problem(path, f"expected a mapping, got {_show(value)}")
     tag = value.get("type", next(iter(members)))
     _check_literal(tag, tuple(members), (*path, "type"))
     cls = members[tag]
-    own = {f.name for f in _fields(cls)}
+    own = {f.name: f for f in _fields(cls)}
+    # null unsets a key that another type takes but the chosen one does not:
+    # `optimizer.type=muon optimizer.betas=null` switches a file's adamw section to muon.
+    unset = {k for k, v in value.items() if v is None and k not in own and _takes_key(members, k)}
+    value = {k: v for k, v in value.items() if k not in unset}
 
     def takers(name: str) -> str:
         them = [t for t, m in members.items() if name in {f.name for f in _fields(m)}]
         return f"{', '.join(them)} take{'s' * (len(them) == 1)} it"
 
-    others = sorted({f.name for m in members.values() for f in _fields(m)} - own)
+    others = sorted({f.name for m in members.values() for f in _fields(m)} - own.keys())
     for key in value:
         if key in own:
             continue
@@ -361,6 +366,10 @@ def _check_tagged(value: Any, members: dict[str, type], path: _Path) -> dict:
                 f"'{_dotted((*path, name))}' ({takers(name)})?",
             )
     return {"type": tag, **_check_section(value, cls, path)}
+
+
+def _takes_key(members: dict[str, type], key: Any) -> bool:
+    return any(key in {f.name for f in _fields(m)} for m in members.values())
 
 
 def _check_literal(value: Any, choices: tuple, path: _Path) -> Any:
