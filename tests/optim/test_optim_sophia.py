@@ -372,3 +372,23 @@ def test_sophia_step_under_skip_nonfinite() -> None:
     state.params["lm_head"]["weight"][0, 0] = float("nan")  # NaN loss and gradients
     state, _ = step(state, _batch(seed=1))
     assert_trees_equal(state.opt_state["inner"], before.opt_state["inner"])
+
+
+def test_sophia_step_with_the_fused_loss_equals_the_plain_loss() -> None:
+    """The estimate samples from apply_fn's logits whatever the training loss is, so Sophia
+    takes the fused linear cross-entropy as any optimizer does (float64: same states)."""
+    from tscale.losses import make_fused_lm_loss
+
+    tx = sophia_g(1e-2, update_every=2)
+    batches = [_batch(seed=i, masked=0.3) for i in range(3)]
+
+    def run(loss_fn) -> TrainState:
+        state = _state(tx, torch.float64)
+        estimate = make_hessian_estimate(MODEL.apply)
+        step = make_train_step(loss_fn, tx, update_extra=estimate)
+        for b in batches:
+            state, _ = step(state, b)
+        return state
+
+    fused = run(make_fused_lm_loss(MODEL, backend="torch"))
+    assert_trees_close(fused, run(make_lm_loss(MODEL.apply)), rtol=0, atol=1e-10)

@@ -195,3 +195,35 @@ def test_constant_equals_transformers() -> None:
     sched_ref = optim.linear_warmup(2e-3, 7)
     assert [sched(s) for s in range(20)] == [2e-3 * lam(s) for s in range(20)]
     assert [sched_ref(s) for s in range(20)] == [sched(s) for s in range(20)]
+
+
+def test_sophia_step_from_the_config_takes_the_fused_loss() -> None:
+    """Sophia's Hessian estimate is the update's extra argument, so the configured loss (fused
+    here) is the step's: no Sophia-only step that would refuse it."""
+    from tensordict import TensorDict
+
+    from tscale.core import rng as R
+    from tscale.core.state import TrainState
+    from tscale.models.transformer import Transformer, TransformerConfig
+
+    cfg = attrs.evolve(
+        _cfg({"type": "sophia_g", "lr": 3e-3, "update_every": 2}),
+        loss=attrs.evolve(Config().loss, fused=True),
+    )
+    model = Transformer(
+        TransformerConfig(
+            vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4
+        )
+    )
+    tx = _tx(cfg)
+    params = model.init(R.key(0))
+    state = TrainState.create(params, tx.init(params), R.key(1))
+    step = builders.build_step(cfg, model, model.apply, tx)
+    ids = torch.randint(0, 32, (4, 8), generator=torch.Generator().manual_seed(0))
+    labels = torch.roll(ids, -1, 1)
+    batch = TensorDict({"input_ids": ids, "labels": labels}, batch_size=[4])
+    losses = []
+    for _ in range(8):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0], losses

@@ -357,7 +357,7 @@ class LossConfig:
     fused: bool = _f(
         False,
         "Fused linear cross-entropy (tscale.kernels): never materialises tokens x vocab "
-        "logits. Not with lora.enabled or optimizer.type=sophia_g.",
+        "logits. Not with lora.enabled.",
     )
     backend: Literal["auto", "triton", "torch"] = _f("auto", "Kernel backend of the fused loss.")
     chunk_bytes: int | None = _f(None, "Memory per chunk of the fused loss; null: its default.")

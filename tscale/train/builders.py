@@ -1035,10 +1035,9 @@ def build_loss(cfg: Config, model: Transformer, apply_fn: Callable) -> Callable:
     """The LM loss of ``cfg.loss``: fused linear cross-entropy, or logits then cross-entropy."""
     lc = cfg.loss
     if lc.fused:
-        if cfg.lora.enabled or cfg.optimizer.capabilities.needs_objective:
+        if cfg.lora.enabled:
             raise ConfigError(
-                "loss.fused does not combine with lora.enabled or optimizer.type=sophia_g yet; "
-                "set loss.fused: false"
+                "loss.fused does not combine with lora.enabled yet; set loss.fused: false"
             )
         return make_fused_lm_loss(
             model,
