@@ -159,12 +159,15 @@ def test_every_schedule_type_builds_from_the_config() -> None:
         ),
         ({"type": "polynomial", "power": -1.0}, "scheduler.power: must be > 0, got -1.0"),
         ({"warmup_steps": -1}, "scheduler.warmup_steps: must be >= 0, got -1"),
+        ({"warmup_steps": 30}, "scheduler.warmup_steps (30) exceeds the 20 steps of the run"),
     ],
 )
 def test_scheduler_mistakes_name_the_key(scheduler: dict, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         builders.build_schedule(_cfg(scheduler=scheduler))
     assert str(info.value) == message
+    with pytest.raises(ConfigError, match=r"^optimizer\.lr: must be >= 0, got -1\.0$"):
+        builders.build_schedule(_cfg({"lr": -1.0}))
 
 
 def test_yaml_examples_of_the_guide_build(tmp_path) -> None:

@@ -549,6 +549,10 @@ class ScheduleRecord:
         check_fields(self)
         if self.ends and total_steps is None:
             raise ValueError(f"total_steps is required for a {self.type} schedule")
+        if self.ends and total_steps is not None and self.warmup_steps > total_steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) exceeds the {total_steps} steps of the run"
+            )
         return self._schedule(peak, total_steps or 0)
 
     ends: ClassVar[bool] = True

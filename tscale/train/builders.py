@@ -40,7 +40,7 @@ from tscale.models.lora import LoraConfig, LoraModel, with_dropout_keys
 from tscale.models.quant import make_qlora_model
 from tscale.models.transformer import Transformer, TransformerConfig
 from tscale.optim.base import GradientTransformation, Schedule
-from tscale.optim.record import CONFIG_MASK
+from tscale.optim.record import CONFIG_MASK, check_fields
 from tscale.optim.transforms import MaskFn, NormFn
 from tscale.step.compile import compile_step
 from tscale.step.compose import StepFn, make_train_step
@@ -970,6 +970,10 @@ def build_schedule(cfg: Config) -> Schedule:
             "train.max_steps is null: train.epochs sets it once the data is read (the trainer "
             "does); set train.max_steps to build the schedule without the data"
         )
+    try:
+        check_fields(cfg.optimizer)  # the peak is optimizer.lr
+    except ValueError as err:
+        raise ConfigError(f"optimizer.{err}") from None
     try:
         return cfg.scheduler.build(cfg.optimizer.lr, cfg.train.max_steps)
     except ValueError as err:
