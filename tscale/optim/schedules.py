@@ -123,18 +123,7 @@ def linear_warmup(peak: float, warmup_steps: int) -> Schedule:
     """
     peak = _nonneg("peak", peak)
     warmup_steps = _steps("warmup_steps", warmup_steps)
-    w = float(max(1, warmup_steps))
-
-    def schedule(step):
-        step = _check_step(step)
-        if isinstance(step, torch.Tensor):
-            s = _as_float_tensor(step)
-            return peak * torch.where(s < warmup_steps, torch.clamp(s / w, min=0.0), 1.0)
-        if step < warmup_steps:
-            return peak * (float(max(step, 0)) / w)
-        return peak
-
-    return schedule
+    return _warmup_then(peak, warmup_steps, lambda step: 1.0, lambda s: 1.0)
 
 
 def _cosine_factor(progress: float, min_ratio: float) -> float:
@@ -191,23 +180,17 @@ def warmup_cosine(
     if total_steps < warmup_steps:
         raise ValueError(f"total_steps ({total_steps}) must be >= warmup_steps ({warmup_steps})")
     min_lr_ratio = _ratio("min_lr_ratio", min_lr_ratio)
-    w = float(max(1, warmup_steps))
     d = float(max(1, total_steps - warmup_steps))
 
-    def schedule(step):
-        step = _check_step(step)
-        if isinstance(step, torch.Tensor):
-            s = _as_float_tensor(step)
-            warm = torch.clamp(s / w, min=0.0)
-            progress = torch.clamp((s - warmup_steps) / d, min=0.0, max=1.0)
-            factor = torch.where(s < warmup_steps, warm, _cosine_factor_t(progress, min_lr_ratio))
-            return peak * factor
-        if step < warmup_steps:
-            return peak * (float(max(step, 0)) / w)
+    def after(step: int) -> float:
         progress = min(max(float(step - warmup_steps) / d, 0.0), 1.0)
-        return peak * _cosine_factor(progress, min_lr_ratio)
+        return _cosine_factor(progress, min_lr_ratio)
 
-    return schedule
+    def after_t(s: torch.Tensor) -> torch.Tensor:
+        progress = torch.clamp((s - warmup_steps) / d, min=0.0, max=1.0)
+        return _cosine_factor_t(progress, min_lr_ratio)
+
+    return _warmup_then(peak, warmup_steps, after, after_t)
 
 
 def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
