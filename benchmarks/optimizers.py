@@ -23,7 +23,6 @@ import json
 import platform
 import statistics
 import time
-import typing
 from collections.abc import Callable
 from pathlib import Path
 
@@ -101,14 +100,8 @@ def _load_average() -> float | None:
 def _state_bytes(flat: dict[str, torch.Tensor]) -> tuple[dict[str, float], list[str], dict]:
     """Bytes of optimizer state per parameter for each config optimizer.type."""
     from tscale import optim
-    from tscale.config.schema import OptimizerConfig
 
-    names = typing.get_args(OptimizerConfig.__annotations__["type"])
-    if not names:  # annotations are strings under `from __future__ import annotations`
-        import attrs
-
-        attrs.resolve_types(OptimizerConfig)
-        names = typing.get_args(attrs.fields(OptimizerConfig).type.type)
+    names = list(optim.OPTIMIZER_TYPES)  # every optimizer.type of the config
     params = T.unflatten(flat)
     numel = T.num_elements(params)
     out: dict[str, float] = {}

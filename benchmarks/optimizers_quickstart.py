@@ -29,9 +29,9 @@ SETTINGS: dict[str, list[str]] = {
     "adamw": [],
     "adamw_8bit": [],
     "lion": ["optimizer.lr=3e-4", "optimizer.weight_decay=1.0"],
-    "prodigy": ["optimizer.lr=1.0", "optimizer.betas=null", "optimizer.d_coef=0.03"],
-    "sophia_g": ["optimizer.lr=3e-4", "optimizer.betas=null"],
-    "schedule_free_adamw": ["scheduler.type=constant", "scheduler.min_lr_ratio=0.0"],
+    "prodigy": ["optimizer.lr=1.0", "optimizer.betas=[0.9, 0.999]", "optimizer.d_coef=0.03"],
+    "sophia_g": ["optimizer.lr=3e-4", "optimizer.betas=[0.965, 0.99]"],
+    "schedule_free_adamw": ["scheduler.type=constant", "scheduler.min_lr_ratio=null"],
     "muon": ["optimizer.lr=0.02", "optimizer.betas=null"],
 }
 

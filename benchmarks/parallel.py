@@ -36,7 +36,7 @@ from tscale.core import tree as T
 from tscale.core.state import TrainState
 from tscale.losses import make_lm_loss
 from tscale.models.transformer import Transformer, TransformerConfig
-from tscale.optim import adamw
+from tscale.optim import adamw, chain, clip_by_global_norm
 from tscale.parallel import ddp, fsdp
 from tscale.parallel.mesh import plan_parallel
 from tscale.step import make_train_step
@@ -87,7 +87,7 @@ def _state_bytes(state: TrainState) -> int:
 
 
 def _tx():
-    return adamw(1e-3, weight_decay=0.1, max_grad_norm=1.0)
+    return chain(clip_by_global_norm(1.0), adamw(1e-3, weight_decay=0.1))
 
 
 def single(args: argparse.Namespace) -> dict:
@@ -185,7 +185,8 @@ def worker(args: argparse.Namespace) -> None:
         else:
             plan = plan_parallel(rank, world, rank, 1, -1, "cpu")
             layout = fsdp.FSDPLayout.of(full, plan.mesh)
-            tx = adamw(1e-3, weight_decay=0.1, max_grad_norm=1.0, norm_fn=fsdp.sharded_norm(layout))
+            clip = clip_by_global_norm(1.0, norm_fn=fsdp.sharded_norm(layout))
+            tx = chain(clip, adamw(1e-3, weight_decay=0.1))
             params = fsdp.shard_tree(full, plan.mesh)
             opt = fsdp.shard_opt_state(tx.init(fsdp.local_tree(params)), params, plan.mesh)
             state = TrainState.create(params, opt, R.key(1))

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from tscale.cli import main
-from tscale.config import Config, SchedulerConfig, TrainConfig
+from tscale.config import Config, TrainConfig
+from tscale.optim import LinearConfig
 
 pytest.importorskip("matplotlib")
 
@@ -30,9 +31,7 @@ def test_writes_a_png(tmp_path: Path, capsys) -> None:
 def test_schedule_points_follow_the_schedule() -> None:
     from tscale.train.plot import schedule_points
 
-    cfg = Config(
-        scheduler=SchedulerConfig(type="linear", warmup_steps=10), train=TrainConfig(max_steps=50)
-    )
+    cfg = Config(scheduler=LinearConfig(warmup_steps=10), train=TrainConfig(max_steps=50))
     steps, lrs = schedule_points(cfg)
     assert steps == list(range(50)) and lrs[0] == 0.0 and lrs[10] == max(lrs)
     long = Config(train=TrainConfig(max_steps=100_000))
@@ -46,6 +45,6 @@ def test_a_config_mistake_is_one_line(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert rc == 2 and not (tmp_path / "x.png").exists()
     assert err.strip() == (
-        "tscale: error: scheduler.num_cycles is not used by scheduler.type=cosine; "
-        "remove it or pick a type that uses it (cosine_restarts)"
+        "tscale: error: override 'scheduler.num_cycles=3': scheduler.num_cycles is not a field "
+        "of scheduler.type: cosine (cosine_restarts takes it)"
     )

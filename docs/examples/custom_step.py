@@ -12,7 +12,14 @@ from tensordict import TensorDict, TensorDictBase
 from tscale.core import TrainState, rng, value_and_grad
 from tscale.losses import IGNORE_INDEX, token_cross_entropy
 from tscale.models.transformer import Transformer, TransformerConfig
-from tscale.optim import GradientTransformation, adamw, apply_updates, warmup_cosine
+from tscale.optim import (
+    GradientTransformation,
+    adamw,
+    apply_updates,
+    chain,
+    clip_by_global_norm,
+    warmup_cosine,
+)
 
 
 def make_z_loss_step(model: Transformer, tx: GradientTransformation, z_weight: float = 1e-4):
@@ -61,7 +68,7 @@ def main(steps: int = 60) -> list[float]:
             max_position_embeddings=32,
         )
     )
-    tx = adamw(warmup_cosine(1e-2, 5, steps), weight_decay=0.01, max_grad_norm=1.0)
+    tx = chain(clip_by_global_norm(1.0), adamw(warmup_cosine(1e-2, 5, steps), weight_decay=0.01))
     init_key, data_key = rng.split(rng.key(0))
     params = model.init(init_key)
     state = TrainState.create(params, tx.init(params), data_key)

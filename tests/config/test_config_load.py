@@ -12,7 +12,6 @@ import yaml
 from tscale.config import (
     Config,
     DataConfig,
-    OptimizerConfig,
     SyntheticConfig,
     load_config,
     save_config,
@@ -20,6 +19,7 @@ from tscale.config import (
     to_yaml,
 )
 from tscale.errors import ConfigError
+from tscale.optim import AdamWConfig, LionConfig, MuonConfig, WSDConfig
 
 
 def _write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
@@ -48,7 +48,7 @@ def test_defaults_from_none_empty_mapping_and_empty_file(tmp_path):
 
 def test_a_section_left_empty_keeps_its_defaults(tmp_path):
     cfg = load_config(_write(tmp_path, "optimizer:\ntrain:\n  max_steps: 5\n"))
-    assert cfg.optimizer == OptimizerConfig()
+    assert cfg.optimizer == AdamWConfig()  # the first type of the tagged union
     assert cfg.train.max_steps == 5
 
 
@@ -80,7 +80,7 @@ optimizer: {lr: 0.01, betas: [0.8, 0.9], max_grad_norm: null}
         ("3e-4", 3e-4),
         ("1e3", 1000.0),
         ("1.0e-3", 1e-3),
-        ("-2E-1", -0.2),
+        ("+2E-1", 0.2),  # a sign; a negative lr is out of its domain
         ("2", 2.0),
         ("'0.5'", 0.5),
     ],
@@ -152,7 +152,7 @@ def test_unknown_key_with_nothing_close_lists_the_valid_keys():
     message = _error({"scheduler": {"zzz": 1}})
     assert message == (
         "unknown key 'scheduler.zzz'; valid keys in 'scheduler': type, warmup_steps, "
-        "min_lr_ratio, num_cycles, decay_fraction, decay_shape, power, timescale"
+        "min_lr_ratio"  # the keys of the chosen type (cosine, the default)
     )
     message = _error({"zzz": 1})
     assert message.startswith("unknown key 'zzz'; valid keys: run, task, model, data, optimizer")
@@ -171,7 +171,7 @@ def test_unknown_key_with_nothing_close_lists_the_valid_keys():
         ),
         (
             {"scheduler": {"type": "step"}},
-            "scheduler.type: 'step' is not one of: constant, cosine, cosine_restarts, linear, wsd, "
+            "scheduler.type: 'step' is not one of: cosine, constant, cosine_restarts, linear, wsd, "
             "rex, inverse_sqrt, polynomial",
         ),
         ({"optimizer": {"lr": "fast"}}, "optimizer.lr: expected a number, got 'fast'"),
@@ -359,14 +359,95 @@ def test_an_override_through_a_non_mapping_in_the_file(tmp_path):
     )
 
 
+# ---- tagged unions (optimizer, scheduler) --------------------------------------------------------
+
+
+def test_the_type_picks_the_record_and_its_defaults(tmp_path):
+    path = _write(tmp_path, "optimizer:\n  type: muon\n  lr: 0.02\n  momentum: 0.9\n")
+    cfg = load_config(path)
+    assert cfg.optimizer == MuonConfig(lr=0.02, momentum=0.9)
+    assert load_config({"optimizer": {"lr": 0.1}}).optimizer == AdamWConfig(lr=0.1)  # no type
+    assert load_config({"scheduler": None}).scheduler == Config().scheduler
+
+
+def test_a_field_of_another_type_names_the_types_that_take_it(tmp_path):
+    path = _write(tmp_path, "optimizer:\n  type: adamw\n  lr: 0.1\n  momentum: 0.9\n")
+    assert _error(path) == (
+        f"{path}:4: optimizer.momentum is not a field of optimizer.type: adamw (muon takes it)"
+    )
+    assert _error({"scheduler": {"type": "constant", "min_lr_ratio": 0.1}}) == (
+        "scheduler.min_lr_ratio is not a field of scheduler.type: constant (cosine, "
+        "cosine_restarts, linear, wsd, rex, polynomial take it)"
+    )
+    assert _error(None, ["optimizer.rho=0.1"]) == (
+        "override 'optimizer.rho=0.1': optimizer.rho is not a field of optimizer.type: adamw "
+        "(sophia_g takes it)"
+    )
+
+
+def test_a_typo_of_another_types_key_suggests_it_with_its_types():
+    assert _error({"optimizer": {"momentun": 0.9}}) == (
+        "optimizer.momentun is not a field of optimizer.type: adamw; did you mean "
+        "'optimizer.momentum' (muon takes it)?"
+    )
+    # a typo of the chosen type's own key stays the usual unknown key
+    assert _error({"optimizer": {"type": "muon", "momentun": 0.9}}) == (
+        "unknown key 'optimizer.momentun'; did you mean 'optimizer.momentum'?"
+    )
+
+
+def test_an_override_switches_the_type_of_a_file_section(tmp_path):
+    path = _write(tmp_path, "optimizer:\n  type: adamw\n  lr: 0.1\n  betas: [0.8, 0.9]\n")
+    cfg = load_config(path, ["optimizer.type=lion"])
+    assert cfg.optimizer == LionConfig(lr=0.1, betas=(0.8, 0.9))  # the shared keys carry over
+    cfg = load_config(None, ["scheduler.type=wsd", "scheduler.decay_fraction=0.3"])
+    assert cfg.scheduler == WSDConfig(decay_fraction=0.3)
+    assert _error(path, ["optimizer.type=muon"]) == (
+        f"{path}:4: optimizer.betas is not a field of optimizer.type: muon (adamw, adamw_8bit, "
+        "lion, prodigy, sophia_g, schedule_free_adamw take it)"
+    )
+    assert _error(None, ["optimizer.type=adamx"]) == (
+        "override 'optimizer.type=adamx': optimizer.type: 'adamx' is not one of: adamw, "
+        "adamw_8bit, lion, prodigy, sophia_g, schedule_free_adamw, muon (did you mean 'adamw'?)"
+    )
+
+
+def test_null_leaves_out_a_key_the_new_type_does_not_take(tmp_path):
+    """Switching a file's section to another type from the command line: null unsets a key
+    the new type does not take; a null for a key the type takes keeps its meaning (or is an
+    error), and a typo stays an error."""
+    path = _write(tmp_path, "optimizer:\n  betas: [0.9, 0.98]\n  max_grad_norm: 0.5\n")
+    cfg = load_config(path, ["optimizer.type=muon", "optimizer.betas=null"])
+    assert cfg.optimizer == MuonConfig(max_grad_norm=0.5)
+    assert _error(path, ["optimizer.type=lion", "optimizer.betas=null"]).endswith(
+        "optimizer.betas: expected a list of 2 items, got null"
+    )
+    assert load_config(path, ["optimizer.max_grad_norm=null"]).optimizer.max_grad_norm is None
+    assert _error(path, ["optimizer.betaz=null"]).startswith(
+        "override 'optimizer.betaz=null': unknown key 'optimizer.betaz'"
+    )
+
+
+def test_every_type_round_trips_through_yaml():
+    from tscale.optim import OPTIMIZER_CONFIGS, SCHEDULE_CONFIGS
+
+    for opt in OPTIMIZER_CONFIGS:
+        for sched in SCHEDULE_CONFIGS:
+            cfg = Config(optimizer=opt(), scheduler=sched(warmup_steps=3))
+            text = to_yaml(cfg)
+            assert f"optimizer:\n  type: {cfg.optimizer.type}\n" in text
+            assert load_config(yaml.safe_load(text)) == cfg
+
+
 # ---- output -----------------------------------------------------------------------------------
 
 
 def test_to_dict_is_plain_and_in_schema_order():
     data = to_dict(Config())
     assert list(data) == [f.name for f in attrs.fields(Config)]
-    assert list(data["optimizer"]) == [f.name for f in attrs.fields(OptimizerConfig)]
-    assert data["optimizer"]["betas"] is None  # null: the chosen optimizer's own default
+    assert list(data["optimizer"]) == [f.name for f in attrs.fields(AdamWConfig)]
+    assert data["optimizer"]["type"] == "adamw"  # the tag first
+    assert data["optimizer"]["betas"] == [0.9, 0.999]  # the chosen optimizer's own default
 
     def plain(value) -> bool:
         if isinstance(value, dict):
@@ -383,7 +464,7 @@ def test_to_yaml_keeps_schema_order_and_reads_back():
     text = to_yaml(cfg)
     top = [line.split(":")[0] for line in text.splitlines() if not line.startswith(" ")]
     assert top == [f.name for f in attrs.fields(Config)]
-    assert "  betas: null\n" in text
+    assert "optimizer:\n  type: adamw\n" in text and "  betas: [0.9, 0.999]\n" in text
     assert yaml.safe_load(text) == to_dict(cfg)
     assert load_config(yaml.safe_load(text)) == cfg
 

@@ -129,8 +129,8 @@ def test_overrides_rebuild_any_config(cfg, data):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.floats(allow_nan=False, allow_infinity=False))
-def test_floats_in_any_yaml_spelling(x):
+@given(st.floats(min_value=0.0, allow_nan=False, allow_infinity=False))
+def test_floats_in_any_yaml_spelling(x):  # optimizer.lr's domain: >= 0
     for text in (repr(x), f"{x:e}", f"{x:g}"):
         cfg = load_config(yaml.safe_load(f"optimizer:\n  lr: {text}\n"))
         assert cfg.optimizer.lr == float(text)

@@ -25,6 +25,7 @@ from tscale.core.state import TrainState
 from tscale.losses.lm import make_lm_loss
 from tscale.optim import transforms
 from tscale.optim.alias import OPTIMIZERS
+from tscale.optim.base import chain
 from tscale.parallel import deepspeed_engine as DSE
 from tscale.step.compose import make_train_step
 from tscale.train.distributed import cast_apply
@@ -54,6 +55,11 @@ def scaled(loss_fn):
     return run
 
 
+def _clipped(tx, clip: float | None):
+    """The optimizer behind a global-norm clip, as the trainer chains it."""
+    return tx if clip is None else chain(transforms.clip_by_global_norm(clip), tx)
+
+
 def run_case(case: dict, rank: int, world: int) -> dict:
     model, full = tiny_model(case)
     data = batches(case.get("poison", False))
@@ -63,7 +69,7 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     bf16 = case.get("bf16", False)
 
     # the reference: one tscale process, the global batch, skip_nonfinite as the trainer builds it
-    tx = transforms.skip_nonfinite(ref_opt(1e-3, max_grad_norm=clip))
+    tx = transforms.skip_nonfinite(_clipped(ref_opt(1e-3), clip))
     apply = cast_apply(model.apply, torch.bfloat16) if bf16 else model.apply
     ref = TrainState.create(T.clone(full), tx.init(full), R.key(1))
     ref_step = make_train_step(scaled(make_lm_loss(apply)), tx, microbatches=case["mb"] * world)
@@ -74,7 +80,7 @@ def run_case(case: dict, rank: int, world: int) -> dict:
 
     def make_tx(decay: bool):
         mask = None if decay else (lambda name, t: False)
-        return transforms.skip_nonfinite(opt(1e-3, max_grad_norm=None, mask=mask))
+        return transforms.skip_nonfinite(opt(1e-3, mask=mask))
 
     def make_loss(gather):
         if gather is None:
@@ -120,7 +126,7 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     }
     if "solo" in case:  # the precision change alone: another one-process run against ref
         solo_opt = OPTIMIZERS[case["solo"].get("opt", case["opt"])]
-        solo_tx = transforms.skip_nonfinite(solo_opt(1e-3, max_grad_norm=clip))
+        solo_tx = transforms.skip_nonfinite(_clipped(solo_opt(1e-3), clip))
         solo_bf16 = case["solo"].get("bf16", bf16)
         solo_apply = cast_apply(model.apply, torch.bfloat16) if solo_bf16 else model.apply
         solo = TrainState.create(T.clone(full), solo_tx.init(full), R.key(1))

@@ -19,6 +19,8 @@ from tscale.core.state import TrainState
 from tscale.losses.lm import make_lm_loss
 from tscale.models.transformer import Transformer, TransformerConfig
 from tscale.optim.alias import OPTIMIZERS
+from tscale.optim.base import chain
+from tscale.optim.transforms import clip_by_global_norm
 from tscale.parallel import ddp, fsdp
 from tscale.parallel.mesh import plan_parallel
 from tscale.step.compose import make_train_step
@@ -63,7 +65,8 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     dtype = torch.bfloat16 if case.get("bf16") else None
 
     def make_tx(norm_fn=None):
-        return OPTIMIZERS[case["opt"]](case.get("lr", 1e-3), max_grad_norm=clip, norm_fn=norm_fn)
+        tx = OPTIMIZERS[case["opt"]](case.get("lr", 1e-3))
+        return tx if clip is None else chain(clip_by_global_norm(clip, norm_fn=norm_fn), tx)
 
     # the reference: one process, the global batch, microbatches = world * per-rank microbatches
     tx = make_tx()

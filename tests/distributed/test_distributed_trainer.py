@@ -131,3 +131,14 @@ def test_a_tasks_own_metrics_are_reduced_over_ranks(
     for a, b in zip(*rows, strict=True):
         for key in ("loss", "ce", "entropy", "tokens"):
             assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (a["step"], key)
+
+
+def test_fsdp_with_the_fused_loss_follows_one_process(runs: dict[str, Path], torchrun, tiny_run):
+    """Refused before the model wrappers composed: the fused loss takes the sharded model
+    (each layer and the head gathered on use) and follows the one-process plain loss."""
+    cfg, out = tiny_run.config(runs["tmp"], "fsdp-fused")
+    torchrun(["-m", "tscale.cli", "train", str(cfg), *FSDP, "loss.fused=true"])
+    single, got = tiny_run.losses(runs["single"]), tiny_run.losses(out)
+    assert sorted(got) == list(range(1, 11))
+    for step, loss in single.items():
+        assert abs(got[step] - loss) <= 1e-4 * max(1.0, abs(loss)), (step, got[step], loss)

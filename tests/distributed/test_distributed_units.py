@@ -76,7 +76,6 @@ DDP2 = ParallelPlan(rank=0, world_size=2, dp_replicate=2, dp_shard=1)
             "microbatches > 1",
         ),
         ({"lora": {"enabled": True}}, FSDP2, "use parallel.dp_shard: 1"),
-        ({"loss": {"fused": True}}, FSDP2, "loss.fused does not combine"),
     ],
 )
 def test_invalid_combinations_name_the_keys(sections, plan, message):
@@ -86,4 +85,5 @@ def test_invalid_combinations_name_the_keys(sections, plan, message):
 
 def test_valid_plans_pass():
     _validate(_cfg(data={"batch_size": 8}, train={"microbatches": 2}), DDP2)
+    _validate(_cfg(loss={"fused": True}), FSDP2)  # the fused loss over the sharded model
     _validate(_cfg(optimizer={"type": "adamw_8bit"}), FSDP2)

@@ -25,7 +25,7 @@ from tscale.errors import ConfigError
 from tscale.kernels import cross_entropy, linear_cross_entropy_reference
 from tscale.losses import make_fused_lm_loss, make_lm_loss, token_cross_entropy
 from tscale.models.transformer import FULL, SLIDING, Transformer, TransformerConfig
-from tscale.optim import adamw, warmup_cosine
+from tscale.optim import adamw, chain, clip_by_global_norm, warmup_cosine
 from tscale.step import make_train_step
 from tscale.testing import assert_trees_close
 
@@ -162,7 +162,7 @@ def test_train_step_with_fused_loss_equals_plain(name):
     config = CONFIGS[name]
     model = Transformer(config)
     fast = Transformer(attrs.evolve(config, attention_backend="auto", norm_backend="auto"))
-    tx = adamw(warmup_cosine(1e-2, 1, 10), weight_decay=0.1, max_grad_norm=1.0)
+    tx = chain(clip_by_global_norm(1.0), adamw(warmup_cosine(1e-2, 1, 10), weight_decay=0.1))
     batches = [_batch(seed=i) for i in range(3)]
 
     def run(loss_fn):

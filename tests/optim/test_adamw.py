@@ -8,18 +8,10 @@ from tensordict import TensorDict
 
 from tscale import optim
 from tscale.core import tree as T
+from tscale.testing.optim import NAMED_SHAPES as SHAPES
 
 STEPS = 20
 ATOL = 1e-10
-SHAPES = {
-    "model.embed_tokens.weight": (11, 4),
-    "model.layers.0.self_attn.q_proj.weight": (4, 4),
-    "model.layers.0.mlp.up_proj.weight": (6, 4),
-    "model.layers.0.mlp.up_proj.bias": (6,),
-    "model.norm.weight": (4,),
-    "model.gate": (),
-    "lm_head.weight": (11, 4),
-}
 
 
 def _setup(seed: int = 0) -> tuple[TensorDict, list[torch.nn.Parameter], list[TensorDict]]:
@@ -112,7 +104,7 @@ def test_adamw_warmup_cosine_schedule_matches_torch() -> None:
 @pytest.mark.parametrize("max_norm", [0.5, 1e3])  # clipping active / never active
 def test_adamw_clipping_matches_clip_grad_norm(max_norm: float) -> None:
     params, ref, grads = _setup(4)
-    tx = optim.adamw(1e-2, weight_decay=0.1, max_grad_norm=max_norm)
+    tx = optim.chain(optim.clip_by_global_norm(max_norm), optim.adamw(1e-2, weight_decay=0.1))
     topt = _grouped_adamw(params, ref, 1e-2, 0.1)
     for grad in grads:
         _set_grads(ref, grad)
@@ -126,7 +118,7 @@ def test_adamw_float32_close_to_torch() -> None:
     params = params.apply(lambda p: p.float())
     ref = [torch.nn.Parameter(p.detach().float()) for p in ref]
     grads = [g.apply(lambda t: t.float()) for g in grads]
-    tx = optim.adamw(1e-2, weight_decay=0.1, max_grad_norm=1.0)
+    tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2, weight_decay=0.1))
     topt = _grouped_adamw(params, ref, 1e-2, 0.1)
     for grad in grads:
         _set_grads(ref, grad)
@@ -138,7 +130,7 @@ def test_adamw_float32_close_to_torch() -> None:
 def test_update_does_not_modify_params() -> None:
     params, _, grads = _setup(6)
     before = params.clone()
-    tx = optim.adamw(1e-2, weight_decay=0.1, max_grad_norm=1.0)
+    tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2, weight_decay=0.1))
     state = tx.init(params)
     tx.update(grads[0], state, params)
     for a, b in zip(T.leaves(params), T.leaves(before), strict=True):

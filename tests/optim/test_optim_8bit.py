@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 from tensordict import TensorDict
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from tscale import optim
 from tscale.core import tree as T
@@ -144,25 +143,6 @@ def test_low_precision_params_keep_their_dtype() -> None:
         assert [u.dtype for u in T.leaves(updates)] == [torch.bfloat16] * len(SHAPES)
         optim.apply_updates(params, updates)
     assert all(bool(torch.isfinite(p).all()) for p in T.leaves(params))
-
-
-class _NoHostSync(TorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            raise AssertionError(f"host sync: {func} inside an optimizer update")
-        return func(*args, **(kwargs or {}))
-
-
-def test_update_has_no_host_sync() -> None:
-    params, _, grads = _setup(3)
-    tx = optim.skip_nonfinite(
-        optim.adamw_8bit(optim.warmup_cosine(1e-2, 2, 8), weight_decay=0.1, max_grad_norm=0.5)
-    )
-    state = tx.init(params)
-    for grad in grads[:3]:
-        with _NoHostSync():
-            updates, state = tx.update(grad, state, params)
-            params = optim.apply_updates(params, updates)
 
 
 def test_registry_and_validation() -> None:

@@ -1,5 +1,6 @@
 """muon against a per-tensor transcription of Keller Jordan's Muon (2024 blog and reference code,
-``MuonWithAuxAdam``), in float64; Newton-Schulz against a transcription and its singular values."""
+``MuonWithAuxAdam``), in float64; Newton-Schulz against a transcription and its singular values
+(the contract, host syncs and a tiny training run: tests/optim/test_optimizer_contract.py)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tensordict import TensorDict
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from tscale import optim
-from tscale.core import rng as R
 from tscale.core import tree as T
-from tscale.core.state import TrainState
-from tscale.losses import make_lm_loss
-from tscale.models.transformer import Transformer, TransformerConfig
 from tscale.optim.muon import (
     default_muon_mask,
     muon,
@@ -23,7 +19,6 @@ from tscale.optim.muon import (
     partition,
     scale_by_muon,
 )
-from tscale.step import make_train_step
 from tscale.testing import assert_transform_contract, max_abs_diff, random_case, trees
 
 STEPS = 8
@@ -237,28 +232,6 @@ def test_muon_validation_names_the_argument() -> None:
         scale_by_muon().init(T.unflatten({"i": torch.zeros(3, 3, dtype=torch.int64)}))
 
 
-class _NoHostSync(TorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default):
-            raise AssertionError(f"host sync: {func}")
-        return func(*args, **(kwargs or {}))
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_muon_no_host_sync_and_state_dtypes(dtype: torch.dtype) -> None:
-    params, _, grads = _setup(3)
-    params = params.apply(lambda p: p.to(dtype))
-    tx = muon(optim.warmup_cosine(2e-2, 2, 6), weight_decay=0.1, adamw_lr=1e-3, max_grad_norm=1.0)
-    state = tx.init(params)
-    moment = torch.float32 if dtype == torch.bfloat16 else dtype
-    assert all(t.dtype == moment for t in T.leaves(state["1"]["muon"]["0"]["momentum"]))
-    for grad in grads[:4]:
-        with _NoHostSync():
-            u, state = tx.update(grad.apply(lambda t: t.to(dtype)), state, params)
-            params = optim.apply_updates(params, u)
-    assert all(p.dtype == dtype and bool(torch.isfinite(p).all()) for p in T.leaves(params))
-
-
 @settings(max_examples=15, deadline=None)
 @given(
     params=trees(dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16])),
@@ -266,27 +239,7 @@ def test_muon_no_host_sync_and_state_dtypes(dtype: torch.dtype) -> None:
     ns_dtype=st.sampled_from([None, torch.bfloat16]),
 )
 def test_muon_properties(params: TensorDict, seed: int, ns_dtype) -> None:
-    """Shapes/dtypes kept, state structure stable, params untouched by update."""
+    """The contract with a separate AdamW lr and a bfloat16 Newton-Schulz (options the config
+    record does not expose; the record's muon runs in tests/optim/test_optimizer_contract.py)."""
     tx = muon(2e-2, weight_decay=0.1, adamw_lr=1e-3, ns_dtype=ns_dtype)
     assert_transform_contract(tx, params, steps=3, seed=seed, check_finite=True)
-
-
-def test_muon_trains_a_tiny_transformer() -> None:
-    cfg = TransformerConfig(
-        vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4
-    )
-    model = Transformer(cfg)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 32, (8, 16), generator=g)
-    labels = torch.roll(ids, -1, 1)
-    labels[:, -1] = -100
-    batch = TensorDict({"input_ids": ids, "labels": labels}, batch_size=[8])
-    tx = muon(0.02, adamw_lr=1e-2)
-    params = model.init(R.key(0))
-    state = TrainState.create(params, tx.init(params), R.key(1))
-    step = make_train_step(make_lm_loss(model.apply), tx)
-    losses = []
-    for _ in range(30):
-        state, metrics = step(state, batch)
-        losses.append(float(metrics["loss"]))
-    assert losses[-1] <= 0.7 * losses[0], losses  # measured: 3.48 -> 0.031 (-99%)

@@ -1,6 +1,8 @@
-"""sophia_g and its train step: the update against a per-tensor transcription of Liu et al. (2023),
-Algorithm 3, the Gauss-Newton-Bartlett estimate (Algorithm 2) against a direct computation, the
-Hessian schedule, the clipping bound and the absence of host syncs."""
+"""sophia_g and its Hessian estimate: the update against a per-tensor transcription of Liu et al.
+(2023), Algorithm 3, the Gauss-Newton-Bartlett estimate (Algorithm 2), passed to the update as an
+extra argument by make_train_step's hook, against a direct computation, the Hessian schedule, the
+clipping bound and the absence of host syncs (the generic contract and a tiny training run:
+tests/optim/test_optimizer_contract.py)."""
 
 from __future__ import annotations
 
@@ -9,34 +11,22 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tensordict import TensorDict
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from tscale import optim
 from tscale.core import rng as R
 from tscale.core import tree as T
 from tscale.core.state import TrainState
+from tscale.losses import make_lm_loss
 from tscale.models.transformer import Transformer, TransformerConfig
-from tscale.optim.sophia import (
-    hessian_due,
-    sophia_g,
-    with_hessian_estimate,
-    without_hessian_estimate,
-)
-from tscale.step.sophia import make_sophia_train_step, sample_categorical, uniform
+from tscale.optim.sophia import hessian_due, sophia_g
+from tscale.step import make_train_step
+from tscale.step.sophia import make_hessian_estimate, sample_categorical, uniform
 from tscale.testing import assert_no_alias, assert_trees_close, assert_trees_equal, trees
+from tscale.testing.optim import DECAYED, NoHostSync
+from tscale.testing.optim import NAMED_SHAPES as SHAPES
 
 STEPS = 12
 ATOL = 1e-10
-SHAPES = {
-    "model.embed_tokens.weight": (11, 4),
-    "model.layers.0.self_attn.q_proj.weight": (4, 4),
-    "model.layers.0.mlp.up_proj.weight": (6, 4),
-    "model.layers.0.mlp.up_proj.bias": (6,),
-    "model.norm.weight": (4,),
-    "model.gate": (),
-    "lm_head.weight": (11, 4),
-}
-DECAYED = {k for k, s in SHAPES.items() if len(s) >= 2 and "embed_tokens" not in k}
 CFG = TransformerConfig(
     vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4
 )
@@ -97,10 +87,9 @@ def _reference(
 def _run(tx, params, grads, hhats):
     state = tx.init(params)
     for grad, hhat in zip(grads, hhats, strict=True):
-        state = with_hessian_estimate(state, hhat.clone())
-        updates, state = tx.update(grad.clone(), state, params)
+        updates, state = tx.update(grad.clone(), state, params, hessian=hhat.clone())
         params = optim.apply_updates(params, updates)
-    return params, without_hessian_estimate(state)
+    return params, state
 
 
 def _max_diff(params: TensorDict, ref: dict[str, torch.Tensor]) -> float:
@@ -151,7 +140,7 @@ def test_sophia_hand_made_step() -> None:
     tx = sophia_g(0.1, b1=0.9, b2=0.99, rho=1.0, weight_decay=0.0)
     state = tx.init(params)
     assert bool(hessian_due(state))
-    u, state = tx.update(g, with_hessian_estimate(state, hhat), params)
+    u, state = tx.update(g, state, params, hessian=hhat)
     assert not bool(hessian_due(state))  # update_every = 10: due again at update 10
     # ratios: 0.1/0.04 -> 1, -0.1/1e-15 -> -1, 0/0.01 = 0, 0.2/1 = 0.2
     expected = -0.1 * torch.tensor([1.0, -1.0, 0.0, 0.2], dtype=torch.float64)
@@ -163,10 +152,10 @@ def test_sophia_hand_made_step() -> None:
 def test_sophia_refuses_an_update_without_the_estimate() -> None:
     params, _, grads, _ = _setup(0)
     tx = sophia_g(1e-3)
-    with pytest.raises(ValueError, match="make_sophia_train_step"):
+    with pytest.raises(ValueError, match=r"hessian=estimate.*update_extra"):
         tx.update(grads[0], tx.init(params), params)
     with pytest.raises(ValueError, match="exactly one Sophia state"):
-        with_hessian_estimate(optim.adamw(1e-3).init(params), None)
+        hessian_due(optim.adamw(1e-3).init(params))
 
 
 def test_sophia_validation_names_the_argument() -> None:
@@ -206,38 +195,13 @@ def test_sophia_properties(params: TensorDict, seed: int) -> None:
         grad = params.apply(lambda p: torch.randn(p.shape, generator=g).to(p.dtype))
         hhat = params.apply(lambda p: torch.rand(p.shape, generator=g).to(p.dtype))
         grad_sig = sig(grad)
-        u, state = tx.update(grad, with_hessian_estimate(state, hhat), params)
-        state = without_hessian_estimate(state)
+        u, state = tx.update(grad, state, params, hessian=hhat)
         assert sig(u) == grad_sig and sig(state) == state_sig
         for a, b in zip(T.leaves(params), T.leaves(before), strict=True):
             assert torch.equal(a, b)
         for du, p in zip(T.leaves(u), T.leaves(params), strict=True):
             bound = lr * (1 + wd * p.double().abs()) * (1 + 1e-2) + 1e-12  # 1% for bfloat16
             assert bool((du.double().abs() <= bound).all())
-
-
-class _NoHostSync(TorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default):
-            raise AssertionError(f"host sync: {func}")
-        return func(*args, **(kwargs or {}))
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_sophia_update_no_host_sync_and_state_dtypes(dtype: torch.dtype) -> None:
-    params, _, grads, hhats = _setup(6)
-    params = params.apply(lambda p: p.to(dtype))
-    tx = sophia_g(optim.warmup_cosine(1e-2, 2, 6), max_grad_norm=1.0, update_every=2)
-    state = tx.init(params)
-    moment = torch.float32 if dtype == torch.bfloat16 else dtype
-    assert all(t.dtype == moment for k in ("mu", "hessian") for t in T.leaves(state["1"][k]))
-    for grad, hhat in zip(grads[:4], hhats[:4], strict=True):
-        with _NoHostSync():
-            state = with_hessian_estimate(state, hhat.apply(lambda x: x.to(dtype)))
-            u, state = tx.update(grad.apply(lambda x: x.to(dtype)), state, params)
-            state = without_hessian_estimate(state)
-            params = optim.apply_updates(params, u)
-    assert all(p.dtype == dtype and bool(torch.isfinite(p).all()) for p in T.leaves(params))
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,6 +215,17 @@ def _batch(b: int = 8, s: int = 16, seed: int = 0, masked: float = 0.0) -> Tenso
     labels[:, -1] = -100
     labels[torch.rand(b, s, generator=g) < masked] = -100
     return TensorDict({"input_ids": ids, "labels": labels}, batch_size=[b])
+
+
+def _step(tx, *, microbatches: int = 1, donate: bool = True, host_branch: bool = False):
+    """The generic train step with Sophia's Hessian estimate as the update's extra argument."""
+    estimate = make_hessian_estimate(
+        MODEL.apply, microbatches=microbatches, host_branch=host_branch
+    )
+    loss_fn = make_lm_loss(MODEL.apply)
+    return make_train_step(
+        loss_fn, tx, microbatches=microbatches, donate=donate, update_extra=estimate
+    )
 
 
 def _state(tx, dtype: torch.dtype = torch.float32, seed: int = 0) -> TrainState:
@@ -297,9 +272,9 @@ def test_gnb_estimate_matches_direct_computation() -> None:
     ghat = [g / n for g in torch.autograd.grad(loss_sum, leaves)]
     expected = {k: 0.1 * n * g * g for k, g in zip(T.leaf_keys(params), ghat, strict=True)}
 
-    step = make_sophia_train_step(MODEL.apply, tx)
-    state, metrics = step(state, batch)
-    assert float(metrics["hessian_updated"]) == 1.0
+    step = _step(tx)
+    assert bool(hessian_due(state.opt_state))
+    state, _ = step(state, batch)
     got = T.flatten(state.opt_state["0"]["hessian"])
     diff = max(float((got[k] - expected[k]).abs().max()) for k in expected)
     assert diff <= ATOL  # measured: 1.4e-17
@@ -309,18 +284,18 @@ def test_gnb_estimate_matches_direct_computation() -> None:
 def test_hessian_ema_changes_only_every_update_every_steps() -> None:
     tx = sophia_g(1e-3, update_every=3)
     state = _state(tx)
-    step = make_sophia_train_step(MODEL.apply, tx)
+    step = _step(tx)
     changed, flags = [], []
     for i in range(7):
         before = state.opt_state["0"]["hessian"].clone()
-        state, metrics = step(state, _batch(seed=i))
+        flags.append(float(hessian_due(state.opt_state)))
+        state, _ = step(state, _batch(seed=i))
         after = state.opt_state["0"]["hessian"]
         changed.append(
             not all(
                 torch.equal(a, b) for a, b in zip(T.leaves(after), T.leaves(before), strict=True)
             )
         )
-        flags.append(float(metrics["hessian_updated"]))
     assert changed == [True, False, False, True, False, False, True]
     assert flags == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0]
 
@@ -329,7 +304,7 @@ def test_sophia_step_update_never_exceeds_lr_plus_decay() -> None:
     lr, wd = 1e-2, 0.1
     tx = sophia_g(lr, weight_decay=wd, rho=1e-4, update_every=2)  # small rho: most clip
     state = _state(tx, torch.float64)
-    step = make_sophia_train_step(MODEL.apply, tx)
+    step = _step(tx)
     for i in range(4):
         before = state.params.clone()
         state, _ = step(state, _batch(seed=i))
@@ -345,13 +320,15 @@ def test_sophia_step_update_never_exceeds_lr_plus_decay() -> None:
 
 
 def test_sophia_step_has_no_host_sync() -> None:
-    tx = sophia_g(optim.warmup_cosine(1e-2, 2, 10), max_grad_norm=1.0, update_every=2)
+    tx = optim.chain(
+        optim.clip_by_global_norm(1.0), sophia_g(optim.warmup_cosine(1e-2, 2, 10), update_every=2)
+    )
     state = _state(tx)
-    step = make_sophia_train_step(MODEL.apply, tx, microbatches=2)
+    step = _step(tx, microbatches=2)
     for i in range(3):
-        with _NoHostSync():
+        with NoHostSync():
             state, metrics = step(state, _batch(seed=i, masked=0.2))
-    assert set(metrics) == {"loss", "tokens", "grad_norm", "hessian_updated"}
+    assert set(metrics) == {"loss", "tokens", "grad_norm"}
     assert all(isinstance(v, torch.Tensor) for v in metrics.values())
 
 
@@ -363,7 +340,7 @@ def test_host_branch_microbatches_and_donation_agree() -> None:
 
     def run(**kw) -> TrainState:
         state = _state(tx, torch.float64)
-        step = make_sophia_train_step(MODEL.apply, tx, **kw)
+        step = _step(tx, **kw)
         for b in batches:
             state, _ = step(state, b)
         return state
@@ -373,14 +350,14 @@ def test_host_branch_microbatches_and_donation_agree() -> None:
     assert_trees_close(run(microbatches=2), base, rtol=0, atol=1e-10)
     kept = _state(tx, torch.float64)
     original = kept.clone()
-    step = make_sophia_train_step(MODEL.apply, tx, donate=False)
+    step = _step(tx, donate=False)
     new, _ = step(kept, batches[0])
     assert_no_alias(new, kept)
     assert_trees_equal(kept, original)
 
 
 def test_sophia_step_under_skip_nonfinite() -> None:
-    """The transient slot passes through a wrapper that compares the state before and after
+    """The extra argument passes through a wrapper that compares the state before and after
     the update; a non-finite step leaves params and the Hessian EMA as they were."""
     skip = getattr(optim, "skip_nonfinite", None)
     if skip is None:
@@ -388,7 +365,7 @@ def test_sophia_step_under_skip_nonfinite() -> None:
     tx = skip(sophia_g(1e-2, update_every=2))
     state = _state(tx)
     structure = T.leaf_keys(state.opt_state)
-    step = make_sophia_train_step(MODEL.apply, tx)
+    step = _step(tx)
     state, _ = step(state, _batch(seed=0))
     assert T.leaf_keys(state.opt_state) == structure
     before = state.clone()
@@ -397,13 +374,21 @@ def test_sophia_step_under_skip_nonfinite() -> None:
     assert_trees_equal(state.opt_state["inner"], before.opt_state["inner"])
 
 
-def test_sophia_trains_a_tiny_transformer() -> None:
-    tx = sophia_g(3e-3)  # update_every = 10: estimates at steps 0, 10, 20
-    state = _state(tx)
-    step = make_sophia_train_step(MODEL.apply, tx)
-    batch = _batch()
-    losses = []
-    for _ in range(30):
-        state, metrics = step(state, batch)
-        losses.append(float(metrics["loss"]))
-    assert losses[-1] <= 0.7 * losses[0], losses  # measured: 3.48 -> 1.10 (-68%)
+def test_sophia_step_with_the_fused_loss_equals_the_plain_loss() -> None:
+    """The estimate samples from apply_fn's logits whatever the training loss is, so Sophia
+    takes the fused linear cross-entropy as any optimizer does (float64: same states)."""
+    from tscale.losses import make_fused_lm_loss
+
+    tx = sophia_g(1e-2, update_every=2)
+    batches = [_batch(seed=i, masked=0.3) for i in range(3)]
+
+    def run(loss_fn) -> TrainState:
+        state = _state(tx, torch.float64)
+        estimate = make_hessian_estimate(MODEL.apply)
+        step = make_train_step(loss_fn, tx, update_extra=estimate)
+        for b in batches:
+            state, _ = step(state, b)
+        return state
+
+    fused = run(make_fused_lm_loss(MODEL, backend="torch"))
+    assert_trees_close(fused, run(make_lm_loss(MODEL.apply)), rtol=0, atol=1e-10)

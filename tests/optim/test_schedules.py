@@ -307,8 +307,18 @@ def test_rex_profile() -> None:
     assert optim.rex(2.0, 10, 110, 0.1)(60) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5 / 0.75))
 
 
-def test_build_schedule_every_type() -> None:
-    common = dict(peak=1e-3, warmup_steps=5, total_steps=50, min_lr_ratio=0.1)
+def test_every_schedule_record_builds_its_schedule() -> None:
+    """Each ``scheduler.type`` record builds the schedule of its factory, bit for bit."""
+    fields = {
+        "constant": {},
+        "cosine": {"min_lr_ratio": 0.1},
+        "cosine_restarts": {"num_cycles": 3, "min_lr_ratio": 0.1},
+        "linear": {"min_lr_ratio": 0.1},
+        "wsd": {"decay_fraction": 0.3, "decay_shape": "cosine", "min_lr_ratio": 0.1},
+        "rex": {"min_lr_ratio": 0.1},
+        "inverse_sqrt": {"timescale": 20},
+        "polynomial": {"power": 2.0, "min_lr_ratio": 0.1},
+    }
     expected = {
         "constant": optim.linear_warmup(1e-3, 5),
         "cosine": optim.warmup_cosine(1e-3, 5, 50, 0.1),
@@ -319,18 +329,16 @@ def test_build_schedule_every_type() -> None:
         "inverse_sqrt": optim.inverse_sqrt(1e-3, 5, 20),
         "polynomial": optim.polynomial(1e-3, 5, 50, 2.0, 0.1),
     }
-    assert set(expected) == set(optim.SCHEDULES) == set(optim.SCHEDULE_ARGS)
+    assert set(expected) == set(fields) == set(optim.SCHEDULES) == set(optim.SCHEDULE_TYPES)
     for kind, ref in expected.items():
-        built = optim.build_schedule(
-            kind,
-            **common,
-            num_cycles=3,
-            decay_fraction=0.3,
-            decay_shape="cosine",
-            power=2.0,
-            timescale=20,
-        )
+        built = optim.SCHEDULE_TYPES[kind](warmup_steps=5, **fields[kind]).build(1e-3, 50)
         assert [built(s) for s in range(60)] == [ref(s) for s in range(60)], kind
+        by_name = optim.build_schedule(kind, 1e-3, 5, 50, **fields[kind])
+        assert [by_name(s) for s in range(60)] == [ref(s) for s in range(60)], kind
+    with pytest.raises(ValueError, match=r"schedule 'constant'.*min_lr_ratio"):
+        optim.build_schedule("constant", 1e-3, min_lr_ratio=0.1)
+    with pytest.raises(ValueError, match=r"warmup_steps: must be >= 0, got -1"):
+        optim.CosineConfig(warmup_steps=-1).build(1e-3, 50)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from tscale.core.state import TrainState
 from tscale.errors import ShapeError
 from tscale.losses import make_lm_loss
 from tscale.models.transformer import Transformer, TransformerConfig
-from tscale.optim import adamw, warmup_cosine
+from tscale.optim import adamw, chain, clip_by_global_norm, warmup_cosine
 from tscale.step import make_train_step
 from tscale.testing import assert_no_alias, assert_trees_close, assert_trees_equal
 
@@ -35,7 +35,7 @@ MODEL = Transformer(CFG)
 
 
 def _state(dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[TrainState, object]:
-    tx = adamw(warmup_cosine(1e-2, 2, 10), weight_decay=0.1, max_grad_norm=1.0)
+    tx = chain(clip_by_global_norm(1.0), adamw(warmup_cosine(1e-2, 2, 10), weight_decay=0.1))
     params = MODEL.init(R.key(seed)).apply(lambda t: t.to(dtype))
     return TrainState.create(params, tx.init(params), R.key(seed + 1)), tx
 

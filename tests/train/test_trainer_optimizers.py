@@ -131,11 +131,3 @@ def test_kernel_switches_and_fused_loss_from_yaml_match_the_default_path(tmp_pat
         runs[name] = [json.loads(x)["loss"] for x in lines if '"loss"' in x]
     assert runs["kernels"] == pytest.approx(runs["default"], rel=1e-4, abs=1e-5)
     assert runs["checkpointed"] == pytest.approx(runs["default"], rel=1e-5, abs=1e-6)
-    with pytest.raises(ConfigError, match=r"loss\.fused"):
-        train(
-            load_config(
-                None,
-                [*base, f"run.output_dir={tmp_path / 'x'}", "loss.fused=true", "lora.enabled=true"],
-            ),
-            console=_quiet(),
-        )

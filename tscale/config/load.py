@@ -149,19 +149,51 @@ def _section_class(tp: Any) -> type | None:
     return tp if isinstance(tp, type) and attrs.has(tp) else None
 
 
+@functools.cache
+def _tag(cls: type) -> str | None:
+    """The tag of a record in a tagged union: its ``type`` field's one ``Literal`` value."""
+    field = next((f for f in _fields(cls) if f.name == "type"), None)
+    if field is None or typing.get_origin(field.type) is not Literal:
+        return None
+    choices = typing.get_args(field.type)
+    return choices[0] if len(choices) == 1 and isinstance(choices[0], str) else None
+
+
+@functools.cache
+def _tagged_members(tp: Any) -> dict[str, type] | None:
+    """``{tag: record}`` of a tagged union (``A | B | ...``, optionally ``| None``: attrs records
+    each with a ``type: Literal["a"]`` field, the first member the default), else None."""
+    if not _is_union(tp):
+        return None
+    members = [a for a in typing.get_args(tp) if a is not type(None)]
+    if len(members) < 2 or not all(isinstance(m, type) and attrs.has(m) for m in members):
+        return None
+    tags = {_tag(m): m for m in members}
+    return tags if None not in tags and len(tags) == len(members) else None  # type: ignore[return-value]
+
+
+def _section_classes(tp: Any) -> tuple[type, ...]:
+    """The records a value of type ``tp`` may be: a section's class, a tagged union's members."""
+    members = _tagged_members(tp)
+    if members is not None:
+        return tuple(members.values())
+    cls = _section_class(tp)
+    return () if cls is None else (cls,)
+
+
 def _all_paths(
     cls: type, prefix: tuple[str, ...] = (), *, sections: bool = True
 ) -> list[tuple[str, ...]]:
-    """Every settable key path of a schema in schema order; ``sections=False`` leaves out the
-    open unions (``task``: its keys depend on its type, so it is never where a key belongs)."""
-    out = []
+    """Every settable key path of a schema, sections (and every member of a tagged union)
+    included, in schema order; ``sections=False`` leaves out the open unions (``task``: its keys
+    depend on its type, so it is never where a misplaced key belongs)."""
+    out: list[tuple[str, ...]] = []
     for f in _fields(cls):
         path = (*prefix, f.name)
-        sub = _section_class(f.type)
         if sections or "resolve" not in f.metadata:
             out.append(path)
-        if sub is not None:
-            out += _all_paths(sub, path, sections=sections)
+        for sub in _section_classes(f.type):
+            out += [p for p in _all_paths(sub, path, sections=sections) if p not in out]
     return out
 
 
@@ -328,10 +360,15 @@ def _check_resolved(value: Any, resolve: Any, field: attrs.Attribute, path: _Pat
 
 def _check_union(value: Any, tp: Any, path: _Path) -> Any:
     args = typing.get_args(tp)
+    tagged = _tagged_members(tp)
     if value is None:
         if type(None) in args:
             return None
+        if tagged is not None:  # "optimizer:" with every entry commented out: the default type
+            return _check_tagged({}, tagged, path)
         raise _Problem(path, f"expected {_describe_type(tp)}, got null")
+    if tagged is not None:
+        return _check_tagged(value, tagged, path)
     members = [a for a in args if a is not type(None)]
     if len(members) == 1:  # X | None: X's own message is the precise one
         return _check(value, members[0], path)
@@ -342,6 +379,53 @@ def _check_union(value: Any, tp: Any, path: _Path) -> Any:
             if e.path != path:  # the value has this member's shape; the mistake is deeper
                 raise
     raise _Problem(path, f"expected {_describe_type(tp)}, got {_show(value)}")
+
+
+def _check_tagged(value: Any, members: dict[str, type], path: _Path) -> dict:
+    """A section of a tagged union: its ``type`` (the first member's when absent) picks the
+    record, then the section is checked as that record; the result names its ``type``.
+
+    A key the chosen type does not take but another does is one error naming the types that
+    take it; a key no type takes is an unknown key (with "did you mean"). ``null`` for a key the
+    chosen type does not take (but another does) unsets it.
+    """
+    if not isinstance(value, Mapping):
+        raise _Problem(path, f"expected a mapping, got {_show(value)}")
+    tag = value.get("type", next(iter(members)))
+    _check_literal(tag, tuple(members), (*path, "type"))
+    cls = members[tag]
+    own = {f.name: f for f in _fields(cls)}
+    # null unsets a key that another type takes but the chosen one does not:
+    # `optimizer.type=muon optimizer.betas=null` switches a file's adamw section to muon.
+    unset = {k for k, v in value.items() if v is None and k not in own and _takes_key(members, k)}
+    value = {k: v for k, v in value.items() if k not in unset}
+
+    def takers(name: str) -> str:
+        them = [t for t, m in members.items() if name in {f.name for f in _fields(m)}]
+        return f"{', '.join(them)} take{'s' * (len(them) == 1)} it"
+
+    others = sorted({f.name for m in members.values() for f in _fields(m)} - own.keys())
+    for key in value:
+        if key in own:
+            continue
+        kind = f"{_dotted((*path, 'type'))}: {tag}"
+        if key in others:
+            raise _Problem((*path, str(key)), f"is not a field of {kind} ({takers(key)})", sep=" ")
+        near_other = _similar(str(key), others)[:1]
+        near_own = _similar(str(key), sorted(own))[:1]
+        if near_other and (not near_own or near_other[0][1] > near_own[0][1]):
+            name = near_other[0][0]  # a typo of another type's key
+            raise _Problem(
+                (*path, str(key)),
+                f"is not a field of {kind}; did you mean "
+                f"'{_dotted((*path, name))}' ({takers(name)})?",
+                sep=" ",
+            )
+    return {"type": tag, **_check_section(value, cls, path)}
+
+
+def _takes_key(members: dict[str, type], key: Any) -> bool:
+    return any(key in {f.name for f in _fields(m)} for m in members.values())
 
 
 def _check_literal(value: Any, choices: tuple, path: _Path) -> Any:
@@ -442,6 +526,10 @@ def _make_converter() -> cattrs.Converter:
         # cattrs needs a strategy for unions of several types; the pre-check already chose one.
         if value is None and type(None) in typing.get_args(tp):
             return None
+        tagged = _tagged_members(tp)
+        if tagged is not None:  # the member its `type` names (the pre-check added it)
+            tag = value.get("type", next(iter(tagged))) if isinstance(value, Mapping) else None
+            return conv.structure(value, tagged.get(tag, next(iter(tagged.values()))))
         errors = []
         for member in (a for a in typing.get_args(tp) if a is not type(None)):
             try:
@@ -595,12 +683,12 @@ def _override_type(parts: tuple[str, ...], root: type) -> Any:
     """The schema type at an override's key path; raises _Problem for unknown keys."""
     tp: Any = root
     for i, name in enumerate(parts):
-        cls = _section_class(tp)
+        classes = _section_classes(tp)
         stripped = _strip_optional(tp)
-        if cls is not None:
-            fields = {f.name: f for f in _fields(cls)}
+        if classes:  # a tagged union: a key any member takes (the chosen one is checked later)
+            fields = {f.name: f for cls in reversed(classes) for f in _fields(cls)}
             if name not in fields:
-                raise _Problem(parts[: i + 1], "unknown key", section=cls)
+                raise _Problem(parts[: i + 1], "unknown key", section=classes[0])
             tp = fields[name].type
         elif typing.get_origin(stripped) in (dict, Mapping):
             tp = typing.get_args(stripped)[1] if typing.get_args(stripped) else Any

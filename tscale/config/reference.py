@@ -6,13 +6,21 @@ a test fails while the checked-in file differs.
 
 from __future__ import annotations
 
+import re
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import attrs
 
-from tscale.config.load import _fields, _is_union, _plain_out, _section_class, _yaml_scalar
+from tscale.config.load import (
+    _fields,
+    _is_union,
+    _plain_out,
+    _section_class,
+    _tagged_members,
+    _yaml_scalar,
+)
 from tscale.config.schema import Config
 from tscale.core.fields import domain_of
 
@@ -85,8 +93,15 @@ def _anchor(path: str) -> str:
     return path.replace(".", "").lower()
 
 
-def _section(cls: type, path: tuple[str, ...], level: int, title: str | None) -> list[str]:
-    """The heading, docstring and table of one section, then its subsections."""
+def _section(
+    cls: type,
+    path: tuple[str, ...],
+    level: int,
+    title: str | None,
+    skip: frozenset[str] = frozenset(),
+) -> list[str]:
+    """The heading, docstring and table of one section (without the fields in ``skip``), then
+    its subsections."""
     out = []
     dotted = ".".join(path)
     out.append(f"{'#' * level} {title or f'`{dotted}`'}\n")
@@ -96,13 +111,19 @@ def _section(cls: type, path: tuple[str, ...], level: int, title: str | None) ->
     rows = []
     nested = []
     for field in _fields(cls):
+        if field.name in skip:
+            continue
         key = ".".join((*path, field.name))
         help_text = _cell(field.metadata.get("help", ""))
         sub = _section_class(field.type)
-        if sub is not None and path:
+        members = _tagged_members(field.type)
+        if (sub is not None or members is not None) and path:
             help_text += f" See [`{key}`](#{_anchor(key)})."
+        if members is not None:
+            nested.append((members, (*path, field.name), help_text))
+            continue  # a tagged union: its own heading, then one per type
         if sub is not None:
-            nested.append((sub, (*path, field.name)))
+            nested.append((sub, (*path, field.name), None))
             if not path:
                 continue  # top-level sections are the headings themselves
         type_name = _cell(_type_name(field.type))
@@ -113,10 +134,74 @@ def _section(cls: type, path: tuple[str, ...], level: int, title: str | None) ->
         out.append("| --- | --- | --- | --- | --- |")
         out.extend(rows)
         out.append("")
-    for sub, sub_path in nested:
+    for sub, sub_path, help_text in nested:
         out.append("")
-        out.extend(_section(sub, sub_path, min(len(sub_path) + 1, 6), None))
+        level_below = min(len(sub_path) + 1, 6)
+        if isinstance(sub, dict):
+            out.extend(_tagged_section(sub, sub_path, level_below, help_text or ""))
+        else:
+            out.extend(_section(sub, sub_path, level_below, None))
     return out
+
+
+def _tagged_section(
+    members: dict[str, type], path: tuple[str, ...], level: int, help_text: str
+) -> list[str]:
+    """A tagged union: the keys every type shares (same type, default and help) under the
+    union's heading, then one heading per type with its own keys."""
+    dotted = ".".join(path)
+    classes = list(members.values())
+
+    def same_everywhere(name: str) -> bool:
+        fields = [next((f for f in _fields(c) if f.name == name), None) for c in classes]
+        first = fields[0]
+        return all(
+            f is not None
+            and (f.type, _default(f), f.metadata.get("help"))
+            == (first.type, _default(first), first.metadata.get("help"))  # type: ignore[union-attr]
+            for f in fields
+        )
+
+    shared = frozenset(
+        f.name for f in _fields(classes[0]) if f.name != "type" and same_everywhere(f.name)
+    )
+    tags = ", ".join(f"[`{t}`](#{_heading_anchor(f'{dotted}.type: {t}')})" for t in members)
+    out = [f"{'#' * level} `{dotted}`\n"]
+    if help_text:
+        out.append(help_text + "\n")
+    out.append(
+        f"`{dotted}.type` picks one of {tags}; each type takes the keys below and its own, and "
+        "a key that the chosen type does not take is an error.\n"
+    )
+    # The shared keys' table as _section renders it (header and columns included), with the
+    # type row listing every tag.
+    keep = shared | {"type"}
+    first = _section(classes[0], path, level, None, skip=frozenset(_fields_but(classes[0], keep)))
+    table = [line for line in first if line.startswith("|")]
+    type_row = next(i for i, line in enumerate(table) if line.startswith(f"| `{dotted}.type` |"))
+    cells = table[type_row].split(" | ")
+    cells[1] = " \\| ".join(f"`{t}`" for t in members)
+    cells[-1] = "The type: the keys of each are below. |"
+    table[type_row] = " | ".join(cells)
+    out.extend([*table, ""])
+    sub_level = min(level + 1, 6)
+    for tag, cls in members.items():
+        out.append("")
+        title = f"`{dotted}.type: {tag}`"
+        own = _section(cls, path, sub_level, title, skip=shared | {"type"})
+        if not any(line.startswith("| `") for line in own):
+            own.append("No keys of its own.\n")
+        out.extend(own)
+    return out
+
+
+def _fields_but(cls: type, keep: frozenset[str]) -> list[str]:
+    return [f.name for f in _fields(cls) if f.name not in keep]
+
+
+def _heading_anchor(text: str) -> str:
+    """GitHub's anchor of a heading "`text`": lower case, punctuation dropped, spaces to '-'."""
+    return re.sub(r"[^\w\- ]", "", text).lower().replace(" ", "-")
 
 
 def render_reference(cls: type = Config) -> str:

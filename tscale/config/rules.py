@@ -105,17 +105,16 @@ def check_parallel(cfg: Config, world_size: int, *, sharded: bool) -> None:
         raise ConfigError("train.compile is not supported under torchrun yet; set it to false")
     if cfg.data.max_tokens is not None and world > 1:
         raise ConfigError("data.max_tokens (token-budget batches) does not support torchrun yet")
-    if cfg.parallel.param_dtype is not None and cfg.loss.fused:
-        raise ConfigError("parallel.param_dtype does not combine with loss.fused yet")
-    if world > 1 and cfg.optimizer.type == "sophia_g":
+    caps = cfg.optimizer.capabilities
+    if world > 1 and caps.needs_objective:
         raise ConfigError(
-            "optimizer.type=sophia_g is single-process only for now (its Hessian step is not "
-            "reduced across ranks); choose another optimizer or run one process"
+            f"optimizer.type={cfg.optimizer.type} is single-process only for now (its Hessian "
+            "estimate is not reduced across ranks); choose another optimizer or run one process"
         )
     if cfg.parallel.overlap_reduce:
         _check_overlap(cfg, sharded)
     if sharded:
-        if cfg.optimizer.type in {"muon", "prodigy", "sophia_g"}:  # not elementwise per shard
+        if not caps.elementwise or caps.needs_objective:  # needs whole tensors per shard
             raise ConfigError(
                 f"optimizer.type={cfg.optimizer.type} is not supported with sharded params "
                 "(parallel.dp_shard > 1): its update needs whole tensors or global sums; use "
@@ -126,8 +125,6 @@ def check_parallel(cfg: Config, world_size: int, *, sharded: bool) -> None:
                 "lora.enabled with parallel.dp_shard > 1: adapters are small, shard nothing; "
                 "use parallel.dp_shard: 1 (DDP)"
             )
-        if cfg.loss.fused:
-            raise ConfigError("loss.fused does not combine with parallel.dp_shard > 1 yet")
 
 
 def _check_model(cfg: Config) -> None:
@@ -185,13 +182,14 @@ def _check_deepspeed(cfg: Config) -> None:
             "enabled: DeepSpeed partitions over all ranks; choose parallel.deepspeed.zero_stage "
             "and leave them at their defaults (-1, 1)"
         )
-    if cfg.optimizer.type in {"sophia_g", "schedule_free_adamw"}:
+    caps = cfg.optimizer.capabilities
+    if caps.needs_objective or caps.eval_params:
         raise ConfigError(
             f"optimizer.type={cfg.optimizer.type} does not run under parallel.deepspeed "
             "(its Hessian step / averaged iterate lives outside DeepSpeed's optimizer step); "
             "use adamw, adamw_8bit or lion, or tscale's own parallelism"
         )
-    if cfg.optimizer.type in {"muon", "prodigy"}:
+    if not caps.elementwise:
         raise ConfigError(
             f"optimizer.type={cfg.optimizer.type} needs whole named tensors or sums over all "
             "params, but DeepSpeed hands the optimizer param groups (flat partitions under ZeRO); "
@@ -226,7 +224,6 @@ def _check_overlap(cfg: Config, sharded: bool) -> None:
                 cfg.parallel.reduce_dtype != cfg.model.dtype,
             ),
             ("lora.enabled", cfg.lora.enabled),
-            ("loss.fused", cfg.loss.fused),
         )
         if bad
     ]

@@ -17,10 +17,13 @@ from typing import Any, Literal
 import attrs
 
 from tscale.core.fields import field
+
+# The optimizer and scheduler sections are tagged unions of records that live beside their
+# factories (tscale.optim) and build themselves; config may import those record modules.
+from tscale.optim.alias import AdamWConfig, OptimizerConfig
+from tscale.optim.schedules import CosineConfig, SchedulerConfig
 from tscale.tasks.base import resolve_task_class
 from tscale.tasks.sft import SFTTask
-
-_f = field  # the optimizer and scheduler records' name for it, until their per-type records land
 
 
 @attrs.frozen(kw_only=True)
@@ -326,97 +329,6 @@ class DataConfig:
 
 
 @attrs.frozen(kw_only=True)
-class OptimizerConfig:
-    """The optimizer (a chain of transforms, see tscale.optim and docs/optimizers.md).
-
-    Fields marked with an optimizer's name are used by that optimizer only: setting one for
-    another type is an error. ``null`` means the optimizer's own default.
-    """
-
-    type: Literal[
-        "adamw", "adamw_8bit", "lion", "prodigy", "sophia_g", "schedule_free_adamw", "muon"
-    ] = _f("adamw", "Optimizer (the registry tscale.optim.OPTIMIZERS).")
-    lr: float | None = _f(
-        None,
-        "Peak learning rate (prodigy: a factor on its estimated step size); null: 2e-5 with "
-        "model.path (fine-tuning; 2e-4 with lora.enabled), 1e-3 from random init.",
-    )
-    betas: tuple[float, float] | None = _f(
-        None, "Moment decay rates [b1, b2]; null: the optimizer's own (adamw: [0.9, 0.999])."
-    )
-    eps: float | None = _f(
-        None, "Denominator epsilon of the Adam family; null: the optimizer's own (1e-8)."
-    )
-    weight_decay: float = _f(0.0, "Decoupled weight decay, scaled by the learning rate.")
-    no_decay: list[str] | None = _f(
-        None,
-        "Regexes (re.search on dotted param names) of the params exempt from weight decay, e.g. "
-        "['\\.bias$', 'norm', 'embed_tokens']; null: 1-D params and embed_tokens; []: none.",
-    )
-    max_grad_norm: float | None = _f(
-        1.0, "Clip gradients to this global L2 norm; null: no clipping."
-    )
-    skip_nonfinite: bool = _f(
-        True,
-        "Drop a step whose gradients or updates hold NaN/inf: params and optimizer state stay "
-        "as they were, and the step counts in the 'skipped' metric.",
-    )
-    block_size: int | None = _f(
-        None, "adamw_8bit: elements per quantisation block (64 to 4096); null: 256."
-    )
-    min_8bit_size: int | None = _f(
-        None, "adamw_8bit: params with fewer elements keep float32 moments; null: 4096."
-    )
-    momentum: float | None = _f(None, "muon: momentum coefficient; null: muon's own.")
-    nesterov: bool | None = _f(None, "muon: Nesterov momentum; null: muon's own.")
-    ns_steps: int | None = _f(None, "muon: Newton-Schulz iterations; null: muon's own (5).")
-    rho: float | None = _f(None, "sophia_g: clipping threshold of the update; null: its own.")
-    update_every: int | None = _f(
-        None, "sophia_g: steps between Hessian estimates; null: its own (10)."
-    )
-    d0: float | None = _f(None, "prodigy: initial step-size estimate; null: its own (1e-6).")
-    d_coef: float | None = _f(
-        None, "prodigy: factor on the estimated step size; null: its own (1.0)."
-    )
-    safeguard_warmup: bool | None = _f(
-        None, "prodigy: keep the lr out of the step-size estimate (use with warmup); null: off."
-    )
-
-
-@attrs.frozen(kw_only=True)
-class SchedulerConfig:
-    """The learning-rate schedule, a pure function of the step (see docs/optimizers.md).
-
-    Every type warms up linearly from 0 over ``warmup_steps``; decaying types reach their end at
-    ``train.max_steps``. Fields marked with a type's name are used by that type only.
-    """
-
-    type: Literal[
-        "constant",
-        "cosine",
-        "cosine_restarts",
-        "linear",
-        "wsd",
-        "rex",
-        "inverse_sqrt",
-        "polynomial",
-    ] = _f("cosine", "Schedule after warmup.")
-    warmup_steps: int = _f(0, "Linear warmup from 0 to the peak learning rate.")
-    min_lr_ratio: float = _f(
-        0.0, "Final learning rate as a fraction of the peak (all but constant and inverse_sqrt)."
-    )
-    num_cycles: int = _f(1, "cosine_restarts: cosine cycles, each restarting at the peak.")
-    decay_fraction: float = _f(0.2, "wsd: fraction of train.max_steps spent decaying at the end.")
-    decay_shape: Literal["linear", "cosine", "1-sqrt"] = _f("1-sqrt", "wsd: shape of the decay.")
-    power: float = _f(1.0, "polynomial: exponent of the decay (1: linear).")
-    timescale: int | None = _f(
-        None,
-        "inverse_sqrt: lr = peak / sqrt((step - warmup_steps + timescale) / timescale); "
-        "null: warmup_steps (10000 without warmup).",
-    )
-
-
-@attrs.frozen(kw_only=True)
 class TrainConfig:
     """The training loop."""
 
@@ -501,7 +413,7 @@ class LossConfig:
     fused: bool = field(
         False,
         "Fused linear cross-entropy (tscale.kernels): never materialises tokens x vocab "
-        "logits. Not with lora.enabled or optimizer.type=sophia_g.",
+        "logits. Not with lora.enabled.",
     )
     backend: Literal["auto", "triton", "torch"] = field("auto", "Kernel backend of the fused loss.")
     chunk_bytes: int | None = field(
@@ -627,8 +539,14 @@ class Config:
     )
     model: ModelConfig = field(ModelConfig(), "Model architecture.")
     data: DataConfig = field(DataConfig(), "Data.")
-    optimizer: OptimizerConfig = _f(OptimizerConfig(), "Optimizer.")
-    scheduler: SchedulerConfig = _f(SchedulerConfig(), "Learning-rate schedule.")
+    optimizer: OptimizerConfig = field(
+        AdamWConfig(),
+        "Optimizer: optimizer.type picks the record (tscale.optim.OPTIMIZER_CONFIGS).",
+    )
+    scheduler: SchedulerConfig = field(
+        CosineConfig(),
+        "Learning-rate schedule: scheduler.type picks the record (tscale.optim.SCHEDULE_CONFIGS).",
+    )
     loss: LossConfig = field(LossConfig(), "Loss.")
     lora: LoraSection = field(LoraSection(), "LoRA / QLoRA adapters.")
     train: TrainConfig = field(TrainConfig(), "Training loop.")

@@ -4,14 +4,27 @@ Example::
 
     from tscale import optim
 
-    tx = optim.adamw(optim.warmup_cosine(3e-4, 100, 10_000), weight_decay=0.1, max_grad_norm=1.0)
+    sched = optim.warmup_cosine(3e-4, 100, 10_000)
+    tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(sched, weight_decay=0.1))
     opt_state = tx.init(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optim.apply_updates(params, updates)
+
+Every optimizer also has a config record beside its factory (``optim.AdamWConfig(lr=3e-4)
+.build(sched)``); :data:`OPTIMIZER_CONFIGS` and :data:`SCHEDULE_CONFIGS` list them.
 """
 
-from tscale.optim.adam8bit import BLOCK_SIZES, scale_by_adam_8bit
-from tscale.optim.alias import OPTIMIZERS, adamw, adamw_8bit, build_optimizer
+from tscale.optim.adam8bit import BLOCK_SIZES, AdamW8bitConfig, scale_by_adam_8bit
+from tscale.optim.alias import (
+    OPTIMIZER_CONFIGS,
+    OPTIMIZER_TYPES,
+    OPTIMIZERS,
+    AdamWConfig,
+    OptimizerConfig,
+    adamw,
+    adamw_8bit,
+    build_optimizer,
+)
 from tscale.optim.base import (
     GradientTransformation,
     InitFn,
@@ -21,18 +34,31 @@ from tscale.optim.base import (
     empty_state,
     identity,
 )
-from tscale.optim.lion import lion, scale_by_lion
-from tscale.optim.muon import muon, newton_schulz, partition, scale_by_muon
-from tscale.optim.prodigy import prodigy, scale_by_prodigy
+from tscale.optim.lion import LionConfig, lion, scale_by_lion
+from tscale.optim.muon import MuonConfig, muon, newton_schulz, partition, scale_by_muon
+from tscale.optim.prodigy import ProdigyConfig, prodigy, scale_by_prodigy
+from tscale.optim.record import CONFIG_MASK, Capabilities, OptimizerRecord
 from tscale.optim.schedule_free import (
+    ScheduleFreeAdamWConfig,
     scale_by_schedule_free_adamw,
     schedule_free_adamw,
     schedule_free_eval_params,
 )
 from tscale.optim.schedules import (
     DECAY_SHAPES,
-    SCHEDULE_ARGS,
+    SCHEDULE_CONFIGS,
+    SCHEDULE_TYPES,
     SCHEDULES,
+    ConstantConfig,
+    CosineConfig,
+    CosineRestartsConfig,
+    InverseSqrtConfig,
+    LinearConfig,
+    PolynomialConfig,
+    RexConfig,
+    SchedulerConfig,
+    ScheduleRecord,
+    WSDConfig,
     build_schedule,
     constant,
     cosine_decay,
@@ -46,18 +72,13 @@ from tscale.optim.schedules import (
     warmup_linear,
     wsd,
 )
-from tscale.optim.sophia import (
-    hessian_due,
-    scale_by_sophia,
-    sophia_g,
-    with_hessian_estimate,
-    without_hessian_estimate,
-)
+from tscale.optim.sophia import SophiaGConfig, hessian_due, scale_by_sophia, sophia_g
 from tscale.optim.transforms import (
     MaskFn,
     Schedule,
     add_decayed_weights,
     clip_by_global_norm,
+    decoupled,
     default_decay_mask,
     no_decay_mask,
     scale,
@@ -70,15 +91,39 @@ from tscale.optim.transforms import (
 
 __all__ = [
     "BLOCK_SIZES",
+    "CONFIG_MASK",
     "DECAY_SHAPES",
     "OPTIMIZERS",
+    "OPTIMIZER_CONFIGS",
+    "OPTIMIZER_TYPES",
     "SCHEDULES",
-    "SCHEDULE_ARGS",
+    "SCHEDULE_CONFIGS",
+    "SCHEDULE_TYPES",
+    "AdamW8bitConfig",
+    "AdamWConfig",
+    "Capabilities",
+    "ConstantConfig",
+    "CosineConfig",
+    "CosineRestartsConfig",
     "GradientTransformation",
     "InitFn",
+    "InverseSqrtConfig",
+    "LinearConfig",
+    "LionConfig",
     "MaskFn",
+    "MuonConfig",
+    "OptimizerConfig",
+    "OptimizerRecord",
+    "PolynomialConfig",
+    "ProdigyConfig",
+    "RexConfig",
     "Schedule",
+    "ScheduleFreeAdamWConfig",
+    "ScheduleRecord",
+    "SchedulerConfig",
+    "SophiaGConfig",
     "UpdateFn",
+    "WSDConfig",
     "adamw",
     "adamw_8bit",
     "add_decayed_weights",
@@ -89,6 +134,7 @@ __all__ = [
     "clip_by_global_norm",
     "constant",
     "cosine_decay",
+    "decoupled",
     "default_decay_mask",
     "empty_state",
     "hessian_due",
@@ -122,7 +168,5 @@ __all__ = [
     "warmup_cosine",
     "warmup_cosine_restarts",
     "warmup_linear",
-    "with_hessian_estimate",
-    "without_hessian_estimate",
     "wsd",
 ]

@@ -22,27 +22,29 @@ gradients), quantise them back, and turn the float32 moments into the update.
 from __future__ import annotations
 
 from types import ModuleType
+from typing import Any, Literal
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 
 from tscale.core import tree as T
+from tscale.core.fields import field
 from tscale.optim.base import GradientTransformation
+from tscale.optim.record import OptimizerRecord, record
 from tscale.optim.transforms import (
     MaskFn,
-    NormFn,
     Schedule,
     _check_beta,
+    _check_float_params,
     _check_real,
     _check_structure,
     _count_device,
     _new_count,
-    clip_then,
-    decayed_and_scaled,
+    decoupled,
     default_decay_mask,
 )
 
-__all__ = ["BLOCK_SIZES", "adamw_8bit", "scale_by_adam_8bit"]
+__all__ = ["BLOCK_SIZES", "AdamW8bitConfig", "adamw_8bit", "scale_by_adam_8bit"]
 
 BLOCK_SIZES: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096)
 """The block sizes bitsandbytes' block-wise quantisation accepts."""
@@ -106,13 +108,8 @@ def scale_by_adam_8bit(
         return p.numel() >= min_8bit_size
 
     def init(params: TensorDictBase) -> TensorDict:
+        _check_float_params("scale_by_adam_8bit", params)
         names, ps = T.leaf_keys(params), T.leaves(params)
-        for name, p in zip(names, ps, strict=True):
-            if not p.is_floating_point():
-                raise ValueError(
-                    f"scale_by_adam_8bit: params leaf {name!r} has dtype {p.dtype}; optimizers "
-                    "take floating-point trees (split others off with tscale.core.tree.partition)"
-                )
         device = _count_device(params)
 
         def moment(p: torch.Tensor) -> torch.Tensor:
@@ -141,7 +138,10 @@ def scale_by_adam_8bit(
         )
 
     def update(
-        updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None = None
+        updates: TensorDictBase,
+        state: TensorDictBase,
+        params: TensorDictBase | None = None,
+        **extra: Any,
     ) -> tuple[TensorDictBase, TensorDictBase]:
         us = T.leaves(updates)
         s1, s2 = T.leaves(state["state1"]), T.leaves(state["state2"])
@@ -217,25 +217,20 @@ def adamw_8bit(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     mask: MaskFn | None = default_decay_mask,
-    max_grad_norm: float | None = None,
-    norm_fn: NormFn | None = None,
     block_size: int = 256,
     min_8bit_size: int = 4096,
 ) -> GradientTransformation:
     """AdamW with 8-bit block-wise moments (:func:`scale_by_adam_8bit`): about 2 bytes of state
     per parameter instead of 8, with updates as ``bitsandbytes.optim.AdamW8bit`` makes them.
 
-    ``chain(clip_by_global_norm(max_norm)?, scale_by_adam_8bit, add_decayed_weights,
-    scale_by_learning_rate)``, the structure of :func:`~tscale.optim.adamw`.
+    ``chain(scale_by_adam_8bit, add_decayed_weights, scale_by_learning_rate)``, the structure
+    of :func:`~tscale.optim.adamw`.
 
     Args:
         learning_rate: a float or a schedule ``step -> lr``.
         b1, b2, eps: Adam's moment decay rates and denominator epsilon.
         weight_decay: decoupled decay coefficient (multiplied by the learning rate).
         mask: which leaves decay (see :func:`~tscale.optim.adamw`).
-        max_grad_norm: clip gradients to this global L2 norm first; ``None`` disables clipping.
-        norm_fn: the global-norm function of the clip (FSDP: summed across shards; see
-            :func:`~tscale.optim.transforms.clip_by_global_norm`).
         block_size: elements per quantisation block (:data:`BLOCK_SIZES`).
         min_8bit_size: leaves with fewer elements keep float32 moments.
 
@@ -243,13 +238,41 @@ def adamw_8bit(
         ValueError: any invalid hyper-parameter (the message names it).
         ImportError: bitsandbytes is not installed (``pip install 'tscale[bnb]'``).
     """
-    return clip_then(
-        max_grad_norm,
-        *decayed_and_scaled(
-            scale_by_adam_8bit(b1, b2, eps, block_size=block_size, min_8bit_size=min_8bit_size),
-            learning_rate,
-            weight_decay,
-            mask,
-        ),
-        norm_fn=norm_fn,
+    return decoupled(
+        scale_by_adam_8bit(b1, b2, eps, block_size=block_size, min_8bit_size=min_8bit_size),
+        learning_rate,
+        weight_decay,
+        mask,
     )
+
+
+@record
+class AdamW8bitConfig(OptimizerRecord):
+    """AdamW with both moments stored block-wise in 8 bits
+    through bitsandbytes (Dettmers et al. 2022); needs ``pip install 'tscale[bnb]'``."""
+
+    factory = staticmethod(adamw_8bit)
+    type: Literal["adamw_8bit"] = field("adamw_8bit", "8-bit AdamW (tscale.optim.adam8bit).")
+    betas: tuple[float, float] = field((0.9, 0.999), "Moment decay rates [b1, b2].", ge=0, lt=1)
+    eps: float = field(1e-8, "Denominator epsilon.", ge=0)
+    block_size: Literal[64, 128, 256, 512, 1024, 2048, 4096] = field(
+        256, "Elements per quantisation block (bitsandbytes uses 256)."
+    )
+    min_8bit_size: int = field(
+        4096, "Params with fewer elements keep float32 moments, as bitsandbytes does.", ge=1
+    )
+
+    def transform(
+        self, learning_rate: float | Schedule, mask: MaskFn | None, *, warmup_steps: int = 0
+    ) -> GradientTransformation:
+        b1, b2 = self.betas
+        return adamw_8bit(
+            learning_rate,
+            b1=b1,
+            b2=b2,
+            eps=self.eps,
+            weight_decay=self.weight_decay,
+            mask=mask,
+            block_size=self.block_size,
+            min_8bit_size=self.min_8bit_size,
+        )

@@ -12,33 +12,27 @@ a weight decay 3-10x larger than AdamW (the paper's advice).
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import torch
 from tensordict import TensorDict, TensorDictBase
 
 from tscale.core import tree as T
+from tscale.core.fields import field
 from tscale.optim.base import GradientTransformation
+from tscale.optim.record import OptimizerRecord, record
 from tscale.optim.transforms import (
     MaskFn,
-    NormFn,
     Schedule,
     _check_beta,
-    _check_structure,
-    _moment_dtype,
-    clip_then,
-    decayed_and_scaled,
+    _check_float_params,
+    _open_update,
+    _zeros_like_moments,
+    decoupled,
     default_decay_mask,
 )
 
-__all__ = ["lion", "scale_by_lion"]
-
-
-def _check_float_params(who: str, params: TensorDictBase) -> None:
-    for name, p in zip(T.leaf_keys(params), T.leaves(params), strict=True):
-        if not p.is_floating_point():
-            raise ValueError(
-                f"{who}: params leaf {name!r} has dtype {p.dtype}; optimizers take "
-                "floating-point trees (split others off with tscale.core.tree.partition)"
-            )
+__all__ = ["LionConfig", "lion", "scale_by_lion"]
 
 
 def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
@@ -56,19 +50,18 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
 
     def init(params: TensorDictBase) -> TensorDict:
         _check_float_params("scale_by_lion", params)
-        mu = params.apply(lambda p: torch.zeros_like(p, dtype=_moment_dtype(p.dtype)))
-        return TensorDict({"mu": mu}, batch_size=[])
+        return TensorDict({"mu": _zeros_like_moments(params)}, batch_size=[])
 
     def update(
-        updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None = None
+        updates: TensorDictBase,
+        state: TensorDictBase,
+        params: TensorDictBase | None = None,
+        **extra: Any,
     ) -> tuple[TensorDictBase, TensorDictBase]:
-        us = T.leaves(updates)
         mu = T.leaves(state["mu"])
-        _check_structure(updates, us, len(mu), "scale_by_lion")
+        us, gs, _ = _open_update(updates, mu, "scale_by_lion")
         if not us:
             return updates, state
-        same = all(u.dtype == m.dtype for u, m in zip(us, mu, strict=True))
-        gs = us if same else [u.to(m.dtype) for u, m in zip(us, mu, strict=True)]
         # c needs the old momentum and the momentum update needs g: one temporary list.
         c = torch._foreach_lerp(mu, gs, 1.0 - b1)
         torch._foreach_lerp_(mu, gs, 1.0 - b2)
@@ -85,12 +78,10 @@ def lion(
     b2: float = 0.99,
     weight_decay: float = 0.0,
     mask: MaskFn | None = default_decay_mask,
-    max_grad_norm: float | None = None,
-    norm_fn: NormFn | None = None,
 ) -> GradientTransformation:
     """Lion (Chen et al., "Symbolic Discovery of Optimization Algorithms", NeurIPS 2023).
 
-    ``chain(clip_by_global_norm?, scale_by_lion, add_decayed_weights, scale_by_learning_rate)``:
+    ``chain(scale_by_lion, add_decayed_weights, scale_by_learning_rate)``:
     ``theta -= lr * (sign(b1 * m + (1 - b1) * g) + weight_decay * theta)``, decoupled decay as in
     the paper. One moment per parameter (half of Adam's state).
 
@@ -101,15 +92,26 @@ def lion(
         weight_decay: decoupled decay coefficient (multiplied by the learning rate).
         mask: which leaves decay: :func:`~tscale.optim.transforms.default_decay_mask` (not
             norms, biases, embeddings), ``None`` for all, or ``(name, tensor) -> bool``.
-        max_grad_norm: clip gradients to this global L2 norm first; ``None`` disables clipping.
-        norm_fn: the global-norm function of the clip (FSDP: summed across shards; see
-            :func:`~tscale.optim.transforms.clip_by_global_norm`).
 
     Raises:
         ValueError: any invalid hyper-parameter (the message names it).
     """
-    return clip_then(
-        max_grad_norm,
-        *decayed_and_scaled(scale_by_lion(b1=b1, b2=b2), learning_rate, weight_decay, mask),
-        norm_fn=norm_fn,
+    return decoupled(scale_by_lion(b1=b1, b2=b2), learning_rate, weight_decay, mask)
+
+
+@record
+class LionConfig(OptimizerRecord):
+    """The sign of an interpolated momentum (Chen et al. 2023); use a
+    learning rate 3-10x smaller and a weight decay 3-10x larger than AdamW's."""
+
+    factory = staticmethod(lion)
+    type: Literal["lion"] = field("lion", "Lion (tscale.optim.lion).")
+    betas: tuple[float, float] = field(
+        (0.9, 0.99), "[b1, b2]: interpolation inside the sign, momentum decay.", ge=0, lt=1
     )
+
+    def transform(
+        self, learning_rate: float | Schedule, mask: MaskFn | None, *, warmup_steps: int = 0
+    ) -> GradientTransformation:
+        b1, b2 = self.betas
+        return lion(learning_rate, b1=b1, b2=b2, weight_decay=self.weight_decay, mask=mask)

@@ -16,22 +16,24 @@ Embeddings, the output head, norms and biases go to AdamW (the blog's advice). T
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 
 from tscale.core import tree as T
+from tscale.core.fields import field
 from tscale.optim.base import GradientTransformation, chain
-from tscale.optim.lion import _check_float_params
+from tscale.optim.record import Capabilities, OptimizerRecord, record
 from tscale.optim.transforms import (
     MaskFn,
-    NormFn,
     Schedule,
     _check_beta,
-    _check_structure,
-    _moment_dtype,
+    _check_float_params,
+    _check_int,
+    _open_update,
+    _zeros_like_moments,
     add_decayed_weights,
-    clip_then,
     default_decay_mask,
     scale_by_adam,
     scale_by_learning_rate,
@@ -39,6 +41,7 @@ from tscale.optim.transforms import (
 
 __all__ = [
     "NS_COEFFICIENTS",
+    "MuonConfig",
     "default_muon_mask",
     "muon",
     "newton_schulz",
@@ -118,7 +121,10 @@ def partition(
         )
 
     def update(
-        updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None = None
+        updates: TensorDictBase,
+        state: TensorDictBase,
+        params: TensorDictBase | None = None,
+        **extra: Any,
     ) -> tuple[TensorDictBase, TensorDictBase]:
         names, us = T.leaf_keys(updates), T.leaves(updates)
         ps = T.leaves(params) if params is not None else None
@@ -129,7 +135,9 @@ def partition(
         for label, tx in transforms_by_label.items():
             idx = groups[label]
             sub_params = _sub(names, ps, idx) if ps is not None else None
-            out, new_states[label] = tx.update(_sub(names, us, idx), state[label], sub_params)
+            out, new_states[label] = tx.update(
+                _sub(names, us, idx), state[label], sub_params, **extra
+            )
             dst, src = [], []
             for i, t in zip(idx, T.leaves(out), strict=True):
                 if t is not us[i]:
@@ -229,8 +237,7 @@ def scale_by_muon(
     momentum = _check_beta("momentum", momentum)
     if not isinstance(nesterov, bool):
         raise ValueError(f"nesterov must be a bool, got {nesterov!r}")
-    if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 0:
-        raise ValueError(f"ns_steps must be an int >= 0, got {ns_steps!r}")
+    ns_steps = _check_int("ns_steps", ns_steps, 0)
     if ns_dtype is not None and not (
         isinstance(ns_dtype, torch.dtype) and ns_dtype.is_floating_point
     ):
@@ -244,19 +251,18 @@ def scale_by_muon(
                     f"scale_by_muon: leaf {name!r} has shape {tuple(p.shape)}; Muon "
                     "orthogonalises matrices (ndim >= 2): route it to AdamW (muon_mask)"
                 )
-        buf = params.apply(lambda p: torch.zeros_like(p, dtype=_moment_dtype(p.dtype)))
-        return TensorDict({"momentum": buf}, batch_size=[])
+        return TensorDict({"momentum": _zeros_like_moments(params)}, batch_size=[])
 
     def update(
-        updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None = None
+        updates: TensorDictBase,
+        state: TensorDictBase,
+        params: TensorDictBase | None = None,
+        **extra: Any,
     ) -> tuple[TensorDictBase, TensorDictBase]:
-        us = T.leaves(updates)
         bufs = T.leaves(state["momentum"])
-        _check_structure(updates, us, len(bufs), "scale_by_muon")
+        us, gs, _ = _open_update(updates, bufs, "scale_by_muon")
         if not us:
             return updates, state
-        same = all(u.dtype == m.dtype for u, m in zip(us, bufs, strict=True))
-        gs = us if same else [u.to(m.dtype) for u, m in zip(us, bufs, strict=True)]
         torch._foreach_lerp_(bufs, gs, 1.0 - momentum)
         if nesterov:
             torch._foreach_lerp_(gs, bufs, momentum)  # gs are ours (the updates or copies)
@@ -293,15 +299,13 @@ def muon(
     muon_mask: MaskFn | None = None,
     mask: MaskFn | None = default_decay_mask,
     ns_dtype: torch.dtype | None = None,
-    max_grad_norm: float | None = None,
-    norm_fn: NormFn | None = None,
 ) -> GradientTransformation:
     """Muon with auxiliary AdamW (Jordan, "Muon: An optimizer for hidden layers in neural
     networks", 2024; as ``MuonWithAuxAdam`` of the reference code).
 
     ``partition({"muon": chain(scale_by_muon, add_decayed_weights, scale_by_learning_rate(lr)),
-    "adamw": chain(scale_by_adam, add_decayed_weights, scale_by_learning_rate(adamw_lr))})``,
-    after an optional global-norm clip over all leaves. Muon's learning rate is in units of
+    "adamw": chain(scale_by_adam, add_decayed_weights, scale_by_learning_rate(adamw_lr))})``.
+    Muon's learning rate is in units of
     spectral norm per step (the reference's default is 0.02), AdamW's is the usual one (3e-4):
     set ``adamw_lr``.
 
@@ -320,9 +324,6 @@ def muon(
             or ``(name, tensor) -> bool``.
         ns_dtype: compute dtype of Newton-Schulz (``None``: float32/float64 as the momentum;
             ``torch.bfloat16`` as the reference does on GPUs).
-        max_grad_norm: clip gradients to this global L2 norm first; ``None`` disables clipping.
-        norm_fn: the global-norm function of the clip (FSDP: summed across shards; see
-            :func:`~tscale.optim.transforms.clip_by_global_norm`).
 
     Raises:
         ValueError: any invalid hyper-parameter (the message names it); at init, a leaf
@@ -349,10 +350,32 @@ def muon(
     except ValueError as err:
         raise ValueError(f"adamw_lr: {err}") from None
     rest = chain(adam, add_decayed_weights(weight_decay, mask), adam_lr)
-    return clip_then(
-        max_grad_norm,
-        partition(
-            {"muon": hidden, "adamw": rest}, lambda n, t: "muon" if select(n, t) else "adamw"
-        ),
-        norm_fn=norm_fn,
+    return chain(  # a chain of one: a clip in front joins it (one state layout)
+        partition({"muon": hidden, "adamw": rest}, lambda n, t: "muon" if select(n, t) else "adamw")
     )
+
+
+@record
+class MuonConfig(OptimizerRecord):
+    """Orthogonalised momentum for hidden matrices, AdamW (at the same
+    lr, betas [0.9, 0.95]) for the rest (Jordan 2024); Muon's lr is in spectral-norm units (the
+    reference uses 0.02)."""
+
+    capabilities = Capabilities(elementwise=False, needs_full_tensors=True)
+    factory = staticmethod(muon)
+    type: Literal["muon"] = field("muon", "Muon with auxiliary AdamW (tscale.optim.muon).")
+    momentum: float = field(0.95, "Momentum coefficient of the Muon group.", ge=0, lt=1)
+    nesterov: bool = field(True, "Nesterov momentum for the Muon group.")
+    ns_steps: int = field(5, "Newton-Schulz iterations.", ge=0)
+
+    def transform(
+        self, learning_rate: float | Schedule, mask: MaskFn | None, *, warmup_steps: int = 0
+    ) -> GradientTransformation:
+        return muon(
+            learning_rate,
+            momentum=self.momentum,
+            nesterov=self.nesterov,
+            ns_steps=self.ns_steps,
+            weight_decay=self.weight_decay,
+            mask=mask,
+        )

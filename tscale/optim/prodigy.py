@@ -26,52 +26,33 @@ style, scaled by ``gamma_k d_k``). Not implemented: bias correction, ``growth_ra
 from __future__ import annotations
 
 import math
+from typing import Any, Literal
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 
 from tscale.core import tree as T
-from tscale.optim.base import GradientTransformation, empty_state
-from tscale.optim.lion import _check_float_params
+from tscale.core.fields import field
+from tscale.optim.base import GradientTransformation, chain, empty_state
+from tscale.optim.record import Capabilities, OptimizerRecord, record
 from tscale.optim.transforms import (
     MaskFn,
-    NormFn,
     Schedule,
     _check_beta,
-    _check_real,
+    _check_float_params,
     _check_structure,
+    _lr_source,
+    _lr_tensor,
     _moment_dtype,
     _new_count,
+    _positive,
+    _scalar_dtype,
+    _zeros_like_moments,
     add_decayed_weights,
-    clip_then,
     default_decay_mask,
 )
 
-__all__ = ["prodigy", "scale_by_prodigy"]
-
-
-def _scalar_dtype(params: TensorDictBase) -> torch.dtype:
-    return (
-        torch.float64 if any(p.dtype == torch.float64 for p in T.leaves(params)) else torch.float32
-    )
-
-
-def _positive(name: str, value: object) -> float:
-    v = _check_real(name, value)
-    if v <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
-    return v
-
-
-def _lr_tensor(
-    sched: Schedule | None, lr_const: float, count: torch.Tensor, like: torch.Tensor
-) -> torch.Tensor:
-    """The learning rate at ``count`` as a 0-d tensor like ``like``, built on the device (a fill,
-    not a host-to-device copy of a Python float, which would wait for CUDA)."""
-    lr = sched(count) if sched is not None else lr_const
-    if isinstance(lr, torch.Tensor):
-        return lr.to(like.dtype)
-    return torch.full_like(like, float(lr))
+__all__ = ["ProdigyConfig", "prodigy", "scale_by_prodigy"]
 
 
 def scale_by_prodigy(
@@ -93,14 +74,7 @@ def scale_by_prodigy(
     are float32 for bfloat16/float16 params and keep the param dtype otherwise; ``d``/``r`` are
     float64 if any param is. Returned updates keep the dtype of the incoming updates.
     """
-    if callable(learning_rate):
-        sched: Schedule | None = learning_rate
-        lr_const = 0.0
-    else:
-        sched = None
-        lr_const = _check_real("learning_rate", learning_rate)
-        if lr_const < 0:
-            raise ValueError(f"learning_rate must be >= 0, got {learning_rate!r}")
+    sched, lr_const = _lr_source(learning_rate)
     b1 = _check_beta("b1", b1)
     b2 = _check_beta("b2", b2)
     b3 = math.sqrt(b2) if beta3 is None else _check_beta("beta3", beta3)
@@ -115,15 +89,11 @@ def scale_by_prodigy(
         _check_float_params("prodigy", params)
         sdtype = _scalar_dtype(params)
         dev = _new_count(params).device
-
-        def zeros(p: torch.Tensor) -> torch.Tensor:
-            return torch.zeros_like(p, dtype=_moment_dtype(p.dtype))
-
         return TensorDict(
             {
-                "mu": params.apply(zeros),
-                "nu": params.apply(zeros),
-                "s": params.apply(zeros),
+                "mu": _zeros_like_moments(params),
+                "nu": _zeros_like_moments(params),
+                "s": _zeros_like_moments(params),
                 "x0": params.apply(lambda p: p.detach().to(_moment_dtype(p.dtype), copy=True)),
                 "d": torch.full((), d0, dtype=sdtype, device=dev),
                 "r": torch.zeros((), dtype=sdtype, device=dev),
@@ -133,7 +103,10 @@ def scale_by_prodigy(
         )
 
     def update(
-        updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None = None
+        updates: TensorDictBase,
+        state: TensorDictBase,
+        params: TensorDictBase | None = None,
+        **extra: Any,
     ) -> tuple[TensorDictBase, TensorDictBase]:
         if params is None:
             raise ValueError("prodigy needs params: call update(updates, state, params)")
@@ -219,8 +192,6 @@ def prodigy(
     d_coef: float = 1.0,
     safeguard_warmup: bool = False,
     mask: MaskFn | None = default_decay_mask,
-    max_grad_norm: float | None = None,
-    norm_fn: NormFn | None = None,
 ) -> GradientTransformation:
     """Prodigy (Mishchenko & Defazio, "Prodigy: An Expeditiously Adaptive Parameter-Free
     Learner", ICML 2024): Adam with a step size ``d`` estimated from the distance travelled.
@@ -241,15 +212,11 @@ def prodigy(
         safeguard_warmup: leave the learning rate out of ``s`` (for warmup schedules).
         mask: which leaves decay: :func:`~tscale.optim.transforms.default_decay_mask`, ``None``
             for all, or ``(name, tensor) -> bool``.
-        max_grad_norm: clip gradients to this global L2 norm first; ``None`` disables clipping.
-        norm_fn: the global-norm function of the clip (FSDP: summed across shards; see
-            :func:`~tscale.optim.transforms.clip_by_global_norm`).
 
     Raises:
         ValueError: any invalid hyper-parameter (the message names it).
     """
-    return clip_then(
-        max_grad_norm,
+    return chain(  # a chain of one: a clip in front joins it (one state layout)
         scale_by_prodigy(
             learning_rate,
             b1=b1,
@@ -261,6 +228,38 @@ def prodigy(
             d_coef=d_coef,
             safeguard_warmup=safeguard_warmup,
             mask=mask,
-        ),
-        norm_fn=norm_fn,
+        )
     )
+
+
+@record
+class ProdigyConfig(OptimizerRecord):
+    """Adam with an estimated step size (Mishchenko & Defazio
+    2023); leave ``lr`` at 1.0 (a factor on the estimate) and tune ``d_coef``."""
+
+    capabilities = Capabilities(elementwise=False)  # d comes from sums over all params
+    factory = staticmethod(prodigy)
+    type: Literal["prodigy"] = field("prodigy", "Prodigy (tscale.optim.prodigy).")
+    betas: tuple[float, float] = field((0.9, 0.999), "Moment decay rates [b1, b2].", ge=0, lt=1)
+    eps: float = field(1e-8, "Denominator epsilon (scaled by the estimate d).", gt=0)
+    d0: float = field(1e-6, "Initial step-size estimate.", gt=0)
+    d_coef: float = field(1.0, "Factor on the estimated step size.", gt=0)
+    safeguard_warmup: bool = field(
+        False, "Keep the lr out of the step-size estimate (use with warmup)."
+    )
+
+    def transform(
+        self, learning_rate: float | Schedule, mask: MaskFn | None, *, warmup_steps: int = 0
+    ) -> GradientTransformation:
+        b1, b2 = self.betas
+        return prodigy(
+            learning_rate,
+            b1=b1,
+            b2=b2,
+            eps=self.eps,
+            weight_decay=self.weight_decay,
+            d0=self.d0,
+            d_coef=self.d_coef,
+            safeguard_warmup=self.safeguard_warmup,
+            mask=mask,
+        )

@@ -21,28 +21,38 @@ lr_k (b1 (1 - c) - 1) u`` to the params. **Evaluate (and export) x**, which
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import torch
 from tensordict import TensorDict, TensorDictBase
 
 from tscale.core import tree as T
-from tscale.optim.base import GradientTransformation, empty_state
-from tscale.optim.lion import _check_float_params
-from tscale.optim.prodigy import _lr_tensor, _positive, _scalar_dtype
+from tscale.core.fields import field
+from tscale.optim.base import GradientTransformation, chain, empty_state
+from tscale.optim.record import Capabilities, OptimizerRecord, record
 from tscale.optim.transforms import (
     MaskFn,
-    NormFn,
     Schedule,
     _check_beta,
+    _check_float_params,
     _check_real,
     _check_structure,
+    _lr_source,
+    _lr_tensor,
     _moment_dtype,
     _new_count,
+    _positive,
+    _scalar_dtype,
     add_decayed_weights,
-    clip_then,
     default_decay_mask,
 )
 
-__all__ = ["scale_by_schedule_free_adamw", "schedule_free_adamw", "schedule_free_eval_params"]
+__all__ = [
+    "ScheduleFreeAdamWConfig",
+    "scale_by_schedule_free_adamw",
+    "schedule_free_adamw",
+    "schedule_free_eval_params",
+]
 
 _MARKER = "weight_sum"  # a state holding "z" and this key is a schedule-free state
 
@@ -75,14 +85,7 @@ def scale_by_schedule_free_adamw(
     The state is ``{"z", "nu": trees, "count": 0-d int64, "lr_max", "weight_sum": 0-d}``;
     trees are float32 for bfloat16/float16 params and keep the param dtype otherwise.
     """
-    if callable(learning_rate):
-        sched: Schedule | None = learning_rate
-        lr_const = 0.0
-    else:
-        sched = None
-        lr_const = _check_real("learning_rate", learning_rate)
-        if lr_const < 0:
-            raise ValueError(f"learning_rate must be >= 0, got {learning_rate!r}")
+    sched, lr_const = _lr_source(learning_rate)
     b1 = _check_b1(b1)
     b2 = _check_beta("b2", b2)
     eps = _positive("eps", eps)
@@ -112,7 +115,10 @@ def scale_by_schedule_free_adamw(
         )
 
     def update(
-        updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None = None
+        updates: TensorDictBase,
+        state: TensorDictBase,
+        params: TensorDictBase | None = None,
+        **extra: Any,
     ) -> tuple[TensorDictBase, TensorDictBase]:
         if params is None:
             raise ValueError(
@@ -189,8 +195,6 @@ def schedule_free_adamw(
     r: float = 0.0,
     weight_lr_power: float = 2.0,
     mask: MaskFn | None = default_decay_mask,
-    max_grad_norm: float | None = None,
-    norm_fn: NormFn | None = None,
 ) -> GradientTransformation:
     """Schedule-Free AdamW (Defazio et al., "The Road Less Scheduled", NeurIPS 2024).
 
@@ -210,15 +214,11 @@ def schedule_free_adamw(
         weight_lr_power: the averaging weights are ``lr_max^weight_lr_power``.
         mask: which leaves decay: :func:`~tscale.optim.transforms.default_decay_mask`, ``None``
             for all, or ``(name, tensor) -> bool``.
-        max_grad_norm: clip gradients to this global L2 norm first; ``None`` disables clipping.
-        norm_fn: the global-norm function of the clip (FSDP: summed across shards; see
-            :func:`~tscale.optim.transforms.clip_by_global_norm`).
 
     Raises:
         ValueError: any invalid hyper-parameter (the message names it).
     """
-    return clip_then(
-        max_grad_norm,
+    return chain(  # a chain of one: a clip in front joins it (one state layout)
         scale_by_schedule_free_adamw(
             learning_rate,
             b1=b1,
@@ -229,8 +229,7 @@ def schedule_free_adamw(
             r=r,
             weight_lr_power=weight_lr_power,
             mask=mask,
-        ),
-        norm_fn=norm_fn,
+        )
     )
 
 
@@ -274,3 +273,40 @@ def schedule_free_eval_params(
     T.assert_same_structure(params, z, "params and the schedule-free z")
     # x = y + (1 - 1/b1)(z - y), as the reference's eval() computes it.
     return params.apply(lambda y, zz: torch.lerp(y.to(zz.dtype), zz, 1.0 - 1.0 / b1).to(y.dtype), z)
+
+
+@record
+class ScheduleFreeAdamWConfig(OptimizerRecord):
+    """Schedule-free AdamW (Defazio et al. 2024); takes
+    ``scheduler.type: constant`` (its ``warmup_steps`` become the optimizer's own warmup) and is
+    evaluated at its averaged iterate."""
+
+    capabilities = Capabilities(eval_params=True, replaces_schedule=True)
+    factory = staticmethod(schedule_free_adamw)
+    type: Literal["schedule_free_adamw"] = field(
+        "schedule_free_adamw", "Schedule-free AdamW (tscale.optim.schedule_free)."
+    )
+    betas: tuple[float, float] = field(
+        (0.9, 0.999), "[b1, b2]: interpolation of the iterates, second-moment decay.", ge=0, lt=1
+    )
+    eps: float = field(1e-8, "Denominator epsilon.", gt=0)
+
+    def transform(
+        self, learning_rate: float | Schedule, mask: MaskFn | None, *, warmup_steps: int = 0
+    ) -> GradientTransformation:
+        b1, b2 = self.betas
+        return schedule_free_adamw(
+            learning_rate,
+            b1=b1,
+            b2=b2,
+            eps=self.eps,
+            weight_decay=self.weight_decay,
+            warmup_steps=warmup_steps,
+            mask=mask,
+        )
+
+    def params_to_evaluate(
+        self, params: TensorDictBase, opt_state: TensorDictBase
+    ) -> TensorDictBase:
+        """The averaged iterate ``x`` (training runs on ``y``)."""
+        return schedule_free_eval_params(params, opt_state, self.betas[0])

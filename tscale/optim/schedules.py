@@ -1,4 +1,4 @@
-"""Learning-rate schedules: pure functions ``schedule(step) -> lr``.
+"""Learning-rate schedules: pure functions ``schedule(step) -> lr``, and their config records.
 
 A schedule accepts a Python ``int`` (and returns a Python ``float``) or a 0-d tensor (and returns a
 0-d float32 tensor on the same device, computed with torch ops, so reading the optimizer's on-device
@@ -14,18 +14,31 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 
-Schedule = Callable[[Any], Any]
-"""``schedule(step) -> lr``: a Python int gives a float, a 0-d tensor gives a 0-d tensor."""
+from tscale.core.fields import field
+from tscale.optim.base import Schedule
+from tscale.optim.base import check_real as _real
+from tscale.optim.record import by_type, check_fields, record, union_of
 
 __all__ = [
     "DECAY_SHAPES",
     "SCHEDULES",
-    "SCHEDULE_ARGS",
+    "SCHEDULE_CONFIGS",
+    "SCHEDULE_TYPES",
+    "ConstantConfig",
+    "CosineConfig",
+    "CosineRestartsConfig",
+    "InverseSqrtConfig",
+    "LinearConfig",
+    "PolynomialConfig",
+    "RexConfig",
     "Schedule",
+    "ScheduleRecord",
+    "SchedulerConfig",
+    "WSDConfig",
     "build_schedule",
     "constant",
     "cosine_decay",
@@ -43,16 +56,6 @@ __all__ = [
 
 # --------------------------------------------------------------------------------------------
 # validation
-
-
-def _real(name: str, value: object) -> float:
-    """``value`` as a finite float, or a ValueError naming ``name`` (used package-wide)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return v
 
 
 def _nonneg(name: str, value: object) -> float:
@@ -120,18 +123,7 @@ def linear_warmup(peak: float, warmup_steps: int) -> Schedule:
     """
     peak = _nonneg("peak", peak)
     warmup_steps = _steps("warmup_steps", warmup_steps)
-    w = float(max(1, warmup_steps))
-
-    def schedule(step):
-        step = _check_step(step)
-        if isinstance(step, torch.Tensor):
-            s = _as_float_tensor(step)
-            return peak * torch.where(s < warmup_steps, torch.clamp(s / w, min=0.0), 1.0)
-        if step < warmup_steps:
-            return peak * (float(max(step, 0)) / w)
-        return peak
-
-    return schedule
+    return _warmup_then(peak, warmup_steps, lambda step: 1.0, lambda s: 1.0)
 
 
 def _cosine_factor(progress: float, min_ratio: float) -> float:
@@ -188,23 +180,17 @@ def warmup_cosine(
     if total_steps < warmup_steps:
         raise ValueError(f"total_steps ({total_steps}) must be >= warmup_steps ({warmup_steps})")
     min_lr_ratio = _ratio("min_lr_ratio", min_lr_ratio)
-    w = float(max(1, warmup_steps))
     d = float(max(1, total_steps - warmup_steps))
 
-    def schedule(step):
-        step = _check_step(step)
-        if isinstance(step, torch.Tensor):
-            s = _as_float_tensor(step)
-            warm = torch.clamp(s / w, min=0.0)
-            progress = torch.clamp((s - warmup_steps) / d, min=0.0, max=1.0)
-            factor = torch.where(s < warmup_steps, warm, _cosine_factor_t(progress, min_lr_ratio))
-            return peak * factor
-        if step < warmup_steps:
-            return peak * (float(max(step, 0)) / w)
+    def after(step: int) -> float:
         progress = min(max(float(step - warmup_steps) / d, 0.0), 1.0)
-        return peak * _cosine_factor(progress, min_lr_ratio)
+        return _cosine_factor(progress, min_lr_ratio)
 
-    return schedule
+    def after_t(s: torch.Tensor) -> torch.Tensor:
+        progress = torch.clamp((s - warmup_steps) / d, min=0.0, max=1.0)
+        return _cosine_factor_t(progress, min_lr_ratio)
+
+    return _warmup_then(peak, warmup_steps, after, after_t)
 
 
 def join(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
@@ -525,32 +511,184 @@ def polynomial(
 
 
 # --------------------------------------------------------------------------------------------
-# builder
+# config records: one per `scheduler.type`, each building its schedule
 
-SCHEDULES: tuple[str, ...] = (
-    "constant",
-    "cosine",
-    "cosine_restarts",
-    "linear",
-    "wsd",
-    "rex",
-    "inverse_sqrt",
-    "polynomial",
+
+@record
+class ScheduleRecord:
+    """The field every schedule takes; subclasses add ``type``, their fields and
+    :meth:`build`."""
+
+    warmup_steps: int = field(0, "Linear warmup from 0 to the peak learning rate.", ge=0)
+
+    def build(self, peak: float, total_steps: int | None) -> Schedule:
+        """The schedule from 0 to ``peak`` over the warmup, then this type's shape, ending at
+        ``total_steps`` (the run's length; unused by the types that do not end).
+
+        Raises:
+            ValueError: a field outside its domain (``"<field>: must be ..."``), or an argument
+                the schedule rejects.
+        """
+        check_fields(self)
+        if self.ends and total_steps is None:
+            raise ValueError(f"total_steps is required for a {self.type} schedule")
+        if self.ends and total_steps is not None and self.warmup_steps > total_steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) exceeds the {total_steps} steps of the run"
+            )
+        return self._schedule(peak, total_steps or 0)
+
+    ends: ClassVar[bool] = True
+    """The type decays to its end at ``total_steps``."""
+    type: ClassVar[str]
+
+    def _schedule(self, peak: float, total_steps: int) -> Schedule:
+        raise NotImplementedError(f"{type(self).__name__}._schedule")
+
+
+_RATIO_HELP = "Final learning rate as a fraction of the peak."
+
+
+@record
+class ConstantConfig(ScheduleRecord):
+    """The peak after the warmup."""
+
+    ends: ClassVar[bool] = False
+    type: Literal["constant"] = field("constant", "The peak after the warmup.")
+
+    def _schedule(self, peak: float, total_steps: int) -> Schedule:
+        return linear_warmup(peak, self.warmup_steps)
+
+
+@record
+class CosineConfig(ScheduleRecord):
+    """Half a cosine to the minimum (transformers'
+    ``get_cosine_schedule_with_warmup``)."""
+
+    type: Literal["cosine"] = field("cosine", "Half a cosine down to the minimum.")
+    min_lr_ratio: float = field(0.0, _RATIO_HELP, ge=0, le=1)
+
+    def _schedule(self, peak: float, total_steps: int) -> Schedule:
+        return warmup_cosine(peak, self.warmup_steps, total_steps, self.min_lr_ratio)
+
+
+@record
+class CosineRestartsConfig(ScheduleRecord):
+    """``scheduler.type: cosine_restarts``: ``num_cycles`` half cosines, each restarting at the
+    peak (SGDR)."""
+
+    type: Literal["cosine_restarts"] = field("cosine_restarts", "Cosines with hard restarts.")
+    num_cycles: int = field(1, "Cosine cycles, each restarting at the peak.", ge=1)
+    min_lr_ratio: float = field(0.0, _RATIO_HELP, ge=0, le=1)
+
+    def _schedule(self, peak: float, total_steps: int) -> Schedule:
+        return warmup_cosine_restarts(
+            peak, self.warmup_steps, total_steps, self.num_cycles, self.min_lr_ratio
+        )
+
+
+@record
+class LinearConfig(ScheduleRecord):
+    """A straight line to the minimum."""
+
+    type: Literal["linear"] = field("linear", "A straight line down to the minimum.")
+    min_lr_ratio: float = field(0.0, _RATIO_HELP, ge=0, le=1)
+
+    def _schedule(self, peak: float, total_steps: int) -> Schedule:
+        return warmup_linear(peak, self.warmup_steps, total_steps, self.min_lr_ratio)
+
+
+@record
+class WSDConfig(ScheduleRecord):
+    """Warmup-stable-decay; the last ``decay_fraction`` of the run
+    decays with ``decay_shape``."""
+
+    type: Literal["wsd"] = field("wsd", "Warmup, the peak, then a decay at the end.")
+    decay_fraction: float = field(
+        0.2, "Fraction of train.max_steps spent decaying at the end.", ge=0, le=1
+    )
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = field("1-sqrt", "Shape of the decay.")
+    min_lr_ratio: float = field(0.0, _RATIO_HELP, ge=0, le=1)
+
+    def _schedule(self, peak: float, total_steps: int) -> Schedule:
+        decay_steps = round(self.decay_fraction * total_steps)
+        if self.warmup_steps + decay_steps > total_steps:
+            raise ValueError(
+                f"decay_fraction {self.decay_fraction} makes {decay_steps} decay steps, which "
+                f"with warmup_steps ({self.warmup_steps}) exceed the {total_steps} steps of the run"
+            )
+        return wsd(
+            peak,
+            self.warmup_steps,
+            total_steps,
+            self.decay_fraction,
+            self.decay_shape,
+            self.min_lr_ratio,
+        )
+
+
+@record
+class RexConfig(ScheduleRecord):
+    """``scheduler.type: rex``: ``(1 - z) / (1/2 + (1 - z)/2)`` of the progress ``z`` (Chen et
+    al. 2022)."""
+
+    type: Literal["rex"] = field("rex", "The REX profile down to the minimum.")
+    min_lr_ratio: float = field(0.0, _RATIO_HELP, ge=0, le=1)
+
+    def _schedule(self, peak: float, total_steps: int) -> Schedule:
+        return rex(peak, self.warmup_steps, total_steps, self.min_lr_ratio)
+
+
+@record
+class InverseSqrtConfig(ScheduleRecord):
+    """``scheduler.type: inverse_sqrt``: ``peak / sqrt((step - warmup + timescale) /
+    timescale)``, no end."""
+
+    ends: ClassVar[bool] = False
+    type: Literal["inverse_sqrt"] = field("inverse_sqrt", "Falls as 1/sqrt(step), no end.")
+    timescale: int | None = field(
+        None,
+        "lr = peak / sqrt((step - warmup_steps + timescale) / timescale); null: warmup_steps "
+        "(10000 without warmup).",
+        ge=1,
+    )
+
+    def _schedule(self, peak: float, total_steps: int) -> Schedule:
+        return inverse_sqrt(peak, self.warmup_steps, self.timescale)
+
+
+@record
+class PolynomialConfig(ScheduleRecord):
+    """``scheduler.type: polynomial``: ``(peak - end) * (1 - z) ** power + end``."""
+
+    type: Literal["polynomial"] = field("polynomial", "A polynomial decay to the minimum.")
+    power: float = field(1.0, "Exponent of the decay (1: linear).", gt=0)
+    min_lr_ratio: float = field(0.0, _RATIO_HELP, ge=0, le=1)
+
+    def _schedule(self, peak: float, total_steps: int) -> Schedule:
+        return polynomial(peak, self.warmup_steps, total_steps, self.power, self.min_lr_ratio)
+
+
+SCHEDULE_CONFIGS: tuple[type[ScheduleRecord], ...] = (
+    CosineConfig,  # first: the type of a `scheduler:` section that names none
+    ConstantConfig,
+    CosineRestartsConfig,
+    LinearConfig,
+    WSDConfig,
+    RexConfig,
+    InverseSqrtConfig,
+    PolynomialConfig,
 )
-"""The schedule types :func:`build_schedule` knows (the config's ``scheduler.type``)."""
+"""The schedule records, one per ``scheduler.type``."""
 
-SCHEDULE_ARGS: dict[str, tuple[str, ...]] = {
-    "constant": (),
-    "cosine": ("total_steps", "min_lr_ratio"),
-    "cosine_restarts": ("total_steps", "min_lr_ratio", "num_cycles"),
-    "linear": ("total_steps", "min_lr_ratio"),
-    "wsd": ("total_steps", "min_lr_ratio", "decay_fraction", "decay_shape"),
-    "rex": ("total_steps", "min_lr_ratio"),
-    "inverse_sqrt": ("timescale",),
-    "polynomial": ("total_steps", "min_lr_ratio", "power"),
-}
-"""The optional arguments of :func:`build_schedule` each type uses (all use ``peak`` and
-``warmup_steps``); the config builder rejects a setting the chosen type would ignore."""
+SchedulerConfig: Any = union_of(SCHEDULE_CONFIGS)
+"""The YAML ``scheduler:`` section: the tagged union of :data:`SCHEDULE_CONFIGS`."""
+
+SCHEDULE_TYPES: dict[str, type[ScheduleRecord]] = by_type(SCHEDULE_CONFIGS)
+"""``{scheduler.type: record}``."""
+
+SCHEDULES: tuple[str, ...] = tuple(SCHEDULE_TYPES)
+"""The schedule types (the config's ``scheduler.type``)."""
 
 
 def build_schedule(
@@ -558,48 +696,21 @@ def build_schedule(
     peak: float,
     warmup_steps: int = 0,
     total_steps: int | None = None,
-    min_lr_ratio: float = 0.0,
-    *,
-    decay_fraction: float = 0.2,
-    decay_shape: str = "1-sqrt",
-    num_cycles: int = 1,
-    power: float = 1.0,
-    timescale: int | None = None,
+    **fields: Any,
 ) -> Schedule:
-    """The schedule a config names: linear warmup to ``peak`` over ``warmup_steps``, then
-
-    - ``constant``: ``peak``;
-    - ``cosine``: :func:`warmup_cosine` to ``peak * min_lr_ratio`` at ``total_steps``;
-    - ``cosine_restarts``: :func:`warmup_cosine_restarts` with ``num_cycles``;
-    - ``linear``: :func:`warmup_linear`;
-    - ``wsd``: :func:`wsd` with ``decay_fraction`` and ``decay_shape``;
-    - ``rex``: :func:`rex`;
-    - ``inverse_sqrt``: :func:`inverse_sqrt` with ``timescale``;
-    - ``polynomial``: :func:`polynomial` with ``power``.
-
-    Arguments a type does not use (see :data:`SCHEDULE_ARGS`) are ignored.
+    """The schedule a config names: ``SCHEDULE_TYPES[type](warmup_steps=..., **fields)
+    .build(peak, total_steps)``; ``fields`` are the type's own (``min_lr_ratio``,
+    ``decay_shape`` ...).
 
     Raises:
-        ValueError: an unknown ``type`` (the message lists the valid ones), ``total_steps``
-            missing for a type that decays over it, or any invalid argument of the schedule.
+        ValueError: an unknown ``type`` (the message lists the valid ones), a field the type
+            does not take, ``total_steps`` missing for a type that decays over it, or any
+            invalid value.
     """
-    if type not in SCHEDULE_ARGS:
+    if type not in SCHEDULE_TYPES:
         raise ValueError(f"unknown schedule type {type!r}; valid types: {', '.join(SCHEDULES)}")
-    if "total_steps" in SCHEDULE_ARGS[type] and total_steps is None:
-        raise ValueError(f"total_steps is required for a {type} schedule")
-    if type == "constant":
-        _ratio("min_lr_ratio", min_lr_ratio)
-        return linear_warmup(peak, warmup_steps)
-    if type == "inverse_sqrt":
-        return inverse_sqrt(peak, warmup_steps, timescale)
-    if type == "cosine":
-        return warmup_cosine(peak, warmup_steps, total_steps, min_lr_ratio)
-    if type == "cosine_restarts":
-        return warmup_cosine_restarts(peak, warmup_steps, total_steps, num_cycles, min_lr_ratio)
-    if type == "linear":
-        return warmup_linear(peak, warmup_steps, total_steps, min_lr_ratio)
-    if type == "wsd":
-        return wsd(peak, warmup_steps, total_steps, decay_fraction, decay_shape, min_lr_ratio)
-    if type == "rex":
-        return rex(peak, warmup_steps, total_steps, min_lr_ratio)
-    return polynomial(peak, warmup_steps, total_steps, power, min_lr_ratio)
+    try:
+        rec = SCHEDULE_TYPES[type](warmup_steps=warmup_steps, **fields)
+    except TypeError as err:
+        raise ValueError(f"schedule {type!r}: {err}") from None
+    return rec.build(peak, total_steps)

@@ -14,55 +14,43 @@ counts ``t`` from 1 and estimates when ``t mod k == 1``: the same steps.) Every 
 at most ``lr`` (plus decay).
 
 **How the estimate reaches the transform.** ``hhat`` needs a second gradient of the model, which
-an optimizer cannot compute: the step computes it and hands it over *through the state*.
-:func:`with_hessian_estimate` returns a shallow copy of the optimizer state whose Sophia
-sub-state carries a transient slot ``hessian_estimate`` (a tree like the params, or an empty tree
-when the step skipped the estimator). ``update`` folds it into the EMA on the steps where the
-state's ``hessian_due`` flag (``count % update_every == 0``, on the device) is set, and passes
-the slot through, so a wrapper that compares the state before and after an update (such as
-``skip_nonfinite``) sees one structure; the step then drops it with
-:func:`without_hessian_estimate`, so the stored state (and checkpoints) keep the structure of
-``init``. :func:`tscale.step.sophia.make_sophia_train_step` does all of this. An update without
-the slot (e.g. from the plain ``make_train_step``) raises: silently running with ``h = 0`` would
-turn Sophia into sign descent.
+an optimizer cannot compute: the step computes it and passes it as an optax-style extra argument,
+``tx.update(grads, opt_state, params, hessian=hhat)`` (``hhat`` a tree like the params, or
+``None`` when the step skipped the estimator on a step that is not due). ``update`` folds it into
+the EMA on the steps where the state's ``hessian_due`` flag (``count % update_every == 0``, on the
+device) is set. :func:`tscale.step.sophia.make_hessian_estimate` computes it for
+:func:`tscale.step.make_train_step`'s ``update_extra`` hook. An update without the argument
+raises: silently running with ``h = 0`` would turn Sophia into sign descent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 
 from tscale.core import tree as T
+from tscale.core.fields import field
 from tscale.optim.base import GradientTransformation
-from tscale.optim.lion import _check_float_params
-from tscale.optim.prodigy import _positive
+from tscale.optim.record import Capabilities, OptimizerRecord, record
 from tscale.optim.transforms import (
     MaskFn,
-    NormFn,
     Schedule,
     _check_beta,
+    _check_float_params,
+    _check_int,
     _check_structure,
-    _moment_dtype,
     _new_count,
-    clip_then,
-    decayed_and_scaled,
+    _open_update,
+    _positive,
+    _zeros_like_moments,
+    decoupled,
     default_decay_mask,
 )
 
-__all__ = [
-    "HESSIAN_ESTIMATE",
-    "hessian_due",
-    "scale_by_sophia",
-    "sophia_g",
-    "with_hessian_estimate",
-    "without_hessian_estimate",
-]
+__all__ = ["SophiaGConfig", "hessian_due", "scale_by_sophia", "sophia_g"]
 
-HESSIAN_ESTIMATE = "hessian_estimate"
-"""Transient state slot: the estimate ``hhat`` (a tree like the params) for this update."""
 _DUE = "hessian_due"
 
 
@@ -85,31 +73,26 @@ def scale_by_sophia(
     bool}`` (trees float32 for bfloat16/float16 params, the param dtype otherwise).
     ``hessian_due`` says whether the next update folds its estimate into the Hessian EMA
     (``count % update_every == 0``); a step that branches on the host reads it (see
-    :func:`hessian_due`). Each ``update`` needs the slot of :func:`with_hessian_estimate`.
-    Returned updates keep the dtype of the incoming updates.
+    :func:`hessian_due`). Each ``update`` takes the estimate as the keyword argument
+    ``hessian``. Returned updates keep the dtype of the incoming updates.
 
     Raises:
         ValueError: ``b1``/``b2`` outside [0, 1), ``rho``/``eps`` not > 0, ``update_every``
-            not an int >= 1; at update time, a state without the ``hessian_estimate`` slot.
+            not an int >= 1; at update time, no ``hessian`` argument.
     """
     b1 = _check_beta("b1", b1)
     b2 = _check_beta("b2", b2)
     rho = _positive("rho", rho)
     eps = _positive("eps", eps)
-    if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-        raise ValueError(f"update_every must be an int >= 1, got {update_every!r}")
+    update_every = _check_int("update_every", update_every, 1)
 
     def init(params: TensorDictBase) -> TensorDict:
         _check_float_params("scale_by_sophia", params)
-
-        def zeros(p: torch.Tensor) -> torch.Tensor:
-            return torch.zeros_like(p, dtype=_moment_dtype(p.dtype))
-
         count = _new_count(params)
         return TensorDict(
             {
-                "mu": params.apply(zeros),
-                "hessian": params.apply(zeros),
+                "mu": _zeros_like_moments(params),
+                "hessian": _zeros_like_moments(params),
                 "count": count,
                 _DUE: torch.ones((), dtype=torch.bool, device=count.device),
             },
@@ -117,23 +100,22 @@ def scale_by_sophia(
         )
 
     def update(
-        updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None = None
+        updates: TensorDictBase,
+        state: TensorDictBase,
+        params: TensorDictBase | None = None,
+        **extra: Any,
     ) -> tuple[TensorDictBase, TensorDictBase]:
-        if HESSIAN_ESTIMATE not in state:
+        if "hessian" not in extra:
             raise ValueError(
-                "sophia needs a Hessian estimate with every update: build the step with "
-                "tscale.step.sophia.make_sophia_train_step, or pass the state through "
-                "tscale.optim.sophia.with_hessian_estimate(opt_state, estimate)"
+                "sophia needs a Hessian estimate with every update: "
+                "tx.update(grads, opt_state, params, hessian=estimate), e.g. from "
+                "make_train_step(..., update_extra=tscale.step.sophia.make_hessian_estimate(...))"
             )
-        us = T.leaves(updates)
+        estimate: TensorDictBase | None = extra["hessian"]
         mu, hs = T.leaves(state["mu"]), T.leaves(state["hessian"])
-        _check_structure(updates, us, len(mu), "scale_by_sophia")
-        count, due, estimate = state["count"], state[_DUE], state[HESSIAN_ESTIMATE]
-        new_state = TensorDict(
-            {k: state[k] for k in ("mu", "hessian", "count", _DUE, HESSIAN_ESTIMATE)},
-            batch_size=[],
-        )
-        es = T.leaves(estimate)
+        us, gs, same = _open_update(updates, mu, "scale_by_sophia")
+        count, due = state["count"], state[_DUE]
+        es = T.leaves(estimate) if estimate is not None else []
         if us and es:
             _check_structure(estimate, es, len(hs), "scale_by_sophia (hessian_estimate)")
             # The estimate is consumed (as the updates are): reuse its storage when it can.
@@ -148,10 +130,8 @@ def scale_by_sophia(
         count.add_(1)
         due.copy_(torch.remainder(count, update_every) == 0)
         if not us:
-            return updates, new_state
+            return updates, state
 
-        same = all(u.dtype == m.dtype for u, m in zip(us, mu, strict=True))
-        gs = us if same else [u.to(m.dtype) for u, m in zip(us, mu, strict=True)]
         torch._foreach_lerp_(mu, gs, 1.0 - b1)
         denom = torch._foreach_mul(hs, rho)
         torch._foreach_clamp_min_(denom, eps)
@@ -165,70 +145,9 @@ def scale_by_sophia(
             torch._foreach_clamp_min_(out, -1.0)
             torch._foreach_clamp_max_(out, 1.0)
             torch._foreach_copy_(us, out)
-        return updates, new_state
+        return updates, state
 
     return GradientTransformation(init, update)
-
-
-def _rebuild(
-    opt_state: TensorDictBase, edit: Callable[[dict[str, Any]], None], what: str
-) -> TensorDict:
-    """A shallow copy of ``opt_state`` with ``edit(d)`` applied to the dict of each Sophia
-    sub-state (exactly one must exist)."""
-    found = 0
-
-    def walk(td: TensorDictBase) -> TensorDict:
-        nonlocal found
-        items = {k: td.get(k) for k in td.keys()}  # noqa: SIM118 (keys, not leaves)
-        if _is_sophia_state(td):
-            found += 1
-            edit(items)
-        else:
-            items = {k: walk(v) if isinstance(v, TensorDictBase) else v for k, v in items.items()}
-        return TensorDict(items, batch_size=[])
-
-    new = walk(opt_state)
-    if found != 1:
-        raise ValueError(
-            f"{what}: opt_state must hold exactly one Sophia state (keys 'mu', 'hessian', "
-            f"'hessian_due'), found {found}; was it built by sophia_g(...).init?"
-        )
-    return new
-
-
-def with_hessian_estimate(opt_state: TensorDictBase, estimate: TensorDictBase | None) -> TensorDict:
-    """A shallow copy of ``opt_state`` whose Sophia sub-state carries ``estimate`` for the next
-    ``update`` (no tensor is copied; ``opt_state`` is not modified). The update consumes the
-    estimate's storage.
-
-    Args:
-        opt_state: a state built by an optimizer containing :func:`scale_by_sophia`.
-        estimate: the Hessian diagonal estimate, a tree like the params; ``None`` when the step
-            skipped the estimator, which it may do only when :func:`hessian_due` is False.
-
-    Raises:
-        ValueError: ``opt_state`` holds no Sophia state, or several.
-    """
-    slot = estimate if estimate is not None else TensorDict({}, batch_size=[])
-
-    def edit(items: dict) -> None:
-        items[HESSIAN_ESTIMATE] = slot
-
-    return _rebuild(opt_state, edit, "with_hessian_estimate")
-
-
-def without_hessian_estimate(opt_state: TensorDictBase) -> TensorDict:
-    """A shallow copy of ``opt_state`` without the transient estimate slot (the structure of
-    ``init``, as stored and checkpointed).
-
-    Raises:
-        ValueError: ``opt_state`` holds no Sophia state, or several.
-    """
-
-    def edit(items: dict) -> None:
-        items.pop(HESSIAN_ESTIMATE, None)
-
-    return _rebuild(opt_state, edit, "without_hessian_estimate")
 
 
 def hessian_due(opt_state: TensorDictBase) -> torch.Tensor:
@@ -237,9 +156,24 @@ def hessian_due(opt_state: TensorDictBase) -> torch.Tensor:
     Raises:
         ValueError: ``opt_state`` holds no Sophia state, or several.
     """
-    flags: list[torch.Tensor] = []
-    _rebuild(opt_state, lambda items: flags.append(items[_DUE]), "hessian_due")
-    return flags[0]
+    found: list[torch.Tensor] = []
+
+    def walk(td: TensorDictBase) -> None:
+        if _is_sophia_state(td):
+            found.append(td[_DUE])
+            return
+        for key in td.keys():  # noqa: SIM118 (keys, not leaves)
+            sub = td.get(key)
+            if isinstance(sub, TensorDictBase):
+                walk(sub)
+
+    walk(opt_state)
+    if len(found) != 1:
+        raise ValueError(
+            f"hessian_due: opt_state must hold exactly one Sophia state (keys 'mu', 'hessian', "
+            f"'hessian_due'), found {len(found)}; was it built by sophia_g(...).init?"
+        )
+    return found[0]
 
 
 def sophia_g(
@@ -251,16 +185,14 @@ def sophia_g(
     weight_decay: float = 0.1,
     update_every: int = 10,
     mask: MaskFn | None = default_decay_mask,
-    max_grad_norm: float | None = None,
-    norm_fn: NormFn | None = None,
 ) -> GradientTransformation:
     """Sophia-G (Liu et al., "Sophia: A Scalable Stochastic Second-order Optimizer for Language
     Model Pre-training", ICLR 2024), with the Gauss-Newton-Bartlett Hessian estimator.
 
-    ``chain(clip_by_global_norm?, scale_by_sophia, add_decayed_weights, scale_by_learning_rate)``.
-    Train it with :func:`tscale.step.sophia.make_sophia_train_step`, which computes the
-    estimate and passes it in; the plain ``make_train_step`` is refused (see the module
-    docstring). The paper's GPT-2 settings:
+    ``chain(scale_by_sophia, add_decayed_weights, scale_by_learning_rate)``. Train it with
+    ``make_train_step(..., update_extra=make_hessian_estimate(apply_fn))``
+    (:mod:`tscale.step.sophia`), which computes the estimate and passes it to ``update``; without
+    it the update is refused (see the module docstring). The paper's GPT-2 settings:
     ``b1=0.965, b2=0.99, rho=0.04, weight_decay=0.2`` and a learning rate near AdamW's.
 
     Args:
@@ -274,20 +206,44 @@ def sophia_g(
             updates; the first update uses one.
         mask: which leaves decay: :func:`~tscale.optim.transforms.default_decay_mask`, ``None``
             for all, or ``(name, tensor) -> bool``.
-        max_grad_norm: clip gradients to this global L2 norm first; ``None`` disables clipping.
-        norm_fn: the global-norm function of the clip (FSDP: summed across shards; see
-            :func:`~tscale.optim.transforms.clip_by_global_norm`).
 
     Raises:
         ValueError: any invalid hyper-parameter (the message names it).
     """
-    return clip_then(
-        max_grad_norm,
-        *decayed_and_scaled(
-            scale_by_sophia(b1=b1, b2=b2, rho=rho, eps=eps, update_every=update_every),
-            learning_rate,
-            weight_decay,
-            mask,
-        ),
-        norm_fn=norm_fn,
+    return decoupled(
+        scale_by_sophia(b1=b1, b2=b2, rho=rho, eps=eps, update_every=update_every),
+        learning_rate,
+        weight_decay,
+        mask,
     )
+
+
+@record
+class SophiaGConfig(OptimizerRecord):
+    """Clipped diagonal Gauss-Newton preconditioning (Liu et al.
+    2023); the step computes its Hessian estimate every ``update_every`` steps."""
+
+    capabilities = Capabilities(needs_objective=True)
+    factory = staticmethod(sophia_g)
+    type: Literal["sophia_g"] = field("sophia_g", "Sophia-G (tscale.optim.sophia).")
+    betas: tuple[float, float] = field(
+        (0.965, 0.99), "[b1, b2]: momentum decay, Hessian EMA decay (per estimate).", ge=0, lt=1
+    )
+    eps: float = field(1e-15, "Floor of the denominator.", gt=0)
+    rho: float = field(0.04, "Scale of the Hessian in the denominator (the paper's gamma).", gt=0)
+    update_every: int = field(10, "Steps between Hessian estimates (the paper's k).", ge=1)
+
+    def transform(
+        self, learning_rate: float | Schedule, mask: MaskFn | None, *, warmup_steps: int = 0
+    ) -> GradientTransformation:
+        b1, b2 = self.betas
+        return sophia_g(
+            learning_rate,
+            b1=b1,
+            b2=b2,
+            rho=self.rho,
+            eps=self.eps,
+            weight_decay=self.weight_decay,
+            update_every=self.update_every,
+            mask=mask,
+        )

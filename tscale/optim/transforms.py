@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 
 from tscale.core import tree as T
-from tscale.optim.base import GradientTransformation, chain, empty_state
-from tscale.optim.schedules import Schedule
-from tscale.optim.schedules import _real as _check_real  # one validator for the package
+from tscale.optim.base import GradientTransformation, Schedule, chain, empty_state
+from tscale.optim.base import check_real as _check_real
 
 MaskFn = Callable[[str, torch.Tensor], bool]
 """``mask(name, tensor) -> bool``: True where weight decay applies (``name`` is dotted)."""
@@ -35,6 +35,7 @@ __all__ = [
     "Schedule",
     "add_decayed_weights",
     "clip_by_global_norm",
+    "decoupled",
     "default_decay_mask",
     "no_decay_mask",
     "scale",
@@ -57,6 +58,19 @@ def _check_beta(name: str, value: object) -> float:
     return v
 
 
+def _positive(name: str, value: object) -> float:
+    v = _check_real(name, value)
+    if v <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return v
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
 def _check_structure(updates: TensorDictBase, us: list[torch.Tensor], n: int, what: str) -> None:
     """Cheap leaf-count check; the precise message comes from ``assert_same_structure``."""
     if len(us) != n:
@@ -66,6 +80,34 @@ def _check_structure(updates: TensorDictBase, us: list[torch.Tensor], n: int, wh
         )
 
 
+def _check_float_params(who: str, params: TensorDictBase) -> None:
+    """The opening of every stateful ``init``: optimizers take floating-point trees."""
+    for name, p in zip(T.leaf_keys(params), T.leaves(params), strict=True):
+        if not p.is_floating_point():
+            raise ValueError(
+                f"{who}: params leaf {name!r} has dtype {p.dtype}; optimizers take "
+                "floating-point trees (split others off with tscale.core.tree.partition)"
+            )
+
+
+def _zeros_like_moments(params: TensorDictBase) -> TensorDictBase:
+    """Zeros shaped like ``params`` in the moment dtype (:func:`_moment_dtype`)."""
+    return params.apply(lambda p: torch.zeros_like(p, dtype=_moment_dtype(p.dtype)))
+
+
+def _open_update(
+    updates: TensorDictBase, moments: list[torch.Tensor], who: str
+) -> tuple[list[torch.Tensor], list[torch.Tensor], bool]:
+    """The opening of every elementwise ``update``: ``(us, gs, same)`` with ``us`` the update
+    leaves (checked against the state's ``moments``), ``gs`` the gradients in the moments'
+    dtypes (``us`` itself when ``same``, so they may be overwritten: ownership) ."""
+    us = T.leaves(updates)
+    _check_structure(updates, us, len(moments), who)
+    same = all(u.dtype == m.dtype for u, m in zip(us, moments, strict=True))
+    gs = us if same else [u.to(m.dtype) for u, m in zip(us, moments, strict=True)]
+    return us, gs, same
+
+
 def _count_device(params: TensorDictBase) -> torch.device:
     ps = T.leaves(params)
     return ps[0].device if ps else torch.device("cpu")
@@ -73,6 +115,38 @@ def _count_device(params: TensorDictBase) -> torch.device:
 
 def _new_count(params: TensorDictBase) -> torch.Tensor:
     return torch.zeros((), dtype=torch.int64, device=_count_device(params))
+
+
+def _scalar_dtype(params: TensorDictBase) -> torch.dtype:
+    return (
+        torch.float64 if any(p.dtype == torch.float64 for p in T.leaves(params)) else torch.float32
+    )
+
+
+def _lr_source(learning_rate: float | Schedule) -> tuple[Schedule | None, float]:
+    """``(schedule, 0.0)`` or ``(None, lr)`` for a transform that reads its learning rate inside
+    its update (Prodigy, schedule-free), with :func:`_lr_tensor`.
+
+    Raises:
+        ValueError: a float ``learning_rate`` that is negative or not finite.
+    """
+    if callable(learning_rate):
+        return learning_rate, 0.0
+    lr = _check_real("learning_rate", learning_rate)
+    if lr < 0:
+        raise ValueError(f"learning_rate must be >= 0, got {learning_rate!r}")
+    return None, lr
+
+
+def _lr_tensor(
+    sched: Schedule | None, lr_const: float, count: torch.Tensor, like: torch.Tensor
+) -> torch.Tensor:
+    """The learning rate at ``count`` as a 0-d tensor like ``like``, built on the device (a fill,
+    not a host-to-device copy of a Python float, which would wait for CUDA)."""
+    lr = sched(count) if sched is not None else lr_const
+    if isinstance(lr, torch.Tensor):
+        return lr.to(like.dtype)
+    return torch.full_like(like, float(lr))
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,7 +165,10 @@ def scale(factor: float) -> GradientTransformation:
         return empty_state()
 
     def update(
-        updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None = None
+        updates: TensorDictBase,
+        state: TensorDictBase,
+        params: TensorDictBase | None = None,
+        **extra: Any,
     ) -> tuple[TensorDictBase, TensorDictBase]:
         us = T.leaves(updates)
         if us and factor != 1.0:
@@ -117,7 +194,10 @@ def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
         return TensorDict({"count": _new_count(params)}, batch_size=[])
 
     def update(
-        updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None = None
+        updates: TensorDictBase,
+        state: TensorDictBase,
+        params: TensorDictBase | None = None,
+        **extra: Any,
     ) -> tuple[TensorDictBase, TensorDictBase]:
         count = state["count"]
         us = T.leaves(updates)
@@ -138,12 +218,9 @@ def scale_by_learning_rate(learning_rate: float | Schedule) -> GradientTransform
     Raises:
         ValueError: a float ``learning_rate`` that is negative or not finite.
     """
-    if callable(learning_rate):
-        sched = learning_rate
+    sched, lr = _lr_source(learning_rate)
+    if sched is not None:
         return scale_by_schedule(lambda count: torch.neg(sched(count)))
-    lr = _check_real("learning_rate", learning_rate)
-    if lr < 0:
-        raise ValueError(f"learning_rate must be >= 0, got {learning_rate!r}")
     return scale(-lr)
 
 
@@ -172,7 +249,10 @@ def clip_by_global_norm(
         return empty_state()
 
     def update(
-        updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None = None
+        updates: TensorDictBase,
+        state: TensorDictBase,
+        params: TensorDictBase | None = None,
+        **extra: Any,
     ) -> tuple[TensorDictBase, TensorDictBase]:
         us = T.leaves(updates)
         if not us:
@@ -256,36 +336,31 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         raise ValueError(f"eps must be >= 0, got {eps!r}")
 
     def init(params: TensorDictBase) -> TensorDict:
-        for name, p in zip(T.leaf_keys(params), T.leaves(params), strict=True):
-            if not p.is_floating_point():
-                raise ValueError(
-                    f"scale_by_adam: params leaf {name!r} has dtype {p.dtype}; optimizers take "
-                    "floating-point trees (split others off with tscale.core.tree.partition)"
-                )
+        _check_float_params("scale_by_adam", params)
         return TensorDict(
             {
-                "mu": params.apply(lambda p: torch.zeros_like(p, dtype=_moment_dtype(p.dtype))),
-                "nu": params.apply(lambda p: torch.zeros_like(p, dtype=_moment_dtype(p.dtype))),
+                "mu": _zeros_like_moments(params),
+                "nu": _zeros_like_moments(params),
                 "count": _new_count(params),
             },
             batch_size=[],
         )
 
     def update(
-        updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None = None
+        updates: TensorDictBase,
+        state: TensorDictBase,
+        params: TensorDictBase | None = None,
+        **extra: Any,
     ) -> tuple[TensorDictBase, TensorDictBase]:
-        us = T.leaves(updates)
         mu = T.leaves(state["mu"])
         nu = T.leaves(state["nu"])
-        _check_structure(updates, us, len(mu), "scale_by_adam")
+        # gs: the gradients in the moments' dtype; when the incoming updates already have it
+        # they are ours to overwrite (ownership), and they become the output buffer below.
+        us, gs, same = _open_update(updates, mu, "scale_by_adam")
         count = state["count"]
         count.add_(1)
         if not us:
             return updates, state
-        same = all(u.dtype == m.dtype for u, m in zip(us, mu, strict=True))
-        # gs: the gradients in the moments' dtype; when the incoming updates already have it
-        # they are ours to overwrite (ownership), and they become the output buffer below.
-        gs = us if same else [u.to(m.dtype) for u, m in zip(us, mu, strict=True)]
 
         torch._foreach_lerp_(mu, gs, 1.0 - b1)
         torch._foreach_mul_(nu, b2)
@@ -392,7 +467,10 @@ def add_decayed_weights(weight_decay: float, mask: MaskFn | None = None) -> Grad
         return empty_state()
 
     def update(
-        updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None = None
+        updates: TensorDictBase,
+        state: TensorDictBase,
+        params: TensorDictBase | None = None,
+        **extra: Any,
     ) -> tuple[TensorDictBase, TensorDictBase]:
         if weight_decay == 0.0:
             return updates, state
@@ -457,7 +535,10 @@ def skip_nonfinite(inner: GradientTransformation) -> GradientTransformation:
         return TensorDict({"inner": inner.init(params), "skipped": _new_count(params)}, [])
 
     def update(
-        updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None = None
+        updates: TensorDictBase,
+        state: TensorDictBase,
+        params: TensorDictBase | None = None,
+        **extra: Any,
     ) -> tuple[TensorDictBase, TensorDictBase]:
         skipped = state["skipped"]
         inner_state = state["inner"]
@@ -465,7 +546,7 @@ def skip_nonfinite(inner: GradientTransformation) -> GradientTransformation:
         # inner updates its state in place: keep the old values to fall back on
         old = T.leaves(inner_state)
         old = [t.clone() for t in old]
-        updates, new_inner = inner.update(updates, inner_state, params)
+        updates, new_inner = inner.update(updates, inner_state, params, **extra)
         us = T.leaves(updates)
         ok = finite_in & _all_finite(us, skipped.device)
         new = T.leaves(new_inner)
@@ -508,24 +589,15 @@ def skipped_steps(opt_state: TensorDictBase) -> torch.Tensor | None:
     return total
 
 
-def clip_then(
-    max_grad_norm: float | None,
-    *transforms: GradientTransformation,
-    norm_fn: NormFn | None = None,
-) -> GradientTransformation:
-    """``chain(clip_by_global_norm(max_grad_norm), *transforms)``; without the clip when
-    ``max_grad_norm`` is None (the shape of every optimizer alias). ``norm_fn``: see
-    :func:`clip_by_global_norm`."""
-    clip = () if max_grad_norm is None else (clip_by_global_norm(max_grad_norm, norm_fn=norm_fn),)
-    return chain(*clip, *transforms)
-
-
-def decayed_and_scaled(
-    core: GradientTransformation,
+def decoupled(
+    direction: GradientTransformation,
     learning_rate: float | Schedule,
     weight_decay: float,
     mask: MaskFn | None,
-) -> tuple[GradientTransformation, ...]:
-    """``(core, add_decayed_weights, scale_by_learning_rate)``: a direction, then decoupled
-    weight decay, then the (negative) learning rate."""
-    return (core, add_decayed_weights(weight_decay, mask), scale_by_learning_rate(learning_rate))
+) -> GradientTransformation:
+    """``chain(direction, add_decayed_weights, scale_by_learning_rate)``: an update direction,
+    then decoupled weight decay (Loshchilov & Hutter, ICLR 2019), then the (negative) learning
+    rate: the tail every AdamW-style optimizer shares."""
+    return chain(
+        direction, add_decayed_weights(weight_decay, mask), scale_by_learning_rate(learning_rate)
+    )

@@ -41,7 +41,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from tscale.core import tree as T
 from tscale.core.state import TrainState
-from tscale.errors import ConfigError, ShapeError
+from tscale.errors import ShapeError
 from tscale.models.lora import LoraModel
 from tscale.models.protocol import Frozen, Gather, Wrapper, layers
 from tscale.models.stack import CastModel
@@ -550,13 +550,3 @@ def _relocal(local: TensorDictBase, like: TensorDictBase) -> TensorDict:
         else:
             out[k] = v
     return _fill(like, out)
-
-
-def check_optimizer(name: str) -> None:
-    """Raise for optimizers whose update is not elementwise per shard."""
-    if name in {"muon", "prodigy", "sophia_g"}:
-        raise ConfigError(
-            f"optimizer.type={name} is not supported with sharded params (parallel.dp_shard > 1): "
-            "its update needs whole tensors or global sums; use parallel.dp_shard: 1 (DDP) or "
-            "adamw, adamw_8bit, lion, schedule_free_adamw"
-        )

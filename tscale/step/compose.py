@@ -33,6 +33,9 @@ MetricSync = Callable[[Mapping[str, M.Metric]], dict[str, M.Metric]]
 """``sync(aux) -> aux``: the data-parallel reduction of a step's metrics (each by its reduction,
 see :func:`tscale.core.metrics.reduce_over`); called only when a loss returns metrics."""
 _RESERVED = ("loss", "grad_norm", "skipped")
+UpdateExtra = Callable[[TrainState, TensorDictBase], Mapping[str, Any]]
+"""``update_extra(state, batch) -> {name: value}``: extra arguments of the optimizer's update
+that come from the objective (Sophia-G's ``hessian``; see :mod:`tscale.step.sophia`)."""
 
 
 def split_microbatches(batch: TensorDictBase, microbatches: int) -> tuple[TensorDictBase, ...]:
@@ -84,6 +87,7 @@ def make_train_step(
     grad_sync: GradSync | None = None,
     grad_norm: NormFn = T.global_norm,
     metric_sync: MetricSync | None = None,
+    update_extra: UpdateExtra | None = None,
 ) -> StepFn:
     """Build a pure train step with gradient accumulation over ``microbatches``.
 
@@ -105,6 +109,9 @@ def make_train_step(
             sums the squares across shards).
         metric_sync: the data-parallel reduction of the loss's own metrics (each by its declared
             reduction); not called when the loss returns none beyond ``tokens``.
+        update_extra: ``(state, batch) -> kwargs`` passed to ``tx.update`` (optax's extra
+            arguments), computed from the state before the update: an optimizer that needs
+            the objective, such as Sophia-G's Hessian estimate.
 
     Returns:
         ``step(state, batch) -> (new_state, metrics)`` with metrics ``loss`` (mean per token),
@@ -128,7 +135,8 @@ def make_train_step(
         denom = tokens.clamp_min(1).to(loss_sum.dtype)
         torch._foreach_div_(T.leaves(grads), denom)
         norm = grad_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        extra = update_extra(state, batch) if update_extra is not None else {}
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
         params = apply_updates(state.params, updates)
         new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
         metrics = {"loss": loss_sum / denom, "tokens": tokens, "grad_norm": norm}

@@ -1,10 +1,12 @@
-"""The Sophia-G train step: the usual gradient plus a Gauss-Newton-Bartlett Hessian estimate.
+"""Sophia-G's Hessian estimate for the train step: Gauss-Newton-Bartlett, as an extra argument.
 
 Liu et al., "Sophia: A Scalable Stochastic Second-order Optimizer for Language Model
 Pre-training" (ICLR 2024), Algorithm 2 (GNB): take the model's logits on the batch, sample labels
 ``yhat ~ softmax(logits)``, take ``ghat``, the gradient of the mean cross-entropy against ``yhat``
-over the ``B`` trained tokens, and return ``hhat = B * ghat * ghat``. The optimizer
-(:func:`tscale.optim.sophia.sophia_g`) folds ``hhat`` into its Hessian EMA every
+over the ``B`` trained tokens, and return ``hhat = B * ghat * ghat``. The generic step
+(:func:`tscale.step.make_train_step`) calls :func:`make_hessian_estimate`'s function through its
+``update_extra`` hook and passes ``hessian=hhat`` to the optimizer's update
+(:func:`tscale.optim.sophia.sophia_g`), which folds it into its Hessian EMA every
 ``update_every`` updates; when is decided on the device by its ``hessian_due`` state flag.
 
 **No host sync, at a price.** Eager PyTorch cannot skip work on a device value without reading
@@ -31,14 +33,13 @@ from tensordict import TensorDictBase
 
 from tscale.core import rng as R
 from tscale.core import tree as T
+from tscale.core.metrics import NORMALISER
 from tscale.core.state import TrainState
-from tscale.losses.lm import IGNORE_INDEX, make_lm_loss, token_cross_entropy
-from tscale.optim.base import GradientTransformation, apply_updates
-from tscale.optim.sophia import hessian_due, with_hessian_estimate, without_hessian_estimate
-from tscale.optim.transforms import skipped_steps
-from tscale.step.compose import Metrics, StepFn, accumulate_gradients, split_microbatches
+from tscale.losses.lm import IGNORE_INDEX, token_cross_entropy
+from tscale.optim.sophia import hessian_due
+from tscale.step.compose import UpdateExtra, accumulate, split_microbatches
 
-__all__ = ["make_sophia_train_step", "sample_categorical", "uniform"]
+__all__ = ["make_hessian_estimate", "sample_categorical", "uniform"]
 
 ApplyFn = Callable[[TensorDictBase, Any], torch.Tensor]
 
@@ -77,10 +78,10 @@ def _make_sampled_loss(apply_fn: ApplyFn, ignore_index: int):
     """``loss(params, batch) -> (sum CE(logits, yhat), {"tokens"})`` with ``yhat`` sampled from
     the logits at the trained positions (``labels != ignore_index``) using the batch's uniforms."""
 
-    def loss_fn(params: TensorDictBase, batch: TensorDictBase):
+    def loss_fn(params: TensorDictBase, batch: TensorDictBase, **kw: Any):
         u = batch[_UNIFORM_KEY]
-        # every position's logits: the uniforms and the labels are [B, S]
-        logits = apply_fn(params, batch.exclude(_UNIFORM_KEY, "logits_index"))
+        # every position's logits: the uniforms and the labels are [B, S]; kw: frozen trees
+        logits = apply_fn(params, batch.exclude(_UNIFORM_KEY, "logits_index"), **kw)
         with torch.no_grad():
             yhat = sample_categorical(logits, u)
             yhat = torch.where(batch["labels"] == ignore_index, ignore_index, yhat)
@@ -90,52 +91,42 @@ def _make_sampled_loss(apply_fn: ApplyFn, ignore_index: int):
     return loss_fn
 
 
-def make_sophia_train_step(
+def make_hessian_estimate(
     apply_fn: ApplyFn,
-    tx: GradientTransformation,
     *,
     microbatches: int = 1,
-    donate: bool = True,
     host_branch: bool = False,
     ignore_index: int = IGNORE_INDEX,
-) -> StepFn:
-    """Build a pure train step for :func:`tscale.optim.sophia.sophia_g` (token cross-entropy).
-
-    Each step: the token-sum cross-entropy gradient (divided once by the batch's token count,
-    as :func:`tscale.step.make_train_step`); the GNB estimate ``hhat = N ghat^2`` with ``N``
-    the trained tokens and ``ghat`` the mean gradient against sampled labels; then
-    ``tx.update`` with the estimate passed through the state (see
-    :mod:`tscale.optim.sophia`). How often the estimate is used is the optimizer's
-    ``update_every``.
+) -> UpdateExtra:
+    """The ``update_extra`` hook of :func:`tscale.step.make_train_step` for Sophia-G:
+    ``(state, batch) -> {"hessian": hhat}``, the GNB estimate ``hhat = N ghat^2`` with ``N``
+    the trained tokens and ``ghat`` the mean gradient against sampled labels.
 
     Args:
         apply_fn: ``apply_fn(params, batch) -> logits`` (batch has ``input_ids``, ``labels``).
-        tx: an optimizer holding one :func:`~tscale.optim.sophia.scale_by_sophia` (such as
-            ``sophia_g``, possibly wrapped by ``skip_nonfinite`` or behind a clip). Keep
-            ``state.rng`` on the device of ``state.step`` (as the trainer does), or the key
-            derivation copies the step to the host.
-        microbatches: number of equal parts the batch is split into (gradient accumulation).
-        donate: if True the step consumes its input state; if False it clones it first.
+            Keep ``state.rng`` on the device of ``state.step`` (as the trainer does), or the
+            key derivation copies the step to the host.
+        microbatches: the step's microbatches (the estimate accumulates over the same parts;
+            the uniforms are drawn for the whole batch first, so the estimate does not change).
         host_branch: read the optimizer's ``hessian_due`` flag on the host (one sync per step)
-            and run the estimator only when it is due, instead of on every step (see the
-            module docstring).
+            and estimate only when it is due (``{"hessian": None}`` otherwise), instead of on
+            every step (see the module docstring).
         ignore_index: the label of untrained positions.
-
-    Returns:
-        ``step(state, batch) -> (new_state, metrics)`` with ``loss`` (mean per token),
-        ``tokens``, ``grad_norm`` and ``hessian_updated`` (0-d float32, 1.0 on the steps where
-        the estimate was due to enter the Hessian EMA).
     """
-    loss_fn = make_lm_loss(apply_fn, ignore_index=ignore_index)
     sampled_loss_fn = _make_sampled_loss(apply_fn, ignore_index)
 
-    def hessian_estimate(state: TrainState, batch: TensorDictBase) -> TensorDictBase:
+    def estimate(state: TrainState, batch: TensorDictBase) -> dict[str, Any]:
+        # host_branch: bool(due) is the one host sync of this mode
+        if host_branch and not bool(hessian_due(state.opt_state)):
+            return {"hessian": None}
         key = R.fold_in(state.rng, state.step)
         hbatch = batch.clone(recurse=False)
         labels = batch["labels"]
         hbatch.set(_UNIFORM_KEY, uniform(key, tuple(labels.shape)).to(labels.device))
         parts = split_microbatches(hbatch, microbatches)
-        hgrads, _, htokens = accumulate_gradients(sampled_loss_fn, state.params, parts)
+        frozen = {"frozen": state.frozen} if state.frozen else {}  # e.g. the LoRA base
+        hgrads, _, aux = accumulate(sampled_loss_fn, state.params, parts, **frozen)
+        htokens = aux[NORMALISER].value
         hs = T.leaves(hgrads)
         if hs:
             # bfloat16/float16 gradients square in float32, the dtype of the Hessian EMA.
@@ -147,36 +138,6 @@ def make_sophia_train_step(
             # N * (sum_grad / N)^2 = sum_grad^2 / N
             torch._foreach_mul_(hs, hs)
             torch._foreach_div_(hs, htokens.clamp_min(1).to(hs[0].dtype))
-        return hgrads
+        return {"hessian": hgrads}
 
-    def step(state: TrainState, batch: TensorDictBase) -> tuple[TrainState, Metrics]:
-        if not donate:
-            state = state.clone()
-        parts = split_microbatches(batch, microbatches)
-        grads, loss_sum, tokens = accumulate_gradients(loss_fn, state.params, parts)
-        denom = tokens.clamp_min(1).to(loss_sum.dtype)
-        torch._foreach_div_(T.leaves(grads), denom)
-        grad_norm = T.global_norm(grads)
-
-        due = hessian_due(state.opt_state)
-        updated = due.to(torch.float32)  # read before the update advances the flag
-        # host_branch: bool(due) is the one host sync of this mode
-        skip = host_branch and not bool(due)
-        estimate = None if skip else hessian_estimate(state, batch)
-        opt_in = with_hessian_estimate(state.opt_state, estimate)
-        updates, opt_state = tx.update(grads, opt_in, state.params)
-        opt_state = without_hessian_estimate(opt_state)
-        params = apply_updates(state.params, updates)
-        new_state = state.replace(params=params, opt_state=opt_state, step=state.step + 1)
-        metrics = {
-            "loss": loss_sum / denom,
-            "tokens": tokens,
-            "grad_norm": grad_norm,
-            "hessian_updated": updated,
-        }
-        skipped = skipped_steps(opt_state)
-        if skipped is not None:
-            metrics["skipped"] = skipped
-        return new_state, metrics
-
-    return step
+    return estimate

@@ -17,7 +17,6 @@ from tensordict import TensorDict, TensorDictBase
 
 from tscale.core.fields import field
 from tscale.data.loader import batch_iter
-from tscale.errors import ConfigError
 from tscale.losses.lm import make_fused_lm_loss, make_lm_loss
 from tscale.models.generate import greedy
 from tscale.models.protocol import frozen_kw
@@ -39,11 +38,6 @@ class SFTTask(TaskDefaults):
         """Token cross-entropy over ``ctx.apply_fn``'s logits, or fused over the model's hidden
         states and head weight (``loss.fused``)."""
         lc = ctx.config.loss
-        if lc.fused and (ctx.config.lora.enabled or ctx.config.optimizer.type == "sophia_g"):
-            raise ConfigError(
-                "loss.fused does not combine with lora.enabled or optimizer.type=sophia_g yet; "
-                "set loss.fused: false"
-            )
         if lc.fused:
             return make_fused_lm_loss(
                 ctx.model,

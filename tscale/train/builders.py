@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import inspect
 import itertools
-import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -43,12 +41,12 @@ from tscale.models.protocol import LanguageModel
 from tscale.models.quant import quantize_params
 from tscale.models.stack import stack_model
 from tscale.models.transformer import Transformer, TransformerConfig
-from tscale.optim import alias, schedules, transforms
-from tscale.optim.base import GradientTransformation, chain
-from tscale.optim.schedule_free import schedule_free_eval_params
+from tscale.optim.base import GradientTransformation, Schedule
+from tscale.optim.record import CONFIG_MASK, check_fields
+from tscale.optim.transforms import MaskFn, NormFn
 from tscale.step.compile import compile_step
 from tscale.step.compose import StepFn, make_train_step
-from tscale.step.sophia import make_sophia_train_step
+from tscale.step.sophia import make_hessian_estimate
 from tscale.train import data_report, data_sources
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -909,37 +907,12 @@ def _random_model(cfg: Config, vocab_size: int) -> Transformer:
     )
 
 
-def _name_keys(message: str, keys: dict[str, str]) -> str:
-    """``message`` with the library's argument names replaced by the config keys they come from."""
-    for arg, key in keys.items():
-        message = re.sub(rf"(?<![\w.]){re.escape(arg)}\b", key, message)
-    return message
-
-
-def _differs(record: Any, field: str) -> bool:
-    """True when ``record.field`` is not its schema default (the user set it)."""
-    default = attrs.fields_dict(type(record))[field].default
-    if isinstance(default, attrs.Factory):
-        default = default.factory()
-    return getattr(record, field) != default
-
-
-_SCHEDULE_FIELDS = (
-    "min_lr_ratio",
-    "num_cycles",
-    "decay_fraction",
-    "decay_shape",
-    "power",
-    "timescale",
-)
-
-
-def build_schedule(cfg: Config) -> schedules.Schedule:
-    """The learning-rate schedule of ``cfg.scheduler`` over ``train.max_steps``.
+def build_schedule(cfg: Config) -> Schedule:
+    """The learning-rate schedule of ``cfg.scheduler`` (its record builds it) from
+    ``optimizer.lr`` over ``train.max_steps``.
 
     Raises:
-        ConfigError: a ``scheduler`` field set that the chosen type does not use, or a value the
-            schedule rejects (the message names the config keys).
+        ConfigError: a value the schedule rejects (the message names the config key).
     """
     cfg = resolve_defaults(cfg)
     if cfg.train.max_steps is None:
@@ -947,154 +920,69 @@ def build_schedule(cfg: Config) -> schedules.Schedule:
             "train.max_steps is null: train.epochs sets it once the data is read (the trainer "
             "does); set train.max_steps to build the schedule without the data"
         )
-    s = cfg.scheduler
-    used = schedules.SCHEDULE_ARGS[s.type]
-    for field in _SCHEDULE_FIELDS:
-        if field not in used and _differs(s, field):
-            users = [t for t, args in schedules.SCHEDULE_ARGS.items() if field in args]
-            raise ConfigError(
-                f"scheduler.{field} is not used by scheduler.type={s.type}; remove it or pick a "
-                f"type that uses it ({', '.join(users)})"
-            )
-    keys = {f: f"scheduler.{f}" for f in (*_SCHEDULE_FIELDS, "warmup_steps")}
-    keys |= {"peak": "optimizer.lr", "total_steps": "train.max_steps"}
     try:
-        return schedules.build_schedule(
-            s.type,
-            peak=cfg.optimizer.lr,
-            warmup_steps=s.warmup_steps,
-            total_steps=cfg.train.max_steps,
-            min_lr_ratio=s.min_lr_ratio,
-            decay_fraction=s.decay_fraction,
-            decay_shape=s.decay_shape,
-            num_cycles=s.num_cycles,
-            power=s.power,
-            timescale=s.timescale,
-        )
+        check_fields(cfg.optimizer)  # the peak is optimizer.lr
     except ValueError as err:
-        raise ConfigError(f"scheduler.type={s.type}: {_name_keys(str(err), keys)}") from None
+        raise ConfigError(f"optimizer.{err}") from None
+    try:
+        return cfg.scheduler.build(cfg.optimizer.lr, cfg.train.max_steps)
+    except ValueError as err:
+        raise ConfigError(f"scheduler.{err}") from None
 
 
-# optimizer.<field> -> the factory keyword arguments it feeds (learning_rate: optimizer.lr always)
-_OPTIMIZER_KWARGS: dict[str, tuple[str, ...]] = {
-    "betas": ("b1", "b2"),
-    "eps": ("eps",),
-    "weight_decay": ("weight_decay",),
-    "no_decay": ("mask",),
-    "block_size": ("block_size",),
-    "min_8bit_size": ("min_8bit_size",),
-    "momentum": ("momentum",),
-    "nesterov": ("nesterov",),
-    "ns_steps": ("ns_steps",),
-    "rho": ("rho",),
-    "update_every": ("update_every",),
-    "d0": ("d0",),
-    "d_coef": ("d_coef",),
-    "safeguard_warmup": ("safeguard_warmup",),
-}
-
-
-def decay_mask(cfg: Config) -> transforms.MaskFn | None:
+def decay_mask(cfg: Config) -> MaskFn | None:
     """Which params the configured optimizer decays: ``optimizer.no_decay`` as a mask, else the
-    factory's default mask; None when the factory takes no mask (every param decays)."""
-    factory = alias.OPTIMIZERS.get(cfg.optimizer.type)
-    params = inspect.signature(factory).parameters if factory is not None else {}
-    if "mask" not in params:
-        return None
-    if cfg.optimizer.no_decay is not None:
-        return transforms.no_decay_mask(cfg.optimizer.no_decay)
-    return params["mask"].default
+    default (not norms, biases, embeddings)."""
+    try:
+        return cfg.optimizer.decay_mask()
+    except ValueError as err:
+        raise ConfigError(f"optimizer.{err}") from None
 
 
 def build_optimizer(
     cfg: Config,
-    schedule: schedules.Schedule,
+    schedule: Schedule,
     *,
-    norm_fn: transforms.NormFn | None = None,
-    mask: transforms.MaskFn | str | None = "config",
+    norm_fn: NormFn | None = None,
+    mask: MaskFn | str | None = "config",
     clip: bool = True,
 ) -> GradientTransformation:
-    """The optimizer of ``cfg.optimizer`` driven by ``schedule``.
-
-    Each factory of ``tscale.optim.OPTIMIZERS`` gets the keyword arguments its signature names
-    (a ``null`` field is not passed: the factory's own default applies); a field set away from
-    its default for a type that does not take it is an error. Clipping is added in front of a
-    factory that takes no ``max_grad_norm``; ``skip_nonfinite`` wraps the whole chain.
+    """The optimizer of ``cfg.optimizer`` (its record builds it) driven by ``schedule``:
+    ``skip_nonfinite?(chain(clip_by_global_norm(max_grad_norm)?, optimizer))``.
 
     ``mask`` other than ``"config"`` replaces the decay mask (None: decay every param) and
     ``clip=False`` leaves clipping out: DeepSpeed splits params into decay groups and clips
-    across its partitions itself.
+    across its partitions itself. An optimizer that replaces the schedule (schedule-free) takes
+    ``optimizer.lr`` and ``scheduler.warmup_steps`` instead, with ``scheduler.type: constant``.
 
     Raises:
-        ConfigError: ``optimizer.type`` not registered in this build, a field the type does not
-            use, or a value the factory rejects (the message names the config key).
+        ConfigError: a value the optimizer rejects, or a package it needs is missing (the
+            message names the config key).
     """
     cfg = resolve_defaults(cfg)
     o = cfg.optimizer
-    factory = alias.OPTIMIZERS.get(o.type)
-    if factory is None:
-        raise ConfigError(
-            f"optimizer.type={o.type} is not available in this build; registered: "
-            f"{', '.join(sorted(alias.OPTIMIZERS))}"
-        )
-    params = inspect.signature(factory).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-    def takes(name: str) -> bool:
-        return takes_any or name in params
-
-    kwargs: dict[str, Any] = {"learning_rate": schedule}
-    if o.type == "schedule_free_adamw":
+    lr: float | Schedule = schedule
+    warmup_steps = 0
+    if o.capabilities.replaces_schedule:
         # Schedule-free replaces the decay schedule (Defazio et al. 2024): constant lr, own warmup.
         if cfg.scheduler.type != "constant":
             raise ConfigError(
-                "optimizer.type=schedule_free_adamw needs no decay schedule: set "
+                f"optimizer.type={o.type} needs no decay schedule: set "
                 "scheduler.type: constant (scheduler.warmup_steps becomes its warmup)"
             )
-        kwargs = {"learning_rate": o.lr, "warmup_steps": cfg.scheduler.warmup_steps}
-    for field, names in _OPTIMIZER_KWARGS.items():
-        value = getattr(o, field)
-        if not all(takes(n) for n in names):
-            if _differs(o, field):
-                raise ConfigError(
-                    f"optimizer.{field} is not used by optimizer.type={o.type}; remove it"
-                )
-            continue
-        if value is None:  # null: the factory's own default
-            continue
-        if field == "betas":
-            kwargs["b1"], kwargs["b2"] = value
-        elif field == "no_decay" and mask != "config":
-            continue
-        elif field == "no_decay":
-            try:
-                kwargs["mask"] = transforms.no_decay_mask(value)
-            except ValueError as err:
-                message = _name_keys(str(err), {"patterns": "optimizer.no_decay"})
-                raise ConfigError(message) from None
-        else:
-            kwargs[names[0]] = value
-    if mask != "config" and takes("mask"):
-        kwargs["mask"] = mask
-    max_grad_norm = o.max_grad_norm if clip else None
-    clip_outside = max_grad_norm is not None and not takes("max_grad_norm")
-    if takes("max_grad_norm"):
-        kwargs["max_grad_norm"] = max_grad_norm
-    if norm_fn is not None and takes("norm_fn"):  # sharded params: clip by the whole's norm
-        kwargs["norm_fn"] = norm_fn
-    keys = {n: f"optimizer.{f}" for f, ns in _OPTIMIZER_KWARGS.items() for n in ns}
-    keys |= {"b1": "optimizer.betas[0]", "b2": "optimizer.betas[1]"}
-    keys |= {"learning_rate": "optimizer.lr", "max_norm": "optimizer.max_grad_norm"}
-    keys["max_grad_norm"] = "optimizer.max_grad_norm"
+        lr, warmup_steps = o.lr, cfg.scheduler.warmup_steps
     try:
-        tx = factory(**kwargs)
-        if clip_outside:
-            tx = chain(transforms.clip_by_global_norm(max_grad_norm, norm_fn=norm_fn), tx)
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"optimizer.type={o.type}: {_name_keys(str(err), keys)}") from None
+        return o.build(
+            lr,
+            warmup_steps=warmup_steps,
+            mask=CONFIG_MASK if mask == "config" else mask,
+            norm_fn=norm_fn,
+            clip=clip,
+        )
+    except ValueError as err:
+        raise ConfigError(f"optimizer.{err}") from None
     except ImportError as err:
         raise ConfigError(f"optimizer.type={o.type}: {err}") from None
-    return transforms.skip_nonfinite(tx) if o.skip_nonfinite else tx
 
 
 def build_step(
@@ -1105,18 +993,15 @@ def build_step(
     apply_fn: Callable,
     **parallel: Any,
 ) -> StepFn:
-    """The train step the config implies over the task's ``loss_fn``: Sophia-G needs its
-    Hessian-estimating step, every other optimizer the plain ``make_train_step``; LoRA dropout
-    draws its keys from the state's rng and step; ``train.compile`` wraps the whole in
-    ``torch.compile``. ``parallel``: ``grad_sync`` / ``grad_norm`` / ``metric_sync`` of a
-    data-parallel run (see :mod:`tscale.train.distributed`)."""
+    """The train step the config implies: ``make_train_step`` over the task's ``loss_fn``, with
+    the Hessian estimate as the optimizer's extra argument when it needs the objective
+    (Sophia-G); LoRA dropout draws its keys from the state's rng and step; ``train.compile``
+    wraps the whole in ``torch.compile``. ``parallel``: ``grad_sync`` / ``grad_norm`` /
+    ``metric_sync`` of a data-parallel run (see :mod:`tscale.train.distributed`)."""
     t = cfg.train
-    if cfg.optimizer.type == "sophia_g":
-        step = make_sophia_train_step(apply_fn, tx, microbatches=t.microbatches, donate=t.donate)
-    else:
-        step = make_train_step(
-            loss_fn, tx, microbatches=t.microbatches, donate=t.donate, **parallel
-        )
+    if cfg.optimizer.capabilities.needs_objective:
+        parallel["update_extra"] = make_hessian_estimate(apply_fn, microbatches=t.microbatches)
+    step = make_train_step(loss_fn, tx, microbatches=t.microbatches, donate=t.donate, **parallel)
     if cfg.lora.enabled and cfg.lora.dropout > 0:
         step = with_dropout_keys(step)
     if t.compile:
@@ -1154,9 +1039,9 @@ def build_lora_model(
 
 
 def build_eval_params(cfg: Config) -> Callable[[TrainState], TensorDictBase]:
-    """What to evaluate: the params, or for schedule-free AdamW its averaged iterate ``x``
-    (training runs on ``y``; Defazio et al. 2024 evaluate ``x``)."""
-    if cfg.optimizer.type == "schedule_free_adamw":
-        b1 = cfg.optimizer.betas[0] if cfg.optimizer.betas is not None else 0.9
-        return lambda state: schedule_free_eval_params(state.params, state.opt_state, b1)
+    """What to evaluate: the params, or what the optimizer says (schedule-free AdamW: its
+    averaged iterate ``x``; training runs on ``y``, Defazio et al. 2024 evaluate ``x``)."""
+    o = cfg.optimizer
+    if o.capabilities.eval_params:
+        return lambda state: o.params_to_evaluate(state.params, state.opt_state)
     return lambda state: state.params
