@@ -482,6 +482,84 @@ def iter_canonical(
         yield canonicalize(row, info, where=f"{name}:row {i + 1}")
 
 
+SFT_SHAPES: tuple[str, ...] = ("prompt_completion", "alpaca", "chat", "sharegpt")
+"""The formats supervised fine-tuning reads."""
+
+
+def without_empty_system(record: dict) -> dict:
+    """A canonical record without its ``system`` field when that is empty (None)."""
+    if "system" in record and not isinstance(record["system"], str):
+        record = {k: v for k, v in record.items() if k != "system"}
+    return record
+
+
+def row_info(
+    row: Mapping[str, Any], *, column_map: Mapping[str, str] | None = None, spec: str = "row"
+) -> SourceInfo:
+    """The format of one row on its own (its keys and values), as a :class:`SourceInfo`; the
+    ``column_map`` entries whose column the row has apply."""
+    columns = list(row)
+    user = {f: c for f, c in (column_map or {}).items() if c in row}
+    fmt, mapping = detect_format(columns, [row], column_map=user)
+    return SourceInfo(
+        spec=spec,
+        kind="row",
+        builder=None,
+        configs=(),
+        config=None,
+        splits={},
+        split="train",
+        columns=tuple(columns),
+        features={},
+        format=fmt,
+        column_map=mapping,
+        sample_size=1,
+    )
+
+
+def canonical_row(
+    row: Mapping[str, Any],
+    info: SourceInfo | None,
+    *,
+    where: str,
+    per_row: bool = True,
+    shapes: Sequence[str] = SFT_SHAPES,
+) -> tuple[Ok[dict] | Err, str]:
+    """One row canonicalized: ``(Ok(record) | Err, format)``.
+
+    With the source's ``info`` the row is read in the source's format; when that fails and
+    ``per_row`` (``format: auto``), the row's own format is detected (:func:`row_info`) and, when
+    it is another one of ``shapes``, the row is read in it: a file that mixes prompt/completion,
+    alpaca and chat rows trains every row. Without ``info`` only the row's own format is used.
+    """
+    first: Ok[dict] | Err | None = None
+    fmt = "unknown"
+    if info is not None:
+        fmt = info.format
+        first = canonicalize(row, info, where=where)
+        if isinstance(first, Ok) or not per_row:
+            return _clean(first), canonical_format(fmt)
+    own = row_info(row, column_map=info.column_map if info is not None else None)
+    if own.format not in shapes or (info is not None and own.format == info.format):
+        if first is not None:
+            return first, canonical_format(fmt)
+        keys = ", ".join(map(str, list(row)[:8])) or "none"
+        return (
+            Err(
+                f"no known columns: {keys} (rows need prompt/completion, instruction/output or "
+                "messages; map other names with data.column_map)",
+                dict(row),
+                where,
+            ),
+            "unknown",
+        )
+    return _clean(canonicalize(row, own, where=where)), canonical_format(own.format)
+
+
+def _clean(res: Ok[dict] | Err) -> Ok[dict] | Err:
+    return Ok(without_empty_system(res.value)) if isinstance(res, Ok) else res
+
+
 def canonical_format(fmt: str) -> str:
     """The format of canonicalized records: ShareGPT becomes ``chat``, others stay."""
     return "chat" if fmt == "sharegpt" else fmt

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from tscale.data.load import READERS, dir_files, supported
 from tscale.errors import DataError
 
 if TYPE_CHECKING:
@@ -34,15 +35,8 @@ if TYPE_CHECKING:
 
 SpecLike = str | os.PathLike | Sequence[str | os.PathLike] | Mapping[str, Any]
 
-BUILDERS: Mapping[str, str] = {
-    ".json": "json",
-    ".jsonl": "json",
-    ".csv": "csv",
-    ".parquet": "parquet",
-    ".arrow": "arrow",
-    ".txt": "text",
-}
-"""File extension → the ``datasets`` packaged builder that reads it."""
+BUILDERS: Mapping[str, str] = READERS
+"""File extension → the ``datasets`` builder that reads it (``tscale.data.load.READERS``)."""
 
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _MIB = 1 << 20
@@ -53,7 +47,8 @@ class ResolvedSource:
     """Where a spec's data is: ``kind`` is ``"files"``, ``"saved"`` (``save_to_disk``) or ``"hub"``.
 
     ``data_files`` maps split → files (``"files"`` only); ``builder`` is the ``datasets`` builder
-    for them; ``path`` is the saved directory or ``None``; ``name`` is the spec as text.
+    for them (None when the files mix formats); ``path`` is the saved directory or ``None``;
+    ``name`` is the spec as text.
     """
 
     kind: str
@@ -73,18 +68,8 @@ class ResolvedSource:
 # --------------------------------------------------------------------------------------------
 
 
-def _supported(path: Path) -> bool:
-    return path.suffix.lower() in BUILDERS and not path.name.startswith(".")
-
-
-def _dir_files(path: Path) -> list[Path]:
-    """The supported files under a directory (recursively, hidden entries skipped), sorted."""
-    out = []
-    for p in sorted(path.rglob("*")):
-        rel = p.relative_to(path)
-        if p.is_file() and _supported(p) and not any(s.startswith(".") for s in rel.parts):
-            out.append(p)
-    return out
+_supported = supported
+_dir_files = dir_files
 
 
 def _is_saved(path: Path) -> bool:
@@ -144,7 +129,9 @@ def _expand(item: str | os.PathLike) -> list[Path]:
 
 
 def _one_builder(name: str, splits: Mapping[str, Sequence[Path]]) -> str:
-    """The single builder for all files; mixed formats are an error naming one file of each."""
+    """The single ``datasets`` builder for all files (``load_source`` needs one); mixed formats
+    are an error naming one file of each. The training pipeline reads each file with its own
+    reader (:func:`tscale.data.load.read_file`), so mixed files are fine there."""
     by_builder: dict[str, Path] = {}
     for files in splits.values():
         for f in files:
@@ -152,8 +139,8 @@ def _one_builder(name: str, splits: Mapping[str, Sequence[Path]]) -> str:
     if len(by_builder) > 1:
         shown = ", ".join(f"{b}: {f}" for b, f in sorted(by_builder.items()))
         raise DataError(
-            f"{name} mixes file formats ({shown}); one source must be of one format. Split it "
-            "into one source per format and mix them (data.sources with weights)"
+            f"{name} mixes file formats ({shown}); datasets reads one format at a time. Split "
+            "it into one source per format, or train on it (tscale reads each file by its type)"
         )
     return next(iter(by_builder))
 
@@ -196,7 +183,8 @@ def resolve_source(spec: SpecLike) -> ResolvedSource:
         name = str([os.fspath(s) for s in spec])
     if not any(splits.values()):
         raise DataError(f"{name}: no data files found; pass at least one data file")
-    builder = _one_builder(name, splits)
+    mixed = len({BUILDERS[f.suffix.lower()] for fs in splits.values() for f in fs}) > 1
+    builder = None if mixed else _one_builder(name, splits)  # None: one reader per file
     data_files = {k: tuple(v) for k, v in splits.items() if v}
     return ResolvedSource("files", name, builder=builder, data_files=data_files)
 
@@ -368,6 +356,8 @@ def load_source(
                 f"{source.name} has no split {base!r}; its splits are {sorted(source.data_files)} "
                 "(file names starting with train/validation/test name the split)"
             )
+        if source.builder is None:
+            _one_builder(source.name, source.data_files)  # raises: datasets reads one format
         data_files = {base: [os.fspath(f) for f in source.data_files[base]]}
         for f in data_files[base]:
             if Path(f).stat().st_size == 0:
