@@ -432,9 +432,21 @@ def load_records(
         DataError: no files; a file missing or empty; or every row of a file rejected (almost
             always a format mistake, not bad luck; the rows are in the quarantine file first).
     """
+    records, _, report = read_records(files, quarantine=quarantine, cache_dir=cache_dir)
+    return records, report
+
+
+def read_records(
+    files: Sequence[str | Path],
+    *,
+    quarantine: Path | None = None,
+    cache_dir: Path | None = None,
+) -> tuple[list[dict], list[str], LoadReport]:
+    """:func:`load_records` with the place (``file:line N``) of every record kept."""
     if not files:
         raise DataError("no data files given; pass at least one JSON-lines file")
     records: list[dict] = []
+    places: list[str] = []
     reasons: Counter[str] = Counter()
     shapes: Counter[str] = Counter()
     total = 0
@@ -449,6 +461,7 @@ def load_records(
             result, shape = record_of(row.value, where)
             if isinstance(result, Ok):
                 records.append(result.value)
+                places.append(where)
                 shapes[shape] += 1
             else:
                 errors.append(result)
@@ -466,4 +479,4 @@ def load_records(
         quarantine=quarantine,
         shapes=dict(shapes),
     )
-    return records, report
+    return records, places, report

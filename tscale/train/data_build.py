@@ -439,11 +439,11 @@ def _read_train(plan: _Plan) -> dict[str, Any]:
     quarantined: ``parts`` (records and places per source), counts, source summaries."""
     quarantine = plan.quarantine
     if not plan.sources:
-        records, report = data_load.load_records(
+        records, places, report = data_load.read_records(
             plan.train_files, quarantine=quarantine, cache_dir=plan.hf_cache
         )
         return {
-            "parts": [(records, [f"train record {i}" for i in range(len(records))])],
+            "parts": [(records, places)],
             "records": len(records),
             "rows": report.total,
             "load_errors": dict(report.errors),
@@ -484,10 +484,10 @@ def _read_eval(plan: _Plan) -> tuple[list[dict], list[str] | None, dict[str, Any
         reasons = Counter(data_report.reason_key(e.reason) for e in got.errors)
         return got.records, got.places, {"rows": got.rows, "load_errors": reasons}
     if plan.eval_files:
-        records, report = data_load.load_records(
+        records, places, report = data_load.read_records(
             plan.eval_files, quarantine=plan.quarantine, cache_dir=plan.hf_cache
         )
-        return records, None, {"rows": report.total, "load_errors": _by_kind(report.errors)}
+        return records, places, {"rows": report.total, "load_errors": _by_kind(report.errors)}
     return [], None, {"rows": 0, "load_errors": Counter()}
 
 
@@ -606,10 +606,7 @@ def build_data(
         )
         report = {**report, "tokenizer": tokenizer_summary(encoder, tpl)}
         if not train_examples:
-            raise DataError(
-                f"no usable training example; see {plan.quarantine} and "
-                f"{plan.sink.dropped_file} for the reasons"
-            )
+            raise DataError(_nothing_to_train(report, plan))
         loader = BatchLoader(
             train_examples,
             d.batch_size,
@@ -847,6 +844,25 @@ def _streaming(
 # --------------------------------------------------------------------------------------------
 # Report helpers
 # --------------------------------------------------------------------------------------------
+
+
+def _nothing_to_train(report: dict[str, Any], plan: _Plan) -> str:
+    """Why no example is left: the counts, the top reasons, the files that hold the rows."""
+    train = report.get("train") or {}
+    why = [
+        f"{train.get(kind, 0)} {kind} ({', '.join(f'{r}: {n}' for r, n in list(rs.items())[:2])})"
+        for kind, rs in (
+            ("dropped", train.get("dropped_reasons") or {}),
+            ("quarantined", train.get("quarantined_reasons") or {}),
+        )
+        if train.get(kind)
+    ]
+    return (
+        f"no usable training example: {train.get('rows_read', 0)} rows read, "
+        f"{', '.join(why) or 'none kept'}; the rows are in {plan.quarantine} and "
+        f"{plan.sink.dropped_file} (data.max_length {plan.cfg.data.max_length} counts the "
+        "template's tokens too)"
+    )
 
 
 def _by_kind(reasons: dict[str, int]) -> Counter:
