@@ -399,7 +399,7 @@ def all_bad_error(
     """The error for a file (or source) none of whose ``rows`` is usable: the file, the count,
     the most common reason, the first place and where the rows are."""
     common, count = Counter(reason_head(e.reason) for e in errors).most_common(1)[0]
-    where = f"they are in {quarantine}" if quarantine else "pass quarantine= to see them"
+    where = f"they are in {quarantine}" if quarantine else "no quarantine file was given"
     return DataError(
         f"all {rows} rows of {path} are invalid (most often {common!r}, {count} rows; first at "
         f"{errors[0].where}); {where}. Each row needs 'prompt' (a string) and 'completion' (a "

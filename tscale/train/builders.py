@@ -26,15 +26,17 @@ from tscale.optim.schedule_free import schedule_free_eval_params
 from tscale.step.compile import compile_step
 from tscale.step.compose import StepFn, make_train_step
 from tscale.step.sophia import make_sophia_train_step
-from tscale.train.data_build import DataBundle as DataBundle  # re-exported: data lives there
-from tscale.train.data_build import SelectedTemplate as SelectedTemplate
+
+# The data half moved to data_build / data_template; re-exported while the trainer imports it here.
+from tscale.train.data_build import DataBundle as DataBundle
 from tscale.train.data_build import build_data as build_data
-from tscale.train.data_build import build_encoder as build_encoder
-from tscale.train.data_build import prompt_encoder as prompt_encoder
-from tscale.train.data_build import question_and_answer as question_and_answer
-from tscale.train.data_build import select_template as select_template
 from tscale.train.data_build import sft_examples as sft_examples
-from tscale.train.data_build import tokenizer_summary as tokenizer_summary
+from tscale.train.data_template import SelectedTemplate as SelectedTemplate
+from tscale.train.data_template import build_encoder as build_encoder
+from tscale.train.data_template import prompt_encoder as prompt_encoder
+from tscale.train.data_template import question_and_answer as question_and_answer
+from tscale.train.data_template import select_template as select_template
+from tscale.train.data_template import tokenizer_summary as tokenizer_summary
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

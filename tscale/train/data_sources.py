@@ -1,6 +1,6 @@
 """The data section's I/O: sources read and mixed, the processed-data cache, the error budget.
 
-Used by :func:`tscale.train.builders.build_data`; configs stop here (house rule 2), the library
+Used by :func:`tscale.train.data_build.build_data`; configs stop here (house rule 2), the library
 pieces (:mod:`tscale.data.sources`, :mod:`tscale.data.introspect`) take plain arguments.
 """
 
@@ -26,7 +26,7 @@ from tscale.config.schema import Config, DataConfig
 from tscale.core.result import Err, Ok
 from tscale.data.introspect import SourceInfo, canonical_row, detect_format
 from tscale.data.length import TEXT_COLUMNS, LengthBudget
-from tscale.data.load import Row, read_file
+from tscale.data.load import Row, all_bad_error, read_file, write_quarantine
 from tscale.data.sources import (
     fingerprint,
     is_hub_name,
@@ -277,7 +277,7 @@ def mixed_order(sizes: Sequence[int], weights: Sequence[float], seed: int) -> li
 
 
 def open_stream(
-    sources: Sequence[Source], *, seed: int, cache_dir: Path
+    sources: Sequence[Source], *, seed: int, cache_dir: Path, quarantine: Path | None = None
 ) -> Iterator[tuple[Ok[dict] | Err, str]]:
     """The training rows of one pass over the mixed sources, canonicalized, with their places.
 
@@ -285,13 +285,24 @@ def open_stream(
     the hub); the mixture is ``mix_sources`` over streams of one schema (source index, place,
     the row as JSON, the reason when it is bad), so rows of different formats interleave, each
     is canonicalized with its own source's mapping, and a bad line comes out as an ``Err``.
+
+    Raises:
+        DataError: a source without one usable row (its rows are written to ``quarantine``).
     """
     import datasets
 
     infos = []
     for s in sources:
         sample = _sample(s, streaming=True, cache_dir=cache_dir)
-        infos.append(_info(s, sample) if sample else None)
+        if not sample:
+            bad = [r for r, _ in source_rows(s, streaming=True, cache_dir=cache_dir)]
+            errors = [r for r in bad if isinstance(r, Err)]
+            if not errors:
+                raise DataError(f"{s.key}: {s.name} has no rows")
+            if quarantine is not None:
+                write_quarantine(errors, quarantine)
+            raise all_bad_error(f"{s.key} ({s.name})", errors, len(bad), quarantine)
+        infos.append(_info(s, sample))
 
     def rows_of(i: int) -> Iterator[dict]:
         for row, where in source_rows(sources[i], streaming=True, cache_dir=cache_dir):
@@ -312,11 +323,10 @@ def open_stream(
     mixed = mix_sources(parts, seed=seed, streaming=True)
     for item in mixed:
         s, where, value = sources[item["s"]], item["where"], json.loads(item["row"])
-        info = infos[item["s"]]
-        if item["bad"] or info is None:
-            yield Err(item["err"] or "no usable row", value, where), where
+        if item["bad"]:
+            yield Err(item["err"], value, where), where
             continue
-        res, _ = canonical_row(value, info, where=where, per_row=s.format == "auto")
+        res, _ = canonical_row(value, infos[item["s"]], where=where, per_row=s.format == "auto")
         yield res, where
 
 
