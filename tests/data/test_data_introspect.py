@@ -4,6 +4,7 @@ per-row Ok/Err, the offline hub, the seeded eval split and length statistics."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import datasets
@@ -237,10 +238,18 @@ def test_bad_messages_are_errs():
         assert got == Err(f"{why} (column 'messages')", {"messages": value}, "f:row 1")
 
 
-def test_malformed_jsonl_is_a_data_error_naming_the_line(tmp_path, cache):
+def test_a_malformed_line_is_counted_and_named_and_the_rest_inspected(tmp_path, cache):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "a" "completion": "b"}\n')
-    with pytest.raises(DataError, match=r"broken\.jsonl:line 3: malformed JSON"):
+    info = inspect_source(path, cache_dir=cache)
+    assert dict(info.splits) == {"train": 1} and info.format == "prompt_completion"
+    assert info.bad_rows == 1 and info.first_bad is not None
+    assert re.search(r"broken\.jsonl:line 3: invalid JSON line", info.first_bad)
+    assert "bad rows (train): 1" in info.summary()
+    path.write_text("nope\n[1]\n")
+    with pytest.raises(
+        DataError, match=r"broken\.jsonl: none of its 2 rows .*broken\.jsonl:line 1"
+    ):
         inspect_source(path, cache_dir=cache)
 
 

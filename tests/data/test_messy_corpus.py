@@ -318,6 +318,33 @@ CASES: dict[str, Case] = {
         rows=12,
         trained=12,
     ),
+    "streaming_source_with_only_bad_rows": Case(
+        {"a.jsonl": jl("{bad", "[]", b"\xff")},
+        [files_key("a.jsonl"), "data.streaming=true"],
+        command="train",
+        code=2,
+        error=r"all 3 rows of data\.train_files \(.*a\.jsonl\).*quarantine\.jsonl",
+        bad={"a.jsonl:line 1", "a.jsonl:line 2", "a.jsonl:line 3"},
+    ),
+    "inspect_a_path_with_bad_lines": Case(
+        {"a.jsonl": jl(*GOOD[:2], "{oops", *GOOD[2:])},
+        ["{d}/a.jsonl"],
+        command="path",
+        check=lambda out, run: _has(out, "bad rows (train): 1, first"),
+    ),
+    "inspect_a_directory_of_mixed_files": Case(
+        {"d/a.jsonl": jl(*GOOD[:3]), "d/b.csv": b"prompt,completion\nq,a\n"},
+        ["{d}/d"],
+        command="path",
+        check=lambda out, run: _has(out, "train: 4 rows"),
+    ),
+    "inspect_a_path_with_only_bad_rows": Case(
+        {"a.jsonl": jl("x", "y")},
+        ["{d}/a.jsonl"],
+        command="path",
+        code=2,
+        error=r"a\.jsonl: none of its 2 rows .*a\.jsonl:line 1: invalid JSON line",
+    ),
     "streaming_with_a_bad_line": Case(
         {"a.jsonl": jl(*GOOD, "{bad", *GOOD)},
         [files_key("a.jsonl"), "data.streaming=true"],
@@ -352,8 +379,13 @@ def test_messy_dataset(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"run:\n  output_dir: {run}\n")
     overrides = [*BASE, *(o.format(d=d) for o in case.overrides)]
-    argv = ["data", "inspect", str(cfg)] if case.command == "inspect" else ["train", str(cfg)]
-    code = main([*argv, *overrides])
+    if case.command == "path":  # `tscale data inspect PATH`: no config, no run
+        argv = ["data", "inspect", case.overrides[0].format(d=d)]
+    elif case.command == "inspect":
+        argv = ["data", "inspect", str(cfg), *overrides]
+    else:
+        argv = ["train", str(cfg), *overrides]
+    code = main(argv)
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
     assert code == case.code, err or out
@@ -366,7 +398,9 @@ def test_messy_dataset(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[
     assert {_place(r["where"], d) for r in q if "eval record" not in r["where"]} == case.bad
     for r in q:  # the bad row itself is kept (the raw line for one that does not parse)
         assert r["reason"] and r["record"] not in (None, "")
-    if case.code:
+    if case.code or case.command == "path":
+        if case.check is not None:
+            case.check(out, run)
         return
     if case.command == "train":
         counts = json.loads((run / "data_report.json").read_text())["train"]

@@ -19,6 +19,7 @@ import attrs
 from tscale.core.result import Err, Ok
 from tscale.data.prompt import normalize_sharegpt
 from tscale.data.sources import (
+    ResolvedSource,
     SpecLike,
     hub_error,
     load_source,
@@ -94,6 +95,8 @@ class SourceInfo:
         format: one of :data:`FORMATS`.
         column_map: canonical field → source column, for the format's fields.
         sample_size: the rows looked at to detect the format.
+        bad_rows: rows of the split that do not parse (training quarantines them).
+        first_bad: the first of them, ``"file:line N: reason"``.
     """
 
     spec: str
@@ -108,6 +111,8 @@ class SourceInfo:
     format: str
     column_map: Mapping[str, str]
     sample_size: int
+    bad_rows: int = 0
+    first_bad: str | None = None
 
     @property
     def has_eval_split(self) -> bool:
@@ -125,6 +130,11 @@ class SourceInfo:
             + ", ".join(f"{c}: {self.features.get(c, '?')}" for c in self.columns),
             f"format: {self.format}; columns: {mapping}",
         ]
+        if self.bad_rows:
+            lines.append(
+                f"bad rows ({self.split}): {self.bad_rows}, first {self.first_bad} (training "
+                "quarantines them and trains the rest, within data.max_error_rate)"
+            )
         if self.configs:
             lines.insert(1, f"configs: {', '.join(self.configs)} (inspected: {self.config})")
         return "\n".join(lines)
@@ -301,7 +311,11 @@ def inspect_source(
             loaded = datasets.load_from_disk(os.fspath(source.path))
         parts = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
     else:
-        parts = {s: load_source(spec, split=s, cache_dir=cache_dir) for s in source.data_files}
+        try:
+            parts = {s: load_source(spec, split=s, cache_dir=cache_dir) for s in source.data_files}
+        except DataError:
+            # a bad row (or files of several formats): the one reader reads what is readable
+            return _inspect_rows(source, split, sample_rows, column_map, format)
     chosen = _choose_split(split, list(parts), source.name)
     ds = parts[chosen]
     rows = ds.select(range(min(sample_rows, len(ds)))).to_list()
@@ -319,6 +333,61 @@ def inspect_source(
         format=fmt,
         column_map=mapping,
         sample_size=len(rows),
+    )
+
+
+def _inspect_rows(
+    source: ResolvedSource,
+    split: str | None,
+    sample_rows: int,
+    column_map: Mapping[str, str] | None,
+    format: str,
+) -> SourceInfo:
+    """:func:`inspect_source` of local files that ``datasets`` cannot read whole: each file
+    through :func:`tscale.data.load.read_file`, bad rows counted (training quarantines them)."""
+    from tscale.data.load import read_file
+
+    counts: dict[str, int] = {}
+    bad: dict[str, list[Err]] = {}
+    good: dict[str, list[dict]] = {}
+    for name, files in source.data_files.items():
+        rows = [row for f in files for row, _ in read_file(f)]
+        good[name] = [r.value for r in rows if isinstance(r, Ok)]
+        bad[name] = [r for r in rows if isinstance(r, Err)]
+        counts[name] = len(good[name])
+    chosen = _choose_split(split, list(counts), source.name)
+    if not good[chosen]:
+        errors = bad[chosen]
+        raise DataError(
+            f"{source.name}: none of its {len(errors)} rows ({chosen}) can be read; the first "
+            f"is {errors[0].where}: {errors[0].reason}"
+            if errors
+            else f"{source.name} has no rows"
+        )
+    sample = good[chosen][:sample_rows]
+    columns = list(dict.fromkeys(k for row in good[chosen] for k in row))
+    fmt, mapping = detect_format(columns, sample, column_map=column_map, format=format)
+    types: dict[str, set[str]] = {}
+    for row in good[chosen]:
+        for k, v in row.items():
+            if v is not None:
+                types.setdefault(k, set()).add(type(v).__name__)
+    errors = bad[chosen]
+    return SourceInfo(
+        spec=source.name,
+        kind=source.kind,
+        builder=source.builder,
+        configs=(),
+        config=None,
+        splits=counts,
+        split=chosen,
+        columns=tuple(columns),
+        features={k: " | ".join(sorted(t)) for k, t in types.items()},
+        format=fmt,
+        column_map=mapping,
+        sample_size=len(sample),
+        bad_rows=len(errors),
+        first_bad=f"{errors[0].where}: {errors[0].reason}" if errors else None,
     )
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -207,9 +208,15 @@ def quiet_datasets() -> Iterator[None]:
     level = datasets.logging.get_verbosity()
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
+    # The JSON builder logs a parse error with its traceback before raising it; the error is
+    # turned into one line (file:line) by the caller, so the log would only repeat it badly.
+    parser = logging.getLogger("datasets.packaged_modules.json.json")
+    parser_level = parser.level
+    parser.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
+        parser.setLevel(parser_level)
         datasets.logging.set_verbosity(level)
         if not bars:
             datasets.enable_progress_bars()
