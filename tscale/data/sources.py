@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from tscale.data.load import READERS, dir_files, supported
+from tscale.core.result import Err
+from tscale.data.load import READERS, dir_files, read_file, supported
 from tscale.errors import DataError
 
 if TYPE_CHECKING:
@@ -231,53 +232,19 @@ def root_cause(exc: BaseException) -> str:
 
 
 def diagnose_file(path: Path, builder: str) -> str | None:
-    """The first problem in a text data file, as ``"file:line N: what"``, or None if none is found.
-
-    Checks UTF-8 (``json``, ``csv``, ``text``) and, for ``json``, that each line is one JSON
-    object (or, for a file that starts with ``[``, that the whole file is a JSON array).
-    """
+    """The first bad row of a text data file as ``"file:line N: reason"`` (what the one reader,
+    :func:`tscale.data.load.read_file`, finds), or None if every row reads."""
     if builder not in ("json", "csv", "text"):
         return None
-    if path.stat().st_size == 0:
-        return f"{path} is empty; it needs at least one row"
-    first: str | None = None
-    with path.open("rb") as f:
-        for n, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                return (
-                    f"{path}:line {n}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column "
-                    f"{e.start + 1}); re-encode the file as UTF-8"
-                )
-            if builder != "json" or not line.strip():
-                continue
-            if first is None:
-                first = line.lstrip()
-                if first.startswith("["):  # a JSON document, not JSON lines
-                    return _diagnose_json_document(path)
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                return (
-                    f"{path}:line {n}: malformed JSON ({e.msg} at column {e.colno}); each line "
-                    "must be one complete JSON object"
-                )
-            if not isinstance(value, dict):
-                return (
-                    f"{path}:line {n}: a JSON {type(value).__name__}, not an object; each line "
-                    'must be one JSON object such as {"prompt": "...", "completion": "..."}'
-                )
-    return None
-
-
-def _diagnose_json_document(path: Path) -> str | None:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        return f"{path}:line {e.lineno}: malformed JSON ({e.msg} at column {e.colno})"
-    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-        return f"{path}: a JSON document must be a list of objects (one per row)"
+        for row, where in read_file(path):
+            if isinstance(row, Err):
+                return (
+                    f"{where}: {row.reason}; fix that row (training quarantines it and trains "
+                    "the rest)"
+                )
+    except DataError as e:
+        return str(e)
     return None
 
 
