@@ -139,7 +139,8 @@ def test_invalid_utf8_names_file_and_line(tmp_path, cache, name):
     path = tmp_path / name
     line = b'{"prompt": "caf\xe9", "completion": "x"}' if name.endswith("jsonl") else b"caf\xe9"
     path.write_bytes(b'{"prompt": "a", "completion": "b"}\n' + line + b"\n")
-    with pytest.raises(DataError, match=rf"{name.replace('.', '[.]')}:line 2: invalid UTF-8: byte 0xe9"):
+    where = name.replace(".", "[.]")
+    with pytest.raises(DataError, match=rf"{where}:line 2: invalid UTF-8: byte 0xe9"):
         load_source(path, cache_dir=cache)
 
 

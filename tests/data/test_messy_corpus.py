@@ -130,10 +130,16 @@ CASES: dict[str, Case] = {
         trained=6,
     ),
     "empty_file": Case(
-        {"a.jsonl": b""}, [files_key("a.jsonl")], code=2, error=r"a\.jsonl is empty"
+        {"a.jsonl": b""},
+        [files_key("a.jsonl")],
+        code=2,
+        error=r"data\.train_files\[0\]: .*a\.jsonl is empty",
     ),
     "whitespace_only_file": Case(
-        {"a.jsonl": b"\n  \n\n"}, [files_key("a.jsonl")], code=2, error=r"a\.jsonl is empty"
+        {"a.jsonl": b"\n  \n\n"},
+        [files_key("a.jsonl")],
+        code=2,
+        error=r"data\.train_files\[0\]: .*a\.jsonl is empty",
     ),
     "only_bad_rows": Case(
         {"a.jsonl": jl("not json", "[1]", {"prompt": "p"})},
@@ -143,10 +149,17 @@ CASES: dict[str, Case] = {
         bad={"a.jsonl:line 1", "a.jsonl:line 2", "a.jsonl:line 3"},
     ),
     "only_bad_rows_in_a_source": Case(
-        {"a.jsonl": jl("{oops", {"foo": 1}, {"foo": 2})},
+        {"a.jsonl": jl("{oops", "[1]", b"\xff")},
         ["data.sources=[{{path: {d}/a.jsonl}}]"],
         code=2,
-        error=r"data\.sources\[0\].*a\.jsonl.*(invalid|no known columns|quarantine)",
+        error=r"all 3 rows of data\.sources\[0\] \(.*a\.jsonl\) are invalid.*quarantine\.jsonl",
+        bad={"a.jsonl:line 1", "a.jsonl:line 2", "a.jsonl:line 3"},
+    ),
+    "source_with_unknown_columns": Case(
+        {"a.jsonl": jl({"foo": 1}, {"foo": 2})},
+        ["data.sources=[{{path: {d}/a.jsonl}}]"],
+        code=2,
+        error=r"data\.sources\[0\]: .*a\.jsonl has no known columns \(columns \['foo'\]\)",
     ),
     "malformed_json_line": Case(
         {"a.jsonl": jl(*GOOD[:4], '{"prompt": "x", "completion": ', *GOOD[4:])},
@@ -262,6 +275,12 @@ CASES: dict[str, Case] = {
         [files_key("d")],
         rows=8,
         bad={"d/a.jsonl:line 4"},
+    ),
+    "empty_file_in_a_directory": Case(
+        {"x.jsonl": jl(*GOOD), "d/a.jsonl": jl(*GOOD), "d/b.jsonl": b""},
+        ["data.train_files=[{d}/x.jsonl,{d}/d]"],
+        code=2,
+        error=r"data\.train_files\[1\]: .*d/b\.jsonl is empty",
     ),
     "directory_without_data": Case(
         {"d/readme.md": b"nothing"},

@@ -140,7 +140,27 @@ def expand_files(files: Sequence[str | os.PathLike], *, key: str | None = None) 
             )
         else:
             out.append(path)
+    for path in out:
+        if _empty(path):
+            where = f"{key}[{_index(files, path)}]: " if key else ""
+            raise DataError(f"{where}{path} is empty; it needs at least one row")
     return out
+
+
+def _index(files: Sequence[str | os.PathLike], path: Path) -> int:
+    """The list item a file came from (itself, or the directory it is in)."""
+    for i, item in enumerate(files):
+        p = Path(item).expanduser()
+        if p == path or p in path.parents:
+            return i
+    return 0
+
+
+def _empty(path: Path) -> bool:
+    """Whether a data file holds no row: no bytes, or (text formats) only whitespace."""
+    if path.stat().st_size == 0:
+        return True
+    return READERS.get(path.suffix.lower()) not in ("parquet", "arrow") and _blank(path)
 
 
 def _shown(raw: bytes) -> str:
@@ -300,7 +320,7 @@ def read_file(path: str | os.PathLike, *, cache_dir: Path | None = None) -> Iter
         raise DataError(
             f"{path}: unsupported file type {path.suffix!r}; use one of {list(READERS)}"
         )
-    if path.stat().st_size == 0 or (reader != "parquet" and reader != "arrow" and _blank(path)):
+    if _empty(path):
         raise DataError(f"{path} is empty; it needs at least one row")
     if reader == "json":
         return _read_json(path)

@@ -72,7 +72,8 @@ class Source:
 
 
 def uses_sources(d: DataConfig) -> bool:
-    """Whether the data is read through the sources path (load_source + format detection)."""
+    """Whether the training data is read as sources (every row canonicalized, mixed by weight,
+    streamed) rather than as ``train_files`` records kept in tscale's own shapes."""
     return bool(d.sources) or d.format != "auto" or bool(d.column_map) or d.streaming
 
 
