@@ -8,8 +8,8 @@ every path:
   line that is not valid UTF-8, not valid JSON or not a JSON object is an ``Err`` with its place
   (``file:line N``) and the line itself (invalid bytes shown as ``\\xNN``), and the rest is read on.
   A UTF-8 byte-order mark and CRLF line ends are accepted; blank lines are not rows.
-- A ``.json`` file that starts with ``[`` is one JSON document: a list of objects (a non-object
-  element is an ``Err`` at ``file:row N``).
+- A ``.json`` file that starts with ``[`` (and is not JSON lines) is one JSON document: a list of
+  objects (a non-object element is an ``Err`` at ``file:row N``).
 - CSV (``.csv``) is read with :mod:`csv` (quoted fields may hold newlines); an empty cell is None,
   as ``datasets`` reads it; a record with invalid UTF-8 or the wrong number of fields is an
   ``Err`` at ``file:line N`` (the line it starts on).
@@ -228,13 +228,28 @@ def _json_document(path: Path) -> Iterator[Row]:
 
 
 def _read_json(path: Path) -> Iterator[Row]:
-    with path.open("rb") as f:
-        head = f.read(4096).removeprefix(_BOM).lstrip()
-    if head.startswith(b"["):
+    """``.jsonl`` is JSON lines; ``.json`` is a JSON document when it starts with ``[`` and is not
+    JSON lines whose first line is a complete value (e.g. a bad row ``[1, 2]``)."""
+    if path.suffix.lower() == ".json" and _is_document(path):
         yield from _json_document(path)
         return
     with path.open("rb") as f:
         yield from _json_lines(path, f)
+
+
+def _is_document(path: Path) -> bool:
+    with path.open("rb") as f:
+        lines = (
+            raw for n, raw in enumerate(f) if (raw.removeprefix(_BOM) if n == 0 else raw).strip()
+        )
+        first = next(lines, b"").removeprefix(_BOM)
+        if not first.lstrip().startswith(b"["):
+            return False
+        try:
+            json.loads(first)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return True  # the list goes on after its first line: a document
+        return next(lines, None) is None  # a one-line list is a document if nothing follows
 
 
 def _read_csv(path: Path) -> Iterator[Row]:
