@@ -364,6 +364,18 @@ CASES: dict[str, Case] = {
         code=2,
         error=r"a\.jsonl: none of its 2 rows .*a\.jsonl:line 1: invalid JSON line",
     ),
+    "streaming_nothing_trainable": Case(
+        {
+            "a.jsonl": jl(
+                *[{"messages": [{"role": "user", "content": f"hi {i}"}]} for i in range(5)]
+            )
+        },
+        [files_key("a.jsonl"), "data.streaming=true"],
+        command="train",
+        code=2,
+        error=r"epoch 0 .* no usable training example \(5 rows read\); .*quarantine\.jsonl",
+        bad={f"a.jsonl:line {n}" for n in range(1, 6)},
+    ),
     "streaming_with_a_bad_line": Case(
         {"a.jsonl": jl(*GOOD, "{bad", *GOOD)},
         [files_key("a.jsonl"), "data.streaming=true"],

@@ -697,6 +697,7 @@ def _streaming(
         on_errors=on_errors,
         rank=rank,
         world_size=world_size,
+        empty_hint=f"the rows and reasons are in {quarantine} and {plan.sink.dropped_file}",
     )
     return loader, [], [], report
 
