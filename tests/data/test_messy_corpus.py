@@ -145,7 +145,7 @@ CASES: dict[str, Case] = {
         {"a.jsonl": jl("not json", "[1]", {"prompt": "p"})},
         [files_key("a.jsonl")],
         code=2,
-        error=r"all 3 rows of .*a\.jsonl are invalid.*quarantine\.jsonl",
+        error=r"all 3 rows of data\.train_files \(.*a\.jsonl\) are invalid.*quarantine\.jsonl",
         bad={"a.jsonl:line 1", "a.jsonl:line 2", "a.jsonl:line 3"},
     ),
     "only_bad_rows_in_a_source": Case(

@@ -288,27 +288,15 @@ def _plan(cfg: Config, run_dir: Path, rank: int) -> _Plan:
 
 def _read_train(plan: _Plan) -> dict[str, Any]:
     """Every training source read (the one reader) and made records, its bad rows
-    quarantined: ``parts`` (records and places per source), counts, source summaries."""
-    quarantine = plan.quarantine
-    if not plan.sources:
-        records, places, report = data_load.read_records(
-            plan.train_files, quarantine=quarantine, cache_dir=plan.hf_cache
-        )
-        return {
-            "parts": [(records, places)],
-            "records": len(records),
-            "rows": report.total,
-            "load_errors": dict(report.errors),
-            "sources": None,
-            "shapes": report.shapes,
-        }
+    quarantined: ``parts`` (records and places per source), counts, source summaries.
+    ``data.train_files`` are one source; without ``data.sources``/``format``/``column_map``
+    their rows in tscale's own shapes are kept as they are (``own_shapes``)."""
     parts, errors, summaries, rows_total, kept = [], Counter(), [], 0, 0
     shapes: Counter = Counter()
-    for s in plan.sources:
-        got = data_sources.read_source(s, cache_dir=plan.hf_cache)
-        data_load.write_quarantine(got.errors, quarantine)
-        if got.errors and len(got.errors) == got.rows:
-            raise data_load.all_bad_error(f"{s.key} ({s.name})", got.errors, got.rows, quarantine)
+    for s in plan.sources or [data_sources.train_sources(plan.cfg.data, plan.train_files)[0]]:
+        got = data_sources.read_source(
+            s, cache_dir=plan.hf_cache, quarantine=plan.quarantine, own_shapes=not plan.sources
+        )
         errors.update(data_load.reason_head(e.reason) for e in got.errors)
         parts.append((got.records, got.places))
         rows_total += got.rows
@@ -323,24 +311,22 @@ def _read_train(plan: _Plan) -> dict[str, Any]:
         "records": kept,
         "rows": rows_total,
         "load_errors": dict(errors),
-        "sources": summaries,
+        "sources": summaries if plan.sources else None,
         "shapes": dict(shapes),
     }
 
 
 def _read_eval(plan: _Plan) -> tuple[list[dict], list[str] | None, dict[str, Any]]:
-    """The eval records, their places, and ``{"rows", "load_errors"}`` (bad rows quarantined)."""
-    if plan.eval_source is not None:
-        got = data_sources.read_source(plan.eval_source, cache_dir=plan.hf_cache)
-        data_load.write_quarantine(got.errors, plan.quarantine)
-        reasons = Counter(data_report.reason_key(e.reason) for e in got.errors)
-        return got.records, got.places, {"rows": got.rows, "load_errors": reasons}
-    if plan.eval_files:
-        records, places, report = data_load.read_records(
-            plan.eval_files, quarantine=plan.quarantine, cache_dir=plan.hf_cache
-        )
-        return records, places, {"rows": report.total, "load_errors": _by_kind(report.errors)}
-    return [], None, {"rows": 0, "load_errors": Counter()}
+    """The eval records (read like the training data), their places, and ``{"rows",
+    "load_errors"}`` (bad rows quarantined)."""
+    source = plan.eval_source or data_sources.eval_source(plan.cfg.data, plan.eval_files)
+    if source is None:
+        return [], None, {"rows": 0, "load_errors": Counter()}
+    got = data_sources.read_source(
+        source, cache_dir=plan.hf_cache, quarantine=plan.quarantine, own_shapes=not plan.sources
+    )
+    reasons = Counter(data_report.reason_key(e.reason) for e in got.errors)
+    return got.records, got.places, {"rows": got.rows, "load_errors": reasons}
 
 
 def _eval_set(

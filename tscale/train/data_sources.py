@@ -26,7 +26,7 @@ from tscale.config.schema import Config, DataConfig
 from tscale.core.result import Err, Ok
 from tscale.data.introspect import SourceInfo, canonical_row, detect_format
 from tscale.data.length import TEXT_COLUMNS, LengthBudget
-from tscale.data.load import Row, all_bad_error, read_file, write_quarantine
+from tscale.data.load import Row, all_bad_error, read_file, record_of, write_quarantine
 from tscale.data.sources import (
     fingerprint,
     is_hub_name,
@@ -238,28 +238,71 @@ class SourceRead:
     shapes: dict[str, int]
 
 
-def read_source(s: Source, *, cache_dir: Path) -> SourceRead:
-    """All rows of a source canonicalized (each in its own shape when the source mixes them,
-    ``format: auto``); a bad row is an ``Err`` with its place."""
+def read_source(
+    s: Source,
+    *,
+    cache_dir: Path,
+    quarantine: Path | None = None,
+    own_shapes: bool = False,
+) -> SourceRead:
+    """All rows of a source as records; a bad row is an ``Err`` with its place, written to
+    ``quarantine``.
+
+    With ``own_shapes`` (``data.train_files`` without ``format``/``column_map``/``streaming``)
+    a row in tscale's own shape is kept as it is and any other is canonicalized in its own shape
+    (:func:`tscale.data.load.record_of`); else the source's format is detected on its first rows
+    and each row canonicalized (in its own shape when it does not fit, ``format: auto``).
+
+    Raises:
+        DataError: a source without rows, or a file none of whose rows is usable (naming the
+            key, the file, the count, the first bad place and the quarantine file).
+    """
     rows = list(source_rows(s, streaming=False, cache_dir=cache_dir))
     if not rows:
         raise DataError(f"{s.key}: {s.name} has no rows")
-    sample = [row.value for row, _ in rows if isinstance(row, Ok)][:_SAMPLE_ROWS]
-    info = _info(s, sample) if sample else None
+    info = None
+    if not own_shapes:
+        sample = [row.value for row, _ in rows if isinstance(row, Ok)][:_SAMPLE_ROWS]
+        info = _info(s, sample) if sample else None
     records, places, errors, shapes = [], [], [], Counter()
     for row, where in rows:
         if isinstance(row, Err):
             errors.append(row)
             continue
-        assert info is not None
-        res, shape = canonical_row(row.value, info, where=where, per_row=s.format == "auto")
+        if info is None:
+            res, shape = record_of(row.value, where)
+        else:
+            res, shape = canonical_row(row.value, info, where=where, per_row=s.format == "auto")
         if isinstance(res, Ok):
             records.append(res.value)
             places.append(where)
             shapes[shape] += 1
         else:
             errors.append(res)
+    if quarantine is not None:
+        write_quarantine(errors, quarantine)
+    _some_usable(s, [w for _, w in rows], errors, quarantine)
     return SourceRead(records, places, errors, len(rows), dict(shapes))
+
+
+def _some_usable(
+    s: Source, places: Sequence[str], errors: Sequence[Err], quarantine: Path | None
+) -> None:
+    """Raise when every row of one of the source's files is bad (almost always a format
+    mistake, not bad luck)."""
+    if not errors:
+        return
+
+    def file_of(where: str | None) -> str:
+        return (where or "").rpartition(":")[0] or s.name
+
+    rows = Counter(file_of(w) for w in places)
+    bad: dict[str, list[Err]] = {}
+    for e in errors:
+        bad.setdefault(file_of(e.where), []).append(e)
+    for file, errs in bad.items():
+        if len(errs) == rows[file]:
+            raise all_bad_error(f"{s.key} ({file})", errs, len(errs), quarantine)
 
 
 def mixed_order(sizes: Sequence[int], weights: Sequence[float], seed: int) -> list[tuple[int, int]]:
