@@ -16,8 +16,9 @@ every path:
 - Text (``.txt``) is one ``{"text": line}`` row a line.
 - Parquet and Arrow are read through ``datasets`` (binary formats: no line to quarantine).
 
-:func:`load_records` reads ``data.train_files`` / ``data.eval_files`` without a ``data.format``:
-rows in tscale's own shapes (``prompt``/``completion``, ``messages``, ``conversations``) are kept
+:func:`record_of` makes a record of a row of ``data.train_files`` / ``data.eval_files`` (without
+``data.format``/``column_map``; :func:`load_records` does it for a list of files): rows in
+tscale's own shapes (``prompt``/``completion``, ``messages``, ``conversations``) are kept
 as they are (:func:`validate_record`); any other row has its shape detected on its own
 (:func:`tscale.data.introspect.detect_format`: alpaca, ``question``/``answer`` …) and is
 canonicalized, so a file that mixes shapes trains every row.
@@ -50,9 +51,6 @@ READERS: Mapping[str, str] = {
     ".txt": "text",
 }
 """File extension → how :func:`read_file` reads it (the ``datasets`` builder of the same name)."""
-
-SHAPES = ("prompt_completion", "alpaca", "chat", "sharegpt")
-"""The record shapes supervised fine-tuning reads."""
 
 Row = tuple[Ok[dict] | Err, str]
 """A row read: ``(Ok(row) | Err(reason, raw text, where), where)``."""
@@ -301,7 +299,7 @@ def _read_text(path: Path) -> Iterator[Row]:
 def _read_table(path: Path, builder: str, cache_dir: Path | None) -> Iterator[Row]:
     import datasets
 
-    from tscale.data.sources import quiet_datasets, root_cause
+    from tscale.data.sources import quiet_datasets, root_cause  # sources imports this module
 
     try:
         with quiet_datasets():
@@ -412,7 +410,7 @@ def record_of(row: dict[str, Any], where: str) -> tuple[Ok[dict] | Err, str]:
     """
     if own_shape(row):
         return validate_record(row, where), row_shape(row)
-    from tscale.data.introspect import canonical_row
+    from tscale.data.introspect import canonical_row  # introspect → sources → this module
 
     return canonical_row(row, None, where=where)
 

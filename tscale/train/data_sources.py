@@ -24,7 +24,7 @@ import numpy as np
 from tscale.config.load import to_dict
 from tscale.config.schema import Config, DataConfig
 from tscale.core.result import Err, Ok
-from tscale.data.introspect import SourceInfo, canonical_row, detect_format
+from tscale.data.introspect import SFT_SHAPES, SourceInfo, canonical_row, detect_format
 from tscale.data.length import TEXT_COLUMNS, LengthBudget
 from tscale.data.load import Row, all_bad_error, read_file, record_of, write_quarantine
 from tscale.data.sources import (
@@ -50,7 +50,7 @@ _LOADER_ONLY = (
     "drop_last",
 )
 _NOT_PROCESSING = (*_LOADER_ONLY, "cache", "cache_dir", "max_error_rate", "streaming")
-_SUPPORTED_FORMATS = ("prompt_completion", "alpaca", "chat", "sharegpt")
+_SUPPORTED_FORMATS = SFT_SHAPES
 _SAMPLE_ROWS = 200  # rows a source's format is detected on
 DROPPED_FILE = "dropped.jsonl"
 """Beside quarantine.jsonl: the rows the length policy left out (data.length.excess drop, or
