@@ -20,6 +20,7 @@ from tscale.core.result import Err, Ok
 from tscale.data.introspect import (
     FORMAT_FIELDS,
     SourceInfo,
+    canonical_row,
     canonicalize,
     detect_format,
     inspect_source,
@@ -365,3 +366,17 @@ def test_hub_path_reads_configs_splits_and_a_streamed_sample(monkeypatch):
     assert (got.format, got.sample_size) == ("prompt_completion", 2)
     assert calls == [("owner/qa", "main", "train", True)]
     assert "configs: main, extra" in got.summary()
+
+
+def test_canonical_row_reads_a_row_in_its_own_shape_unless_the_format_is_forced():
+    source = _info("chat", {"messages": "messages"})
+    row = {"instruction": "i", "input": "", "output": "o", "system": None}
+    got, shape = canonical_row(row, source, where="f:line 3")
+    assert shape == "alpaca" and got == Ok({"instruction": "i", "output": "o", "input": ""})
+    got, shape = canonical_row(row, source, where="f:line 3", per_row=False)
+    assert shape == "chat" and isinstance(got, Err) and got.reason.startswith("messages missing")
+    got, shape = canonical_row({"messages": CHAT}, source, where="f:line 4")
+    assert (shape, got) == ("chat", Ok({"messages": CHAT}))
+    got, shape = canonical_row({"a": 1}, None, where="f:line 5")
+    assert shape == "unknown" and isinstance(got, Err) and got.where == "f:line 5"
+    assert got.reason.startswith("no known columns: a")
