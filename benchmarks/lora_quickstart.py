@@ -34,7 +34,7 @@ from rich.console import Console
 from tscale.config import load_config
 from tscale.core import rng as R
 from tscale.core import tree as T
-from tscale.train import builders, train
+from tscale.train import builders, data_build, train
 from tscale.train.export import export
 from tscale.train.trainer import evaluate
 
@@ -82,7 +82,7 @@ def base_accuracy(config: str, overrides: list[str]) -> dict:
     run_dir = ROOT / "runs" / "lora_base_eval"
     cfg = load_config(ROOT / config, [f"run.output_dir={run_dir}", *overrides])
     torch.set_num_threads(cfg.run.threads or torch.get_num_threads())
-    bundle = builders.build_data(cfg, run_dir)
+    bundle = data_build.build_data(cfg, run_dir)
     model, params = builders.build_model(cfg, bundle.encoder.vocab_size, R.key(0))
     metrics, _ = evaluate(
         model.apply,
@@ -140,7 +140,7 @@ def run_adapter(name: str, overrides: list[str]) -> dict:
         from tscale.models.quant import quantized_bytes
 
         model, base = builders.build_model(cfg, 0, R.key(0))
-        q = builders.build_lora_model(cfg, model, base).base
+        _, q = builders.build_lora_model(cfg, model, base)  # the NF4 base, a frozen tree
         mem = quantized_bytes(q)
         out["base_memory_bytes"] = {
             k: mem[k] for k in ("quantized", "unquantized", "total", "fp32_total", "bf16_total")

@@ -4,6 +4,7 @@ per-row Ok/Err, the offline hub, the seeded eval split and length statistics."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import datasets
@@ -19,6 +20,7 @@ from tscale.core.result import Err, Ok
 from tscale.data.introspect import (
     FORMAT_FIELDS,
     SourceInfo,
+    canonical_row,
     canonicalize,
     detect_format,
     inspect_source,
@@ -237,10 +239,18 @@ def test_bad_messages_are_errs():
         assert got == Err(f"{why} (column 'messages')", {"messages": value}, "f:row 1")
 
 
-def test_malformed_jsonl_is_a_data_error_naming_the_line(tmp_path, cache):
+def test_a_malformed_line_is_counted_and_named_and_the_rest_inspected(tmp_path, cache):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "a" "completion": "b"}\n')
-    with pytest.raises(DataError, match=r"broken\.jsonl:line 3: malformed JSON"):
+    info = inspect_source(path, cache_dir=cache)
+    assert dict(info.splits) == {"train": 1} and info.format == "prompt_completion"
+    assert info.bad_rows == 1 and info.first_bad is not None
+    assert re.search(r"broken\.jsonl:line 3: invalid JSON line", info.first_bad)
+    assert "bad rows (train): 1" in info.summary()
+    path.write_text("nope\n[1]\n")
+    with pytest.raises(
+        DataError, match=r"broken\.jsonl: none of its 2 rows .*broken\.jsonl:line 1"
+    ):
         inspect_source(path, cache_dir=cache)
 
 
@@ -356,3 +366,17 @@ def test_hub_path_reads_configs_splits_and_a_streamed_sample(monkeypatch):
     assert (got.format, got.sample_size) == ("prompt_completion", 2)
     assert calls == [("owner/qa", "main", "train", True)]
     assert "configs: main, extra" in got.summary()
+
+
+def test_canonical_row_reads_a_row_in_its_own_shape_unless_the_format_is_forced():
+    source = _info("chat", {"messages": "messages"})
+    row = {"instruction": "i", "input": "", "output": "o", "system": None}
+    got, shape = canonical_row(row, source, where="f:line 3")
+    assert shape == "alpaca" and got == Ok({"instruction": "i", "output": "o", "input": ""})
+    got, shape = canonical_row(row, source, where="f:line 3", per_row=False)
+    assert shape == "chat" and isinstance(got, Err) and got.reason.startswith("messages missing")
+    got, shape = canonical_row({"messages": CHAT}, source, where="f:line 4")
+    assert (shape, got) == ("chat", Ok({"messages": CHAT}))
+    got, shape = canonical_row({"a": 1}, None, where="f:line 5")
+    assert shape == "unknown" and isinstance(got, Err) and got.where == "f:line 5"
+    assert got.reason.startswith("no known columns: a")

@@ -1,4 +1,4 @@
-"""Loading JSON lines through ``datasets``: bad rows are quarantined with their place, counted."""
+"""The one reader: bad rows (and bad lines) are quarantined with their file:line, counted."""
 
 from __future__ import annotations
 
@@ -49,10 +49,10 @@ def test_bad_rows_are_quarantined_and_counted(tmp_path, hf_cache):
     }
     q = read_quarantine(quarantine)
     assert [(x["where"], x["reason"]) for x in q] == [
-        (f"{data}:row 2", "completion missing"),
-        (f"{data}:row 3", "prompt not a string"),
-        (f"{data}:row 4", "completion empty"),
-        (f"{data}:row 6", "prompt missing"),
+        (f"{data}:line 2", "completion missing"),
+        (f"{data}:line 3", "prompt not a string"),
+        (f"{data}:line 4", "completion empty"),
+        (f"{data}:line 6", "prompt missing"),
     ]
     assert q[1]["record"]["prompt"] == 5
     assert "4 rejected" in report.summary() and str(quarantine) in report.summary()
@@ -96,13 +96,13 @@ def test_a_bad_json_line_is_quarantined_and_a_file_without_json_is_an_error(tmp_
     quarantine = tmp_path / "q.jsonl"
     records, report = load_records([data], quarantine=quarantine, cache_dir=hf_cache)
     assert records == [{"prompt": "a", "completion": " b"}]
-    assert (report.total, report.errors) == (3, {"invalid JSON line": 2})
+    assert (report.total, report.errors) == (3, {"invalid JSON line": 1, "not a JSON object": 1})
     bad = read_quarantine(quarantine)
     assert [b["where"].split(":")[-1] for b in bad] == ["line 2", "line 4"]
     assert bad[0]["record"] == "this is not json"  # the line as it is, to fix
     not_json = tmp_path / "notes.jsonl"
     not_json.write_text("hello\nworld\n")
-    with pytest.raises(DataError, match=r"cannot read .*notes\.jsonl as JSON lines"):
+    with pytest.raises(DataError, match=r"all 2 rows of .*notes\.jsonl are invalid"):
         load_records([not_json], cache_dir=hf_cache)
 
 
@@ -113,10 +113,25 @@ def test_empty_file(tmp_path, hf_cache):
         load_records([data], cache_dir=hf_cache)
 
 
-def test_missing_columns_name_the_columns_found(tmp_path, hf_cache):
-    data = write_lines(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}])
-    with pytest.raises(DataError, match=r"no column\(s\) \['prompt', 'completion'\].*question"):
-        load_records([data], cache_dir=hf_cache)
+def test_other_column_names_are_detected_per_row_and_unknown_ones_quarantined(tmp_path, hf_cache):
+    rows = [
+        {"question": "q", "answer": "a"},
+        {"instruction": "i", "output": "o"},
+        {"prompt": "p", "completion": "c"},
+        {"foo": 1, "bar": 2},
+    ]
+    data = write_lines(tmp_path / "d.jsonl", rows)
+    quarantine = tmp_path / "q.jsonl"
+    records, report = load_records([data], quarantine=quarantine, cache_dir=hf_cache)
+    assert records[0] == {"prompt": "q", "completion": "a"}
+    assert records[1]["instruction"] == "i" and records[1]["output"] == "o"
+    assert records[2] == {"prompt": "p", "completion": "c"}
+    assert report.shapes == {"prompt_completion": 2, "alpaca": 1}
+    (bad,) = read_quarantine(quarantine)
+    assert bad["where"] == f"{data}:line 4" and bad["reason"].startswith("no known columns: foo")
+    only_bad = write_lines(tmp_path / "u.jsonl", [{"foo": 1}])
+    with pytest.raises(DataError, match=r"all 1 rows of .*u\.jsonl are invalid.*no known columns"):
+        load_records([only_bad], quarantine=quarantine, cache_dir=hf_cache)
 
 
 def test_no_files():

@@ -127,10 +127,10 @@ def test_missing_file_unsupported_type_empty_dir_and_mixed_formats(tmp_path, cac
 def test_malformed_json_line_names_file_and_line(tmp_path, cache):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", completion}\n')
-    with pytest.raises(DataError, match=r"bad\.jsonl:line 2: malformed JSON"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:line 2: invalid JSON line"):
         load_source(path, cache_dir=cache)
     path.write_text('{"prompt": "a", "completion": "b"}\n[1, 2]\n')
-    with pytest.raises(DataError, match=r"bad\.jsonl:line 2: a JSON list, not an object"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:line 2: not a JSON object: a list"):
         load_source(path, cache_dir=cache)
 
 
@@ -139,7 +139,8 @@ def test_invalid_utf8_names_file_and_line(tmp_path, cache, name):
     path = tmp_path / name
     line = b'{"prompt": "caf\xe9", "completion": "x"}' if name.endswith("jsonl") else b"caf\xe9"
     path.write_bytes(b'{"prompt": "a", "completion": "b"}\n' + line + b"\n")
-    with pytest.raises(DataError, match=rf"{name.replace('.', '[.]')}:line 2: invalid UTF-8 "):
+    where = name.replace(".", "[.]")
+    with pytest.raises(DataError, match=rf"{where}:line 2: invalid UTF-8: byte 0xe9"):
         load_source(path, cache_dir=cache)
 
 

@@ -16,7 +16,7 @@ from tscale.core.result import Ok
 from tscale.data.prepare import prepare_examples
 from tscale.data.prompt import get_template
 from tscale.errors import ConfigError, DataError
-from tscale.train.builders import build_data
+from tscale.train.data_build import build_data
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -175,7 +175,7 @@ def test_length_excess_drop_counts_dropped_rows_and_raise_stops(tmp_path: Path):
         tmp_path,
         f"  train_files: [{train}]\n  length:\n    max_total_length: 20\n    excess: raise\n",
     )
-    with pytest.raises(DataError, match=r"max_total_length 20 at train record"):
+    with pytest.raises(DataError, match=r"max_total_length 20 at .*t\.jsonl:line 1"):
         build_data(cfg, run)
 
 

@@ -194,7 +194,7 @@ def test_max_error_rate_out_of_range_is_one_line(tmp_path: Path, capsys, rate: s
 
 def test_streaming_report_counts_the_rows_read_so_far(tmp_path: Path):
     from tscale.config import load_config
-    from tscale.train.builders import build_data
+    from tscale.train.data_build import build_data
 
     rows = [{"prompt": f"add {i} and 1", "completion": f"{i + 1}"} for i in range(40)]
     rows += [{"prompt": _text(150, i), "completion": "yes"} for i in range(6)]

@@ -21,7 +21,7 @@ from tscale.config.schema import (
 from tscale.data import synthetic
 from tscale.data.tokenize import load_or_train_tokenizer
 from tscale.errors import ConfigError
-from tscale.train import builders, train
+from tscale.train import builders, data_build, train
 
 TINY = [
     "model.hidden_size=32",
@@ -158,7 +158,7 @@ def test_auto_loss_mode_trains_exactly_the_completion_of_prompt_completion_recor
     """Why ``auto`` may resolve to assistant_only: on prompt/completion records it trains the
     same tokens as completion_only (and on chat data every assistant turn)."""
     bundles = [
-        builders.build_data(
+        data_build.build_data(
             load_config(
                 None, [*TINY, f"run.output_dir={tmp_path / mode}", f"data.loss_mode={mode}"]
             ),

@@ -23,7 +23,7 @@ from tscale.data.hf_tokenizer import add_tokens, save_tokenizer_folder
 from tscale.data.tokenize import Encoder
 from tscale.errors import ConfigError
 from tscale.testing.hf_folders import QWEN3_TEMPLATE, chat_records, make_model_folder, write_jsonl
-from tscale.train import builders, data_cli
+from tscale.train import builders, data_build, data_cli
 
 transformers = pytest.importorskip("transformers")
 
@@ -104,7 +104,7 @@ def test_sft_from_model_path_alone_trains_on_transformers_ids(
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
 
     cfg = load_config(None, args)
-    bundle = builders.build_data(cfg, run)
+    bundle = data_build.build_data(cfg, run)
     assert bundle.report["cache"] == "hit"  # the same processed data the run trained on
     summary = bundle.report["tokenizer"]
     assert summary["source"] == str(folders[style]) and summary["template"] == "tokenizer"
@@ -150,7 +150,7 @@ def test_prompt_completion_with_a_bos_adding_tokenizer_has_one_bos(tmp_path, fol
             tmp_path / template, train, train, f"model.path={folders['llama3']}",
             f"data.template={template}",
         )  # fmt: skip
-        bundle = builders.build_data(load_config(None, args), tmp_path / template)
+        bundle = data_build.build_data(load_config(None, args), tmp_path / template)
         bos = bundle.encoder.bos_id
         for ex, rec in zip(bundle.train_examples, recs, strict=True):
             ids = ex["input_ids"]
@@ -171,7 +171,7 @@ def test_chat_data_without_a_chat_template_is_an_error(tmp_path, chat_files, cap
     # template refuses system messages: those rows, one in three, are quarantined).
     ok = _overrides(tmp_path / "ok", train, eval_, "data.tokenizer.vocab_size=300")
     cfg = load_config(None, [*ok, "data.template=mistral", "data.max_error_rate=0.5"])
-    bundle = builders.build_data(cfg, tmp_path / "ok")
+    bundle = data_build.build_data(cfg, tmp_path / "ok")
     assert bundle.report["train"]["quarantined"] > 0
     enc = bundle.encoder
     for ex in bundle.train_examples:
@@ -214,7 +214,7 @@ def test_jinja_file_with_generation_blocks_trains_a_template_that_rewrites_turns
         "data.tokenizer.add_tokens=[<think>, </think>]",
     )  # fmt: skip
     assert _cli_train(tmp_path, [*args]) == 0
-    bundle = builders.build_data(load_config(None, args), run)
+    bundle = data_build.build_data(load_config(None, args), run)
     assert len(bundle.train_examples) == len(records)  # none quarantined
     assert bundle.encoder.chat_template == QWEN3_TEMPLATE
     hf = transformers.AutoTokenizer.from_pretrained(folders["qwen2"])
@@ -304,7 +304,7 @@ def test_model_folder_without_tokenizer(tmp_path, folders, chat_files):
     train, eval_ = chat_files
     cfg = load_config(None, _overrides(tmp_path / "run", train, eval_, f"model.path={bare}"))
     with pytest.raises(ConfigError, match=r"model\.path .* has no tokenizer\.json"):
-        builders.build_data(cfg, tmp_path / "run")
+        data_build.build_data(cfg, tmp_path / "run")
 
 
 def test_data_preview_with_an_hf_folder(tmp_path, folders, chat_files):
@@ -331,7 +331,7 @@ def test_tscale_bpe_runs_keep_their_ids(tmp_path):
             "data.shuffle=false",
         ],
     )
-    bundle = builders.build_data(cfg, run)
+    bundle = data_build.build_data(cfg, run)
     enc = bundle.encoder
     assert (enc.pad_id, enc.bos_id, enc.eos_id, enc.adds_bos, enc.chat_template) == (
         0, 1, 2, True, None,
@@ -352,8 +352,8 @@ def test_processed_cache_covers_template_source_and_date(tmp_path, folders, chat
     run = tmp_path / "run"
     base = _overrides(run, train, eval_, f"model.path={folders['llama3']}")
 
-    def build(*extra: str) -> builders.DataBundle:
-        return builders.build_data(load_config(None, [*base, *extra]), run)
+    def build(*extra: str) -> data_build.DataBundle:
+        return data_build.build_data(load_config(None, [*base, *extra]), run)
 
     first = build("data.template_date=2025-01-01")
     assert (
@@ -376,7 +376,7 @@ def test_streaming_uses_the_folder_tokenizer_and_template(tmp_path, folders, cha
     train, eval_ = chat_files
     run = tmp_path / "run"
     args = _overrides(run, train, eval_, f"model.path={folders['qwen2']}", "data.streaming=true")
-    bundle = builders.build_data(load_config(None, args), run)
+    bundle = data_build.build_data(load_config(None, args), run)
     assert bundle.report["streaming"] and bundle.report["tokenizer"]["template"] == "tokenizer"
     hf = transformers.AutoTokenizer.from_pretrained(folders["qwen2"])
     records = [json.loads(x) for x in train.read_text().splitlines()]

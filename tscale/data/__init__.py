@@ -1,7 +1,7 @@
 """Data: synthetic tasks, loading and validating records, prompt templates, length budgets,
 tokenizing, packing and batching.
 
-The path the trainer uses (``tscale.train.builders.build_data``): JSON-lines files
+The path the trainer uses (``tscale.train.data_build.build_data``): JSON-lines files
 (``load_records``) or ``data.sources`` read through ``load_source``, their format detected
 (``inspect_source``/``detect_format``, ``data.column_map``) and rows canonicalized, mixed by
 weight (``mix_sources``) → ``prepare_examples`` (length budget ``fit_record`` via

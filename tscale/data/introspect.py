@@ -19,6 +19,7 @@ import attrs
 from tscale.core.result import Err, Ok
 from tscale.data.prompt import normalize_sharegpt
 from tscale.data.sources import (
+    ResolvedSource,
     SpecLike,
     hub_error,
     load_source,
@@ -94,6 +95,8 @@ class SourceInfo:
         format: one of :data:`FORMATS`.
         column_map: canonical field → source column, for the format's fields.
         sample_size: the rows looked at to detect the format.
+        bad_rows: rows of the split that do not parse (training quarantines them).
+        first_bad: the first of them, ``"file:line N: reason"``.
     """
 
     spec: str
@@ -108,6 +111,8 @@ class SourceInfo:
     format: str
     column_map: Mapping[str, str]
     sample_size: int
+    bad_rows: int = 0
+    first_bad: str | None = None
 
     @property
     def has_eval_split(self) -> bool:
@@ -125,6 +130,11 @@ class SourceInfo:
             + ", ".join(f"{c}: {self.features.get(c, '?')}" for c in self.columns),
             f"format: {self.format}; columns: {mapping}",
         ]
+        if self.bad_rows:
+            lines.append(
+                f"bad rows ({self.split}): {self.bad_rows}, first {self.first_bad} (training "
+                "quarantines them and trains the rest, within data.max_error_rate)"
+            )
         if self.configs:
             lines.insert(1, f"configs: {', '.join(self.configs)} (inspected: {self.config})")
         return "\n".join(lines)
@@ -301,7 +311,11 @@ def inspect_source(
             loaded = datasets.load_from_disk(os.fspath(source.path))
         parts = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
     else:
-        parts = {s: load_source(spec, split=s, cache_dir=cache_dir) for s in source.data_files}
+        try:
+            parts = {s: load_source(spec, split=s, cache_dir=cache_dir) for s in source.data_files}
+        except DataError:
+            # a bad row (or files of several formats): the one reader reads what is readable
+            return _inspect_rows(source, split, sample_rows, column_map, format)
     chosen = _choose_split(split, list(parts), source.name)
     ds = parts[chosen]
     rows = ds.select(range(min(sample_rows, len(ds)))).to_list()
@@ -319,6 +333,61 @@ def inspect_source(
         format=fmt,
         column_map=mapping,
         sample_size=len(rows),
+    )
+
+
+def _inspect_rows(
+    source: ResolvedSource,
+    split: str | None,
+    sample_rows: int,
+    column_map: Mapping[str, str] | None,
+    format: str,
+) -> SourceInfo:
+    """:func:`inspect_source` of local files that ``datasets`` cannot read whole: each file
+    through :func:`tscale.data.load.read_file`, bad rows counted (training quarantines them)."""
+    from tscale.data.load import read_file
+
+    counts: dict[str, int] = {}
+    bad: dict[str, list[Err]] = {}
+    good: dict[str, list[dict]] = {}
+    for name, files in source.data_files.items():
+        rows = [row for f in files for row, _ in read_file(f)]
+        good[name] = [r.value for r in rows if isinstance(r, Ok)]
+        bad[name] = [r for r in rows if isinstance(r, Err)]
+        counts[name] = len(good[name])
+    chosen = _choose_split(split, list(counts), source.name)
+    if not good[chosen]:
+        errors = bad[chosen]
+        raise DataError(
+            f"{source.name}: none of its {len(errors)} rows ({chosen}) can be read; the first "
+            f"is {errors[0].where}: {errors[0].reason}"
+            if errors
+            else f"{source.name} has no rows"
+        )
+    sample = good[chosen][:sample_rows]
+    columns = list(dict.fromkeys(k for row in good[chosen] for k in row))
+    fmt, mapping = detect_format(columns, sample, column_map=column_map, format=format)
+    types: dict[str, set[str]] = {}
+    for row in good[chosen]:
+        for k, v in row.items():
+            if v is not None:
+                types.setdefault(k, set()).add(type(v).__name__)
+    errors = bad[chosen]
+    return SourceInfo(
+        spec=source.name,
+        kind=source.kind,
+        builder=source.builder,
+        configs=(),
+        config=None,
+        splits=counts,
+        split=chosen,
+        columns=tuple(columns),
+        features={k: " | ".join(sorted(t)) for k, t in types.items()},
+        format=fmt,
+        column_map=mapping,
+        sample_size=len(sample),
+        bad_rows=len(errors),
+        first_bad=f"{errors[0].where}: {errors[0].reason}" if errors else None,
     )
 
 
@@ -480,6 +549,84 @@ def iter_canonical(
     name = info.spec if source is None else source
     for i, row in enumerate(rows):
         yield canonicalize(row, info, where=f"{name}:row {i + 1}")
+
+
+SFT_SHAPES: tuple[str, ...] = ("prompt_completion", "alpaca", "chat", "sharegpt")
+"""The formats supervised fine-tuning reads."""
+
+
+def without_empty_system(record: dict) -> dict:
+    """A canonical record without its ``system`` field when that is empty (None)."""
+    if "system" in record and not isinstance(record["system"], str):
+        record = {k: v for k, v in record.items() if k != "system"}
+    return record
+
+
+def row_info(
+    row: Mapping[str, Any], *, column_map: Mapping[str, str] | None = None, spec: str = "row"
+) -> SourceInfo:
+    """The format of one row on its own (its keys and values), as a :class:`SourceInfo`; the
+    ``column_map`` entries whose column the row has apply."""
+    columns = list(row)
+    user = {f: c for f, c in (column_map or {}).items() if c in row}
+    fmt, mapping = detect_format(columns, [row], column_map=user)
+    return SourceInfo(
+        spec=spec,
+        kind="row",
+        builder=None,
+        configs=(),
+        config=None,
+        splits={},
+        split="train",
+        columns=tuple(columns),
+        features={},
+        format=fmt,
+        column_map=mapping,
+        sample_size=1,
+    )
+
+
+def canonical_row(
+    row: Mapping[str, Any],
+    info: SourceInfo | None,
+    *,
+    where: str,
+    per_row: bool = True,
+    shapes: Sequence[str] = SFT_SHAPES,
+) -> tuple[Ok[dict] | Err, str]:
+    """One row canonicalized: ``(Ok(record) | Err, format)``.
+
+    With the source's ``info`` the row is read in the source's format; when that fails and
+    ``per_row`` (``format: auto``), the row's own format is detected (:func:`row_info`) and, when
+    it is another one of ``shapes``, the row is read in it: a file that mixes prompt/completion,
+    alpaca and chat rows trains every row. Without ``info`` only the row's own format is used.
+    """
+    first: Ok[dict] | Err | None = None
+    fmt = "unknown"
+    if info is not None:
+        fmt = info.format
+        first = canonicalize(row, info, where=where)
+        if isinstance(first, Ok) or not per_row:
+            return _clean(first), canonical_format(fmt)
+    own = row_info(row, column_map=info.column_map if info is not None else None)
+    if own.format not in shapes or (info is not None and own.format == info.format):
+        if first is not None:
+            return first, canonical_format(fmt)
+        keys = ", ".join(map(str, list(row)[:8])) or "none"
+        return (
+            Err(
+                f"no known columns: {keys} (rows need prompt/completion, instruction/output or "
+                "messages; map other names with data.column_map)",
+                dict(row),
+                where,
+            ),
+            "unknown",
+        )
+    return _clean(canonicalize(row, own, where=where)), canonical_format(own.format)
+
+
+def _clean(res: Ok[dict] | Err) -> Ok[dict] | Err:
+    return Ok(without_empty_system(res.value)) if isinstance(res, Ok) else res
 
 
 def canonical_format(fmt: str) -> str:

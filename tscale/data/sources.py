@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -27,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from tscale.core.result import Err
+from tscale.data.load import READERS, dir_files, read_file, supported
 from tscale.errors import DataError
 
 if TYPE_CHECKING:
@@ -34,15 +37,8 @@ if TYPE_CHECKING:
 
 SpecLike = str | os.PathLike | Sequence[str | os.PathLike] | Mapping[str, Any]
 
-BUILDERS: Mapping[str, str] = {
-    ".json": "json",
-    ".jsonl": "json",
-    ".csv": "csv",
-    ".parquet": "parquet",
-    ".arrow": "arrow",
-    ".txt": "text",
-}
-"""File extension → the ``datasets`` packaged builder that reads it."""
+BUILDERS: Mapping[str, str] = READERS
+"""File extension → the ``datasets`` builder that reads it (``tscale.data.load.READERS``)."""
 
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _MIB = 1 << 20
@@ -53,7 +49,8 @@ class ResolvedSource:
     """Where a spec's data is: ``kind`` is ``"files"``, ``"saved"`` (``save_to_disk``) or ``"hub"``.
 
     ``data_files`` maps split → files (``"files"`` only); ``builder`` is the ``datasets`` builder
-    for them; ``path`` is the saved directory or ``None``; ``name`` is the spec as text.
+    for them (None when the files mix formats); ``path`` is the saved directory or ``None``;
+    ``name`` is the spec as text.
     """
 
     kind: str
@@ -73,18 +70,8 @@ class ResolvedSource:
 # --------------------------------------------------------------------------------------------
 
 
-def _supported(path: Path) -> bool:
-    return path.suffix.lower() in BUILDERS and not path.name.startswith(".")
-
-
-def _dir_files(path: Path) -> list[Path]:
-    """The supported files under a directory (recursively, hidden entries skipped), sorted."""
-    out = []
-    for p in sorted(path.rglob("*")):
-        rel = p.relative_to(path)
-        if p.is_file() and _supported(p) and not any(s.startswith(".") for s in rel.parts):
-            out.append(p)
-    return out
+_supported = supported
+_dir_files = dir_files
 
 
 def _is_saved(path: Path) -> bool:
@@ -144,7 +131,9 @@ def _expand(item: str | os.PathLike) -> list[Path]:
 
 
 def _one_builder(name: str, splits: Mapping[str, Sequence[Path]]) -> str:
-    """The single builder for all files; mixed formats are an error naming one file of each."""
+    """The single ``datasets`` builder for all files (``load_source`` needs one); mixed formats
+    are an error naming one file of each. The training pipeline reads each file with its own
+    reader (:func:`tscale.data.load.read_file`), so mixed files are fine there."""
     by_builder: dict[str, Path] = {}
     for files in splits.values():
         for f in files:
@@ -152,8 +141,8 @@ def _one_builder(name: str, splits: Mapping[str, Sequence[Path]]) -> str:
     if len(by_builder) > 1:
         shown = ", ".join(f"{b}: {f}" for b, f in sorted(by_builder.items()))
         raise DataError(
-            f"{name} mixes file formats ({shown}); one source must be of one format. Split it "
-            "into one source per format and mix them (data.sources with weights)"
+            f"{name} mixes file formats ({shown}); datasets reads one format at a time. Split "
+            "it into one source per format, or train on it (tscale reads each file by its type)"
         )
     return next(iter(by_builder))
 
@@ -196,7 +185,8 @@ def resolve_source(spec: SpecLike) -> ResolvedSource:
         name = str([os.fspath(s) for s in spec])
     if not any(splits.values()):
         raise DataError(f"{name}: no data files found; pass at least one data file")
-    builder = _one_builder(name, splits)
+    mixed = len({BUILDERS[f.suffix.lower()] for fs in splits.values() for f in fs}) > 1
+    builder = None if mixed else _one_builder(name, splits)  # None: one reader per file
     data_files = {k: tuple(v) for k, v in splits.items() if v}
     return ResolvedSource("files", name, builder=builder, data_files=data_files)
 
@@ -219,9 +209,15 @@ def quiet_datasets() -> Iterator[None]:
     level = datasets.logging.get_verbosity()
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
+    # The JSON builder logs a parse error with its traceback before raising it; the error is
+    # turned into one line (file:line) by the caller, so the log would only repeat it badly.
+    parser = logging.getLogger("datasets.packaged_modules.json.json")
+    parser_level = parser.level
+    parser.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
+        parser.setLevel(parser_level)
         datasets.logging.set_verbosity(level)
         if not bars:
             datasets.enable_progress_bars()
@@ -236,53 +232,19 @@ def root_cause(exc: BaseException) -> str:
 
 
 def diagnose_file(path: Path, builder: str) -> str | None:
-    """The first problem in a text data file, as ``"file:line N: what"``, or None if none is found.
-
-    Checks UTF-8 (``json``, ``csv``, ``text``) and, for ``json``, that each line is one JSON
-    object (or, for a file that starts with ``[``, that the whole file is a JSON array).
-    """
+    """The first bad row of a text data file as ``"file:line N: reason"`` (what the one reader,
+    :func:`tscale.data.load.read_file`, finds), or None if every row reads."""
     if builder not in ("json", "csv", "text"):
         return None
-    if path.stat().st_size == 0:
-        return f"{path} is empty; it needs at least one row"
-    first: str | None = None
-    with path.open("rb") as f:
-        for n, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                return (
-                    f"{path}:line {n}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at column "
-                    f"{e.start + 1}); re-encode the file as UTF-8"
-                )
-            if builder != "json" or not line.strip():
-                continue
-            if first is None:
-                first = line.lstrip()
-                if first.startswith("["):  # a JSON document, not JSON lines
-                    return _diagnose_json_document(path)
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                return (
-                    f"{path}:line {n}: malformed JSON ({e.msg} at column {e.colno}); each line "
-                    "must be one complete JSON object"
-                )
-            if not isinstance(value, dict):
-                return (
-                    f"{path}:line {n}: a JSON {type(value).__name__}, not an object; each line "
-                    'must be one JSON object such as {"prompt": "...", "completion": "..."}'
-                )
-    return None
-
-
-def _diagnose_json_document(path: Path) -> str | None:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        return f"{path}:line {e.lineno}: malformed JSON ({e.msg} at column {e.colno})"
-    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-        return f"{path}: a JSON document must be a list of objects (one per row)"
+        for row, where in read_file(path):
+            if isinstance(row, Err):
+                return (
+                    f"{where}: {row.reason}; fix that row (training quarantines it and trains "
+                    "the rest)"
+                )
+    except DataError as e:
+        return str(e)
     return None
 
 
@@ -368,6 +330,8 @@ def load_source(
                 f"{source.name} has no split {base!r}; its splits are {sorted(source.data_files)} "
                 "(file names starting with train/validation/test name the split)"
             )
+        if source.builder is None:
+            _one_builder(source.name, source.data_files)  # raises: datasets reads one format
         data_files = {base: [os.fspath(f) for f in source.data_files[base]]}
         for f in data_files[base]:
             if Path(f).stat().st_size == 0:

@@ -49,6 +49,8 @@ class StreamingBatchLoader:
         on_errors: called with the ``Err`` results of each chunk (to quarantine and count them)
             and the number of rows read in that chunk.
         pad_to_multiple_of: rows are padded to a multiple of this.
+        empty_hint: what the error for an epoch without a usable example adds (where the rows
+            went: the quarantine and dropped-rows files).
         rank, world_size: data parallelism. Every rank reads and packs the same stream into the
             same global batches of ``batch_size`` rows and keeps its contiguous
             ``batch_size / world_size`` of them, so the batches (and the cursor, identical on
@@ -72,6 +74,7 @@ class StreamingBatchLoader:
         pad_to_multiple_of: int = 8,
         rank: int = 0,
         world_size: int = 1,
+        empty_hint: str = "see the quarantine file for the reasons",
     ) -> None:
         for name, value in (
             ("batch_size", batch_size),
@@ -97,6 +100,7 @@ class StreamingBatchLoader:
         self.chunk_rows = chunk_rows
         self.pad_to_multiple_of = pad_to_multiple_of
         self._on_errors = on_errors
+        self._empty_hint = empty_hint
         self._epoch = 0
         self._rows = 0  # rows of this epoch read so far
         self._ready: deque[dict] = deque()
@@ -122,8 +126,8 @@ class StreamingBatchLoader:
                 self._ready.extend(self._packer.flush())
             if self._made_in_epoch == 0 and not self._ready:
                 raise DataError(
-                    f"epoch {self._epoch} of the data stream gave no usable training example; "
-                    "see the quarantine file for the reasons"
+                    f"epoch {self._epoch} of the data stream gave no usable training example "
+                    f"({self._rows} rows read); {self._empty_hint}"
                 )
             self._epoch, self._rows, self._stream, self._made_in_epoch = self._epoch + 1, 0, None, 0
             return

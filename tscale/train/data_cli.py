@@ -16,7 +16,7 @@ from tscale.config.schema import Config, resolve_defaults
 from tscale.data.introspect import inspect_source, length_histogram
 from tscale.data.loader import IGNORE_INDEX
 from tscale.errors import DataError
-from tscale.train import builders, data_report, data_sources
+from tscale.train import data_build, data_report, data_sources
 
 
 def inspect_path(path: str, *, split: str | None = None, fmt: str = "auto") -> str:
@@ -48,7 +48,7 @@ def inspect_config(cfg: Config, console: Console) -> None:
     if cfg.data.streaming:  # inspect reads the whole training data, in memory
         cfg = attrs.evolve(cfg, data=attrs.evolve(cfg.data, streaming=False))
     run_dir = Path(cfg.run.output_dir)
-    bundle = builders.build_data(cfg, run_dir)
+    bundle = data_build.build_data(cfg, run_dir)
     data_report.print_report(console, bundle.report)
     for key, value in bundle.report.items():
         if value and key not in ("length", "train", "eval"):
@@ -149,7 +149,7 @@ def preview(cfg: Config, console: Console, n: int = 3) -> None:
     """Render ``n`` training examples exactly as the model sees them: trained tokens in bold
     green, tokens that are context only (masked out of the loss) dim."""
     cfg = resolve_defaults(cfg)
-    bundle = builders.build_data(cfg, Path(cfg.run.output_dir))
+    bundle = data_build.build_data(cfg, Path(cfg.run.output_dir))
     tok = bundle.encoder.tokenizer
     console.print(
         Text("trained", style="bold green") + Text(" / ") + Text("not trained", style="dim")

@@ -1,6 +1,6 @@
 """The data report: every row read accounted for once, printed before training.
 
-:func:`tscale.train.builders.build_data` fills ``bundle.report["train"]`` and
+:func:`tscale.train.data_build.build_data` fills ``bundle.report["train"]`` and
 ``bundle.report["eval"]`` with :func:`split_counts`; the trainer prints :func:`report_lines` on
 rank 0 before the first step and writes the whole ``bundle.report`` to
 ``<run>/data_report.json`` (:func:`write_report`); the run summary holds the same dict under
@@ -128,6 +128,13 @@ def report_lines(report: Mapping[str, Any]) -> list[str]:
         f"data: {rows} training rows read{so_far}: {train['trained']} trained, "
         f"{train['dropped']} dropped, {train['quarantined']} quarantined"
     ]
+    shapes = report.get("shapes")
+    if shapes and len(shapes) > 1:
+        mix = ", ".join(f"{k} {n}" for k, n in shapes.items())
+        lines.append(
+            f"  mixed shapes, each row read in its own: {mix} (data.format forces one shape; "
+            "data.column_map names other columns)"
+        )
     cut = []
     if train["truncated"]:
         limit = report.get("limit") or "the length limit"

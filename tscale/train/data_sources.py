@@ -1,14 +1,16 @@
 """The data section's I/O: sources read and mixed, the processed-data cache, the error budget.
 
-Used by :func:`tscale.train.builders.build_data`; configs stop here (house rule 2), the library
+Used by :func:`tscale.train.data_build.build_data`; configs stop here (house rule 2), the library
 pieces (:mod:`tscale.data.sources`, :mod:`tscale.data.introspect`) take plain arguments.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -22,8 +24,9 @@ import numpy as np
 from tscale.config.load import to_dict
 from tscale.config.schema import Config, DataConfig
 from tscale.core.result import Err, Ok
-from tscale.data.introspect import SourceInfo, canonicalize, detect_format
+from tscale.data.introspect import SFT_SHAPES, SourceInfo, canonical_row, detect_format
 from tscale.data.length import TEXT_COLUMNS, LengthBudget
+from tscale.data.load import Row, all_bad_error, read_file, record_of, write_quarantine
 from tscale.data.sources import (
     fingerprint,
     is_hub_name,
@@ -47,7 +50,8 @@ _LOADER_ONLY = (
     "drop_last",
 )
 _NOT_PROCESSING = (*_LOADER_ONLY, "cache", "cache_dir", "max_error_rate", "streaming")
-_SUPPORTED_FORMATS = ("prompt_completion", "alpaca", "chat", "sharegpt")
+_SUPPORTED_FORMATS = SFT_SHAPES
+_SAMPLE_ROWS = 200  # rows a source's format is detected on
 DROPPED_FILE = "dropped.jsonl"
 """Beside quarantine.jsonl: the rows the length policy left out (data.length.excess drop, or
 nothing trainable fits), one ``{"where", "reason", "record"}`` a line."""
@@ -68,7 +72,8 @@ class Source:
 
 
 def uses_sources(d: DataConfig) -> bool:
-    """Whether the data is read through the sources path (load_source + format detection)."""
+    """Whether the training data is read as sources (every row canonicalized, mixed by weight,
+    streamed) rather than as ``train_files`` records kept in tscale's own shapes."""
     return bool(d.sources) or d.format != "auto" or bool(d.column_map) or d.streaming
 
 
@@ -142,8 +147,53 @@ def _load(s: Source, *, streaming: bool, cache_dir: Path) -> Any:
         raise DataError(f"{s.key}: {e}") from None
 
 
-def _info(s: Source, columns: Sequence[str], sample: Sequence[Mapping[str, Any]]) -> SourceInfo:
-    """The detected format and column mapping of a source, or a ConfigError naming its keys."""
+def _local_files(s: Source) -> list[Path] | None:
+    """The files of a local source's split (read by :func:`tscale.data.load.read_file`), or
+    None for a hub dataset, a ``save_to_disk`` folder or a sliced split (read by ``datasets``)."""
+    if isinstance(s.spec, str) and is_hub_name(s.spec) and not Path(s.spec).exists():
+        return None
+    try:
+        resolved = resolve_source(s.spec)
+    except DataError as e:
+        raise DataError(f"{s.key}: {e}") from None
+    base = re.split(r"[\[+]", s.split, maxsplit=1)[0].strip()
+    if resolved.kind != "files" or base != s.split:
+        return None
+    if base not in resolved.data_files:
+        raise DataError(
+            f"{s.key}: {s.name} has no split {base!r}; its splits are "
+            f"{sorted(resolved.data_files)} (file names starting with train/validation/test "
+            "name the split)"
+        )
+    return list(resolved.data_files[base])
+
+
+def source_rows(s: Source, *, streaming: bool, cache_dir: Path) -> Iterator[Row]:
+    """The rows of a source, each ``(Ok(row) | Err, where)``: local files through the one
+    reader (a bad line is an ``Err`` at ``file:line N``), others through ``datasets``."""
+    files = _local_files(s)
+    if files is None:
+        ds = _load(s, streaming=streaming, cache_dir=cache_dir)
+        for i, row in enumerate(ds):
+            yield Ok(dict(row)), f"{s.name}:row {i + 1}"
+        return
+    for f in files:
+        try:
+            rows = read_file(f, cache_dir=cache_dir)
+            yield from rows
+        except DataError as e:
+            raise DataError(f"{s.key}: {e}") from None
+
+
+def _info(
+    s: Source, sample: Sequence[Mapping[str, Any]], columns: Sequence[str] = ()
+) -> SourceInfo:
+    """The detected format and column mapping of a source, or a ConfigError naming its keys.
+
+    ``columns``: the source's columns when known (a ``datasets`` table), else the keys of the
+    sample rows in the order first seen."""
+    if not columns:
+        columns = list(dict.fromkeys(k for row in sample for k in row))
     try:
         fmt, mapping = detect_format(columns, sample, column_map=s.column_map, format=s.format)
     except DataError as e:
@@ -171,28 +221,88 @@ def _info(s: Source, columns: Sequence[str], sample: Sequence[Mapping[str, Any]]
     )
 
 
-def read_source(s: Source, *, cache_dir: Path) -> tuple[list[dict], list[str], list[Err], int]:
-    """All rows of a source canonicalized: ``(records, places, errors, rows read)``."""
-    ds = _load(s, streaming=False, cache_dir=cache_dir)
-    rows = ds.to_list()
-    info = _info(s, ds.column_names, rows[:200])
-    records, places, errors = [], [], []
-    for i, row in enumerate(rows):
-        where = f"{s.name}:row {i + 1}"
-        res = canonicalize(row, info, where=where)
+def _sample(s: Source, *, streaming: bool, cache_dir: Path) -> list[dict]:
+    rows = source_rows(s, streaming=streaming, cache_dir=cache_dir)
+    good = (row.value for row, _ in rows if isinstance(row, Ok))
+    return list(itertools.islice(good, _SAMPLE_ROWS))
+
+
+@attrs.frozen
+class SourceRead:
+    """A source read whole: its good rows canonicalized, its bad ones, the counts."""
+
+    records: list[dict]
+    places: list[str]
+    errors: list[Err]
+    rows: int
+    shapes: dict[str, int]
+
+
+def read_source(
+    s: Source,
+    *,
+    cache_dir: Path,
+    quarantine: Path | None = None,
+    own_shapes: bool = False,
+) -> SourceRead:
+    """All rows of a source as records; a bad row is an ``Err`` with its place, written to
+    ``quarantine``.
+
+    With ``own_shapes`` (``data.train_files`` without ``format``/``column_map``/``streaming``)
+    a row in tscale's own shape is kept as it is and any other is canonicalized in its own shape
+    (:func:`tscale.data.load.record_of`); else the source's format is detected on its first rows
+    and each row canonicalized (in its own shape when it does not fit, ``format: auto``).
+
+    Raises:
+        DataError: a source without rows, or a file none of whose rows is usable (naming the
+            key, the file, the count, the first bad place and the quarantine file).
+    """
+    rows = list(source_rows(s, streaming=False, cache_dir=cache_dir))
+    if not rows:
+        raise DataError(f"{s.key}: {s.name} has no rows")
+    info = None
+    if not own_shapes:
+        sample = [row.value for row, _ in rows if isinstance(row, Ok)][:_SAMPLE_ROWS]
+        info = _info(s, sample) if sample else None
+    records, places, errors, shapes = [], [], [], Counter()
+    for row, where in rows:
+        if isinstance(row, Err):
+            errors.append(row)
+            continue
+        if info is None:
+            res, shape = record_of(row.value, where)
+        else:
+            res, shape = canonical_row(row.value, info, where=where, per_row=s.format == "auto")
         if isinstance(res, Ok):
-            records.append(_with_system(res.value))
+            records.append(res.value)
             places.append(where)
+            shapes[shape] += 1
         else:
             errors.append(res)
-    return records, places, errors, len(rows)
+    if quarantine is not None:
+        write_quarantine(errors, quarantine)
+    _some_usable(s, [w for _, w in rows], errors, quarantine)
+    return SourceRead(records, places, errors, len(rows), dict(shapes))
 
 
-def _with_system(record: dict) -> dict:
-    """A canonical record without its ``system`` field when that is empty (None)."""
-    if "system" in record and not isinstance(record["system"], str):
-        record = {k: v for k, v in record.items() if k != "system"}
-    return record
+def _some_usable(
+    s: Source, places: Sequence[str], errors: Sequence[Err], quarantine: Path | None
+) -> None:
+    """Raise when every row of one of the source's files is bad (almost always a format
+    mistake, not bad luck)."""
+    if not errors:
+        return
+
+    def file_of(where: str | None) -> str:
+        return (where or "").rpartition(":")[0] or s.name
+
+    rows = Counter(file_of(w) for w in places)
+    bad: dict[str, list[Err]] = {}
+    for e in errors:
+        bad.setdefault(file_of(e.where), []).append(e)
+    for file, errs in bad.items():
+        if len(errs) == rows[file]:
+            raise all_bad_error(f"{s.key} ({file})", errs, len(errs), quarantine)
 
 
 def mixed_order(sizes: Sequence[int], weights: Sequence[float], seed: int) -> list[tuple[int, int]]:
@@ -211,27 +321,44 @@ def mixed_order(sizes: Sequence[int], weights: Sequence[float], seed: int) -> li
 
 
 def open_stream(
-    sources: Sequence[Source], *, seed: int, cache_dir: Path
+    sources: Sequence[Source], *, seed: int, cache_dir: Path, quarantine: Path | None = None
 ) -> Iterator[tuple[Ok[dict] | Err, str]]:
     """The training rows of one pass over the mixed sources, canonicalized, with their places.
 
-    Every source is read lazily (``streaming=True``); the mixture is ``mix_sources`` over
-    streams of one schema (source index, row number, the row as JSON), so rows of different
-    formats interleave and each is canonicalized with its own source's mapping.
+    Every source is read lazily (the one reader for local files, ``datasets`` streaming for
+    the hub); the mixture is ``mix_sources`` over streams of one schema (source index, place,
+    the row as JSON, the reason when it is bad), so rows of different formats interleave, each
+    is canonicalized with its own source's mapping, and a bad line comes out as an ``Err``.
+
+    Raises:
+        DataError: a source without one usable row (its rows are written to ``quarantine``).
     """
     import datasets
 
-    infos, streams = [], []
+    infos = []
     for s in sources:
-        ds = _load(s, streaming=True, cache_dir=cache_dir)
-        sample = list(ds.take(200))
-        columns = list(ds.column_names or (sample[0] if sample else []))
-        infos.append(_info(s, columns, sample))
-        streams.append(ds)
+        sample = _sample(s, streaming=True, cache_dir=cache_dir)
+        if not sample:
+            bad = [r for r, _ in source_rows(s, streaming=True, cache_dir=cache_dir)]
+            errors = [r for r in bad if isinstance(r, Err)]
+            if not errors:
+                raise DataError(f"{s.key}: {s.name} has no rows")
+            if quarantine is not None:
+                write_quarantine(errors, quarantine)
+            raise all_bad_error(f"{s.key} ({s.name})", errors, len(bad), quarantine)
+        infos.append(_info(s, sample))
 
     def rows_of(i: int) -> Iterator[dict]:
-        for n, row in enumerate(streams[i]):
-            yield {"s": i, "n": n + 1, "row": json.dumps(row, ensure_ascii=False, default=str)}
+        for row, where in source_rows(sources[i], streaming=True, cache_dir=cache_dir):
+            bad = isinstance(row, Err)
+            value = row.record if isinstance(row, Err) else row.value
+            yield {
+                "s": i,
+                "where": where,
+                "row": json.dumps(value, ensure_ascii=False, default=str),
+                "err": row.reason if isinstance(row, Err) else "",
+                "bad": bad,
+            }
 
     parts = [
         (datasets.IterableDataset.from_generator(rows_of, gen_kwargs={"i": i}), s.weight)
@@ -239,17 +366,29 @@ def open_stream(
     ]
     mixed = mix_sources(parts, seed=seed, streaming=True)
     for item in mixed:
-        s = sources[item["s"]]
-        where = f"{s.name}:row {item['n']}"
-        res = canonicalize(json.loads(item["row"]), infos[item["s"]], where=where)
-        yield (Ok(_with_system(res.value)) if isinstance(res, Ok) else res), where
+        s, where, value = sources[item["s"]], item["where"], json.loads(item["row"])
+        if item["bad"]:
+            yield Err(item["err"], value, where), where
+            continue
+        res, _ = canonical_row(value, infos[item["s"]], where=where, per_row=s.format == "auto")
+        yield res, where
 
 
 def tokenizer_texts(records: Sequence[Mapping[str, Any]]) -> Iterator[str]:
     """The texts of canonical records, to train a tokenizer on."""
     for r in records:
         if isinstance(r.get("messages"), list):
-            yield from (m["content"] for m in r["messages"] if isinstance(m.get("content"), str))
+            yield from (
+                m["content"]
+                for m in r["messages"]
+                if isinstance(m, dict) and isinstance(m.get("content"), str)
+            )
+            continue
+        if isinstance(r.get("conversations"), list):  # ShareGPT rows kept as they are
+            turns = r["conversations"]
+            yield from (
+                t["value"] for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str)
+            )
             continue
         yield "".join(str(r.get(c) or "") for c in TEXT_COLUMNS if isinstance(r.get(c), str))
 
@@ -474,15 +613,35 @@ def load_processed(folder: Path, quarantine: Path) -> tuple[list[dict], list[dic
     return train, eval_examples, meta
 
 
-def train_tokenizer_on(records: Sequence[Mapping[str, Any]], vocab_size: int, cache: Path) -> Any:
-    """A tokenizer trained on canonical records, cached at ``cache`` (atomic write)."""
+def train_tokenizer_on(
+    records: Sequence[Mapping[str, Any]],
+    vocab_size: int,
+    cache: Path,
+    *,
+    what: str = "the training data",
+    quarantine: Path | None = None,
+) -> Any:
+    """A tokenizer trained on the records' texts, cached at ``cache`` (atomic write).
+
+    Raises:
+        DataError: no text to train on, naming ``what`` (the files or sources) and the
+            ``quarantine`` file where the rows that were read went.
+    """
     from tscale.data.tokenize import load_tokenizer
 
     if cache.is_file():
         return load_tokenizer(cache)
     texts = [t for t in tokenizer_texts(records) if t]
     if not texts:
-        raise DataError("no text in the training records to train a tokenizer on")
+        seen = (
+            f"; the rows read and why they were left out are in {quarantine}"
+            if (quarantine is not None and quarantine.exists())
+            else ""
+        )
+        raise DataError(
+            f"{len(records)} usable training records in {what}, with no text to train a "
+            f"tokenizer on{seen}. Fix the data, or set data.tokenizer.path"
+        )
     tok = train_tokenizer(texts, vocab_size)
     cache.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.name}.", suffix=".tmp")

@@ -34,7 +34,7 @@ from tscale.optim.schedules import Schedule
 from tscale.step.compose import StepFn
 from tscale.tasks.base import Task, TaskContext
 from tscale.tasks.sft import reference_answer
-from tscale.train import builders, data_report, distributed, preflight
+from tscale.train import builders, data_build, data_report, distributed, preflight
 from tscale.train.callbacks import Callback, JsonlLogger, ProgressBar, truncate_jsonl
 from tscale.train.export import export_adapter
 
@@ -118,7 +118,7 @@ def build_run(
     task: Task = cfg.task  # the objective: its record is the task (tscale/tasks)
     for r in range(par.world_size):  # one rank after the other: they share the data cache
         if r == par.plan.rank:
-            bundle = builders.build_data(
+            bundle = data_build.build_data(
                 cfg, run_dir, rank=par.plan.rank, world_size=par.world_size
             )
         par.barrier()
