@@ -8,8 +8,9 @@ is a loss function and a record (docs/tasks.md walks through one).
 
 The contract, in the order the trainer uses it:
 
-- ``example_stage``: the per-record data stage (record → example, its batch layout); ``None``
-  keeps the SFT pipeline (template, loss mask, packing).
+- ``examples(cfg, encoder, template)``: the per-record data stage (records → examples, its
+  batch layout, ``Err``/``Dropped`` for what it leaves out); SFT's is the template, the loss
+  mask and the length budget (``tscale.tasks.sft.sft_examples``), inherited by subclasses.
 - ``prepare(ctx)``: a pre-pass over the data before the first step (e.g. reference log-probs
   computed once); returns the frozen trees it adds to the state.
 - ``rollout(state, batch, key)``: a batch stage that depends on the state (online RL); the
@@ -65,6 +66,8 @@ class Task(Protocol):
 
     def loss(self, ctx: TaskContext) -> LossFn: ...
 
+    def examples(self, cfg: Any, encoder: Any, template: Any) -> Callable[..., Any]: ...
+
     def prepare(self, ctx: TaskContext) -> Mapping[str, Any]: ...
 
     def rollout(self, state: TrainState, batch: TensorDictBase, key: torch.Tensor) -> Any: ...
@@ -79,7 +82,6 @@ class TaskDefaults:
 
     key_metrics: ClassVar[tuple[str, ...]] = ()
     updates_per_batch: ClassVar[int] = 1
-    example_stage: ClassVar[Callable[..., Any] | None] = None
 
     def prepare(self, ctx: TaskContext) -> Mapping[str, Any]:
         """No pre-pass: no frozen trees added."""

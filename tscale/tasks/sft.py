@@ -8,7 +8,7 @@ loss is :func:`tscale.losses.lm.make_lm_loss` (or the fused linear cross-entropy
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import attrs
@@ -16,14 +16,16 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from tscale.core.fields import field
+from tscale.data.length import LengthBudget, LengthReport
 from tscale.data.loader import batch_iter
+from tscale.data.prepare import prepare_examples
 from tscale.losses.lm import make_fused_lm_loss, make_lm_loss
 from tscale.models.generate import greedy
 from tscale.models.protocol import frozen_kw
 from tscale.step.compose import make_eval_step
 from tscale.tasks.base import LossFn, TaskContext, TaskDefaults, register_task
 
-__all__ = ["SFTTask", "question_and_answer", "reference_answer"]
+__all__ = ["SFTTask", "evaluate_lm", "question_and_answer", "reference_answer", "sft_examples"]
 
 
 @register_task
@@ -48,6 +50,10 @@ class SFTTask(TaskDefaults):
             )
         return make_lm_loss(ctx.apply_fn, label_smoothing=lc.label_smoothing, z_loss=lc.z_loss)
 
+    def examples(self, cfg: Any, encoder: Any, template: Any) -> Callable[..., Any]:
+        """The per-record data stage: the template, the loss mask, the length budget."""
+        return sft_examples(cfg, encoder, template)
+
     def evaluate(
         self, ctx: TaskContext, params: TensorDictBase, frozen: Mapping[str, Any] | None = None
     ) -> tuple[dict[str, float], list[dict[str, Any]]]:
@@ -64,6 +70,36 @@ class SFTTask(TaskDefaults):
             prepare_batch=ctx.prepare_batch,
             frozen=frozen,
         )
+
+
+def sft_examples(cfg: Any, encoder: Any, template: Any) -> Callable[..., Any]:
+    """Supervised fine-tuning's example stage (``tscale.train.data_build``): fit each record to
+    the length budget, render it with the run's template (a ``SelectedTemplate``) and tokenize it
+    with its loss mask (batched, each text encoded once)."""
+    d = cfg.data
+
+    def stage(
+        records: Sequence[dict],
+        places: Sequence[str],
+        *,
+        budget: LengthBudget | None,
+        max_length: int | None,
+    ) -> tuple[list[Any], LengthReport]:
+        template.check(records, encoder)
+        return prepare_examples(
+            records,
+            template.template,
+            encoder,
+            add_bos=encoder.adds_bos,  # the BOS/EOS rule of docs/data.md
+            add_eos=True,
+            system=d.system_prompt,
+            loss_mode=d.loss_mode,
+            max_length=max_length,
+            budget=budget,
+            where=list(places),
+        )
+
+    return stage
 
 
 def evaluate_lm(

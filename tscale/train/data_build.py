@@ -33,13 +33,13 @@ from tscale.data.hf_tokenizer import save_tokenizer_folder
 from tscale.data.length import Dropped, LengthBudget, LengthReport
 from tscale.data.loader import BatchLoader
 from tscale.data.pack import pack_examples
-from tscale.data.prepare import prepare_examples
 from tscale.data.prompt import ChatTemplate
 from tscale.data.sources import fingerprint
 from tscale.data.stream import StreamingBatchLoader
 from tscale.data.tokenize import Encoder
 from tscale.data.tokenize import _fingerprint as files_fingerprint
 from tscale.errors import ConfigError, DataError
+from tscale.tasks.sft import sft_examples
 from tscale.train import data_report, data_sources
 from tscale.train.data_template import (
     PLAIN_SOURCE,
@@ -101,35 +101,6 @@ class ExampleStage(Protocol):
 
 MakeExamples = Callable[[Config, Encoder, SelectedTemplate], ExampleStage]
 """Builds a run's example stage from its config, tokenizer and template."""
-
-
-def sft_examples(cfg: Config, encoder: Encoder, template: SelectedTemplate) -> ExampleStage:
-    """Supervised fine-tuning's stage: fit each record to the length budget, render it with the
-    template and tokenize it with its loss mask (batched, each text encoded once)."""
-    d = cfg.data
-
-    def stage(
-        records: Sequence[dict],
-        places: Sequence[str],
-        *,
-        budget: LengthBudget | None,
-        max_length: int | None,
-    ) -> tuple[list[Ok[dict] | Err], LengthReport]:
-        template.check(records, encoder)
-        return prepare_examples(
-            records,
-            template.template,
-            encoder,
-            add_bos=encoder.adds_bos,  # the BOS/EOS rule of docs/data.md
-            add_eos=True,
-            system=d.system_prompt,
-            loss_mode=d.loss_mode,
-            max_length=max_length,
-            budget=budget,
-            where=list(places),
-        )
-
-    return stage
 
 
 def run_stage(

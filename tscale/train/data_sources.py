@@ -531,6 +531,7 @@ def processed_fingerprint(
         "data": data,
         "seed": cfg.run.seed,  # synthetic data and the mixture order
         "tokenizer": hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest(),
+        "task": to_dict(cfg.task),  # its example stage makes the examples
     }
     if template is not None:
         parts["template"] = {

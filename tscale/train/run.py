@@ -118,8 +118,12 @@ def build_run(
     task: Task = cfg.task  # the objective: its record is the task (tscale/tasks)
     for r in range(par.world_size):  # one rank after the other: they share the data cache
         if r == par.plan.rank:
-            bundle = data_build.build_data(
-                cfg, run_dir, rank=par.plan.rank, world_size=par.world_size
+            bundle = data_build.build_data(  # records → the task's examples → batches
+                cfg,
+                run_dir,
+                rank=par.plan.rank,
+                world_size=par.world_size,
+                make_examples=task.examples,
             )
         par.barrier()
     if main:  # every row accounted for, before the first step (docs/data.md#the-data-report)
