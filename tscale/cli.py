@@ -2,7 +2,8 @@
 
 ``tscale train CFG [key=value ...] [--resume [CKPT]]`` trains; ``tscale config show CFG
 [key=value ...]`` prints the resolved config; ``tscale schedule plot CFG [key=value ...] [-o
-lr.png]`` draws the learning rate over ``train.max_steps``. A user's mistake (bad config, data,
+lr.png]`` draws the learning rate over ``train.max_steps``; ``tscale plot RUN [RUN ...] -o
+curves.png`` draws runs' curves overlaid. A user's mistake (bad config, data,
 checkpoint) is printed as one line on stderr and exits with status 2 — no traceback.
 
 Exit status of ``tscale train``: 0 when the run finished, and also when SIGTERM or a first
@@ -19,7 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from tscale import __version__
-from tscale.errors import TscaleError
+from tscale.errors import ConfigError, TscaleError
 
 EXIT_USER_ERROR = 2
 
@@ -81,6 +82,30 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("runs", help="list the runs under a folder: last step, loss, eval")
     r.add_argument("folder", nargs="?", default="runs", help="default: %(default)s")
 
+    pl = sub.add_parser(
+        "plot", help="draw runs' curves (loss, lr, grad norm, tokens/s …) into one PNG"
+    )
+    pl.add_argument("runs", nargs="+", metavar="RUN", help="run directories (or metrics.jsonl)")
+    pl.add_argument("-o", "--output", default="curves.png", help="PNG to write (%(default)s)")
+    pl.add_argument(
+        "--metrics",
+        action="append",
+        default=None,
+        metavar="A,B",
+        help="panels to draw (comma-separated, repeatable; e.g. loss,eval/exact_match); "
+        "default: loss, lr, grad_norm, tokens_per_s",
+    )
+    pl.add_argument(
+        "--smooth",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="exponential moving average weight in [0, 1) over the raw curve (default 0)",
+    )
+    pl.add_argument(
+        "--label", action="append", default=None, help="legend name of each run, in order"
+    )
+
     s = sub.add_parser("schedule", help="learning-rate schedule tools")
     ssub = s.add_subparsers(dest="schedule_command", required=True)
     plot = ssub.add_parser("plot", help="write a PNG of the learning rate over train.max_steps")
@@ -108,6 +133,24 @@ def _run(args: argparse.Namespace) -> int:
         from tscale.train.runs_cli import print_runs
 
         print_runs(args.folder, Console())
+        return 0
+
+    if args.command == "plot":
+        from tscale.train.plot_cli import plot_runs
+
+        metrics = [m for part in args.metrics or [] for m in part.split(",") if m]
+        if args.label and len(args.label) != len(args.runs):
+            raise ConfigError(
+                f"tscale plot: {len(args.label)} --label for {len(args.runs)} runs; give one each"
+            )
+        out = plot_runs(
+            args.runs,
+            args.output,
+            metrics=metrics or None,
+            smoothing=args.smooth,
+            labels=args.label,
+        )
+        print(f"wrote {out}")
         return 0
 
     if args.command == "data":

@@ -37,6 +37,7 @@ from tscale.step.compose import StepFn, make_eval_step
 from tscale.train import builders, data_report, distributed
 from tscale.train.callbacks import Callback, JsonlLogger, ProgressBar, truncate_jsonl
 from tscale.train.export import export_adapter
+from tscale.train.loggers import build_loggers
 from tscale.train.signals import StopSignals
 
 
@@ -278,8 +279,9 @@ def train(
     hooks: list[Callback] = []
     if main:  # rank 0 reports for the run; the other ranks only compute
         hooks = [
-            ProgressBar(console, bar=cfg.train.progress),
+            ProgressBar.for_run(console, cfg, bundle.loader),
             JsonlLogger(metrics_file),
+            *build_loggers(cfg, run_dir, console=console, resumed_from=resume_from),
             *callbacks,
         ]
 
@@ -419,7 +421,7 @@ def train(
                 evaluate_now = cfg.train.eval_every and step % cfg.train.eval_every == 0
                 if evaluate_now and has_eval and not last:
                     last_eval, samples = run_eval()
-                    emit("on_eval", step=step, eval=last_eval)
+                    emit("on_eval", step=step, eval=last_eval, samples=samples)
                 if cfg.train.save_every and step % cfg.train.save_every == 0 and not last:
                     save_timed(step)
                 dt = time.perf_counter() - t_pause
@@ -453,7 +455,7 @@ def train(
             stopped_by = None
             if has_eval:
                 last_eval, samples = run_eval()
-                emit("on_eval", step=step, eval=last_eval)
+                emit("on_eval", step=step, eval=last_eval, samples=samples)
             save_timed(step)
             if lora_model is not None and main:  # a PEFT adapter directory that `peft` loads
                 export_adapter(
