@@ -16,8 +16,9 @@ user's mistake.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from tscale import __version__
 from tscale.errors import ConfigError, TscaleError
@@ -121,6 +122,9 @@ def _run(args: argparse.Namespace) -> int:
     from tscale.config import load_config, to_yaml
     from tscale.config.schema import resolve_defaults
 
+    if args.command == "train" and (warning := accelerate_cpu_warning(os.environ)):
+        print(warning, file=sys.stderr)
+
     if args.command == "export":
         from tscale.train.export import export
 
@@ -193,6 +197,20 @@ def _run(args: argparse.Namespace) -> int:
 
     train(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
+
+
+def accelerate_cpu_warning(env: Mapping[str, str]) -> str | None:
+    """The warning for ``accelerate launch --cpu --num_processes N`` (N > 1), which starts one
+    process: accelerate's ``--cpu`` launcher runs the script once (several CPU processes need
+    its MPI path) but still sets ``MASTER_PORT`` because N > 1. None otherwise."""
+    use_cpu = env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1", "yes")
+    if not use_cpu or "WORLD_SIZE" in env or "MASTER_PORT" not in env:
+        return None
+    return (
+        "tscale: warning: `accelerate launch --cpu` started this one process only (its --cpu "
+        "launcher ignores --num_processes); for several CPU ranks use `accelerate launch "
+        "--multi_gpu --num_processes N` or torchrun (docs/distributed.md)"
+    )
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
