@@ -79,16 +79,19 @@ def test_plot_overlays_both_runs_lines(two_runs: tuple[Path, Path], tmp_path: Pa
 
 def test_plot_chosen_metrics_and_smoothing(two_runs: tuple[Path, Path]) -> None:
     adamw, lion = two_runs
-    fig = make_figure([adamw, lion], metrics=["eval/exact_match", "loss"], smoothing=0.6)
+    fig = make_figure([adamw, lion], metrics=["eval/exact_match", "loss", "lr"], smoothing=0.6)
     assert [ax.get_title() for ax in fig.axes if ax.get_visible()] == [
         "eval/exact_match",
         "loss (train —, eval --)",
+        "learning rate",
     ]
     lines = {line.get_gid(): line for ax in fig.axes for line in ax.get_lines()}
     raw = [r["loss"] for r in _rows(lion) if "loss" in r]
     assert list(lines["lion:loss:raw"].get_ydata()) == raw
     assert list(lines["lion:loss"].get_ydata()) == smooth(raw, 0.6)
     assert "lion:eval/loss:raw" not in lines  # eval points are few: never smoothed
+    assert "lion:lr:raw" not in lines  # a schedule: an average would only lag
+    assert list(lines["lion:lr"].get_ydata()) == [r["lr"] for r in _rows(lion) if "lr" in r]
 
 
 def test_smooth() -> None:

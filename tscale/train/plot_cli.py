@@ -4,7 +4,8 @@ Reads each run's ``metrics.jsonl`` (every step's ``loss``, ``lr``, ``grad_norm``
 rows ``eval/…``) and ``throughput.jsonl`` (``tokens_per_s`` per logging window). One panel per
 metric; the ``loss`` panel holds the training loss (solid) and the held-out loss (dashed, dots),
 each run in its own colour with a legend. ``smoothing`` (0 ≤ w < 1) draws an exponential moving
-average over the faint raw curve, as TensorBoard's slider does.
+average over the faint raw curve, as TensorBoard's slider does (not for eval points, ``lr`` or
+``skipped``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ _TITLES = {
     "tokens_per_s": "tokens/s",
 }
 
+_EXACT = frozenset({"lr", "skipped"})  # schedules and counts: a moving average would only lag
 Curves = dict[str, tuple[list[int], list[float]]]
 
 
@@ -147,7 +149,7 @@ def make_figure(
                 steps, values = curves[key]
                 marker = "o" if key.startswith("eval/") else None
                 gid = f"{name}:{key}"
-                if smoothing and not key.startswith("eval/"):
+                if smoothing and key not in _EXACT and not key.startswith("eval/"):
                     ax.plot(steps, values, style, color=color, alpha=0.25, linewidth=1)
                     ax.lines[-1].set_gid(gid + ":raw")
                     values = smooth(values, smoothing)
