@@ -10,14 +10,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tscale.cli import accelerate_cpu_warning
 
 pytest.importorskip("accelerate", reason="the accelerate extra (in dev) is not installed")
+pytest.importorskip("tensorboard", reason="the tensorboard extra (in dev) is not installed")
 
 FSDP = ["parallel.dp_shard=-1", "parallel.dp_replicate=1"]  # state.json then says world_size
 SHORT = ["train.max_steps=6", "train.log_every=1", "train.save_every=0", "eval.num_samples=0"]
+SHORT += ["log.to=[jsonl,tensorboard]", "log.plot=false"]  # TensorBoard: rank 0 only
 
 
 def _free_port() -> int:
@@ -50,6 +53,15 @@ def test_multi_gpu_on_cpu_is_two_ranks_bit_equal_to_torchrun(tmp_path: Path, tor
     ref_rows, got_rows = _rows(ref), _rows(got)
     assert [r["step"] for r in got_rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert got_rows == ref_rows  # every loss, grad norm, lr and token count: bit-equal (JSON)
+    # only rank 0 logs: one event file, holding each step once
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (got / "tensorboard").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events.parent))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [
+        (r["step"], float(np.float32(r["loss"]))) for r in got_rows if "loss" in r
+    ]
 
 
 def test_cpu_flag_runs_one_process_and_tscale_warns(tmp_path: Path, tiny_run):

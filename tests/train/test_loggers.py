@@ -260,17 +260,30 @@ def test_a_failing_logger_warns_once_and_training_goes_on(tmp_path: Path) -> Non
     assert steps == set(range(1, 9))
 
 
+@pytest.mark.parametrize(
+    ("blocked", "logger", "extra"),
+    [
+        ("wandb", "wandb", "wandb"),
+        ("tensorboard", "tensorboard", "tensorboard"),
+        ("sqlalchemy", "mlflow", "mlflow"),
+    ],
+)
 def test_a_missing_logger_package_is_one_line_naming_the_extra(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    blocked: str,
+    logger: str,
+    extra: str,
 ) -> None:
-    monkeypatch.setitem(sys.modules, "wandb", None)  # what an uninstalled package looks like
+    monkeypatch.setitem(sys.modules, blocked, None)  # what an uninstalled package looks like
     config = tmp_path / "c.yaml"
     config.write_text("run: {name: c}\n")
     run = f"run.output_dir={tmp_path / 'run'}"
-    code = cli.main(["train", str(config), *TINY, run, "log.to=[jsonl,wandb]"])
+    code = cli.main(["train", str(config), *TINY, run, f"log.to=[jsonl,{logger}]"])
     err = capsys.readouterr().err
     assert code == 2
     assert err.strip().splitlines() == [
-        "tscale: error: log.to: wandb needs the wandb package: pip install 'tscale[wandb]' "
-        "(or remove wandb from log.to)"
+        f"tscale: error: log.to: {logger} needs the {blocked} package: pip install "
+        f"'tscale[{extra}]' (or remove {logger} from log.to)"
     ]

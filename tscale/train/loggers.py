@@ -75,12 +75,18 @@ def build_loggers(
     run_dir = Path(run_dir)
     resumed = resumed_from is not None
     for name in cfg.log.to:
-        if name in EXTRAS and importlib.util.find_spec(EXTRAS[name][0]) is None:
-            module, extra = EXTRAS[name]
-            raise ConfigError(
-                f"log.to: {name} needs the {module} package: pip install 'tscale[{extra}]' "
-                f"(or remove {name} from log.to)"
-            )
+        if name not in EXTRAS:
+            continue
+        module, extra = EXTRAS[name]
+        needed = [module]
+        if name == "mlflow" and _mlflow_store(cfg, run_dir)[0].startswith("sqlite:"):
+            needed += ["sqlalchemy", "alembic"]  # MLflow's SQL store
+        for package in needed:
+            if importlib.util.find_spec(package) is None:
+                raise ConfigError(
+                    f"log.to: {name} needs the {package} package: pip install 'tscale[{extra}]' "
+                    f"(or remove {name} from log.to)"
+                )
     out: list[Callback] = [ThroughputLog(run_dir / "throughput.jsonl", resumed=resumed)]
     ids = _RunIds(run_dir / _IDS_FILE, resumed=resumed)
     for name in dict.fromkeys(cfg.log.to):  # each logger once, in the order given
@@ -434,13 +440,16 @@ class MlflowLogger(Callback):
 
 
 class PlotAtEnd(Callback):
-    """``<run>/curves.png`` (as ``tscale plot RUN``) when the run ends without an exception."""
+    """``<run>/curves.png`` (as ``tscale plot RUN``) when the run ends at its last step (not
+    after an exception or a stop by signal)."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = Path(run_dir)
 
     def on_train_end(self, info: Info) -> None:
-        if info.get("summary", {}).get("interrupted"):
+        summary = info.get("summary", {})
+        # after an exception, or within a launcher's grace period after SIGTERM: no drawing
+        if summary.get("interrupted") or summary.get("stopped_by"):
             return
         from tscale.train.plot_cli import plot_runs
 
