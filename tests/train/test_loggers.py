@@ -147,7 +147,7 @@ def _wandb_runs(run: Path) -> list[dict]:
     out = []
     for d in sorted((run / "wandb").glob("offline-run-*")):
         (file,) = d.glob("run-*.wandb")
-        got: dict = {"history": {}, "config": {}}
+        got: dict = {"history": {}, "config": {}, "other": set()}
         for r in _wandb_records(file):
             kind = r.WhichOneof("record_type")
             if kind == "run":
@@ -160,6 +160,8 @@ def _wandb_runs(run: Path) -> list[dict]:
                     value = json.loads(v)
                     if not k.startswith("_") and isinstance(value, int | float):
                         got["history"][(k, step)] = float(value)
+                    elif not k.startswith("_"):  # a table's reference, and such
+                        got["other"].add((k, step))
         out.append(got)
     return out
 
@@ -178,8 +180,16 @@ def _mlflow_runs(run: Path) -> list[dict]:
             for m in client.get_metric_history(r.info.run_id, key):
                 assert (key, m.step) not in points
                 points[(key, m.step)] = m.value
+        files = [f.path for f in client.list_artifacts(r.info.run_id)]
+        files += [f.path for f in client.list_artifacts(r.info.run_id, "eval_samples")]
         out.append(
-            {"id": r.info.run_id, "tags": r.data.tags, "params": r.data.params, "points": points}
+            {
+                "id": r.info.run_id,
+                "tags": r.data.tags,
+                "params": r.data.params,
+                "points": points,
+                "files": files,
+            }
         )
     return out
 
@@ -200,9 +210,11 @@ def test_every_logger_holds_metrics_jsonl_and_resume_behaves(tmp_path: Path) -> 
     (wb,) = _wandb_runs(run)
     _same(wb["history"], first)
     assert wb["config"]["optimizer"]["lr"] == 3e-3 and wb["tags"] == []
+    assert {("eval/samples/_type", 4), ("eval/samples/_type", 8)} <= wb["other"]  # tables
     (ml,) = _mlflow_runs(run)
     _same(ml["points"], first)
     assert ml["params"]["optimizer.lr"] == "0.003" and ml["params"]["train.max_steps"] == "8"
+    assert "config.yaml" in ml["files"] and "eval_samples/step_00000008.md" in ml["files"]
 
     # resume from step 4 with another learning rate: steps 5-8 are new values
     ckpt = run / "checkpoints" / "step_00000004"
