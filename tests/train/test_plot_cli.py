@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,12 @@ def test_plot_mistakes_are_one_line_exit_2(two_runs: tuple[Path, Path], tmp_path
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+def test_plot_without_matplotlib_names_the_extra(
+    two_runs: tuple[Path, Path], tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)  # not installed
+    assert cli.main(["plot", str(two_runs[0]), "-o", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "tscale: error: tscale plot needs matplotlib: pip install 'tscale[plot]'"
