@@ -39,6 +39,7 @@ __all__ = [
     "ThroughputLog",
     "WandbLogger",
     "build_loggers",
+    "check_logger_packages",
 ]
 
 # log.to name -> (module that must import, the tscale extra that installs it)
@@ -74,19 +75,7 @@ def build_loggers(
     """
     run_dir = Path(run_dir)
     resumed = resumed_from is not None
-    for name in cfg.log.to:
-        if name not in EXTRAS:
-            continue
-        module, extra = EXTRAS[name]
-        needed = [module]
-        if name == "mlflow" and _mlflow_store(cfg, run_dir)[0].startswith("sqlite:"):
-            needed += ["sqlalchemy", "alembic"]  # MLflow's SQL store
-        for package in needed:
-            if importlib.util.find_spec(package) is None:
-                raise ConfigError(
-                    f"log.to: {name} needs the {package} package: pip install 'tscale[{extra}]' "
-                    f"(or remove {name} from log.to)"
-                )
+    check_logger_packages(cfg, run_dir)
     out: list[Callback] = [ThroughputLog(run_dir / "throughput.jsonl", resumed=resumed)]
     ids = _RunIds(run_dir / _IDS_FILE, resumed=resumed)
     for name in dict.fromkeys(cfg.log.to):  # each logger once, in the order given
@@ -100,6 +89,28 @@ def build_loggers(
     if cfg.log.plot and importlib.util.find_spec("matplotlib") is not None:
         out.append(_Guarded(PlotAtEnd(run_dir), "the end-of-run plot", console))
     return out
+
+
+def check_logger_packages(cfg: Config, run_dir: str | Path) -> None:
+    """Every package ``log.to`` needs is installed (cheap: nothing is imported). Safe to call on
+    every rank before the first collective, so a missing package stops all ranks alike.
+
+    Raises:
+        ConfigError: one line naming ``log.to``, the package and the extra that installs it.
+    """
+    for name in cfg.log.to:
+        if name not in EXTRAS:
+            continue
+        module, extra = EXTRAS[name]
+        needed = [module]
+        if name == "mlflow" and _mlflow_store(cfg, Path(run_dir))[0].startswith("sqlite:"):
+            needed += ["sqlalchemy", "alembic"]  # MLflow's SQL store
+        for package in needed:
+            if importlib.util.find_spec(package) is None:
+                raise ConfigError(
+                    f"log.to: {name} needs the {package} package: pip install 'tscale[{extra}]' "
+                    f"(or remove {name} from log.to)"
+                )
 
 
 class _Guarded(Callback):
