@@ -37,7 +37,9 @@ class Callback:
         """Metrics of the steps since the last call: ``info["rows"]`` (one dict per step)."""
 
     def on_eval(self, info: Info) -> None:
-        """An evaluation finished: ``info["eval"]`` holds its metrics."""
+        """An evaluation finished: ``info["eval"]`` holds its metrics, ``info["samples"]`` (when
+        the trainer passes them) its greedy answers (``prompt``, ``answer``, ``expected``,
+        ``correct``)."""
 
     def on_save(self, info: Info) -> None:
         """A checkpoint of step ``info["step"]`` was written to ``info["path"]`` (in
