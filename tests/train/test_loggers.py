@@ -152,6 +152,7 @@ def _wandb_runs(run: Path) -> list[dict]:
             kind = r.WhichOneof("record_type")
             if kind == "run":
                 got["id"], got["tags"] = r.run.run_id, list(r.run.tags)
+                got["project"], got["name"] = r.run.project, r.run.display_name
                 got["config"].update({u.key: json.loads(u.value_json) for u in r.run.config.update})
             elif kind == "history":
                 items = {i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
@@ -197,8 +198,12 @@ def _mlflow_runs(run: Path) -> list[dict]:
 # ---- tests ---------------------------------------------------------------------------------
 
 
-def test_every_logger_holds_metrics_jsonl_and_resume_behaves(tmp_path: Path) -> None:
+def test_every_logger_holds_metrics_jsonl_and_resume_behaves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run = tmp_path / "run"
+    monkeypatch.setenv("WANDB_PROJECT", "from-env")  # the tool's own variables apply
+    monkeypatch.setenv("WANDB_NAME", "env-name")
     _run(run, ALL)
     first = _jsonl_points(run)
     assert ("eval/loss", 4) in first and ("grad_norm", 8) in first
@@ -210,6 +215,7 @@ def test_every_logger_holds_metrics_jsonl_and_resume_behaves(tmp_path: Path) -> 
     (wb,) = _wandb_runs(run)
     _same(wb["history"], first)
     assert wb["config"]["optimizer"]["lr"] == 3e-3 and wb["tags"] == []
+    assert (wb["project"], wb["name"]) == ("from-env", "env-name")
     assert {("eval/samples/_type", 4), ("eval/samples/_type", 8)} <= wb["other"]  # tables
     (ml,) = _mlflow_runs(run)
     _same(ml["points"], first)
@@ -218,7 +224,7 @@ def test_every_logger_holds_metrics_jsonl_and_resume_behaves(tmp_path: Path) -> 
 
     # resume from step 4 with another learning rate: steps 5-8 are new values
     ckpt = run / "checkpoints" / "step_00000004"
-    said = _run(run, ALL, "optimizer.lr=1e-3", resume=ckpt)
+    said = _run(run, ALL, "optimizer.lr=1e-3", "log.name=yaml-name", resume=ckpt)
     after = _jsonl_points(run)
     assert after[("loss", 6)] != first[("loss", 6)]  # so a stale point would show
 
@@ -228,6 +234,7 @@ def test_every_logger_holds_metrics_jsonl_and_resume_behaves(tmp_path: Path) -> 
 
     wb1, wb2 = _wandb_runs(run)
     assert wb2["tags"] == [f"resumed_from:{wb1['id']}"]
+    assert (wb2["project"], wb2["name"]) == ("from-env", "yaml-name")  # a YAML key wins
     assert wb2["config"]["resumed_from"] == wb1["id"] and wb2["config"]["resumed_at_step"] == 4
     _same(wb2["history"], {p: v for p, v in after.items() if p[1] > 4})
     assert min(step for _, step in wb2["history"]) == 5
@@ -249,21 +256,25 @@ class _BreakStore(Callback):
 
     def __init__(self, store: Path) -> None:
         self.store = store
+        self.had_run = False
 
     def on_step_end(self, info: dict) -> None:
         if info["rows"][-1]["step"] == 2:
+            self.had_run = any(self.store.glob("*/*/metrics/loss"))
             shutil.rmtree(self.store)
 
 
-def test_a_failing_logger_warns_once_and_training_goes_on(tmp_path: Path) -> None:
+def test_a_failing_logger_warns_once_and_training_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run, store = tmp_path / "run", tmp_path / "mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", str(store))  # a folder store, from MLflow's variable
     out = io.StringIO()
-    cfg = load_config(
-        None,
-        [*TINY, f"run.output_dir={run}", "log.to=[mlflow]", f"log.mlflow_tracking_uri={store}"],
-    )
-    result = train(cfg, callbacks=[_BreakStore(store)], console=Console(file=out, width=400))
+    cfg = load_config(None, [*TINY, f"run.output_dir={run}", "log.to=[mlflow]"])
+    broken = _BreakStore(store)
+    result = train(cfg, callbacks=[broken], console=Console(file=out, width=400))
     said = out.getvalue()
+    assert broken.had_run  # the store was MLFLOW_TRACKING_URI's, with the run in it
     assert result.final_step == 8
     assert said.count("warning: MLflow logging failed at step 4") == 1, said
     assert "it is off for the rest of the run, training goes on" in said
