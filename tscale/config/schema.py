@@ -548,9 +548,10 @@ class LogConfig:
 
     to: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = _f(
         ["jsonl"],
-        "Loggers: jsonl (metrics.jsonl, always written), tensorboard (<run>/tensorboard), wandb "
-        "(WANDB_MODE=offline works without a network), mlflow (a local SQLite store, "
-        "<run>/mlflow.db, unless log.mlflow_tracking_uri or MLFLOW_TRACKING_URI says otherwise).",
+        "Loggers: jsonl (metrics.jsonl, always written), tensorboard "
+        "(run.output_dir/tensorboard), wandb (WANDB_MODE=offline works without a network), "
+        "mlflow (a local SQLite store, run.output_dir/mlflow.db, unless "
+        "log.mlflow_tracking_uri or MLFLOW_TRACKING_URI says otherwise).",
     )
     project: str | None = _f(
         None,
@@ -562,17 +563,17 @@ class LogConfig:
     )
     tags: list[str] = _f([], "Tags of the W&B run and the MLflow run.")
     tensorboard_dir: str | None = _f(
-        None, "TensorBoard event directory; null: <run.output_dir>/tensorboard."
+        None, "TensorBoard event directory; null: run.output_dir/tensorboard."
     )
     mlflow_tracking_uri: str | None = _f(
         None,
         "MLflow tracking URI (a server, sqlite:///path.db, a folder); null: "
-        "MLFLOW_TRACKING_URI, else sqlite in <run.output_dir>/mlflow.db (artifacts in "
-        "<run.output_dir>/mlartifacts).",
+        "MLFLOW_TRACKING_URI, else sqlite in run.output_dir/mlflow.db (artifacts in "
+        "run.output_dir/mlartifacts).",
     )
     plot: bool = _f(
         True,
-        "Write <run.output_dir>/curves.png (loss, lr, grad norm, tokens/s) at the end of the "
+        "Write run.output_dir/curves.png (loss, lr, grad norm, tokens/s) at the end of the "
         "run when matplotlib is installed (tscale[plot]).",
     )
 
