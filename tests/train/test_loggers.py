@@ -243,6 +243,7 @@ def test_every_logger_holds_metrics_jsonl_and_resume_behaves(
     assert ml2["tags"]["resumed_from"] == ml1["id"] and ml2["tags"]["resumed_at_step"] == "4"
     _same(ml2["points"], {p: v for p, v in after.items() if p[1] > 4})
     assert ml2["params"]["optimizer.lr"] == "0.001"
+    assert f"TensorBoard: resumed at step 4 in {run / 'tensorboard'} (purge_step 5" in said
     for tool, new, old in (("W&B", wb2["id"], wb1["id"]), ("MLflow", ml2["id"], ml1["id"])):
         assert f"{tool}: resumed at step 4 as a new run {new} tagged resumed_from={old}" in said
     assert json.loads((run / "loggers.json").read_text())["wandb"]["runs"] == [

@@ -81,7 +81,8 @@ def build_loggers(
     for name in dict.fromkeys(cfg.log.to):  # each logger once, in the order given
         if name == "tensorboard":
             log_dir = Path(cfg.log.tensorboard_dir or run_dir / "tensorboard")
-            out.append(_Guarded(TensorBoardLogger(log_dir, cfg, resumed=resumed), name, console))
+            logger = TensorBoardLogger(log_dir, cfg, resumed=resumed, console=console)
+            out.append(_Guarded(logger, name, console))
         elif name == "wandb":
             out.append(_Guarded(WandbLogger(cfg, run_dir, ids, console), "W&B", console))
         elif name == "mlflow":
@@ -210,8 +211,11 @@ class TensorBoardLogger(Callback):
     step shows twice.
     """
 
-    def __init__(self, log_dir: Path, cfg: Config, *, resumed: bool) -> None:
+    def __init__(
+        self, log_dir: Path, cfg: Config, *, resumed: bool, console: Console | None = None
+    ) -> None:
         self.log_dir, self.config_yaml, self.resumed = Path(log_dir), to_yaml(cfg), resumed
+        self.console = console
         self.writer: Any = None
 
     def on_train_start(self, info: Info) -> None:
@@ -220,6 +224,13 @@ class TensorBoardLogger(Callback):
         start = int(info["step"])
         purge = start + 1 if self.resumed else 0
         self.writer = SummaryWriter(str(self.log_dir), purge_step=purge)
+        if self.resumed and self.console is not None:
+            self.console.print(
+                f"TensorBoard: resumed at step {start} in {self.log_dir} (purge_step {purge}: "
+                f"what the first run logged after step {start} is dropped)",
+                soft_wrap=True,
+                markup=False,
+            )
         # four spaces: a markdown code block, so the YAML shows as written
         text = "\n".join("    " + line for line in self.config_yaml.splitlines())
         self.writer.add_text("config", text, global_step=start)
