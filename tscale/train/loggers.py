@@ -82,7 +82,7 @@ def build_loggers(
         if name == "tensorboard":
             log_dir = Path(cfg.log.tensorboard_dir or run_dir / "tensorboard")
             logger = TensorBoardLogger(log_dir, cfg, resumed=resumed, console=console)
-            out.append(_Guarded(logger, name, console))
+            out.append(_Guarded(logger, "TensorBoard", console))
         elif name == "wandb":
             out.append(_Guarded(WandbLogger(cfg, run_dir, ids, console), "W&B", console))
         elif name == "mlflow":
