@@ -2,7 +2,8 @@
 
 ``tscale train CFG [key=value ...] [--resume [CKPT]]`` trains; ``tscale config show CFG
 [key=value ...]`` prints the resolved config; ``tscale schedule plot CFG [key=value ...] [-o
-lr.png]`` draws the learning rate over ``train.max_steps``. A user's mistake (bad config, data,
+lr.png]`` draws the learning rate over ``train.max_steps``; ``tscale plot RUN [RUN ...] -o
+curves.png`` draws runs' curves overlaid. A user's mistake (bad config, data,
 checkpoint) is printed as one line on stderr and exits with status 2 — no traceback.
 
 Exit status of ``tscale train``: 0 when the run finished, and also when SIGTERM or a first
@@ -15,11 +16,12 @@ user's mistake.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from tscale import __version__
-from tscale.errors import TscaleError
+from tscale.errors import ConfigError, TscaleError
 
 EXIT_USER_ERROR = 2
 
@@ -81,6 +83,30 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("runs", help="list the runs under a folder: last step, loss, eval")
     r.add_argument("folder", nargs="?", default="runs", help="default: %(default)s")
 
+    pl = sub.add_parser(
+        "plot", help="draw runs' curves (loss, lr, grad norm, tokens/s …) into one PNG"
+    )
+    pl.add_argument("runs", nargs="+", metavar="RUN", help="run directories (or metrics.jsonl)")
+    pl.add_argument("-o", "--output", default="curves.png", help="PNG to write (%(default)s)")
+    pl.add_argument(
+        "--metrics",
+        action="append",
+        default=None,
+        metavar="A,B",
+        help="panels to draw (comma-separated, repeatable; e.g. loss,eval/exact_match); "
+        "default: loss, lr, grad_norm, tokens_per_s",
+    )
+    pl.add_argument(
+        "--smooth",
+        type=float,
+        default=0.0,
+        metavar="W",
+        help="exponential moving average weight in [0, 1) over the raw curve (default 0)",
+    )
+    pl.add_argument(
+        "--label", action="append", default=None, help="legend name of each run, in order"
+    )
+
     s = sub.add_parser("schedule", help="learning-rate schedule tools")
     ssub = s.add_subparsers(dest="schedule_command", required=True)
     plot = ssub.add_parser("plot", help="write a PNG of the learning rate over train.max_steps")
@@ -96,6 +122,9 @@ def _run(args: argparse.Namespace) -> int:
     from tscale.config import load_config, to_yaml
     from tscale.config.schema import resolve_defaults
 
+    if args.command == "train" and (warning := accelerate_cpu_warning(os.environ)):
+        print(warning, file=sys.stderr)
+
     if args.command == "export":
         from tscale.train.export import export
 
@@ -108,6 +137,24 @@ def _run(args: argparse.Namespace) -> int:
         from tscale.train.runs_cli import print_runs
 
         print_runs(args.folder, Console())
+        return 0
+
+    if args.command == "plot":
+        from tscale.train.plot_cli import plot_runs
+
+        metrics = [m for part in args.metrics or [] for m in part.split(",") if m]
+        if args.label and len(args.label) != len(args.runs):
+            raise ConfigError(
+                f"tscale plot: {len(args.label)} --label for {len(args.runs)} runs; give one each"
+            )
+        out = plot_runs(
+            args.runs,
+            args.output,
+            metrics=metrics or None,
+            smoothing=args.smooth,
+            labels=args.label,
+        )
+        print(f"wrote {out}")
         return 0
 
     if args.command == "data":
@@ -150,6 +197,20 @@ def _run(args: argparse.Namespace) -> int:
 
     train(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
+
+
+def accelerate_cpu_warning(env: Mapping[str, str]) -> str | None:
+    """The warning for ``accelerate launch --cpu --num_processes N`` (N > 1), which starts one
+    process: accelerate's ``--cpu`` launcher runs the script once (several CPU processes need
+    its MPI path) but still sets ``MASTER_PORT`` because N > 1. None otherwise."""
+    use_cpu = env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1", "yes")
+    if not use_cpu or "WORLD_SIZE" in env or "MASTER_PORT" not in env:
+        return None
+    return (
+        "tscale: warning: `accelerate launch --cpu` started this one process only (its --cpu "
+        "launcher ignores --num_processes); for several CPU ranks use `accelerate launch "
+        "--multi_gpu --num_processes N` or torchrun (docs/distributed.md)"
+    )
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -525,6 +525,43 @@ class ParallelConfig:
 
 
 @attrs.frozen(kw_only=True)
+class LogConfig:
+    """Where metrics go besides metrics.jsonl (see docs/logging.md): TensorBoard, Weights &
+    Biases, MLflow; rank 0 only. Each logger is an extra: ``pip install 'tscale[tensorboard]'``."""
+
+    to: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = field(
+        ["jsonl"],
+        "Loggers: jsonl (metrics.jsonl, always written), tensorboard "
+        "(run.output_dir/tensorboard), wandb (WANDB_MODE=offline works without a network), "
+        "mlflow (a local SQLite store, run.output_dir/mlflow.db, unless "
+        "log.mlflow_tracking_uri or MLFLOW_TRACKING_URI says otherwise).",
+    )
+    project: str | None = field(
+        None,
+        "W&B project and MLflow experiment; null: WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME, "
+        "else 'tscale'.",
+    )
+    name: str | None = field(
+        None, "Run name in W&B and MLflow; null: WANDB_NAME for W&B when set, else run.name."
+    )
+    tags: list[str] = field([], "Tags of the W&B run and the MLflow run.")
+    tensorboard_dir: str | None = field(
+        None, "TensorBoard event directory; null: run.output_dir/tensorboard."
+    )
+    mlflow_tracking_uri: str | None = field(
+        None,
+        "MLflow tracking URI (a server, sqlite:///path.db, a folder); null: "
+        "MLFLOW_TRACKING_URI, else sqlite in run.output_dir/mlflow.db (artifacts in "
+        "run.output_dir/mlartifacts).",
+    )
+    plot: bool = field(
+        True,
+        "Write run.output_dir/curves.png (loss, lr, grad norm, tokens/s) at the end of the "
+        "run when matplotlib is installed (tscale[plot]).",
+    )
+
+
+@attrs.frozen(kw_only=True)
 class Config:
     """A whole run."""
 
@@ -552,6 +589,7 @@ class Config:
     train: TrainConfig = field(TrainConfig(), "Training loop.")
     eval: EvalConfig = field(EvalConfig(), "Evaluation.")
     parallel: ParallelConfig = field(ParallelConfig(), "Data parallelism (DDP / FSDP / HSDP).")
+    log: LogConfig = field(LogConfig(), "Loggers: TensorBoard, W&B, MLflow, the end-of-run plot.")
 
 
 # ---- defaults that depend on the run ------------------------------------------------------------

@@ -37,6 +37,7 @@ from tscale.tasks.sft import reference_answer
 from tscale.train import builders, data_build, data_report, distributed, preflight
 from tscale.train.callbacks import Callback, JsonlLogger, ProgressBar, truncate_jsonl
 from tscale.train.export import export_adapter
+from tscale.train.loggers import build_loggers, check_logger_packages
 
 __all__ = ["Run", "build_run"]
 
@@ -96,6 +97,7 @@ def build_run(
     cfg = resolve_defaults(cfg)  # null/auto keys: fine-tuning or random-init defaults
     builders.validate(cfg)
     preflight.check(cfg)  # input paths exist, output places writable: before any write
+    check_logger_packages(cfg, cfg.run.output_dir)  # every rank: log.to's packages installed
     device = builders.resolve_device(cfg.run.device)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
@@ -272,8 +274,9 @@ def build_run(
     hooks: list[Callback] = []
     if main:  # rank 0 reports for the run; the other ranks only compute
         hooks = [
-            ProgressBar(console, bar=cfg.train.progress),
+            ProgressBar.for_run(console, cfg, loader),
             JsonlLogger(metrics_file),
+            *build_loggers(cfg, run_dir, console=console, resumed_from=resume_from),
             *callbacks,
         ]
     return Run(

@@ -144,7 +144,7 @@ def train_loop(run: Run, console: Console, *, t_start: float | None = None) -> T
     def evaluate_now() -> None:
         nonlocal last_eval, samples
         last_eval, samples = run.evaluate(state)
-        emit("on_eval", step=step, eval=last_eval)
+        emit("on_eval", step=step, eval=last_eval, samples=samples)
 
     signals = StopSignals()
     vote = distributed.StopVote(run.par)  # ranks agree on the step a signal stops the run at
