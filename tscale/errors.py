@@ -25,3 +25,8 @@ class CheckpointError(TscaleError):
 
 class ShapeError(TscaleError):
     """Arguments of a library function disagree in shape, structure or dtype."""
+
+
+class TrainingError(TscaleError):
+    """Training cannot go on as configured (e.g. every step's gradients are non-finite); the
+    message says what happened, where the last good checkpoint is, and which key to change."""

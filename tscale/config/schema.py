@@ -383,6 +383,14 @@ class TrainConfig:
     progress: bool = field(
         True, "Show a rich progress bar on a terminal (else a log line every 5 s)."
     )
+    max_nonfinite_steps: int = field(
+        10,
+        "Stop the run (exit 2, no save: the last checkpoint stays the last good one) after this "
+        "many consecutive steps whose gradients were non-finite (skipped) or whose loss was "
+        "NaN/inf; 0: never stop.",
+        ge=1,
+        sentinels={0: "never stop"},
+    )
 
 
 @attrs.frozen(kw_only=True)

@@ -9,6 +9,7 @@ early by calling ``info["stop"]()``.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,21 @@ from rich.progress import (
 )
 
 Info = dict[str, Any]
+
+
+NONFINITE = "nonfinite"
+"""The row key listing the metrics whose value was NaN or inf (written as null)."""
+
+
+def strict_row(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` as strict JSON allows: each non-finite float becomes null and its key is listed
+    under ``"nonfinite"`` (every reader, tscale's and the loggers', sees the same row)."""
+    bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return row
+    out: dict[str, Any] = {k: (None if k in bad else v) for k, v in row.items()}
+    out[NONFINITE] = sorted(set(out.get(NONFINITE) or []) | set(bad))
+    return out
 
 
 class Callback:
@@ -58,8 +74,8 @@ class JsonlLogger(Callback):
 
     def _write(self, rows: list[dict]) -> None:
         with open(self.path, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+            for row in rows:  # strict JSON: a non-finite number is null, named in "nonfinite"
+                f.write(json.dumps(strict_row(row), allow_nan=False) + "\n")
 
     def on_step_end(self, info: Info) -> None:
         self._write(info["rows"])
@@ -94,7 +110,17 @@ def truncate_jsonl(path: Path, after_step: int) -> None:
 
 
 # row keys every run logs; any other key of a row is one of the task's metrics
-_BOOKKEEPING = frozenset({"step", "loss", "lr", "grad_norm", "tokens", "input_tokens", "skipped"})
+_BOOKKEEPING = frozenset(
+    {"step", "loss", "lr", "grad_norm", "tokens", "input_tokens", "skipped", NONFINITE}
+)
+
+
+def _fmt(row: dict, key: str, spec: str) -> str:
+    """A row's metric for the console: ``-`` when absent, ``nan`` when non-finite (null)."""
+    if key in row and row[key] is None:
+        return "nan"
+    value = row.get(key)
+    return format(value, spec) if isinstance(value, int | float) else "-"
 
 
 class ProgressBar(Callback):
@@ -205,8 +231,8 @@ class ProgressBar(Callback):
     def on_step_end(self, info: Info) -> None:
         last = info["rows"][-1]
         fields = {
-            "loss": f"{last['loss']:.4f}" if "loss" in last else "-",
-            "lr": f"{last['lr']:.2e}" if "lr" in last else "-",
+            "loss": _fmt(last, "loss", ".4f"),
+            "lr": _fmt(last, "lr", ".2e"),
             "tps": f"{info['tokens_per_s']:,.0f}",
             "epoch": self._epoch(last["step"]),
             "extra": self._extra(last),

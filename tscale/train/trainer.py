@@ -19,13 +19,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from tscale import checkpoint as ckpt
 from tscale.config.schema import Config
 from tscale.core import rng as R
+from tscale.core import tree as T
 from tscale.core.state import TrainState
+from tscale.errors import TrainingError
+from tscale.optim.transforms import skipped_steps
 from tscale.tasks.sft import evaluate_lm as evaluate
 from tscale.tasks.sft import reference_answer
 from tscale.train import distributed
-from tscale.train.callbacks import Callback
+from tscale.train.callbacks import Callback, strict_row
 from tscale.train.run import MakeStep, Run, build_run
 from tscale.train.signals import StopSignals
 
@@ -111,6 +115,7 @@ def train_loop(run: Run, console: Console, *, t_start: float | None = None) -> T
 
     state, step = run.state, int(run.state.step)
     start_step = step
+    health = _NonFinite(limit=t.max_nonfinite_steps, skipped=_skipped_so_far(state))
     window, train_tokens, paused = _Window(), 0, 0.0
     last_eval: dict[str, float] = {}
     samples: list[dict[str, Any]] = []
@@ -123,18 +128,23 @@ def train_loop(run: Run, console: Console, *, t_start: float | None = None) -> T
         sums = run.par.sum_over_ranks(
             [float(window.tokens), float(stop.requested), *(float(n) for *_, n in window.pending)]
         )
-        rows = [  # the host sync
-            _row(s, m, run.schedule, int(n))
-            for (s, m, _), n in zip(window.pending, sums[2:], strict=True)
-        ]
+        rows = []
+        for (s, m, _), n in zip(window.pending, sums[2:], strict=True):
+            row = _row(s, m, run.schedule, int(n), health.skipped)  # the host sync
+            health.observe(row)
+            rows.append(strict_row(row))  # NaN/inf -> null, listed under "nonfinite"
         elapsed = time.perf_counter() - window.t0 - window.paused
         stop.requested = stop.requested or bool(sums[1])
         train_tokens += int(sums[0])
         emit("on_step_end", step=step, rows=rows, tokens_per_s=sums[0] / max(elapsed, 1e-9))
         window = _Window()
+        if main and health.new_bad:
+            console.print(health.describe(), style="yellow", soft_wrap=True, markup=False)
+        health.check(run.run_dir / "checkpoints")  # raises after too many bad steps in a row
 
     def save(at: int) -> tuple[float, Path | None]:
         t0 = time.perf_counter()
+        _check_finite(run, state, at)  # a non-finite state is never saved as if it were good
         saved[0] = run.save(state, at, {"eval": last_eval})  # every rank
         seconds = time.perf_counter() - t0
         if main:
@@ -235,15 +245,18 @@ def train_loop(run: Run, console: Console, *, t_start: float | None = None) -> T
 _FIRST = ("step", "loss", "grad_norm", "lr", "skipped", "tokens", "input_tokens")
 
 
-def _row(step: int, m: dict[str, torch.Tensor], schedule: Callable, n_tokens: int) -> dict:
+def _row(
+    step: int, m: dict[str, torch.Tensor], schedule: Callable, n_tokens: int, skipped_before: int
+) -> dict:
     """One metrics.jsonl row: the step's fixed keys first, then every metric the task's loss
-    returned (by name). ``lr`` is the schedule at the optimizer's own count, which lags the step
-    by the number of skipped (non-finite) steps."""
+    returned (by name). ``lr`` is the learning rate the step's update used — or, for a skipped
+    step, would have used: the schedule at the optimizer's own count of applied updates
+    (``step - 1 - skipped_before``), which lags the step by the steps skipped before it."""
     row: dict[str, Any] = {"step": step, "loss": float(m["loss"])}
     if "grad_norm" in m:
         row["grad_norm"] = float(m["grad_norm"])
     skipped = int(m["skipped"]) if "skipped" in m else 0
-    row["lr"] = float(schedule(step - 1 - skipped))
+    row["lr"] = float(schedule(step - 1 - skipped_before))
     if "skipped" in m:
         row["skipped"] = skipped
     if "tokens" in m:
@@ -253,6 +266,71 @@ def _row(step: int, m: dict[str, torch.Tensor], schedule: Callable, n_tokens: in
         if key not in _FIRST:
             row[key] = _number(value)
     return row
+
+
+@attrs.define
+class _NonFinite:
+    """Watches the rows for steps whose update was skipped (non-finite gradients) or whose loss
+    is NaN/inf; says so on the console and stops the run after ``limit`` of them in a row."""
+
+    limit: int
+    skipped: int  # the optimizer's skip count before the next row
+    streak: list[int] = attrs.field(factory=list)  # the consecutive bad steps so far
+    new_bad: list[int] = attrs.field(factory=list)  # bad steps since the last describe()
+
+    def observe(self, row: dict[str, Any]) -> None:
+        skipped = row.get("skipped", self.skipped)
+        bad = skipped > self.skipped or not math.isfinite(row["loss"])
+        self.skipped = skipped
+        self.streak = [*self.streak, row["step"]] if bad else []
+        if bad:
+            self.new_bad.append(row["step"])
+
+    def describe(self) -> str:
+        steps, self.new_bad = self.new_bad, []
+        shown = ", ".join(map(str, steps[:8])) + (" …" if len(steps) > 8 else "")
+        return (
+            f"step{'s' * (len(steps) > 1)} {shown}: non-finite gradients or loss "
+            f"({self.skipped} update{'s' * (self.skipped != 1)} skipped so far; "
+            f"{len(self.streak)} bad step{'s' * (len(self.streak) != 1)} in a row, the run stops "
+            f"at {self.limit or 'never'}: train.max_nonfinite_steps)"
+        )
+
+    def check(self, checkpoints: Path) -> None:
+        if not self.limit or len(self.streak) < self.limit:
+            return
+        last = ckpt.latest_checkpoint(checkpoints)
+        raise TrainingError(
+            f"steps {self.streak[0]}-{self.streak[-1]}: {len(self.streak)} steps in a row with "
+            "non-finite gradients or loss (train.max_nonfinite_steps); stopped without saving, "
+            f"the last good checkpoint is {last or 'none'}; lower optimizer.lr, set "
+            "optimizer.max_grad_norm, or check the data and model.dtype"
+        )
+
+
+def _skipped_so_far(state: TrainState) -> int:
+    """The optimizer's count of skipped updates (a resumed run starts from its checkpoint's)."""
+    count = skipped_steps(state.opt_state)
+    if count is None:
+        return 0
+    return int(count.full_tensor() if hasattr(count, "full_tensor") else count)
+
+
+def _check_finite(run: Run, state: TrainState, step: int) -> None:
+    """Raise instead of saving params that hold NaN/inf (every rank checks its shard)."""
+    bad = 0
+    for t in T.leaves(state.params):
+        local = t.to_local() if hasattr(t, "to_local") else t
+        if local.is_floating_point() and not bool(torch.isfinite(local).all()):
+            bad = 1
+            break
+    if run.par.sum_over_ranks([float(bad)])[0]:
+        last = ckpt.latest_checkpoint(run.run_dir / "checkpoints")
+        raise TrainingError(
+            f"step {step}: the params hold NaN/inf, so they are not saved (the last good "
+            f"checkpoint is {last or 'none'}); lower optimizer.lr, set optimizer.max_grad_norm, "
+            "or keep optimizer.skip_nonfinite: true (a non-finite step is then skipped)"
+        )
 
 
 def _number(value: Any) -> float | int:
