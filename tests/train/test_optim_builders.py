@@ -221,7 +221,12 @@ def test_sophia_step_from_the_config_takes_the_fused_loss() -> None:
     tx = _tx(cfg)
     params = model.init(R.key(0))
     state = TrainState.create(params, tx.init(params), R.key(1))
-    step = builders.build_step(cfg, model, model.apply, tx)
+    from tscale.tasks import SFTTask, TaskContext
+
+    ctx = TaskContext(
+        model=model, apply_fn=model.apply, data=None, device=torch.device("cpu"), config=cfg
+    )
+    step = builders.build_step(cfg, SFTTask().loss(ctx), tx, apply_fn=model.apply)
     ids = torch.randint(0, 32, (4, 8), generator=torch.Generator().manual_seed(0))
     labels = torch.roll(ids, -1, 1)
     batch = TensorDict({"input_ids": ids, "labels": labels}, batch_size=[4])

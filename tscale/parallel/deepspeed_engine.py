@@ -223,6 +223,7 @@ class ParamsModule(nn.Module):
         # the objects); LoRA trains nothing outside the layers, so the root may be empty
         self._owner = {id(g.stored()[0]): g for g in self.groups() if g.stored()}
         self.loss_fn = make_loss(self.gather if gather_layers else None)
+        self.metrics: dict[str, Any] = {}  # the last forward's metrics beyond the token count
 
     def groups(self) -> list[_Group]:
         return [self.root, *self.layers]
@@ -250,7 +251,9 @@ class ParamsModule(nn.Module):
 
     def forward(self, batch: TensorDictBase) -> tuple[torch.Tensor, torch.Tensor]:
         loss_sum, aux = self.loss_fn(self.tree(), batch)
-        return loss_sum, aux["tokens"]
+        # the loss's own metrics beside the engine's output (DeepSpeed sees only tensors)
+        self.metrics = {k: v for k, v in aux.items() if k != M.NORMALISER}
+        return loss_sum, aux[M.NORMALISER]
 
 
 class _TxState:
@@ -357,11 +360,11 @@ class DeepSpeedRun:
         loss_total = torch.zeros(1, dtype=torch.float64, device=tokens.device)
         aux: dict[str, M.Metric] = {}
         for mb in parts:
-            loss_sum, mb_aux = self.engine(mb)
+            loss_sum, _ = self.engine(mb)
+            mb_aux = self.module.metrics
             self.engine.backward(loss_sum * scale.to(loss_sum.dtype), scale_wrt_gas=False)
             self.engine.step()
             loss_total += loss_sum.detach().double()
-            mb_aux = {k: v for k, v in mb_aux.items() if k != M.NORMALISER}
             aux = M.combine(aux, mb_aux) if aux else {k: M.as_metric(v) for k, v in mb_aux.items()}
         dist.all_reduce(loss_total)
         metrics = {
