@@ -116,7 +116,7 @@ def _section(
         key = ".".join((*path, field.name))
         help_text = _cell(field.metadata.get("help", ""))
         sub = _section_class(field.type)
-        members = _tagged_members(field.type)
+        members = _tagged_members(field.type) or field.metadata.get("registry")
         if (sub is not None or members is not None) and path:
             help_text += f" See [`{key}`](#{_anchor(key)})."
         if members is not None:
@@ -138,14 +138,22 @@ def _section(
         out.append("")
         level_below = min(len(sub_path) + 1, 6)
         if isinstance(sub, dict):
-            out.extend(_tagged_section(sub, sub_path, level_below, help_text or ""))
+            is_open = sub_path[-1] in {f.name for f in _fields(cls) if "registry" in f.metadata}
+            out.extend(
+                _tagged_section(sub, sub_path, level_below, help_text or "", open_union=is_open)
+            )
         else:
             out.extend(_section(sub, sub_path, level_below, None))
     return out
 
 
 def _tagged_section(
-    members: dict[str, type], path: tuple[str, ...], level: int, help_text: str
+    members: dict[str, type],
+    path: tuple[str, ...],
+    level: int,
+    help_text: str,
+    *,
+    open_union: bool = False,
 ) -> list[str]:
     """A tagged union: the keys every type shares (same type, default and help) under the
     union's heading, then one heading per type with its own keys."""
@@ -173,6 +181,11 @@ def _tagged_section(
         f"`{dotted}.type` picks one of {tags}; each type takes the keys below and its own, and "
         "a key that the chosen type does not take is an error.\n"
     )
+    if open_union:
+        out.append(
+            f"`{dotted}.type` may also name a record of your own as `module:ClassName` (an open "
+            "union; see [tasks.md](tasks.md)): its fields are then the section's keys.\n"
+        )
     # The shared keys' table as _section renders it (header and columns included), with the
     # type row listing every tag.
     keep = shared | {"type"}

@@ -22,7 +22,7 @@ from tscale.core.fields import field
 # factories (tscale.optim) and build themselves; config may import those record modules.
 from tscale.optim.alias import AdamWConfig, OptimizerConfig
 from tscale.optim.schedules import CosineConfig, SchedulerConfig
-from tscale.tasks.base import resolve_task_class
+from tscale.tasks.base import TASKS, resolve_task_class
 from tscale.tasks.sft import SFTTask
 
 
@@ -580,6 +580,7 @@ class Config:
             "help": "The training objective: task.type (sft, or module:ClassName of your own "
             "task record, see docs/tasks.md) and that task's own keys.",
             "resolve": resolve_task_class,
+            "registry": TASKS,  # the built-in types, for docs/config.md
         },
     )
     model: ModelConfig = field(ModelConfig(), "Model architecture.")
