@@ -68,3 +68,14 @@ def test_nan_params_are_never_saved_and_rows_stay_strict_json(
     assert not list(out.glob("checkpoints/step_*"))  # nothing saved, not even the final step
     rows = [r for r in _rows(out) if "loss" in r and "nonfinite" in r]
     assert rows and all(r["loss"] is None and "loss" in r["nonfinite"] for r in rows)
+
+
+def test_a_huge_init_is_stopped_not_trained_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out = _run(tmp_path, "init", 20, "model.init_std=1e30", "train.max_nonfinite_steps=3")
+    captured = capsys.readouterr()
+    assert code == 2 and "steps 1-3: 3 steps in a row" in captured.err
+    assert not list(out.glob("checkpoints/step_*"))
+    rows = [r for r in _rows(out) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
