@@ -11,8 +11,10 @@ The contract, in the order the trainer uses it:
 - ``examples(cfg, encoder, template)``: the per-record data stage (records → examples, its
   batch layout, ``Err``/``Dropped`` for what it leaves out); SFT's is the template, the loss
   mask and the length budget (``tscale.tasks.sft.sft_examples``), inherited by subclasses.
-- ``prepare(ctx)``: a pre-pass over the data before the first step (e.g. reference log-probs
-  computed once); returns the frozen trees it adds to the state.
+- ``prepare(ctx)``: a pre-pass before the first step (e.g. reference log-probs computed once,
+  a frozen copy of the starting weights as the reference model); returns the frozen trees it
+  adds to the state, each a :class:`FrozenTree` (with the folder it came from, when it did, so
+  that checkpoints record the folder instead of a copy).
 - ``rollout(state, batch, key)``: a batch stage that depends on the state (online RL); the
   identity by default.
 - ``loss(ctx)``: ``loss_fn(params, batch, *, frozen=...) -> (loss_sum, aux)`` with
@@ -36,7 +38,14 @@ from tensordict import TensorDictBase
 from tscale.core.state import TrainState
 from tscale.errors import ConfigError
 
-__all__ = ["TASKS", "Task", "TaskContext", "register_task", "resolve_task_class"]
+__all__ = [
+    "TASKS",
+    "FrozenTree",
+    "Task",
+    "TaskContext",
+    "register_task",
+    "resolve_task_class",
+]
 
 LossFn = Callable[..., tuple[torch.Tensor, Mapping[str, Any]]]
 
@@ -54,6 +63,21 @@ class TaskContext:
     device: torch.device
     config: Any
     prepare_batch: Callable[[TensorDictBase], TensorDictBase] = lambda batch: batch
+    params: Any = None
+    """The trainable params at the start (after init or loading; before any step)."""
+    frozen: Mapping[str, Any] = attrs.field(factory=dict)
+    """The frozen trees built so far (e.g. ``"base"``, the LoRA base)."""
+    source: str | None = None
+    """The folder the starting weights came from (``model.path``), None from random init."""
+
+
+@attrs.frozen
+class FrozenTree:
+    """A frozen tree a task adds to the state, and the HF folder it was loaded from (None: it is
+    saved in every checkpoint)."""
+
+    tree: Any
+    source: str | None = None
 
 
 @runtime_checkable
@@ -68,7 +92,7 @@ class Task(Protocol):
 
     def examples(self, cfg: Any, encoder: Any, template: Any) -> Callable[..., Any]: ...
 
-    def prepare(self, ctx: TaskContext) -> Mapping[str, Any]: ...
+    def prepare(self, ctx: TaskContext) -> Mapping[str, FrozenTree]: ...
 
     def rollout(self, state: TrainState, batch: TensorDictBase, key: torch.Tensor) -> Any: ...
 
@@ -83,7 +107,7 @@ class TaskDefaults:
     key_metrics: ClassVar[tuple[str, ...]] = ()
     updates_per_batch: ClassVar[int] = 1
 
-    def prepare(self, ctx: TaskContext) -> Mapping[str, Any]:
+    def prepare(self, ctx: TaskContext) -> Mapping[str, FrozenTree]:
         """No pre-pass: no frozen trees added."""
         return {}
 

@@ -159,7 +159,15 @@ def build_run(
         device=device,
         config=cfg,
         prepare_batch=prepare_batch,
+        params=params,
+        frozen=frozen,
+        source=cfg.model.path,
     )
+    for name, added in task.prepare(ctx).items():  # e.g. a reference model, as frozen trees
+        frozen[name] = added.tree
+        if added.source is not None:  # checkpoints record the folder, not a copy
+            sources[name] = FrozenSource.of(added.source)
+    ctx = attrs.evolve(ctx, frozen=frozen, params=None)  # the state owns the params now
 
     par = distributed.with_layout(par, cfg, params)
     bound = {"frozen": frozen} if frozen else {}  # DeepSpeed calls the loss without the state
