@@ -74,7 +74,7 @@ def test_steps() -> None:
         (["data.batch_size=6", "train.microbatches=2"], 2, False, "equal rank shares"),
         (["train.compile=true"], 2, False, "train.compile is not supported under torchrun"),
         (["data.max_tokens=100"], 2, False, "data.max_tokens"),
-        (["optimizer.type=sophia_g"], 2, False, "single-process only"),
+        (["optimizer.type=sophia_g", "parallel.overlap_reduce=true"], 2, False, "Hessian"),
         (["optimizer.type=prodigy"], 2, True, "not supported with sharded params"),
         (["lora.enabled=true"], 2, True, "use parallel.dp_shard: 1"),
         (["parallel.overlap_reduce=true"], 2, True, "overlap_reduce does not combine"),

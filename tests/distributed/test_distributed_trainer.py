@@ -142,3 +142,19 @@ def test_fsdp_with_the_fused_loss_follows_one_process(runs: dict[str, Path], tor
     assert sorted(got) == list(range(1, 11))
     for step, loss in single.items():
         assert abs(got[step] - loss) <= 1e-4 * max(1.0, abs(loss)), (step, got[step], loss)
+
+
+def test_sophia_under_ddp_follows_one_process(
+    runs: dict[str, Path], torchrun, tscale_cli, tiny_run
+):
+    """Refused before: Sophia-G's Hessian estimate is now reduced over the ranks like the
+    gradients, with each rank's uniforms those of its rows in the global batch."""
+    sophia = ["optimizer.type=sophia_g", "optimizer.update_every=2"]
+    cfg, one = tiny_run.config(runs["tmp"], "sophia-single")
+    tscale_cli(["train", str(cfg), *sophia])
+    cfg, two = tiny_run.config(runs["tmp"], "sophia-ddp")
+    torchrun(["-m", "tscale.cli", "train", str(cfg), *sophia])
+    single, got = tiny_run.losses(one), tiny_run.losses(two)
+    assert sorted(got) == list(range(1, 11))
+    for step, loss in single.items():
+        assert abs(got[step] - loss) <= 1e-5 * max(1.0, abs(loss)), (step, got[step], loss)

@@ -67,7 +67,7 @@ DDP2 = ParallelPlan(rank=0, world_size=2, dp_replicate=2, dp_shard=1)
     ("sections", "plan", "message"),
     [
         ({"data": {"batch_size": 6}, "train": {"microbatches": 2}}, DDP2, "equal rank shares"),
-        ({"optimizer": {"type": "sophia_g"}}, DDP2, "single-process only"),
+        ({"optimizer": {"type": "sophia_g"}}, FSDP2, "not supported with sharded params"),
         ({"optimizer": {"type": "muon"}}, FSDP2, "not supported with sharded params"),
         ({"parallel": {"overlap_reduce": True}}, FSDP2, "overlap_reduce does not combine"),
         (
@@ -86,4 +86,5 @@ def test_invalid_combinations_name_the_keys(sections, plan, message):
 def test_valid_plans_pass():
     _validate(_cfg(data={"batch_size": 8}, train={"microbatches": 2}), DDP2)
     _validate(_cfg(loss={"fused": True}), FSDP2)  # the fused loss over the sharded model
+    _validate(_cfg(optimizer={"type": "sophia_g"}), DDP2)  # its estimate reduced like grads
     _validate(_cfg(optimizer={"type": "adamw_8bit"}), FSDP2)

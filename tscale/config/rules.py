@@ -106,10 +106,10 @@ def check_parallel(cfg: Config, world_size: int, *, sharded: bool) -> None:
     if cfg.data.max_tokens is not None and world > 1:
         raise ConfigError("data.max_tokens (token-budget batches) does not support torchrun yet")
     caps = cfg.optimizer.capabilities
-    if world > 1 and caps.needs_objective:
+    if world > 1 and caps.needs_objective and cfg.parallel.overlap_reduce:
         raise ConfigError(
-            f"optimizer.type={cfg.optimizer.type} is single-process only for now (its Hessian "
-            "estimate is not reduced across ranks); choose another optimizer or run one process"
+            f"optimizer.type={cfg.optimizer.type} under torchrun reduces its Hessian estimate "
+            "after the backward; parallel.overlap_reduce does not combine with it: set it false"
         )
     if cfg.parallel.overlap_reduce:
         _check_overlap(cfg, sharded)

@@ -37,7 +37,7 @@ from tscale.core.metrics import NORMALISER
 from tscale.core.state import TrainState
 from tscale.losses.lm import IGNORE_INDEX, token_cross_entropy
 from tscale.optim.sophia import hessian_due
-from tscale.step.compose import UpdateExtra, accumulate, split_microbatches
+from tscale.step.compose import GradSync, UpdateExtra, accumulate, split_microbatches
 
 __all__ = ["make_hessian_estimate", "sample_categorical", "uniform"]
 
@@ -97,6 +97,9 @@ def make_hessian_estimate(
     microbatches: int = 1,
     host_branch: bool = False,
     ignore_index: int = IGNORE_INDEX,
+    grad_sync: GradSync | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> UpdateExtra:
     """The ``update_extra`` hook of :func:`tscale.step.make_train_step` for Sophia-G:
     ``(state, batch) -> {"hessian": hhat}``, the GNB estimate ``hhat = N ghat^2`` with ``N``
@@ -112,6 +115,11 @@ def make_hessian_estimate(
             and estimate only when it is due (``{"hessian": None}`` otherwise), instead of on
             every step (see the module docstring).
         ignore_index: the label of untrained positions.
+        grad_sync: data parallelism (DDP): the step's reduction of summed gradients and token
+            counts, applied to the estimate's before the division, so it is the estimate of the
+            global batch.
+        rank, world_size: this rank's share of the global batch (contiguous rows): its uniforms
+            are those of its rows in the global batch, so the estimate equals one process's.
     """
     sampled_loss_fn = _make_sampled_loss(apply_fn, ignore_index)
 
@@ -122,11 +130,15 @@ def make_hessian_estimate(
         key = R.fold_in(state.rng, state.step)
         hbatch = batch.clone(recurse=False)
         labels = batch["labels"]
-        hbatch.set(_UNIFORM_KEY, uniform(key, tuple(labels.shape)).to(labels.device))
+        rows, width = labels.shape
+        u = uniform(key, (rows * world_size, width))[rank * rows : (rank + 1) * rows]
+        hbatch.set(_UNIFORM_KEY, u.to(labels.device))
         parts = split_microbatches(hbatch, microbatches)
         frozen = {"frozen": state.frozen} if state.frozen else {}  # e.g. the LoRA base
         hgrads, _, aux = accumulate(sampled_loss_fn, state.params, parts, **frozen)
         htokens = aux[NORMALISER].value
+        if grad_sync is not None:  # the global batch's summed estimate and token count
+            hgrads, _, htokens = grad_sync(hgrads, torch.zeros((), device=htokens.device), htokens)
         hs = T.leaves(hgrads)
         if hs:
             # bfloat16/float16 gradients square in float32, the dtype of the Hessian EMA.

@@ -225,6 +225,8 @@ def build_step(
     tx: GradientTransformation,
     *,
     apply_fn: Callable,
+    rank: int = 0,
+    world_size: int = 1,
     **parallel: Any,
 ) -> StepFn:
     """The train step the config implies: ``make_train_step`` over the task's ``loss_fn``, with
@@ -233,8 +235,14 @@ def build_step(
     wraps the whole in ``torch.compile``. ``parallel``: ``grad_sync`` / ``grad_norm`` /
     ``metric_sync`` of a data-parallel run (see :mod:`tscale.train.distributed`)."""
     t = cfg.train
-    if cfg.optimizer.capabilities.needs_objective:
-        parallel["update_extra"] = make_hessian_estimate(apply_fn, microbatches=t.microbatches)
+    if cfg.optimizer.capabilities.needs_objective:  # under DDP: reduced like the gradients
+        parallel["update_extra"] = make_hessian_estimate(
+            apply_fn,
+            microbatches=t.microbatches,
+            grad_sync=parallel.get("grad_sync"),
+            rank=rank,
+            world_size=world_size,
+        )
     step = make_train_step(loss_fn, tx, microbatches=t.microbatches, donate=t.donate, **parallel)
     if cfg.lora.enabled and cfg.lora.dropout > 0:
         step = with_dropout_keys(step)

@@ -214,7 +214,15 @@ def build_run(
         plan = distributed.step_plan(par, cfg, stacked)
         loss_fn = task.loss(attrs.evolve(ctx, model=plan.model, apply_fn=plan.model.apply))
         step_fn = plan.wrap(
-            builders.build_step(cfg, loss_fn, tx, apply_fn=plan.model.apply, **plan.reductions)
+            builders.build_step(
+                cfg,
+                loss_fn,
+                tx,
+                apply_fn=plan.model.apply,
+                rank=par.plan.rank,
+                world_size=par.world_size,
+                **plan.reductions,
+            )
         )
 
     eval_params = builders.build_eval_params(cfg)
