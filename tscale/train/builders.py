@@ -272,7 +272,9 @@ def build_lora_model(
             base = quantize_params(params, config.targets, block_size=lc.qlora_block_size)
         stacked = stack_model(model, lora=config, base=base)  # checks the targets against it
     except (ValueError, ShapeError) as err:
-        raise ConfigError(f"lora: {str(err).replace('LoraConfig.', 'lora.')}") from None
+        text = str(err).replace("LoraConfig.", "lora.")
+        key = "lora.targets" if "target pattern" in text else "lora"
+        raise ConfigError(f"{key}: {text}") from None
     except ImportError as err:
         raise ConfigError(
             f"lora.qlora needs bitsandbytes (pip install 'tscale[bnb]'): {err}"

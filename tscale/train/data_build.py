@@ -421,6 +421,11 @@ def build_data(
         report = {**report, "tokenizer": tokenizer_summary(encoder, tpl)}
         if not train_examples:
             raise DataError(_nothing_to_train(report, plan))
+        if d.max_tokens is None and d.batch_size > len(train_examples):
+            raise DataError(
+                f"data.batch_size ({d.batch_size}) is larger than the {len(train_examples)} "
+                "training examples; lower data.batch_size or add training data"
+            )
         loader = BatchLoader(
             train_examples,
             d.batch_size,
