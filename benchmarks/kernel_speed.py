@@ -37,9 +37,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _smoke import add_smoke_flag, parse_args
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GIB = 2**30
+# --smoke: the quick shapes, one timing each (tests/benchmarks runs it), unless given explicitly
+SMOKE = {"quick": True, "rounds": 1, "iters": 1}
 
 
 def _sync() -> None:
@@ -309,7 +312,8 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
     ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
+    add_smoke_flag(ap)
+    args = parse_args(ap, SMOKE, None)
     if not torch.cuda.is_available():
         print(
             "benchmarks/kernel_speed.py: no CUDA device here; the kernel benchmarks need a GPU. "
@@ -337,6 +341,8 @@ def main() -> int:
         "iters_per_round": args.iters,
         "quick": args.quick,
     }
+    if args.smoke:
+        result["smoke"] = True
     q = args.quick
     if "flce" in parts:
         shapes = [(1024, 512, 32000)] if q else [(8192, 4096, 128256), (8192, 2304, 256000)]
