@@ -75,7 +75,7 @@ CASES: dict[str, Case] = {
         marks=(pytest.mark.slow,),
     ),
     # without CUDA, --smoke runs the Triton kernels under the interpreter (tiny shapes, float32)
-    "kernel_speed": Case(recorded=False, needs=("triton",)),
+    "kernel_speed": Case(recorded=False, needs=("triton",), marks=(pytest.mark.slow,)),
 }
 
 
@@ -122,6 +122,17 @@ def _run(args: list[str], out: Path) -> str:
 def test_every_script_has_a_smoke_case() -> None:
     scripts = {p.stem for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_")}
     assert scripts == set(CASES)
+
+
+def test_no_script_shadows_an_installed_module() -> None:
+    """``python benchmarks/<name>.py`` puts benchmarks/ first on ``sys.path``: a script named like
+    a module that a dependency imports hides it (transformers 5.25 imports ``kernels``)."""
+    shadowed = {
+        p.name: spec.origin
+        for p in BENCHMARKS.glob("*.py")
+        if (spec := importlib.util.find_spec(p.stem)) is not None
+    }
+    assert shadowed == {}
 
 
 def test_smoke_needs_out() -> None:
