@@ -409,7 +409,7 @@ def main() -> int:
     if "attention" in parts:
         total = 4096 if q else 16384
         seqs = [2048] if q else [2048, 8192]
-        total, seqs = (128, [64]) if cpu_smoke else (total, seqs)
+        total, seqs = (64, [32]) if cpu_smoke else (total, seqs)
         result["attention"] = []
         for seq in seqs:
             r = bench_attention(total, seq, heads, d, args.rounds, args.iters)
@@ -418,7 +418,7 @@ def main() -> int:
                 line = "; ".join(f"{k} {_fmt(x)}" for k, x in r[mode].items())
                 print(f"attention seq={seq} {mode}: {line}")
     if "packed" in parts:
-        total = 128 if cpu_smoke else 4096 if q else 16384
+        total = 64 if cpu_smoke else 4096 if q else 16384
         r = bench_packed(total, heads, d, args.rounds, args.iters)
         result["packed_attention"] = r
         for mode in ("fwd", "fwd_bwd"):

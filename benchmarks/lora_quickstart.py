@@ -48,7 +48,7 @@ BAR = 0.8
 # its runs go beside --out and train a smaller task for a few steps
 SMOKE = {"base_steps": 3, "steps": 3, "threads": 1}
 SMOKE_OVERRIDES = [
-    "data.synthetic.num_train=256",
+    "data.synthetic.num_train=64",
     "data.synthetic.num_eval=4",
     "data.batch_size=8",
     "eval.num_samples=4",

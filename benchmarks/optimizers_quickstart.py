@@ -40,7 +40,7 @@ SETTINGS: dict[str, list[str]] = {
 # its runs go beside --out and train a smaller task for a few steps
 SMOKE = {"jobs": 1, "only": ["adamw"], "steps": 3}
 SMOKE_OVERRIDES = [
-    "data.synthetic.num_train=256",
+    "data.synthetic.num_train=64",
     "data.synthetic.num_eval=4",
     "data.batch_size=8",
     "eval.num_samples=4",
