@@ -174,6 +174,9 @@ def test_benchmark_smoke(name: str, tmp_path: Path) -> None:
         for key in case.hand_added:
             recorded.pop(key)
         assert _missing_keys(recorded, got) == []
+        # a part that failed inside the script (reported, exit 0) fails the smoke run
+        if recorded.get("errors") == {}:
+            assert got["errors"] == {}
     else:  # kernel_speed (no result recorded in the repository): every part, every kernel ran
         flce, attention, packed = (
             got["linear_cross_entropy"][0]["results"],
