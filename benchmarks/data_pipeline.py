@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _smoke import add_smoke_flag, parse_args
 
 import tscale
 from tscale.core.result import Ok
@@ -68,6 +69,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "data_pipeline.json"
 COLUMNS = ("instruction", "input", "output")
 FILL_BAR = 0.98
 TIME_BAR = 0.67
+# --smoke: the same code path at tiny sizes (tests/benchmarks runs it), unless given explicitly
+SMOKE = {"rows": 200, "max_length": 256, "vocab": 512, "warmup_rows": 20, "profile_rows": 40}
 
 # Stanford Alpaca's PROMPT_DICT (what tscale's built-in ``alpaca`` template renders).
 _NO_INPUT = (
@@ -340,7 +343,8 @@ def main() -> None:
     ap.add_argument("--profile-rows", type=int, default=5000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args()
+    add_smoke_flag(ap)
+    args = parse_args(ap, SMOKE, RESULTS)
     L = args.max_length
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU-kernel probe, via trl
@@ -495,6 +499,8 @@ def main() -> None:
         "bars": bars,
         "profile": profile,
     }
+    if args.smoke:
+        result["smoke"] = True
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     med = statistics.median(raw_lengths)

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from _smoke import add_smoke_flag, parse_args
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "e2e_sft.json"
@@ -57,6 +58,17 @@ BAR_DEFAULTS = 0.5
 BAR_FASTEST = 0.45
 BATCH = 8
 LR = 2e-5
+# --smoke: the same code path at tiny sizes (tests/benchmarks runs it), unless given explicitly:
+# both frameworks' default variant on a tiny model, the work folder beside --out
+SMOKE = {
+    "rows": 48,
+    "max_length": 256,
+    "vocab": 512,
+    "hidden": 64,
+    "layers": 1,
+    "threads": 1,
+    "only": "trl:defaults,tscale:defaults",
+}
 
 # The TRL run: a whole process, as a user's script would be.
 TRL_WORKER = r"""
@@ -269,7 +281,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--only", default="", help="comma list of variant names to run (smoke runs)")
-    args = ap.parse_args()
+    add_smoke_flag(ap)
+    args = parse_args(ap, SMOKE, RESULTS)
 
     import tokenizers
     import torch
@@ -282,6 +295,9 @@ def main() -> None:
         print(f"note: TRL {trl.__version__} here; the recorded figures used {TRL_VERSION}")
     load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="tscale-e2e-"))
+    if args.smoke:  # beside --out, not left in the system's temp folder
+        work = args.out.resolve().parent / "e2e-sft-work"
+        work.mkdir(parents=True, exist_ok=True)
     data, model, data_info = _make_data(args, work)
     L = args.max_length
     trl_variants: dict[str, dict[str, Any]] = {
@@ -349,6 +365,8 @@ def main() -> None:
         "runs": runs,
         "trained_tokens": detail,
     }
+    if args.smoke:
+        result["smoke"] = True
     a_trl, a_ts = pick("trl", "defaults"), pick("tscale", "defaults")
     b_trl, b_ts = pick("trl"), pick("tscale")
     if a_trl and a_ts and b_trl and b_ts:

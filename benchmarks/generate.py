@@ -23,11 +23,14 @@ import time
 from pathlib import Path
 
 import torch
+from _smoke import add_smoke_flag, parse_args
 
 from tscale.core import rng as R
 from tscale.models import Transformer, TransformerConfig, generate
 
 RESULTS = Path(__file__).resolve().parent / "results" / "generate.json"
+# --smoke: the same code path at tiny sizes (tests/benchmarks runs it), unless given explicitly
+SMOKE = {"rounds": 1, "batch": 2, "new_tokens": 4, "hidden": 64, "layers": 1, "vocab": 256}
 
 
 def main() -> None:
@@ -40,7 +43,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args()
+    add_smoke_flag(ap)
+    args = parse_args(ap, SMOKE, RESULTS)
     torch.set_num_threads(args.threads)
 
     config = TransformerConfig(
@@ -95,6 +99,8 @@ def main() -> None:
         "speedup": tps["cache"] / tps["no_cache"],
         "same_tokens": outputs["cache"] == outputs["no_cache"],
     }
+    if args.smoke:
+        result["smoke"] = True
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(

@@ -27,29 +27,67 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _smoke import add_smoke_flag, parse_args
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GIB = 2**30
+# --smoke: the quick shapes, one timing each (tests/benchmarks runs it), unless given explicitly
+SMOKE = {"quick": True, "rounds": 1, "iters": 1}
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where the candidates run: CUDA (the benchmark), or a CPU smoke run (``--smoke`` without
+    CUDA: the Triton kernels under ``TRITON_INTERPRET=1``, float32, tiny shapes, no
+    ``torch.compile`` candidates, host timers, no memory figures)."""
+
+    device: str = "cuda"
+    dtype: torch.dtype = torch.bfloat16
+    backend: str = "auto"  # tscale's kernels: "triton" forces the interpreter on CPU
+    compile: bool = True
+
+
+CUDA = Where()
+CPU_SMOKE = Where(device="cpu", dtype=torch.float32, backend="triton", compile=False)
+ON = CUDA
+
+
+def _dtype_name() -> str:
+    return str(ON.dtype).removeprefix("torch.")
 
 
 def _sync() -> None:
-    torch.cuda.synchronize()
+    if ON.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _empty_cache() -> None:
+    if ON.device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _time_ms(fn: Callable[[], Any], iters: int) -> float:
-    """Median milliseconds of ``fn`` over ``iters`` calls (CUDA events)."""
+    """Median milliseconds of ``fn`` over ``iters`` calls (CUDA events; host timer on CPU)."""
     times = []
     for _ in range(iters):
+        if ON.device != "cuda":
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -61,6 +99,8 @@ def _time_ms(fn: Callable[[], Any], iters: int) -> float:
 
 def _peak(fn: Callable[[], Any]) -> dict[str, float]:
     """Peak allocated memory during one call: total and above what was resident before."""
+    if ON.device != "cuda":
+        return {}
     _sync()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
@@ -80,7 +120,8 @@ def _compare(
     for name, fn in cands.items():
         try:
             fn()  # warm-up (compiles Triton kernels / torch.compile graphs)
-            fn()
+            if ON.device == "cuda":  # (once is enough for the CPU smoke run's interpreter)
+                fn()
             _sync()
             out[name] = _peak(fn) if memory else {}
             live[name] = fn
@@ -89,7 +130,7 @@ def _compare(
         except Exception as e:  # a baseline that cannot run here is reported, not fatal
             out[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
         _sync()
-        torch.cuda.empty_cache()
+        _empty_cache()
     samples: dict[str, list[float]] = {n: [] for n in live}
     for _ in range(rounds):
         for name, fn in live.items():
@@ -106,10 +147,10 @@ def _compare(
 def bench_flce(n: int, h: int, v: int, rounds: int, iters: int) -> dict[str, Any]:
     from tscale.kernels import linear_cross_entropy, linear_cross_entropy_chunked
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(n, h, device="cuda", generator=g).bfloat16().requires_grad_()
-    w = (torch.randn(v, h, device="cuda", generator=g) * h**-0.5).bfloat16().requires_grad_()
-    y = torch.randint(0, v, (n,), device="cuda", generator=g)
+    g = torch.Generator(device=ON.device).manual_seed(0)
+    x = torch.randn(n, h, device=ON.device, generator=g).to(ON.dtype).requires_grad_()
+    w = (torch.randn(v, h, device=ON.device, generator=g) * h**-0.5).to(ON.dtype).requires_grad_()
+    y = torch.randint(0, v, (n,), device=ON.device, generator=g)
     y[::10] = -100
 
     def eager_loss(x, w, y):
@@ -127,17 +168,19 @@ def bench_flce(n: int, h: int, v: int, rounds: int, iters: int) -> dict[str, Any
         return run
 
     cands = {
-        "tscale_triton": step(linear_cross_entropy),
+        "tscale_triton": step(partial(linear_cross_entropy, backend=ON.backend)),
         "eager": step(eager_loss),
         "torch_compile": step(compiled_loss),
         "tscale_chunked_torch": step(linear_cross_entropy_chunked),
     }
+    if not ON.compile:
+        del cands["torch_compile"]
     res = _compare(cands, rounds, iters)
     base = res["eager"].get("ms")
     for r in res.values():
         if base and "ms" in r:
             r["speedup_vs_eager"] = base / r["ms"]
-    return {"tokens": n, "hidden": h, "vocab": v, "dtype": "bfloat16", "results": res}
+    return {"tokens": n, "hidden": h, "vocab": v, "dtype": _dtype_name(), "results": res}
 
 
 # ------------------------------------------------------------------------------------------
@@ -159,9 +202,9 @@ def bench_attention(total: int, seq: int, heads: int, d: int, rounds: int, iters
     from tscale.kernels import attention
 
     b = total // seq
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device=ON.device).manual_seed(0)
     q, k, v = (
-        torch.randn(b, heads, seq, d, device="cuda", generator=g).bfloat16().requires_grad_()
+        torch.randn(b, heads, seq, d, device=ON.device, generator=g).to(ON.dtype).requires_grad_()
         for _ in range(3)
     )
     do = torch.randn_like(q)
@@ -184,12 +227,15 @@ def bench_attention(total: int, seq: int, heads: int, d: int, rounds: int, iters
         "heads": heads,
         "head_dim": d,
         "causal": True,
-        "dtype": "bfloat16",
+        "dtype": _dtype_name(),
         "fwd_flops": flops,
     }
     for mode, wrap, mult in (("fwd", fwd, 1.0), ("fwd_bwd", fwd_bwd, 3.5)):
         res = _compare(
-            {"tscale_triton": wrap(attention), "sdpa_flash": wrap(sdpa)},
+            {
+                "tscale_triton": wrap(partial(attention, backend=ON.backend)),
+                "sdpa_flash": wrap(sdpa),
+            },
             rounds,
             iters,
             memory=False,
@@ -222,27 +268,31 @@ def bench_packed(total: int, heads: int, d: int, rounds: int, iters: int) -> dic
     from tscale.kernels import attention
 
     lengths = alpaca_like_lengths(total)
-    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).cuda()[None]
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda")
-    g = torch.Generator(device="cuda").manual_seed(0)
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    doc = doc.to(ON.device)[None]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=ON.device)
+    g = torch.Generator(device=ON.device).manual_seed(0)
     q, k, v = (
-        torch.randn(1, heads, total, d, device="cuda", generator=g).bfloat16().requires_grad_()
+        torch.randn(1, heads, total, d, device=ON.device, generator=g).to(ON.dtype).requires_grad_()
         for _ in range(3)
     )
     do = torch.randn_like(q)
-    idx = torch.arange(total, device="cuda")
+    idx = torch.arange(total, device=ON.device)
+    tk = ON.backend
     mask = ((doc[0, :, None] == doc[0, None, :]) & (idx[None, :] <= idx[:, None]))[None, None]
 
     def sdpa_mask(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     cands: dict[str, Callable[..., Any]] = {
-        "tscale_triton_doc_ids": lambda q, k, v: attention(q, k, v, doc_ids=doc),
-        "tscale_triton_cu_seqlens": lambda q, k, v: attention(q, k, v, cu_seqlens=cu),
+        "tscale_triton_doc_ids": lambda q, k, v: attention(q, k, v, doc_ids=doc, backend=tk),
+        "tscale_triton_cu_seqlens": lambda q, k, v: attention(q, k, v, cu_seqlens=cu, backend=tk),
         "sdpa_bool_mask": sdpa_mask,
-        "tscale_triton_causal_no_isolation": lambda q, k, v: attention(q, k, v),
+        "tscale_triton_causal_no_isolation": lambda q, k, v: attention(q, k, v, backend=tk),
     }
     try:
+        if not ON.compile:
+            raise RuntimeError("left out of the CPU smoke run (torch.compile)")
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         doc0 = doc[0]
@@ -261,7 +311,7 @@ def bench_packed(total: int, heads: int, d: int, rounds: int, iters: int) -> dic
         "tokens": total,
         "heads": heads,
         "head_dim": d,
-        "dtype": "bfloat16",
+        "dtype": _dtype_name(),
         "documents": len(lengths),
         "mean_doc_len": total / len(lengths),
         "max_doc_len": max(lengths),
@@ -309,13 +359,19 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
     ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
+    add_smoke_flag(ap)
+    args = parse_args(ap, SMOKE, None)
+    global ON
+    cpu_smoke = args.smoke and not torch.cuda.is_available()
+    if not torch.cuda.is_available() and not cpu_smoke:
         print(
             "benchmarks/kernel_speed.py: no CUDA device here; the kernel benchmarks need a GPU. "
             "Nothing was measured and no result file was written."
         )
         return 0
+    if cpu_smoke:  # the kernels under Triton's interpreter: set before triton is first imported
+        os.environ["TRITON_INTERPRET"] = "1"
+        ON = CPU_SMOKE
     try:
         import triton
     except ImportError:
@@ -324,11 +380,11 @@ def main() -> int:
 
     torch.backends.cuda.matmul.allow_tf32 = False
     parts = set(args.only.split(","))
-    dev = torch.cuda.get_device_name()
+    dev = "cpu (Triton interpreter)" if cpu_smoke else torch.cuda.get_device_name()
     result: dict[str, Any] = {
         "benchmark": "kernels",
         "device": dev,
-        "capability": ".".join(map(str, torch.cuda.get_device_capability())),
+        "capability": None if cpu_smoke else ".".join(map(str, torch.cuda.get_device_capability())),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
@@ -337,9 +393,13 @@ def main() -> int:
         "iters_per_round": args.iters,
         "quick": args.quick,
     }
+    if args.smoke:
+        result["smoke"] = True
     q = args.quick
+    heads, d = (1, 16) if cpu_smoke else (16, 128)
     if "flce" in parts:
         shapes = [(1024, 512, 32000)] if q else [(8192, 4096, 128256), (8192, 2304, 256000)]
+        shapes = [(32, 16, 128)] if cpu_smoke else shapes
         result["linear_cross_entropy"] = []
         for n, h, v in shapes:
             r = bench_flce(n, h, v, args.rounds, args.iters)
@@ -348,15 +408,18 @@ def main() -> int:
             print(f"flce N={n} H={h} V={v}: {line}")
     if "attention" in parts:
         total = 4096 if q else 16384
+        seqs = [2048] if q else [2048, 8192]
+        total, seqs = (64, [32]) if cpu_smoke else (total, seqs)
         result["attention"] = []
-        for seq in [2048] if q else [2048, 8192]:
-            r = bench_attention(total, seq, 16, 128, args.rounds, args.iters)
+        for seq in seqs:
+            r = bench_attention(total, seq, heads, d, args.rounds, args.iters)
             result["attention"].append(r)
             for mode in ("fwd", "fwd_bwd"):
                 line = "; ".join(f"{k} {_fmt(x)}" for k, x in r[mode].items())
                 print(f"attention seq={seq} {mode}: {line}")
     if "packed" in parts:
-        r = bench_packed(4096 if q else 16384, 16, 128, args.rounds, args.iters)
+        total = 64 if cpu_smoke else 4096 if q else 16384
+        r = bench_packed(total, heads, d, args.rounds, args.iters)
         result["packed_attention"] = r
         for mode in ("fwd", "fwd_bwd"):
             line = "; ".join(f"{k} {_fmt(x)}" for k, x in r[mode].items())

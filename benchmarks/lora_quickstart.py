@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from _smoke import add_smoke_flag, parse_args
 from rich.console import Console
 
 from tscale.config import load_config
@@ -43,6 +44,18 @@ RESULTS = ROOT / "benchmarks" / "results" / "lora_quickstart.json"
 EXPORT = ROOT / "runs" / "lora_base" / "export"  # the configs' model.path
 CONFIGS = {"lora": "configs/lora_quickstart.yaml", "qlora": "configs/qlora_quickstart.yaml"}
 BAR = 0.8
+# --smoke: the same code path at tiny sizes (tests/benchmarks runs it), unless given explicitly;
+# its runs go beside --out and train a smaller task for a few steps
+SMOKE = {"base_steps": 3, "steps": 3, "threads": 1}
+SMOKE_OVERRIDES = [
+    "data.synthetic.num_train=64",
+    "data.synthetic.num_eval=4",
+    "data.batch_size=8",
+    "eval.num_samples=4",
+    "eval.max_new_tokens=4",
+    "scheduler.warmup_steps=1",
+    "train.log_every=1",
+]
 
 
 def _evals(run_dir: Path) -> list[dict]:
@@ -50,9 +63,15 @@ def _evals(run_dir: Path) -> list[dict]:
     return [r for r in rows if "eval/exact_match" in r]
 
 
-def train_base(steps: int, threads: int, export_dir: Path) -> dict:
+def train_base(
+    steps: int,
+    threads: int,
+    export_dir: Path,
+    runs: Path = ROOT / "runs",
+    extra: tuple[str, ...] = (),
+) -> dict:
     """Full fine-tuning of the quickstart model for ``steps``, exported as an HF directory."""
-    run_dir = ROOT / "runs" / "lora_base"
+    run_dir = runs / "lora_base"
     cfg = load_config(
         ROOT / "configs" / "quickstart.yaml",
         [
@@ -62,6 +81,7 @@ def train_base(steps: int, threads: int, export_dir: Path) -> dict:
             "train.save_every=0",
             "train.eval_every=0",
             "train.progress=false",
+            *extra,
         ],
     )
     result = train(cfg, overwrite=True, console=Console(quiet=True))
@@ -77,9 +97,9 @@ def train_base(steps: int, threads: int, export_dir: Path) -> dict:
     }
 
 
-def base_accuracy(config: str, overrides: list[str]) -> dict:
+def base_accuracy(config: str, overrides: list[str], runs: Path = ROOT / "runs") -> dict:
     """Held-out exact match of the checkpoint at ``model.path``, loaded as the LoRA run loads it."""
-    run_dir = ROOT / "runs" / "lora_base_eval"
+    run_dir = runs / "lora_base_eval"
     cfg = load_config(ROOT / config, [f"run.output_dir={run_dir}", *overrides])
     torch.set_num_threads(cfg.run.threads or torch.get_num_threads())
     bundle = data_build.build_data(cfg, run_dir)
@@ -102,10 +122,10 @@ def base_accuracy(config: str, overrides: list[str]) -> dict:
     }
 
 
-def run_adapter(name: str, overrides: list[str]) -> dict:
+def run_adapter(name: str, overrides: list[str], runs: Path = ROOT / "runs") -> dict:
     """One LoRA/QLoRA SFT run from its config; accuracy, trainable params, memory, time."""
     config = CONFIGS[name]
-    run_dir = ROOT / "runs" / f"bench-{name}"
+    run_dir = runs / f"bench-{name}"
     cfg = load_config(
         ROOT / config, [f"run.output_dir={run_dir}", "train.progress=false", *overrides]
     )
@@ -160,9 +180,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("overrides", nargs="*", help="a.b=value for the LoRA/QLoRA runs")
-    args = ap.parse_args()
+    add_smoke_flag(ap)
+    args = parse_args(ap, SMOKE, RESULTS)
     os.chdir(ROOT)  # the configs' paths (runs/lora_base/export) are relative to the repository
-    overrides = [f"run.threads={args.threads}", *args.overrides]
+    runs, base_extra, eval_extra = ROOT / "runs", [], []
+    if args.smoke:  # the runs beside --out, the base exported there, a smaller task
+        runs = args.out.resolve().parent / "lora-quickstart-runs"
+        export_dir = runs / "lora_base" / "export"
+        base_extra = SMOKE_OVERRIDES
+        eval_extra = [
+            f"model.path={export_dir}",
+            f"data.tokenizer.path={export_dir / 'tokenizer.json'}",
+            *SMOKE_OVERRIDES,
+        ]
+    overrides = [f"run.threads={args.threads}", *eval_extra, *args.overrides]
     if args.steps is not None:
         overrides.append(f"train.max_steps={args.steps}")
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
@@ -179,16 +210,18 @@ def main() -> None:
     }
     if not args.skip_base:
         report["base"] = train_base(
-            args.base_steps, args.threads, ROOT / "runs" / "lora_base" / "export"
+            args.base_steps, args.threads, runs / "lora_base" / "export", runs, tuple(base_extra)
         )
         print(
             f"base: {report['base']['exact_match_at_end_of_training']:.1%} after "
             f"{args.base_steps} steps, {report['base']['train_time_s']:.0f} s"
         )
-    report["base_accuracy"] = base_accuracy(CONFIGS["lora"], [f"run.threads={args.threads}"])
+    report["base_accuracy"] = base_accuracy(
+        CONFIGS["lora"], [f"run.threads={args.threads}", *eval_extra], runs
+    )
     print(f"base (loaded from runs/lora_base/export): {report['base_accuracy']['exact_match']:.1%}")
     for name in args.only:
-        r = run_adapter(name, overrides)
+        r = run_adapter(name, overrides, runs)
         report["runs"][name] = r
         print(
             f"{name}: exact match {r['exact_match']:.1%} "
@@ -196,6 +229,9 @@ def main() -> None:
             f"{r['trainable_params']:,} trainable params, {r['train_time_s']:.0f} s training"
         )
     report["load_average_at_end"] = os.getloadavg()[0]
+    if args.smoke:
+        report["smoke"] = True
+        report["smoke_overrides"] = SMOKE_OVERRIDES
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -27,12 +27,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _smoke import add_smoke_flag, parse_args
 
 from tscale.core import tree as T
 
 RESULTS = Path(__file__).resolve().parent / "results" / "optimizers.json"
 BAR = 1.05
 LR, WD, BETAS, EPS = 1e-4, 0.1, (0.9, 0.999), 1e-8
+# --smoke: the same code path at tiny sizes (tests/benchmarks runs it), unless given explicitly
+SMOKE = {
+    "rounds": 1,
+    "steps_per_round": 1,
+    "threads": 1,
+    "tensors": 3,
+    "numel": 1000,
+    "rounds_8bit": 1,
+}
 
 
 def _params(n: int, numel: int, seed: int) -> dict[str, torch.Tensor]:
@@ -134,7 +144,8 @@ def main() -> None:
     ap.add_argument("--rounds-8bit", type=int, default=3, help="rounds of the 8-bit timing")
     ap.add_argument("--no-8bit", action="store_true", help="skip the 8-bit timing")
     ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args()
+    add_smoke_flag(ap)
+    args = parse_args(ap, SMOKE, RESULTS)
     torch.set_num_threads(args.threads)
 
     from tscale import optim
@@ -211,6 +222,8 @@ def main() -> None:
         "not_registered": missing,
         "errors": errors,
     }
+    if args.smoke:
+        result["smoke"] = True
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     extra = f", skip_nonfinite(adamw) {ratios['skip_nonfinite_adamw']:.3f}"

@@ -21,6 +21,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from _smoke import add_smoke_flag, parse_args
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "optimizers_quickstart.json"
 
@@ -34,9 +36,23 @@ SETTINGS: dict[str, list[str]] = {
     "schedule_free_adamw": ["scheduler.type=constant", "scheduler.min_lr_ratio=null"],
     "muon": ["optimizer.lr=0.02", "optimizer.betas=null"],
 }
+# --smoke: the same code path at tiny sizes (tests/benchmarks runs it), unless given explicitly;
+# its runs go beside --out and train a smaller task for a few steps
+SMOKE = {"jobs": 1, "only": ["adamw"], "steps": 3}
+SMOKE_OVERRIDES = [
+    "data.synthetic.num_train=64",
+    "data.synthetic.num_eval=4",
+    "data.batch_size=8",
+    "eval.num_samples=4",
+    "eval.max_new_tokens=4",
+    "scheduler.warmup_steps=1",
+    "train.log_every=1",
+]
 
 
-def run_one(name: str, steps: int, threads: int, out_root: Path) -> dict:
+def run_one(
+    name: str, steps: int, threads: int, out_root: Path, extra: list[str] | None = None
+) -> dict:
     out = out_root / name
     cmd = [
         sys.executable,
@@ -53,6 +69,7 @@ def run_one(name: str, steps: int, threads: int, out_root: Path) -> dict:
         "train.save_every=0",
         "train.eval_every=500",
         "train.progress=false",
+        *(extra or []),
     ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -80,12 +97,17 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args()
+    add_smoke_flag(ap)
+    args = parse_args(ap, SMOKE, RESULTS)
     names = args.only or list(SETTINGS)
     threads = 1 if args.jobs > 1 else 2
     out_root = ROOT / "runs" / "bench-optimizers"
+    extra: list[str] = []
+    if args.smoke:
+        out_root = args.out.resolve().parent / "bench-optimizers-runs"
+        extra = SMOKE_OVERRIDES
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda n: run_one(n, args.steps, threads, out_root), names))
+        results = list(pool.map(lambda n: run_one(n, args.steps, threads, out_root, extra), names))
     previous = json.loads(args.out.read_text())["runs"] if args.out.exists() else []
     merged = {r["optimizer"]: r for r in previous} | {r["optimizer"]: r for r in results}
     report = {
@@ -97,6 +119,9 @@ def main() -> None:
         "bar": "held-out exact match >= 0.8",
         "runs": [merged[n] for n in SETTINGS if n in merged],
     }
+    if args.smoke:
+        report["smoke"] = True
+        report["smoke_overrides"] = SMOKE_OVERRIDES
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     for r in results:

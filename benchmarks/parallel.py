@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from _smoke import add_smoke_flag, parse_args
 from tensordict import TensorDict
 
 from tscale.core import rng as R
@@ -42,6 +43,17 @@ from tscale.parallel.mesh import plan_parallel
 from tscale.step import make_train_step
 
 RESULTS = Path(__file__).resolve().parent / "results" / "parallel.json"
+# --smoke: the same code path at tiny sizes (tests/benchmarks runs it), unless given explicitly
+SMOKE = {
+    "steps": 2,
+    "warmup": 1,
+    "batch": 2,
+    "seq": 16,
+    "hidden": 128,
+    "layers": 1,
+    "vocab": 256,
+    "repeats": 1,
+}
 
 
 def _model(args: argparse.Namespace) -> tuple[Transformer, TensorDict]:
@@ -227,7 +239,8 @@ def main() -> None:
         help="leave out DeepSpeed ZeRO-2/3 (run when deepspeed is installed)",
     )
     ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    add_smoke_flag(ap)
+    args = parse_args(ap, SMOKE, RESULTS)
     args.deepspeed = args.deepspeed and _has_deepspeed()
     if args.worker_out:
         worker(args)
@@ -282,6 +295,8 @@ def main() -> None:
         "load_average_after": list(os.getloadavg()),
     }
     result["memory_bar_met"] = result["fsdp_state_memory_vs_ddp"] <= 0.55
+    if args.smoke:
+        result["smoke"] = True
     r = ranks["ddp_overlap"]
     result["ddp_overlap"] = {**r, "tokens_per_s": tokens / r["step_s"]}
     result["speed_ratio_ddp_overlap"] = one["step_s"] / r["step_s"]

@@ -15,8 +15,8 @@ step costs under torchrun.
   in each call (host time, the median of 5 interleaved rounds) and each loop's time per step as
   a ratio to the plain loop's, in the same processes.
 
-Writes ``benchmarks/results/preemption.json`` (rank 0 merges the vote figures into it) and
-prints one summary line.
+Writes ``benchmarks/results/preemption.json`` or ``--out`` (rank 0 merges the vote figures into
+it) and prints one summary line.
 
 Usage:
     python benchmarks/preemption.py [--sizes 128x4x384,768x12x32000] [--repeats 3]
@@ -35,15 +35,20 @@ import time
 from pathlib import Path
 
 import torch
+from _smoke import add_smoke_flag, parse_args
 
 RESULTS = Path(__file__).resolve().parent / "results" / "preemption.json"
+# --smoke: the same code path at tiny sizes (tests/benchmarks runs it), unless given explicitly
+SMOKE = {"sizes": "64x1x128", "repeats": 1, "step_ms": 1.0, "steps": 5}
 
 
-def _merge(section: str, value: object) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+def _merge(out: Path, section: str, value: object, smoke: bool = False) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(out.read_text()) if out.exists() else {}
     data[section] = value
-    RESULTS.write_text(json.dumps(data, indent=2) + "\n")
+    if smoke:
+        data["smoke"] = True
+    out.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def bench_save(sizes: list[tuple[int, int, int]], repeats: int) -> list[dict]:
@@ -178,11 +183,13 @@ def main() -> None:
     p.add_argument("--vote", action="store_true", help="the agreement benchmark (torchrun)")
     p.add_argument("--step-ms", type=float, default=5.0)
     p.add_argument("--steps", type=int, default=400)
-    args = p.parse_args()
+    p.add_argument("--out", type=Path, default=RESULTS, help="the JSON the sections merge into")
+    add_smoke_flag(p)
+    args = parse_args(p, SMOKE, RESULTS)
     if args.vote:
         result = bench_vote(args.step_ms, args.steps)
         if result is not None:
-            _merge("vote", result)
+            _merge(args.out, "vote", result, args.smoke)
             print(
                 f"stop vote: {result['stop_vote_us_per_step']} us/step (blocking all-reduce "
                 f"{result['blocking_allreduce_us_per_step']} us/step) on "
@@ -192,7 +199,10 @@ def main() -> None:
     sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
     rows = bench_save(sizes, args.repeats)  # type: ignore[arg-type]
     _merge(
-        "save", {"cpu_threads": torch.get_num_threads(), "host": os.uname().nodename, "rows": rows}
+        args.out,
+        "save",
+        {"cpu_threads": torch.get_num_threads(), "host": os.uname().nodename, "rows": rows},
+        args.smoke,
     )
     print(
         "checkpoint save: "

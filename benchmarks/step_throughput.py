@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from _smoke import add_smoke_flag, parse_args
 from tensordict import TensorDict
 
 from tscale.core import rng as R
@@ -31,6 +32,17 @@ from tscale.optim import adamw
 from tscale.step import make_train_step
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_throughput.json"
+# --smoke: the same code path at tiny sizes (tests/benchmarks runs it), unless given explicitly
+SMOKE = {
+    "rounds": 1,
+    "steps_per_round": 1,
+    "threads": 1,
+    "batch": 2,
+    "seq": 16,
+    "hidden": 128,
+    "layers": 1,
+    "vocab": 256,
+}
 
 
 def main() -> None:
@@ -44,7 +56,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args()
+    add_smoke_flag(ap)
+    args = parse_args(ap, SMOKE, RESULTS)
     torch.set_num_threads(args.threads)
 
     cfg = TransformerConfig(
@@ -129,6 +142,8 @@ def main() -> None:
         "baseline_tokens_per_s": tokens / h_med,
         "ratio": h_med / t_med,
     }
+    if args.smoke:
+        result["smoke"] = True
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(
