@@ -17,12 +17,11 @@ from tscale import cli
 from tscale.core.fields import field
 from tscale.core.metrics import mean
 from tscale.losses.lm import IGNORE_INDEX, target_labels, token_cross_entropy
-from tscale.tasks import SFTTask, TaskContext, register_task
+from tscale.tasks import TASKS, SFTTask, TaskContext
 from tscale.tasks.reference import frozen_copy, lora_base_reference, reference_apply
 from tscale.testing.hf_folders import chat_records, make_model_folder, write_jsonl
 
 
-@register_task
 @attrs.frozen(kw_only=True)
 class KLToReference(SFTTask):
     """SFT plus beta * KL(policy || reference) per trained token (the RL-style penalty)."""
@@ -48,6 +47,12 @@ class KLToReference(SFTTask):
             return ce_sum + beta * kl_sum, {"tokens": tokens, "kl": mean(kl_sum, tokens)}
 
         return loss_fn
+
+
+@pytest.fixture(autouse=True)
+def _registered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A built-in task name for this module's tests only (the registry is global)."""
+    monkeypatch.setitem(TASKS, "sft_kl_test", KLToReference)
 
 
 @pytest.fixture(scope="module")
