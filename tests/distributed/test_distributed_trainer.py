@@ -158,3 +158,51 @@ def test_sophia_under_ddp_follows_one_process(
     assert sorted(got) == list(range(1, 11))
     for step, loss in single.items():
         assert abs(got[step] - loss) <= 1e-5 * max(1.0, abs(loss)), (step, got[step], loss)
+
+
+LORA_FROM_FOLDER = """
+run: {{output_dir: {out}, seed: 0, threads: 1}}
+model: {{path: {model}}}
+data: {{train_files: [{train}], eval_files: [{eval}], batch_size: 8, max_length: 96}}
+lora: {{enabled: true, rank: 4}}
+optimizer: {{lr: 0.001}}
+train: {{max_steps: 6, epochs: null, log_every: 1, save_every: 3, keep_last: 0, progress: false}}
+eval: {{num_samples: 2, batch_size: 2, max_new_tokens: 3, num_show: 0}}
+"""
+
+
+def test_lora_over_a_sharded_base_follows_one_process(
+    runs: dict[str, Path], torchrun, tscale_cli, tiny_run
+):
+    """Refused before: under parallel.dp_shard the LoRA base (a frozen tree loaded from
+    model.path) is sharded over the ranks and gathered layer by layer; the adapters stay
+    replicated and are reduced as under DDP. The run follows one process, evaluates (the base
+    gathered whole) and records the base by its folder in every checkpoint."""
+    from tscale.testing.hf_folders import chat_records, make_model_folder, write_jsonl
+
+    tmp = runs["tmp"]
+    model = make_model_folder(tmp / "lora-base-model", "qwen2")
+    train = write_jsonl(chat_records(32, seed=3), tmp / "lora-train.jsonl")
+    eval_ = write_jsonl(chat_records(4, seed=4), tmp / "lora-eval.jsonl")
+    outs = {}
+    for name in ("lora-one", "lora-fsdp"):
+        outs[name] = tmp / name
+        cfg = tmp / f"{name}.yaml"
+        cfg.write_text(
+            LORA_FROM_FOLDER.format(out=outs[name], model=model, train=train, eval=eval_)
+        )
+        if name == "lora-one":
+            tscale_cli(["train", str(cfg)])
+        else:
+            torchrun(["-m", "tscale.cli", "train", str(cfg), *FSDP])
+    one, two = (tiny_run.rows(outs[n]) for n in ("lora-one", "lora-fsdp"))
+    assert sorted(two) == list(range(1, 7))
+    for step, row in one.items():
+        assert abs(two[step]["loss"] - row["loss"]) <= 1e-5 * max(1.0, row["loss"]), step
+    meta = json.loads(
+        (outs["lora-fsdp"] / "checkpoints" / "step_00000003" / "state.json").read_text()
+    )
+    assert meta["frozen"]["base"]["path"] == str(model.resolve())  # recorded, not copied
+    evals = [json.loads(x) for x in (outs["lora-fsdp"] / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/loss" in r for r in evals)
+    assert (outs["lora-fsdp"] / "adapter" / "adapter_config.json").is_file()

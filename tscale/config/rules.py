@@ -120,11 +120,13 @@ def check_parallel(cfg: Config, world_size: int, *, sharded: bool) -> None:
                 "(parallel.dp_shard > 1): its update needs whole tensors or global sums; use "
                 "parallel.dp_shard: 1 (DDP) or adamw, adamw_8bit, lion, schedule_free_adamw"
             )
-        if cfg.lora.enabled:
+        if cfg.lora.enabled and (cfg.lora.qlora or cfg.model.path is None):
             raise ConfigError(
-                "lora.enabled with parallel.dp_shard > 1: adapters are small, shard nothing; "
-                "use parallel.dp_shard: 1 (DDP)"
-            )
+                "lora.enabled with parallel.dp_shard > 1 shards the frozen base loaded from "
+                "model.path (the adapters stay replicated); "
+                + ("an NF4 base (lora.qlora) is not sharded: use parallel.dp_shard: 1"
+                   if cfg.lora.qlora else "set model.path, or use parallel.dp_shard: 1 (DDP)")
+            )  # fmt: skip
 
 
 def _check_model(cfg: Config) -> None:

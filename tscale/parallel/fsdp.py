@@ -59,6 +59,7 @@ __all__ = [
     "sharded_apply",
     "sharded_norm",
     "wrap_fsdp_step",
+    "wrap_local_frozen",
 ]
 
 
@@ -521,6 +522,19 @@ def wrap_fsdp_step(step: StepFn) -> StepFn:
             rng=new.rng,
         )
         return out, metrics
+
+    return wrapped
+
+
+def wrap_local_frozen(step: StepFn) -> StepFn:
+    """``step`` over local shards of the frozen trees → a step over a state whose frozen trees
+    hold DTensors (a sharded LoRA base); the trained params are plain tensors throughout."""
+
+    def wrapped(state: TrainState, batch: TensorDictBase) -> tuple[TrainState, dict]:
+        frozen = {k: local_tree(v) if isinstance(v, TensorDictBase) else v
+                  for k, v in state.frozen.items()}  # fmt: skip
+        new, metrics = step(state.replace(frozen=frozen), batch)
+        return new.replace(frozen=state.frozen), metrics
 
     return wrapped
 

@@ -21,6 +21,7 @@ from tscale.config.schema import Config
 from tscale.core.state import TrainState
 from tscale.errors import ConfigError
 from tscale.models.lora import with_dropout_keys
+from tscale.models.protocol import BASE
 from tscale.models.stack import CastModel
 from tscale.optim.base import GradientTransformation
 from tscale.optim.transforms import MaskFn
@@ -52,6 +53,9 @@ class Parallel:
     device: torch.device
     layout: fsdp.FSDPLayout | None = None
     deepspeed: DeepSpeedRun | None = None
+    base_layout: fsdp.FSDPLayout | None = None
+    """LoRA under FSDP: the layout of the frozen base (``frozen["base"]``), sharded like params
+    would be; the adapters (the trained params) stay replicated, reduced as under DDP."""
 
     @property
     def is_main(self) -> bool:
@@ -87,12 +91,21 @@ class Parallel:
         same full init), the plain state otherwise; ``frozen`` trees as given."""
         if self.deepspeed is not None:  # the engine owns params and optimizer state
             return TrainState.create(self.deepspeed.stored_params(), TensorDict(), rng, frozen)
+        if self.base_layout is not None and frozen is not None:  # each rank keeps its rows
+            frozen = {**frozen, BASE: fsdp.shard_tree(frozen[BASE], self.base_layout.mesh)}
         if self.layout is None:
             return TrainState.create(params, tx.init(params), rng, frozen)
         mesh = self.layout.mesh
         sharded = fsdp.shard_tree(params, mesh)
         opt_state = fsdp.shard_opt_state(tx.init(fsdp.local_tree(sharded)), sharded, mesh)
         return TrainState.create(sharded, opt_state, rng, frozen)
+
+    def full_frozen(self, frozen: Mapping[str, Any]) -> dict[str, Any]:
+        """The frozen trees whole on every rank (all-gathers a sharded base; every rank must
+        call it)."""
+        if self.base_layout is None:
+            return dict(frozen)
+        return {**frozen, BASE: fsdp.full_tree(frozen[BASE])}
 
     def full_params(self, params: TensorDictBase) -> TensorDictBase:
         """Full params on every rank (all-gathers under FSDP and DeepSpeed ZeRO; every rank
@@ -167,20 +180,24 @@ def setup(cfg: Config, device: torch.device) -> Parallel:
     return Parallel(plan=plan, device=device)
 
 
-def with_layout(par: Parallel, cfg: Config, params: TensorDictBase) -> Parallel:
-    """``par`` with the FSDP layout of ``params`` when the plan shards."""
+def with_layout(
+    par: Parallel, cfg: Config, params: TensorDictBase, frozen: Mapping[str, Any] | None = None
+) -> Parallel:
+    """``par`` with the FSDP layout of ``params`` when the plan shards — or, with LoRA, of the
+    frozen base (``frozen["base"]``): the base is what is large, the adapters stay whole."""
     if not par.plan.sharded:
         return par
     assert par.plan.mesh is not None
     p = cfg.parallel
+    lora_base = frozen is not None and BASE in frozen
     layout = fsdp.FSDPLayout.of(
-        params,
+        frozen[BASE] if lora_base else params,  # type: ignore[index]
         par.plan.mesh,
         param_dtype=_DTYPES[p.param_dtype] if p.param_dtype else None,
         reduce_dtype=_DTYPES[p.reduce_dtype],
         reshard_after_forward=p.reshard_after_forward,
     )
-    return attrs.evolve(par, layout=layout)
+    return attrs.evolve(par, base_layout=layout) if lora_base else attrs.evolve(par, layout=layout)
 
 
 def with_deepspeed(
@@ -278,6 +295,13 @@ def step_plan(par: Parallel, cfg: Config, model: Any) -> StepPlan:
     the gradients (overlapped: ``OverlappedModel`` starts each layer's in the backward), and
     ``parallel.param_dtype`` casts the params for the compute (``CastModel``)."""
     p = cfg.parallel
+    if par.base_layout is not None:  # LoRA over a sharded base: the adapters reduced as DDP
+        sync = ddp.make_ddp_sync(None, bucket_mb=p.bucket_mb, reduce_dtype=_DTYPES[p.reduce_dtype])
+        return StepPlan(
+            model=fsdp.ShardedModel(model, par.base_layout, tree=BASE),
+            reductions=dict(grad_sync=sync, metric_sync=ddp.make_metric_sync(None)),
+            wrap=fsdp.wrap_local_frozen,
+        )
     if par.layout is not None:
         group = None  # all ranks: the loss and token count are global sums
         return StepPlan(

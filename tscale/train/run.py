@@ -169,7 +169,7 @@ def build_run(
             sources[name] = FrozenSource.of(added.source)
     ctx = attrs.evolve(ctx, frozen=frozen, params=None)  # the state owns the params now
 
-    par = distributed.with_layout(par, cfg, params)
+    par = distributed.with_layout(par, cfg, params, frozen)  # FSDP: of params, or the LoRA base
     bound = {"frozen": frozen} if frozen else {}  # DeepSpeed calls the loss without the state
     par = distributed.with_deepspeed(  # the engine of parallel.deepspeed (else unchanged)
         par,
@@ -184,6 +184,8 @@ def build_run(
     tx = builders.build_optimizer(cfg, schedule, norm_fn=par.norm_fn())
     state = par.init_state(params, tx, state_key.to(device), frozen)
     del params
+    frozen = {}  # the state holds the frozen trees now (sharded under FSDP)
+    ctx = attrs.evolve(ctx, frozen=state.frozen)
 
     engine = par.deepspeed
     engine_meta = {"world_size": par.world_size, "zero_stage": cfg.parallel.deepspeed.zero_stage}
@@ -228,8 +230,9 @@ def build_run(
     eval_params = builders.build_eval_params(cfg)
 
     def evaluate(st: TrainState) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        full = par.full_params(eval_params(st))  # a collective under FSDP
-        return task.evaluate(ctx, full, st.frozen or None) if main else ({}, [])
+        full = par.full_params(eval_params(st))  # collectives under FSDP
+        frozen_full = par.full_frozen(st.frozen)
+        return task.evaluate(ctx, full, frozen_full or None) if main else ({}, [])
 
     # held-out loss needs eval examples; exact match, records with a reference answer
     has_eval = bool(bundle.eval_examples) or (
