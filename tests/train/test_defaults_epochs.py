@@ -21,18 +21,14 @@ from tscale.config.schema import (
 from tscale.data import synthetic
 from tscale.data.tokenize import load_or_train_tokenizer
 from tscale.errors import ConfigError
+from tscale.testing.runs import TINY_MODEL
 from tscale.train import builders, data_build, train
 
 TINY = [
-    "model.hidden_size=32",
-    "model.intermediate_size=64",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "model.max_position_embeddings=64",
+    *TINY_MODEL,
     "data.synthetic.num_train=100",
     "data.synthetic.num_eval=8",
     "data.synthetic.max_items=5",
-    "data.tokenizer.vocab_size=300",
     "data.batch_size=16",
     "data.max_length=32",
     "scheduler.warmup_steps=1",

@@ -13,23 +13,15 @@ from rich.console import Console
 
 from tscale.config import load_config
 from tscale.errors import ConfigError
+from tscale.testing.runs import TINY_DATA, TINY_MODEL
 from tscale.train import train
 
 transformers = pytest.importorskip("transformers")
 
 TINY = [
-    "model.hidden_size=32",
-    "model.intermediate_size=64",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "model.max_position_embeddings=64",
+    *TINY_MODEL,
+    *TINY_DATA,
     "model.tie_word_embeddings=false",
-    "data.synthetic.num_train=200",
-    "data.synthetic.num_eval=8",
-    "data.synthetic.max_items=5",
-    "data.tokenizer.vocab_size=300",
-    "data.batch_size=16",
-    "data.max_length=32",
     "scheduler.warmup_steps=2",
     "train.max_steps=6",
     "train.log_every=3",

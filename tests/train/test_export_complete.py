@@ -19,6 +19,7 @@ from tscale.cli import main
 from tscale.core import tree as T
 from tscale.data.prompt import BUILTIN_TEMPLATES, ChatTemplate
 from tscale.testing.hf_folders import LLAMA3_TEMPLATE, QWEN2_TEMPLATE, make_model_folder
+from tscale.testing.runs import TINY_DATA, TINY_MODEL
 from tscale.train.export import (
     decide_token_ids,
     end_of_turn_tokens,
@@ -31,18 +32,9 @@ transformers.logging.set_verbosity_error()
 
 # A tiny synthetic run (as tests/train/test_export.py's): seconds on a CPU.
 TINY = [
-    "model.hidden_size=32",
-    "model.intermediate_size=64",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "model.max_position_embeddings=64",
+    *TINY_MODEL,
+    *TINY_DATA,
     "model.tie_word_embeddings=false",
-    "data.synthetic.num_train=200",
-    "data.synthetic.num_eval=8",
-    "data.synthetic.max_items=5",
-    "data.tokenizer.vocab_size=300",
-    "data.batch_size=16",
-    "data.max_length=32",
     "scheduler.warmup_steps=2",
     "train.max_steps=6",
     "train.log_every=3",

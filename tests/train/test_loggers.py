@@ -18,6 +18,7 @@ from rich.console import Console
 
 from tscale import cli
 from tscale.config import load_config
+from tscale.testing.runs import TINY_MODEL
 from tscale.train import Callback, train
 
 pytest.importorskip("tensorboard", reason="the tensorboard extra (in dev) is not installed")
@@ -25,15 +26,10 @@ pytest.importorskip("wandb", reason="the wandb extra (in dev) is not installed")
 pytest.importorskip("mlflow", reason="the mlflow extra (in dev) is not installed")
 
 TINY = [
-    "model.hidden_size=32",
-    "model.intermediate_size=64",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "model.max_position_embeddings=64",
+    *TINY_MODEL,
     "data.synthetic.num_train=200",
     "data.synthetic.num_eval=16",
     "data.synthetic.max_items=5",
-    "data.tokenizer.vocab_size=300",
     "data.batch_size=16",
     "data.max_length=32",
     "optimizer.lr=3e-3",

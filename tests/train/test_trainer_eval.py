@@ -13,20 +13,16 @@ from rich.console import Console
 
 from tscale.config import load_config
 from tscale.data import synthetic
+from tscale.testing.runs import TINY_MODEL
 from tscale.train import train
 from tscale.train.trainer import reference_answer
 
 STEPS = 6
 TINY = [
-    "model.hidden_size=32",
-    "model.intermediate_size=64",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "model.max_position_embeddings=64",
+    *TINY_MODEL,
     "data.synthetic.num_train=96",
     "data.synthetic.num_eval=12",
     "data.synthetic.max_items=5",
-    "data.tokenizer.vocab_size=300",
     "data.batch_size=16",
     "data.max_length=32",
     "optimizer.lr=3e-3",

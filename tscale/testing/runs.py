@@ -69,3 +69,22 @@ def wait_for_rows(proc: subprocess.Popen, run: Path, n: int, timeout: float = 24
 
 
 __all__ = ["STOPPED", "TINY_RUN_YAML", "step_rows", "wait_for_rows", "write_tiny_config"]
+
+TINY_MODEL = [
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.max_position_embeddings=64",
+    "data.tokenizer.vocab_size=300",
+]
+"""Overrides for a tiny random-init model (and its BPE): train in seconds on a CPU."""
+
+TINY_DATA = [
+    "data.synthetic.num_train=200",
+    "data.synthetic.num_eval=8",
+    "data.synthetic.max_items=5",
+    "data.batch_size=16",
+    "data.max_length=32",
+]
+"""Overrides for a small synthetic task that fits :data:`TINY_MODEL`."""
