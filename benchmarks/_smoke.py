@@ -13,6 +13,17 @@ from typing import Any
 
 SMOKE_HELP = "tiny sizes, seconds on a CPU: checks that the script runs, measures nothing"
 
+SMOKE_TRAIN_OVERRIDES = [
+    "data.synthetic.num_train=64",
+    "data.synthetic.num_eval=4",
+    "data.batch_size=8",
+    "eval.num_samples=4",
+    "eval.max_new_tokens=4",
+    "scheduler.warmup_steps=1",
+    "train.log_every=1",
+]
+"""The overrides a smoke run of a script that trains the quickstart adds: a smaller task."""
+
 
 def add_smoke_flag(ap: argparse.ArgumentParser) -> None:
     """Add ``--smoke`` to a script's parser."""

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from _smoke import add_smoke_flag, parse_args
+from _smoke import SMOKE_TRAIN_OVERRIDES, add_smoke_flag, parse_args
 from rich.console import Console
 
 from tscale.config import load_config
@@ -47,15 +47,7 @@ BAR = 0.8
 # --smoke: the same code path at tiny sizes (tests/benchmarks runs it), unless given explicitly;
 # its runs go beside --out and train a smaller task for a few steps
 SMOKE = {"base_steps": 3, "steps": 3, "threads": 1}
-SMOKE_OVERRIDES = [
-    "data.synthetic.num_train=64",
-    "data.synthetic.num_eval=4",
-    "data.batch_size=8",
-    "eval.num_samples=4",
-    "eval.max_new_tokens=4",
-    "scheduler.warmup_steps=1",
-    "train.log_every=1",
-]
+SMOKE_OVERRIDES = SMOKE_TRAIN_OVERRIDES
 
 
 def _evals(run_dir: Path) -> list[dict]:

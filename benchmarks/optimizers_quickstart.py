@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _smoke import add_smoke_flag, parse_args
+from _smoke import SMOKE_TRAIN_OVERRIDES, add_smoke_flag, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "optimizers_quickstart.json"
@@ -39,15 +39,7 @@ SETTINGS: dict[str, list[str]] = {
 # --smoke: the same code path at tiny sizes (tests/benchmarks runs it), unless given explicitly;
 # its runs go beside --out and train a smaller task for a few steps
 SMOKE = {"jobs": 1, "only": ["adamw"], "steps": 3}
-SMOKE_OVERRIDES = [
-    "data.synthetic.num_train=64",
-    "data.synthetic.num_eval=4",
-    "data.batch_size=8",
-    "eval.num_samples=4",
-    "eval.max_new_tokens=4",
-    "scheduler.warmup_steps=1",
-    "train.log_every=1",
-]
+SMOKE_OVERRIDES = SMOKE_TRAIN_OVERRIDES
 
 
 def run_one(
