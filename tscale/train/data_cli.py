@@ -48,7 +48,7 @@ def inspect_config(cfg: Config, console: Console) -> None:
     if cfg.data.streaming:  # inspect reads the whole training data, in memory
         cfg = attrs.evolve(cfg, data=attrs.evolve(cfg.data, streaming=False))
     run_dir = Path(cfg.run.output_dir)
-    bundle = data_build.build_data(cfg, run_dir)
+    bundle = data_build.build_data(cfg, run_dir, make_examples=cfg.task.examples)
     data_report.print_report(console, bundle.report)
     for key, value in bundle.report.items():
         if value and key not in ("length", "train", "eval"):
@@ -149,7 +149,7 @@ def preview(cfg: Config, console: Console, n: int = 3) -> None:
     """Render ``n`` training examples exactly as the model sees them: trained tokens in bold
     green, tokens that are context only (masked out of the loss) dim."""
     cfg = resolve_defaults(cfg)
-    bundle = data_build.build_data(cfg, Path(cfg.run.output_dir))
+    bundle = data_build.build_data(cfg, Path(cfg.run.output_dir), make_examples=cfg.task.examples)
     tok = bundle.encoder.tokenizer
     console.print(
         Text("trained", style="bold green") + Text(" / ") + Text("not trained", style="dim")
