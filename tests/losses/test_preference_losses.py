@@ -176,7 +176,8 @@ def trl_dpo(raw: Raw, cfg: dict[str, Any]) -> Out:
         loss_weights=cfg.get("loss_weights") or [1.0] * len(types),
         label_smoothing=cfg.get("label_smoothing", 0.0),
         ld_alpha=None,
-        f_divergence_type="reverse_kl",
+        f_divergence_type=cfg.get("f_divergence", "reverse_kl"),
+        f_alpha_divergence_coef=cfg.get("f_alpha", 0.5),
         use_weighting=False,
         precompute_ref_logps=True,
         args=SimpleNamespace(discopop_tau=cfg.get("discopop_tau", 0.05)),
@@ -429,7 +430,7 @@ FAMILIES: dict[str, tuple[Callable[..., Raw], Callable[..., Out], Callable[..., 
     "reward": (reward_raw, trl_reward, ours_reward, F64),
 }
 
-_SMOOTHING = {"robust": 0.1, "exo_pair": 1e-3}
+_SMOOTHING = {"robust": 0.1, "exo_pair": 1e-3, "aot": 0.1}
 CASES: list[tuple[str, dict[str, Any]]] = [
     *[
         ("dpo", {"loss_type": t, "beta": 0.1, "label_smoothing": _SMOOTHING.get(t, 0.0)})
@@ -444,6 +445,13 @@ CASES: list[tuple[str, dict[str, Any]]] = [
         {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0], "beta": 0.1},
     ),
     ("dpo", {"loss_type": ["ipo", "sigmoid_norm", "robust"], "label_smoothing": 0.2}),
+    ("dpo", {"loss_type": "aot_unpaired", "label_smoothing": 0.2}),
+    *[
+        ("dpo", {"loss_type": ["sigmoid", "hinge", "ipo"], "f_divergence": f})
+        for f in ("forward_kl", "js_divergence")
+    ],
+    ("dpo", {"loss_type": "robust", "label_smoothing": 0.1, "f_divergence": "js_divergence"}),
+    ("dpo", {"loss_type": "sigmoid", "f_divergence": "alpha_divergence", "f_alpha": 1.0}),
     ("kto", {"beta": 0.1}),
     ("kto", {"beta": 0.3, "desirable_weight": 1.33, "undesirable_weight": 0.7}),
     ("kto", {"beta": 0.1, "loss_type": "apo_zero_unpaired", "desirable_weight": 2.0}),
@@ -526,6 +534,43 @@ def test_simpo_matches_trl_cpo_simpo(cfg: dict[str, Any]) -> None:
     raw = logits_raw(3)
     ours = ours_cpo(raw, {"simpo": True, **cfg})
     _assert_outputs_close(ours, trl_cpo(raw, trl_cfg), F64, str(cfg))
+
+
+@pytest.mark.parametrize("f_alpha", [0.3, 0.5, 2.0])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", ["hinge", "sigmoid_norm"]])
+def test_alpha_divergence_matches_trl_in_float32(f_alpha: float, loss_type: Any) -> None:
+    """TRL's α-divergence path casts to float32 (and has no float64 clamp bound): run both there."""
+    _require_trl()
+    raw = {k: v.float() if v.is_floating_point() else v for k, v in dpo_raw(6).items()}
+    raw["ref_logps"] = raw["ref_logps"] - 100  # ratios ≈ e^100: α = 2 hits the clamp at 80
+    cfg = {"loss_type": loss_type, "f_divergence": "alpha_divergence", "f_alpha": f_alpha}
+    ours, ref = ours_dpo(raw, cfg), trl_dpo(raw, cfg)
+    _assert_outputs_close(ours, ref, {"rtol": 1e-5, "atol": 1e-5}, str(cfg))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("loss_type", sorted(set(DPO_LOSS_TYPES) - {"sft", "aot", "aot_unpaired"}))
+def test_dpo_per_pair_matches_trl(loss_type: str, seed: int) -> None:
+    """Per pair, not only the batch mean: TRL on each one-pair batch against tscale's entry."""
+    _require_trl()
+    raw = dpo_raw(seed, pairs=3)
+    cfg = {"loss_type": loss_type, "label_smoothing": _SMOOTHING.get(loss_type, 0.0)}
+    logps_w, logps_l = _sides(raw["token_logps"].sum(1))
+    ref_w, ref_l = _sides(raw["ref_logps"])
+    tokens_w, tokens_l = _sides(raw["completion_mask"].sum(1))
+    losses = dpo_loss(
+        logps_w, logps_l, ref_w, ref_l, chosen_tokens=tokens_w, rejected_tokens=tokens_l, **cfg
+    ).losses
+    for i in range(3):
+        rows = [i, i + 3]
+        one = {k: v[rows] for k, v in raw.items()}
+        expected = trl_dpo(one, cfg)["loss"]
+        assert math.isclose(
+            float(losses[i]),
+            expected,
+            rel_tol=2e-6 if loss_type == "exo_pair" else 1e-12,
+            abs_tol=1e-12,
+        )
 
 
 def test_cpo_per_pair_terms_match_trl() -> None:
@@ -736,6 +781,8 @@ def test_rewards_are_detached() -> None:
         ({"loss_type": "exo_pair"}, "exo_pair"),
         ({"loss_type": "ipo"}, "chosen_tokens"),
         ({"loss_type": "sft"}, "chosen_tokens"),
+        ({"f_divergence": "kl"}, "f_divergence"),
+        ({"loss_type": "bco_pair", "f_divergence": "forward_kl"}, "only"),
     ],
 )
 def test_dpo_rejects_bad_options(kwargs: dict[str, Any], message: str) -> None:

@@ -10,6 +10,7 @@ from tscale.losses.lm import (
 from tscale.losses.preference import (
     CPO_LOSS_TYPES,
     DPO_LOSS_TYPES,
+    F_DIVERGENCES,
     KTO_LOSS_TYPES,
     PairLoss,
     UnpairedLoss,
@@ -26,6 +27,7 @@ from tscale.losses.preference import (
 __all__ = [
     "CPO_LOSS_TYPES",
     "DPO_LOSS_TYPES",
+    "F_DIVERGENCES",
     "IGNORE_INDEX",
     "KTO_LOSS_TYPES",
     "PairLoss",

@@ -34,6 +34,7 @@ from tscale.errors import ConfigError
 __all__ = [
     "CPO_LOSS_TYPES",
     "DPO_LOSS_TYPES",
+    "F_DIVERGENCES",
     "KTO_LOSS_TYPES",
     "PairLoss",
     "UnpairedLoss",
@@ -69,11 +70,17 @@ class UnpairedLoss(NamedTuple):
 
 
 class _Pair(NamedTuple):
-    """What a DPO loss type may read: log-ratios, raw log-probs, token counts, options."""
+    """What a DPO loss type may read: log-ratios, their f-divergence scores, raw log-probs,
+    token counts, options."""
 
     chosen_logratios: torch.Tensor
     rejected_logratios: torch.Tensor
+    chosen_scores: torch.Tensor
+    rejected_scores: torch.Tensor
     chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    reference_chosen_logps: torch.Tensor
+    reference_rejected_logps: torch.Tensor
     chosen_tokens: torch.Tensor | None
     rejected_tokens: torch.Tensor | None
     beta: float
@@ -82,7 +89,7 @@ class _Pair(NamedTuple):
 
 
 def _delta(p: _Pair) -> torch.Tensor:
-    return p.chosen_logratios - p.rejected_logratios
+    return p.chosen_scores - p.rejected_scores
 
 
 def _per_token(value: torch.Tensor, tokens: torch.Tensor | None, loss_type: str) -> torch.Tensor:
@@ -94,13 +101,18 @@ def _per_token(value: torch.Tensor, tokens: torch.Tensor | None, loss_type: str)
     return value / tokens.clamp(min=1).to(value.dtype)
 
 
+def _smoothed_logistic(z: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Conservative logistic loss ``−(1−ε) log σ(z) − ε log σ(−z)`` (cDPO, Mitchell 2023)."""
+    return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+
 def _sigmoid(p: _Pair) -> torch.Tensor:
     return -F.logsigmoid(p.beta * _delta(p))
 
 
 def _sigmoid_norm(p: _Pair) -> torch.Tensor:
-    gap = _per_token(p.chosen_logratios, p.chosen_tokens, "sigmoid_norm") - _per_token(
-        p.rejected_logratios, p.rejected_tokens, "sigmoid_norm"
+    gap = _per_token(p.chosen_scores, p.chosen_tokens, "sigmoid_norm") - _per_token(
+        p.rejected_scores, p.rejected_tokens, "sigmoid_norm"
     )
     return -F.logsigmoid(p.beta * gap)
 
@@ -110,8 +122,8 @@ def _hinge(p: _Pair) -> torch.Tensor:
 
 
 def _ipo(p: _Pair) -> torch.Tensor:
-    gap = _per_token(p.chosen_logratios, p.chosen_tokens, "ipo") - _per_token(
-        p.rejected_logratios, p.rejected_tokens, "ipo"
+    gap = _per_token(p.chosen_scores, p.chosen_tokens, "ipo") - _per_token(
+        p.rejected_scores, p.rejected_tokens, "ipo"
     )
     return (gap - 1 / (2 * p.beta)) ** 2
 
@@ -149,7 +161,20 @@ def _apo_zero(p: _Pair) -> torch.Tensor:
 
 
 def _apo_down(p: _Pair) -> torch.Tensor:
-    return torch.sigmoid(p.beta * p.chosen_logratios) + (1 - torch.sigmoid(p.beta * _delta(p)))
+    gap = p.chosen_logratios - p.rejected_logratios
+    return torch.sigmoid(p.beta * p.chosen_logratios) + (1 - torch.sigmoid(p.beta * gap))
+
+
+def _aot(p: _Pair) -> torch.Tensor:
+    policy = torch.sort(p.chosen_logps - p.rejected_logps, dim=0).values
+    reference = torch.sort(p.reference_chosen_logps - p.reference_rejected_logps, dim=0).values
+    return _smoothed_logistic(p.beta * (policy - reference), p.label_smoothing)
+
+
+def _aot_unpaired(p: _Pair) -> torch.Tensor:
+    chosen = torch.sort(p.chosen_logratios, dim=0).values
+    rejected = torch.sort(p.rejected_logratios, dim=0).values
+    return _smoothed_logistic(p.beta * (chosen - rejected), p.label_smoothing)
 
 
 def _discopop(p: _Pair) -> torch.Tensor:
@@ -183,8 +208,32 @@ _DPO_TERMS: dict[str, Callable[[_Pair], torch.Tensor]] = {
     "discopop": _discopop,
     "sft": _sft,
     "sigmoid_norm": _sigmoid_norm,
+    "aot": _aot,
+    "aot_unpaired": _aot_unpaired,
 }
 DPO_LOSS_TYPES: tuple[str, ...] = tuple(_DPO_TERMS)
+
+F_DIVERGENCES: tuple[str, ...] = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# The types that read the f-divergence scores; the others read the plain log-ratios, so TRL
+# allows another divergence with these only.
+_F_DIVERGENCE_TYPES = frozenset(
+    {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+)
+
+
+def _f_scores(logratios: torch.Tensor, f_divergence: str, alpha: float) -> torch.Tensor:
+    """``f'(u)`` at ``u = π/π_ref = exp(ρ)``, f-DPO's replacement of the log-ratio."""
+    if f_divergence == "reverse_kl" or (
+        f_divergence == "alpha_divergence" and abs(alpha - 1.0) < 1e-6
+    ):
+        return logratios  # f'(u) = log u (+ const); the α → 1 limit of the α-divergence
+    if f_divergence == "forward_kl":
+        return 1 - torch.exp(-logratios)  # f'(u) = 1 − 1/u
+    if f_divergence == "js_divergence":
+        return math.log(2.0) + F.logsigmoid(logratios)  # f'(u) = log(2u/(1+u))
+    # α-divergence, f'(u) = (u^(α−1) − 1)/(α − 1); the exponent clamped at 80 as TRL does
+    t = ((alpha - 1.0) * logratios).clamp(max=80.0)
+    return (torch.exp(t) - 1.0) / (alpha - 1.0)
 
 
 def _check_beta(where: str, beta: float) -> None:
@@ -193,7 +242,10 @@ def _check_beta(where: str, beta: float) -> None:
 
 
 def _dpo_types(
-    loss_type: str | Sequence[str], loss_weights: Sequence[float] | None, label_smoothing: float
+    loss_type: str | Sequence[str],
+    loss_weights: Sequence[float] | None,
+    label_smoothing: float,
+    f_divergence: str,
 ) -> list[tuple[str, float]]:
     types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     if not types:
@@ -215,6 +267,15 @@ def _dpo_types(
             f"dpo_loss: 'exo_pair' needs label_smoothing in (0, 1) (the paper uses 1e-3), got "
             f"{label_smoothing}"
         )
+    if f_divergence not in F_DIVERGENCES:
+        raise ConfigError(
+            f"dpo_loss: unknown f_divergence {f_divergence!r}; known: {F_DIVERGENCES}"
+        )
+    if f_divergence != "reverse_kl" and not set(types) <= _F_DIVERGENCE_TYPES:
+        raise ConfigError(
+            f"dpo_loss: f_divergence {f_divergence!r} works with {sorted(_F_DIVERGENCE_TYPES)} "
+            f"only, got {types}"
+        )
     return list(zip(types, weights, strict=True))
 
 
@@ -231,6 +292,8 @@ def dpo_loss(
     chosen_tokens: torch.Tensor | None = None,
     rejected_tokens: torch.Tensor | None = None,
     discopop_tau: float = 0.05,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
 ) -> PairLoss:
     """Direct Preference Optimization and its variants, per pair.
 
@@ -257,10 +320,21 @@ def dpo_loss(
     - ``discopop`` (DiscoPOP, Chris Lu et al. 2024, arXiv:2406.08414, eq. 5), ``τ`` =
       ``discopop_tau``, ``m = σ(z/τ)``: ``−log σ(z)(1 − m) + e^{−z} m``.
     - ``sft``: the chosen completions' token-mean NLL over the batch (see the module docstring).
+    - ``aot`` / ``aot_unpaired`` (AOT, Melnyk et al. 2024, arXiv:2406.05882): the smoothed
+      logistic loss ``−(1−ε) log σ(βd) − ε log σ(−βd)`` on the batch-*sorted* quantities:
+      ``d = sort(log π(y_w) − log π(y_l)) − sort(log π_ref(y_w) − log π_ref(y_l))`` and
+      ``d = sort(ρ_w) − sort(ρ_l)``. These couple the batch: losses are in sorted order, only
+      their mean is meaningful, and a split into microbatches changes them.
+
+    ``f_divergence`` (f-DPO, Wang et al. 2023, arXiv:2309.16240) replaces ``ρ`` by ``f'(e^ρ)``
+    in the types that read Δ (``sigmoid``, ``sigmoid_norm``, ``hinge``, ``ipo``, ``exo_pair``,
+    ``robust``, ``discopop``): ``reverse_kl`` ``ρ``, ``forward_kl`` ``1 − e^{−ρ}``,
+    ``js_divergence`` ``log 2 + log σ(ρ)``, ``alpha_divergence``
+    ``(e^{(α−1)ρ} − 1)/(α − 1)`` with ``α`` = ``f_alpha`` (exponent clamped at 80).
 
     A list of types (TRL's list form, e.g. MPO: ``["sigmoid", "bco_pair", "sft"]`` with weights
     ``[0.8, 0.2, 1.0]``, Wang et al. 2024, arXiv:2411.10442) gives ``Σ_k w_k · loss_k`` per pair.
-    ``label_smoothing`` is read by ``robust`` and ``exo_pair`` only, as in TRL.
+    ``label_smoothing`` is read by ``robust``, ``exo_pair`` and ``aot*`` only, as in TRL.
 
     Args:
         policy_chosen_logps, policy_rejected_logps: ``[B]`` summed completion log-probs under π.
@@ -272,6 +346,7 @@ def dpo_loss(
         chosen_tokens, rejected_tokens: ``[B]`` completion token counts; needed by ``ipo``,
             ``sigmoid_norm`` (both) and ``sft`` (chosen).
         discopop_tau: τ of ``discopop``.
+        f_divergence: one of :data:`F_DIVERGENCES`. f_alpha: α of ``alpha_divergence``.
 
     Returns:
         :class:`PairLoss` with ``losses [B]`` (TRL's loss is their mean) and the rewards
@@ -283,11 +358,18 @@ def dpo_loss(
             or a length-normalised type without token counts.
     """
     _check_beta("dpo_loss", beta)
-    terms = _dpo_types(loss_type, loss_weights, label_smoothing)
+    terms = _dpo_types(loss_type, loss_weights, label_smoothing, f_divergence)
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
     pair = _Pair(
-        chosen_logratios=policy_chosen_logps - reference_chosen_logps,
-        rejected_logratios=policy_rejected_logps - reference_rejected_logps,
+        chosen_logratios=chosen_logratios,
+        rejected_logratios=rejected_logratios,
+        chosen_scores=_f_scores(chosen_logratios, f_divergence, f_alpha),
+        rejected_scores=_f_scores(rejected_logratios, f_divergence, f_alpha),
         chosen_logps=policy_chosen_logps,
+        rejected_logps=policy_rejected_logps,
+        reference_chosen_logps=reference_chosen_logps,
+        reference_rejected_logps=reference_rejected_logps,
         chosen_tokens=chosen_tokens,
         rejected_tokens=rejected_tokens,
         beta=beta,
@@ -298,8 +380,8 @@ def dpo_loss(
     assert isinstance(losses, torch.Tensor)  # at least one term (checked above)
     return PairLoss(
         losses,
-        (beta * pair.chosen_logratios).detach(),
-        (beta * pair.rejected_logratios).detach(),
+        (beta * chosen_logratios).detach(),
+        (beta * rejected_logratios).detach(),
     )
 
 
@@ -318,11 +400,6 @@ def _cpo_logits(
     if alpha == 0.0:
         return chosen, rejected
     return (1 - torch.exp(-alpha * chosen)) / alpha, (1 - torch.exp(-alpha * rejected)) / alpha
-
-
-def _smoothed_logistic(z: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """Conservative logistic loss ``−(1−ε) log σ(z) − ε log σ(−z)`` (cDPO, Mitchell 2023)."""
-    return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
 
 
 def cpo_loss(
