@@ -1,4 +1,5 @@
-"""Pure loss functions: each returns a sum over tokens and the token count."""
+"""Pure loss functions: token losses return a sum and the token count; preference losses
+return per-example losses (see :mod:`tscale.losses.preference`)."""
 
 from tscale.losses.lm import (
     IGNORE_INDEX,
@@ -6,5 +7,40 @@ from tscale.losses.lm import (
     make_lm_loss,
     token_cross_entropy,
 )
+from tscale.losses.preference import (
+    CPO_LOSS_TYPES,
+    DPO_LOSS_TYPES,
+    F_DIVERGENCES,
+    KTO_LOSS_TYPES,
+    PairLoss,
+    UnpairedLoss,
+    bradley_terry_loss,
+    cpo_loss,
+    dpo_loss,
+    kto_kl_estimate,
+    kto_loss,
+    orpo_loss,
+    preference_metrics,
+    simpo_loss,
+)
 
-__all__ = ["IGNORE_INDEX", "make_fused_lm_loss", "make_lm_loss", "token_cross_entropy"]
+__all__ = [
+    "CPO_LOSS_TYPES",
+    "DPO_LOSS_TYPES",
+    "F_DIVERGENCES",
+    "IGNORE_INDEX",
+    "KTO_LOSS_TYPES",
+    "PairLoss",
+    "UnpairedLoss",
+    "bradley_terry_loss",
+    "cpo_loss",
+    "dpo_loss",
+    "kto_kl_estimate",
+    "kto_loss",
+    "make_fused_lm_loss",
+    "make_lm_loss",
+    "orpo_loss",
+    "preference_metrics",
+    "simpo_loss",
+    "token_cross_entropy",
+]
