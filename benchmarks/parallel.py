@@ -187,7 +187,7 @@ def worker(args: argparse.Namespace) -> None:
             tx = _tx()
             state = TrainState.create(T.clone(full), tx.init(full), R.key(1))
             overlapped = ddp.OverlappedDDP(None)
-            loss = make_lm_loss(overlapped.apply(model.apply))
+            loss = make_lm_loss(overlapped.wrap(model).apply)
             step = make_train_step(loss, tx, grad_sync=overlapped.sync)
         elif mode == "ddp":
             tx = _tx()
@@ -203,7 +203,7 @@ def worker(args: argparse.Namespace) -> None:
             opt = fsdp.shard_opt_state(tx.init(fsdp.local_tree(params)), params, plan.mesh)
             state = TrainState.create(params, opt, R.key(1))
             inner = make_train_step(
-                make_lm_loss(fsdp.sharded_apply(model.apply, layout)),
+                make_lm_loss(fsdp.ShardedModel(model, layout).apply),
                 tx,
                 grad_sync=fsdp.make_fsdp_sync(None),
                 grad_norm=fsdp.sharded_norm(layout),

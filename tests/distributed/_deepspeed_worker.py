@@ -23,12 +23,12 @@ from tscale.core import rng as R
 from tscale.core import tree as T
 from tscale.core.state import TrainState
 from tscale.losses.lm import make_lm_loss
+from tscale.models.stack import CastModel
 from tscale.optim import transforms
 from tscale.optim.alias import OPTIMIZERS
 from tscale.optim.base import chain
 from tscale.parallel import deepspeed_engine as DSE
 from tscale.step.compose import make_train_step
-from tscale.train.distributed import cast_apply
 
 POISON_STEP = 3  # the "nan" case: rank 1's share of this step has a NaN gradient
 
@@ -70,7 +70,7 @@ def run_case(case: dict, rank: int, world: int) -> dict:
 
     # the reference: one tscale process, the global batch, skip_nonfinite as the trainer builds it
     tx = transforms.skip_nonfinite(_clipped(ref_opt(1e-3), clip))
-    apply = cast_apply(model.apply, torch.bfloat16) if bf16 else model.apply
+    apply = CastModel(model, torch.bfloat16).apply if bf16 else model.apply
     ref = TrainState.create(T.clone(full), tx.init(full), R.key(1))
     ref_step = make_train_step(scaled(make_lm_loss(apply)), tx, microbatches=case["mb"] * world)
     ref_losses = []
@@ -128,7 +128,7 @@ def run_case(case: dict, rank: int, world: int) -> dict:
         solo_opt = OPTIMIZERS[case["solo"].get("opt", case["opt"])]
         solo_tx = transforms.skip_nonfinite(_clipped(solo_opt(1e-3), clip))
         solo_bf16 = case["solo"].get("bf16", bf16)
-        solo_apply = cast_apply(model.apply, torch.bfloat16) if solo_bf16 else model.apply
+        solo_apply = CastModel(model, torch.bfloat16).apply if solo_bf16 else model.apply
         solo = TrainState.create(T.clone(full), solo_tx.init(full), R.key(1))
         solo_step = make_train_step(
             scaled(make_lm_loss(solo_apply)), solo_tx, microbatches=case["mb"] * world

@@ -17,6 +17,7 @@ from tscale.core import rng as R
 from tscale.core import tree as T
 from tscale.core.state import TrainState
 from tscale.losses.lm import make_lm_loss
+from tscale.models.stack import CastModel
 from tscale.models.transformer import Transformer, TransformerConfig
 from tscale.optim.alias import OPTIMIZERS
 from tscale.optim.base import chain
@@ -24,7 +25,6 @@ from tscale.optim.transforms import clip_by_global_norm
 from tscale.parallel import ddp, fsdp
 from tscale.parallel.mesh import plan_parallel
 from tscale.step.compose import make_train_step
-from tscale.train.distributed import cast_apply
 
 STEPS, B, S, V = 10, 8, 16, 256
 
@@ -70,7 +70,7 @@ def run_case(case: dict, rank: int, world: int) -> dict:
 
     # the reference: one process, the global batch, microbatches = world * per-rank microbatches
     tx = make_tx()
-    apply = model.apply if dtype is None else cast_apply(model.apply, dtype)
+    apply = model.apply if dtype is None else CastModel(model, dtype).apply
     ref = TrainState.create(T.clone(full), tx.init(full), R.key(1))
     ref_step = make_train_step(make_lm_loss(apply), tx, microbatches=case["ref_mb"])
     ref_losses = []
@@ -93,7 +93,7 @@ def run_case(case: dict, rank: int, world: int) -> dict:
         opt = fsdp.shard_opt_state(tx.init(fsdp.local_tree(params)), params, plan.mesh)
         state = TrainState.create(params, opt, R.key(1))
         inner = make_train_step(
-            make_lm_loss(fsdp.sharded_apply(model.apply, layout)),
+            make_lm_loss(fsdp.ShardedModel(model, layout).apply),
             tx,
             microbatches=case["mb"],
             grad_sync=fsdp.make_fsdp_sync(None),
@@ -105,7 +105,7 @@ def run_case(case: dict, rank: int, world: int) -> dict:
         state = TrainState.create(T.clone(full), tx.init(full), R.key(1))
         overlapped = ddp.OverlappedDDP(None)
         step = make_train_step(
-            make_lm_loss(overlapped.apply(model.apply)),
+            make_lm_loss(overlapped.wrap(model).apply),
             tx,
             microbatches=case["mb"],
             grad_sync=overlapped.sync,

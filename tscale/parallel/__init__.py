@@ -13,7 +13,6 @@ from tscale.parallel.fsdp import (
     local_tree,
     make_fsdp_sync,
     shard_tree,
-    sharded_apply,
     sharded_norm,
     wrap_fsdp_step,
 )
@@ -30,7 +29,6 @@ __all__ = [
     "make_fsdp_sync",
     "plan_parallel",
     "shard_tree",
-    "sharded_apply",
     "sharded_norm",
     "world_from_env",
     "wrap_fsdp_step",

@@ -12,7 +12,7 @@ later layers runs while the earlier layers' gradients are computed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -157,12 +157,6 @@ class OverlappedDDP:
             raise ValueError("OverlappedDDP needs one dtype per layer's params")
         views = _ReduceInBackward.apply(self, *leaves)
         return T.unflatten(dict(zip(T.leaf_keys(stored), views, strict=True)))
-
-    def apply(self, model_apply: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        def run(params: TensorDictBase, batch: Any, **kw: Any) -> torch.Tensor:
-            return model_apply(params, batch, gather=self.gather, **kw)
-
-        return run
 
     def wrap(self, model: Any) -> OverlappedModel:
         """``model`` (a :class:`~tscale.models.protocol.LanguageModel`) with this overlap's

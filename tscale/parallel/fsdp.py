@@ -56,7 +56,6 @@ __all__ = [
     "local_tree",
     "make_fsdp_sync",
     "shard_tree",
-    "sharded_apply",
     "sharded_norm",
     "wrap_fsdp_step",
     "wrap_local_frozen",
@@ -429,24 +428,6 @@ def _regather_hooks(regather: _Regather | None) -> Iterator[None]:
         return
     with torch.autograd.graph.saved_tensors_hooks(regather.pack, regather.unpack):
         yield
-
-
-def sharded_apply(
-    apply: Callable[..., torch.Tensor], layout: FSDPLayout
-) -> Callable[[TensorDictBase, Any], torch.Tensor]:
-    """``apply(local_params, batch)`` of a model whose ``apply`` takes a ``gather`` hook: each
-    layer is all-gathered on use (and, with ``reshard_after_forward``, again in the backward).
-
-    The apply-only form of :class:`ShardedModel` (which gives every method of the model
-    protocol, e.g. for the fused loss); kept for callers that hold an apply function."""
-
-    def run(params: TensorDictBase, batch: Any) -> torch.Tensor:
-        regather = _Regather(layout) if layout.reshard_after_forward else None
-        plans = {id(t): layout.leaves[k] for k, t in T.flatten(params).items()}
-        with _regather_hooks(regather):
-            return apply(params, batch, gather=make_gather(layout, plans, regather))
-
-    return run
 
 
 @attrs.frozen(eq=False)

@@ -28,7 +28,7 @@ The contract, in the order the trainer uses it:
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import attrs
@@ -161,8 +161,3 @@ def resolve_task_class(name: str, key: str = "task.type") -> type:
             f"{module_name}"
         )
     return cls
-
-
-def field_names(cls: type) -> Sequence[str]:
-    """The YAML keys a task record takes."""
-    return [f.name for f in attrs.fields(cls)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import attrs
 import torch
@@ -34,7 +34,6 @@ class SFTTask(TaskDefaults):
     """Supervised fine-tuning (the loss is set in the ``loss`` section)."""
 
     type: Literal["sft"] = field("sft", "The objective: sft, or module:ClassName of your own.")
-    key_metrics: ClassVar[tuple[str, ...]] = ()
 
     def loss(self, ctx: TaskContext) -> LossFn:
         """Token cross-entropy over ``ctx.apply_fn``'s logits, or fused over the model's hidden

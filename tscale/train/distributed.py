@@ -35,7 +35,6 @@ __all__ = [
     "Parallel",
     "StepPlan",
     "StopVote",
-    "cast_apply",
     "engine_step",
     "setup",
     "step_plan",
@@ -264,17 +263,6 @@ def with_deepspeed(
 def _validate(cfg: Config, plan: ParallelPlan) -> None:
     """The config's rules for this plan (:func:`tscale.config.rules.check_parallel`)."""
     rules.check_parallel(cfg, plan.world_size, sharded=plan.sharded)
-
-
-def cast_apply(apply_fn: Callable[..., torch.Tensor], dtype: torch.dtype) -> Callable:
-    """Mixed precision without sharding: float params cast to ``dtype`` for the forward (the
-    cast is differentiable, so gradients come back in the master dtype)."""
-
-    def run(params: TensorDictBase, batch: Any, **kw: Any) -> torch.Tensor:
-        cast = params.apply(lambda t: t.to(dtype) if t.is_floating_point() else t)
-        return apply_fn(cast, batch, **kw)
-
-    return run
 
 
 @attrs.frozen(kw_only=True)

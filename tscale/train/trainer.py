@@ -318,12 +318,9 @@ def _skipped_so_far(state: TrainState) -> int:
 
 def _check_finite(run: Run, state: TrainState, step: int) -> None:
     """Raise instead of saving params that hold NaN/inf (every rank checks its shard)."""
-    bad = 0
-    for t in T.leaves(state.params):
-        local = t.to_local() if hasattr(t, "to_local") else t
-        if local.is_floating_point() and not bool(torch.isfinite(local).all()):
-            bad = 1
-            break
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in T.leaves(state.params)]
+    flags = [~torch.isfinite(t).all() for t in local if t.is_floating_point()]
+    bad = bool(torch.stack(flags).any()) if flags else False  # one host read for the tree
     if run.par.sum_over_ranks([float(bad)])[0]:
         last = ckpt.latest_checkpoint(run.run_dir / "checkpoints")
         raise TrainingError(
