@@ -21,6 +21,8 @@ The contract, in the order the trainer uses it:
   ``aux["tokens"]`` the normaliser and every other entry a metric with its reduction
   (:mod:`tscale.core.metrics`); pure, no host sync.
 - ``updates_per_batch``: optimizer steps taken on one (rolled-out) batch.
+- ``has_eval(data, config)``: whether the run's data gives :meth:`evaluate` anything to do
+  (the loop says "no held-out data" once instead of evaluating nothing).
 - ``evaluate(ctx, params, frozen)``: held-out metrics and sample generations.
 - ``key_metrics``: the metrics the progress line shows beside the loss.
 """
@@ -96,6 +98,8 @@ class Task(Protocol):
 
     def rollout(self, state: TrainState, batch: TensorDictBase, key: torch.Tensor) -> Any: ...
 
+    def has_eval(self, data: Any, config: Any) -> bool: ...
+
     def evaluate(
         self, ctx: TaskContext, params: TensorDictBase, frozen: Mapping[str, Any] | None = None
     ) -> tuple[dict[str, float], list[dict[str, Any]]]: ...
@@ -114,6 +118,12 @@ class TaskDefaults:
     def rollout(self, state: TrainState, batch: TensorDictBase, key: torch.Tensor) -> Any:
         """No state-dependent batch stage."""
         return batch
+
+    def has_eval(self, data: Any, config: Any) -> bool:
+        """Whether there is held-out data and the task evaluates it (overrides
+        :meth:`evaluate`)."""
+        evaluates = type(self).evaluate is not TaskDefaults.evaluate
+        return evaluates and bool(data.eval_examples or data.eval_records)
 
     def evaluate(
         self, ctx: TaskContext, params: TensorDictBase, frozen: Mapping[str, Any] | None = None

@@ -53,6 +53,13 @@ class SFTTask(TaskDefaults):
         """The per-record data stage: the template, the loss mask, the length budget."""
         return sft_examples(cfg, encoder, template)
 
+    def has_eval(self, data: Any, config: Any) -> bool:
+        """Held-out loss needs eval examples; exact match, records with a reference answer."""
+        return bool(data.eval_examples) or (
+            config.eval.num_samples > 0
+            and any(reference_answer(r) is not None for r in data.eval_records)
+        )
+
     def evaluate(
         self, ctx: TaskContext, params: TensorDictBase, frozen: Mapping[str, Any] | None = None
     ) -> tuple[dict[str, float], list[dict[str, Any]]]:

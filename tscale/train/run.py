@@ -33,7 +33,6 @@ from tscale.optim.base import GradientTransformation
 from tscale.optim.schedules import Schedule
 from tscale.step.compose import StepFn
 from tscale.tasks.base import Task, TaskContext
-from tscale.tasks.sft import reference_answer
 from tscale.train import builders, data_build, data_report, distributed, preflight
 from tscale.train.callbacks import Callback, JsonlLogger, ProgressBar, truncate_jsonl
 from tscale.train.export import export_adapter
@@ -234,11 +233,7 @@ def build_run(
         frozen_full = par.full_frozen(st.frozen)
         return task.evaluate(ctx, full, frozen_full or None) if main else ({}, [])
 
-    # held-out loss needs eval examples; exact match, records with a reference answer
-    has_eval = bool(bundle.eval_examples) or (
-        cfg.eval.num_samples > 0
-        and any(reference_answer(r) is not None for r in bundle.eval_records)
-    )
+    has_eval = task.has_eval(bundle, cfg)  # the task says what it can evaluate
 
     def save(st: TrainState, at: int, extra: dict[str, Any]) -> Path | None:
         files = dict(bundle.tokenizer_files)  # the run's HF tokenizer folder, flat
