@@ -15,8 +15,9 @@ The contract, in the order the trainer uses it:
   a frozen copy of the starting weights as the reference model); returns the frozen trees it
   adds to the state, each a :class:`FrozenTree` (with the folder it came from, when it did, so
   that checkpoints record the folder instead of a copy).
-- ``rollout(state, batch, key)``: a batch stage that depends on the state (online RL); the
-  identity by default.
+- ``rollout(ctx)``: a batch stage that depends on the state, ``fn(state, batch, key) ->
+  batch`` (online RL's generations, KTO's reference point over the whole batch), run before
+  the updates of each batch; None (the default) for none.
 - ``loss(ctx)``: ``loss_fn(params, batch, *, frozen=...) -> (loss_sum, aux)`` with
   ``aux["tokens"]`` the normaliser and every other entry a metric with its reduction
   (:mod:`tscale.core.metrics`); pure, no host sync.
@@ -43,6 +44,7 @@ from tscale.errors import ConfigError
 __all__ = [
     "TASKS",
     "FrozenTree",
+    "RolloutFn",
     "Task",
     "TaskContext",
     "register_task",
@@ -50,6 +52,8 @@ __all__ = [
 ]
 
 LossFn = Callable[..., tuple[torch.Tensor, Mapping[str, Any]]]
+RolloutFn = Callable[[TrainState, TensorDictBase, torch.Tensor], TensorDictBase]
+"""``rollout(state, batch, key) -> batch``: a batch stage that reads the state (no update)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -96,7 +100,7 @@ class Task(Protocol):
 
     def prepare(self, ctx: TaskContext) -> Mapping[str, FrozenTree]: ...
 
-    def rollout(self, state: TrainState, batch: TensorDictBase, key: torch.Tensor) -> Any: ...
+    def rollout(self, ctx: TaskContext) -> RolloutFn | None: ...
 
     def has_eval(self, data: Any, config: Any) -> bool: ...
 
@@ -115,9 +119,9 @@ class TaskDefaults:
         """No pre-pass: no frozen trees added."""
         return {}
 
-    def rollout(self, state: TrainState, batch: TensorDictBase, key: torch.Tensor) -> Any:
+    def rollout(self, ctx: TaskContext) -> RolloutFn | None:
         """No state-dependent batch stage."""
-        return batch
+        return None
 
     def has_eval(self, data: Any, config: Any) -> bool:
         """Whether there is held-out data and the task evaluates it (overrides

@@ -32,7 +32,7 @@ from tscale.models.transformer import Transformer
 from tscale.optim.base import GradientTransformation
 from tscale.optim.schedules import Schedule
 from tscale.step.compose import StepFn
-from tscale.tasks.base import Task, TaskContext
+from tscale.tasks.base import RolloutFn, Task, TaskContext
 from tscale.train import builders, data_build, data_report, distributed, preflight
 from tscale.train.callbacks import Callback, JsonlLogger, ProgressBar, truncate_jsonl
 from tscale.train.export import export_adapter
@@ -49,6 +49,7 @@ class Run:
 
     Attributes:
         step: ``step(state, batch) -> (state, metrics)``, pure, wrapped for the parallel plan.
+        rollout: the task's state-dependent batch stage (None: none), before the updates.
         batches: the training batches (the loader's iterator; its cursor is saved).
         prepare_batch: the host-side batch stage before ``step`` (e.g. ``logits_index``).
         evaluate: ``evaluate(state) -> (metrics, samples)``; a collective under sharding,
@@ -62,6 +63,7 @@ class Run:
     task: Task
     state: TrainState
     step: StepFn
+    rollout: RolloutFn | None
     loader: Any
     batches: Iterator[TensorDict]
     prepare_batch: Callable[[TensorDict], TensorDict]
@@ -207,6 +209,7 @@ def build_run(
         metrics_file.unlink(missing_ok=True)
     par.barrier()
 
+    rollout = task.rollout(ctx)  # e.g. generations from the current policy
     if make_step is not None:  # a user's step: the model the params belong to, the optimizer
         step_fn = make_step(stacked, tx)
     elif par.deepspeed is not None:  # DeepSpeed's engine takes the step
@@ -299,6 +302,7 @@ def build_run(
         task=task,
         state=state,
         step=step_fn,
+        rollout=rollout,
         loader=loader,
         batches=iter(loader),
         prepare_batch=prepare_batch,
