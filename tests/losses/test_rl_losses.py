@@ -268,9 +268,11 @@ def _case_id(case: tuple[str, dict[str, Any]]) -> str:
 def _assert_close(ours: Out, ref: Out, what: str) -> None:
     assert ours.keys() == ref.keys(), what
     for key in ref:
-        if key == "grad":
+        if key in ("grad", "advantages"):
+            # TRL's standard deviations carry a float32 Bessel factor (see the advantage tests)
+            tol = F64 if key == "grad" else {"rtol": 1e-7, "atol": 1e-7}
             torch.testing.assert_close(
-                torch.tensor(ours[key]), torch.tensor(ref[key]), **F64, msg=f"{what}: grad"
+                torch.tensor(ours[key]), torch.tensor(ref[key]), **tol, msg=f"{what}: {key}"
             )
         else:
             # TRL takes the clip fractions of float32 booleans (``.float()``)
@@ -303,6 +305,190 @@ def test_live_cases_exercise_the_clip() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Advantages: TRL's ``_generate_and_score_completions`` with generation and rewards stubbed
+# --------------------------------------------------------------------------------------------
+
+
+def advantage_raw(seed: int, groups: int = 3, width: int = 5) -> Raw:
+    """Rewards with ties (zero-spread groups), unscorable (NaN) completions, and token log-probs
+    of completions of varied length."""
+    gen = torch.Generator().manual_seed(seed)
+    n = groups * GROUP
+    rewards = torch.randint(0, 3, (n,), generator=gen).to(torch.float64)
+    rewards[:GROUP] = 1.0  # one group with no spread
+    rewards[GROUP + 1] = math.nan  # an unscorable completion
+    lengths = torch.randint(1, width + 1, (n,), generator=gen)
+    old = -(3 * torch.rand(n, width, generator=gen, dtype=torch.float64) + 0.05)
+    ref = old + 0.5 * torch.randn(n, width, generator=gen, dtype=torch.float64)
+    mask = (torch.arange(width) < lengths[:, None]).long()
+    return {"rewards": rewards, "mask": mask, "old_logps": old * mask, "ref_logps": ref * mask}
+
+
+class _LogpModel:
+    """A stand-in model for TRL's no-grad passes: fixed per-token log-probs of the completion."""
+
+    is_gradient_checkpointing = False
+    training = True
+
+    def __init__(self, token_logps: torch.Tensor) -> None:
+        self.model = _stand_in_model(token_logps, torch.zeros_like(token_logps))
+
+    def __call__(self, **kwargs: Any) -> SimpleNamespace:
+        return self.model(**kwargs)
+
+
+def _bare_rollout(cls: type, raw: Raw, **attrs: Any) -> Any:
+    """A bare trainer whose generation returns ``raw``'s completions and whose one reward
+    function returns ``raw["rewards"]`` (NaN: unscorable)."""
+    mask = raw["mask"]
+    n = mask.shape[0]
+    completions = [[5] * int(k) for k in mask.sum(1)]
+    accelerator = _accelerator()
+    accelerator.process_index = 0
+    trainer = _bare(
+        cls,
+        accelerator=accelerator,
+        model=_LogpModel(raw["old_logps"]),
+        environment_factories=None,
+        environments=[],
+        tools=None,
+        processing_class=SimpleNamespace(batch_decode=lambda ids, **kw: ["c"] * len(ids)),
+        _tokenizer=SimpleNamespace(pad_token_id=0),
+        pad_to_multiple_of=None,
+        mask_truncated_completions=False,
+        num_iterations=1,
+        use_vllm=False,
+        vllm_importance_sampling_correction=False,
+        num_generations=GROUP,
+        multi_objective_aggregation="sum_then_normalize",
+        reward_weights=torch.ones(1, dtype=torch.float64),
+        reward_func_names=["r"],
+        reward_clip_range=None,
+        _logs={
+            "prompt": [],
+            "completion": [],
+            "rewards": defaultdict(list),
+            "advantages": [],
+            "extra": defaultdict(list),
+        },
+        _pending_extra_logs={},
+        _pending_metrics={},
+        log_multimodal=False,
+        args=SimpleNamespace(
+            gradient_accumulation_steps=1,
+            steps_per_generation=1,
+            gradient_checkpointing_kwargs=None,
+            per_device_train_batch_size=n,
+        ),
+        **attrs,
+    )
+    trainer._calculate_rewards = lambda *args: raw["rewards"][:, None]
+    if cls.__name__ == "RLOOTrainer":
+        trainer._generate = lambda prompts: ([[1] * PROMPT] * n, completions, ["c"] * n)
+    else:
+        generated = ([[1] * PROMPT] * n, completions, None, ["c"] * n, None, {}, None, None)
+        trainer._generate = lambda prompts: generated
+    return trainer
+
+
+def trl_group_advantages(raw: Raw, scale_rewards: str) -> Out:
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    trainer = _bare_rollout(GRPOTrainer, raw, scale_rewards=scale_rewards, beta=0.0)
+    n = raw["mask"].shape[0]
+    out = GRPOTrainer._generate_and_score_completions(trainer, [{"prompt": "p"}] * n)
+    frac = trainer._metrics["train"]["frac_reward_zero_std"][-1]
+    return {"advantages": out["advantages"].tolist(), "frac_reward_zero_std": frac}
+
+
+def trl_rloo_advantages(raw: Raw, beta: float, normalize: bool) -> Out:
+    from trl.trainer.rloo_trainer import RLOOTrainer
+
+    trainer = _bare_rollout(
+        RLOOTrainer,
+        raw,
+        beta=beta,
+        ref_model=_LogpModel(raw["ref_logps"]),
+        normalize_advantages=normalize,
+    )
+    n = raw["mask"].shape[0]
+    out = RLOOTrainer._generate_and_score_completions(trainer, [{"prompt": "p"}] * n)
+    return {"advantages": out["advantages"].tolist()}
+
+
+@pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_group_advantages_match_trl(scale_rewards: str, seed: int) -> None:
+    _require_trl()
+    raw = advantage_raw(seed)
+    ref = trl_group_advantages(raw, scale_rewards)
+    ours = group_advantages(raw["rewards"], GROUP, scale_rewards)  # type: ignore[arg-type]
+    # TRL's ``nanstd`` takes Bessel's factor count / (count − 1) of int64 tensors, a float32
+    # quotient: the standard deviation is float32-accurate, hence 1e-7 for the scaled variants.
+    tol = F64 if scale_rewards == "none" else {"rtol": 1e-7, "atol": 1e-7}
+    torch.testing.assert_close(ours, torch.tensor(ref["advantages"], dtype=torch.float64), **tol)
+    if scale_rewards == "batch":
+        return  # TRL then logs whether the *batch* has no spread
+    # TRL counts a group as zero-spread when its std is zero (isclose); here no group has a
+    # single scorable completion, where the two differ (NaN std: TRL says "has spread").
+    frac = zero_std_groups(raw["rewards"], GROUP).double().mean()
+    assert math.isclose(float(frac), ref["frac_reward_zero_std"], abs_tol=1e-7)
+
+
+@pytest.mark.parametrize(("beta", "normalize"), [(0.0, False), (0.0, True), (0.05, False)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rloo_advantages_match_trl(beta: float, normalize: bool, seed: int) -> None:
+    """TRL folds ``β · Σ_t k1(old, ref)`` into the rewards before the leave-one-out baseline."""
+    _require_trl()
+    raw = advantage_raw(seed)
+    ref = trl_rloo_advantages(raw, beta, normalize)
+    kl = (kl_penalty(raw["old_logps"], raw["ref_logps"], "k1") * raw["mask"]).sum(1)
+    ours = rloo_advantages(raw["rewards"] - beta * kl, GROUP, normalize=normalize)
+    tol = {"rtol": 1e-7, "atol": 1e-7} if normalize else F64  # TRL's float32 Bessel factor
+    torch.testing.assert_close(ours, torch.tensor(ref["advantages"], dtype=torch.float64), **tol)
+
+
+def _trl_group_adv(raw: Raw, cfg: dict[str, Any]) -> Out:
+    return {"advantages": trl_group_advantages(raw, cfg["scale_rewards"])["advantages"]}
+
+
+def _ours_group_adv(raw: Raw, cfg: dict[str, Any]) -> Out:
+    return {"advantages": group_advantages(raw["rewards"], GROUP, cfg["scale_rewards"]).tolist()}
+
+
+def _trl_rloo_adv(raw: Raw, cfg: dict[str, Any]) -> Out:
+    return trl_rloo_advantages(raw, cfg["beta"], cfg["normalize"])
+
+
+def _ours_rloo_adv(raw: Raw, cfg: dict[str, Any]) -> Out:
+    kl = (kl_penalty(raw["old_logps"], raw["ref_logps"], "k1") * raw["mask"]).sum(1)
+    rewards = raw["rewards"] - cfg["beta"] * kl
+    return {"advantages": rloo_advantages(rewards, GROUP, normalize=cfg["normalize"]).tolist()}
+
+
+ADVANTAGE_FAMILIES = {
+    "group_advantages": (_trl_group_adv, _ours_group_adv),
+    "rloo_advantages": (_trl_rloo_adv, _ours_rloo_adv),
+}
+GOLDEN_CASES: list[tuple[str, dict[str, Any]]] = [
+    *CASES,
+    *[("group_advantages", {"scale_rewards": s}) for s in ("group", "batch", "none")],
+    ("rloo_advantages", {"beta": 0.0, "normalize": True}),
+    ("rloo_advantages", {"beta": 0.05, "normalize": False}),
+]
+
+
+def _golden_raw(family: str) -> Raw:
+    if family in ADVANTAGE_FAMILIES:
+        return advantage_raw(11, groups=2, width=4)
+    return rl_raw(11, groups=2, width=4)
+
+
+def _fns(family: str) -> tuple[Any, Any]:
+    return (FAMILIES | ADVANTAGE_FAMILIES)[family]
+
+
+# --------------------------------------------------------------------------------------------
 # Golden values (TRL's outputs on stored raws)
 # --------------------------------------------------------------------------------------------
 
@@ -324,9 +510,9 @@ def _decode(raw: dict[str, Any]) -> Raw:
 def test_regen_golden() -> None:
     _require_trl()
     records = []
-    for family, cfg in CASES:
-        raw = rl_raw(11, groups=2, width=4)
-        expected = FAMILIES[family][0](raw, cfg)
+    for family, cfg in GOLDEN_CASES:
+        raw = _golden_raw(family)
+        expected = _fns(family)[0](raw, cfg)
         records.append({"family": family, "config": cfg, "raw": _encode(raw), "trl": expected})
     payload = {"trl_version": TRL_VERSION, "cases": records}
     GOLDEN.write_text(json.dumps(payload, indent=1) + "\n")
@@ -342,7 +528,7 @@ def _golden_id(record: dict[str, Any]) -> str:
 
 @pytest.mark.parametrize("record", _golden_cases(), ids=_golden_id)
 def test_tscale_matches_golden(record: dict[str, Any]) -> None:
-    ours = FAMILIES[record["family"]][1](_decode(record["raw"]), record["config"])
+    ours = _fns(record["family"])[1](_decode(record["raw"]), record["config"])
     _assert_close(ours, record["trl"], _golden_id(record))
 
 
@@ -350,10 +536,10 @@ def test_tscale_matches_golden(record: dict[str, Any]) -> None:
 def test_trl_still_matches_golden(record: dict[str, Any]) -> None:
     """Fails when a TRL release moves a definition (or the method the harness calls)."""
     pytest.importorskip("trl")
-    now = FAMILIES[record["family"]][0](_decode(record["raw"]), record["config"])
+    now = _fns(record["family"])[0](_decode(record["raw"]), record["config"])
     _assert_close(now, record["trl"], _golden_id(record))
 
 
 def test_golden_file_covers_every_case() -> None:
     assert GOLDEN.exists(), "regenerate: TSCALE_REGEN_GOLDEN=1 pytest -k regen"
-    assert {_golden_id(r) for r in _golden_cases()} == {_case_id(c) for c in CASES}
+    assert {_golden_id(r) for r in _golden_cases()} == {_case_id(c) for c in GOLDEN_CASES}
