@@ -16,6 +16,7 @@ a definition fails ``test_trl_still_matches_golden``. Regenerate it with
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -300,7 +301,7 @@ def test_matches_trl_live(case: tuple[str, dict[str, Any]], seed: int) -> None:
 def test_live_cases_exercise_the_clip() -> None:
     """The raws put tokens on both sides of the clip range, so the comparison covers it."""
     out = ours_grpo(rl_raw(0), {"loss_type": "dapo"})
-    assert 0 < out["clip_ratio/low_mean"] and 0 < out["clip_ratio/high_mean"]
+    assert out["clip_ratio/low_mean"] > 0 and out["clip_ratio/high_mean"] > 0
     assert out["clip_ratio/region_mean"] < 1
 
 
@@ -543,3 +544,440 @@ def test_trl_still_matches_golden(record: dict[str, Any]) -> None:
 def test_golden_file_covers_every_case() -> None:
     assert GOLDEN.exists(), "regenerate: TSCALE_REGEN_GOLDEN=1 pytest -k regen"
     assert {_golden_id(r) for r in _golden_cases()} == {_case_id(c) for c in GOLDEN_CASES}
+
+
+# --------------------------------------------------------------------------------------------
+# Properties (no TRL needed)
+# --------------------------------------------------------------------------------------------
+
+_reward = st.floats(-10.0, 10.0, allow_nan=False)
+
+
+def _rewards(data: st.DataObject, groups: int, size: int) -> torch.Tensor:
+    values = data.draw(st.lists(_reward, min_size=groups * size, max_size=groups * size))
+    return torch.tensor(values, dtype=torch.float64)
+
+
+@given(st.data(), st.integers(1, 4), st.integers(1, 6), st.sampled_from(["group", "batch", "none"]))
+def test_group_advantages_sum_to_zero_per_group(
+    data: st.DataObject, groups: int, size: int, scale: str
+) -> None:
+    rewards = _rewards(data, groups, size)
+    advantages = group_advantages(rewards, size, scale)  # type: ignore[arg-type]
+    sums = advantages.view(groups, size).sum(1)
+    torch.testing.assert_close(sums, torch.zeros(groups, dtype=torch.float64), rtol=0, atol=1e-9)
+
+
+@given(st.data(), st.integers(1, 4), st.integers(2, 6), st.floats(0.01, 100.0), _reward)
+def test_group_advantages_invariant_to_positive_affine_rewards(
+    data: st.DataObject, groups: int, size: int, a: float, b: float
+) -> None:
+    """``A(aR + b) = (R − μ) / (σ + ε/a)`` against ``A(R) = (R − μ) / (σ + ε)``: equal up to the
+    ε added to the standard deviation, and exactly equal with ε = 0 where a group has spread."""
+    rewards = _rewards(data, groups, size)
+    eps = 1e-4
+    before = group_advantages(rewards, size, "group", eps=eps)
+    after = group_advantages(a * rewards + b, size, "group", eps=eps)
+    grouped = rewards.view(groups, size)
+    centred = (grouped - grouped.mean(1, keepdim=True)).reshape(-1)
+    std = grouped.std(1, keepdim=True).expand_as(grouped).reshape(-1)
+    bound = centred.abs() * eps * abs(1 - 1 / a) / ((std + eps / a) * (std + eps))
+    assert bool(((after - before).abs() <= bound + 1e-8).all())
+    spread = std > 1e-3
+    exact_before = group_advantages(rewards, size, "group", eps=0.0)
+    exact_after = group_advantages(a * rewards + b, size, "group", eps=0.0)
+    torch.testing.assert_close(exact_after[spread], exact_before[spread], rtol=1e-7, atol=1e-7)
+
+
+def test_group_advantages_of_tied_groups_and_unscorable_completions_are_zero() -> None:
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, math.nan, 2.0, math.nan, math.nan, 5.0])
+    advantages = group_advantages(rewards, 3)
+    assert advantages[:3].eq(0).all() and advantages[4] == 0 and advantages[6:].eq(0).all()
+    assert advantages[3] < 0 < advantages[5]
+    assert zero_std_groups(rewards, 3).tolist() == [True, False, True]
+
+
+@given(st.data(), st.integers(1, 4), st.integers(2, 6))
+def test_rloo_advantages_are_leave_one_out(data: st.DataObject, groups: int, size: int) -> None:
+    rewards = _rewards(data, groups, size)
+    advantages = rloo_advantages(rewards, size)
+    expected = []
+    for g in range(groups):
+        block = rewards[g * size : (g + 1) * size].tolist()
+        for i, r in enumerate(block):
+            others = [x for j, x in enumerate(block) if j != i]
+            expected.append(r - sum(others) / len(others))
+    torch.testing.assert_close(advantages, torch.tensor(expected, dtype=torch.float64))
+    sums = advantages.view(groups, size).sum(1)
+    torch.testing.assert_close(sums, torch.zeros(groups, dtype=torch.float64), rtol=0, atol=1e-9)
+
+
+def _batch(seed: int, groups: int, size: int, width: int = 5) -> Raw:
+    gen = torch.Generator().manual_seed(seed)
+    n = groups * size
+    lengths = torch.randint(1, width + 1, (n,), generator=gen)
+    mask = (torch.arange(width) < lengths[:, None]).long()
+    old = -(3 * torch.rand(n, width, generator=gen, dtype=torch.float64) + 0.05)
+    rewards = torch.randint(0, 4, (n,), generator=gen).to(torch.float64)
+    return {
+        "mask": mask,
+        "old_logps": old * mask,
+        "logps": (old + 0.3 * torch.randn(n, width, generator=gen, dtype=torch.float64)) * mask,
+        "ref_logps": (old + 0.5 * torch.randn(n, width, generator=gen, dtype=torch.float64)) * mask,
+        "advantages": group_advantages(rewards, size),
+    }
+
+
+def _loss_and_grad(raw: Raw, rows: slice, **kw: Any) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    """A microbatch's (loss_sum, result, d loss_sum / d logps) through its own forward."""
+    logps = raw["logps"][rows].clone().requires_grad_(True)
+    ref = raw["ref_logps"][rows] if kw.get("beta") else None
+    out = policy_loss(
+        logps,
+        raw["old_logps"][rows],
+        raw["advantages"][rows],
+        raw["mask"][rows],
+        ref_logps=ref,
+        **kw,
+    )
+    (grad,) = torch.autograd.grad(out.loss_sum, logps)
+    return out.loss_sum.detach(), out, grad
+
+
+_loss_types = st.sampled_from(POLICY_LOSS_TYPES)
+_levels = st.sampled_from(["token", "sequence"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(0, 2**16),
+    st.integers(2, 5),
+    st.integers(1, 4),
+    _loss_types,
+    _levels,
+    st.sampled_from([0.0, 0.04]),
+    st.data(),
+)
+def test_microbatches_and_ranks_give_the_whole_batch_gradient(
+    seed: int,
+    groups: int,
+    size: int,
+    loss_type: str,
+    level: str,
+    beta: float,
+    data: st.DataObject,
+) -> None:
+    """Groups kept whole, any cut into microbatches (or ranks): the summed losses, gradients and
+    normalisers divided once give the whole batch's loss and gradient; metrics combine exactly."""
+    raw = _batch(seed, groups, size)
+    kw = {
+        "loss_type": loss_type,
+        "importance_sampling_level": level,
+        "beta": beta,
+        "max_completion_length": 7,
+        "epsilon_high": 0.28,
+    }
+    whole_sum, whole, whole_grad = _loss_and_grad(raw, slice(None), **kw)
+    cuts = sorted(data.draw(st.sets(st.integers(1, groups - 1), max_size=groups - 1)))
+    bounds = [0, *[c * size for c in cuts], groups * size]
+    parts = [_loss_and_grad(raw, slice(lo, hi), **kw) for lo, hi in itertools.pairwise(bounds)]
+    normaliser = sum(p[1].normaliser for p in parts)
+    assert int(normaliser) == int(whole.normaliser)
+    assert int(normaliser) == int(policy_normaliser(raw["mask"], loss_type, 7))  # type: ignore[arg-type]
+    loss = sum(p[0] for p in parts) / normaliser
+    grad = torch.cat([p[2] for p in parts]) / normaliser
+    torch.testing.assert_close(loss, whole_sum / whole.normaliser, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad, whole_grad / whole.normaliser, rtol=1e-12, atol=1e-14)
+    metrics = parts[0][1].metrics
+    for p in parts[1:]:
+        metrics = combine(metrics, p[1].metrics)
+    combined, expected = finalise(metrics), finalise(whole.metrics)
+    assert combined.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(combined[k], expected[k], rtol=1e-12, atol=1e-14, msg=k)
+
+
+def test_bnpo_is_dapo_under_a_global_normaliser() -> None:
+    raw = _batch(3, 3, 4)
+    bnpo = _loss_and_grad(raw, slice(None), loss_type="bnpo", beta=0.04)
+    dapo = _loss_and_grad(raw, slice(None), loss_type="dapo", beta=0.04)
+    assert torch.equal(bnpo[0], dapo[0]) and torch.equal(bnpo[2], dapo[2])
+    assert torch.equal(bnpo[1].normaliser, dapo[1].normaliser)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**16), _loss_types, _levels, st.floats(0.01, 0.5), st.floats(0.01, 0.5))
+def test_clipped_objective_is_the_unclipped_one_at_ratio_one(
+    seed: int, loss_type: str, level: str, eps_low: float, eps_high: float
+) -> None:
+    """With π_old = π_θ the ratio is 1, inside every clip range: loss and gradient equal the
+    unclipped surrogate's (ε = ∞), i.e. the policy gradient −A ∇log π."""
+    raw = _batch(seed, 3, 4)
+    raw["old_logps"] = raw["logps"]
+    common = {
+        "loss_type": loss_type,
+        "importance_sampling_level": level,
+        "max_completion_length": 6,
+    }
+    clipped = _loss_and_grad(raw, slice(None), epsilon=eps_low, epsilon_high=eps_high, **common)
+    free = _loss_and_grad(raw, slice(None), epsilon=1e9, epsilon_high=1e9, **common)
+    torch.testing.assert_close(clipped[0], free[0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(clipped[2], free[2], rtol=1e-12, atol=1e-14)
+    # the value is −Σ A over the loss type's weights; clip fractions are zero
+    m = raw["mask"].double()
+    adv = raw["advantages"][:, None] * m
+    lengths = m.sum(1, keepdim=True)
+    # a sequence weight exp(mean_t log r) is broadcast over the |o| tokens: d/d log π_t = 1 too
+    expected_grad = -adv
+    if loss_type == "grpo":
+        expected_grad = expected_grad / lengths
+    torch.testing.assert_close(clipped[2], expected_grad, rtol=1e-12, atol=1e-14)
+    metrics = finalise(clipped[1].metrics)
+    assert float(metrics["clip_ratio/region_mean"]) == 0.0
+    assert float(metrics["ratio/min"]) == float(metrics["ratio/max"]) == 1.0
+
+
+@pytest.mark.parametrize("loss_type", POLICY_LOSS_TYPES)
+def test_beta_zero_needs_no_reference(loss_type: str) -> None:
+    raw = _batch(5, 2, 3)
+    kw = {"loss_type": loss_type, "max_completion_length": 5}
+    no_ref = policy_loss(raw["logps"], raw["old_logps"], raw["advantages"], raw["mask"], **kw)
+    with_ref = policy_loss(
+        raw["logps"],
+        raw["old_logps"],
+        raw["advantages"],
+        raw["mask"],
+        ref_logps=raw["ref_logps"],
+        beta=0.0,
+        **kw,
+    )
+    assert torch.equal(no_ref.loss_sum, with_ref.loss_sum)
+    assert "kl" not in no_ref.metrics and "kl" in with_ref.metrics  # reported, not trained
+    with pytest.raises(ConfigError, match="ref_logps"):
+        policy_loss(raw["logps"], raw["old_logps"], raw["advantages"], raw["mask"], beta=0.1, **kw)
+
+
+def test_token_advantages_give_ppo_surrogate() -> None:
+    """Per-token advantages (PPO with GAE) under ``dapo``: the token mean of
+    ``max(−A r, −A clip(r))`` (Schulman et al. 2017), computed here token by token."""
+    raw = _batch(7, 2, 3)
+    gen = torch.Generator().manual_seed(0)
+    adv = torch.randn(raw["mask"].shape, generator=gen, dtype=torch.float64)
+    out = policy_loss(raw["logps"], raw["old_logps"], adv, raw["mask"], epsilon=0.2)
+    total, count = 0.0, 0
+    for i, j in raw["mask"].nonzero().tolist():
+        r = math.exp(float(raw["logps"][i, j] - raw["old_logps"][i, j]))
+        a = float(adv[i, j])
+        total += max(-a * r, -a * min(max(r, 0.8), 1.2))
+        count += 1
+    assert int(out.normaliser) == count
+    assert math.isclose(float(out.loss_sum), total, rel_tol=1e-12)
+
+
+def test_policy_loss_composes_with_torch_func() -> None:
+    """The step differentiates with ``torch.func``: the same gradient as autograd."""
+    raw = _batch(9, 2, 3)
+
+    def loss(logps: torch.Tensor) -> torch.Tensor:
+        out = policy_loss(
+            logps,
+            raw["old_logps"],
+            raw["advantages"],
+            raw["mask"],
+            ref_logps=raw["ref_logps"],
+            beta=0.1,
+        )
+        return out.loss_sum / out.normaliser
+
+    _, _, reference = _loss_and_grad(raw, slice(None), beta=0.1)
+    normaliser = raw["mask"].sum()
+    torch.testing.assert_close(torch.func.grad(loss)(raw["logps"]), reference / normaliser)
+
+
+def _gae_loop(rewards: list[float], values: list[float], gamma: float, lam: float) -> list[float]:
+    """GAE over one completion of len(rewards) tokens, the value after the last token 0."""
+    advantages, last = [0.0] * len(rewards), 0.0
+    for t in reversed(range(len(rewards))):
+        next_value = values[t + 1] if t + 1 < len(rewards) else 0.0
+        delta = rewards[t] + gamma * next_value - values[t]
+        last = delta + gamma * lam * last
+        advantages[t] = last
+    return advantages
+
+
+@given(st.integers(0, 2**16), st.floats(0.5, 1.0), st.floats(0.0, 1.0))
+def test_gae_matches_a_plain_loop(seed: int, gamma: float, lam: float) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    n, width = 4, 6
+    lengths = torch.randint(1, width + 1, (n,), generator=gen)
+    mask = (torch.arange(width) < lengths[:, None]).long()
+    rewards = torch.randn(n, width, generator=gen, dtype=torch.float64)
+    values = torch.randn(n, width, generator=gen, dtype=torch.float64)
+    advantages, returns = gae(rewards, values, mask, gamma=gamma, lam=lam)
+    for i in range(n):
+        k = int(lengths[i])
+        expected = _gae_loop(rewards[i, :k].tolist(), values[i, :k].tolist(), gamma, lam)
+        torch.testing.assert_close(advantages[i, :k], torch.tensor(expected, dtype=torch.float64))
+        assert advantages[i, k:].eq(0).all() and returns[i, k:].eq(0).all()
+    torch.testing.assert_close(returns, (advantages + values) * mask)
+
+
+def test_gae_with_gamma_and_lambda_one_is_reward_to_go_minus_value() -> None:
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]], dtype=torch.float64)
+    values = torch.tensor([[0.5, 0.2, 0.1, 9.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0]])
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    torch.testing.assert_close(
+        advantages, torch.tensor([[0.5, 0.8, 0.9, 0.0]], dtype=torch.float64)
+    )
+    torch.testing.assert_close(returns, torch.tensor([[1.0, 1.0, 1.0, 0.0]], dtype=torch.float64))
+
+
+def test_whiten_over_the_mask() -> None:
+    raw = _batch(4, 2, 4)
+    m = raw["mask"].bool()
+    x = 3 * raw["logps"] + 2
+    white = whiten(x, raw["mask"], eps=0.0)
+    torch.testing.assert_close(
+        white[m].mean(), torch.zeros((), dtype=torch.float64), atol=1e-12, rtol=0
+    )
+    torch.testing.assert_close(white[m].var(), torch.ones((), dtype=torch.float64))
+    kept = whiten(x, raw["mask"], shift_mean=False, eps=0.0)
+    torch.testing.assert_close(kept[m].mean(), x[m].mean())
+
+
+def test_value_loss_matches_a_plain_reference() -> None:
+    raw = _batch(6, 2, 3)
+    gen = torch.Generator().manual_seed(1)
+    shape = raw["mask"].shape
+    old = torch.randn(shape, generator=gen, dtype=torch.float64)
+    returns = torch.randn(shape, generator=gen, dtype=torch.float64)
+    values = (old + 0.4 * torch.randn(shape, generator=gen, dtype=torch.float64)).requires_grad_()
+    out = value_loss(values, old, returns, raw["mask"], cliprange_value=0.2)
+    total, clipped_tokens = 0.0, 0
+    for i, j in raw["mask"].nonzero().tolist():
+        v, vo, r = float(values[i, j].detach()), float(old[i, j]), float(returns[i, j])
+        vc = vo + min(max(v - vo, -0.2), 0.2)
+        total += 0.5 * max((v - r) ** 2, (vc - r) ** 2)
+        clipped_tokens += (vc - r) ** 2 > (v - r) ** 2
+    assert int(out.normaliser) == int(raw["mask"].sum())
+    assert math.isclose(float(out.loss_sum), total, rel_tol=1e-12)
+    clipfrac = float(finalise(out.metrics)["value/clipfrac"])
+    assert math.isclose(clipfrac, clipped_tokens / int(raw["mask"].sum()), rel_tol=1e-12)
+    free = value_loss(values, old, returns, raw["mask"], cliprange_value=1e9)
+    mse = 0.5 * (((values - returns) ** 2) * raw["mask"]).sum()
+    torch.testing.assert_close(free.loss_sum, mse)
+
+
+def test_kl_rewards_put_the_score_on_the_last_token() -> None:
+    raw = _batch(8, 2, 3)
+    scores = torch.arange(6, dtype=torch.float64)
+    rewards = kl_rewards(scores, raw["old_logps"], raw["ref_logps"], raw["mask"], beta=0.1)
+    kl = kl_penalty(raw["old_logps"], raw["ref_logps"], "k1") * raw["mask"]
+    torch.testing.assert_close(rewards.sum(1), scores - 0.1 * kl.sum(1))
+    last = raw["mask"].sum(1) - 1
+    rows = torch.arange(6)
+    torch.testing.assert_close(rewards[rows, last], scores - 0.1 * kl[rows, last])
+    assert rewards[raw["mask"] == 0].eq(0).all()
+    k3 = kl_rewards(
+        scores, raw["old_logps"], raw["ref_logps"], raw["mask"], beta=1.0, estimator="k3"
+    )
+    assert bool((k3.sum(1) <= scores).all())  # k3 ≥ 0: the penalty only lowers the reward
+
+
+def test_kl_estimators() -> None:
+    logps = torch.tensor([-1.0, -2.0, -0.5], dtype=torch.float64)
+    ref = torch.tensor([-1.5, -2.0, -0.1], dtype=torch.float64)
+    x = ref - logps
+    torch.testing.assert_close(kl_penalty(logps, ref, "k1"), logps - ref)
+    torch.testing.assert_close(kl_penalty(logps, ref, "k2"), 0.5 * x**2)
+    torch.testing.assert_close(kl_penalty(logps, ref, "k3"), x.exp() - x - 1)
+    assert bool((kl_penalty(logps, ref, "k3") >= 0).all())
+    assert kl_penalty(logps, logps, "k3").eq(0).all()
+
+
+def test_rloo_policy_loss_normalises_by_completions() -> None:
+    raw = _batch(2, 2, 3)
+    out = rloo_policy_loss(raw["logps"], raw["old_logps"], raw["advantages"], raw["mask"])
+    assert int(out.normaliser) == 6
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"loss_type": "nope"}, ConfigError, "loss_type"),
+        ({"loss_type": "dr_grpo"}, ConfigError, "max_completion_length"),
+        ({"importance_sampling_level": "batch"}, ConfigError, "importance_sampling_level"),
+        ({"epsilon": -0.1}, ConfigError, "epsilon"),
+        ({"delta": 1.1, "epsilon_high": 0.2}, ConfigError, "delta"),
+        ({"beta": 0.1}, ConfigError, "ref_logps"),
+    ],
+)
+def test_policy_loss_rejects_bad_options(kwargs: dict[str, Any], error: type, message: str) -> None:
+    raw = _batch(1, 2, 2)
+    with pytest.raises(error, match=message):
+        policy_loss(raw["logps"], raw["old_logps"], raw["advantages"], raw["mask"], **kwargs)
+
+
+def test_shapes_are_checked() -> None:
+    raw = _batch(1, 2, 2)
+    with pytest.raises(ShapeError, match="old_logps"):
+        policy_loss(raw["logps"], raw["old_logps"][:, :2], raw["advantages"], raw["mask"])
+    with pytest.raises(ShapeError, match="advantages"):
+        policy_loss(raw["logps"], raw["old_logps"], raw["advantages"][:3], raw["mask"])
+    token_adv = torch.zeros_like(raw["logps"])
+    with pytest.raises(ShapeError, match="sequence"):
+        policy_loss(
+            raw["logps"],
+            raw["old_logps"],
+            token_adv,
+            raw["mask"],
+            importance_sampling_level="sequence",
+        )
+    with pytest.raises(ShapeError, match="groups of 3"):
+        group_advantages(torch.zeros(4), 3)
+    with pytest.raises(ConfigError, match="scale_rewards"):
+        group_advantages(torch.zeros(4), 2, "std")  # type: ignore[arg-type]
+    with pytest.raises(ShapeError, match="gae"):
+        gae(raw["logps"], raw["logps"][:, :2], raw["mask"])
+
+
+def test_no_host_sync() -> None:
+    """Every function runs, forward and backward, without reading a tensor on the host."""
+    from tscale.testing.optim import NoHostSync
+
+    raw = _batch(3, 3, 4)
+    logps = raw["logps"].clone().requires_grad_(True)
+    with NoHostSync():
+        rewards = torch.arange(12, dtype=torch.float64) % 3
+        group_advantages(rewards, 4, "batch")
+        rloo_advantages(rewards, 4, normalize=True)
+        zero_std_groups(rewards, 4)
+        for loss_type in POLICY_LOSS_TYPES:
+            for level in ("token", "sequence"):
+                out = policy_loss(
+                    logps,
+                    raw["old_logps"],
+                    raw["advantages"],
+                    raw["mask"],
+                    loss_type=loss_type,  # type: ignore[arg-type]
+                    importance_sampling_level=level,  # type: ignore[arg-type]
+                    max_completion_length=5,
+                    ref_logps=raw["ref_logps"],
+                    beta=0.04,
+                    entropies=raw["ref_logps"].abs(),
+                    delta=2.0,
+                )
+                (out.loss_sum / out.normaliser).backward()
+                finalise(out.metrics)
+        rloo_policy_loss(
+            logps, raw["old_logps"], raw["advantages"], raw["mask"]
+        ).loss_sum.backward()
+        values = raw["ref_logps"].clone().requires_grad_(True)
+        value_loss(values, raw["old_logps"], raw["logps"], raw["mask"]).loss_sum.backward()
+        scores = torch.ones(12, dtype=torch.float64)
+        token_rewards = kl_rewards(
+            scores, raw["old_logps"], raw["ref_logps"], raw["mask"], beta=0.1
+        )
+        advantages, _ = gae(token_rewards, raw["old_logps"], raw["mask"], gamma=1.0, lam=0.95)
+        whiten(advantages, raw["mask"])
