@@ -981,3 +981,64 @@ def test_no_host_sync() -> None:
         )
         advantages, _ = gae(token_rewards, raw["old_logps"], raw["mask"], gamma=1.0, lam=0.95)
         whiten(advantages, raw["mask"])
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", POLICY_LOSS_TYPES)
+def test_train_step_with_microbatches_equals_the_whole_batch(loss_type: str, level: str) -> None:
+    """Through ``make_train_step``: a policy whose log-probs come from a linear head, one SGD
+    step on a rollout batch of 4 groups, whole or in 2 and 4 microbatches (groups kept whole)."""
+    from tensordict import TensorDict
+
+    from tscale.core import rng as R
+    from tscale.core.state import TrainState
+    from tscale.optim import scale
+    from tscale.step import make_train_step
+
+    gen = torch.Generator().manual_seed(0)
+    n, width, features, vocab = 4 * GROUP, 5, 3, 7
+    raw = _batch(1, 4, GROUP, width)
+    batch = TensorDict(
+        {
+            "features": torch.randn(n, width, features, generator=gen, dtype=torch.float64),
+            "ids": torch.randint(0, vocab, (n, width), generator=gen),
+            "old_logps": raw["old_logps"],
+            "ref_logps": raw["ref_logps"],
+            "advantages": raw["advantages"],
+            "mask": raw["mask"],
+        },
+        batch_size=[n],
+    )
+
+    def loss_fn(params: TensorDict, b: TensorDict) -> tuple[torch.Tensor, dict[str, Any]]:
+        logits = b["features"] @ params["w"]
+        logps = torch.log_softmax(logits, -1).gather(-1, b["ids"][..., None]).squeeze(-1)
+        out = policy_loss(
+            logps * b["mask"],
+            b["old_logps"],
+            b["advantages"],
+            b["mask"],
+            loss_type=loss_type,  # type: ignore[arg-type]
+            importance_sampling_level=level,  # type: ignore[arg-type]
+            max_completion_length=width,
+            ref_logps=b["ref_logps"],
+            beta=0.04,
+        )
+        return out.loss_sum, {"tokens": out.normaliser, **out.metrics}
+
+    tx = scale(-0.5)  # plain SGD
+    w0 = torch.randn(features, vocab, generator=gen, dtype=torch.float64)
+    results = []
+    for microbatches in (1, 2, 4):
+        params = TensorDict({"w": w0.clone()}, batch_size=[])
+        state = TrainState.create(params, tx.init(params), R.key(0))
+        step = make_train_step(loss_fn, tx, microbatches=microbatches)
+        new_state, metrics = step(state, batch)
+        results.append((new_state.params["w"], metrics))
+    (w_whole, m_whole), *splits = results
+    assert (w_whole - w0).abs().max() > 1e-3  # the step moved the policy
+    for w_split, m_split in splits:
+        torch.testing.assert_close(w_split, w_whole, rtol=1e-12, atol=1e-14)
+        assert m_split.keys() == m_whole.keys()
+        for k in m_whole:
+            torch.testing.assert_close(m_split[k], m_whole[k], rtol=1e-12, atol=1e-14, msg=k)
