@@ -298,6 +298,19 @@ def test_matches_trl_live(case: tuple[str, dict[str, Any]], seed: int) -> None:
     _assert_close(ours_fn(raw, cfg), trl_fn(raw, cfg), _case_id(case))
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", POLICY_LOSS_TYPES)
+def test_matches_trl_with_a_masked_completion(loss_type: str, level: str) -> None:
+    """``mask_truncated_completions`` leaves rows with an all-zero mask: they still count as
+    completions (``grpo``, ``dr_grpo``) and stay out of the per-completion clip extrema."""
+    _require_trl()
+    raw = rl_raw(4)
+    for key in ("mask", "logps", "old_logps", "ref_logps", "entropies"):
+        raw[key][[1, 6]] = 0
+    cfg = {"loss_type": loss_type, "importance_sampling_level": level, "beta": 0.04}
+    _assert_close(ours_grpo(raw, cfg), trl_grpo(raw, cfg), str(cfg))
+
+
 def test_live_cases_exercise_the_clip() -> None:
     """The raws put tokens on both sides of the clip range, so the comparison covers it."""
     out = ours_grpo(rl_raw(0), {"loss_type": "dapo"})
