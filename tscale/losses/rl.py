@@ -110,7 +110,7 @@ def group_advantages(
     GRPO (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300) divides by the group's standard
     deviation (``scale_rewards="group"``); Liu et al. 2025 ("Understanding R1-Zero-Like Training",
     Dr. GRPO, arXiv:2503.20783) drop the division (``"none"``), and ``"batch"`` divides by the
-    standard deviation of the whole batch (Hu et al. 2025, REINFORCE++). The standard deviation is
+    standard deviation of the whole batch (Lite PPO, arXiv:2508.08221). The standard deviation is
     Bessel-corrected, as in TRL.
 
     A NaN reward marks an unscorable completion: it is left out of the group's mean and standard
@@ -190,8 +190,8 @@ def whiten(
 
     PPO's advantage whitening (Schulman et al. 2017, arXiv:1707.06347; the ``masked_whiten`` of
     Ziegler et al. 2019's ``lm-human-preferences``). ``shift_mean=False`` keeps the mean (only
-    rescales), as done for rewards. Entries off the mask come back as they are scaled, so mask
-    them downstream.
+    rescales), as done for rewards. The statistics read masked entries only; entries off the mask
+    are transformed too, so mask them downstream.
     """
     m = mask.to(values.dtype)
     count = m.sum()
@@ -428,26 +428,20 @@ def policy_loss(
     **Loss types as (sum, count).** The step divides ``Σ loss_sum`` by ``Σ normaliser`` over all
     microbatches and ranks; each type's quotient over the global batch is its paper's objective:
 
-    ============  ==========================================  ===============================
-    loss_type     ``loss_sum`` (this batch)                    ``normaliser`` (additive)
-    ============  ==========================================  ===============================
-    ``grpo``      ``Σ_i (Σ_t ℓ_{i,t} m_{i,t}) / max(|o_i|, 1)``  ``N`` (completions)
-    ``dapo``      ``Σ_{i,t} ℓ_{i,t} m_{i,t}``                  ``Σ_{i,t} m_{i,t}`` (tokens)
-    ``bnpo``      ``Σ_{i,t} ℓ_{i,t} m_{i,t}``                  ``Σ_{i,t} m_{i,t}`` (tokens)
-    ``dr_grpo``   ``Σ_{i,t} ℓ_{i,t} m_{i,t}``                  ``N · max_completion_length``
-    ============  ==========================================  ===============================
+    - ``grpo``: sum ``Σ_i (Σ_t ℓ_{i,t} m_{i,t}) / max(|o_i|, 1)``, count ``N`` (completions);
+    - ``dapo`` and ``bnpo``: sum ``Σ_{i,t} ℓ_{i,t} m_{i,t}``, count ``Σ_{i,t} m_{i,t}`` (tokens);
+    - ``dr_grpo``: sum ``Σ_{i,t} ℓ_{i,t} m_{i,t}``, count ``N · max_completion_length``.
 
     ``grpo`` is GRPO's per-sequence token mean, averaged over completions (Shao et al. 2024);
     ``dapo`` is DAPO's token-level mean over the whole batch (Yu et al. 2025); ``dr_grpo`` divides
     by a constant (Liu et al. 2025, arXiv:2503.20783), so it needs ``max_completion_length``.
 
-    ``bnpo`` (Xiao et al. 2025, "BNPO", arXiv:2506.02864) is, in TRL, a token mean over the
-    *local* batch of each microbatch and rank, whose gradient therefore changes with the
-    accumulation and world size. tscale divides by the global token count instead, and then
-    ``bnpo`` **is** ``dapo``: both names give the same (sum, count). With one microbatch on one
-    rank both equal TRL's. TRL's ``dapo`` divides by the generation batch's token count spread
-    evenly over its optimizer steps; tscale divides by each optimizer step's own token count
-    (equal when a step consumes the whole generation batch).
+    ``bnpo`` is, in TRL, a token mean over the *local* batch of each microbatch and rank, whose
+    gradient therefore changes with the accumulation and world size. tscale divides by the global
+    token count instead, and then ``bnpo`` **is** ``dapo``: both names give the same (sum,
+    count). With one microbatch on one rank both equal TRL's. TRL's ``dapo`` divides by the
+    generation batch's token count spread evenly over its optimizer steps; tscale divides by each
+    optimizer step's own token count (equal when a step consumes the whole generation batch).
 
     Args:
         logps: ``[N, T]`` log-probs of the sampled tokens under ``π_θ`` (differentiated).
