@@ -147,7 +147,8 @@ def zero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
     Their fraction is TRL's ``frac_reward_zero_std``; DAPO's dynamic sampling (Yu et al. 2025,
     arXiv:2503.14476) drops these groups. Unscorable (NaN) rewards are ignored; a group with fewer
-    than two scorable completions counts as having no spread.
+    than two scorable completions counts as having no spread (its advantages are all 0; TRL's
+    ``isclose`` on its NaN standard deviation counts it as having spread).
     """
     std = _nanstd(_groups(rewards.detach(), group_size, "zero_std_groups"), dim=1)
     return torch.nan_to_num(std, nan=0.0) == 0
