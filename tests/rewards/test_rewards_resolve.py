@@ -86,8 +86,8 @@ def test_built_ins_and_user_functions_resolve(user_module: str) -> None:
         ("my_rewards:zzz", r"^task.rewards.functions\[0\].fn: module 'my_rewards' has no 'zzz'$"),
         (
             "my_rewards:NOT_A_FUNCTION",
-            r"my_rewards:NOT_A_FUNCTION is not callable \(its type is int\); a reward is fn\(prompts, "
-            r"completions, completion_ids, \*\*columns\)",
+            r"my_rewards:NOT_A_FUNCTION is not callable \(its type is int\); a reward is "
+            r"fn\(prompts, completions, completion_ids, \*\*columns\)",
         ),
         ("my_rewards:", r"'my_rewards:' is not module:function"),
         (
@@ -118,7 +118,8 @@ def test_kwargs_checks(user_module: str) -> None:
     # a user function without **kwargs: settings must name its parameters
     with pytest.raises(
         ConfigError,
-        match=r"kwargs\.scal: my_rewards:by_column takes no setting 'scal' \(it takes: answer, scale\)",
+        match=r"kwargs\.scal: my_rewards:by_column takes no setting 'scal' "
+        r"\(it takes: answer, scale\)",
     ):
         build_reward_set(_fns(RewardConfig(fn="my_rewards:by_column", kwargs={"scal": 2.0})))
     with pytest.raises(ConfigError, match=r"kwargs\.prompts: is a reward argument"):
@@ -178,7 +179,8 @@ def test_the_records_load_from_yaml_with_their_domains(tmp_path: Path) -> None:
         load_config({"failure_window": 0}, cls=RewardsConfig)
     with pytest.raises(
         ConfigError,
-        match=r"rewards.yaml:2: unknown key 'functions\[0\].wieght'; did you mean 'functions\[0\].weight'\?",
+        match=r"rewards.yaml:2: unknown key 'functions\[0\].wieght'; did you mean "
+        r"'functions\[0\].weight'\?",
     ):
         path.write_text("functions:\n  - {fn: exact_match, wieght: 2}\n")
         load_config(path, cls=RewardsConfig)

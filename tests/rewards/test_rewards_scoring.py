@@ -21,8 +21,8 @@ from tscale.errors import RewardError, ShapeError
 from tscale.rewards import (
     RewardConfig,
     RewardFn,
-    RewardSet,
     RewardsConfig,
+    RewardSet,
     build_reward_set,
     exact_match,
 )
