@@ -147,7 +147,7 @@ class _Flaky:
     def __call__(self, prompts, completions, completion_ids, **columns):
         self.calls += 1
         if self.calls - 1 in self.bad:
-            raise TimeoutError(f"judge timed out on call {self.calls - 1}")
+            raise TimeoutError(f"judge timed out\n  on call {self.calls - 1}")
         return exact_match(prompts, completions, completion_ids, **columns)
 
 

@@ -242,7 +242,7 @@ class RewardSet:
                     raise
                 raise RewardError(f"{f.where}: {err}") from None
             except Exception as err:  # a user's function: anything may go wrong in it
-                failure = RewardFailure(f.name, f"{type(err).__name__}: {err}", n)
+                failure = RewardFailure(f.name, _one_line(err), n)
                 failures.append(failure)
                 if track_failures:
                     self._count(f, failure, err)
@@ -287,6 +287,13 @@ class RewardSet:
                 f"max_failure_fraction={self.max_failure_fraction:g} allows; the last: "
                 f"{failure.error}. Fix the function (or raise rewards.max_failure_fraction)"
             ) from err
+
+
+def _one_line(err: Exception, limit: int = 300) -> str:
+    """``ExceptionType: message`` on one line, at most ``limit`` characters of message."""
+    text = " ".join(str(err).split())
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def _check_batch(
