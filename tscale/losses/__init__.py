@@ -23,14 +23,24 @@ from tscale.losses.preference import (
     preference_metrics,
     simpo_loss,
 )
+from tscale.losses.sequence import (
+    DEFAULT_NUM_BRANCHES,
+    PairView,
+    SequenceLogps,
+    pair_view,
+    sequence_logps,
+)
 
 __all__ = [
     "CPO_LOSS_TYPES",
+    "DEFAULT_NUM_BRANCHES",
     "DPO_LOSS_TYPES",
     "F_DIVERGENCES",
     "IGNORE_INDEX",
     "KTO_LOSS_TYPES",
     "PairLoss",
+    "PairView",
+    "SequenceLogps",
     "UnpairedLoss",
     "bradley_terry_loss",
     "cpo_loss",
@@ -40,7 +50,9 @@ __all__ = [
     "make_fused_lm_loss",
     "make_lm_loss",
     "orpo_loss",
+    "pair_view",
     "preference_metrics",
+    "sequence_logps",
     "simpo_loss",
     "token_cross_entropy",
 ]
