@@ -227,3 +227,22 @@ def test_shared_layout_saves_the_repeated_prompt():
         assert separate - shared == p - 1
         saved += p - 1
     assert saved > 0
+
+
+def test_a_packer_state_without_the_new_fields_still_loads():
+    """States saved before group documents (no position_ids/branch_ids per segment) resume."""
+    packer = StreamingPacker(16, buffer_size=2)
+    packer.push({"input_ids": [1, 2, 3], "labels": [2, 3, X]})
+    state = packer.state_dict()
+    for row in state["rows"]:
+        del row["position_ids"], row["branch_ids"]
+    again = StreamingPacker(16, buffer_size=2)
+    again.load_state_dict(state)
+    assert again.flush() == packer.flush()
+
+
+def test_processed_cache_keeps_branch_ids():
+    from tscale.train.data_sources import _flatten, _unflatten
+
+    docs = [single_document_row(group_document([4, 5], [[6], [7, 8]], [1, 2], share_prompt=True))]
+    assert _unflatten(_flatten(docs, "train_"), "train_") == docs
