@@ -10,6 +10,7 @@ weight (``mix_sources``) → ``prepare_examples`` (length budget ``fit_record`` 
 in a ``StreamingBatchLoader`` (``StreamingPacker``, cursor with the stream position).
 """
 
+from tscale.data.groups import GROUP_FIELDS, group_document, single_document_row
 from tscale.data.hf_tokenizer import add_tokens, load_encoder, save_tokenizer_folder
 from tscale.data.introspect import (
     FORMATS,
@@ -71,6 +72,7 @@ from tscale.data.tokenize import (
 
 __all__ = [
     "FORMATS",
+    "GROUP_FIELDS",
     "IGNORE_INDEX",
     "LOSS_MODES",
     "SPECIAL_TOKENS",
@@ -102,6 +104,7 @@ __all__ = [
     "fit_records",
     "generate",
     "get_template",
+    "group_document",
     "inspect_source",
     "iter_canonical",
     "length_histogram",
@@ -121,6 +124,7 @@ __all__ = [
     "render_messages",
     "resolve_source",
     "save_tokenizer_folder",
+    "single_document_row",
     "template_from_tokenizer_config",
     "text_columns",
     "to_messages",

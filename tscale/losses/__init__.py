@@ -42,9 +42,17 @@ from tscale.losses.rl import (
     whiten,
     zero_std_groups,
 )
+from tscale.losses.sequence import (
+    DEFAULT_NUM_BRANCHES,
+    PairView,
+    SequenceLogps,
+    pair_view,
+    sequence_logps,
+)
 
 __all__ = [
     "CPO_LOSS_TYPES",
+    "DEFAULT_NUM_BRANCHES",
     "DPO_LOSS_TYPES",
     "F_DIVERGENCES",
     "IGNORE_INDEX",
@@ -54,7 +62,9 @@ __all__ = [
     "POLICY_LOSS_TYPES",
     "SCALE_REWARDS",
     "PairLoss",
+    "PairView",
     "PolicyLoss",
+    "SequenceLogps",
     "UnpairedLoss",
     "bradley_terry_loss",
     "cpo_loss",
@@ -68,11 +78,13 @@ __all__ = [
     "make_fused_lm_loss",
     "make_lm_loss",
     "orpo_loss",
+    "pair_view",
     "policy_loss",
     "policy_normaliser",
     "preference_metrics",
     "rloo_advantages",
     "rloo_policy_loss",
+    "sequence_logps",
     "simpo_loss",
     "token_cross_entropy",
     "value_loss",

@@ -507,7 +507,7 @@ class ErrorBudget:
 # Processed-data cache
 # --------------------------------------------------------------------------------------------
 
-_FIELDS = ("input_ids", "labels", "position_ids", "doc_ids")
+_FIELDS = ("input_ids", "labels", "position_ids", "doc_ids", "branch_ids")
 
 
 def processed_fingerprint(
