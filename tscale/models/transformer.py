@@ -727,9 +727,14 @@ def _layer(
     return x
 
 
-def _kernel_attend(config: TransformerConfig, doc_ids: torch.Tensor | None) -> _Attend:
+def _kernel_attend(
+    config: TransformerConfig,
+    doc_ids: torch.Tensor | None,
+    branch_ids: torch.Tensor | None = None,
+) -> _Attend:
     """``attend`` through :func:`tscale.kernels.attention`: no [S, S] masks are built; documents,
-    the layer's window, the soft-cap, the scale and GQA go to the kernel as arguments."""
+    shared-prefix branches, the layer's window, the soft-cap, the scale and GQA go to the kernel
+    as arguments."""
     backend = config.attention_backend
 
     def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -741,6 +746,7 @@ def _kernel_attend(config: TransformerConfig, doc_ids: torch.Tensor | None) -> _
             v.transpose(1, 2),
             causal=True,
             doc_ids=doc_ids,
+            branch_ids=branch_ids,
             window=config.sliding_window if config.is_sliding(i) else None,
             softcap=config.attn_logit_softcap,
             scale=config.attn_scale,
@@ -801,7 +807,8 @@ def _hidden(
     if position_ids is None:
         position_ids = torch.arange(s, device=ids.device)[None]
     if config.attention_backend != "sdpa":
-        return _decoder(config, params, ids, position_ids, _kernel_attend(config, doc_ids), gather)
+        attend = _kernel_attend(config, doc_ids, _get(batch, "branch_ids"))
+        return _decoder(config, params, ids, position_ids, attend, gather)
 
     full = None if doc_ids is None else _doc_mask(doc_ids)
     sliding = None
