@@ -13,8 +13,12 @@ Partitioning" (2023), in the shape of the Triton fused-attention tutorial (Tille
 Every kernel walks only the blocks that can hold a visible pair: causal and sliding-window bounds
 come from the block indices, document bounds from each position's first and last same-document
 index (``FIRST``/``LAST``, computed on the host without a sync), so packed documents cost about what
-separate sequences would. Blocks that are entirely visible skip the mask arithmetic (plain causal
-and full attention, sequence a multiple of the block size).
+separate sequences would. With shared-prefix branches (``BR``, ``HAS_BRANCH``) a query block walks
+two key ranges, its document's prefix (branch 0: ``FIRST``/``LAST``) and its rows' own
+(document, branch) groups (``FIRST2``/``LAST2``), skipping sibling completions in between; the
+dK/dV kernel's ``FIRST``/``LAST`` are then each key's readers (its document for a prefix key, its
+group otherwise). Blocks that are entirely visible skip the mask arithmetic (plain causal and full
+attention, sequence a multiple of the block size).
 
 Loaded through :func:`tscale.kernels._dispatch.triton_module`, once per Triton mode.
 """
