@@ -243,3 +243,31 @@ def test_bad_branch_ids():
         attention(q, k, v, branch_ids=torch.zeros(2, 32))
     with pytest.raises(ShapeError, match="branch_ids"):
         attention_reference(q, k, v, branch_ids=torch.zeros(3, 32, dtype=torch.long))
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the poisoned rows' max
+def test_sibling_branches_are_skipped():
+    """Blocks of a sibling completion are never visited: NaN planted there (K, V of its keys, Q
+    and dO of its queries; a visited block would spread it, 0 * NaN = NaN) leaves the other
+    branch's outputs and gradients finite and exact. Blocks (interpreter): 32 queries x 16 keys
+    (forward, dQ) and 32 keys x 16 queries (dK/dV). Layout: prompt 0-31, branch 1 32-79, branch
+    2 80-127; the document bounds alone would visit every block of branch 1."""
+    pytest.importorskip("triton")
+    s = 128
+    branch = torch.tensor([[0] * 32 + [1] * 48 + [2] * 48])
+    q, k, v, do = _qkv(b=1, s=s)
+    ref = _fwd_bwd(attention_reference, q, k, v, do, branch_ids=branch)
+    with torch.no_grad():
+        k[:, :, 32:80] = float("nan")
+        v[:, :, 32:80] = float("nan")
+        q[:, :, 32:64] = float("nan")  # the query block 32-63 holds branch 1 only
+    do = do.clone()
+    do[:, :, 32:64] = float("nan")
+    out = _fwd_bwd(attention, q, k, v, do, branch_ids=branch, backend="triton")
+    rows, keys = slice(96, 128), slice(96, 128)  # whole query / key blocks of branch 2
+    for name, a, b, sl in zip(
+        ("o", "dq", "dk", "dv"), out, ref, (rows, rows, keys, keys), strict=True
+    ):
+        torch.testing.assert_close(
+            a[:, :, sl], b[:, :, sl], **TOL, msg=lambda m, n=name: f"{n}: {m}"
+        )
