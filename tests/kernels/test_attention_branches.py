@@ -101,8 +101,21 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("layout", LAYOUTS)
+# Every layout causal; the other cases on the layouts where they bite (kept few: interpreter).
+COMBOS = [(layout, "causal") for layout in LAYOUTS] + [
+    ("pairs-packed", "mha"),
+    ("pairs-packed", "mqa-window-softcap"),
+    ("pairs-packed", "full"),
+    ("pairs-packed", "ragged"),
+    ("many-branches", "mqa-window-softcap"),
+    ("no-prefix", "ragged"),
+    ("unordered", "full"),
+    ("unordered", "ragged"),
+    ("random-ids", "full"),
+]
+
+
+@pytest.mark.parametrize(("layout", "case"), COMBOS, ids=[f"{a}-{b}" for a, b in COMBOS])
 def test_triton_matches_reference(layout: str, case: str):
     pytest.importorskip("triton")
     kw = dict(CASES[case])
@@ -129,12 +142,6 @@ def test_shared_rows_and_no_documents():
     _check(q, k, v, do, doc_ids=doc[:1], branch_ids=branch)
     _check(q, k, v, do, doc_ids=doc, branch_ids=branch[1:])
     _check(q, k, v, do, branch_ids=branch)
-    one_doc = _fwd_bwd(attention, q, k, v, do, branch_ids=branch, backend="triton")
-    ones = _fwd_bwd(
-        attention, q, k, v, do, doc_ids=torch.ones_like(branch), branch_ids=branch, backend="triton"
-    )
-    for a, b in zip(one_doc, ones, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_cu_seqlens_with_branches():
