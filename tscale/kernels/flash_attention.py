@@ -208,10 +208,10 @@ def attention_reference(
     causal: bool = True,
     doc_ids: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    branch_ids: torch.Tensor | None = None,
     window: int | None = None,
     softcap: float | None = None,
     scale: float | None = None,
-    branch_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Explicit masked softmax in fp32 (fp64 stays fp64): the definition the kernels must match.
 
@@ -397,11 +397,11 @@ def attention(
     causal: bool = True,
     doc_ids: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    branch_ids: torch.Tensor | None = None,
     window: int | None = None,
     softcap: float | None = None,
     scale: float | None = None,
     backend: str = "auto",
-    branch_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention output [B, Hq, S, D] in the dtype and layout of ``q``.
 
