@@ -738,9 +738,14 @@ def _layer(
     return x
 
 
-def _kernel_attend(config: TransformerConfig, doc_ids: torch.Tensor | None) -> _Attend:
+def _kernel_attend(
+    config: TransformerConfig,
+    doc_ids: torch.Tensor | None,
+    branch_ids: torch.Tensor | None = None,
+) -> _Attend:
     """``attend`` through :func:`tscale.kernels.attention`: no [S, S] masks are built; documents,
-    the layer's window, the soft-cap, the scale and GQA go to the kernel as arguments."""
+    shared-prefix branches, the layer's window, the soft-cap, the scale and GQA go to the kernel
+    as arguments."""
     backend = config.attention_backend
 
     def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -752,6 +757,7 @@ def _kernel_attend(config: TransformerConfig, doc_ids: torch.Tensor | None) -> _
             v.transpose(1, 2),
             causal=True,
             doc_ids=doc_ids,
+            branch_ids=branch_ids,
             window=config.sliding_window if config.is_sliding(i) else None,
             softcap=config.attn_logit_softcap,
             scale=config.attn_scale,
@@ -816,12 +822,15 @@ def _hidden(
     if position_ids is None:
         position_ids = torch.arange(s, device=ids.device)[None]
     if config.attention_backend != "sdpa":
-        if branch_ids is not None:  # until the kernels take the branch rule
+        sliding = any(config.is_sliding(i) for i in range(config.num_layers))
+        short = sliding and config.sliding_window is not None and config.sliding_window < s
+        if branch_ids is not None and short:  # the kernels count window slots in the row
             raise ShapeError(
-                f"batch['branch_ids'] needs attention_backend 'sdpa', not "
-                f"{config.attention_backend!r}"
+                "batch['branch_ids'] with a sliding window needs attention_backend 'sdpa' (it "
+                "measures the window in position_ids, as the unpacked sequence has it)"
             )
-        return _decoder(config, params, ids, position_ids, _kernel_attend(config, doc_ids), gather)
+        attend = _kernel_attend(config, doc_ids, branch_ids)
+        return _decoder(config, params, ids, position_ids, attend, gather)
 
     masked = doc_ids is not None or branch_ids is not None
     full = _doc_mask(doc_ids, branch_ids) if masked else None
