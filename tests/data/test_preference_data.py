@@ -381,6 +381,12 @@ def test_build_data_hands_preference_records_to_the_task_stage(tmp_path):
         build_data(cfg, tmp_path / "run-sft")
 
 
+def test_a_tokenizer_trained_here_sees_every_text_of_preference_rows():
+    texts = list(data_sources.tokenizer_texts([ROWS["preference_chat"][0], ROWS["preference"][1]]))
+    assert texts == [Q[0]["content"], BLUE[0]["content"], GREEN[0]["content"], "Be brief.",
+                     "sort 3 1 2:", " 1 2 3", " 3 2 1"]  # fmt: skip
+
+
 def test_length_report_adds_up():
     a = LengthReport(1, 1, {"prompt": {"max_length": 1}}, {}, 1, 1)
     assert (a + a).truncated == {"prompt": {"max_length": 2}}

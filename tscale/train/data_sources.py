@@ -26,7 +26,14 @@ from tscale.config.schema import Config, DataConfig
 from tscale.core.result import Err, Ok
 from tscale.data.introspect import RECORD_SHAPES, SourceInfo, canonical_row, detect_format
 from tscale.data.length import TEXT_COLUMNS, LengthBudget
-from tscale.data.load import Row, all_bad_error, read_file, record_of, write_quarantine
+from tscale.data.load import (
+    Row,
+    all_bad_error,
+    preference_row,
+    read_file,
+    record_of,
+    write_quarantine,
+)
 from tscale.data.sources import (
     fingerprint,
     is_hub_name,
@@ -37,7 +44,7 @@ from tscale.data.sources import (
 from tscale.data.tokenize import train_tokenizer
 from tscale.errors import ConfigError, DataError
 
-CACHE_VERSION = "tscale-processed-v2"
+CACHE_VERSION = "tscale-processed-v3"
 """Bump when the processing changes, so caches made the old way are not read back."""
 
 # Data keys that change how batches are drawn, not what the processed examples are.
@@ -390,7 +397,7 @@ def tokenizer_texts(records: Sequence[Mapping[str, Any]]) -> Iterator[str]:
                 t["value"] for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str)
             )
             continue
-        if "chosen" in r or "label" in r:  # preference: every string or message content
+        if preference_row(r):  # preference: every string or message content
             yield from _preference_texts(r)
             continue
         yield "".join(str(r.get(c) or "") for c in TEXT_COLUMNS if isinstance(r.get(c), str))
