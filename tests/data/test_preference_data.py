@@ -185,6 +185,21 @@ def test_chat_pairs_match_transformers_apply_chat_template(tmp_path, folders, st
     assert results[0] == results[1]
 
 
+def test_string_rows_with_a_chat_template_are_user_and_assistant_turns(tmp_path, folders):
+    enc = load_encoder(folders["qwen2"])
+    hf = transformers.AutoTokenizer.from_pretrained(folders["qwen2"])
+    records, places, _ = read_records([jsonl(tmp_path / "s.jsonl", ROWS["preference"])])
+    results, _ = encode_preferences(records, _template(enc), enc, system="Be kind.", where=places)
+    for raw, res in zip(ROWS["preference"], results, strict=True):
+        system = [{"role": "system", "content": raw.get("system", "Be kind.")}]  # its own wins
+        prompt = [*system, {"role": "user", "content": raw["prompt"]}]
+        prompt_text = _hf_text(hf, prompt, add_generation_prompt=True)
+        assert _decode(enc, res.value["prompt_ids"]) == prompt_text
+        for name, ids in zip(("chosen", "rejected"), res.value["completions"], strict=True):
+            full = _hf_text(hf, [*prompt, {"role": "assistant", "content": raw[name]}])
+            assert _decode(enc, ids) == full[len(prompt_text) :]
+
+
 def test_unpaired_rows_branch_by_label(tmp_path, folders):
     enc = load_encoder(folders["qwen2"])
     records, places, _ = read_records(
@@ -196,15 +211,16 @@ def test_unpaired_rows_branch_by_label(tmp_path, folders):
     assert _decode(enc, results[1].value["completions"][0]) == "It is green.<|im_end|>\n"
 
 
+_PIECES = st.sampled_from(["re", "ver", "se", "so", "rt", "add", ": ", " ", "4", "+", "."])
+_TEXT = st.lists(_PIECES, min_size=1, max_size=8).map("".join)
+
+
 @settings(max_examples=40, deadline=None)
-@given(
-    prompt=st.text(alphabet="ab 12+.", min_size=1, max_size=20),
-    completion=st.text(alphabet="ab 12+.", min_size=1, max_size=20).filter(str.strip),
-)
+@given(prompt=_TEXT, completion=_TEXT.filter(str.strip))
 def test_prompt_and_completion_are_tokenized_apart(bpe, prompt, completion):
     """No BPE merge crosses the border: the ids decode to prompt + completion, and the
     completion's ids are those of the completion alone (whatever merges prompt + completion
-    would make)."""
+    would make: word pieces such as "so" + "rt" merge when encoded together)."""
     record = {"prompt": prompt, "completion": completion, "label": True}
     (res,), _ = encode_preferences([record], PLAIN, bpe, unpaired=True)
     ex = res.value
@@ -212,6 +228,20 @@ def test_prompt_and_completion_are_tokenized_apart(bpe, prompt, completion):
     assert ids[-1] == bpe.eos_id and ex["prompt_ids"][0] == bpe.bos_id
     assert bpe.decode(ex["prompt_ids"]) + bpe.decode(ids) == prompt + completion
     assert ids[:-1] == bpe.tokenizer.encode(completion, add_special_tokens=False).ids
+
+
+def test_joint_encoding_would_merge_across_the_border(bpe):
+    """The property above is not empty: this tokenizer merges "so" + "rt" into fewer tokens."""
+
+    def ids(text: str) -> list[int]:
+        return bpe.tokenizer.encode(text, add_special_tokens=False).ids
+
+    assert ids("sort") != ids("so") + ids("rt")
+    (res,), _ = encode_preferences(
+        [{"prompt": "so", "completion": "rt", "label": False}], PLAIN, bpe, unpaired=True
+    )
+    assert res.value["completions"] == [[*ids("rt"), bpe.eos_id]]
+    assert res.value["branches"] == [2]
 
 
 def test_implicit_prompt_split():
@@ -366,15 +396,21 @@ def test_build_data_hands_preference_records_to_the_task_stage(tmp_path):
 
         return joined
 
-    for fmt in ("auto", "preference"):
+    for fmt in ("auto", "preference", "streaming"):
         seen.clear()
-        cfg = load_config(None, [*overrides, f"data.format={fmt}"])
+        extra = "data.streaming=true" if fmt == "streaming" else f"data.format={fmt}"
+        cfg = load_config(None, [*overrides, extra])
         bundle = build_data(cfg, tmp_path / f"run-{fmt}", make_examples=make_examples)
-        assert len(bundle.train_examples) == 12 and len(seen) == 12
+        if fmt == "streaming":  # the stage runs as the loader reads (in its own order)
+            next(iter(bundle.loader))
+        else:
+            assert len(bundle.train_examples) == 12
         enc = bundle.encoder
-        first = seen[0]
-        assert enc.decode(first["prompt_ids"]) == rows[0]["prompt"]
-        assert [enc.decode(c) for c in first["completions"]] == [" it is 0.", " it is 1."]
+        pairs = {
+            enc.decode(ex["prompt_ids"]): [enc.decode(c) for c in ex["completions"]] for ex in seen
+        }
+        assert len(pairs) == 12 and all(ex["branches"] == [1, 2] for ex in seen)
+        assert pairs[rows[3]["prompt"]] == [" it is 6.", " it is 7."]
     # the SFT stage (the default) refuses the same data in one line
     cfg = load_config(None, overrides)
     with pytest.raises(DataError, match=r"pairs\.jsonl:line 1: preference data .*task\.type: dpo"):
