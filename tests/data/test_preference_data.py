@@ -258,7 +258,7 @@ def test_template_that_cannot_split_a_completion_is_an_error(folders):
     enc = load_encoder(folders["qwen2"])
     record = {"prompt": Q, "chosen": [{"role": "user", "content": "again"}], "rejected": GREEN}
     (res,), _ = encode_preferences([record], _template(enc), enc, where=["r.jsonl:line 1"])
-    assert isinstance(res, Err) and res.where == "r.jsonl:line 1"
+    assert isinstance(res, Err) and (res.where, res.record) == ("r.jsonl:line 1", record)
     assert "does not render the prompt (with the generation prompt) as the start of prompt + " \
         "chosen" in res.reason  # fmt: skip
 

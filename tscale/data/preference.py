@@ -446,6 +446,11 @@ def encode_preferences(
             res, rep = _fitted(prompt_ids, completions, turns, limits, encoder.bos_id, places[i])
             out.append(res)
             report = report + rep
+    # every Err carries its record (for the quarantine file)
+    out = [
+        attrs.evolve(r, record=dict(rec)) if isinstance(r, Err) else r
+        for r, rec in zip(out, records, strict=True)
+    ]
     return out, report
 
 
