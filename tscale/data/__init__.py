@@ -7,7 +7,9 @@ The path the trainer uses (``tscale.train.data_build.build_data``): JSON-lines f
 weight (``mix_sources``) → ``prepare_examples`` (length budget ``fit_record`` via
 ``LengthBudget``, template ``render``, ``tokenize_encoded``, every text encoded once in a batch)
 → ``pack_examples`` → ``BatchLoader``; or, with ``data.streaming``, the same stages on the fly
-in a ``StreamingBatchLoader`` (``StreamingPacker``, cursor with the stream position).
+in a ``StreamingBatchLoader`` (``StreamingPacker``, cursor with the stream position). Preference
+rows (prompt/chosen/rejected; KTO's prompt/completion/label) go through
+``encode_preferences`` instead (``preference_examples``, the preference tasks' stage).
 """
 
 from tscale.data.groups import GROUP_FIELDS, group_document, single_document_row
@@ -41,6 +43,13 @@ from tscale.data.pack import (
     collate_packed,
     cu_seqlens_from_doc_ids,
     pack_examples,
+)
+from tscale.data.preference import (
+    PreferenceLimits,
+    encode_preferences,
+    preference_examples,
+    preference_kind,
+    split_implicit_prompt,
 )
 from tscale.data.prepare import prepare_examples
 from tscale.data.prompt import (
@@ -87,6 +96,7 @@ __all__ = [
     "LengthReport",
     "LoadReport",
     "PackReport",
+    "PreferenceLimits",
     "RenderedSample",
     "SourceInfo",
     "StreamingBatchLoader",
@@ -99,6 +109,7 @@ __all__ = [
     "collate_packed",
     "cu_seqlens_from_doc_ids",
     "detect_format",
+    "encode_preferences",
     "fingerprint",
     "fit_record",
     "fit_records",
@@ -119,12 +130,15 @@ __all__ = [
     "mix_sources",
     "normalize_sharegpt",
     "pack_examples",
+    "preference_examples",
+    "preference_kind",
     "prepare_examples",
     "render",
     "render_messages",
     "resolve_source",
     "save_tokenizer_folder",
     "single_document_row",
+    "split_implicit_prompt",
     "template_from_tokenizer_config",
     "text_columns",
     "to_messages",
