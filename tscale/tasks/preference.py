@@ -23,6 +23,7 @@ hyper-parameters and one function from per-pair log-probs to per-pair losses
 # ruff: noqa: RUF009 - `field` returns an attrs field (a default declaration), not a shared value
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -403,11 +404,15 @@ class DPOTask(PreferenceTask):
 
     uses_reference: ClassVar[bool] = True
 
-    def __attrs_post_init__(self) -> None:
+    def check(self, config: Any) -> None:
+        """``loss_type`` names, no batch-coupled type, one weight per type."""
         unknown = [t for t in self.loss_type if t not in P.DPO_LOSS_TYPES]
         if unknown:
+            trained = [t for t in P.DPO_LOSS_TYPES if not t.startswith("aot")]
+            close = difflib.get_close_matches(unknown[0], trained, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(
-                f"task.loss_type: unknown {unknown}; known: {', '.join(P.DPO_LOSS_TYPES)}"
+                f"task.loss_type: unknown {unknown[0]!r}{hint} (known: {', '.join(trained)})"
             )
         coupled = [t for t in self.loss_type if t.startswith("aot")]
         if coupled:
