@@ -50,6 +50,7 @@ class Case:
 CASES: dict[str, Case] = {
     "step_throughput": Case(),
     "generate": Case(),
+    "rollout": Case(),
     "optimizers": Case(needs=("bitsandbytes",)),
     "data_pipeline": Case(
         hand_added=frozenset({"runs"}), needs=("trl",), marks=(pytest.mark.slow,)

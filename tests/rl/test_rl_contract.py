@@ -51,7 +51,9 @@ def _rollout(model=MODEL, params=PARAMS, **kw):
 @pytest.mark.parametrize("layout", ["left", "right"])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_training_forward_reproduces_sampler_logps(layout: str, temperature: float) -> None:
-    out = _rollout(temperature=temperature, stop_ids=[3, 17])
+    free = _rollout(temperature=temperature)
+    stops = sorted({row[3] for row in free.completions()[:4]})  # tokens some rows emit early
+    out = _rollout(temperature=temperature, stop_ids=stops)
     assert out.truncated.any() and not out.truncated.all()  # rows of several lengths
     assert _train_mismatch(MODEL, PARAMS, out, layout) <= 1e-5
 

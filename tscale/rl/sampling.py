@@ -1,10 +1,11 @@
 """Keyed token sampling: every draw is a pure function of (completion key, position, logits).
 
 A completion's key is ``fold_in(fold_in(key, prompt), sample)`` and the key of its token at
-position t is ``fold_in(completion_key, t)``; the token is drawn by the Gumbel-max trick
-(``argmax(scores + g)`` with ``g = -log(-log u)``, ``u`` one uniform per vocabulary entry from
-that key), which samples exactly ``softmax(scores)``. No generator state is shared between
-rows, so a row's tokens do not depend on which other rows are in the batch or in what order.
+position t is ``fold_in(completion_key, t)``; the token is drawn by inversion: the first
+token whose float64 cumulative probability exceeds ``u × total``, ``u`` one uniform in the open
+interval (0, 1) from that key (one uniform per token, not one per vocabulary entry as the
+Gumbel-max trick would need). No generator state is shared between rows, so a row's tokens do
+not depend on which other rows are in the batch or in what order.
 
 The log-prob recorded for a sampled token is the one of the policy π: the FULL softmax of
 ``logits / T`` in float32, not the top-k/top-p truncated distribution the token was drawn from
@@ -91,10 +92,21 @@ def sample_tokens(
     if temperature == 0.0:
         tokens = scores.argmax(dim=-1)
     else:
-        kept = filter_logits(scores, top_k=top_k, top_p=top_p)
-        u = R.uniform_rows(keys, scores.shape[-1])
-        # Gumbel-max in float64: the uniforms are open (0, 1), so every kept token has a finite
-        # score and a filtered one (-inf) never wins.
-        tokens = (kept.double() - torch.log(-torch.log(u))).argmax(dim=-1)
+        tokens = _invert(filter_logits(scores, top_k=top_k, top_p=top_p), keys)
     logps = scores.log_softmax(dim=-1).gather(-1, tokens[:, None])[:, 0]
     return tokens, logps.float()
+
+
+def _invert(kept: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draws [B] from ``softmax(kept)`` [B, V], one keyed uniform per row.
+
+    A filtered token (-inf) has probability 0, so the CDF is flat there and ``searchsorted``
+    (the first index whose CDF exceeds the target) never lands on it; a target that rounds up
+    to the total falls back to the last token of non-zero probability.
+    """
+    probs = kept.double().softmax(dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    target = R.uniform_rows(keys, 1) * cdf[:, -1:]
+    tokens = torch.searchsorted(cdf, target, right=True)[:, 0]
+    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).to(torch.int8).argmax(dim=-1)
+    return torch.minimum(tokens, last)
