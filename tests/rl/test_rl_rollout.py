@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tscale.core import rng
 from tscale.errors import ShapeError
@@ -161,3 +163,39 @@ def test_bad_input_is_one_clear_error() -> None:
     with pytest.raises(ShapeError, match="max_new_tokens"):
         _sample(max_new_tokens=0)
     assert _sample([]).num_completions == 0
+
+
+class _OpaqueCache:
+    """A model whose cache is not a TensorDict: the prompts are then prefilled once per row."""
+
+    def apply(self, params, batch, **kw):
+        return MODEL.apply(params, batch, **kw)
+
+    def init_cache(self, batch_size, max_length, **kw):
+        return (MODEL.init_cache(batch_size, max_length, **kw),)
+
+    def apply_with_cache(self, params, batch, cache, offset, **kw):
+        logits, inner = MODEL.apply_with_cache(params, batch, cache[0], offset, **kw)
+        return logits, (inner,)
+
+
+def test_shared_prefill_equals_one_prefill_per_row() -> None:
+    shared = _sample(top_k=20)
+    per_row = sample_completions(
+        _OpaqueCache(), PARAMS, PROMPTS, num_samples=4, key=rng.key(0), max_new_tokens=8,
+        pad_id=PAD, top_k=20,
+    )  # fmt: skip
+    assert shared.completions() == per_row.completions()
+    torch.testing.assert_close(shared.sampler_logps, per_row.sampler_logps, atol=1e-5, rtol=0)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    subset=st.lists(st.integers(0, len(PROMPTS) - 1), min_size=1, max_size=4, unique=True),
+    seed=st.integers(0, 2**31),
+)
+def test_any_subset_samples_what_the_whole_batch_samples(subset: list[int], seed: int) -> None:
+    keys = prompt_keys(rng.key(seed), len(PROMPTS))
+    whole = _sample(key=rng.key(seed), num_samples=2, max_new_tokens=5)
+    part = _sample([PROMPTS[i] for i in subset], key=keys[subset], num_samples=2, max_new_tokens=5)
+    assert part.completions() == [r for i in subset for r in whole.completions()[2 * i : 2 * i + 2]]
