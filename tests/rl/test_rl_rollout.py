@@ -162,6 +162,12 @@ def test_bad_input_is_one_clear_error() -> None:
         _sample([[1], [2]], key=rng.split(rng.key(0), 3))
     with pytest.raises(ShapeError, match="max_new_tokens"):
         _sample(max_new_tokens=0)
+    with pytest.raises(ShapeError, match="top_p must be in"):
+        _sample(top_p=0.0)
+    with pytest.raises(ShapeError, match="top_k must be"):
+        _sample(top_k=0)
+    with pytest.raises(ShapeError, match="temperature"):
+        _sample(temperature=-1.0)
     assert _sample([]).num_completions == 0
 
 

@@ -85,6 +85,8 @@ def _check(
     num_samples: int,
     max_new_tokens: int,
     temperature: float,
+    top_k: int | None,
+    top_p: float | None,
     key: torch.Tensor,
 ) -> None:
     if num_samples < 1:
@@ -93,6 +95,10 @@ def _check(
         raise ShapeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not temperature >= 0.0:
         raise ShapeError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ShapeError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ShapeError(f"top_p must be in (0, 1] or None, got {top_p}")
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise ShapeError(f"prompt {i} is empty; sampling needs a token to start from")
@@ -210,10 +216,10 @@ def sample_completions(
         ``logits / T`` in float32, whatever top-k/top-p restricted the draw to.
 
     Raises:
-        ShapeError: no prompts is fine (an empty rollout); an empty prompt, a bad count or
-            sampling setting, or a key of the wrong shape is not.
+        ShapeError: an empty prompt, a count or sampling setting out of range, or a key of the
+            wrong shape (no prompts at all gives an empty rollout).
     """
-    _check(prompts, num_samples, max_new_tokens, temperature, key)
+    _check(prompts, num_samples, max_new_tokens, temperature, top_k, top_p, key)
     start = time.perf_counter()
     if device is None:
         device = next(iter(params.values(True, True))).device
