@@ -1,6 +1,21 @@
 """Tasks: one module per training objective (see :mod:`tscale.tasks.base` for the contract)."""
 
 from tscale.tasks.base import TASKS, Task, TaskContext, TaskDefaults, register_task
+from tscale.tasks.kto import KTOTask
+from tscale.tasks.preference import CPOTask, DPOTask, ORPOTask, PreferenceTask, SimPOTask
 from tscale.tasks.sft import SFTTask
 
-__all__ = ["TASKS", "SFTTask", "Task", "TaskContext", "TaskDefaults", "register_task"]
+__all__ = [
+    "TASKS",
+    "CPOTask",
+    "DPOTask",
+    "KTOTask",
+    "ORPOTask",
+    "PreferenceTask",
+    "SFTTask",
+    "SimPOTask",
+    "Task",
+    "TaskContext",
+    "TaskDefaults",
+    "register_task",
+]

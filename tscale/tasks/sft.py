@@ -18,6 +18,7 @@ from tensordict import TensorDict, TensorDictBase
 from tscale.core.fields import field
 from tscale.data.length import LengthBudget, LengthReport
 from tscale.data.loader import batch_iter
+from tscale.data.preference import refuse_preference_records
 from tscale.data.prepare import prepare_examples
 from tscale.losses.lm import make_fused_lm_loss, make_lm_loss
 from tscale.models.generate import greedy
@@ -81,7 +82,8 @@ class SFTTask(TaskDefaults):
 def sft_examples(cfg: Any, encoder: Any, template: Any) -> Callable[..., Any]:
     """Supervised fine-tuning's example stage (``tscale.train.data_build``): fit each record to
     the length budget, render it with the run's template (a ``SelectedTemplate``) and tokenize it
-    with its loss mask (batched, each text encoded once)."""
+    with its loss mask (batched, each text encoded once). Preference records are refused in one
+    line naming the ``task.type`` to set."""
     d = cfg.data
 
     def stage(
@@ -91,6 +93,7 @@ def sft_examples(cfg: Any, encoder: Any, template: Any) -> Callable[..., Any]:
         budget: LengthBudget | None,
         max_length: int | None,
     ) -> tuple[list[Any], LengthReport]:
+        refuse_preference_records(records, places)  # one line: the task.type to set
         template.check(records, encoder)
         return prepare_examples(
             records,
