@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from tscale.core import rng
 from tscale.errors import ShapeError
+from tscale.losses.rl import policy_loss
 from tscale.models import Transformer, TransformerConfig
 from tscale.models.lora import LoraConfig, LoraModel
 from tscale.rl import completion_logps, logprob_mismatch, rollout_batch, sample_completions
@@ -72,6 +73,11 @@ def test_rollout_batch_layouts() -> None:
             assert b["labels"][r][scored].tolist() == row
             assert torch.equal(b["sampler_logps"][r][scored], out.sampler_logps[r, :n])
             assert b["position_ids"][r][b["doc_ids"][r] == 1].tolist() == list(range(len(real)))
+    for b in (left, right):  # back to completion positions, as the RL losses take them
+        by_token = b["sampler_logps"].gather(1, b["completion_index"])
+        assert torch.equal(torch.where(b["completion_mask"], by_token, 0.0), out.sampler_logps)
+        labels = b["labels"].gather(1, b["completion_index"])
+        assert torch.equal(torch.where(b["completion_mask"], labels, PAD), out.completion_ids)
 
 
 def test_lora_stack_reproduces_sampler_logps() -> None:
@@ -136,3 +142,24 @@ def test_logprob_mismatch_edge_cases() -> None:
     assert logprob_mismatch(inf, torch.tensor([0.0, -1.0]), torch.tensor([False, True])) == 0
     with pytest.raises(ShapeError, match="shapes differ"):
         logprob_mismatch(torch.zeros(2), torch.zeros(3), torch.ones(2, dtype=torch.bool))
+
+
+def test_first_update_ratio_is_one_through_the_policy_loss() -> None:
+    """Rollout -> training rows -> forward -> completion positions -> GRPO loss: the ratio of
+    the first update (π_train / π_sampler) is 1 within the contract, so nothing is clipped."""
+    out = _rollout(temperature=0.7, top_p=0.9, stop_ids=[3])
+    batch = rollout_batch(out, layout="right")
+    params = PARAMS.clone().apply(lambda t: t.requires_grad_(True))
+    logits = MODEL.apply(params, {k: batch[k] for k in FORWARD_KEYS})
+    per_pos = completion_logps(logits, batch["labels"], out.temperature)
+    logps = per_pos.gather(1, batch["completion_index"])
+    mask = batch["completion_mask"]
+    advantages = torch.linspace(-1.0, 1.0, out.num_completions)
+    res = policy_loss(logps, out.sampler_logps, advantages, mask.float(), loss_type="dapo")
+    m = res.metrics  # max/min metrics hold their value; a mean holds its weighted sum
+    assert abs(float(m["ratio/max"].value) - 1) <= 1e-5
+    assert abs(float(m["ratio/min"].value) - 1) <= 1e-5
+    assert float(m["clip_ratio/region_mean"].value) == 0
+    want = -(advantages[:, None] * mask).sum()
+    torch.testing.assert_close(res.loss_sum.detach(), want, atol=1e-4, rtol=1e-5)
+    assert res.loss_sum.requires_grad  # the training side builds the graph, the sampler did not

@@ -46,7 +46,11 @@ def rollout_batch(rollout: Rollout, *, layout: Literal["left", "right"] = "right
         A TensorDict of batch size [N*G] with ``input_ids``, ``position_ids`` (from 0 at each
         prompt's first token), ``doc_ids`` (1 real, 0 pad), ``labels`` (pre-shifted: the target
         of the prediction at each position, -100 outside the completions), ``sampler_logps``
-        (float32, aligned with ``labels``, 0 elsewhere), ``group`` and ``truncated``.
+        (float32, aligned with ``labels``, 0 elsewhere), ``group``, ``truncated``, and, for a
+        loss over completion positions ([N*G, M], as :mod:`tscale.losses.rl` takes them),
+        ``completion_index`` [N*G, M] (the column of each completion token's label; 0 past the
+        end) and ``completion_mask`` [N*G, M]: ``x.gather(1, batch["completion_index"])``
+        turns any [N*G, S] per-position tensor into completion positions without a host sync.
     """
     if layout not in ("left", "right"):
         raise ShapeError(f"layout must be 'left' or 'right', got {layout!r}")
@@ -66,6 +70,7 @@ def rollout_batch(rollout: Rollout, *, layout: Literal["left", "right"] = "right
     pos = torch.zeros((rows, seq), dtype=torch.int64)
     doc = torch.zeros((rows, seq), dtype=torch.int64)
     labels = torch.full((rows, seq), IGNORE, dtype=torch.int64)
+    index = torch.zeros(rollout.completion_ids.shape, dtype=torch.int64)
     for r, (start, n) in enumerate(zip(starts, lengths, strict=True)):
         row = prompts[r // g] + completions[r][:n]
         p = len(prompts[r // g])
@@ -73,6 +78,7 @@ def rollout_batch(rollout: Rollout, *, layout: Literal["left", "right"] = "right
         pos[r, start : start + len(row)] = torch.arange(len(row))
         doc[r, start : start + len(row)] = 1
         labels[r, start + p - 1 : start + p - 1 + n] = torch.tensor(completions[r][:n])
+        index[r, :n] = torch.arange(start + p - 1, start + p - 1 + n)
     sampler = torch.zeros((rows, seq), dtype=torch.float32)
     mask = labels != IGNORE
     recorded = rollout.sampler_logps.cpu()
@@ -87,6 +93,8 @@ def rollout_batch(rollout: Rollout, *, layout: Literal["left", "right"] = "right
             "sampler_logps": sampler,
             "group": rollout.group.cpu(),
             "truncated": rollout.truncated.cpu(),
+            "completion_index": index,
+            "completion_mask": rollout.completion_mask().cpu(),
         },
         batch_size=[rows],
     ).to(dev)
