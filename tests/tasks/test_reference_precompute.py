@@ -166,6 +166,15 @@ def test_another_reference_folder_misses(
     assert len(list((tmp_path / "cache").glob("reference-*"))) == 2
 
 
+def test_lora_base_precomputed_equals_lora_base(tmp_path: Path) -> None:
+    lora = ("lora.enabled=true", "lora.rank=4")
+    base, base_eval = run_dpo(tmp_path, "base", *lora, "task.reference=lora_base")
+    pre, pre_eval = run_dpo(tmp_path, "pre", *lora, "task.reference=precomputed")
+    assert pre[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert_rows_close(base, pre)
+    assert_rows_close(base_eval, pre_eval)
+
+
 @pytest.mark.parametrize(
     ("overrides", "says"),
     [

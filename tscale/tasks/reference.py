@@ -147,7 +147,8 @@ def attach_reference_logps(ctx: TaskContext) -> str:
     cached = _load(folder, train, held) if folder is not None else None
     if cached is not None:
         train_values, eval_values = cached
-        line = f"reference log-probs: cached ({folder})"
+        seconds = time.perf_counter() - start
+        line = f"reference log-probs: cached ({folder}, read in {seconds:.2f} s)"
     else:
         ref, rows = reference_apply(ctx), _rows_per_pass(ctx)
         train_values = _token_logps_of(ctx, ref, frozen, train, rows)
