@@ -76,7 +76,7 @@ SMOKE = {
     "max_new_tokens": 4,
 }
 
-TSCALE_READY = False
+TSCALE_READY = True
 """Whether the tscale side runs: the DPO task (``task.type: dpo``) does not exist yet."""
 
 
@@ -347,11 +347,13 @@ def run_trl(seed: int, data: Path, model: Path, work: Path, threads: int) -> dic
 # --------------------------------------------------------------------------------------------
 
 TSCALE_VARIANTS: dict[str, dict[str, Any]] = {
-    "shared_prompt_packed": {"task.share_prompt": True, "data.packing.enabled": True},
+    "shared_prompt_packed": {"task.share_prompt": True, "data.packing.enabled": False},
     "padded_pairs": {"task.share_prompt": False, "data.packing.enabled": False},
 }
-"""tscale's variants: the prompt packed once with both completions after it (several pairs per
-row), and plain padded pairs (each branch the whole prompt + completion, one pair per row)."""
+"""tscale's variants, both at TRL's geometry (16 pairs per step, one pair per row): the prompt
+packed once with both completions after it (the block mask keeps them apart), and plain padded
+pairs (each branch the whole prompt + completion). Packing several pairs per row would change
+the number of pairs per step, so the loss curves would no longer compare step for step."""
 
 
 def tscale_dpo_config(
