@@ -56,6 +56,7 @@ __all__ = [
     "sequence_ends",
     "with_score_head",
     "without_lm_head",
+    "without_logits_index",
 ]
 
 SCORE = "score"
@@ -390,7 +391,7 @@ class RewardModel:
                 "RewardModel.sequence_scores: several rows need RewardHead.pad_id to find each "
                 "row's last token (HF's rule)"
             )
-        scores = self.apply(params, _full(batch), gather=gather, frozen=frozen)
+        scores = self.apply(params, without_logits_index(batch), gather=gather, frozen=frozen)
         return gather_at(scores, last_token_positions(ids, self.head.pad_id))
 
     def group_scores(
@@ -406,7 +407,7 @@ class RewardModel:
         ``(scores [B, S, num_branches, num_labels], valid [B, S, num_branches])`` indexed as
         :func:`sequence_ends` (``[b, doc - 1, branch - 1]``)."""
         positions, valid = sequence_ends(batch, num_branches=num_branches)
-        scores = self.apply(params, _full(batch), gather=gather, frozen=frozen)
+        scores = self.apply(params, without_logits_index(batch), gather=gather, frozen=frozen)
         return gather_at(scores, positions), valid
 
     def init_cache(self, batch_size: int, max_length: int, **kw: Any) -> TensorDict:
@@ -421,7 +422,7 @@ class RewardModel:
         )
 
 
-def _full(batch: Batch) -> Batch:
+def without_logits_index(batch: Batch) -> Batch:
     """``batch`` without ``logits_index``: scores are read at sequence ends, not at the
     positions an LM loss trains."""
     if batch.get("logits_index", None) is None:
