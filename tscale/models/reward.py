@@ -355,8 +355,10 @@ class RewardModel:
         gather: Gather | None = None,
         frozen: Frozen | None = None,
     ) -> torch.Tensor:
-        """Scores ``h @ score.weight.T`` [..., num_labels]."""
-        return F.linear(h, _score_weight(params, gather))
+        """Scores ``h @ score.weight.T`` [..., num_labels], in ``h``'s dtype (the head is cast
+        to it, differentiably: under LoRA with a cast the adapters and head may be in the
+        compute dtype while a frozen base keeps its own)."""
+        return F.linear(h, _score_weight(params, gather).to(h.dtype))
 
     def apply(
         self,
