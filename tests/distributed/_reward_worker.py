@@ -73,7 +73,7 @@ def main() -> None:
 
     mine = [b[rank * B // world : (rank + 1) * B // world] for b in data]
     results = {}
-    for case in ("fsdp", "ddp"):
+    for case in ("fsdp", "ddp", "ddp-overlap"):
         plan = plan_parallel(
             rank, world, rank, *((1, world) if case == "fsdp" else (world, 1)), "cpu"
         )
@@ -90,6 +90,15 @@ def main() -> None:
                     grad_norm=fsdp.sharded_norm(layout),
                     metric_sync=ddp.make_metric_sync(None),
                 )
+            )
+        elif case == "ddp-overlap":  # each group's all-reduce starts in the backward
+            state = TrainState.create(T.clone(full), tx.init(full), R.key(1))
+            overlapped = ddp.OverlappedDDP(None)
+            step = make_train_step(
+                make_reward_loss(overlapped.wrap(model).apply),
+                tx,
+                grad_sync=overlapped.sync,
+                metric_sync=ddp.make_metric_sync(None),
             )
         else:
             state = TrainState.create(T.clone(full), tx.init(full), R.key(1))

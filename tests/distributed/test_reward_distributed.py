@@ -1,5 +1,5 @@
-"""A reward model (score head included) under FSDP and DDP on two gloo processes equals one
-process on the same global batch, with ranks holding uneven numbers of pairs."""
+"""A reward model (score head included) under FSDP and DDP (plain and overlapped) on two gloo
+processes equals one process on the same global batch, with ranks holding uneven pair counts."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory, torchrun) -> dict:
     return json.loads(Path(out).read_text())
 
 
-@pytest.mark.parametrize("case", ["fsdp", "ddp"])
+@pytest.mark.parametrize("case", ["fsdp", "ddp", "ddp-overlap"])
 def test_reward_steps_equal_one_process(two_ranks: dict, case: str) -> None:
     r = two_ranks[case]
     assert r["score_moved"] > 1e-3  # the head trains (sharded over uneven rows under FSDP)
