@@ -325,3 +325,43 @@ def test_gather_at_shapes() -> None:
     out = gather_at(values, positions)
     assert out.shape == (2, 1, 2, 3)
     assert out[1, 0, 0].tolist() == values[1, 1].tolist()
+
+
+def test_group_scores_of_a_shared_prompt_pair_equal_unpacked(tmp_path: Path) -> None:
+    """One group in the shared-prompt layout (prompt once, chosen on branch 1, a copy of the
+    last prompt token and rejected on branch 2): each side's score equals HF's score of
+    prompt + that completion alone. Needs the branch mask in the attention (the group layout's
+    attention rule); skipped while the model's forward ignores ``branch_ids``."""
+    hf = _hf_model("llama", "SequenceClassification", num_labels=1, pad_token_id=PAD)
+    hf.save_pretrained(tmp_path)
+    loaded = load_reward_model(tmp_path)
+    g = torch.Generator().manual_seed(4)
+    prompt = torch.randint(3, VOCAB, (4,), generator=g)
+    chosen = torch.cat([torch.randint(3, VOCAB, (2,), generator=g), torch.tensor([EOS])])
+    rejected = torch.cat([torch.randint(3, VOCAB, (3,), generator=g), torch.tensor([EOS])])
+    ids = torch.cat([prompt, chosen, prompt[-1:], rejected])[None]
+    branch = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2]])
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 3, 4, 5, 6, 7]])
+    batch = {
+        "input_ids": ids,
+        "doc_ids": torch.ones_like(ids),
+        "branch_ids": branch,
+        "position_ids": positions,
+    }
+    with torch.no_grad():
+        masked = loaded.model.apply(loaded.params, batch)
+        plain = loaded.model.apply(
+            loaded.params, {k: v for k, v in batch.items() if k != "branch_ids"}
+        )
+    if torch.allclose(masked, plain):
+        pytest.skip("the model's attention does not apply branch_ids yet (attn-branch)")
+    scores, valid = loaded.model.group_scores(loaded.params, batch)
+    assert valid[0, 0].tolist() == [True, True]
+    pair = torch.nn.utils.rnn.pad_sequence(
+        [torch.cat([prompt, chosen]), torch.cat([prompt, rejected])],
+        batch_first=True,
+        padding_value=PAD,
+    )
+    with torch.no_grad():
+        alone = hf(input_ids=pair, attention_mask=(pair != PAD).long()).logits[:, 0]
+    torch.testing.assert_close(scores[0, 0, :, 0], alone, rtol=1e-5, atol=1e-5)

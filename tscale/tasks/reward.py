@@ -28,7 +28,7 @@ from tscale.core import metrics as M
 from tscale.core import tree as T
 from tscale.core.fields import field
 from tscale.data.loader import batch_iter
-from tscale.errors import ShapeError
+from tscale.errors import ConfigError, ShapeError
 from tscale.losses.preference import bradley_terry_loss
 from tscale.models.protocol import frozen_kw
 from tscale.models.reward import (
@@ -178,8 +178,9 @@ class RewardTask(TaskDefaults):
 
     def examples(self, cfg: Any, encoder: Any, template: Any) -> Callable[..., Any]:
         """The preference data stage (pairs → group documents); wired by the integrator."""
-        raise NotImplementedError(
-            "task.type reward: the preference data stage is not wired into RewardTask yet"
+        raise ConfigError(
+            "task.type reward: the preference data stage (prompt/chosen/rejected → group "
+            "documents) is not wired into the reward task yet"
         )
 
     def wrap_model(
