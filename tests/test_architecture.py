@@ -28,7 +28,9 @@ ALLOWED: dict[str, set[str]] = {
     "parallel": {"core", "optim", "losses", "step", "models", "kernels", "errors"},
     "checkpoint": {"core", "errors", "config", "models", "optim"},
     # one module per objective: the pieces a loss, a pre-pass and an eval are made of
-    "tasks": {"core", "errors", "data", "losses", "models", "step", "kernels"},
+    "tasks": {"core", "errors", "data", "losses", "models", "step", "kernels", "rewards"},
+    # reward functions: user callables on decoded text, scored on the host
+    "rewards": {"core", "errors"},
     "testing": {"core", "errors", "optim", "step", "losses"},
     "train": {"*"},
     "cli": {"*"},

@@ -30,3 +30,8 @@ class ShapeError(TscaleError):
 class TrainingError(TscaleError):
     """Training cannot go on as configured (e.g. every step's gradients are non-finite); the
     message says what happened, where the last good checkpoint is, and which key to change."""
+
+
+class RewardError(TrainingError):
+    """A reward function broke its contract (wrong length or type, a non-finite value, a column
+    it needs is missing) or raised too often; the message names the function."""

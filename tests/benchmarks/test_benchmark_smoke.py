@@ -49,6 +49,7 @@ class Case:
 
 CASES: dict[str, Case] = {
     "step_throughput": Case(),
+    "group_layout": Case(),
     "generate": Case(),
     "optimizers": Case(needs=("bitsandbytes",)),
     "data_pipeline": Case(

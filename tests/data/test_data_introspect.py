@@ -160,6 +160,14 @@ def test_every_format_is_detectable():
         "sharegpt": (["conversations"], [{"conversations": SHAREGPT}]),
         "preference": (["chosen", "rejected"], [{"chosen": "a", "rejected": "b"}]),
         "preference_chat": (["chosen", "rejected"], [{"chosen": CHAT, "rejected": CHAT}]),
+        "unpaired_preference": (
+            ["prompt", "completion", "label"],
+            [{"prompt": "p", "completion": "c", "label": True}],
+        ),
+        "unpaired_preference_chat": (
+            ["prompt", "completion", "label"],
+            [{"prompt": CHAT[:1], "completion": CHAT[1:], "label": False}],
+        ),
     }
     assert set(cases) == set(FORMAT_FIELDS)
     for fmt, (columns, rows) in cases.items():

@@ -16,7 +16,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from tscale.kernels import _aot, _dispatch  # noqa: E402
-from tscale.kernels.flash_attention import document_bounds  # noqa: E402
+from tscale.kernels.flash_attention import branch_bounds, document_bounds  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(_aot.bundled_tool("ptxas") is None, reason="no ptxas in this triton wheel"),
@@ -52,6 +52,13 @@ ATTENTION = {
         {"causal": True, "doc": True, "window": 256, "softcap": 50.0},
     ),
     "fp32-d32-full": (torch.float32, 32, 512, {"causal": False}),
+    "bf16-d128-branches": (torch.bfloat16, 128, 1024, {"causal": True, "branch": True}),
+    "fp16-d64-branches-window-softcap": (
+        torch.float16,
+        64,
+        777,
+        {"causal": True, "branch": True, "window": 128, "softcap": 30.0},
+    ),
 }
 
 
@@ -62,9 +69,15 @@ def test_attention_compiles(variant: str):
     q = torch.empty(2, 8, s, d, dtype=dtype)
     k = torch.empty(2, 2, s, d, dtype=dtype)
     doc = first = last = None
+    masks: dict[str, torch.Tensor] = {}
     if kw.get("doc"):
         doc = torch.zeros(1, s, dtype=torch.int32)
         first, last = document_bounds(doc)
+    if kw.get("branch"):
+        doc = torch.zeros(2, s, dtype=torch.int32)
+        branch = torch.zeros(2, s, dtype=torch.int32)
+        first, last, first2, last2, key_first, key_last = branch_bounds(doc, branch)
+        masks = {"branch": branch, "first2": first2, "last2": last2}
     opts = {
         "causal": kw["causal"],
         "window": kw.get("window"),
@@ -73,8 +86,10 @@ def test_attention_compiles(variant: str):
     }
     names = ("_attn_fwd", "_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq")
     with _aot.capture(mod, *names) as calls:
-        o, lse = mod.attn_forward(q, k, k, doc, first, last, **opts)
-        mod.attn_backward(o, q, k, k, o, lse, doc, first, last, **opts)
+        o, lse = mod.attn_forward(q, k, k, doc, first, last, **masks, **opts)
+        if masks:
+            masks |= {"key_first": key_first, "key_last": key_last}
+        mod.attn_backward(o, q, k, k, o, lse, doc, first, last, **masks, **opts)
     assert [c[0].__name__ for c in calls] == list(names)
     _compile_all(calls, 90)
 

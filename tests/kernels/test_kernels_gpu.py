@@ -136,12 +136,47 @@ def _packed_doc_ids(b: int, s: int, seed: int = 0) -> torch.Tensor:
     return torch.tensor(rows, device=DEV)
 
 
+def _packed_branch_ids(b: int, s: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Preference groups packed in rows: per document a prompt (branch 0) and 1-6 completions
+    (branches 1, 2, ...), random lengths; the row's tail is padding (document 0)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def n(lo: int, hi: int) -> int:
+        return int(torch.randint(lo, hi, (1,), generator=g))
+
+    docs, branches = [], []
+    for _ in range(b):
+        doc, branch, d = [], [], 1
+        while len(doc) < s:
+            completions = [n(10, 300) for _ in range(n(1, 7))]
+            doc += [d] * (n(10, 400) + sum(completions))
+            branch += [0] * (len(doc) - len(branch) - sum(completions))
+            for k, c in enumerate(completions, start=1):
+                branch += [k] * c
+            d += 1
+        pad = n(0, 200)
+        docs.append(doc[: s - pad] + [0] * pad)
+        branches.append(branch[: s - pad] + [0] * pad)
+    return torch.tensor(docs, device=DEV), torch.tensor(branches, device=DEV)
+
+
+def _mask_kw(kw: dict, b: int, s: int) -> dict:
+    kw = dict(kw)
+    if kw.get("doc_ids") == "packed":
+        kw["doc_ids"] = _packed_doc_ids(b, s)
+    if kw.get("branch_ids") == "packed":
+        kw["doc_ids"], kw["branch_ids"] = _packed_branch_ids(b, s)
+    return kw
+
+
 ATTN = {
     "d128-causal": (2, 16, 4, 2048, 128, {}),
     "d64-full": (2, 8, 8, 1024, 64, {"causal": False}),
     "d128-packed": (2, 16, 4, 2048, 128, {"doc_ids": "packed"}),
     "d128-window-softcap-ragged": (1, 8, 2, 1000, 128, {"window": 256, "softcap": 50.0}),
     "d64-mqa-packed-window": (1, 8, 1, 2048, 64, {"doc_ids": "packed", "window": 128}),
+    "d128-branches": (2, 16, 4, 2048, 128, {"branch_ids": "packed"}),
+    "d64-branches-softcap-ragged": (2, 8, 2, 1000, 64, {"branch_ids": "packed", "softcap": 30.0}),
 }
 
 
@@ -149,9 +184,7 @@ ATTN = {
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_attention_16bit(case: str, dtype: torch.dtype):
     b, hq, hkv, s, d, kw = ATTN[case]
-    kw = dict(kw)
-    if kw.get("doc_ids") == "packed":
-        kw["doc_ids"] = _packed_doc_ids(b, s)
+    kw = _mask_kw(kw, b, s)
     q, k, v, do = _qkv(b, hq, hkv, s, d, dtype)
     ins32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
     ref = attention_reference(*ins32, **kw)
@@ -166,12 +199,16 @@ def test_attention_16bit(case: str, dtype: torch.dtype):
 
 
 @pytest.mark.parametrize(
-    "kw", [{}, {"doc_ids": "packed", "window": 100, "softcap": 20.0}], ids=["causal", "everything"]
+    "kw",
+    [
+        {},
+        {"doc_ids": "packed", "window": 100, "softcap": 20.0},
+        {"branch_ids": "packed", "window": 100, "softcap": 20.0},
+    ],
+    ids=["causal", "everything", "branches"],
 )
 def test_attention_fp32_tight(kw):
-    kw = dict(kw)
-    if kw.get("doc_ids") == "packed":
-        kw["doc_ids"] = _packed_doc_ids(1, 512)
+    kw = _mask_kw(kw, 1, 512)
     q, k, v, do = _qkv(1, 4, 2, 512, 64, torch.float32)
     ref = attention_reference(q, k, v, **kw)
     out = attention(q, k, v, backend="triton", **kw)

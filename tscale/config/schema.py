@@ -143,7 +143,17 @@ class PackingConfig:
     )
 
 
-_FORMAT = Literal["auto", "prompt_completion", "alpaca", "chat", "sharegpt"]
+_FORMAT = Literal[
+    "auto",
+    "prompt_completion",
+    "alpaca",
+    "chat",
+    "sharegpt",
+    "preference",
+    "preference_chat",
+    "unpaired_preference",
+    "unpaired_preference_chat",
+]
 _STRATEGY = Literal["smart", "sentence_boundary", "word_boundary", "hard"]
 
 

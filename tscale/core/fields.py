@@ -84,12 +84,14 @@ def field(
     le: float | None = None,
     lt: float | None = None,
     sentinels: dict[Any, str] | None = None,
+    finite: bool = False,
     **kw: Any,
 ) -> Any:
-    """An attrs field with ``metadata["help"]`` and, when a bound or sentinel is given,
-    ``metadata["domain"]`` (a :class:`Domain`). A list or dict default is copied per record."""
+    """An attrs field with ``metadata["help"]`` and, when a bound or sentinel is given (or
+    ``finite``: any finite number), ``metadata["domain"]`` (a :class:`Domain`). A list or dict
+    default is copied per record."""
     metadata: dict[str, Any] = {"help": help}
-    if any(b is not None for b in (ge, gt, le, lt)) or sentinels:
+    if finite or any(b is not None for b in (ge, gt, le, lt)) or sentinels:
         metadata["domain"] = Domain(ge=ge, gt=gt, le=le, lt=lt, sentinels=dict(sentinels or {}))
     if isinstance(default, list | dict):
         return attrs.field(factory=lambda d=default: type(d)(d), metadata=metadata, **kw)

@@ -7,9 +7,12 @@ The path the trainer uses (``tscale.train.data_build.build_data``): JSON-lines f
 weight (``mix_sources``) → ``prepare_examples`` (length budget ``fit_record`` via
 ``LengthBudget``, template ``render``, ``tokenize_encoded``, every text encoded once in a batch)
 → ``pack_examples`` → ``BatchLoader``; or, with ``data.streaming``, the same stages on the fly
-in a ``StreamingBatchLoader`` (``StreamingPacker``, cursor with the stream position).
+in a ``StreamingBatchLoader`` (``StreamingPacker``, cursor with the stream position). Preference
+rows (prompt/chosen/rejected; KTO's prompt/completion/label) go through
+``encode_preferences`` instead (``preference_examples``, the preference tasks' stage).
 """
 
+from tscale.data.groups import GROUP_FIELDS, group_document, single_document_row
 from tscale.data.hf_tokenizer import add_tokens, load_encoder, save_tokenizer_folder
 from tscale.data.introspect import (
     FORMATS,
@@ -41,6 +44,13 @@ from tscale.data.pack import (
     cu_seqlens_from_doc_ids,
     pack_examples,
 )
+from tscale.data.preference import (
+    PreferenceLimits,
+    encode_preferences,
+    preference_examples,
+    preference_kind,
+    split_implicit_prompt,
+)
 from tscale.data.prepare import prepare_examples
 from tscale.data.prompt import (
     LOSS_MODES,
@@ -71,6 +81,7 @@ from tscale.data.tokenize import (
 
 __all__ = [
     "FORMATS",
+    "GROUP_FIELDS",
     "IGNORE_INDEX",
     "LOSS_MODES",
     "SPECIAL_TOKENS",
@@ -85,6 +96,7 @@ __all__ = [
     "LengthReport",
     "LoadReport",
     "PackReport",
+    "PreferenceLimits",
     "RenderedSample",
     "SourceInfo",
     "StreamingBatchLoader",
@@ -97,11 +109,13 @@ __all__ = [
     "collate_packed",
     "cu_seqlens_from_doc_ids",
     "detect_format",
+    "encode_preferences",
     "fingerprint",
     "fit_record",
     "fit_records",
     "generate",
     "get_template",
+    "group_document",
     "inspect_source",
     "iter_canonical",
     "length_histogram",
@@ -116,11 +130,15 @@ __all__ = [
     "mix_sources",
     "normalize_sharegpt",
     "pack_examples",
+    "preference_examples",
+    "preference_kind",
     "prepare_examples",
     "render",
     "render_messages",
     "resolve_source",
     "save_tokenizer_folder",
+    "single_document_row",
+    "split_implicit_prompt",
     "template_from_tokenizer_config",
     "text_columns",
     "to_messages",

@@ -36,6 +36,8 @@ FORMATS: tuple[str, ...] = (
     "sharegpt",
     "preference",
     "preference_chat",
+    "unpaired_preference",
+    "unpaired_preference_chat",
     "unknown",
 )
 """The record formats :func:`detect_format` can report."""
@@ -48,8 +50,15 @@ FORMAT_FIELDS: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "sharegpt": (("messages",), ()),
     "preference": (("chosen", "rejected"), ("prompt", "system")),
     "preference_chat": (("chosen", "rejected"), ("prompt",)),
+    "unpaired_preference": (("prompt", "completion", "label"), ("system",)),
+    "unpaired_preference_chat": (("prompt", "completion", "label"), ()),
 }
-"""Format → (required, optional) canonical fields. ShareGPT canonicalizes to ``messages``."""
+"""Format → (required, optional) canonical fields. ShareGPT canonicalizes to ``messages``.
+
+Paired preference rows (``preference``: strings; ``preference_chat``: the prompt a conversation,
+chosen/rejected lists of messages, or, without a prompt, whole conversations sharing a prefix)
+train DPO and its kin; unpaired rows (``unpaired_preference``/``_chat``: prompt, completion and a
+boolean ``label``, desirable or not) train KTO (see :mod:`tscale.data.preference`)."""
 
 SYNONYMS: Mapping[str, tuple[str, ...]] = {
     "prompt": (
@@ -68,6 +77,7 @@ SYNONYMS: Mapping[str, tuple[str, ...]] = {
     ),
     "text": ("text", "content", "document", "body", "raw_text"),
     "system": ("system", "system_prompt"),
+    "label": ("label", "desirable", "is_desirable", "kto_label"),
 }  # fmt: skip
 """Canonical field → column names that mean it (compared case-insensitively, first match wins).
 
@@ -76,6 +86,9 @@ A user ``column_map`` (``{canonical: column}``) takes precedence over this table
 
 CANONICAL_FIELDS: tuple[str, ...] = tuple(SYNONYMS)
 _NON_EMPTY = frozenset({"text", "completion", "instruction", "output", "chosen", "rejected"})
+_PAIRED = ("preference", "preference_chat")
+_UNPAIRED = ("unpaired_preference", "unpaired_preference_chat")
+_CHAT_VALUED = ("preference_chat", "unpaired_preference_chat")  # their values may be messages
 
 
 @attrs.frozen
@@ -160,6 +173,12 @@ def _message_style(values: Sequence[Any]) -> str | None:
     return best if votes[best] else None
 
 
+def _boolean_labels(values: Sequence[Any]) -> bool:
+    """Whether the non-None values are booleans (an unpaired preference ``label``), by majority."""
+    seen = [v for v in values if v is not None]
+    return bool(seen) and 2 * sum(isinstance(v, bool) for v in seen) > len(seen)
+
+
 def _check_column_map(column_map: Mapping[str, str], columns: Sequence[str]) -> dict[str, str]:
     out = {}
     for field, column in column_map.items():
@@ -186,10 +205,12 @@ def detect_format(
 ) -> tuple[str, dict[str, str]]:
     """The record format and the canonical field → column mapping of a table.
 
-    Preference (``chosen``/``rejected``) is tried first, then conversations, alpaca
-    (``instruction`` + ``output``), prompt/completion, then ``text``. Conversation columns are
-    recognised by name or by value: any column whose values are lists of ``{role, content}``
-    (chat) or ``{from, value}`` (ShareGPT).
+    Paired preference (``chosen``/``rejected``) is tried first, then unpaired preference
+    (``prompt``/``completion`` with a boolean ``label``), conversations, alpaca
+    (``instruction`` + ``output``), prompt/completion, then ``text``. A preference format whose
+    chosen (or completion) values are lists of messages is the ``_chat`` one, forced or not.
+    Conversation columns are recognised by name or by value: any column whose values are lists
+    of ``{role, content}`` (chat) or ``{from, value}`` (ShareGPT).
 
     Args:
         columns: the column names.
@@ -226,6 +247,17 @@ def detect_format(
     def style(col: str) -> str | None:
         return _message_style([r.get(col) for r in rows if r.get(col) is not None])
 
+    def chat_kind(fmt: str, found: dict[str, str]) -> tuple[str, dict[str, str]]:
+        """A preference format and its fields, ``_chat`` when its values are messages."""
+        answer = found["chosen" if fmt in _PAIRED else "completion"]
+        if (
+            style(answer) is None
+            and (style(found["prompt"]) if "prompt" in found else None) is None
+        ):
+            return fmt.removesuffix("_chat"), found
+        found.pop("system", None)
+        return (fmt if fmt.endswith("_chat") else f"{fmt}_chat"), found
+
     if format != "auto":
         found = fields(format)
         if found is None:
@@ -242,14 +274,16 @@ def detect_format(
                     f"format {format!r}, but column {found['messages']!r} holds {seen} turns "
                     f"({'role/content' if seen == 'chat' else 'from/value'}); use format {seen}"
                 )
+        if format in (*_PAIRED, *_UNPAIRED):
+            return chat_kind(format, found)
         return format, found
 
     found = fields("preference")
     if found is not None:
-        if style(found["chosen"]) is not None:
-            found.pop("system", None)
-            return "preference_chat", found
-        return "preference", found
+        return chat_kind("preference", found)
+    found = fields("unpaired_preference")
+    if found is not None and _boolean_labels([r.get(found["label"]) for r in rows]):
+        return chat_kind("unpaired_preference", found)
     found = fields("chat")
     if found is not None and (seen := style(found["messages"])) is not None:
         return seen, found
@@ -514,13 +548,20 @@ def canonicalize(
             value = got.value["messages"]
             if not value:
                 return Err(f"messages empty (column {col!r})", dict(record), where)
-        elif field == "messages" or (fmt == "preference_chat" and isinstance(value, list)):
+        elif field == "label":  # unpaired preference: desirable (true) or not (false)
+            if not isinstance(value, bool):
+                return Err(
+                    f"label not a boolean (column {col!r} holds {_type_name(value)})",
+                    dict(record),
+                    where,
+                )
+        elif field == "messages" or (fmt in _CHAT_VALUED and isinstance(value, list)):
             # chat turns; preference_chat's chosen/rejected (and a prompt given as turns)
             why = _check_messages(value, field)
             if why is not None:
                 return Err(f"{why} (column {col!r})", dict(record), where)
             value = _messages(value)
-        elif fmt == "preference_chat" and field != "prompt":
+        elif fmt in _CHAT_VALUED and field != "prompt":
             return Err(
                 f"{field} not a list of messages (column {col!r} holds {_type_name(value)})",
                 dict(record),
@@ -553,6 +594,13 @@ def iter_canonical(
 
 SFT_SHAPES: tuple[str, ...] = ("prompt_completion", "alpaca", "chat", "sharegpt")
 """The formats supervised fine-tuning reads."""
+
+PREFERENCE_SHAPES: tuple[str, ...] = (*_PAIRED, *_UNPAIRED)
+"""The formats the preference tasks read (paired: DPO and kin; unpaired: KTO)."""
+
+RECORD_SHAPES: tuple[str, ...] = (*SFT_SHAPES, *PREFERENCE_SHAPES)
+"""The formats the reader canonicalizes; the task's example stage refuses the ones it cannot
+train (one line naming the ``task.type`` to set)."""
 
 
 def without_empty_system(record: dict) -> dict:
@@ -592,14 +640,15 @@ def canonical_row(
     *,
     where: str,
     per_row: bool = True,
-    shapes: Sequence[str] = SFT_SHAPES,
+    shapes: Sequence[str] = RECORD_SHAPES,
 ) -> tuple[Ok[dict] | Err, str]:
     """One row canonicalized: ``(Ok(record) | Err, format)``.
 
     With the source's ``info`` the row is read in the source's format; when that fails and
     ``per_row`` (``format: auto``), the row's own format is detected (:func:`row_info`) and, when
     it is another one of ``shapes``, the row is read in it: a file that mixes prompt/completion,
-    alpaca and chat rows trains every row. Without ``info`` only the row's own format is used.
+    alpaca and chat rows trains every row (preference rows are read too; the task's example
+    stage says when they are not its own). Without ``info`` only the row's own format is used.
     """
     first: Ok[dict] | Err | None = None
     fmt = "unknown"

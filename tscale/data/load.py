@@ -402,13 +402,21 @@ def row_shape(row: Mapping[str, Any]) -> str:
     return "prompt_completion"
 
 
+def preference_row(row: Mapping[str, Any]) -> bool:
+    """Whether a row is preference data: ``chosen`` and ``rejected`` (paired), or a
+    ``completion`` with a boolean ``label`` (unpaired, KTO's)."""
+    paired = "chosen" in row and "rejected" in row
+    return paired or ("completion" in row and isinstance(row.get("label"), bool))
+
+
 def record_of(row: dict[str, Any], where: str) -> tuple[Ok[dict] | Err, str]:
     """One row of ``data.train_files`` as a record: ``(Ok(record) | Err, shape)``.
 
-    A row in tscale's own shape is validated and kept whole (extra columns too); any other row
-    has its own shape detected and is canonicalized (alpaca, ``question``/``answer`` …).
+    A row in tscale's own SFT shape is validated and kept whole (extra columns too); any other
+    row (preference rows included) has its own shape detected and is canonicalized (alpaca,
+    ``question``/``answer``, prompt/chosen/rejected …).
     """
-    if own_shape(row):
+    if own_shape(row) and not preference_row(row):
         return validate_record(row, where), row_shape(row)
     from tscale.data.introspect import canonical_row  # introspect → sources → this module
 

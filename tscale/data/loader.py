@@ -27,8 +27,8 @@ from tscale.data.tokenize import IGNORE_INDEX
 from tscale.errors import DataError
 
 # Padding value of every per-token field a batch may carry.
-_PAD_VALUES = {"labels": IGNORE_INDEX, "position_ids": 0, "doc_ids": 0}
-_FIELDS = ("input_ids", "labels", "position_ids", "doc_ids")
+_PAD_VALUES = {"labels": IGNORE_INDEX, "position_ids": 0, "doc_ids": 0, "branch_ids": 0}
+_FIELDS = ("input_ids", "labels", "position_ids", "doc_ids", "branch_ids")
 _GROUP_FACTOR = 50  # length grouping sorts within "megabatches" of this many batches
 
 
@@ -70,7 +70,8 @@ def _collate(
     rows: Sequence[dict[str, torch.Tensor]], pad_id: int, pad_to_multiple_of: int
 ) -> TensorDict:
     """Right-pad to the longest row rounded up to ``pad_to_multiple_of``; padded labels are -100,
-    padded ``position_ids``/``doc_ids`` 0 (doc 0 is padding: no real token attends to it)."""
+    padded ``position_ids``/``doc_ids``/``branch_ids`` 0 (doc 0 is padding: no real token attends
+    to it)."""
     length = _round_up(max(r["input_ids"].numel() for r in rows), pad_to_multiple_of)
     out = {}
     for name in rows[0]:
@@ -152,7 +153,8 @@ class BatchLoader:
 
     Args:
         examples: dicts with ``input_ids`` and ``labels`` (and optionally ``position_ids``,
-            ``doc_ids`` for packed rows), all of one length per example.
+            ``doc_ids`` for packed rows, ``branch_ids`` for group documents, see
+            :mod:`tscale.data.groups`), all of one length per example.
         batch_size: rows per global batch (the most rows when ``max_tokens`` is set).
         seed: seeds every epoch's order together with the epoch number.
         shuffle: shuffle each epoch (else the given order).
@@ -169,9 +171,9 @@ class BatchLoader:
             :func:`plan_epoch`).
 
     Batches are TensorDicts of int64 ``[B, L]`` fields, right-padded (ids with ``pad_id``, labels
-    with -100, ``position_ids``/``doc_ids`` with 0). Iterating never ends; it starts at the cursor
-    and moves it, so ``state_dict()`` taken after ``next(it)`` names the batch that comes next
-    (prefetched batches do not move the cursor).
+    with -100, ``position_ids``/``doc_ids``/``branch_ids`` with 0). Iterating never ends; it
+    starts at the cursor and moves it, so ``state_dict()`` taken after ``next(it)`` names the
+    batch that comes next (prefetched batches do not move the cursor).
     """
 
     def __init__(

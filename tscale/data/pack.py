@@ -19,12 +19,19 @@ a document takes exactly ``len(input_ids)`` positions of a row.
 its own document: positions restart at 0 in every chunk, and by the rule above the label at each
 chunk's last position is -100, so the first token of the next chunk is never a target (it would be
 predicted across the cut, from a context the chunk does not see).
+
+**Documents with their own layout.** An example may carry ``position_ids`` and/or ``branch_ids``
+(a group document from :func:`tscale.data.groups.group_document`: a shared prompt and its
+completions as branches). The packer keeps them as they are (instead of making positions
+0, 1, ...) and packs ``branch_ids`` beside ``doc_ids`` (0 for documents without). Such a document
+is never split: with ``split_overflow`` too, one longer than ``max_length`` is dropped and counted
+in ``dropped_too_long``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 import numpy as np
@@ -34,8 +41,17 @@ from tensordict import TensorDict
 from tscale.data.tokenize import IGNORE_INDEX
 from tscale.errors import DataError
 
-Segment = tuple[np.ndarray, np.ndarray]
-"""A document (or a chunk of one) to pack: ``(input_ids, labels)``, int64 arrays."""
+
+class Segment(NamedTuple):
+    """A document (or a chunk of one) to pack: int64 arrays of one length. ``position_ids`` and
+    ``branch_ids`` are the document's own (a group document, :mod:`tscale.data.groups`) or None
+    (positions 0, 1, ... and branch 0 are made when packed)."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    position_ids: np.ndarray | None = None
+    branch_ids: np.ndarray | None = None
+
 
 _STATE_FORMAT = "tscale.data.pack.StreamingPacker/1"
 
@@ -105,7 +121,7 @@ def _segments(
     """The segments of one example and what happened: ``ok``, ``split``, ``too_long``, ``empty``.
 
     Raises:
-        DataError: the example lacks ``input_ids``/``labels`` or their lengths differ.
+        DataError: the example lacks ``input_ids``/``labels`` or its fields differ in length.
     """
     try:
         ids, labels = example["input_ids"], example["labels"]
@@ -118,15 +134,25 @@ def _segments(
             f"example {index}: input_ids ({len(ids)}) and labels ({len(labels)}) differ in length"
         )
     ids, labels = _int_array(ids, index, "input_ids"), _int_array(labels, index, "labels")
+    own = {}
+    for name in ("position_ids", "branch_ids"):
+        if example.get(name) is not None:
+            own[name] = _int_array(example[name], index, name)
+            if len(own[name]) != len(ids):
+                raise DataError(
+                    f"example {index}: {name} ({len(own[name])}) and input_ids ({len(ids)}) "
+                    "differ in length"
+                )
     n = len(ids)
     if n == 0:
         return [], "empty"
     if n <= max_length:
-        return [(ids, labels)], "ok"
-    if not split_overflow:
+        return [Segment(ids, labels, own.get("position_ids"), own.get("branch_ids"))], "ok"
+    if not split_overflow or own:  # a document with its own layout is never cut
         return [], "too_long"
     chunks = [
-        (ids[i : i + max_length], labels[i : i + max_length]) for i in range(0, n, max_length)
+        Segment(ids[i : i + max_length], labels[i : i + max_length])
+        for i in range(0, n, max_length)
     ]
     return chunks, "split"
 
@@ -144,19 +170,28 @@ def _int_array(values: Any, index: int | str, name: str) -> np.ndarray:
 
 def _assemble(segments: Sequence[Segment], with_cu_seqlens: bool) -> tuple[dict, int]:
     """One pack from its segments, and how many last-position labels had to be masked."""
-    lengths = np.fromiter((len(ids) for ids, _ in segments), dtype=np.int64, count=len(segments))
+    lengths = np.fromiter((len(s.input_ids) for s in segments), np.int64, count=len(segments))
     ends = np.cumsum(lengths)
-    labels = np.concatenate([labs for _, labs in segments])
+    labels = np.concatenate([s.labels for s in segments])
     last = ends - 1  # the label here would target the first token after the document
     masked = int(np.count_nonzero(labels[last] != IGNORE_INDEX))
     labels[last] = IGNORE_INDEX
-    starts = np.repeat(ends - lengths, lengths)
+    positions = [
+        np.arange(len(s.input_ids)) if s.position_ids is None else s.position_ids for s in segments
+    ]
     pack = {
-        "input_ids": np.concatenate([ids for ids, _ in segments]).tolist(),
+        "input_ids": np.concatenate([s.input_ids for s in segments]).tolist(),
         "labels": labels.tolist(),
-        "position_ids": (np.arange(int(ends[-1])) - starts).tolist(),
+        "position_ids": np.concatenate(positions).tolist(),
         "doc_ids": np.repeat(np.arange(1, len(segments) + 1), lengths).tolist(),
     }
+    if any(s.branch_ids is not None for s in segments):
+        pack["branch_ids"] = np.concatenate(
+            [
+                np.zeros(len(s.input_ids), np.int64) if s.branch_ids is None else s.branch_ids
+                for s in segments
+            ]
+        ).tolist()
     if with_cu_seqlens:
         pack["cu_seqlens"] = [0, *ends.tolist()]
     return pack, masked
@@ -277,8 +312,8 @@ def pack_examples(
         counts.example(kind, len(segs))
         segments += segs
     by_length: list[list[int]] = [[] for _ in range(max_length + 1)]
-    for i, (ids, _) in enumerate(segments):
-        by_length[len(ids)].append(i)
+    for i, seg in enumerate(segments):
+        by_length[len(seg.input_ids)].append(i)
     bins: list[list[int]] = []
     index = _CapacityIndex(max_length)
     for n in range(max_length, 0, -1):
@@ -374,7 +409,7 @@ class StreamingPacker:
         self._counts.example(kind, len(segs))
         out = []
         for seg in segs:
-            n = len(seg[0])
+            n = len(seg.input_ids)
             if n == self.max_length:
                 out.append(self._emit([seg]))
                 continue
@@ -422,8 +457,10 @@ class StreamingPacker:
                 {
                     "id": b,
                     "tick": row.tick,
-                    "input_ids": [ids.tolist() for ids, _ in row.segments],
-                    "labels": [labs.tolist() for _, labs in row.segments],
+                    "input_ids": [s.input_ids.tolist() for s in row.segments],
+                    "labels": [s.labels.tolist() for s in row.segments],
+                    "position_ids": [_list_or_none(s.position_ids) for s in row.segments],
+                    "branch_ids": [_list_or_none(s.branch_ids) for s in row.segments],
                 }
                 for b, row in rows
             ],
@@ -449,13 +486,19 @@ class StreamingPacker:
             self._next_id, self._tick = int(state["next_id"]), int(state["tick"])
             self._pushed = int(state["pushed"])
             for row in state["rows"]:  # saved in tick order: rebuilds each capacity's stack order
+                n = len(row["input_ids"])
+                own = [row.get(name) or [None] * n for name in ("position_ids", "branch_ids")]
                 segments = [
-                    (np.asarray(ids, dtype=np.int64), np.asarray(labs, dtype=np.int64))
-                    for ids, labs in zip(row["input_ids"], row["labels"], strict=True)
+                    Segment(*(None if f is None else np.asarray(f, dtype=np.int64) for f in seg))
+                    for seg in zip(row["input_ids"], row["labels"], *own, strict=True)
                 ]
-                if any(a.ndim != 1 or len(a) != len(b) for a, b in segments):
-                    raise ValueError(f"row {row['id']}: input_ids and labels differ in shape")
-                free = self.max_length - sum(len(ids) for ids, _ in segments)
+                if any(
+                    f is not None and (f.ndim != 1 or len(f) != len(s.input_ids))
+                    for s in segments
+                    for f in s
+                ):
+                    raise ValueError(f"row {row['id']}: a segment's fields differ in shape")
+                free = self.max_length - sum(len(s.input_ids) for s in segments)
                 if not 0 < free < self.max_length:
                     raise ValueError(f"row {row['id']} holds {self.max_length - free} tokens")
                 b = int(row["id"])
@@ -470,6 +513,10 @@ class StreamingPacker:
             raise DataError(f"bad StreamingPacker state: {e}") from e
 
 
+def _list_or_none(values: np.ndarray | None) -> list[int] | None:
+    return None if values is None else values.tolist()
+
+
 def collate_packed(
     packs: Sequence[Mapping[str, Sequence[int]]],
     *,
@@ -477,20 +524,30 @@ def collate_packed(
     length: int | None = None,
     pad_to_multiple_of: int = 1,
 ) -> TensorDict:
-    """A TensorDict batch ``{"input_ids", "labels", "position_ids", "doc_ids"}``, int64 ``[B, S]``.
+    """A TensorDict batch ``{"input_ids", "labels", "position_ids", "doc_ids"}``, int64 ``[B, S]``,
+    plus ``branch_ids`` when the packs carry them (group documents; all packs or none).
 
-    Rows are right-padded (``pad_id``, label -100, position 0, doc id 0) to ``length`` when given
-    (a fixed shape, e.g. ``max_length``), else to the longest pack rounded up to
-    ``pad_to_multiple_of``. Padding positions attend only to padding and carry no loss.
+    Rows are right-padded (``pad_id``, label -100, position 0, doc id 0, branch id 0) to
+    ``length`` when given (a fixed shape, e.g. ``max_length``), else to the longest pack rounded
+    up to ``pad_to_multiple_of``. Padding positions attend only to padding and carry no loss.
 
     Raises:
-        DataError: no packs, a pack longer than ``length``, or fields of unequal length.
+        DataError: no packs, a pack longer than ``length``, fields of unequal length, or
+            ``branch_ids`` in some packs only.
     """
     if not packs:
         raise DataError("no packs to collate")
     if pad_to_multiple_of < 1:
         raise DataError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
-    keys = ("input_ids", "labels", "position_ids", "doc_ids")
+    keys: tuple[str, ...] = ("input_ids", "labels", "position_ids", "doc_ids")
+    with_branches = ["branch_ids" in p for p in packs]
+    if any(with_branches):
+        if not all(with_branches):
+            raise DataError(
+                f"pack {with_branches.index(False)} has no branch_ids but others have; "
+                "collate group documents and plain ones apart"
+            )
+        keys += ("branch_ids",)
     longest = 0
     for i, p in enumerate(packs):
         sizes = {k: len(p[k]) for k in keys}
@@ -502,7 +559,7 @@ def collate_packed(
     elif longest > length:
         raise DataError(f"a pack has {longest} tokens, more than length {length}")
     fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "position_ids": 0, "doc_ids": 0}
-    out = {k: torch.full((len(packs), length), v, dtype=torch.int64) for k, v in fill.items()}
+    out = {k: torch.full((len(packs), length), fill.get(k, 0), dtype=torch.int64) for k in keys}
     for r, p in enumerate(packs):
         n = len(p["input_ids"])
         for k in keys:

@@ -16,6 +16,7 @@ from tscale.kernels.cross_entropy import (
 from tscale.kernels.flash_attention import (
     attention,
     attention_reference,
+    branch_bounds,
     doc_ids_from_cu_seqlens,
     document_bounds,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "KernelError",
     "attention",
     "attention_reference",
+    "branch_bounds",
     "doc_ids_from_cu_seqlens",
     "document_bounds",
     "interpret_enabled",

@@ -13,8 +13,12 @@ Partitioning" (2023), in the shape of the Triton fused-attention tutorial (Tille
 Every kernel walks only the blocks that can hold a visible pair: causal and sliding-window bounds
 come from the block indices, document bounds from each position's first and last same-document
 index (``FIRST``/``LAST``, computed on the host without a sync), so packed documents cost about what
-separate sequences would. Blocks that are entirely visible skip the mask arithmetic (plain causal
-and full attention, sequence a multiple of the block size).
+separate sequences would. With shared-prefix branches (``BR``, ``HAS_BRANCH``) a query block walks
+two key ranges, its document's prefix (branch 0: ``FIRST``/``LAST``) and its rows' own
+(document, branch) groups (``FIRST2``/``LAST2``), skipping sibling completions in between; the
+dK/dV kernel's ``FIRST``/``LAST`` are then each key's readers (its document for a prefix key, its
+group otherwise). Blocks that are entirely visible skip the mask arithmetic (plain causal and full
+attention, sequence a multiple of the block size).
 
 Loaded through :func:`tscale.kernels._dispatch.triton_module`, once per Triton mode.
 """
@@ -42,10 +46,12 @@ def _fwd_inner(
     m_i,
     q,
     doc_q,
+    br_q,
     offs_m,
     K_ptr,
     V_ptr,
     DOC_ptr,
+    BR_ptr,
     stride_kn,
     stride_vn,
     lo,
@@ -60,6 +66,7 @@ def _fwd_inner(
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_DOC: tl.constexpr,
+    HAS_BRANCH: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -86,6 +93,9 @@ def _fwd_inner(
             if HAS_DOC:
                 doc_k = tl.load(DOC_ptr + offs_n, mask=offs_n < S, other=-1)
                 mask = mask & (doc_q[:, None] == doc_k[None, :])
+            if HAS_BRANCH:
+                br_k = tl.load(BR_ptr + offs_n, mask=offs_n < S, other=0)
+                mask = mask & ((br_k[None, :] == 0) | (br_k[None, :] == br_q[:, None]))
             s = tl.where(mask, s, float("-inf"))
         m_new = tl.maximum(m_i, L.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -98,6 +108,31 @@ def _fwd_inner(
 
 
 @triton.jit
+def _clip_to_groups(FIRST_ptr, LAST_ptr, offs, ok, lo, hi, S):
+    """``[lo, hi)`` narrowed to the span of the groups (first/last index) of positions ``offs``."""
+    first = tl.load(FIRST_ptr + offs, mask=ok, other=S)
+    last = tl.load(LAST_ptr + offs, mask=ok, other=-1)
+    return tl.maximum(lo, L.min(first, 0)), tl.minimum(hi, L.max(last, 0) + 1)
+
+
+@triton.jit
+def _two_ranges(lo, hi, lo2, hi2, BLOCK: tl.constexpr):
+    """Two block ranges that cover ``[lo, hi)`` and ``[lo2, hi2)`` and walk no block twice.
+
+    ``lo`` is block-aligned. The range that starts first is walked in full; the other starts at
+    the first block past it (an empty first range clips nothing: its end is not past its start).
+    """
+    lo2 = (lo2 // BLOCK) * BLOCK
+    swap = lo2 < lo
+    a_lo = tl.where(swap, lo2, lo)
+    a_hi = tl.where(swap, hi2, hi)
+    b_lo = tl.where(swap, lo, lo2)
+    b_hi = tl.where(swap, hi, hi2)
+    b_lo = tl.maximum(b_lo, ((a_hi + BLOCK - 1) // BLOCK) * BLOCK)
+    return a_lo, a_hi, b_lo, b_hi
+
+
+@triton.jit
 def _attn_fwd(
     Q,
     K,
@@ -107,6 +142,9 @@ def _attn_fwd(
     DOC,
     FIRST,
     LAST,
+    BR,
+    FIRST2,
+    LAST2,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -132,6 +170,7 @@ def _attn_fwd(
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_DOC: tl.constexpr,
+    HAS_BRANCH: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     EVEN: tl.constexpr,
@@ -164,6 +203,15 @@ def _attn_fwd(
     if HAS_WINDOW:
         lo = tl.maximum(m0 - window + 1, 0)
     doc_q = offs_m
+    br_q = offs_m
+    BR_ptr = BR + b * stride_db
+    lo2 = lo
+    hi2 = hi
+    if HAS_BRANCH:
+        br_q = tl.load(BR_ptr + offs_m, mask=row_ok, other=0)
+        lo2, hi2 = _clip_to_groups(
+            FIRST2 + b * stride_db, LAST2 + b * stride_db, offs_m, row_ok, lo, hi, S
+        )
     if HAS_DOC:
         doc_q = tl.load(DOC_ptr + offs_m, mask=row_ok, other=-2)
         first = tl.load(FIRST + b * stride_db + offs_m, mask=row_ok, other=S)
@@ -172,29 +220,43 @@ def _attn_fwd(
         hi = tl.minimum(hi, L.max(last, 0) + 1)
     lo = (lo // BLOCK_N) * BLOCK_N
 
-    if HAS_DOC or HAS_WINDOW or not EVEN:
+    if HAS_BRANCH:
+        # Two key ranges: the shared prefix (branch 0) and the rows' own branches; the keys of
+        # other branches between them are never walked.
+        lo, hi, lo2, hi2 = _two_ranges(lo, hi, lo2, hi2, BLOCK_N)
         acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, doc_q, offs_m, K_ptr, V_ptr, DOC_ptr, stride_kn, stride_vn, lo, hi,
-            S, qk_scale2, scale_over_cap, softcap2, window, D, BLOCK_N, True, CAUSAL, HAS_DOC,
-            HAS_WINDOW, HAS_SOFTCAP, PRECISION,
+            acc, l_i, m_i, q, doc_q, br_q, offs_m, K_ptr, V_ptr, DOC_ptr, BR_ptr, stride_kn,
+            stride_vn, lo, hi, S, qk_scale2, scale_over_cap, softcap2, window, D, BLOCK_N, True,
+            CAUSAL, HAS_DOC, HAS_BRANCH, HAS_WINDOW, HAS_SOFTCAP, PRECISION,
+        )  # fmt: skip
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, doc_q, br_q, offs_m, K_ptr, V_ptr, DOC_ptr, BR_ptr, stride_kn,
+            stride_vn, lo2, hi2, S, qk_scale2, scale_over_cap, softcap2, window, D, BLOCK_N, True,
+            CAUSAL, HAS_DOC, HAS_BRANCH, HAS_WINDOW, HAS_SOFTCAP, PRECISION,
+        )  # fmt: skip
+    elif HAS_DOC or HAS_WINDOW or not EVEN:
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, doc_q, br_q, offs_m, K_ptr, V_ptr, DOC_ptr, BR_ptr, stride_kn,
+            stride_vn, lo, hi, S, qk_scale2, scale_over_cap, softcap2, window, D, BLOCK_N, True,
+            CAUSAL, HAS_DOC, HAS_BRANCH, HAS_WINDOW, HAS_SOFTCAP, PRECISION,
         )  # fmt: skip
     elif CAUSAL:
         # Blocks left of the diagonal are fully visible; the diagonal block is masked.
         acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, doc_q, offs_m, K_ptr, V_ptr, DOC_ptr, stride_kn, stride_vn, 0, m0,
-            S, qk_scale2, scale_over_cap, softcap2, window, D, BLOCK_N, False, CAUSAL, HAS_DOC,
-            HAS_WINDOW, HAS_SOFTCAP, PRECISION,
+            acc, l_i, m_i, q, doc_q, br_q, offs_m, K_ptr, V_ptr, DOC_ptr, BR_ptr, stride_kn,
+            stride_vn, 0, m0, S, qk_scale2, scale_over_cap, softcap2, window, D, BLOCK_N, False,
+            CAUSAL, HAS_DOC, HAS_BRANCH, HAS_WINDOW, HAS_SOFTCAP, PRECISION,
         )  # fmt: skip
         acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, doc_q, offs_m, K_ptr, V_ptr, DOC_ptr, stride_kn, stride_vn, m0, hi,
-            S, qk_scale2, scale_over_cap, softcap2, window, D, BLOCK_N, True, CAUSAL, HAS_DOC,
-            HAS_WINDOW, HAS_SOFTCAP, PRECISION,
+            acc, l_i, m_i, q, doc_q, br_q, offs_m, K_ptr, V_ptr, DOC_ptr, BR_ptr, stride_kn,
+            stride_vn, m0, hi, S, qk_scale2, scale_over_cap, softcap2, window, D, BLOCK_N, True,
+            CAUSAL, HAS_DOC, HAS_BRANCH, HAS_WINDOW, HAS_SOFTCAP, PRECISION,
         )  # fmt: skip
     else:
         acc, l_i, m_i = _fwd_inner(
-            acc, l_i, m_i, q, doc_q, offs_m, K_ptr, V_ptr, DOC_ptr, stride_kn, stride_vn, 0, S, S,
-            qk_scale2, scale_over_cap, softcap2, window, D, BLOCK_N, False, CAUSAL, HAS_DOC,
-            HAS_WINDOW, HAS_SOFTCAP, PRECISION,
+            acc, l_i, m_i, q, doc_q, br_q, offs_m, K_ptr, V_ptr, DOC_ptr, BR_ptr, stride_kn,
+            stride_vn, 0, S, S, qk_scale2, scale_over_cap, softcap2, window, D, BLOCK_N, False,
+            CAUSAL, HAS_DOC, HAS_BRANCH, HAS_WINDOW, HAS_SOFTCAP, PRECISION,
         )  # fmt: skip
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -252,12 +314,14 @@ def _dkdv_inner(
     k,
     v,
     doc_k,
+    br_k,
     offs_n,
     Q_ptr,
     DO_ptr,
     LSE_ptr,
     DELTA_ptr,
     DOC_ptr,
+    BR_ptr,
     stride_qm,
     stride_dom,
     lo,
@@ -272,6 +336,7 @@ def _dkdv_inner(
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_DOC: tl.constexpr,
+    HAS_BRANCH: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -308,6 +373,9 @@ def _dkdv_inner(
             if HAS_DOC:
                 doc_q = tl.load(DOC_ptr + offs_m, mask=offs_m < S, other=-2)
                 mask = mask & (doc_k[:, None] == doc_q[None, :])
+            if HAS_BRANCH:
+                br_q = tl.load(BR_ptr + offs_m, mask=offs_m < S, other=0)
+                mask = mask & ((br_k[:, None] == 0) | (br_k[:, None] == br_q[None, :]))
             pT = tl.where(mask, pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -331,6 +399,7 @@ def _attn_bwd_dkdv(
     DOC,
     FIRST,
     LAST,
+    BR,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -364,6 +433,7 @@ def _attn_bwd_dkdv(
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_DOC: tl.constexpr,
+    HAS_BRANCH: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     EVEN: tl.constexpr,
@@ -395,6 +465,12 @@ def _attn_bwd_dkdv(
     if HAS_WINDOW:
         hi = tl.minimum(n0 + BLOCK_N - 1 + window, S)
     doc_k = offs_n
+    br_k = offs_n
+    BR_ptr = BR + b * stride_db
+    if HAS_BRANCH:
+        # FIRST/LAST are then the queries' span: the document's for prefix keys (branch 0),
+        # the (document, branch) group's for the others.
+        br_k = tl.load(BR_ptr + offs_n, mask=col_ok, other=0)
     if HAS_DOC:
         doc_k = tl.load(DOC_ptr + offs_n, mask=col_ok, other=-3)
         first = tl.load(FIRST + b * stride_db + offs_n, mask=col_ok, other=S)
@@ -412,29 +488,33 @@ def _attn_bwd_dkdv(
         DO_ptr = DO + b * stride_dob + h * stride_doh
         LSE_ptr = LSE + bh * S
         DELTA_ptr = DELTA + bh * S
-        if HAS_DOC or HAS_WINDOW or not EVEN:
+        if HAS_DOC or HAS_BRANCH or HAS_WINDOW or not EVEN:
             dk, dv = _dkdv_inner(
-                dk, dv, k, v, doc_k, offs_n, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, DOC_ptr,
-                stride_qm, stride_dom, lo, hi, S, qk_scale2, scale_over_cap, softcap2, window, D,
-                BLOCK_M, True, CAUSAL, HAS_DOC, HAS_WINDOW, HAS_SOFTCAP, PRECISION,
+                dk, dv, k, v, doc_k, br_k, offs_n, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, DOC_ptr,
+                BR_ptr, stride_qm, stride_dom, lo, hi, S, qk_scale2, scale_over_cap, softcap2,
+                window, D, BLOCK_M, True, CAUSAL, HAS_DOC, HAS_BRANCH, HAS_WINDOW, HAS_SOFTCAP,
+                PRECISION,
             )  # fmt: skip
         elif CAUSAL:
             # The query blocks on the diagonal are masked; those below it see the whole block.
             dk, dv = _dkdv_inner(
-                dk, dv, k, v, doc_k, offs_n, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, DOC_ptr,
-                stride_qm, stride_dom, n0, n0 + BLOCK_N, S, qk_scale2, scale_over_cap, softcap2,
-                window, D, BLOCK_M, True, CAUSAL, HAS_DOC, HAS_WINDOW, HAS_SOFTCAP, PRECISION,
+                dk, dv, k, v, doc_k, br_k, offs_n, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, DOC_ptr,
+                BR_ptr, stride_qm, stride_dom, n0, n0 + BLOCK_N, S, qk_scale2, scale_over_cap,
+                softcap2, window, D, BLOCK_M, True, CAUSAL, HAS_DOC, HAS_BRANCH, HAS_WINDOW,
+                HAS_SOFTCAP, PRECISION,
             )  # fmt: skip
             dk, dv = _dkdv_inner(
-                dk, dv, k, v, doc_k, offs_n, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, DOC_ptr,
-                stride_qm, stride_dom, n0 + BLOCK_N, S, S, qk_scale2, scale_over_cap, softcap2,
-                window, D, BLOCK_M, False, CAUSAL, HAS_DOC, HAS_WINDOW, HAS_SOFTCAP, PRECISION,
+                dk, dv, k, v, doc_k, br_k, offs_n, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, DOC_ptr,
+                BR_ptr, stride_qm, stride_dom, n0 + BLOCK_N, S, S, qk_scale2, scale_over_cap,
+                softcap2, window, D, BLOCK_M, False, CAUSAL, HAS_DOC, HAS_BRANCH, HAS_WINDOW,
+                HAS_SOFTCAP, PRECISION,
             )  # fmt: skip
         else:
             dk, dv = _dkdv_inner(
-                dk, dv, k, v, doc_k, offs_n, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, DOC_ptr,
-                stride_qm, stride_dom, 0, S, S, qk_scale2, scale_over_cap, softcap2, window, D,
-                BLOCK_M, False, CAUSAL, HAS_DOC, HAS_WINDOW, HAS_SOFTCAP, PRECISION,
+                dk, dv, k, v, doc_k, br_k, offs_n, Q_ptr, DO_ptr, LSE_ptr, DELTA_ptr, DOC_ptr,
+                BR_ptr, stride_qm, stride_dom, 0, S, S, qk_scale2, scale_over_cap, softcap2,
+                window, D, BLOCK_M, False, CAUSAL, HAS_DOC, HAS_BRANCH, HAS_WINDOW, HAS_SOFTCAP,
+                PRECISION,
             )  # fmt: skip
 
     dk = dk * sm_scale
@@ -456,10 +536,12 @@ def _dq_inner(
     lse,
     delta,
     doc_q,
+    br_q,
     offs_m,
     K_ptr,
     V_ptr,
     DOC_ptr,
+    BR_ptr,
     stride_kn,
     stride_vn,
     lo,
@@ -474,6 +556,7 @@ def _dq_inner(
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_DOC: tl.constexpr,
+    HAS_BRANCH: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -505,6 +588,9 @@ def _dq_inner(
             if HAS_DOC:
                 doc_k = tl.load(DOC_ptr + offs_n, mask=offs_n < S, other=-1)
                 mask = mask & (doc_q[:, None] == doc_k[None, :])
+            if HAS_BRANCH:
+                br_k = tl.load(BR_ptr + offs_n, mask=offs_n < S, other=0)
+                mask = mask & ((br_k[None, :] == 0) | (br_k[None, :] == br_q[:, None]))
             p = tl.where(mask, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -526,6 +612,9 @@ def _attn_bwd_dq(
     DOC,
     FIRST,
     LAST,
+    BR,
+    FIRST2,
+    LAST2,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -555,6 +644,7 @@ def _attn_bwd_dq(
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_DOC: tl.constexpr,
+    HAS_BRANCH: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     EVEN: tl.constexpr,
@@ -594,6 +684,15 @@ def _attn_bwd_dq(
     if HAS_WINDOW:
         lo = tl.maximum(m0 - window + 1, 0)
     doc_q = offs_m
+    br_q = offs_m
+    BR_ptr = BR + b * stride_db
+    lo2 = lo
+    hi2 = hi
+    if HAS_BRANCH:
+        br_q = tl.load(BR_ptr + offs_m, mask=row_ok, other=0)
+        lo2, hi2 = _clip_to_groups(
+            FIRST2 + b * stride_db, LAST2 + b * stride_db, offs_m, row_ok, lo, hi, S
+        )
     if HAS_DOC:
         doc_q = tl.load(DOC_ptr + offs_m, mask=row_ok, other=-2)
         first = tl.load(FIRST + b * stride_db + offs_m, mask=row_ok, other=S)
@@ -603,28 +702,41 @@ def _attn_bwd_dq(
     lo = (lo // BLOCK_N) * BLOCK_N
 
     dq = tl.full([BLOCK_M, D], 0.0, tl.float32)
-    if HAS_DOC or HAS_WINDOW or not EVEN:
+    if HAS_BRANCH:
+        # As in the forward: the shared prefix's keys, then the rows' own branches' keys.
+        lo, hi, lo2, hi2 = _two_ranges(lo, hi, lo2, hi2, BLOCK_N)
         dq = _dq_inner(
-            dq, q, do, lse, delta, doc_q, offs_m, K_ptr, V_ptr, DOC_ptr, stride_kn, stride_vn, lo,
-            hi, S, qk_scale2, scale_over_cap, softcap2, window, D, BLOCK_N, True, CAUSAL, HAS_DOC,
-            HAS_WINDOW, HAS_SOFTCAP, PRECISION,
+            dq, q, do, lse, delta, doc_q, br_q, offs_m, K_ptr, V_ptr, DOC_ptr, BR_ptr, stride_kn,
+            stride_vn, lo, hi, S, qk_scale2, scale_over_cap, softcap2, window, D, BLOCK_N, True,
+            CAUSAL, HAS_DOC, HAS_BRANCH, HAS_WINDOW, HAS_SOFTCAP, PRECISION,
+        )  # fmt: skip
+        dq = _dq_inner(
+            dq, q, do, lse, delta, doc_q, br_q, offs_m, K_ptr, V_ptr, DOC_ptr, BR_ptr, stride_kn,
+            stride_vn, lo2, hi2, S, qk_scale2, scale_over_cap, softcap2, window, D, BLOCK_N, True,
+            CAUSAL, HAS_DOC, HAS_BRANCH, HAS_WINDOW, HAS_SOFTCAP, PRECISION,
+        )  # fmt: skip
+    elif HAS_DOC or HAS_WINDOW or not EVEN:
+        dq = _dq_inner(
+            dq, q, do, lse, delta, doc_q, br_q, offs_m, K_ptr, V_ptr, DOC_ptr, BR_ptr, stride_kn,
+            stride_vn, lo, hi, S, qk_scale2, scale_over_cap, softcap2, window, D, BLOCK_N, True,
+            CAUSAL, HAS_DOC, HAS_BRANCH, HAS_WINDOW, HAS_SOFTCAP, PRECISION,
         )  # fmt: skip
     elif CAUSAL:
         dq = _dq_inner(
-            dq, q, do, lse, delta, doc_q, offs_m, K_ptr, V_ptr, DOC_ptr, stride_kn, stride_vn, 0,
-            m0, S, qk_scale2, scale_over_cap, softcap2, window, D, BLOCK_N, False, CAUSAL,
-            HAS_DOC, HAS_WINDOW, HAS_SOFTCAP, PRECISION,
+            dq, q, do, lse, delta, doc_q, br_q, offs_m, K_ptr, V_ptr, DOC_ptr, BR_ptr, stride_kn,
+            stride_vn, 0, m0, S, qk_scale2, scale_over_cap, softcap2, window, D, BLOCK_N, False,
+            CAUSAL, HAS_DOC, HAS_BRANCH, HAS_WINDOW, HAS_SOFTCAP, PRECISION,
         )  # fmt: skip
         dq = _dq_inner(
-            dq, q, do, lse, delta, doc_q, offs_m, K_ptr, V_ptr, DOC_ptr, stride_kn, stride_vn, m0,
-            hi, S, qk_scale2, scale_over_cap, softcap2, window, D, BLOCK_N, True, CAUSAL, HAS_DOC,
-            HAS_WINDOW, HAS_SOFTCAP, PRECISION,
+            dq, q, do, lse, delta, doc_q, br_q, offs_m, K_ptr, V_ptr, DOC_ptr, BR_ptr, stride_kn,
+            stride_vn, m0, hi, S, qk_scale2, scale_over_cap, softcap2, window, D, BLOCK_N, True,
+            CAUSAL, HAS_DOC, HAS_BRANCH, HAS_WINDOW, HAS_SOFTCAP, PRECISION,
         )  # fmt: skip
     else:
         dq = _dq_inner(
-            dq, q, do, lse, delta, doc_q, offs_m, K_ptr, V_ptr, DOC_ptr, stride_kn, stride_vn, 0,
-            S, S, qk_scale2, scale_over_cap, softcap2, window, D, BLOCK_N, False, CAUSAL, HAS_DOC,
-            HAS_WINDOW, HAS_SOFTCAP, PRECISION,
+            dq, q, do, lse, delta, doc_q, br_q, offs_m, K_ptr, V_ptr, DOC_ptr, BR_ptr, stride_kn,
+            stride_vn, 0, S, S, qk_scale2, scale_over_cap, softcap2, window, D, BLOCK_N, False,
+            CAUSAL, HAS_DOC, HAS_BRANCH, HAS_WINDOW, HAS_SOFTCAP, PRECISION,
         )  # fmt: skip
     dq = dq * sm_scale
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :]
@@ -659,17 +771,13 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _doc_args(
-    doc: torch.Tensor | None,
-    first: torch.Tensor | None,
-    last: torch.Tensor | None,
-    q: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    if doc is None or first is None or last is None:
-        dummy = torch.empty(1, dtype=torch.int32, device=q.device)
-        return dummy, dummy, dummy, 0
-    stride = 0 if doc.shape[0] == 1 else doc.stride(0)
-    return doc, first, last, stride
+def _mask_args(q: torch.Tensor, *tensors: torch.Tensor | None) -> tuple[list[torch.Tensor], int]:
+    """The per-position int32 tensors ([B|1, S], one shape) for the kernels, and their batch
+    stride (0 when shared by every row); a one-element dummy stands in for each absent one."""
+    dummy = torch.empty(1, dtype=torch.int32, device=q.device)
+    present = [t for t in tensors if t is not None]
+    stride = 0 if not present or present[0].shape[0] == 1 else present[0].stride(0)
+    return [dummy if t is None else t for t in tensors], stride
 
 
 def _scalars(scale: float, softcap: float | None) -> tuple[float, float, float]:
@@ -687,21 +795,32 @@ def attn_forward(
     first: torch.Tensor | None,
     last: torch.Tensor | None,
     *,
+    branch: torch.Tensor | None = None,
+    first2: torch.Tensor | None = None,
+    last2: torch.Tensor | None = None,
     causal: bool,
     window: int | None,
     softcap: float | None,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output (layout of ``q``) and base-2 log-sum-exp [B, Hq, S] fp32."""
+    """Output (layout of ``q``) and base-2 log-sum-exp [B, Hq, S] fp32.
+
+    ``doc``, ``first``, ``last``: document ids and each position's document span. With ``branch``
+    (branch ids, needs ``doc``) ``first``/``last`` are instead the span of the position's
+    document's shared prefix (branch 0) and ``first2``/``last2`` that of its own (document,
+    branch) group: see :func:`tscale.kernels.flash_attention.branch_bounds`.
+    """
     b, hq, s, d = q.shape
     hkv = k.shape[1]
     o = torch.empty_like(q)
     lse = torch.empty((b, hq, s), dtype=torch.float32, device=q.device)
     bm, bn, warps, stages = _configs(d)["fwd"]
-    doc_t, first_t, last_t, stride_db = _doc_args(doc, first, last, q)
+    (doc_t, first_t, last_t, br_t, f2_t, l2_t), stride_db = _mask_args(
+        q, doc, first, last, branch, first2, last2
+    )
     qk_scale2, scale_over_cap, softcap2 = _scalars(scale, softcap)
     _attn_fwd[(triton.cdiv(s, bm), b * hq)](
-        q, k, v, o, lse, doc_t, first_t, last_t,
+        q, k, v, o, lse, doc_t, first_t, last_t, br_t, f2_t, l2_t,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -709,8 +828,9 @@ def attn_forward(
         stride_db, s, hq, hq // hkv,
         qk_scale2, scale_over_cap, softcap2, int(window or 0),
         D=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, HAS_DOC=doc is not None,
-        HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None, EVEN=s % bm == 0,
-        PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
+        HAS_BRANCH=branch is not None, HAS_WINDOW=window is not None,
+        HAS_SOFTCAP=softcap is not None, EVEN=s % bm == 0, PRECISION=_precision(q.dtype),
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return o, lse
 
@@ -726,20 +846,34 @@ def attn_backward(
     first: torch.Tensor | None,
     last: torch.Tensor | None,
     *,
+    branch: torch.Tensor | None = None,
+    first2: torch.Tensor | None = None,
+    last2: torch.Tensor | None = None,
+    key_first: torch.Tensor | None = None,
+    key_last: torch.Tensor | None = None,
     causal: bool,
     window: int | None,
     softcap: float | None,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)`` in the layouts of ``q``, ``k``, ``v``."""
+    """``(dq, dk, dv)`` in the layouts of ``q``, ``k``, ``v``.
+
+    Mask arguments as :func:`attn_forward`; with ``branch``, ``key_first``/``key_last`` are each
+    key's span of queries that may see it (the dK/dV kernel's bounds).
+    """
     b, hq, s, d = q.shape
     hkv = k.shape[1]
     cfg = _configs(d)
-    doc_t, first_t, last_t, stride_db = _doc_args(doc, first, last, q)
+    if branch is None:
+        key_first, key_last = first, last
+    (doc_t, first_t, last_t, br_t, f2_t, l2_t, kf_t, kl_t), stride_db = _mask_args(
+        q, doc, first, last, branch, first2, last2, key_first, key_last
+    )
     qk_scale2, scale_over_cap, softcap2 = _scalars(scale, softcap)
     flags = dict(
-        CAUSAL=causal, HAS_DOC=doc is not None, HAS_WINDOW=window is not None,
-        HAS_SOFTCAP=softcap is not None, PRECISION=_precision(q.dtype),
+        CAUSAL=causal, HAS_DOC=doc is not None, HAS_BRANCH=branch is not None,
+        HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
+        PRECISION=_precision(q.dtype),
     )  # fmt: skip
 
     delta = torch.empty_like(lse)
@@ -755,7 +889,7 @@ def attn_backward(
     dv = torch.empty_like(v)
     bm, bn, warps, stages = cfg["dkdv"]
     _attn_bwd_dkdv[(triton.cdiv(s, bn), b * hkv)](
-        q, k, v, do, dk, dv, lse, delta, doc_t, first_t, last_t,
+        q, k, v, do, dk, dv, lse, delta, doc_t, kf_t, kl_t, br_t,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -771,7 +905,7 @@ def attn_backward(
     dq = torch.empty_like(q)
     bm, bn, warps, stages = cfg["dq"]
     _attn_bwd_dq[(triton.cdiv(s, bm), b * hq)](
-        q, k, v, do, dq, lse, delta, doc_t, first_t, last_t,
+        q, k, v, do, dq, lse, delta, doc_t, first_t, last_t, br_t, f2_t, l2_t,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),

@@ -1,5 +1,6 @@
 """Pure loss functions: token losses return a sum and the token count; preference losses
-return per-example losses (see :mod:`tscale.losses.preference`)."""
+return per-example losses (see :mod:`tscale.losses.preference`); online-RL losses return a sum,
+an additive normaliser and metrics (see :mod:`tscale.losses.rl`)."""
 
 from tscale.losses.lm import (
     IGNORE_INDEX,
@@ -23,24 +24,70 @@ from tscale.losses.preference import (
     preference_metrics,
     simpo_loss,
 )
+from tscale.losses.rl import (
+    IMPORTANCE_SAMPLING_LEVELS,
+    KL_ESTIMATORS,
+    POLICY_LOSS_TYPES,
+    SCALE_REWARDS,
+    PolicyLoss,
+    gae,
+    group_advantages,
+    kl_penalty,
+    kl_rewards,
+    policy_loss,
+    policy_normaliser,
+    rloo_advantages,
+    rloo_policy_loss,
+    value_loss,
+    whiten,
+    zero_std_groups,
+)
+from tscale.losses.sequence import (
+    DEFAULT_NUM_BRANCHES,
+    PairView,
+    SequenceLogps,
+    pair_view,
+    sequence_logps,
+)
 
 __all__ = [
     "CPO_LOSS_TYPES",
+    "DEFAULT_NUM_BRANCHES",
     "DPO_LOSS_TYPES",
     "F_DIVERGENCES",
     "IGNORE_INDEX",
+    "IMPORTANCE_SAMPLING_LEVELS",
+    "KL_ESTIMATORS",
     "KTO_LOSS_TYPES",
+    "POLICY_LOSS_TYPES",
+    "SCALE_REWARDS",
     "PairLoss",
+    "PairView",
+    "PolicyLoss",
+    "SequenceLogps",
     "UnpairedLoss",
     "bradley_terry_loss",
     "cpo_loss",
     "dpo_loss",
+    "gae",
+    "group_advantages",
+    "kl_penalty",
+    "kl_rewards",
     "kto_kl_estimate",
     "kto_loss",
     "make_fused_lm_loss",
     "make_lm_loss",
     "orpo_loss",
+    "pair_view",
+    "policy_loss",
+    "policy_normaliser",
     "preference_metrics",
+    "rloo_advantages",
+    "rloo_policy_loss",
+    "sequence_logps",
     "simpo_loss",
     "token_cross_entropy",
+    "value_loss",
+    "whiten",
+    "zero_std_groups",
 ]

@@ -504,12 +504,19 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return x * cos + torch.cat((x2, x1), dim=-1) * sin
 
 
-def _doc_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """Block-diagonal causal mask [B, 1, S, S]: i attends j iff j <= i and same document."""
-    s = doc_ids.shape[-1]
-    causal = torch.ones((s, s), dtype=torch.bool, device=doc_ids.device).tril()
-    same = doc_ids[:, :, None] == doc_ids[:, None, :]
-    return (same & causal)[:, None]
+def _doc_mask(doc_ids: torch.Tensor | None, branch_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal mask [B, 1, S, S]: i attends j iff j <= i, same document, and (with ``branch_ids``)
+    ``branch_ids[j]`` is 0 (a shared prompt) or ``branch_ids[i]`` (a sibling is never seen)."""
+    ids = doc_ids if doc_ids is not None else branch_ids
+    assert ids is not None
+    s = ids.shape[-1]
+    mask = torch.ones((s, s), dtype=torch.bool, device=ids.device).tril()
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    if branch_ids is not None:
+        kb = branch_ids[:, None, :]
+        mask = mask & ((kb == 0) | (branch_ids[:, :, None] == kb))
+    return mask[:, None]
 
 
 def _window(q_slots: torch.Tensor, kv_slots: torch.Tensor, window: int) -> torch.Tensor:
@@ -518,7 +525,10 @@ def _window(q_slots: torch.Tensor, kv_slots: torch.Tensor, window: int) -> torch
 
 
 def _check_batch(
-    ids: torch.Tensor, position_ids: torch.Tensor | None, doc_ids: torch.Tensor | None
+    ids: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    doc_ids: torch.Tensor | None,
+    branch_ids: torch.Tensor | None = None,
 ) -> None:
     if ids.dim() != 2 or ids.dtype.is_floating_point:
         raise ShapeError(
@@ -526,7 +536,8 @@ def _check_batch(
             f"{tuple(ids.shape)}"
         )
     b, s = ids.shape
-    for name, t in (("position_ids", position_ids), ("doc_ids", doc_ids)):
+    fields = (("position_ids", position_ids), ("doc_ids", doc_ids), ("branch_ids", branch_ids))
+    for name, t in fields:
         if t is not None and (t.dim() != 2 or t.shape[0] not in (1, b) or t.shape[1] != s):
             raise ShapeError(
                 f"batch[{name!r}] has shape {tuple(t.shape)}, input_ids has {(b, s)}; it must be "
@@ -727,9 +738,14 @@ def _layer(
     return x
 
 
-def _kernel_attend(config: TransformerConfig, doc_ids: torch.Tensor | None) -> _Attend:
+def _kernel_attend(
+    config: TransformerConfig,
+    doc_ids: torch.Tensor | None,
+    branch_ids: torch.Tensor | None = None,
+) -> _Attend:
     """``attend`` through :func:`tscale.kernels.attention`: no [S, S] masks are built; documents,
-    the layer's window, the soft-cap, the scale and GQA go to the kernel as arguments."""
+    shared-prefix branches, the layer's window, the soft-cap, the scale and GQA go to the kernel
+    as arguments."""
     backend = config.attention_backend
 
     def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -741,6 +757,7 @@ def _kernel_attend(config: TransformerConfig, doc_ids: torch.Tensor | None) -> _
             v.transpose(1, 2),
             causal=True,
             doc_ids=doc_ids,
+            branch_ids=branch_ids,
             window=config.sliding_window if config.is_sliding(i) else None,
             softcap=config.attn_logit_softcap,
             scale=config.attn_scale,
@@ -767,7 +784,10 @@ def hidden_states(
         params: the tree from :func:`init` (or an HF checkpoint with the same names).
         batch: ``input_ids`` [B, S] int64; optional ``position_ids`` [B|1, S] (default
             ``0..S-1``) and ``doc_ids`` [B|1, S] (block-diagonal causal attention: a token sees
-            earlier tokens with the same doc id only; sliding layers also limit the distance).
+            earlier tokens with the same doc id only; sliding layers also limit the distance)
+            and ``branch_ids`` [B|1, S] (shared-prompt groups, :mod:`tscale.data.groups`: a
+            token sees an earlier one of its document only if that one's branch id is 0 or its
+            own; sliding windows are then measured in ``position_ids``).
         gather: how stored params become the params computed with (:data:`Gather`; FSDP
             all-gathers shards here). None: the params are used as they are.
 
@@ -796,19 +816,32 @@ def _hidden(
     ids = batch["input_ids"]
     position_ids = _get(batch, "position_ids")
     doc_ids = _get(batch, "doc_ids")
-    _check_batch(ids, position_ids, doc_ids)
+    branch_ids = _get(batch, "branch_ids")
+    _check_batch(ids, position_ids, doc_ids, branch_ids)
     s = ids.shape[1]
     if position_ids is None:
         position_ids = torch.arange(s, device=ids.device)[None]
     if config.attention_backend != "sdpa":
-        return _decoder(config, params, ids, position_ids, _kernel_attend(config, doc_ids), gather)
+        sliding = any(config.is_sliding(i) for i in range(config.num_layers))
+        short = sliding and config.sliding_window is not None and config.sliding_window < s
+        if branch_ids is not None and short:  # the kernels count window slots in the row
+            raise ShapeError(
+                "batch['branch_ids'] with a sliding window needs attention_backend 'sdpa' (it "
+                "measures the window in position_ids, as the unpacked sequence has it)"
+            )
+        attend = _kernel_attend(config, doc_ids, branch_ids)
+        return _decoder(config, params, ids, position_ids, attend, gather)
 
-    full = None if doc_ids is None else _doc_mask(doc_ids)
+    masked = doc_ids is not None or branch_ids is not None
+    full = _doc_mask(doc_ids, branch_ids) if masked else None
     sliding = None
     if any(config.is_sliding(i) for i in range(config.num_layers)):
         assert config.sliding_window is not None
         slots = torch.arange(s, device=ids.device)
         near = _window(slots, slots, config.sliding_window)
+        if branch_ids is not None:  # siblings sit between a branch and its prompt: use positions
+            near = position_ids[:, None, :] > position_ids[:, :, None] - config.sliding_window
+            near = near[:, None]
         base = full if full is not None else torch.ones_like(near).tril()[None, None]
         sliding = base & near
 

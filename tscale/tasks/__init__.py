@@ -1,7 +1,23 @@
 """Tasks: one module per training objective (see :mod:`tscale.tasks.base` for the contract)."""
 
 from tscale.tasks.base import TASKS, Task, TaskContext, TaskDefaults, register_task
+from tscale.tasks.kto import KTOTask
+from tscale.tasks.preference import CPOTask, DPOTask, ORPOTask, PreferenceTask, SimPOTask
 from tscale.tasks.reward import RewardTask
 from tscale.tasks.sft import SFTTask
 
-__all__ = ["TASKS", "RewardTask", "SFTTask", "Task", "TaskContext", "TaskDefaults", "register_task"]
+__all__ = [
+    "TASKS",
+    "CPOTask",
+    "DPOTask",
+    "KTOTask",
+    "ORPOTask",
+    "PreferenceTask",
+    "RewardTask",
+    "SFTTask",
+    "SimPOTask",
+    "Task",
+    "TaskContext",
+    "TaskDefaults",
+    "register_task",
+]

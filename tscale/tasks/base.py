@@ -15,12 +15,15 @@ The contract, in the order the trainer uses it:
   a frozen copy of the starting weights as the reference model); returns the frozen trees it
   adds to the state, each a :class:`FrozenTree` (with the folder it came from, when it did, so
   that checkpoints record the folder instead of a copy).
-- ``rollout(state, batch, key)``: a batch stage that depends on the state (online RL); the
-  identity by default.
+- ``rollout(ctx)``: a batch stage that depends on the state, ``fn(state, batch, key) ->
+  batch`` (online RL's generations, KTO's reference point over the whole batch), run before
+  the updates of each batch; None (the default) for none.
 - ``loss(ctx)``: ``loss_fn(params, batch, *, frozen=...) -> (loss_sum, aux)`` with
   ``aux["tokens"]`` the normaliser and every other entry a metric with its reduction
   (:mod:`tscale.core.metrics`); pure, no host sync.
 - ``updates_per_batch``: optimizer steps taken on one (rolled-out) batch.
+- ``has_eval(data, config)``: whether the run's data gives :meth:`evaluate` anything to do
+  (the loop says "no held-out data" once instead of evaluating nothing).
 - ``evaluate(ctx, params, frozen)``: held-out metrics and sample generations.
 - ``key_metrics``: the metrics the progress line shows beside the loss.
 """
@@ -41,6 +44,7 @@ from tscale.errors import ConfigError
 __all__ = [
     "TASKS",
     "FrozenTree",
+    "RolloutFn",
     "Task",
     "TaskContext",
     "register_task",
@@ -48,6 +52,8 @@ __all__ = [
 ]
 
 LossFn = Callable[..., tuple[torch.Tensor, Mapping[str, Any]]]
+RolloutFn = Callable[[TrainState, TensorDictBase, torch.Tensor], TensorDictBase]
+"""``rollout(state, batch, key) -> batch``: a batch stage that reads the state (no update)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -94,7 +100,9 @@ class Task(Protocol):
 
     def prepare(self, ctx: TaskContext) -> Mapping[str, FrozenTree]: ...
 
-    def rollout(self, state: TrainState, batch: TensorDictBase, key: torch.Tensor) -> Any: ...
+    def rollout(self, ctx: TaskContext) -> RolloutFn | None: ...
+
+    def has_eval(self, data: Any, config: Any) -> bool: ...
 
     def evaluate(
         self, ctx: TaskContext, params: TensorDictBase, frozen: Mapping[str, Any] | None = None
@@ -111,9 +119,15 @@ class TaskDefaults:
         """No pre-pass: no frozen trees added."""
         return {}
 
-    def rollout(self, state: TrainState, batch: TensorDictBase, key: torch.Tensor) -> Any:
+    def rollout(self, ctx: TaskContext) -> RolloutFn | None:
         """No state-dependent batch stage."""
-        return batch
+        return None
+
+    def has_eval(self, data: Any, config: Any) -> bool:
+        """Whether there is held-out data and the task evaluates it (overrides
+        :meth:`evaluate`)."""
+        evaluates = type(self).evaluate is not TaskDefaults.evaluate
+        return evaluates and bool(data.eval_examples or data.eval_records)
 
     def evaluate(
         self, ctx: TaskContext, params: TensorDictBase, frozen: Mapping[str, Any] | None = None

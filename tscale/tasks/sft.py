@@ -18,6 +18,7 @@ from tensordict import TensorDict, TensorDictBase
 from tscale.core.fields import field
 from tscale.data.length import LengthBudget, LengthReport
 from tscale.data.loader import batch_iter
+from tscale.data.preference import refuse_preference_records
 from tscale.data.prepare import prepare_examples
 from tscale.losses.lm import make_fused_lm_loss, make_lm_loss
 from tscale.models.generate import greedy
@@ -53,6 +54,13 @@ class SFTTask(TaskDefaults):
         """The per-record data stage: the template, the loss mask, the length budget."""
         return sft_examples(cfg, encoder, template)
 
+    def has_eval(self, data: Any, config: Any) -> bool:
+        """Held-out loss needs eval examples; exact match, records with a reference answer."""
+        return bool(data.eval_examples) or (
+            config.eval.num_samples > 0
+            and any(reference_answer(r) is not None for r in data.eval_records)
+        )
+
     def evaluate(
         self, ctx: TaskContext, params: TensorDictBase, frozen: Mapping[str, Any] | None = None
     ) -> tuple[dict[str, float], list[dict[str, Any]]]:
@@ -74,7 +82,8 @@ class SFTTask(TaskDefaults):
 def sft_examples(cfg: Any, encoder: Any, template: Any) -> Callable[..., Any]:
     """Supervised fine-tuning's example stage (``tscale.train.data_build``): fit each record to
     the length budget, render it with the run's template (a ``SelectedTemplate``) and tokenize it
-    with its loss mask (batched, each text encoded once)."""
+    with its loss mask (batched, each text encoded once). Preference records are refused in one
+    line naming the ``task.type`` to set."""
     d = cfg.data
 
     def stage(
@@ -84,6 +93,7 @@ def sft_examples(cfg: Any, encoder: Any, template: Any) -> Callable[..., Any]:
         budget: LengthBudget | None,
         max_length: int | None,
     ) -> tuple[list[Any], LengthReport]:
+        refuse_preference_records(records, places)  # one line: the task.type to set
         template.check(records, encoder)
         return prepare_examples(
             records,

@@ -24,9 +24,16 @@ import numpy as np
 from tscale.config.load import to_dict
 from tscale.config.schema import Config, DataConfig
 from tscale.core.result import Err, Ok
-from tscale.data.introspect import SFT_SHAPES, SourceInfo, canonical_row, detect_format
+from tscale.data.introspect import RECORD_SHAPES, SourceInfo, canonical_row, detect_format
 from tscale.data.length import TEXT_COLUMNS, LengthBudget
-from tscale.data.load import Row, all_bad_error, read_file, record_of, write_quarantine
+from tscale.data.load import (
+    Row,
+    all_bad_error,
+    preference_row,
+    read_file,
+    record_of,
+    write_quarantine,
+)
 from tscale.data.sources import (
     fingerprint,
     is_hub_name,
@@ -37,7 +44,7 @@ from tscale.data.sources import (
 from tscale.data.tokenize import train_tokenizer
 from tscale.errors import ConfigError, DataError
 
-CACHE_VERSION = "tscale-processed-v2"
+CACHE_VERSION = "tscale-processed-v3"
 """Bump when the processing changes, so caches made the old way are not read back."""
 
 # Data keys that change how batches are drawn, not what the processed examples are.
@@ -50,7 +57,7 @@ _LOADER_ONLY = (
     "drop_last",
 )
 _NOT_PROCESSING = (*_LOADER_ONLY, "cache", "cache_dir", "max_error_rate", "streaming")
-_SUPPORTED_FORMATS = SFT_SHAPES
+_SUPPORTED_FORMATS = RECORD_SHAPES
 _SAMPLE_ROWS = 200  # rows a source's format is detected on
 DROPPED_FILE = "dropped.jsonl"
 """Beside quarantine.jsonl: the rows the length policy left out (data.length.excess drop, or
@@ -201,8 +208,8 @@ def _info(
     if fmt not in _SUPPORTED_FORMATS:
         what = "no known columns" if fmt == "unknown" else f"format {fmt!r}"
         raise ConfigError(
-            f"{s.key}: {s.name} has {what} (columns {list(columns)}); supervised fine-tuning "
-            f"reads {list(_SUPPORTED_FORMATS)}. Map your columns with column_map, e.g. "
+            f"{s.key}: {s.name} has {what} (columns {list(columns)}); tscale reads "
+            f"{list(_SUPPORTED_FORMATS)}. Map your columns with column_map, e.g. "
             "{prompt: question, completion: answer}"
         )
     return SourceInfo(
@@ -390,7 +397,23 @@ def tokenizer_texts(records: Sequence[Mapping[str, Any]]) -> Iterator[str]:
                 t["value"] for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str)
             )
             continue
+        if preference_row(r):  # preference: every string or message content
+            yield from _preference_texts(r)
+            continue
         yield "".join(str(r.get(c) or "") for c in TEXT_COLUMNS if isinstance(r.get(c), str))
+
+
+def _preference_texts(record: Mapping[str, Any]) -> Iterator[str]:
+    for key in ("system", "prompt", "chosen", "rejected", "completion"):
+        value = record.get(key)
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, list):
+            yield from (
+                m["content"]
+                for m in value
+                if isinstance(m, dict) and isinstance(m.get("content"), str)
+            )
 
 
 _PROMPT_SIDE = ("prompt", "instruction", "input")
@@ -507,7 +530,7 @@ class ErrorBudget:
 # Processed-data cache
 # --------------------------------------------------------------------------------------------
 
-_FIELDS = ("input_ids", "labels", "position_ids", "doc_ids")
+_FIELDS = ("input_ids", "labels", "position_ids", "doc_ids", "branch_ids")
 
 
 def processed_fingerprint(

@@ -32,8 +32,7 @@ from tscale.models.transformer import Transformer
 from tscale.optim.base import GradientTransformation
 from tscale.optim.schedules import Schedule
 from tscale.step.compose import StepFn
-from tscale.tasks.base import Task, TaskContext
-from tscale.tasks.sft import reference_answer
+from tscale.tasks.base import RolloutFn, Task, TaskContext
 from tscale.train import builders, data_build, data_report, distributed, preflight
 from tscale.train.callbacks import Callback, JsonlLogger, ProgressBar, truncate_jsonl
 from tscale.train.export import export_adapter
@@ -50,6 +49,7 @@ class Run:
 
     Attributes:
         step: ``step(state, batch) -> (state, metrics)``, pure, wrapped for the parallel plan.
+        rollout: the task's state-dependent batch stage (None: none), before the updates.
         batches: the training batches (the loader's iterator; its cursor is saved).
         prepare_batch: the host-side batch stage before ``step`` (e.g. ``logits_index``).
         evaluate: ``evaluate(state) -> (metrics, samples)``; a collective under sharding,
@@ -63,6 +63,7 @@ class Run:
     task: Task
     state: TrainState
     step: StepFn
+    rollout: RolloutFn | None
     loader: Any
     batches: Iterator[TensorDict]
     prepare_batch: Callable[[TensorDict], TensorDict]
@@ -208,6 +209,7 @@ def build_run(
         metrics_file.unlink(missing_ok=True)
     par.barrier()
 
+    rollout = task.rollout(ctx)  # e.g. generations from the current policy
     if make_step is not None:  # a user's step: the model the params belong to, the optimizer
         step_fn = make_step(stacked, tx)
     elif par.deepspeed is not None:  # DeepSpeed's engine takes the step
@@ -234,11 +236,7 @@ def build_run(
         frozen_full = par.full_frozen(st.frozen)
         return task.evaluate(ctx, full, frozen_full or None) if main else ({}, [])
 
-    # held-out loss needs eval examples; exact match, records with a reference answer
-    has_eval = bool(bundle.eval_examples) or (
-        cfg.eval.num_samples > 0
-        and any(reference_answer(r) is not None for r in bundle.eval_records)
-    )
+    has_eval = task.has_eval(bundle, cfg)  # the task says what it can evaluate
 
     def save(st: TrainState, at: int, extra: dict[str, Any]) -> Path | None:
         files = dict(bundle.tokenizer_files)  # the run's HF tokenizer folder, flat
@@ -304,6 +302,7 @@ def build_run(
         task=task,
         state=state,
         step=step_fn,
+        rollout=rollout,
         loader=loader,
         batches=iter(loader),
         prepare_batch=prepare_batch,

@@ -175,7 +175,8 @@ def train_loop(run: Run, console: Console, *, t_start: float | None = None) -> T
                 batch = run.prepare_batch(next(run.batches))
                 n_tokens = int((batch["input_ids"] != run.pad_id).sum())
                 batch = batch.to(run.par.device, non_blocking=True)
-                batch = run.task.rollout(state, batch, R.fold_in(state.rng, step))
+                if run.rollout is not None:  # a batch stage that reads the state
+                    batch = run.rollout(state, batch, R.fold_in(state.rng, step))
                 for _ in range(run.task.updates_per_batch):  # several updates per rollout
                     state, metrics = run.step(state, batch)
                     step += 1

@@ -1,0 +1,42 @@
+"""Reward functions for online RL: the contract, the built-ins, weighted scoring of a batch with
+failure accounting, and fingerprints that catch a changed or nondeterministic reward on resume
+(docs/rewards.md)."""
+
+from tscale.rewards.builtin import (
+    ends_with_stop,
+    exact_match,
+    format_match,
+    soft_overlong_punishment,
+)
+from tscale.rewards.config import RewardConfig, RewardsConfig
+from tscale.rewards.fingerprint import (
+    RewardProbe,
+    check_fingerprint,
+    compare_fingerprints,
+    fingerprint_rewards,
+    make_probe,
+)
+from tscale.rewards.resolve import REWARDS, register_reward, resolve_reward_fn
+from tscale.rewards.scoring import RewardFailure, RewardFn, RewardSet, Scores, build_reward_set
+
+__all__ = [
+    "REWARDS",
+    "RewardConfig",
+    "RewardFailure",
+    "RewardFn",
+    "RewardProbe",
+    "RewardSet",
+    "RewardsConfig",
+    "Scores",
+    "build_reward_set",
+    "check_fingerprint",
+    "compare_fingerprints",
+    "ends_with_stop",
+    "exact_match",
+    "fingerprint_rewards",
+    "format_match",
+    "make_probe",
+    "register_reward",
+    "resolve_reward_fn",
+    "soft_overlong_punishment",
+]
