@@ -28,7 +28,7 @@ from tscale.core import metrics as M
 from tscale.core import tree as T
 from tscale.core.fields import field
 from tscale.data.loader import batch_iter
-from tscale.errors import ConfigError, ShapeError
+from tscale.errors import ShapeError
 from tscale.losses.preference import bradley_terry_loss
 from tscale.models.protocol import frozen_kw
 from tscale.models.reward import (
@@ -40,7 +40,8 @@ from tscale.models.reward import (
     without_logits_index,
 )
 from tscale.models.transformer import TransformerConfig
-from tscale.tasks.base import LossFn, TaskContext, TaskDefaults, register_task
+from tscale.tasks.base import LossFn, TaskContext, register_task
+from tscale.tasks.preference import PreferenceTask
 
 __all__ = [
     "CHOSEN",
@@ -148,8 +149,13 @@ def split_score(params: TensorDictBase) -> tuple[TensorDictBase, TensorDictBase]
 
 @register_task
 @attrs.frozen(kw_only=True)
-class RewardTask(TaskDefaults):
-    """A reward model trained on chosen/rejected pairs (Bradley–Terry)."""
+class RewardTask(PreferenceTask):
+    """A reward model trained on chosen/rejected pairs (Bradley–Terry).
+
+    The data stage and layout are the preference tasks' (``share_prompt``,
+    ``max_prompt_length``, ``max_completion_length``); the model is the run's decoder with a
+    ``score`` head instead of its LM head (:attr:`head`), no reference model.
+    """
 
     type: Literal["reward"] = field("reward", "The objective: a reward model on preference pairs.")
     margin: float = field(
@@ -167,6 +173,9 @@ class RewardTask(TaskDefaults):
     )
 
     key_metrics: ClassVar[tuple[str, ...]] = ("accuracy", "margin")
+    head: ClassVar[str] = "score"
+    """The model's head: ``"score"`` (a :class:`~tscale.models.reward.RewardModel`); the run
+    builds the decoder without ``lm_head`` and wraps it with :meth:`wrap_model`."""
 
     def loss(self, ctx: TaskContext) -> LossFn:
         """The Bradley–Terry loss over ``ctx.apply_fn`` (the reward model's per-token scores)."""
@@ -174,13 +183,6 @@ class RewardTask(TaskDefaults):
             ctx.apply_fn,
             margin=self.margin,
             center_rewards_coefficient=self.center_rewards_coefficient,
-        )
-
-    def examples(self, cfg: Any, encoder: Any, template: Any) -> Callable[..., Any]:
-        """The preference data stage (pairs → group documents); wired by the integrator."""
-        raise ConfigError(
-            "task.type reward: the preference data stage (prompt/chosen/rejected → group "
-            "documents) is not wired into the reward task yet"
         )
 
     def wrap_model(
@@ -193,7 +195,8 @@ class RewardTask(TaskDefaults):
     def evaluate(
         self, ctx: TaskContext, params: TensorDictBase, frozen: Mapping[str, Any] | None = None
     ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """Held-out loss and the pair metrics over the eval examples (group documents)."""
+        """Held-out loss and the pair metrics over the eval examples (group documents); a
+        reward model generates nothing."""
         bundle = ctx.data
         if not bundle.eval_examples:
             return {}, []
@@ -204,6 +207,10 @@ class RewardTask(TaskDefaults):
             )
         )
         return evaluate_pairs(self.loss(ctx), params, batches, frozen=frozen), []
+
+    def has_eval(self, data: Any, config: Any) -> bool:
+        """Held-out pairs."""
+        return bool(data.eval_examples)
 
 
 def evaluate_pairs(

@@ -279,7 +279,7 @@ def export(run_or_ckpt: str | Path, out: str | Path, *, max_shard_size: str = "5
     cfg = load_config(path / "config.yaml")
     vocab_size = read_tokenizer(path).vocab_size
     init_key, _ = R.split(R.key(cfg.run.seed), 2)
-    reward = cfg.task.type == "reward"  # a reward model: decoder + score head, no LM head
+    reward = getattr(cfg.task, "head", "lm") == "score"  # a score head (a reward model)
     model, base = builders.build_model(cfg, vocab_size, init_key, reward=reward)
     if sharded:  # written by an FSDP run: DCP gathers the shards into full tensors
         params = read_params(path)
