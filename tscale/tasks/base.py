@@ -81,6 +81,10 @@ class TaskContext:
     """The frozen trees built so far (e.g. ``"base"``, the LoRA base)."""
     source: str | None = None
     """The folder the starting weights came from (``model.path``), None from random init."""
+    weights_fingerprint: Callable[[Any], str] | None = None
+    """``fingerprint(tree)``: the content fingerprint of the starting weights — the folder's
+    (``tscale.checkpoint.frozen``) when they came from one, else of ``tree``'s tensors (a
+    cache key for what a task computes from them once, e.g. reference log-probs)."""
 
 
 @attrs.frozen

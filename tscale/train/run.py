@@ -20,7 +20,7 @@ from rich.console import Console
 from tensordict import TensorDict
 
 from tscale import checkpoint as ckpt
-from tscale.checkpoint.frozen import FrozenSource
+from tscale.checkpoint.frozen import FrozenSource, tensors_fingerprint
 from tscale.checkpoint.sharded import load_deepspeed, save_deepspeed, save_sharded
 from tscale.config.load import to_yaml
 from tscale.config.schema import Config, resolve_defaults, steps_for_epochs
@@ -177,6 +177,7 @@ def build_run(
         params=params,
         frozen=frozen,
         source=cfg.model.path,
+        weights_fingerprint=partial(_weights_fingerprint, cfg.model.path),
     )
     for name, added in task.prepare(ctx).items():  # e.g. a reference model, as frozen trees
         frozen[name] = added.tree
@@ -332,6 +333,13 @@ def build_run(
         pad_id=bundle.encoder.pad_id,
         resumed_from=resume_from,
     )
+
+
+def _weights_fingerprint(path: str | None, tree: Any) -> str:
+    """The starting weights' content fingerprint: their folder's, else their tensors'."""
+    if path is not None:
+        return "folder:" + FrozenSource.of(path).fingerprint
+    return "tensors:" + tensors_fingerprint(tree)
 
 
 def _unchanged(batch: TensorDict) -> TensorDict:
