@@ -32,6 +32,7 @@ from tscale.core.result import Ok
 from tscale.core.state import TrainState
 from tscale.data.length import LengthReport
 from tscale.data.preference import preference_examples, preference_kind
+from tscale.errors import ConfigError
 from tscale.losses import preference as P
 from tscale.losses.sequence import sequence_logps
 from tscale.models.protocol import frozen_kw
@@ -102,6 +103,11 @@ class KTOTask(PreferenceTask):
     uses_reference: ClassVar[bool] = True
 
     def reference_strategy(self, ctx: TaskContext) -> str:
+        if self.reference == "none":  # the loss and z₀ are log-ratios against a reference
+            raise ConfigError(
+                "task.reference: none is not available with task.type kto (its rewards and "
+                "z0 are log-ratios to a reference); use auto, copy or lora_base"
+            )
         return _reference_for(self, ctx, self.reference)
 
     def examples(self, cfg: Any, encoder: Any, template: Any) -> Callable[..., Any]:

@@ -363,6 +363,16 @@ def _reference_for(task: PreferenceTask, ctx: TaskContext, reference: str) -> st
         )
     if reference == "lora_base" and not lora:
         raise ConfigError("task.reference: lora_base needs lora.enabled; use copy or auto")
+    if (
+        reference in ("auto", "lora_base")
+        and lora
+        and not isinstance(ctx.frozen["base"], TensorDictBase)
+    ):  # QLoRA: the base is NF4 codes, which the plain reference forward cannot run
+        raise ConfigError(
+            f"task.reference: {reference} is the LoRA base, NF4-quantised here (lora.qlora), "
+            "and cannot run as the reference; set lora.qlora: false"
+            + (" or task.reference: none" if task.type == "dpo" else "")
+        )
     return reference
 
 
