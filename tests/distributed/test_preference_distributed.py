@@ -1,6 +1,8 @@
 """Preference tasks under torchrun (2 gloo ranks on CPU) follow one process on the same global
-batch: DPO under DDP and FSDP, KTO (whose ``z₀`` is all-reduced in the rollout stage) under DDP —
-per-step loss, ``rewards/*``, ``logps/*`` and KTO's ``kl`` within 1e-5."""
+batch — per-step loss, ``rewards/*``, ``logps/*`` and KTO's ``kl`` within 1e-5: DPO and KTO
+(whose ``z₀`` is all-reduced in the rollout stage) under DDP and FSDP (the reference a
+replicated copy; the rollout gathers the sharded policy), and with LoRA over a sharded base
+(the base is the reference: its forward runs the shards through the step's per-layer gather)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from tscale.testing.hf_folders import make_model_folder
 from tscale.testing.runs import step_rows
+
+pytestmark = pytest.mark.slow  # 10 launches of `tscale train`, ~3 min on 2 CPU cores
 
 # `make test` runs pytest with --dist loadfile: one worker runs this module, so its module-scoped
 # launches are shared by its tests
@@ -28,6 +33,8 @@ COMPARED = (
     "logps/rejected",
     "grad_norm",
 )
+KTO_COMPARED = ("loss", "kl", "rewards/chosen", "rewards/rejected", "grad_norm")
+LN2 = 0.6931471805599453
 
 
 def _rows(n: int, seed: int, unpaired: bool) -> list[dict]:
@@ -52,7 +59,7 @@ def _rows(n: int, seed: int, unpaired: bool) -> list[dict]:
     return out
 
 
-def _config(tmp: Path, name: str, *, unpaired: bool) -> tuple[list[str], Path]:
+def _config(tmp: Path, name: str, *, unpaired: bool, lora: bool = False) -> tuple[list[str], Path]:
     """The ``tscale train`` arguments of a tiny preference run, and its run directory."""
     data = tmp / ("kto.jsonl" if unpaired else "pairs.jsonl")
     if not data.exists():
@@ -60,44 +67,50 @@ def _config(tmp: Path, name: str, *, unpaired: bool) -> tuple[list[str], Path]:
     out = tmp / name
     cfg = tmp / f"{name}.yaml"
     cfg.write_text("run: {seed: 0}\n")
+    if lora:  # a tiny HF folder: the base sharded under FSDP is loaded from model.path
+        folder = tmp / "hf-model"
+        if not folder.exists():
+            make_model_folder(folder, "qwen2")
+        model = [f"model.path={folder}", "data.max_length=96", "train.epochs=null"]
+        model += ["lora.enabled=true", "lora.rank=4", "optimizer.lr=0.001"]
+    else:
+        model = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2"]
+        model += ["model.num_heads=2", "model.max_position_embeddings=64"]
+        model += ["data.tokenizer.vocab_size=300", "data.max_length=48", "optimizer.lr=0.003"]
     args = [
         "train",
         str(cfg),
         f"run.output_dir={out}",
         "run.threads=1",
-        "model.hidden_size=32",
-        "model.intermediate_size=64",
-        "model.num_layers=2",
-        "model.num_heads=2",
-        "model.max_position_embeddings=64",
-        "data.tokenizer.vocab_size=300",
         f"data.train_files=[{data}]",
         "data.batch_size=8",
-        "data.max_length=48",
-        "optimizer.lr=0.003",
         "scheduler.warmup_steps=0",
         f"train.max_steps={STEPS}",
         "train.log_every=1",
         "train.save_every=0",
         "train.progress=false",
         "eval.num_samples=0",
+        *model,
     ]
     return args, out
+
+
+RUNS = [
+    f"{task}-{mode}"
+    for task in ("dpo", "kto", "dpo-lora", "kto-lora")
+    for mode in (("one", "fsdp") if "lora" in task else ("one", "ddp", "fsdp"))
+]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, torchrun, tscale_cli) -> dict[str, list]:
     tmp = tmp_path_factory.mktemp("pref")
-    plans = {
-        "dpo-one": (["task.type=dpo"], False, 1),
-        "dpo-ddp": (["task.type=dpo"], False, 2),
-        "dpo-fsdp": (["task.type=dpo", *FSDP], False, 2),
-        "kto-one": (["task.type=kto"], True, 1),
-        "kto-ddp": (["task.type=kto"], True, 2),
-    }
     out: dict[str, list] = {}
-    for name, (extra, unpaired, ranks) in plans.items():
-        args, run = _config(tmp, name, unpaired=unpaired)
+    for name in RUNS:  # TASK-MODE or TASK-lora-MODE
+        task, *lora, mode = name.split("-")
+        extra = [f"task.type={task}", *(FSDP if mode == "fsdp" else [])]
+        ranks = 1 if mode == "one" else 2
+        args, run = _config(tmp, name, unpaired=task == "kto", lora=bool(lora))
         if ranks == 1:
             tscale_cli([*args, *extra])
         else:
@@ -117,13 +130,30 @@ def _assert_follows(one: list[dict], got: list[dict], keys: tuple[str, ...]) -> 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_dpo_follows_one_process(runs: dict[str, list], mode: str):
     one = runs["dpo-one"]
-    assert abs(one[0]["loss"] - 0.6931471805599453) <= 1e-6  # the reference is the start
+    assert abs(one[0]["loss"] - LN2) <= 1e-6  # the reference is the start
     _assert_follows(one, runs[f"dpo-{mode}"], COMPARED)
 
 
-def test_kto_follows_one_process_with_the_global_kl(runs: dict[str, list]):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_kto_follows_one_process_with_the_global_kl(runs: dict[str, list], mode: str):
     """``kl`` (z₀) is all-reduced over the ranks before the step: the same value as one process
     on the global batch, and so the same losses."""
-    one, two = runs["kto-one"], runs["kto-ddp"]
+    one = runs["kto-one"]
+    assert abs(one[0]["loss"] - 0.5) <= 1e-6 and one[0]["kl"] == 0.0  # policy == reference
     assert any(r["kl"] > 0 for r in one[1:])  # z₀ moves off 0 once the policy does
-    _assert_follows(one, two, ("loss", "kl", "rewards/chosen", "rewards/rejected", "grad_norm"))
+    _assert_follows(one, runs[f"kto-{mode}"], KTO_COMPARED)
+
+
+def test_dpo_over_a_sharded_lora_base_follows_one_process(runs: dict[str, list]):
+    """The LoRA base is the reference and is sharded: the reference forward gathers it layer
+    by layer as the policy's does (before: this rank's shards ran as whole weights)."""
+    one = runs["dpo-lora-one"]
+    assert abs(one[0]["loss"] - LN2) <= 1e-6
+    _assert_follows(one, runs["dpo-lora-fsdp"], COMPARED)
+
+
+def test_kto_over_a_sharded_lora_base_follows_one_process(runs: dict[str, list]):
+    one = runs["kto-lora-one"]
+    assert abs(one[0]["loss"] - 0.5) <= 1e-6
+    assert any(r["kl"] > 0 for r in one[1:])
+    _assert_follows(one, runs["kto-lora-fsdp"], KTO_COMPARED)

@@ -353,9 +353,9 @@ def _as_sft_record(record: dict) -> dict | None:
 
 def _reference_for(task: PreferenceTask, ctx: TaskContext, reference: str) -> str:
     """Resolve ``task.reference``: ``auto`` → the LoRA base with LoRA, else a copy."""
-    lora, asked = "base" in ctx.frozen, reference
+    lora = "base" in ctx.frozen
     if reference == "auto":
-        reference = "lora_base" if lora else "copy"
+        return "lora_base" if lora else "copy"
     if reference == "copy" and lora:
         raise ConfigError(
             f"task.reference: copy with lora.enabled copies only the adapters; use lora_base "
@@ -363,14 +363,6 @@ def _reference_for(task: PreferenceTask, ctx: TaskContext, reference: str) -> st
         )
     if reference == "lora_base" and not lora:
         raise ConfigError("task.reference: lora_base needs lora.enabled; use copy or auto")
-    if reference == "lora_base" and not isinstance(
-        ctx.frozen["base"], TensorDictBase
-    ):  # QLoRA: the base is NF4 codes, which the plain reference forward cannot run
-        raise ConfigError(
-            f"task.reference: {asked} is the LoRA base, NF4-quantised here (lora.qlora), "
-            "and cannot run as the reference; set lora.qlora: false"
-            + (" or task.reference: none" if task.type == "dpo" else "")
-        )
     return reference
 
 

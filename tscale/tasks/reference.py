@@ -18,10 +18,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import attrs
 import torch
 from tensordict import TensorDictBase
 
 from tscale.core import tree as T
+from tscale.errors import ConfigError
+from tscale.models.protocol import frozen_kw
+from tscale.parallel.fsdp import ShardedModel
 from tscale.tasks.base import FrozenTree, TaskContext
 
 __all__ = ["REFERENCE", "frozen_copy", "lora_base_reference", "reference_apply"]
@@ -42,6 +46,12 @@ def lora_base_reference(ctx: TaskContext) -> dict[str, FrozenTree]:
     """No tree to add: the LoRA base (already frozen, ``frozen["base"]``) is the reference."""
     if _BASE not in ctx.frozen:
         raise ValueError("lora_base_reference needs lora.enabled (the base is the reference)")
+    if not isinstance(ctx.frozen[_BASE], TensorDictBase):  # QLoRA: NF4 codes, no plain forward
+        raise ConfigError(
+            "task.reference: the LoRA base (auto or lora_base with lora.enabled) is NF4-quantised "
+            "(lora.qlora) and cannot run as the reference; set lora.qlora: false (dpo: or "
+            "task.reference: none)"
+        )
     return {}
 
 
@@ -50,6 +60,10 @@ def reference_apply(ctx: TaskContext) -> Callable[[TensorDictBase, Mapping[str, 
     ``"reference"`` tree through the base model, else the LoRA stack's inner model over the
     base (the adapters off)."""
     decoder = _decoder(ctx.model)  # the stack's innermost model: the plain forward
+    if isinstance(ctx.model, ShardedModel) and ctx.model.tree == _BASE:
+        # LoRA over a sharded base: the step hands the loss this rank's shards of
+        # frozen["base"]; the decoder runs them through the same per-layer gather
+        decoder = attrs.evolve(ctx.model, inner=decoder)
 
     def ref(batch: Any, frozen: Mapping[str, Any]) -> torch.Tensor:
         tree = frozen.get(REFERENCE, frozen.get(_BASE))
@@ -61,7 +75,7 @@ def reference_apply(ctx: TaskContext) -> Callable[[TensorDictBase, Mapping[str, 
                 "frozen_copy, or LoRA without lora.qlora"
             )
         with torch.no_grad():
-            return decoder.apply(tree, batch)
+            return decoder.apply(tree, batch, **frozen_kw(frozen or None))
 
     return ref
 
