@@ -51,6 +51,7 @@ CASES: dict[str, Case] = {
     "step_throughput": Case(),
     "group_layout": Case(),
     "generate": Case(),
+    "rollout": Case(),
     "optimizers": Case(needs=("bitsandbytes",)),
     "data_pipeline": Case(
         hand_added=frozenset({"runs"}), needs=("trl",), marks=(pytest.mark.slow,)

@@ -38,29 +38,38 @@ def _pairs(path: Path) -> Path:
     return path
 
 
-def _train(tmp: Path, *overrides: str, steps: int = 2) -> tuple[int, list[dict]]:
-    """``tscale train`` of a tiny model on pairs: its exit code and step rows."""
+TINY = [
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.max_position_embeddings=64",
+    "data.tokenizer.vocab_size=300",
+]
+
+
+def _train(tmp: Path, *overrides: str, steps: int = 2, name: str = "run") -> tuple[int, list]:
+    """``tscale train`` of a tiny model (random init unless ``model.path`` is given) on pairs:
+    its exit code and step rows."""
     cfg = tmp / "pref.yaml"
     cfg.write_text("run: {seed: 0}\n")
-    out = tmp / "run"
+    out = tmp / name
+    pairs = tmp / "pairs.jsonl"
+    model = [] if any(o.startswith("model.path=") for o in overrides) else TINY
     code = main(
         [
             "train",
             str(cfg),
             f"run.output_dir={out}",
             "run.threads=1",
-            "model.hidden_size=32",
-            "model.intermediate_size=64",
-            "model.num_layers=2",
-            "model.num_heads=2",
-            "model.max_position_embeddings=64",
-            "data.tokenizer.vocab_size=300",
-            f"data.train_files=[{_pairs(tmp / 'pairs.jsonl')}]",
+            *model,
+            f"data.train_files=[{pairs if pairs.exists() else _pairs(pairs)}]",
             "data.batch_size=8",
-            "data.max_length=48",
+            "data.max_length=64",
             "optimizer.lr=0.003",
             "scheduler.warmup_steps=0",
             f"train.max_steps={steps}",
+            "train.epochs=null",
             "train.log_every=1",
             "train.save_every=0",
             "train.progress=false",
@@ -118,3 +127,24 @@ def test_reference_free_runs_train_over_a_qlora_base(tmp_path: Path, task: list[
     assert code == 0 and len(rows) == 2
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert rows[1]["loss"] != rows[0]["loss"]
+
+
+def test_qlora_with_a_precomputed_reference_starts_at_ln2_with_its_own_cache_entry(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The NF4 base, dequantised once before training, is QLoRA's reference: the first step is
+    ln 2, and its cached log-probs are not those of the same folder's full-precision base."""
+    from tscale.testing.hf_folders import make_model_folder
+
+    folder = make_model_folder(tmp_path / "hf", "qwen2")
+    shared = ["task.type=dpo", "task.reference=precomputed", f"model.path={folder}"]
+    shared.append(f"data.cache_dir={tmp_path / 'cache'}")
+    lines = []
+    for name, lora in (("lora", LORA), ("qlora", QLORA), ("again", QLORA)):
+        code, rows = _train(tmp_path, *shared, *lora, name=name)
+        assert code == 0
+        assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6), name
+        out = capsys.readouterr().out
+        lines.append(next(x for x in out.splitlines() if x.startswith("reference log-probs")))
+    assert [x.split(" ")[2] for x in lines] == ["computed", "computed", "cached"], lines
+    assert len(list((tmp_path / "cache").glob("reference-*"))) == 2

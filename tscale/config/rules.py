@@ -49,6 +49,9 @@ def check(cfg: Config, *, checkpoint_positions: int | None = None) -> None:
             "advance; set train.max_steps (the learning-rate schedule needs the total)"
         )
     _check_model(cfg)
+    task_rules = getattr(cfg.task, "check", None)
+    if task_rules is not None:  # the task's own rules (a user's record may have none)
+        task_rules(cfg)
     try:
         datetime.date.fromisoformat(cfg.data.template_date)
     except ValueError:

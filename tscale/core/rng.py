@@ -58,3 +58,19 @@ def generator(k: torch.Tensor, device: torch.device | str = "cpu") -> torch.Gene
     g = torch.Generator(device=device)
     g.manual_seed(seed_of(k))
     return g
+
+
+def fold_in_rows(keys: torch.Tensor, data: int | torch.Tensor) -> torch.Tensor:
+    """:func:`fold_in` of many keys at once: ``keys`` [..., 2], ``data`` broadcastable to
+    ``keys[..., 0]``; row i of the result equals ``fold_in(keys[i], data[i])`` (on device)."""
+    d = torch.as_tensor(data, dtype=torch.int64, device=keys.device)
+    return _mix(torch.stack(torch.broadcast_tensors(keys[..., 0] ^ _mix(d), keys[..., 1] + 1), -1))
+
+
+def uniform_rows(keys: torch.Tensor, num: int) -> torch.Tensor:
+    """``num`` float64 uniforms in the open interval (0, 1) per key: ``keys`` [..., 2] ->
+    [..., num]. Column j derives from ``split(key, num)[j, 0]`` (52 of its bits), so neither 0
+    nor 1 ever comes out (a Gumbel or exponential transform stays finite)."""
+    idx = torch.arange(num, dtype=torch.int64, device=keys.device)
+    bits = _mix(keys[..., 0, None] ^ _mix(idx))
+    return (_shr(bits, 12).to(torch.float64) + 0.5) * 2.0**-52

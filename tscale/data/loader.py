@@ -27,13 +27,27 @@ from tscale.data.tokenize import IGNORE_INDEX
 from tscale.errors import DataError
 
 # Padding value of every per-token field a batch may carry.
-_PAD_VALUES = {"labels": IGNORE_INDEX, "position_ids": 0, "doc_ids": 0, "branch_ids": 0}
-_FIELDS = ("input_ids", "labels", "position_ids", "doc_ids", "branch_ids")
+_PAD_VALUES = {
+    "labels": IGNORE_INDEX,
+    "position_ids": 0,
+    "doc_ids": 0,
+    "branch_ids": 0,
+    "ref_logps": 0.0,
+}
+_FIELDS = ("input_ids", "labels", "position_ids", "doc_ids", "branch_ids", "ref_logps")
+FLOAT_FIELDS = frozenset({"ref_logps"})
+"""Per-token fields carried as float32 (the others are int64): ``ref_logps``, a reference
+model's log-prob of each trained label (:mod:`tscale.tasks.reference`)."""
 _GROUP_FACTOR = 50  # length grouping sorts within "megabatches" of this many batches
 
 
+def _dtype(name: str) -> torch.dtype:
+    return torch.float32 if name in FLOAT_FIELDS else torch.int64
+
+
 def _as_tensors(examples: Sequence[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
-    """Each example's per-token fields as int64 tensors, checked: equal, non-zero lengths."""
+    """Each example's per-token fields as tensors (int64; float32 for :data:`FLOAT_FIELDS`),
+    checked: equal, non-zero lengths."""
     out = []
     for i, ex in enumerate(examples):
         try:
@@ -54,7 +68,7 @@ def _as_tensors(examples: Sequence[dict[str, Any]]) -> list[dict[str, torch.Tens
                     raise DataError(
                         f"example {i}: {name} has {len(ex[name])} entries, not {len(ids)}"
                     )
-                row[name] = torch.as_tensor(ex[name], dtype=torch.int64)
+                row[name] = torch.as_tensor(ex[name], dtype=_dtype(name))
         out.append(row)
     fields = [tuple(r) for r in out]
     if fields and len(set(fields)) > 1:
@@ -71,12 +85,12 @@ def _collate(
 ) -> TensorDict:
     """Right-pad to the longest row rounded up to ``pad_to_multiple_of``; padded labels are -100,
     padded ``position_ids``/``doc_ids``/``branch_ids`` 0 (doc 0 is padding: no real token attends
-    to it)."""
+    to it), padded ``ref_logps`` 0.0."""
     length = _round_up(max(r["input_ids"].numel() for r in rows), pad_to_multiple_of)
     out = {}
     for name in rows[0]:
         fill = pad_id if name == "input_ids" else _PAD_VALUES[name]
-        t = torch.full((len(rows), length), fill, dtype=torch.int64)
+        t = torch.full((len(rows), length), fill, dtype=rows[0][name].dtype)
         for i, r in enumerate(rows):
             t[i, : r[name].numel()] = r[name]
         out[name] = t
@@ -170,10 +184,11 @@ class BatchLoader:
             make them a last batch completed with the epoch's first examples (see
             :func:`plan_epoch`).
 
-    Batches are TensorDicts of int64 ``[B, L]`` fields, right-padded (ids with ``pad_id``, labels
-    with -100, ``position_ids``/``doc_ids``/``branch_ids`` with 0). Iterating never ends; it
-    starts at the cursor and moves it, so ``state_dict()`` taken after ``next(it)`` names the
-    batch that comes next (prefetched batches do not move the cursor).
+    Batches are TensorDicts of int64 ``[B, L]`` fields (float32 for :data:`FLOAT_FIELDS`, e.g.
+    ``ref_logps``, added with :meth:`add_field`), right-padded (ids with ``pad_id``, labels with
+    -100, ``position_ids``/``doc_ids``/``branch_ids`` with 0, ``ref_logps`` with 0.0).
+    Iterating never ends; it starts at the cursor and moves it, so ``state_dict()`` taken after
+    ``next(it)`` names the batch that comes next (prefetched batches do not move the cursor).
     """
 
     def __init__(
@@ -246,6 +261,38 @@ class BatchLoader:
     def num_batches_per_epoch(self) -> int:
         """Global batches in the current epoch (fixed unless ``max_tokens`` is set)."""
         return len(self._plan(self._epoch))
+
+    @property
+    def rows(self) -> list[dict[str, torch.Tensor]]:
+        """The examples as the loader holds them (per-token tensors), in their given order."""
+        return self._rows
+
+    def add_field(self, name: str, values: Sequence[Any]) -> None:
+        """Give every example the per-token field ``name`` (one value per token; ``values[i]``
+        for example ``i`` in the given order), carried by every batch from now on, padded and
+        split with the others. Call it before iterating.
+
+        Raises:
+            DataError: ``name`` is not a known per-token field, or the values do not have one
+                entry per example and token.
+        """
+        if name not in _PAD_VALUES:
+            raise DataError(f"add_field: {name!r} is not a per-token field ({', '.join(_FIELDS)})")
+        if len(values) != len(self._rows):
+            raise DataError(
+                f"add_field {name!r}: {len(values)} rows of values for {len(self._rows)} examples"
+            )
+        new = []
+        for i, (row, v) in enumerate(zip(self._rows, values, strict=True)):
+            t = torch.as_tensor(v, dtype=_dtype(name))
+            if t.shape != row["input_ids"].shape:
+                raise DataError(
+                    f"add_field {name!r}: example {i} has {row['input_ids'].numel()} tokens but "
+                    f"{tuple(t.shape)} values"
+                )
+            new.append(t)
+        for row, t in zip(self._rows, new, strict=True):
+            row[name] = t
 
     def _plan(self, epoch: int) -> list[torch.Tensor]:
         with self._lock:  # the prefetch thread plans too

@@ -38,13 +38,90 @@ class SequenceLogps:
     counts: torch.Tensor
 
 
-def _at_index(batch: Mapping[str, torch.Tensor], name: str) -> torch.Tensor | None:
-    """``batch[name]`` [B|1, S] at ``logits_index`` [B, M] when the batch has one."""
+def batch_field(batch: Mapping[str, torch.Tensor], name: str) -> torch.Tensor | None:
+    """``batch[name]`` [B|1, S] as the logits see it: at ``logits_index`` [B, M] when the batch
+    has one (:func:`tscale.data.loader.with_logits_index`), else whole; None when absent."""
     values = batch.get(name, None)
     index = batch.get("logits_index", None)
     if values is None or index is None:
         return values
     return values.expand(index.shape[0], -1).gather(1, index)
+
+
+def token_logps(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``log p(label)`` of every trained token, 0 elsewhere: ``[B, S|M]``, lined up with the
+    labels the logits predict (:func:`tscale.losses.lm.target_labels`); float32, or float64
+    for float64 logits (bf16/fp16 logits are read in float32).
+
+    Raises:
+        ShapeError: logits and labels (or ``logits_index``) disagree in shape.
+    """
+    labels = target_labels(batch)
+    if logits.dim() != 3 or logits.shape[:2] != labels.shape:
+        raise ShapeError(
+            f"sequence_logps: logits have shape {tuple(logits.shape)} but the labels they "
+            f"predict have {tuple(labels.shape)}; pass [B, S|M, V] logits of this batch"
+        )
+    x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    trained = labels != IGNORE_INDEX
+    target = torch.where(trained, labels, 0)
+    token = x.gather(-1, target[..., None]).squeeze(-1) - torch.logsumexp(x, dim=-1)
+    return torch.where(trained, token, 0.0)
+
+
+def sequence_sums(
+    token_values: torch.Tensor,
+    batch: Mapping[str, torch.Tensor],
+    *,
+    max_docs: int | None = None,
+    num_branches: int = DEFAULT_NUM_BRANCHES,
+) -> SequenceLogps:
+    """Sum per-token values per ``(row, doc, branch)`` sequence into ``[B, D, NB]`` tables.
+
+    The one scatter behind :func:`sequence_logps`, for any per-token value lined up with the
+    labels the logits predict (``[B, S]``, or ``[B, M]`` at ``batch["logits_index"]``): the
+    policy's token log-probs, or a reference model's precomputed ones read from the batch
+    (:func:`batch_field`). Only trained tokens (label != -100) of a real document (doc > 0) and
+    branch (branch > 0) count; the sums keep ``token_values``' dtype.
+
+    Args:
+        token_values: ``[B, S|M]`` floating values.
+        batch: ``labels``, optional ``doc_ids``/``branch_ids``/``logits_index`` (see
+            :func:`sequence_logps`).
+        max_docs, num_branches: the static bounds D and NB (see :func:`sequence_logps`).
+
+    Raises:
+        ShapeError: the values and the labels disagree in shape, or a bound < 1.
+    """
+    labels = target_labels(batch)
+    if token_values.shape != labels.shape:
+        raise ShapeError(
+            f"sequence_sums: per-token values have shape {tuple(token_values.shape)} but the "
+            f"labels have {tuple(labels.shape)}"
+        )
+    d = batch["labels"].shape[1] if max_docs is None else max_docs
+    nb = num_branches
+    if d < 1 or nb < 1:
+        raise ShapeError(f"sequence_logps: max_docs ({d}) and num_branches ({nb}) must be >= 1")
+    trained = labels != IGNORE_INDEX
+    docs = batch_field(batch, "doc_ids")
+    branches = batch_field(batch, "branch_ids")
+    doc = torch.ones_like(labels) if docs is None else docs.expand_as(labels)
+    branch = torch.ones_like(labels) if branches is None else branches.expand_as(labels)
+    keep = trained & (doc > 0) & (branch > 0)
+    torch._assert_async(
+        ~(keep & ((doc > d) | (branch > nb))).any(),
+        "sequence_logps: a trained token's doc id exceeds max_docs or its branch id exceeds "
+        "num_branches",
+    )
+    slot = (doc - 1).clamp(0, d - 1) * nb + (branch - 1).clamp(0, nb - 1)
+    b = labels.shape[0]
+    sums = token_values.new_zeros(b, d * nb).scatter_add(
+        1, slot, torch.where(keep, token_values, 0.0)
+    )
+    counts = torch.zeros(b, d * nb, dtype=torch.int64, device=labels.device)
+    counts = counts.scatter_add(1, slot, keep.long())
+    return SequenceLogps(sums.view(b, d, nb), counts.view(b, d, nb))
 
 
 def sequence_logps(
@@ -54,7 +131,8 @@ def sequence_logps(
     max_docs: int | None = None,
     num_branches: int = DEFAULT_NUM_BRANCHES,
 ) -> SequenceLogps:
-    """Sum token log-probs per ``(row, doc, branch)`` sequence into ``[B, D, NB]`` tables.
+    """Sum token log-probs per ``(row, doc, branch)`` sequence into ``[B, D, NB]`` tables:
+    :func:`sequence_sums` of :func:`token_logps`.
 
     Args:
         logits: ``[B, S, V]`` at every position, or ``[B, M, V]`` at ``batch["logits_index"]``
@@ -79,36 +157,9 @@ def sequence_logps(
     Raises:
         ShapeError: logits and labels (or ``logits_index``) disagree in shape, or a bound < 1.
     """
-    labels = target_labels(batch)
-    if logits.dim() != 3 or logits.shape[:2] != labels.shape:
-        raise ShapeError(
-            f"sequence_logps: logits have shape {tuple(logits.shape)} but the labels they "
-            f"predict have {tuple(labels.shape)}; pass [B, S|M, V] logits of this batch"
-        )
-    d = batch["labels"].shape[1] if max_docs is None else max_docs
-    nb = num_branches
-    if d < 1 or nb < 1:
-        raise ShapeError(f"sequence_logps: max_docs ({d}) and num_branches ({nb}) must be >= 1")
-    x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-    trained = labels != IGNORE_INDEX
-    target = torch.where(trained, labels, 0)
-    token = x.gather(-1, target[..., None]).squeeze(-1) - torch.logsumexp(x, dim=-1)
-    docs = _at_index(batch, "doc_ids")
-    branches = _at_index(batch, "branch_ids")
-    doc = torch.ones_like(labels) if docs is None else docs.expand_as(labels)
-    branch = torch.ones_like(labels) if branches is None else branches.expand_as(labels)
-    keep = trained & (doc > 0) & (branch > 0)
-    torch._assert_async(
-        ~(keep & ((doc > d) | (branch > nb))).any(),
-        "sequence_logps: a trained token's doc id exceeds max_docs or its branch id exceeds "
-        "num_branches",
+    return sequence_sums(
+        token_logps(logits, batch), batch, max_docs=max_docs, num_branches=num_branches
     )
-    slot = (doc - 1).clamp(0, d - 1) * nb + (branch - 1).clamp(0, nb - 1)
-    b = labels.shape[0]
-    sums = x.new_zeros(b, d * nb).scatter_add(1, slot, torch.where(keep, token, 0.0))
-    counts = torch.zeros(b, d * nb, dtype=torch.int64, device=labels.device)
-    counts = counts.scatter_add(1, slot, keep.long())
-    return SequenceLogps(sums.view(b, d, nb), counts.view(b, d, nb))
 
 
 class PairView(NamedTuple):

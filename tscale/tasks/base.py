@@ -11,6 +11,8 @@ The contract, in the order the trainer uses it:
 - ``examples(cfg, encoder, template)``: the per-record data stage (records → examples, its
   batch layout, ``Err``/``Dropped`` for what it leaves out); SFT's is the template, the loss
   mask and the length budget (``tscale.tasks.sft.sft_examples``), inherited by subclasses.
+- ``check(config)``: the task's own cross-field rules (raise ``ConfigError`` naming the keys),
+  run with the config's rules before anything is built.
 - ``prepare(ctx)``: a pre-pass before the first step (e.g. reference log-probs computed once,
   a frozen copy of the starting weights as the reference model); returns the frozen trees it
   adds to the state, each a :class:`FrozenTree` (with the folder it came from, when it did, so
@@ -98,6 +100,8 @@ class Task(Protocol):
 
     def examples(self, cfg: Any, encoder: Any, template: Any) -> Callable[..., Any]: ...
 
+    def check(self, config: Any) -> None: ...
+
     def prepare(self, ctx: TaskContext) -> Mapping[str, FrozenTree]: ...
 
     def rollout(self, ctx: TaskContext) -> RolloutFn | None: ...
@@ -114,6 +118,9 @@ class TaskDefaults:
 
     key_metrics: ClassVar[tuple[str, ...]] = ()
     updates_per_batch: ClassVar[int] = 1
+
+    def check(self, config: Any) -> None:
+        """No rules beyond the fields' own domains."""
 
     def prepare(self, ctx: TaskContext) -> Mapping[str, FrozenTree]:
         """No pre-pass: no frozen trees added."""

@@ -14,7 +14,9 @@ hyper-parameters and one function from per-pair log-probs to per-pair losses
   losses, summed over the pairs present; the normaliser is the number of pairs, so microbatches
   and ranks never change the gradient. Metrics as TRL names them (``rewards/chosen`` …).
 - reference (:mod:`tscale.tasks.reference`): ``auto`` is the LoRA base with LoRA (no copy)
-  and a frozen copy of the starting weights otherwise; ``reference_path`` another HF folder.
+  and a frozen copy of the starting weights otherwise; ``reference_path`` another HF folder;
+  ``precomputed`` runs the reference once before the first step (its per-token log-probs
+  become the rows' ``ref_logps`` field, cached beside the processed data) and keeps no model.
   The reference forward never builds a graph.
 - evaluate: the same metrics over the held-out pairs, and exact match of greedy answers
   against the chosen completion.
@@ -23,6 +25,7 @@ hyper-parameters and one function from per-pair log-probs to per-pair losses
 # ruff: noqa: RUF009 - `field` returns an attrs field (a default declaration), not a shared value
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -50,7 +53,15 @@ from tscale.tasks.base import (
     TaskDefaults,
     register_task,
 )
-from tscale.tasks.reference import REFERENCE, frozen_copy, lora_base_reference, reference_apply
+from tscale.tasks.reference import (
+    REFERENCE,
+    STREAMING_REFUSAL,
+    attach_reference_logps,
+    frozen_copy,
+    lora_base_reference,
+    precomputed_sums,
+    reference_apply,
+)
 from tscale.tasks.sft import evaluate_lm
 
 __all__ = [
@@ -66,7 +77,7 @@ __all__ = [
     "sft_view",
 ]
 
-Reference = Literal["auto", "copy", "lora_base", "none"]
+Reference = Literal["auto", "copy", "lora_base", "precomputed", "none"]
 
 
 PairLogps = PairView
@@ -138,6 +149,9 @@ class PreferenceTask(TaskDefaults):
 
     key_metrics: ClassVar[tuple[str, ...]] = ("rewards/accuracies", "rewards/margins")
     uses_reference: ClassVar[bool] = False
+    precomputes_reference: ClassVar[bool] = False
+    """Whether the method reads ``task.reference: precomputed`` (its loss sums the rows'
+    ``ref_logps``)."""
 
     # ---------------------------------------------------------------- the method
 
@@ -146,7 +160,7 @@ class PreferenceTask(TaskDefaults):
         raise NotImplementedError
 
     def reference_strategy(self, ctx: TaskContext) -> str:
-        """``copy``, ``lora_base`` or ``none`` for this run."""
+        """``copy``, ``lora_base``, ``precomputed`` or ``none`` for this run."""
         return "none"
 
     # ---------------------------------------------------------------- the task contract
@@ -165,19 +179,24 @@ class PreferenceTask(TaskDefaults):
         return group_stage(inner, share_prompt=self.share_prompt, bos_id=encoder.bos_id)
 
     def prepare(self, ctx: TaskContext) -> Mapping[str, FrozenTree]:
-        """The reference model's frozen tree, when the method has one and it is a copy."""
+        """The reference model's frozen tree, when the method has one and it is a copy; with
+        ``precomputed`` its log-probs attached to every row instead (no tree)."""
         strategy = self.reference_strategy(ctx)
         if strategy == "copy":
             return frozen_copy(ctx)
         if strategy == "lora_base":
             return lora_base_reference(ctx)
+        if strategy == "precomputed":
+            attach_reference_logps(ctx)
         return {}
 
     def loss(self, ctx: TaskContext) -> LossFn:
         """``loss_fn(params, batch, frozen=...)``: the method's pair losses summed over the
         pairs present; ``tokens`` (the normaliser) is the number of pairs."""
         apply_fn = ctx.apply_fn
-        ref = reference_apply(ctx) if self.reference_strategy(ctx) != "none" else None
+        strategy = self.reference_strategy(ctx)
+        ref = reference_apply(ctx) if strategy in ("copy", "lora_base") else None
+        precomputed = strategy == "precomputed"
 
         def loss_fn(
             params: TensorDictBase,
@@ -189,6 +208,8 @@ class PreferenceTask(TaskDefaults):
             reference = None
             if ref is not None:
                 reference = _safe(pair_logps(ref(batch, frozen or {}), batch))
+            elif precomputed:  # the rows' ref_logps, summed as the policy's log-probs
+                reference = _safe(pair_view(precomputed_sums(batch)))
             out = self.pair_loss(policy, reference)
             zero = torch.zeros((), dtype=out.losses.dtype, device=out.losses.device)
             loss_sum = torch.where(policy.valid, out.losses, zero).sum()
@@ -352,8 +373,14 @@ def _as_sft_record(record: dict) -> dict | None:
 
 
 def _reference_for(task: PreferenceTask, ctx: TaskContext, reference: str) -> str:
-    """Resolve ``task.reference``: ``auto`` → the LoRA base with LoRA, else a copy."""
+    """Resolve ``task.reference``: ``auto`` → the LoRA base with LoRA, else a copy
+    (``precomputed`` runs the LoRA base with LoRA, else the starting weights)."""
     lora = "base" in ctx.frozen
+    if reference == "precomputed" and not task.precomputes_reference:
+        raise ConfigError(
+            f"task.reference: precomputed is not supported by task.type {task.type} yet; use "
+            "auto, copy or lora_base"
+        )
     if reference == "auto":
         return "lora_base" if lora else "copy"
     if reference == "copy" and lora:
@@ -388,7 +415,8 @@ class DPOTask(PreferenceTask):
     reference: Reference = field(
         "auto",
         "The reference model: auto (the LoRA base with LoRA, else a copy of the starting "
-        "weights), copy, lora_base, or none (no reference: log π_ref = 0).",
+        "weights), copy, lora_base, precomputed (its log-probs computed once before training "
+        "and cached with the processed data; no model kept), or none (log π_ref = 0).",
     )
     discopop_tau: float = field(0.05, "τ of the discopop loss type.", gt=0.0)
     sync_ref_model: bool = field(
@@ -402,12 +430,17 @@ class DPOTask(PreferenceTask):
     )
 
     uses_reference: ClassVar[bool] = True
+    precomputes_reference: ClassVar[bool] = True
 
-    def __attrs_post_init__(self) -> None:
+    def check(self, config: Any) -> None:
+        """``loss_type`` names, no batch-coupled type, one weight per type."""
         unknown = [t for t in self.loss_type if t not in P.DPO_LOSS_TYPES]
         if unknown:
+            trained = [t for t in P.DPO_LOSS_TYPES if not t.startswith("aot")]
+            close = difflib.get_close_matches(unknown[0], trained, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(
-                f"task.loss_type: unknown {unknown}; known: {', '.join(P.DPO_LOSS_TYPES)}"
+                f"task.loss_type: unknown {unknown[0]!r}{hint} (known: {', '.join(trained)})"
             )
         coupled = [t for t in self.loss_type if t.startswith("aot")]
         if coupled:
@@ -420,6 +453,11 @@ class DPOTask(PreferenceTask):
                 f"task.loss_weights: {len(self.loss_weights)} weights for "
                 f"{len(self.loss_type)} loss types; give one per loss_type"
             )
+
+    def examples(self, cfg: Any, encoder: Any, template: Any) -> Callable[..., Any]:
+        if self.reference == "precomputed" and cfg.data.streaming:
+            raise ConfigError(STREAMING_REFUSAL)
+        return super().examples(cfg, encoder, template)
 
     def reference_strategy(self, ctx: TaskContext) -> str:
         strategy = _reference_for(self, ctx, self.reference)
