@@ -1,8 +1,9 @@
 """Preference tasks under torchrun (2 gloo ranks on CPU) follow one process on the same global
 batch — per-step loss, ``rewards/*``, ``logps/*`` and KTO's ``kl`` within 1e-5: DPO and KTO
 (whose ``z₀`` is all-reduced in the rollout stage) under DDP and FSDP (the reference a
-replicated copy; the rollout gathers the sharded policy), and with LoRA over a sharded base
-(the base is the reference: its forward runs the shards through the step's per-layer gather)."""
+replicated copy; KTO's rollout and TR-DPO's reference sync gather the sharded policy whole),
+and with LoRA over a sharded base (the base is the reference: its forward runs the shards
+through the step's per-layer gather)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 from tscale.testing.hf_folders import make_model_folder
 from tscale.testing.runs import step_rows
 
-pytestmark = pytest.mark.slow  # 10 launches of `tscale train`, ~3 min on 2 CPU cores
+pytestmark = pytest.mark.slow  # 12 launches of `tscale train`, ~2-3 min on 2 CPU cores
 
 # `make test` runs pytest with --dist loadfile: one worker runs this module, so its module-scoped
 # launches are shared by its tests
@@ -95,10 +96,18 @@ def _config(tmp: Path, name: str, *, unpaired: bool, lora: bool = False) -> tupl
     return args, out
 
 
+SYNC = ["task.sync_ref_model=true", "task.ref_model_sync_steps=1", "task.ref_model_mixup_alpha=0.5"]
+KINDS = {  # name: (task overrides, the task, LoRA over a HF folder)
+    "dpo": (["task.type=dpo"], "dpo", False),
+    "kto": (["task.type=kto"], "kto", False),
+    "dpo-sync": (["task.type=dpo", *SYNC], "dpo", False),
+    "dpo-lora": (["task.type=dpo"], "dpo", True),
+    "kto-lora": (["task.type=kto"], "kto", True),
+}
 RUNS = [
-    f"{task}-{mode}"
-    for task in ("dpo", "kto", "dpo-lora", "kto-lora")
-    for mode in (("one", "fsdp") if "lora" in task else ("one", "ddp", "fsdp"))
+    (kind, mode)
+    for kind in KINDS
+    for mode in (("one", "ddp", "fsdp") if kind in ("dpo", "kto") else ("one", "fsdp"))
 ]
 
 
@@ -106,15 +115,14 @@ RUNS = [
 def runs(tmp_path_factory: pytest.TempPathFactory, torchrun, tscale_cli) -> dict[str, list]:
     tmp = tmp_path_factory.mktemp("pref")
     out: dict[str, list] = {}
-    for name in RUNS:  # TASK-MODE or TASK-lora-MODE
-        task, *lora, mode = name.split("-")
-        extra = [f"task.type={task}", *(FSDP if mode == "fsdp" else [])]
-        ranks = 1 if mode == "one" else 2
-        args, run = _config(tmp, name, unpaired=task == "kto", lora=bool(lora))
-        if ranks == 1:
-            tscale_cli([*args, *extra])
+    for kind, mode in RUNS:
+        overrides, task, lora = KINDS[kind]
+        name = f"{kind}-{mode}"
+        args, run = _config(tmp, name, unpaired=task == "kto", lora=lora)
+        if mode == "one":
+            tscale_cli([*args, *overrides])
         else:
-            torchrun(["-m", "tscale.cli", *args, *extra])
+            torchrun(["-m", "tscale.cli", *args, *overrides, *(FSDP if mode == "fsdp" else [])])
         out[name] = step_rows(run)
     return out
 
@@ -150,6 +158,14 @@ def test_dpo_over_a_sharded_lora_base_follows_one_process(runs: dict[str, list])
     one = runs["dpo-lora-one"]
     assert abs(one[0]["loss"] - LN2) <= 1e-6
     _assert_follows(one, runs["dpo-lora-fsdp"], COMPARED)
+
+
+def test_tr_dpo_reference_sync_under_fsdp_follows_one_process(runs: dict[str, list]):
+    """TR-DPO moves the (replicated) reference toward the policy every step: under FSDP the
+    policy's shards are gathered whole for it (before: a DTensor/Tensor mix failed)."""
+    one = runs["dpo-sync-one"]
+    assert one[2]["loss"] != runs["dpo-one"][2]["loss"]  # the synced reference shows by step 3
+    _assert_follows(one, runs["dpo-sync-fsdp"], COMPARED)
 
 
 def test_kto_over_a_sharded_lora_base_follows_one_process(runs: dict[str, list]):

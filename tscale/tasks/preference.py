@@ -45,6 +45,7 @@ from tscale.errors import ConfigError
 from tscale.losses import preference as P
 from tscale.losses.sequence import PairView, pair_view, sequence_logps
 from tscale.models.protocol import frozen_kw
+from tscale.parallel.fsdp import full_tree
 from tscale.tasks.base import (
     FrozenTree,
     LossFn,
@@ -486,8 +487,8 @@ class DPOTask(PreferenceTask):
             step = int(state.step)  # one host read per batch, only with sync_ref_model
             if step > 0 and step % every == 0:
                 ref = state.frozen[REFERENCE]
-                with torch.no_grad():
-                    for name, value in state.params.items(include_nested=True, leaves_only=True):
+                with torch.no_grad():  # FSDP: the shards gathered whole (ref is replicated)
+                    for name, value in full_tree(state.params).items(True, True):
                         ref[name].lerp_(value.to(ref[name].dtype), alpha)
             return batch
 
