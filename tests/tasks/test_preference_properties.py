@@ -33,6 +33,7 @@ from tscale.core.state import TrainState
 from tscale.data.groups import group_document, single_document_row
 from tscale.data.loader import batch_iter, with_logits_index
 from tscale.data.pack import pack_examples
+from tscale.errors import ConfigError
 from tscale.losses.preference import DPO_LOSS_TYPES
 from tscale.losses.sequence import PairView, sequence_logps
 from tscale.models.transformer import Transformer, TransformerConfig
@@ -373,3 +374,17 @@ def test_kto_z0_is_the_whole_batch_value_whatever_the_split(
     whole = (steps[0][0].params, {n: float(v) for n, v in steps[0][1].items()})
     split = (steps[1][0].params, {n: float(v) for n, v in steps[1][1].items()})
     _assert_same_step(whole, split)
+
+
+def test_label_smoothing_is_refused_where_no_loss_type_reads_it() -> None:
+    # TRL 1.16 reads it in robust and exo_pair only (sigmoid has no cDPO smoothing): a value
+    # that no chosen loss type reads would be silently ignored
+    with pytest.raises(ConfigError, match=r"^task.label_smoothing: 0.1 is read by robust"):
+        DPOTask(label_smoothing=0.1).check(None)
+    with pytest.raises(ConfigError, match=r"^task.label_smoothing: exo_pair needs"):
+        DPOTask(loss_type=["exo_pair"]).check(None)
+    DPOTask(loss_type=["sigmoid", "robust"], label_smoothing=0.1).check(None)
+    smoothed = DPOTask(loss_type=["sigmoid"], label_smoothing=0.1)
+    p = PairView(*(torch.tensor([v]) for v in (-1.0, -3.0)), *_counts((1, 1)))
+    zero = p._replace(chosen=torch.zeros(1), rejected=torch.zeros(1))
+    assert torch.equal(smoothed.pair_loss(p, zero).losses, DPOTask().pair_loss(p, zero).losses)
