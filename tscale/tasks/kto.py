@@ -25,7 +25,6 @@ import attrs
 import torch
 import torch.distributed as dist
 from tensordict import TensorDictBase
-from torch.distributed.tensor import DTensor
 
 from tscale.core import metrics as M
 from tscale.core.fields import field
@@ -37,10 +36,14 @@ from tscale.errors import ConfigError
 from tscale.losses import preference as P
 from tscale.losses.sequence import sequence_logps
 from tscale.models.protocol import frozen_kw
-from tscale.parallel.fsdp import full_tree
 from tscale.tasks.base import FrozenTree, LossFn, RolloutFn, TaskContext, register_task
 from tscale.tasks.preference import PreferenceTask, Reference, _reference_for, group_stage
-from tscale.tasks.reference import frozen_copy, lora_base_reference, reference_apply
+from tscale.tasks.reference import (
+    frozen_copy,
+    lora_base_reference,
+    reference_apply,
+    whole_tree,
+)
 
 __all__ = ["KL_BRANCH", "KTOTask", "kto_kl_batch", "with_kl_completions"]
 
@@ -76,16 +79,6 @@ def kto_kl_batch(
     if all_reduce is not None:
         both = all_reduce(both)
     return (both[0] / both[1].clamp_min(1)).clamp_min(0)
-
-
-def _whole(tree: Any) -> Any:
-    """``tree`` with its FSDP shards (DTensor leaves) gathered whole: the rollout runs the plain
-    model, without the step's per-layer gather (a transient full copy under FSDP)."""
-    if isinstance(tree, TensorDictBase) and any(
-        isinstance(t, DTensor) for t in tree.values(include_nested=True, leaves_only=True)
-    ):
-        return full_tree(tree)
-    return tree
 
 
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -156,8 +149,8 @@ class KTOTask(PreferenceTask):
             with torch.no_grad():
                 seen = prepare(batch)
                 params, frozen = (
-                    _whole(state.params),
-                    {k: _whole(v) for k, v in state.frozen.items()},
+                    whole_tree(state.params),
+                    {k: whole_tree(v) for k, v in state.frozen.items()},
                 )
                 z0 = kto_kl_batch(
                     apply_fn(params, seen, **frozen_kw(frozen or None)),

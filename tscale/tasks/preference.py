@@ -45,7 +45,6 @@ from tscale.errors import ConfigError
 from tscale.losses import preference as P
 from tscale.losses.sequence import PairView, pair_view, sequence_logps
 from tscale.models.protocol import frozen_kw
-from tscale.parallel.fsdp import full_tree
 from tscale.tasks.base import (
     FrozenTree,
     LossFn,
@@ -62,6 +61,7 @@ from tscale.tasks.reference import (
     lora_base_reference,
     precomputed_sums,
     reference_apply,
+    whole_tree,
 )
 from tscale.tasks.sft import evaluate_lm
 
@@ -499,7 +499,7 @@ class DPOTask(PreferenceTask):
             if step > 0 and step % every == 0:
                 ref = state.frozen[REFERENCE]
                 with torch.no_grad():  # FSDP: the shards gathered whole (ref is replicated)
-                    for name, value in full_tree(state.params).items(True, True):
+                    for name, value in whole_tree(state.params).items(True, True):
                         ref[name].lerp_(value.to(ref[name].dtype), alpha)
             return batch
 

@@ -35,6 +35,7 @@ import attrs
 import numpy as np
 import torch
 from tensordict import TensorDictBase
+from torch.distributed.tensor import DTensor
 
 from tscale.checkpoint.frozen import FrozenSource, tensors_fingerprint
 from tscale.core import tree as T
@@ -43,7 +44,6 @@ from tscale.errors import ConfigError
 from tscale.losses.sequence import SequenceLogps, batch_field, sequence_sums, token_logps
 from tscale.models.protocol import frozen_kw
 from tscale.models.quant import QuantizedParams
-from tscale.parallel.fsdp import ShardedModel
 from tscale.tasks.base import FrozenTree, TaskContext
 
 __all__ = [
@@ -54,6 +54,7 @@ __all__ = [
     "lora_base_reference",
     "precomputed_sums",
     "reference_apply",
+    "whole_tree",
 ]
 
 REFERENCE = "reference"
@@ -94,9 +95,9 @@ def reference_apply(ctx: TaskContext) -> Callable[[TensorDictBase, Mapping[str, 
     ``"reference"`` tree through the base model, else the LoRA stack's inner model over the
     base (the adapters off)."""
     decoder = _decoder(ctx.model)  # the stack's innermost model: the plain forward
-    if isinstance(ctx.model, ShardedModel) and ctx.model.tree == _BASE:
-        # LoRA over a sharded base: the step hands the loss this rank's shards of
-        # frozen["base"]; the decoder runs them through the same per-layer gather
+    if getattr(ctx.model, "tree", None) == _BASE:  # FSDP's ShardedModel over a LoRA base
+        # the step hands the loss this rank's shards of frozen["base"]: the decoder runs them
+        # through the same per-layer gather
         decoder = attrs.evolve(ctx.model, inner=decoder)
 
     def ref(batch: Any, frozen: Mapping[str, Any]) -> torch.Tensor:
@@ -112,6 +113,17 @@ def reference_apply(ctx: TaskContext) -> Callable[[TensorDictBase, Mapping[str, 
             return decoder.apply(tree, batch, **frozen_kw(frozen or None))
 
     return ref
+
+
+def whole_tree(tree: Any) -> Any:
+    """``tree`` with its FSDP shards (DTensor leaves) gathered whole, for a pass of the plain
+    model outside the step (every rank must call it; a transient full copy); any other tree
+    as it is."""
+    if isinstance(tree, TensorDictBase) and any(
+        isinstance(t, DTensor) for t in tree.values(include_nested=True, leaves_only=True)
+    ):
+        return tree.apply(lambda t: t.full_tensor() if isinstance(t, DTensor) else t)
+    return tree
 
 
 def _decoder(model: Any) -> Any:
