@@ -43,7 +43,7 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -51,11 +51,11 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
 
 
-def _weight_files(root: Path) -> list[Path]:
+def weight_files(root: Path) -> list[Path]:
     """The safetensors files of a checkpoint directory, in index order."""
     index = root / INDEX_NAME
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index} has no 'weight_map'")
         files = list(dict.fromkeys(weight_map.values()))
@@ -101,7 +101,7 @@ def from_pretrained(
     config_path = root / CONFIG_NAME
     if not config_path.is_file():
         raise CheckpointError(f"{root} is not an HF checkpoint directory: no {CONFIG_NAME}")
-    hf = _read_json(config_path)
+    hf = read_json(config_path)
     try:
         config = TransformerConfig.from_hf_dict(hf, dtype=resolve_dtype(dtype))
     except ConfigError as e:
@@ -109,7 +109,7 @@ def from_pretrained(
     dev = torch.device(device)
 
     flat: dict[str, torch.Tensor] = {}
-    for file in _weight_files(root):
+    for file in weight_files(root):
         with safe_open(file, framework="pt", device="cpu") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
                 if is_ignored(key, config):
@@ -168,10 +168,7 @@ def save_pretrained(
     limit = parse_size(max_shard_size)
     flat = T.flatten(params)
     check_params(config, flat)
-    tokenizer_paths = [Path(p) for p in tokenizer_files or ()]
-    for p in tokenizer_paths:
-        if not p.is_file():
-            raise CheckpointError(f"tokenizer file {p} does not exist")
+    tokenizer_paths = checked_tokenizer_files(tokenizer_files)
 
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
@@ -180,6 +177,35 @@ def save_pretrained(
     dtype = dtypes.pop() if len(dtypes) == 1 else None
     hf = config_json(config, dtype, base, extra_config)
 
+    write_folder(root, tensors, hf, limit, generation_config, tokenizer_paths)
+    return root
+
+
+def checked_tokenizer_files(files: Iterable[str | os.PathLike[str]] | None) -> list[Path]:
+    """``files`` as paths, each checked to exist.
+
+    Raises:
+        CheckpointError: a file is missing.
+    """
+    paths = [Path(p) for p in files or ()]
+    for p in paths:
+        if not p.is_file():
+            raise CheckpointError(f"tokenizer file {p} does not exist")
+    return paths
+
+
+def write_folder(
+    root: Path,
+    tensors: Mapping[str, torch.Tensor],
+    hf: Mapping[str, Any],
+    limit: int,
+    generation_config: Mapping[str, Any] | None,
+    tokenizer_paths: Iterable[Path],
+) -> None:
+    """Write an HF folder's files into ``root`` (which exists): ``tensors`` as safetensors (one
+    file, or shards of at most ``limit`` bytes plus the index; weight files of an earlier save
+    removed), ``config.json`` from ``hf``, ``generation_config.json`` when given, and copies of
+    the tokenizer files."""
     for old in [*root.glob("model*.safetensors"), root / INDEX_NAME]:
         if old.is_file():
             old.unlink()
@@ -196,14 +222,13 @@ def save_pretrained(
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (root / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    (root / CONFIG_NAME).write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
+    (root / CONFIG_NAME).write_text(json.dumps(dict(hf), indent=2) + "\n", encoding="utf-8")
     if generation_config is not None:
         text = json.dumps(dict(generation_config), indent=2) + "\n"
         (root / GENERATION_CONFIG_NAME).write_text(text, encoding="utf-8")
     for p in tokenizer_paths:
         if p.resolve() != (root / p.name).resolve():
             shutil.copy2(p, root / p.name)
-    return root
 
 
 __all__ = ["from_pretrained", "save_pretrained"]

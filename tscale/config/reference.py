@@ -120,6 +120,9 @@ def _section(
         if (sub is not None or members is not None) and path:
             help_text += f" See [`{key}`](#{_anchor(key)})."
         if members is not None:
+            tag = getattr(field.default, "type", None)
+            if tag in members:  # the default type first: its table gives the shared defaults
+                members = {tag: members[tag], **members}
             nested.append((members, (*path, field.name), help_text))
             continue  # a tagged union: its own heading, then one per type
         if sub is not None:

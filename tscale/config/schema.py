@@ -99,6 +99,13 @@ class SyntheticConfig:
     num_eval: int = field(200, "Held-out examples (disjoint from training).", ge=0)
     min_items: int = field(3, "Fewest items (letters/digits) in a problem (add: at least 2).", ge=1)
     max_items: int = field(8, "Most items in a problem (at least min_items).", ge=1)
+    kind: Literal["sft", "preference", "kto"] = field(
+        "sft",
+        "Records written: sft {prompt, completion}; preference {prompt, chosen, rejected} "
+        "(chosen the correct answer, rejected the answer with one item changed or an adjacent "
+        "pair swapped); kto {prompt, completion, label} (half of each task's records correct "
+        "and desirable, half corrupted). All keep task and the correct answer.",
+    )
 
 
 @attrs.frozen(kw_only=True)

@@ -2,6 +2,16 @@
 
 Every problem writes its items space-separated (``"reverse: c a t"`` → ``" t a c"``) so that a
 byte-level BPE keeps each item one token (``Ġc``), and the answer can be checked exactly.
+
+Records come in three kinds (:data:`RECORD_KINDS`, ``data.synthetic.kind``), all made from the
+same generated problems and all keeping ``task`` and the correct ``answer`` (for exact match):
+
+- ``sft``: ``{"prompt", "completion", "task"}`` (the completion is the answer);
+- ``preference``: ``{"prompt", "chosen", "rejected", "task", "answer"}``: chosen is the correct
+  answer, rejected the answer with one corrupted item (:func:`corrupt_answer`);
+- ``kto``: ``{"prompt", "completion", "label", "task", "answer"}``: unpaired, half the records
+  of each task desirable (the correct answer, ``label`` true), half undesirable (the corrupted
+  one, ``label`` false).
 """
 
 from __future__ import annotations
@@ -49,6 +59,12 @@ _TASKS: dict[str, tuple[Callable[[random.Random, int], tuple[str, str]], int]] =
 }
 TASKS: tuple[str, ...] = tuple(_TASKS)
 """Names of the built-in tasks."""
+
+RECORD_KINDS: tuple[str, ...] = ("sft", "preference", "kto")
+"""The record kinds :func:`as_kind` makes (``data.synthetic.kind``)."""
+
+# The items an answer's item may be changed into, per task.
+_ALPHABETS: dict[str, str] = {"reverse": _LETTERS, "sort": _DIGITS, "add": _DIGITS}
 
 
 def _check(tasks: Sequence[str], min_items: int, max_items: int) -> None:
@@ -160,3 +176,127 @@ def write_jsonl(records: Iterable[dict], path: str | Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Preference and KTO records
+# --------------------------------------------------------------------------------------------
+
+
+def _items(task: str, answer: str) -> list[str]:
+    """The answer's items: space-separated letters/digits, or an ``add`` sum's digits."""
+    return list(answer.strip()) if task == "add" else answer.split()
+
+
+def _join(task: str, items: Sequence[str]) -> str:
+    return " " + ("".join(items) if task == "add" else " ".join(items))
+
+
+def _changed(task: str, items: list[str], rng: random.Random) -> list[str]:
+    """``items`` with one item replaced by another of the task's alphabet (a sum keeps no
+    leading zero)."""
+    at = rng.randrange(len(items))
+    banned = {items[at]} | ({"0"} if task == "add" and at == 0 and len(items) > 1 else set())
+    out = list(items)
+    out[at] = rng.choice([c for c in _ALPHABETS[task] if c not in banned])
+    return out
+
+
+def _swapped(task: str, items: list[str], rng: random.Random) -> list[str] | None:
+    """``items`` with one adjacent pair of different items swapped, None when there is none
+    (a sum's swap never makes a leading zero)."""
+    pairs = [
+        i
+        for i in range(len(items) - 1)
+        if items[i] != items[i + 1] and not (task == "add" and i == 0 and items[1] == "0")
+    ]
+    if not pairs:
+        return None
+    at = rng.choice(pairs)
+    out = list(items)
+    out[at], out[at + 1] = out[at + 1], out[at]
+    return out
+
+
+def corrupt_answer(task: str, answer: str, *, seed: int, prompt: str) -> str:
+    """The answer with one corrupted item: an adjacent pair of different items swapped, or one
+    item changed into another letter/digit (an even draw; a change when no pair differs).
+
+    A pure function of its arguments (the draw is seeded by ``seed`` and ``prompt``), never equal
+    to ``answer``, and written as the task writes answers (same item count and spacing).
+
+    Raises:
+        ValueError: an unknown task or an answer without items.
+    """
+    if task not in _TASKS:
+        raise ValueError(f"unknown synthetic task {task!r}; valid tasks are {list(TASKS)}")
+    items = _items(task, answer)
+    if not items:
+        raise ValueError(f"cannot corrupt the empty answer {answer!r} of task {task!r}")
+    rng = _rng(seed, f"corrupt:{task}:{prompt}")
+    swap = rng.random() < 0.5
+    out = (_swapped(task, items, rng) if swap else None) or _changed(task, items, rng)
+    return _join(task, out)
+
+
+def preference_records(records: Iterable[dict], *, seed: int) -> list[dict]:
+    """Pairs ``{"prompt", "chosen", "rejected", "task", "answer"}`` from SFT records: chosen is
+    the correct answer, rejected :func:`corrupt_answer` of it."""
+    return [
+        {
+            "prompt": r["prompt"],
+            "chosen": r["completion"],
+            "rejected": corrupt_answer(r["task"], r["completion"], seed=seed, prompt=r["prompt"]),
+            "task": r["task"],
+            "answer": r["completion"],
+        }
+        for r in records
+    ]
+
+
+def kto_records(records: Sequence[dict], *, seed: int) -> list[dict]:
+    """Unpaired ``{"prompt", "completion", "label", "task", "answer"}`` from SFT records, in
+    their order: within each task a seeded half (every other record of a shuffled order, the
+    first desirable) has the correct answer and ``label`` true, the rest the corrupted answer
+    and ``label`` false."""
+    rng = _rng(seed, "kto")
+    desirable: set[int] = set()
+    for task in dict.fromkeys(r["task"] for r in records):
+        mine = [i for i, r in enumerate(records) if r["task"] == task]
+        rng.shuffle(mine)
+        desirable.update(mine[::2])
+    out = []
+    for i, r in enumerate(records):
+        good = i in desirable
+        completion = (
+            r["completion"]
+            if good
+            else corrupt_answer(r["task"], r["completion"], seed=seed, prompt=r["prompt"])
+        )
+        out.append(
+            {
+                "prompt": r["prompt"],
+                "completion": completion,
+                "label": good,
+                "task": r["task"],
+                "answer": r["completion"],
+            }
+        )
+    return out
+
+
+def as_kind(records: Sequence[dict], kind: str, *, seed: int) -> list[dict]:
+    """SFT records (:func:`generate`) as records of ``kind`` (one of :data:`RECORD_KINDS`).
+
+    Raises:
+        ValueError: an unknown kind.
+    """
+    if kind == "sft":
+        return list(records)
+    if kind == "preference":
+        return preference_records(records, seed=seed)
+    if kind == "kto":
+        return kto_records(records, seed=seed)
+    raise ValueError(
+        f"unknown synthetic record kind {kind!r}; valid kinds are {list(RECORD_KINDS)}"
+    )

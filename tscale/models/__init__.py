@@ -5,12 +5,14 @@ HF checkpoint directories are read and written by ``tscale.checkpoint.hf`` (``fr
 ``save_pretrained``), into the :class:`Model` record
 of ``tscale.models.hf``. Every model implements one protocol (:class:`LanguageModel`); the
 wrappers (LoRA, :class:`CastModel`, the parallel ones) implement it around another model and
-:func:`stack_model` stacks them in their one order.
+:func:`stack_model` stacks them in their one order. :class:`RewardModel` puts a scalar
+``score`` head on any of them (``tscale.models.reward``).
 """
 
 from tscale.models.generate import CachedModel, filter_logits, generate, greedy
 from tscale.models.hf import Model
 from tscale.models.protocol import LanguageModel
+from tscale.models.reward import RewardHead, RewardModel, sequence_ends
 from tscale.models.stack import CastModel, stack_model
 from tscale.models.transformer import (
     FAMILIES,
@@ -32,6 +34,8 @@ __all__ = [
     "CastModel",
     "LanguageModel",
     "Model",
+    "RewardHead",
+    "RewardModel",
     "RopeScaling",
     "Transformer",
     "TransformerConfig",
@@ -45,5 +49,6 @@ __all__ = [
     "init_cache",
     "logits_from_hidden",
     "param_shapes",
+    "sequence_ends",
     "stack_model",
 ]

@@ -829,7 +829,10 @@ class LoraModel:
             return m.hidden_states(tree, batch, **gather_kw(g), **frozen_kw(frozen))
 
         def head(tree: TensorDictBase) -> list[torch.Tensor]:
-            return [m.head_weight(tree)]  # an adapted head is read by head_weight, not here
+            try:  # an adapted head is read by head_weight, not here
+                return [m.head_weight(tree)]
+            except KeyError:  # a decoder without LM head (a reward model's): nothing to skip
+                return []
 
         base = self.base_of(frozen)
         return _run(fn, base, adapters, batch, self.config, gather=gather, optional=head)

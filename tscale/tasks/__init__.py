@@ -3,6 +3,7 @@
 from tscale.tasks.base import TASKS, Task, TaskContext, TaskDefaults, register_task
 from tscale.tasks.kto import KTOTask
 from tscale.tasks.preference import CPOTask, DPOTask, ORPOTask, PreferenceTask, SimPOTask
+from tscale.tasks.reward import RewardTask
 from tscale.tasks.sft import SFTTask
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "KTOTask",
     "ORPOTask",
     "PreferenceTask",
+    "RewardTask",
     "SFTTask",
     "SimPOTask",
     "Task",

@@ -28,6 +28,10 @@ The contract, in the order the trainer uses it:
   (the loop says "no held-out data" once instead of evaluating nothing).
 - ``evaluate(ctx, params, frozen)``: held-out metrics and sample generations.
 - ``key_metrics``: the metrics the progress line shows beside the loss.
+- ``head`` (optional class attribute, ``"lm"`` when absent): ``"score"`` makes the run build a
+  reward model — the decoder without its LM head plus ``score.weight``
+  (:mod:`tscale.models.reward`), wrapped by the task's ``wrap_model(model, config, pad_id=)``
+  (the LoRA stack's adapters and the head train), exported as ``*ForSequenceClassification``.
 """
 
 from __future__ import annotations
@@ -77,6 +81,10 @@ class TaskContext:
     """The frozen trees built so far (e.g. ``"base"``, the LoRA base)."""
     source: str | None = None
     """The folder the starting weights came from (``model.path``), None from random init."""
+    weights_fingerprint: Callable[[Any], str] | None = None
+    """``fingerprint(tree)``: the content fingerprint of the starting weights — the folder's
+    (``tscale.checkpoint.frozen``) when they came from one, else of ``tree``'s tensors (a
+    cache key for what a task computes from them once, e.g. reference log-probs)."""
 
 
 @attrs.frozen

@@ -37,7 +37,6 @@ import torch
 from tensordict import TensorDictBase
 from torch.distributed.tensor import DTensor
 
-from tscale.checkpoint.frozen import FrozenSource, tensors_fingerprint
 from tscale.core import tree as T
 from tscale.data.loader import BatchLoader, batch_iter
 from tscale.errors import ConfigError
@@ -245,17 +244,13 @@ def _cache_folder(ctx: TaskContext, tree: Any) -> Path | None:
     report = ctx.data.report
     if report.get("cache") not in ("hit", "miss") or not report.get("cache_path"):
         return None
-    from tscale.config.load import to_dict  # the config imports the tasks
-
     cfg = ctx.config
-    model = to_dict(cfg.model)
+    model = attrs.asdict(cfg.model)
     for key in ("path", "checkpoint_layers"):  # the folder's content stands for its path
         model.pop(key, None)
-    weights = (
-        "folder:" + FrozenSource.of(ctx.source).fingerprint
-        if ctx.source is not None
-        else "tensors:" + tensors_fingerprint(tree)
-    )
+    if ctx.weights_fingerprint is None:
+        raise ValueError("a reference cache key needs TaskContext.weights_fingerprint")
+    weights = ctx.weights_fingerprint(tree)
     parts = {
         "version": _CACHE_VERSION,
         "data": Path(report["cache_path"]).name,

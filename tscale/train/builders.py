@@ -10,14 +10,17 @@ import torch
 from tensordict import TensorDictBase
 
 from tscale.checkpoint.hf import from_pretrained
+from tscale.checkpoint.reward import load_reward_model
 from tscale.config import rules
 from tscale.config.schema import Config, model_max_positions, resolve_defaults
+from tscale.core import rng as R
 from tscale.core import tree as T
 from tscale.core.state import TrainState
 from tscale.errors import ConfigError, ShapeError
 from tscale.models.lora import Base, LoraConfig, with_dropout_keys
 from tscale.models.protocol import LanguageModel
 from tscale.models.quant import quantize_params
+from tscale.models.reward import with_score_head
 from tscale.models.stack import stack_model
 from tscale.models.transformer import Transformer, TransformerConfig
 from tscale.optim.base import GradientTransformation, Schedule
@@ -53,19 +56,30 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+# The reward head's key is folded from the init key (the decoder's init uses the key itself).
+_HEAD_SALT = 0x5C0E
 _NOT_ARCHITECTURE = ("path", "dtype", "attention_backend", "norm_backend", "checkpoint_layers")
 
 
 def build_model(
-    cfg: Config, vocab_size: int, key: torch.Tensor
+    cfg: Config, vocab_size: int, key: torch.Tensor, *, reward: bool = False
 ) -> tuple[Transformer, TensorDictBase]:
     """The model of ``cfg.model`` and its initial params: loaded from ``model.path`` (an HF
     checkpoint), else initialised at random from ``key`` with ``vocab_size`` from the tokenizer
-    unless ``model.vocab_size`` is set."""
+    unless ``model.vocab_size`` is set.
+
+    ``reward=True``: the params of a reward model's decoder (:mod:`tscale.models.reward`): no
+    ``lm_head``, and ``score.weight`` from a ``*ForSequenceClassification`` folder, or new (HF's
+    init, from a key folded from ``key``) for a causal-LM folder or a random init.
+    """
     m = cfg.model
+    head_key = R.fold_in(key, _HEAD_SALT)
     if m.path is None:
         model = _random_model(cfg, vocab_size)
-        return model, model.init(key)
+        params = model.init(key)
+        if reward:
+            params = with_score_head(params, head_key, model.config)
+        return model, params
     default = type(m)()
     for f in attrs.fields(type(m)):
         if f.name not in _NOT_ARCHITECTURE and getattr(m, f.name) != getattr(default, f.name):
@@ -73,8 +87,12 @@ def build_model(
                 f"model.{f.name} conflicts with model.path: the checkpoint's config.json sets "
                 "the architecture; remove model." + f.name
             )
-    loaded = from_pretrained(m.path, dtype=_DTYPES[m.dtype])
-    config, params = loaded.config, loaded.params
+    if reward:
+        read = load_reward_model(m.path, dtype=_DTYPES[m.dtype], key=head_key)
+        config, params = read.config, read.params
+    else:
+        loaded = from_pretrained(m.path, dtype=_DTYPES[m.dtype])
+        config, params = loaded.config, loaded.params
     rows = config.vocab_size
     if rows < vocab_size:
         added = len(cfg.data.tokenizer.add_tokens)

@@ -196,6 +196,28 @@ class _Plan:
         return self.sink.quarantine
 
 
+def write_synthetic(cfg: Config, data_dir: Path) -> tuple[Path, Path]:
+    """Generate ``data.synthetic``'s train and held-out records (of its ``kind``) into
+    ``data_dir/train.jsonl`` and ``data_dir/eval.jsonl``; returns the two paths."""
+    s = cfg.data.synthetic
+    train, held_out = synthetic.make_splits(
+        list(s.tasks),
+        s.num_train,
+        s.num_eval,
+        seed=cfg.run.seed,
+        min_items=s.min_items,
+        max_items=s.max_items,
+    )
+    return (
+        synthetic.write_jsonl(
+            synthetic.as_kind(train, s.kind, seed=cfg.run.seed), data_dir / "train.jsonl"
+        ),
+        synthetic.write_jsonl(
+            synthetic.as_kind(held_out, s.kind, seed=cfg.run.seed), data_dir / "eval.jsonl"
+        ),
+    )
+
+
 def _plan(cfg: Config, run_dir: Path, rank: int) -> _Plan:
     data_dir = run_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -219,18 +241,8 @@ def _plan(cfg: Config, run_dir: Path, rank: int) -> _Plan:
             data_load.expand_files(files, key=key)  # a directory without data files is named
         synthetic_files = False
     else:
-        s = d.synthetic
-        train, held_out = synthetic.make_splits(
-            list(s.tasks),
-            s.num_train,
-            s.num_eval,
-            seed=cfg.run.seed,
-            min_items=s.min_items,
-            max_items=s.max_items,
-        )
-        train_files, eval_files = [data_dir / "train.jsonl"], [data_dir / "eval.jsonl"]
-        synthetic.write_jsonl(train, train_files[0])
-        synthetic.write_jsonl(held_out, eval_files[0])
+        train_file, eval_file = write_synthetic(cfg, data_dir)
+        train_files, eval_files = [train_file], [eval_file]
         synthetic_files = True
     via_sources = data_sources.uses_sources(d)
     sources = data_sources.train_sources(d, train_files) if via_sources else []

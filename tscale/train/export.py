@@ -35,6 +35,7 @@ from tscale.checkpoint.frozen import FrozenSource, restore_frozen
 from tscale.checkpoint.hf import CONFIG_NAME, GENERATION_CONFIG_NAME, save_pretrained
 from tscale.checkpoint.io import read_meta
 from tscale.checkpoint.peft import save_adapter
+from tscale.checkpoint.reward import save_reward_pretrained
 from tscale.checkpoint.sharded import is_sharded, read_params
 from tscale.config.load import load_config
 from tscale.core import rng as R
@@ -46,6 +47,7 @@ from tscale.errors import CheckpointError
 from tscale.models.hf import generation_config_json
 from tscale.models.lora import LoraConfig
 from tscale.models.transformer import TransformerConfig
+from tscale.tasks.reward import split_score
 from tscale.train import builders
 
 # A reply no template rewrites (no spaces to trim, no special characters).
@@ -188,6 +190,69 @@ def write_hf_export(
     return root
 
 
+def reward_pad(spec: Encoder, ids: TokenIds) -> tuple[int, str]:
+    """The pad ``(id, token)`` of a reward-model export: a token no scored sequence ends with.
+
+    HF's sequence classifier scores the rightmost token that is not ``pad_token_id``; sequences
+    end with the eos or an end-of-turn token, so the pad must be none of those (a pad that is
+    the eos would make HF score the token before it). The tokenizer's own pad when it has one
+    that is not a stop id; else its first added special token (by id) that is neither BOS nor a
+    stop id (Qwen2's ``<|endoftext|>`` beside eos ``<|im_end|>``).
+
+    Raises:
+        CheckpointError: the tokenizer has no such token.
+    """
+    stops = {*ids.stop, *(() if ids.eos is None else (ids.eos,))}
+    if not spec.pad_is_eos and spec.pad_id not in stops:
+        token = spec.pad_token or spec.tokenizer.id_to_token(spec.pad_id)
+        return spec.pad_id, token
+    added = spec.tokenizer.get_added_tokens_decoder()
+    for i in sorted(added):
+        if added[i].special and i not in stops and i != spec.bos_id and added[i].content.strip():
+            return i, added[i].content
+    raise CheckpointError(
+        "a reward-model export needs a pad token that is not the eos (HF would score the token "
+        "before EOS), and this tokenizer has none: add one (data.tokenizer.add_tokens) and train "
+        "with it"
+    )
+
+
+def write_reward_export(
+    config: TransformerConfig,
+    params: TensorDictBase,
+    out: str | Path,
+    *,
+    tokenizer_dir: str | Path,
+    base_dir: str | Path | None = None,
+    max_shard_size: str = "5GB",
+) -> Path:
+    """Write the HF ``<Family>ForSequenceClassification`` folder of a reward model's params
+    (the decoder without ``lm_head``, plus ``score.weight``) with the tokenizer of
+    ``tokenizer_dir``, its pad set to :func:`reward_pad` in config.json and in the tokenizer
+    files (so ``AutoTokenizer`` pads with it and the classifier skips it). No
+    generation_config.json: the folder scores, it does not generate."""
+    spec = read_tokenizer(tokenizer_dir)
+    base = Path(base_dir) if base_dir is not None else None
+    base_config = _read_json(base / CONFIG_NAME) if base else None
+    base_generation = _read_json(base / GENERATION_CONFIG_NAME) if base else None
+    ids = decide_token_ids(spec, base_generation=base_generation)
+    pad_id, pad_token = reward_pad(spec, ids)
+    root = save_reward_pretrained(
+        config,
+        params,
+        out,
+        pad_id=pad_id,
+        max_shard_size=max_shard_size,
+        base_config=base_config,
+        extra_config={"bos_token_id": ids.bos, "eos_token_id": ids.eos},
+    )
+    spec = attrs.evolve(spec, pad_id=pad_id, pad_token=pad_token, pad_is_eos=False)
+    if spec.model_max_length is None:
+        spec = attrs.evolve(spec, model_max_length=config.max_position_embeddings)
+    save_tokenizer_folder(spec, root)
+    return root
+
+
 def resolve_checkpoint(run_or_ckpt: str | Path) -> Path:
     """A checkpoint directory: ``run_or_ckpt`` itself, or the newest one of a run directory."""
     path = Path(run_or_ckpt)
@@ -214,16 +279,31 @@ def export(run_or_ckpt: str | Path, out: str | Path, *, max_shard_size: str = "5
     cfg = load_config(path / "config.yaml")
     vocab_size = read_tokenizer(path).vocab_size
     init_key, _ = R.split(R.key(cfg.run.seed), 2)
-    model, base = builders.build_model(cfg, vocab_size, init_key)
+    reward = getattr(cfg.task, "head", "lm") == "score"  # a score head (a reward model)
+    model, base = builders.build_model(cfg, vocab_size, init_key, reward=reward)
     if sharded:  # written by an FSDP run: DCP gathers the shards into full tensors
         params = read_params(path)
     else:
         params = T.unflatten(load_file(str(path / "params.safetensors")))
     if cfg.lora.enabled:  # the base as the run used it: its folder (checked), saved or rebuilt
+        head: TensorDictBase | None = None
+        if reward:  # the score head trains beside the adapters; the base is the decoder alone
+            (params, head), (base, _) = split_score(params), split_score(base)
         stacked, base_tree = builders.build_lora_model(cfg, model, base)
         sources = {"base": FrozenSource.of(cfg.model.path)} if cfg.model.path else {}
         frozen = restore_frozen(path, read_meta(path), {"base": base_tree}, sources)
         params = stacked.merged(params, frozen=frozen)
+        if head is not None:
+            params = T.combine(params, head)
+    if reward:
+        return write_reward_export(
+            model.config,
+            params,
+            out,
+            tokenizer_dir=path,
+            base_dir=cfg.model.path,
+            max_shard_size=max_shard_size,
+        )
     return write_hf_export(
         model.config,
         params,
@@ -267,5 +347,7 @@ __all__ = [
     "export_adapter",
     "read_tokenizer",
     "resolve_checkpoint",
+    "reward_pad",
     "write_hf_export",
+    "write_reward_export",
 ]

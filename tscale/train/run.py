@@ -20,11 +20,12 @@ from rich.console import Console
 from tensordict import TensorDict
 
 from tscale import checkpoint as ckpt
-from tscale.checkpoint.frozen import FrozenSource
+from tscale.checkpoint.frozen import FrozenSource, tensors_fingerprint
 from tscale.checkpoint.sharded import load_deepspeed, save_deepspeed, save_sharded
 from tscale.config.load import to_yaml
 from tscale.config.schema import Config, resolve_defaults, steps_for_epochs
 from tscale.core import rng as R
+from tscale.core import tree as T
 from tscale.core.state import TrainState
 from tscale.data.loader import BatchLoader, with_logits_index
 from tscale.errors import CheckpointError, ConfigError
@@ -33,6 +34,7 @@ from tscale.optim.base import GradientTransformation
 from tscale.optim.schedules import Schedule
 from tscale.step.compose import StepFn
 from tscale.tasks.base import RolloutFn, Task, TaskContext
+from tscale.tasks.reward import split_score
 from tscale.train import builders, data_build, data_report, distributed, preflight
 from tscale.train.callbacks import Callback, JsonlLogger, ProgressBar, truncate_jsonl
 from tscale.train.export import export_adapter
@@ -138,16 +140,28 @@ def build_run(
 
     # the model, the trained params and the frozen trees
     init_key, state_key = R.split(R.key(cfg.run.seed), 2)
-    model, params = builders.build_model(cfg, bundle.encoder.vocab_size, init_key)
+    # a task whose model scores instead of predicting tokens (task.head "score": a reward model)
+    scores = getattr(task, "head", "lm") == "score"
+    model, params = builders.build_model(cfg, bundle.encoder.vocab_size, init_key, reward=scores)
     params = params.to(device)
     stacked: Any = model  # the model the trained params belong to (tscale.models.stack)
     frozen: dict[str, Any] = {}
     sources: dict[str, FrozenSource] = {}
+    head = None
     if cfg.lora.enabled:  # the base is a frozen tree of the state; the adapters are trained
+        if scores:  # the score head trains beside the adapters; the base is the decoder alone
+            params, head = split_score(params)
         stacked, frozen["base"] = builders.build_lora_model(cfg, model, params)
         if cfg.model.path is not None:  # checkpoints record the folder, not a copy
             sources["base"] = FrozenSource.of(cfg.model.path)
         params = stacked.init(R.fold_in(init_key, 1), frozen=frozen)
+    lora_config = getattr(stacked, "config", None)  # the adapters' hyper-parameters (LoRA)
+    if scores:
+        if cfg.parallel.deepspeed.enabled:
+            raise ConfigError(f"task.type {task.type}: not available under parallel.deepspeed")
+        params = params if head is None else T.combine(params, head)
+        pad = None if bundle.encoder.pad_is_eos else bundle.encoder.pad_id
+        stacked = task.wrap_model(stacked, model.config, pad_id=pad)  # type: ignore[attr-defined]
 
     # The built-in losses read the labels at logits_index; a user's step gets the plain batch.
     prepare_batch = (
@@ -163,6 +177,7 @@ def build_run(
         params=params,
         frozen=frozen,
         source=cfg.model.path,
+        weights_fingerprint=partial(_weights_fingerprint, cfg.model.path),
     )
     for name, added in task.prepare(ctx).items():  # e.g. a reference model, as frozen trees
         frozen[name] = added.tree
@@ -279,10 +294,11 @@ def build_run(
         return Path(path) if main and path is not None else None
 
     def finish(st: TrainState) -> None:
-        if cfg.lora.enabled and main:  # a PEFT adapter directory that `peft` loads
+        # a PEFT adapter directory that `peft` loads (a reward model: `tscale export` merges)
+        if cfg.lora.enabled and main and not scores:
             export_adapter(
                 st.params,
-                stacked.config,
+                lora_config,
                 run_dir / "adapter",
                 checkpoint_dir=ckpt.latest_checkpoint(ckpt_root),
                 base_model=cfg.model.path,
@@ -317,6 +333,13 @@ def build_run(
         pad_id=bundle.encoder.pad_id,
         resumed_from=resume_from,
     )
+
+
+def _weights_fingerprint(path: str | None, tree: Any) -> str:
+    """The starting weights' content fingerprint: their folder's, else their tensors'."""
+    if path is not None:
+        return "folder:" + FrozenSource.of(path).fingerprint
+    return "tensors:" + tensors_fingerprint(tree)
 
 
 def _unchanged(batch: TensorDict) -> TensorDict:
