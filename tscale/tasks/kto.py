@@ -32,12 +32,18 @@ from tscale.core.result import Ok
 from tscale.core.state import TrainState
 from tscale.data.length import LengthReport
 from tscale.data.preference import preference_examples, preference_kind
+from tscale.errors import ConfigError
 from tscale.losses import preference as P
 from tscale.losses.sequence import sequence_logps
 from tscale.models.protocol import frozen_kw
 from tscale.tasks.base import FrozenTree, LossFn, RolloutFn, TaskContext, register_task
 from tscale.tasks.preference import PreferenceTask, Reference, _reference_for, group_stage
-from tscale.tasks.reference import frozen_copy, lora_base_reference, reference_apply
+from tscale.tasks.reference import (
+    frozen_copy,
+    lora_base_reference,
+    reference_apply,
+    whole_tree,
+)
 
 __all__ = ["KL_BRANCH", "KTOTask", "kto_kl_batch", "with_kl_completions"]
 
@@ -102,6 +108,11 @@ class KTOTask(PreferenceTask):
     uses_reference: ClassVar[bool] = True
 
     def reference_strategy(self, ctx: TaskContext) -> str:
+        if self.reference == "none":  # the loss and z₀ are log-ratios against a reference
+            raise ConfigError(
+                "task.reference: none is not available with task.type kto (its rewards and "
+                "z0 are log-ratios to a reference); use auto, copy or lora_base"
+            )
         return _reference_for(self, ctx, self.reference)
 
     def examples(self, cfg: Any, encoder: Any, template: Any) -> Callable[..., Any]:
@@ -137,9 +148,13 @@ class KTOTask(PreferenceTask):
         def stage(state: TrainState, batch: TensorDictBase, key: torch.Tensor) -> TensorDictBase:
             with torch.no_grad():
                 seen = prepare(batch)
+                params, frozen = (
+                    whole_tree(state.params),
+                    {k: whole_tree(v) for k, v in state.frozen.items()},
+                )
                 z0 = kto_kl_batch(
-                    apply_fn(state.params, seen, **frozen_kw(state.frozen or None)),
-                    ref(seen, state.frozen),
+                    apply_fn(params, seen, **frozen_kw(frozen or None)),
+                    ref(seen, frozen),
                     seen,
                     all_reduce=_all_reduce_sum,
                 )

@@ -61,6 +61,7 @@ from tscale.tasks.reference import (
     lora_base_reference,
     precomputed_sums,
     reference_apply,
+    whole_tree,
 )
 from tscale.tasks.sft import evaluate_lm
 
@@ -410,7 +411,11 @@ class DPOTask(PreferenceTask):
     )
     loss_weights: list[float] | None = field(None, "One weight per loss_type (null: 1 each).")
     label_smoothing: float = field(
-        0.0, "ε: label noise for sigmoid (cDPO) and robust; exo_pair's ε.", ge=0.0, lt=0.5
+        0.0,
+        "ε of robust (the flip probability) and exo_pair (> 0; the paper: 1e-3); no other "
+        "loss type reads it (TRL 1.16's sigmoid has no label smoothing).",
+        ge=0.0,
+        lt=0.5,
     )
     reference: Reference = field(
         "auto",
@@ -453,6 +458,13 @@ class DPOTask(PreferenceTask):
                 f"task.loss_weights: {len(self.loss_weights)} weights for "
                 f"{len(self.loss_type)} loss types; give one per loss_type"
             )
+        if "exo_pair" in self.loss_type and self.label_smoothing == 0.0:
+            raise ConfigError("task.label_smoothing: exo_pair needs ε > 0 (the paper: 1e-3)")
+        if self.label_smoothing and not {"robust", "exo_pair"} & set(self.loss_type):
+            raise ConfigError(
+                f"task.label_smoothing: {self.label_smoothing} is read by robust and exo_pair "
+                f"only; loss_type {self.loss_type} ignores it (set it to 0)"
+            )
 
     def examples(self, cfg: Any, encoder: Any, template: Any) -> Callable[..., Any]:
         if self.reference == "precomputed" and cfg.data.streaming:
@@ -486,8 +498,8 @@ class DPOTask(PreferenceTask):
             step = int(state.step)  # one host read per batch, only with sync_ref_model
             if step > 0 and step % every == 0:
                 ref = state.frozen[REFERENCE]
-                with torch.no_grad():
-                    for name, value in state.params.items(include_nested=True, leaves_only=True):
+                with torch.no_grad():  # FSDP: the shards gathered whole (ref is replicated)
+                    for name, value in whole_tree(state.params).items(True, True):
                         ref[name].lerp_(value.to(ref[name].dtype), alpha)
             return batch
 

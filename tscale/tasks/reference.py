@@ -35,11 +35,14 @@ import attrs
 import numpy as np
 import torch
 from tensordict import TensorDictBase
+from torch.distributed.tensor import DTensor
 
 from tscale.core import tree as T
 from tscale.data.loader import BatchLoader, batch_iter
 from tscale.errors import ConfigError
 from tscale.losses.sequence import SequenceLogps, batch_field, sequence_sums, token_logps
+from tscale.models.protocol import frozen_kw
+from tscale.models.quant import QuantizedParams
 from tscale.tasks.base import FrozenTree, TaskContext
 
 __all__ = [
@@ -50,6 +53,7 @@ __all__ = [
     "lora_base_reference",
     "precomputed_sums",
     "reference_apply",
+    "whole_tree",
 ]
 
 REFERENCE = "reference"
@@ -76,6 +80,12 @@ def lora_base_reference(ctx: TaskContext) -> dict[str, FrozenTree]:
     """No tree to add: the LoRA base (already frozen, ``frozen["base"]``) is the reference."""
     if _BASE not in ctx.frozen:
         raise ValueError("lora_base_reference needs lora.enabled (the base is the reference)")
+    if not isinstance(ctx.frozen[_BASE], TensorDictBase):  # QLoRA: NF4 codes, no plain forward
+        raise ConfigError(
+            "task.reference: the LoRA base (auto or lora_base with lora.enabled) is NF4-quantised "
+            "(lora.qlora) and cannot run as the reference each step; set task.reference: "
+            "precomputed (dpo: computed once from the dequantised base) or lora.qlora: false"
+        )
     return {}
 
 
@@ -84,6 +94,10 @@ def reference_apply(ctx: TaskContext) -> Callable[[TensorDictBase, Mapping[str, 
     ``"reference"`` tree through the base model, else the LoRA stack's inner model over the
     base (the adapters off)."""
     decoder = _decoder(ctx.model)  # the stack's innermost model: the plain forward
+    if getattr(ctx.model, "tree", None) == _BASE:  # FSDP's ShardedModel over a LoRA base
+        # the step hands the loss this rank's shards of frozen["base"]: the decoder runs them
+        # through the same per-layer gather
+        decoder = attrs.evolve(ctx.model, inner=decoder)
 
     def ref(batch: Any, frozen: Mapping[str, Any]) -> torch.Tensor:
         tree = frozen.get(REFERENCE, frozen.get(_BASE))
@@ -95,9 +109,20 @@ def reference_apply(ctx: TaskContext) -> Callable[[TensorDictBase, Mapping[str, 
                 "frozen_copy, or LoRA without lora.qlora"
             )
         with torch.no_grad():
-            return decoder.apply(tree, batch)
+            return decoder.apply(tree, batch, **frozen_kw(frozen or None))
 
     return ref
+
+
+def whole_tree(tree: Any) -> Any:
+    """``tree`` with its FSDP shards (DTensor leaves) gathered whole, for a pass of the plain
+    model outside the step (every rank must call it; a transient full copy); any other tree
+    as it is."""
+    if isinstance(tree, TensorDictBase) and any(
+        isinstance(t, DTensor) for t in tree.values(include_nested=True, leaves_only=True)
+    ):
+        return tree.apply(lambda t: t.full_tensor() if isinstance(t, DTensor) else t)
+    return tree
 
 
 def _decoder(model: Any) -> Any:
@@ -140,6 +165,8 @@ def attach_reference_logps(ctx: TaskContext) -> str:
     if not isinstance(loader, BatchLoader):
         raise ConfigError(STREAMING_REFUSAL)
     tree = ctx.frozen.get(_BASE, ctx.params)  # the LoRA base, else the starting weights
+    if isinstance(tree, QuantizedParams):  # QLoRA: the NF4 base dequantised for this pass only
+        tree = tree.dequantize()
     frozen = {REFERENCE: tree}
     train, held = loader.rows, bundle.eval_examples
     folder = _cache_folder(ctx, tree)
@@ -233,6 +260,8 @@ def _cache_folder(ctx: TaskContext, tree: Any) -> Path | None:
         "trained_positions_only": cfg.loss.trained_positions_only,
         "rows_per_pass": _rows_per_pass(ctx),
     }
+    if cfg.lora.enabled and cfg.lora.qlora:  # the NF4 base's values, not the folder's
+        parts["qlora_block_size"] = cfg.lora.qlora_block_size
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
     return Path(report["cache_path"]).parent / f"reference-{digest[:32]}"
 
