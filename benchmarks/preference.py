@@ -71,7 +71,7 @@ SMOKE = {
     "base_warmup": 1,
     "pairs": 32,
     "eval_pairs": 8,
-    "seeds": 2,
+    "seeds": 1,
     "threads": 1,
     "max_new_tokens": 4,
 }

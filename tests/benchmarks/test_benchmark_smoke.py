@@ -76,12 +76,8 @@ CASES: dict[str, Case] = {
         beside_out=("e2e-sft-work",),
         marks=(pytest.mark.slow,),
     ),
-    # TRL's side only until the DPO task exists (issue 14): its smoke run is not in the suite yet
-    "preference": Case(
-        needs=("trl",),
-        beside_out=("preference-work",),
-        marks=(pytest.mark.skip(reason="the tscale DPO side of preference.py is not written"),),
-    ),
+    "preference": Case(needs=("trl",), beside_out=("preference-work",), marks=(pytest.mark.slow,)),
+    "preference_methods": Case(beside_out=("preference-methods-work",), marks=(pytest.mark.slow,)),
     # without CUDA, --smoke runs the Triton kernels under the interpreter (tiny shapes, float32)
     "kernel_speed": Case(recorded=False, needs=("triton",), marks=(pytest.mark.slow,)),
 }

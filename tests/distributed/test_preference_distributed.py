@@ -7,13 +7,12 @@ through the step's per-layer gather)."""
 
 from __future__ import annotations
 
-import json
-import random
 from pathlib import Path
 
 import pytest
 
 from tscale.testing.hf_folders import make_model_folder
+from tscale.testing.preference import write_pairs
 from tscale.testing.runs import step_rows
 
 pytestmark = pytest.mark.slow  # 12 launches of `tscale train`, ~2-3 min on 2 CPU cores
@@ -22,7 +21,6 @@ pytestmark = pytest.mark.slow  # 12 launches of `tscale train`, ~2-3 min on 2 CP
 # launches are shared by its tests
 
 FSDP = ["parallel.dp_shard=-1", "parallel.dp_replicate=1"]
-LETTERS = "abcdefgh"
 STEPS = 3
 COMPARED = (
     "loss",
@@ -38,33 +36,11 @@ KTO_COMPARED = ("loss", "kl", "rewards/chosen", "rewards/rejected", "grad_norm")
 LN2 = 0.6931471805599453
 
 
-def _rows(n: int, seed: int, unpaired: bool) -> list[dict]:
-    """Reverse-the-letters records: the right answer is chosen/desirable, one with a changed
-    letter rejected/undesirable (KTO: one unpaired row each, alternating)."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        items = [rng.choice(LETTERS) for _ in range(rng.randint(3, 5))]
-        answer = list(reversed(items))
-        wrong = list(answer)
-        k = rng.randrange(len(wrong))
-        wrong[k] = rng.choice([c for c in LETTERS if c != wrong[k]])
-        prompt = "reverse: " + " ".join(items)
-        if unpaired:
-            good = i % 2 == 0
-            out.append(
-                {"prompt": prompt, "completion": " ".join(answer if good else wrong), "label": good}
-            )
-        else:
-            out.append({"prompt": prompt, "chosen": " ".join(answer), "rejected": " ".join(wrong)})
-    return out
-
-
 def _config(tmp: Path, name: str, *, unpaired: bool, lora: bool = False) -> tuple[list[str], Path]:
     """The ``tscale train`` arguments of a tiny preference run, and its run directory."""
     data = tmp / ("kto.jsonl" if unpaired else "pairs.jsonl")
     if not data.exists():
-        data.write_text("".join(json.dumps(r) + "\n" for r in _rows(64, 0, unpaired)))
+        write_pairs(data, 64, 0, unpaired=unpaired)
     out = tmp / name
     cfg = tmp / f"{name}.yaml"
     cfg.write_text("run: {seed: 0}\n")

@@ -5,37 +5,17 @@ in one line naming task.reference, while a reference-free run trains over it."""
 
 from __future__ import annotations
 
-import json
 import math
-import random
 from pathlib import Path
 
 import pytest
 
 from tscale.cli import main
+from tscale.testing.preference import write_pairs
 from tscale.testing.runs import step_rows
 
 LORA = ["lora.enabled=true", "lora.rank=4"]
 QLORA = [*LORA, "lora.qlora=true"]
-
-
-def _pairs(path: Path) -> Path:
-    """Reverse-the-letters pairs: chosen right, rejected with one letter changed."""
-    rng = random.Random(0)
-    rows = []
-    for _ in range(32):
-        items = [rng.choice("abcdefgh") for _ in range(rng.randint(3, 5))]
-        answer = list(reversed(items))
-        wrong = [*answer[:-1], "x"]
-        rows.append(
-            {
-                "prompt": "reverse: " + " ".join(items),
-                "chosen": " ".join(answer),
-                "rejected": " ".join(wrong),
-            }
-        )
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 TINY = [
@@ -63,7 +43,7 @@ def _train(tmp: Path, *overrides: str, steps: int = 2, name: str = "run") -> tup
             f"run.output_dir={out}",
             "run.threads=1",
             *model,
-            f"data.train_files=[{pairs if pairs.exists() else _pairs(pairs)}]",
+            f"data.train_files=[{pairs if pairs.exists() else write_pairs(pairs, 32, 0)}]",
             "data.batch_size=8",
             "data.max_length=64",
             "optimizer.lr=0.003",

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 from pathlib import Path
 
@@ -19,31 +18,10 @@ from tscale.cli import main
 from tscale.data.loader import BatchLoader, batch_iter
 from tscale.losses.sequence import sequence_logps, sequence_sums, token_logps
 from tscale.testing.hf_folders import make_model_folder
+from tscale.testing.preference import write_pairs
 
-LETTERS = "abcdefgh"
 COMPUTED = "reference log-probs: computed in"
 CACHED = "reference log-probs: cached ("
-
-
-def write_pairs(path: Path, n: int, seed: int) -> Path:
-    """Reverse-the-letters pairs: chosen is right, rejected has one letter changed."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        items = [rng.choice(LETTERS) for _ in range(rng.randint(3, 5))]
-        answer = list(reversed(items))
-        wrong = list(answer)
-        k = rng.randrange(len(wrong))
-        wrong[k] = rng.choice([c for c in LETTERS if c != wrong[k]])
-        rows.append(
-            {
-                "prompt": "reverse: " + " ".join(items),
-                "chosen": " ".join(answer),
-                "rejected": " ".join(wrong),
-            }
-        )
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def run_dpo(

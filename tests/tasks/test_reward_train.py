@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
 import pytest
@@ -14,38 +13,17 @@ import torch
 
 from tscale.checkpoint.reward import load_reward_model
 from tscale.cli import main
+from tscale.testing.preference import letter_pairs, write_pairs
 from tscale.testing.runs import step_rows
 
 transformers = pytest.importorskip("transformers")
-
-LETTERS = "abcdefgh"
-
-
-def write_pairs(path: Path, n: int, seed: int) -> list[dict]:
-    """Reverse-the-letters pairs: chosen is right, rejected has one letter changed."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        items = [rng.choice(LETTERS) for _ in range(rng.randint(3, 5))]
-        answer = list(reversed(items))
-        wrong = list(answer)
-        k = rng.randrange(len(wrong))
-        wrong[k] = rng.choice([c for c in LETTERS if c != wrong[k]])
-        rows.append(
-            {
-                "prompt": "reverse: " + " ".join(items),
-                "chosen": " ".join(answer),
-                "rejected": " ".join(wrong),
-            }
-        )
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return rows
 
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_reward_run_trains_and_exports(tmp_path: Path, lora: bool) -> None:
     write_pairs(tmp_path / "train.jsonl", 64, 0)
-    held = write_pairs(tmp_path / "eval.jsonl", 8, 1)
+    write_pairs(tmp_path / "eval.jsonl", 8, 1)
+    held = letter_pairs(8, 1)
     out = tmp_path / "run"
     cfg = tmp_path / "rm.yaml"
     cfg.write_text("run: {seed: 0}\ntask: {type: reward, center_rewards_coefficient: 0.01}\n")
