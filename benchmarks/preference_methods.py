@@ -167,7 +167,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/preference_methods.json")
     ap.add_argument("--work", type=Path, default=ROOT / "runs/bench-preference")
     ap.add_argument("--methods", nargs="*", default=None, help="default: all (--smoke: dpo_sft)")
-    ap.add_argument("--epochs", type=float, default=2.0)
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--pairs", type=int, default=10000, help="training pairs")
     ap.add_argument("--threads", type=int, default=2)
     add_smoke_flag(ap)
     args = ap.parse_args()
@@ -175,7 +176,7 @@ def main() -> None:
     work = (args.out.resolve().parent / "preference-methods-work") if args.smoke else args.work
     work.mkdir(parents=True, exist_ok=True)
     steps, warmup = (3, 1) if args.smoke else (300, 50)
-    num_pairs, num_eval = (32, 8) if args.smoke else (2000, 200)
+    num_pairs, num_eval = (32, 8) if args.smoke else (args.pairs, 200)
     model, base = base_model(work, steps=steps, warmup=warmup, threads=args.threads, extra=extra)
     train, held_out, data_info = make_pairs(
         work, num_pairs=num_pairs, num_eval=num_eval, extra=extra
