@@ -27,8 +27,17 @@ from tscale.data.tokenize import IGNORE_INDEX
 from tscale.errors import DataError
 
 # Padding value of every per-token field a batch may carry.
-_PAD_VALUES = {"labels": IGNORE_INDEX, "position_ids": 0, "doc_ids": 0, "branch_ids": 0}
-_FIELDS = ("input_ids", "labels", "position_ids", "doc_ids", "branch_ids")
+_PAD_VALUES = {
+    "labels": IGNORE_INDEX,
+    "position_ids": 0,
+    "doc_ids": 0,
+    "branch_ids": 0,
+    "record_ids": -1,
+}
+_FIELDS = ("input_ids", "labels", "position_ids", "doc_ids", "branch_ids", "record_ids")
+"""The per-token fields a batch carries. ``record_ids`` (optional): each token's record key,
+constant over an example (online RL's prompts: the key of the record whose columns the rewards
+read host-side); padded with -1."""
 _GROUP_FACTOR = 50  # length grouping sorts within "megabatches" of this many batches
 
 

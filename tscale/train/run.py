@@ -294,6 +294,7 @@ def build_run(
             ProgressBar.for_run(console, cfg, loader),
             JsonlLogger(metrics_file),
             *build_loggers(cfg, run_dir, console=console, resumed_from=resume_from),
+            *(task.callbacks(ctx) if hasattr(task, "callbacks") else ()),  # the task's own
             *callbacks,
         ]
     return Run(
