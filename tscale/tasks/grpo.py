@@ -46,6 +46,7 @@ from tscale.core.fields import field
 from tscale.core.result import Err, Ok
 from tscale.core.state import TrainState
 from tscale.data.length import Dropped, LengthReport
+from tscale.data.prompt import BUILTIN_TEMPLATES, render_messages, to_messages
 from tscale.errors import ConfigError, DataError
 from tscale.losses.rl import (
     group_advantages,
@@ -67,8 +68,14 @@ from tscale.rl.stats import (
     reward_stats,
     stats_rows,
 )
-from tscale.tasks.base import FrozenTree, LossFn, RolloutFn, TaskContext, TaskDefaults
-from tscale.tasks.base import register_task
+from tscale.tasks.base import (
+    FrozenTree,
+    LossFn,
+    RolloutFn,
+    TaskContext,
+    TaskDefaults,
+    register_task,
+)
 from tscale.tasks.reference import frozen_copy, lora_base_reference, reference_apply
 from tscale.tasks.sft import evaluate_lm, reference_answer
 
@@ -104,9 +111,7 @@ def prompt_examples(
     one evaluation uses); a prompt longer than ``max_prompt_length`` (or ``data.max_length``)
     is dropped (counted and written to the dropped-rows file), never cut: its reward would judge
     a question the model did not see."""
-    from tscale.train.data_template import prompt_encoder  # train imports tasks
-
-    encode = prompt_encoder(cfg, encoder, template.template)
+    encode = _prompt_encoder(cfg.data.system_prompt, encoder, template.template)
 
     def stage(
         records: Sequence[dict],
@@ -144,6 +149,31 @@ def prompt_examples(
         return out, LengthReport()
 
     return stage
+
+
+def _prompt_encoder(system: str | None, encoder: Any, tpl: Any) -> Callable[[dict], list[int]]:
+    """``record -> ids`` of its generation prompt, as evaluation encodes it
+    (``tscale.train.data_template.prompt_encoder``): plain ``prompt`` records as the encoder's
+    prompt; chat records rendered without their last turn when it is the answer (all of them
+    when the record ends on the user), with the template's generation prompt; BOS first when
+    the tokenizer adds one and the template did not write it."""
+    plain = tpl.source == BUILTIN_TEMPLATES["plain"].source
+    bos = [encoder.bos_id] if encoder.adds_bos and encoder.bos_id is not None else []
+
+    def encode(record: dict) -> list[int]:
+        if plain and "prompt" in record:
+            return encoder.encode_prompt(record["prompt"])
+        messages = to_messages(record, system=system)
+        if not isinstance(messages, Ok):
+            raise DataError(f"record cannot be rendered: {messages.reason}")
+        turns = messages.value
+        if turns and turns[-1].get("role") == "assistant":
+            turns = turns[:-1]
+        text = render_messages(tpl, turns, add_generation_prompt=True)
+        ids = encoder.tokenizer.encode(text, add_special_tokens=False).ids
+        return ids if not bos or ids[:1] == bos else [*bos, *ids]
+
+    return encode
 
 
 def stop_ids_of(encoder: Any, template: Any) -> list[int]:
@@ -189,7 +219,8 @@ class _MismatchWarning:
         worst = [
             (r["step"], r["logprob_mismatch"])
             for r in info.get("rows", [])
-            if isinstance(r.get("logprob_mismatch"), float) and r["logprob_mismatch"] > self.threshold
+            if isinstance(r.get("logprob_mismatch"), float)
+            and r["logprob_mismatch"] > self.threshold
         ]
         if worst:
             step, value = max(worst, key=lambda x: x[1])
@@ -216,7 +247,9 @@ class GRPOTask(TaskDefaults):
     )
     temperature: float = field(1.0, "Sampling temperature T (π is softmax(logits / T)).", gt=0.0)
     top_k: int | None = field(None, "Sample among the k most likely tokens (null: all).", ge=1)
-    top_p: float | None = field(None, "Sample from the nucleus of this mass (null: all).", gt=0.0, le=1.0)
+    top_p: float | None = field(
+        None, "Sample from the nucleus of this mass (null: all).", gt=0.0, le=1.0
+    )
     num_iterations: int = field(
         1,
         "μ: optimizer steps per generation batch (μ > 1 recomputes the old-policy log-probs "
@@ -291,9 +324,7 @@ class GRPOTask(TaskDefaults):
                 "FSDP/DeepSpeed are refused (use DDP, or LoRA on one device)"
             )
         if self.delta is not None and self.delta <= 1 + (self.epsilon_high or self.epsilon):
-            raise ConfigError(
-                f"task.delta ({self.delta}) must exceed 1 + task.epsilon_high"
-            )
+            raise ConfigError(f"task.delta ({self.delta}) must exceed 1 + task.epsilon_high")
         self.reward_set()  # one clear line for an unknown reward or setting
 
     def reference_strategy(self, ctx: TaskContext) -> str:
@@ -456,7 +487,7 @@ class GRPOTask(TaskDefaults):
             delta=self.delta,
             importance_sampling_level=self.importance_sampling_level,
             max_completion_length=self.max_completion_length,
-            ref_logps=batch["ref_logps"] if "ref_logps" in batch else None,
+            ref_logps=batch.get("ref_logps", None),
             beta=self.beta,
             entropies=entropies,
         )
@@ -631,7 +662,10 @@ def _training_rows(ro: Any, width: int) -> TensorDict:
 
 
 def _logps(
-    logits: torch.Tensor, batch: Mapping[str, torch.Tensor], temperature: float, entropy: bool = False
+    logits: torch.Tensor,
+    batch: Mapping[str, torch.Tensor],
+    temperature: float,
+    entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log π at T of the completion tokens from logits at ``logits_index`` [B, M, V] (0 off the
     completion), and the per-position entropy of π when asked."""

@@ -1,0 +1,184 @@
+"""Online RL through `tscale train`: GRPO and RLOO from YAML on a tiny random-init model — the
+metrics reach metrics.jsonl, β = 0 has no reference tree, microbatches keep groups whole and
+give the step of one batch, the first update's log-probs are the sampler's, resume is exact."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tscale.cli import main
+from tscale.config import load_config
+from tscale.errors import ConfigError
+from tscale.testing.runs import step_rows
+from tscale.train.run import build_run
+
+YAML = """
+run: {seed: 0, threads: 1}
+model: {hidden_size: 32, intermediate_size: 64, num_layers: 2, num_heads: 2, num_kv_heads: 2,
+        max_position_embeddings: 64}
+data:
+  synthetic: {tasks: [reverse, sort], num_train: 64, num_eval: 8, min_items: 3, max_items: 4}
+  tokenizer: {vocab_size: 300}
+  max_length: 48
+  batch_size: 4
+optimizer: {type: adamw, lr: 0.003}
+scheduler: {warmup_steps: 0}
+train: {log_every: 1, progress: false, keep_last: 0}
+eval: {num_samples: 4, batch_size: 4, max_new_tokens: 8, num_show: 0}
+task:
+  type: grpo
+  num_generations: 4
+  max_completion_length: 8
+  # a random model never answers right: a reward with spread gives the loss something to do
+  rewards:
+    functions:
+      - {fn: exact_match}
+      - {fn: format_match, kwargs: {pattern: '[a-h]', mode: search}, name: has_letter}
+"""
+TIMING = "time/"
+
+
+def config(tmp: Path) -> Path:
+    path = tmp / "grpo.yaml"
+    path.write_text(YAML)
+    return path
+
+
+def run_grpo(tmp: Path, name: str, *overrides: str, steps: int = 3) -> list[dict]:
+    resume = [a for a in overrides if a == "--resume"]
+    rest = [a for a in overrides if a != "--resume"]
+    args = [
+        "train",
+        str(config(tmp)),
+        f"run.output_dir={tmp / name}",
+        f"train.max_steps={steps}",
+        f"train.eval_every={steps}",
+        *rest,
+        *resume,
+    ]
+    assert main(args) == 0
+    return step_rows(tmp / name)
+
+
+def without_timing(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith(TIMING)}
+
+
+def test_tiny_run_logs_every_metric(tmp_path: Path) -> None:
+    rows = run_grpo(tmp_path, "run")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    first = rows[0]
+    for key in (
+        "reward",
+        "reward_std",
+        "reward/exact_match",
+        "reward/has_letter",
+        "frac_reward_zero_std",
+        "completions/mean_length",
+        "completions/min_length",
+        "completions/max_length",
+        "completions/clipped_ratio",
+        "clip_ratio/low_mean",
+        "clip_ratio/high_mean",
+        "entropy",
+        "logprob_mismatch",
+        "time/generation_s",
+        "time/rollout_s",
+    ):
+        assert key in first, key
+    assert first["reward/exact_match"] == 0.0  # a random model
+    assert 1 <= first["completions/min_length"] <= first["completions/max_length"] <= 8
+    # the first update's ratio is π_train / π_sampler: the fp32 contract
+    assert first["logprob_mismatch"] <= 1e-5
+    assert abs(first["ratio/mean"] - 1.0) <= 1e-5
+    # tokens is the dapo normaliser: the completion tokens of 4 prompts x 4 completions
+    assert first["tokens"] == round(first["completions/mean_length"] * 16)
+    assert any(r["grad_norm"] > 0 for r in rows)  # the has_letter reward has spread
+    logged = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").open()]
+    evals = [r for r in logged if "eval/exact_match" in r]
+    assert evals and "eval/reward" in evals[-1]
+
+
+def test_beta_zero_needs_no_reference(tmp_path: Path) -> None:
+    def frozen(*overrides: str) -> set[str]:
+        cfg = load_config(
+            str(config(tmp_path)),
+            [f"run.output_dir={tmp_path / 'b'}", "train.max_steps=1", *overrides],
+        )
+        run = build_run(cfg, overwrite=True)
+        return set(run.state.frozen or {})
+
+    assert frozen() == set()
+    assert frozen("task.beta=0.1") == {"reference"}
+
+
+def test_beta_reports_kl_from_the_reference(tmp_path: Path) -> None:
+    rows = run_grpo(tmp_path, "kl", "task.beta=0.1", steps=3)
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy is the reference
+    assert rows[-1]["kl"] > 0.0
+
+
+def test_microbatches_give_the_same_step(tmp_path: Path) -> None:
+    for loss_type in ("dapo", "grpo"):
+        one = run_grpo(tmp_path, f"mb1{loss_type}", f"task.loss_type={loss_type}")
+        two = run_grpo(
+            tmp_path, f"mb2{loss_type}", "train.microbatches=2", f"task.loss_type={loss_type}"
+        )
+        for a, b in zip(one, two, strict=True):
+            assert a["tokens"] == b["tokens"]
+            assert a["reward"] == b["reward"]
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4, abs=1e-7)
+
+
+def test_resume_is_exact(tmp_path: Path) -> None:
+    whole = run_grpo(tmp_path, "whole", "train.save_every=3", steps=6)
+    part = tmp_path / "part" / "checkpoints"
+    part.mkdir(parents=True)
+    shutil.copytree(tmp_path / "whole/checkpoints/step_00000003", part / "step_00000003")
+    resumed = run_grpo(tmp_path, "part", "train.save_every=3", "--resume", steps=6)
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    assert [without_timing(r) for r in resumed] == [without_timing(r) for r in whole[3:]]
+
+
+def test_iterations_reuse_one_rollout(tmp_path: Path) -> None:
+    rows = run_grpo(tmp_path, "mu", "task.num_iterations=2", steps=4)
+    # steps 1-2 share one rollout (same rewards and lengths), 3-4 the next
+    assert rows[0]["reward"] == rows[1]["reward"]
+    assert rows[0]["completions/mean_length"] == rows[1]["completions/mean_length"]
+    assert rows[0]["ratio/mean"] == pytest.approx(1.0, abs=1e-5)  # recomputed old = policy
+    assert rows[0]["logprob_mismatch"] <= 1e-5
+
+
+def test_rloo_trains_from_yaml(tmp_path: Path) -> None:
+    rows = run_grpo(tmp_path, "rloo", "task.type=rloo", "task.beta=0.05")
+    assert rows[0]["logprob_mismatch"] <= 1e-5
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_zero_std_groups_are_masked(tmp_path: Path) -> None:
+    rows = run_grpo(
+        tmp_path,
+        "dyn",
+        "task.mask_zero_std_groups=true",
+        "task.rewards.functions=[{fn: exact_match}]",
+        steps=1,
+    )
+    # exact match is 0 everywhere for a random model: every group is masked, nothing trains
+    assert rows[0]["frac_reward_zero_std"] == 1.0
+    assert rows[0]["tokens"] == 0 and rows[0]["grad_norm"] == 0.0
+
+
+def test_packing_is_refused_in_one_line(tmp_path: Path) -> None:
+    cfg = load_config(
+        str(config(tmp_path)),
+        [f"run.output_dir={tmp_path / 'p'}", "train.max_steps=1", "data.packing.enabled=true"],
+    )
+    with pytest.raises(ConfigError, match=r"data\.packing"):
+        build_run(cfg, overwrite=True)
