@@ -182,3 +182,13 @@ def test_packing_is_refused_in_one_line(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"data\.packing"):
         build_run(cfg, overwrite=True)
+
+
+def test_processed_cache_keeps_the_record_columns(tmp_path: Path) -> None:
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    first = run_grpo(tmp_path, "miss", "data.cache=true", cache, steps=2)
+    assert list((tmp_path / "cache").glob("processed-*/train_columns.jsonl"))
+    second = run_grpo(tmp_path, "hit", "data.cache=true", cache, steps=2)  # read back
+    report = json.loads((tmp_path / "hit/data_report.json").read_text())
+    assert report["cache"] == "hit"
+    assert [without_timing(r) for r in second] == [without_timing(r) for r in first]

@@ -313,7 +313,12 @@ class GRPOTask(TaskDefaults):
                 f"data.streaming: task.type {self.type} reads each prompt's record columns from "
                 "memory; set data.streaming: false"
             )
-        if d.batch_size is None or d.batch_size % max(t.microbatches, 1):
+        if d.batch_size is None:
+            raise ConfigError(
+                f"data.batch_size: task.type {self.type} needs a number of prompts per step "
+                "(data.max_tokens batches are not supported)"
+            )
+        if d.batch_size % max(t.microbatches, 1):
             raise ConfigError(
                 f"train.microbatches ({t.microbatches}) must divide data.batch_size "
                 f"({d.batch_size}): a group (the G completions of a prompt) is never split"
@@ -438,7 +443,8 @@ class GRPOTask(TaskDefaults):
             stats = {
                 **reward_stats(total, per_fn, reward_set.names, zero_all),
                 **completion_stats(
-                    all_gather_rows(ro.lengths), all_gather_rows(ro.truncated).cpu()
+                    all_gather_rows(ro.lengths),
+                    all_gather_rows(ro.truncated.to(torch.int64)).cpu(),  # gloo: no bool
                 ),
                 "advantages/mean": float(adv_all.double().mean()),
                 "advantages/std": float(adv_all.double().std()) if adv_all.numel() > 1 else 0.0,
