@@ -192,3 +192,69 @@ def test_processed_cache_keeps_the_record_columns(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "hit/data_report.json").read_text())
     assert report["cache"] == "hit"
     assert [without_timing(r) for r in second] == [without_timing(r) for r in first]
+
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_BASE = [
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.num_kv_heads=1",
+    "model.max_position_embeddings=64",
+    "data.synthetic.num_train=64",
+    "data.synthetic.num_eval=8",
+    "data.tokenizer.vocab_size=300",
+    "data.batch_size=8",
+    "train.max_steps=3",
+    "scheduler.warmup_steps=1",
+    "train.progress=false",
+    "run.threads=1",
+    "eval.num_samples=4",
+    "eval.max_new_tokens=8",
+]
+
+
+@pytest.fixture(scope="module")
+def base_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from rich.console import Console
+
+    from tscale.train import train
+    from tscale.train.export import export
+
+    root = tmp_path_factory.mktemp("base")
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [*TINY_BASE, f"run.output_dir={root}"])
+    train(cfg, console=Console(quiet=True))
+    return export(root, root / "export")
+
+
+@pytest.mark.parametrize("extra", [[], ["lora.enabled=true", "task.beta=0.1"]])
+def test_quickstart_config_trains_from_the_exported_base(
+    tmp_path: Path, base_export: Path, extra: list[str]
+) -> None:
+    out = tmp_path / "grpo"
+    args = [
+        "train",
+        str(ROOT / "configs" / "grpo_quickstart.yaml"),
+        f"model.path={base_export}",
+        f"run.output_dir={out}",
+        "data.synthetic.num_train=64",
+        "data.synthetic.num_eval=8",
+        "data.batch_size=4",
+        "task.num_generations=4",
+        "task.max_completion_length=8",
+        "train.max_steps=2",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "train.save_every=0",
+        "train.progress=false",
+        "run.threads=1",
+        "eval.num_samples=4",
+        "eval.max_new_tokens=8",
+        *extra,
+    ]
+    assert main(args) == 0
+    rows = step_rows(out)
+    assert len(rows) == 2 and rows[0]["logprob_mismatch"] <= 1e-5
+    if extra:  # the LoRA base is the reference: no copy, KL 0 before the first update
+        assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)
