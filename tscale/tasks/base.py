@@ -28,6 +28,9 @@ The contract, in the order the trainer uses it:
   (the loop says "no held-out data" once instead of evaluating nothing).
 - ``evaluate(ctx, params, frozen)``: held-out metrics and sample generations.
 - ``key_metrics``: the metrics the progress line shows beside the loss.
+- ``callbacks(ctx)`` (optional, looked up with ``hasattr``): the task's own callbacks
+  (:class:`tscale.train.callbacks.Callback` hooks), added after the built-in loggers; online
+  RL's warning when the training forward leaves the sampler's log-probs.
 """
 
 from __future__ import annotations

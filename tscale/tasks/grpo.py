@@ -389,12 +389,18 @@ class GRPOTask(TaskDefaults):
         ref = reference_apply(ctx) if self.reference_strategy(ctx) != "none" else None
         model, apply_fn = ctx.model, ctx.apply_fn
         g, temp = self.num_generations, self.temperature
+        microbatches = ctx.config.train.microbatches
 
         def stage(state: TrainState, batch: TensorDictBase, key: torch.Tensor) -> TensorDictBase:
             t0 = time.perf_counter()
             rank, world = rank_and_world()
             ids, rid = batch["input_ids"].cpu(), batch[RECORD_IDS].cpu()
             n = ids.shape[0]
+            if n % microbatches:  # this rank's prompts: each microbatch holds whole groups
+                raise ConfigError(
+                    f"train.microbatches ({microbatches}) must divide each rank's {n} prompts "
+                    "(data.batch_size / world size): a group is never split"
+                )
             lengths = (rid >= 0).sum(1).tolist()
             prompts = [row[:k] for row, k in zip(ids.tolist(), lengths, strict=True)]
             records = [_lookup(table, int(r)) for r in rid[:, 0].tolist()]
