@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from tscale.cli import main
 from tscale.config import load_config
@@ -258,3 +259,31 @@ def test_quickstart_config_trains_from_the_exported_base(
     assert len(rows) == 2 and rows[0]["logprob_mismatch"] <= 1e-5
     if extra:  # the LoRA base is the reference: no copy, KL 0 before the first update
         assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_rollout_stage_is_pure_and_builds_whole_groups(tmp_path: Path) -> None:
+    from tscale.core import rng as R
+    from tscale.losses.rl import group_advantages
+
+    cfg = load_config(
+        str(config(tmp_path)), [f"run.output_dir={tmp_path / 'r'}", "train.max_steps=1"]
+    )
+    run = build_run(cfg, overwrite=True)
+    batch = run.prepare_batch(next(run.batches))
+    key = R.fold_in(run.state.rng, 0)
+    out = run.rollout(run.state, batch, key)
+    again = run.rollout(run.state, batch, key)
+    for name in ("input_ids", "completion_ids", "sampler_logps", "advantages", "loss_mask"):
+        assert (out[name] == again[name]).all(), name  # a pure function of (state, batch, key)
+    n, g = batch.batch_size[0], 4
+    assert out.batch_size[0] == n * g
+    assert (out["group"] == torch.arange(n).repeat_interleave(g)).all()
+    # each completion row starts with its prompt
+    for r in range(n * g):
+        prompt = batch["input_ids"][r // g][batch["record_ids"][r // g] >= 0]
+        assert (out["input_ids"][r, : prompt.numel()] == prompt).all()
+    expected = group_advantages(out["rewards"], g, "group")
+    assert torch.equal(out["advantages"], expected)
+    assert (out["completion_mask"].sum(1) >= 1).all()
+    other = run.rollout(run.state, batch, R.fold_in(run.state.rng, 1))
+    assert not torch.equal(other["completion_ids"], out["completion_ids"])  # a fresh draw per step
