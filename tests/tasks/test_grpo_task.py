@@ -15,32 +15,10 @@ import torch
 from tscale.cli import main
 from tscale.config import load_config
 from tscale.errors import ConfigError
+from tscale.testing.runs import TINY_GRPO_YAML as YAML
 from tscale.testing.runs import step_rows
 from tscale.train.run import build_run
 
-YAML = """
-run: {seed: 0, threads: 1}
-model: {hidden_size: 32, intermediate_size: 64, num_layers: 2, num_heads: 2, num_kv_heads: 2,
-        max_position_embeddings: 64}
-data:
-  synthetic: {tasks: [reverse, sort], num_train: 64, num_eval: 8, min_items: 3, max_items: 4}
-  tokenizer: {vocab_size: 300}
-  max_length: 48
-  batch_size: 4
-optimizer: {type: adamw, lr: 0.003}
-scheduler: {warmup_steps: 0}
-train: {log_every: 1, progress: false, keep_last: 0}
-eval: {num_samples: 4, batch_size: 4, max_new_tokens: 8, num_show: 0}
-task:
-  type: grpo
-  num_generations: 4
-  max_completion_length: 8
-  # a random model never answers right: a reward with spread gives the loss something to do
-  rewards:
-    functions:
-      - {fn: exact_match}
-      - {fn: format_match, kwargs: {pattern: '[a-h]', mode: search}, name: has_letter}
-"""
 TIMING = "time/"
 
 
