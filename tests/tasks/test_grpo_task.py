@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -265,3 +266,44 @@ def test_rollout_stage_is_pure_and_builds_whole_groups(tmp_path: Path) -> None:
     assert (out["completion_mask"].sum(1) >= 1).all()
     other = run.rollout(run.state, batch, R.fold_in(run.state.rng, 1))
     assert not torch.equal(other["completion_ids"], out["completion_ids"])  # a fresh draw per step
+
+
+def test_killed_at_random_moments_resumes_exactly(tmp_path: Path) -> None:
+    """kill -9 three times at random moments, resume each time: the logged steps equal the
+    uninterrupted run's (timings aside)."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+
+    from tscale.testing.runs import wait_for_rows
+
+    steps = 8
+    whole = run_grpo(tmp_path, "whole", "train.save_every=1", steps=steps)
+    out = tmp_path / "killed"
+    base = [
+        sys.executable,
+        "-m",
+        "tscale.cli",
+        "train",
+        str(config(tmp_path)),
+        f"run.output_dir={out}",
+        f"train.max_steps={steps}",
+        f"train.eval_every={steps}",
+        "train.save_every=1",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rng = random.Random(0)
+    for _ in range(3):
+        resume = ["--resume"] if list(out.glob("checkpoints/step_*")) else []
+        proc = subprocess.Popen(
+            base + resume, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        done = len(step_rows(out))
+        wait_for_rows(proc, out, min(done + rng.randint(1, 2), steps - 1))
+        time.sleep(rng.uniform(0.0, 0.2))  # anywhere in a step or a save
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert subprocess.run([*base, "--resume"], env=env, capture_output=True).returncode == 0
+    assert [without_timing(r) for r in step_rows(out)] == [without_timing(r) for r in whole]

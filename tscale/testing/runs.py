@@ -94,7 +94,14 @@ def wait_for_rows(proc: subprocess.Popen, run: Path, n: int, timeout: float = 24
         time.sleep(0.02)
 
 
-__all__ = ["STOPPED", "TINY_RUN_YAML", "step_rows", "wait_for_rows", "write_tiny_config"]
+__all__ = [
+    "STOPPED",
+    "TINY_GRPO_YAML",
+    "TINY_RUN_YAML",
+    "step_rows",
+    "wait_for_rows",
+    "write_tiny_config",
+]
 
 TINY_MODEL = [
     "model.hidden_size=32",
