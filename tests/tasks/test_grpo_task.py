@@ -307,3 +307,21 @@ def test_killed_at_random_moments_resumes_exactly(tmp_path: Path) -> None:
         proc.wait()
     assert subprocess.run([*base, "--resume"], env=env, capture_output=True).returncode == 0
     assert [without_timing(r) for r in step_rows(out)] == [without_timing(r) for r in whole]
+
+
+def test_resume_refuses_changed_rewards(tmp_path: Path) -> None:
+    from tscale.errors import CheckpointError
+
+    run_grpo(tmp_path, "whole", "train.save_every=2", steps=2)
+    saved = json.loads((tmp_path / "whole/checkpoints/step_00000002/state.json").read_text())
+    assert set(saved["extra"]["task"]["reward_fingerprint"]) == {"exact_match", "has_letter"}
+    cfg = load_config(
+        str(config(tmp_path)),
+        [
+            f"run.output_dir={tmp_path / 'whole'}",
+            "train.max_steps=4",
+            "task.rewards.functions=[{fn: exact_match, weight: 2.0}]",
+        ],
+    )
+    with pytest.raises(CheckpointError, match="reward functions changed"):
+        build_run(cfg, resume=True)

@@ -57,7 +57,14 @@ from tscale.losses.rl import (
     zero_std_groups,
 )
 from tscale.models.protocol import frozen_kw
-from tscale.rewards import RewardsConfig, RewardSet, build_reward_set
+from tscale.rewards import (
+    RewardsConfig,
+    RewardSet,
+    build_reward_set,
+    check_fingerprint,
+    fingerprint_rewards,
+    make_probe,
+)
 from tscale.rl.contract import logprob_mismatch
 from tscale.rl.rollout import sample_completions
 from tscale.rl.sampling import prompt_keys, scaled_scores
@@ -356,6 +363,24 @@ class GRPOTask(TaskDefaults):
     def callbacks(self, ctx: TaskContext) -> list[Any]:
         """The task's own callbacks: the log-prob mismatch warning."""
         return [_MismatchWarning(self.mismatch_warning)]
+
+    def checkpoint_meta(self, ctx: TaskContext) -> dict[str, Any]:
+        """What every checkpoint records: each reward function's fingerprint on a probe made
+        from the first training records (:mod:`tscale.rewards.fingerprint`; a function that
+        scores the probe twice differently stops the run here, before any step)."""
+        enc = ctx.data.encoder
+        records = [ex[COLUMNS] for ex in ctx.data.train_examples[:8] if COLUMNS in ex]
+        if not records:
+            return {}
+        probe = make_probe(
+            records, encode=lambda s: enc.tokenizer.encode(s, add_special_tokens=False).ids
+        )
+        return {"reward_fingerprint": fingerprint_rewards(self.reward_set(), probe)}
+
+    def check_resume(self, saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+        """Refuse to resume when the rewards changed since the checkpoint (one line)."""
+        if "reward_fingerprint" in saved and "reward_fingerprint" in current:
+            check_fingerprint(saved["reward_fingerprint"], current["reward_fingerprint"])
 
     def stat_names(self) -> list[str]:
         names = ["reward", "reward_std"]
