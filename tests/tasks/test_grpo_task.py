@@ -325,3 +325,44 @@ def test_resume_refuses_changed_rewards(tmp_path: Path) -> None:
     )
     with pytest.raises(CheckpointError, match="reward functions changed"):
         build_run(cfg, resume=True)
+
+
+@pytest.mark.parametrize("style", ["qwen2", "llama3"])
+def test_chat_prompts_match_transformers_and_stop_at_the_end_of_turn(
+    tmp_path: Path, style: str
+) -> None:
+    """A chat record's prompt is transformers' apply_chat_template(add_generation_prompt=True)
+    of its turns before the answer; the stop ids are EOS and the template's end of turn."""
+    transformers = pytest.importorskip("transformers")
+    from tscale.data.hf_tokenizer import load_encoder
+    from tscale.data.prompt import ChatTemplate
+    from tscale.tasks.grpo import GRPOTask, stop_ids_of
+    from tscale.testing.hf_folders import make_model_folder
+    from tscale.train.data_template import SelectedTemplate
+
+    folder = make_model_folder(tmp_path / style, style)
+    enc = load_encoder(folder)
+    hf = transformers.AutoTokenizer.from_pretrained(folder)
+    tpl = ChatTemplate.from_jinja(enc.chat_template).with_tokens(
+        bos_token=enc.bos_token or "", eos_token=enc.eos_token or "", date="2026-01-01"
+    )
+    question = [{"role": "user", "content": "What color is the sky?"}]
+    records = [
+        {"messages": [*question, {"role": "assistant", "content": "blue"}]},
+        {"messages": question},  # a prompt-only record
+    ]
+    cfg = load_config(None, ["data.system_prompt=null"])
+    stage = GRPOTask().examples(cfg, enc, SelectedTemplate(tpl))
+    results, _ = stage(records, ["a:1", "a:2"], budget=None, max_length=None)
+    expected = hf.apply_chat_template(
+        question, add_generation_prompt=True, date_string="01 Jan 2026"
+    )
+    expected = list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    for res in results:
+        assert res.value["input_ids"] == expected
+        assert len(set(res.value["record_ids"])) == 1
+    assert results[0].value["columns"] == records[0]
+    assert results[0].value["record_ids"] != results[1].value["record_ids"]
+    stops = stop_ids_of(enc, tpl)
+    assert enc.eos_id in stops
+    assert hf.convert_tokens_to_ids(tpl.eos_token) in stops
