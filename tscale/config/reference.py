@@ -75,6 +75,8 @@ def _default(field: attrs.Attribute) -> str:
         default = default.factory(None) if default.takes_self else default.factory()
     if attrs.has(type(default)):
         return "see below"
+    if isinstance(default, list):  # a list of records (e.g. task.rewards.functions): as mappings
+        default = [attrs.asdict(x) if attrs.has(type(x)) else x for x in default]
     return f"`{_yaml_scalar(_plain_out(default))}`"
 
 

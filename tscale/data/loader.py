@@ -33,8 +33,20 @@ _PAD_VALUES = {
     "doc_ids": 0,
     "branch_ids": 0,
     "ref_logps": 0.0,
+    "record_ids": -1,
 }
-_FIELDS = ("input_ids", "labels", "position_ids", "doc_ids", "branch_ids", "ref_logps")
+_FIELDS = (
+    "input_ids",
+    "labels",
+    "position_ids",
+    "doc_ids",
+    "branch_ids",
+    "ref_logps",
+    "record_ids",
+)
+"""The per-token fields a batch carries. ``record_ids`` (optional): each token's record key,
+constant over an example (online RL's prompts: the key of the record whose columns the rewards
+read host-side); padded with -1."""
 FLOAT_FIELDS = frozenset({"ref_logps"})
 """Per-token fields carried as float32 (the others are int64): ``ref_logps``, a reference
 model's log-prob of each trained label (:mod:`tscale.tasks.reference`)."""

@@ -1,6 +1,7 @@
 """Tasks: one module per training objective (see :mod:`tscale.tasks.base` for the contract)."""
 
 from tscale.tasks.base import TASKS, Task, TaskContext, TaskDefaults, register_task
+from tscale.tasks.grpo import GRPOTask, RLOOTask
 from tscale.tasks.kto import KTOTask
 from tscale.tasks.preference import CPOTask, DPOTask, ORPOTask, PreferenceTask, SimPOTask
 from tscale.tasks.reward import RewardTask
@@ -10,9 +11,11 @@ __all__ = [
     "TASKS",
     "CPOTask",
     "DPOTask",
+    "GRPOTask",
     "KTOTask",
     "ORPOTask",
     "PreferenceTask",
+    "RLOOTask",
     "RewardTask",
     "SFTTask",
     "SimPOTask",

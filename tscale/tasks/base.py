@@ -32,6 +32,12 @@ The contract, in the order the trainer uses it:
   reward model — the decoder without its LM head plus ``score.weight``
   (:mod:`tscale.models.reward`), wrapped by the task's ``wrap_model(model, config, pad_id=)``
   (the LoRA stack's adapters and the head train), exported as ``*ForSequenceClassification``.
+- ``callbacks(ctx)`` (optional, looked up with ``hasattr``): the task's own callbacks
+  (:class:`tscale.train.callbacks.Callback` hooks), added after the built-in loggers; online
+  RL's warning when the training forward leaves the sampler's log-probs.
+- ``checkpoint_meta(ctx)`` and ``check_resume(saved, current)`` (optional): JSON-able facts
+  every checkpoint records (under ``extra.task``) and the check a resumed run makes against
+  them (online RL: the reward functions' fingerprints).
 """
 
 from __future__ import annotations

@@ -28,6 +28,32 @@ eval: {{num_samples: 4, batch_size: 4, max_new_tokens: 4, num_show: 0}}
 """
 """A tiny synthetic run (seconds on a CPU) that logs every step; ``{out}`` and ``{steps}``."""
 
+TINY_GRPO_YAML = """
+run: {seed: 0, threads: 1}
+model: {hidden_size: 32, intermediate_size: 64, num_layers: 2, num_heads: 2, num_kv_heads: 2,
+        max_position_embeddings: 64}
+data:
+  synthetic: {tasks: [reverse, sort], num_train: 64, num_eval: 8, min_items: 3, max_items: 4}
+  tokenizer: {vocab_size: 300}
+  max_length: 48
+  batch_size: 4
+optimizer: {type: adamw, lr: 0.003}
+scheduler: {warmup_steps: 0}
+train: {log_every: 1, progress: false, keep_last: 0}
+eval: {num_samples: 4, batch_size: 4, max_new_tokens: 8, num_show: 0}
+task:
+  type: grpo
+  num_generations: 4
+  max_completion_length: 8
+  # a random model never answers right: a reward with spread gives the loss something to do
+  rewards:
+    functions:
+      - {fn: exact_match}
+      - {fn: format_match, kwargs: {pattern: '[a-h]', mode: search}, name: has_letter}
+"""
+"""A tiny GRPO run (random init, synthetic prompts, 4 prompts x 4 completions per step) with a
+reward that has spread even for a random model; set run.output_dir and train.max_steps."""
+
 STOPPED = re.compile(r"stopped by (\w+) at step (\d+): saved to (\S+) in ([\d.]+) s")
 """The line a run stopped by a signal prints: signal name, step, checkpoint path, seconds."""
 
@@ -68,7 +94,14 @@ def wait_for_rows(proc: subprocess.Popen, run: Path, n: int, timeout: float = 24
         time.sleep(0.02)
 
 
-__all__ = ["STOPPED", "TINY_RUN_YAML", "step_rows", "wait_for_rows", "write_tiny_config"]
+__all__ = [
+    "STOPPED",
+    "TINY_GRPO_YAML",
+    "TINY_RUN_YAML",
+    "step_rows",
+    "wait_for_rows",
+    "write_tiny_config",
+]
 
 TINY_MODEL = [
     "model.hidden_size=32",

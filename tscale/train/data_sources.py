@@ -530,7 +530,7 @@ class ErrorBudget:
 # Processed-data cache
 # --------------------------------------------------------------------------------------------
 
-_FIELDS = ("input_ids", "labels", "position_ids", "doc_ids", "branch_ids")
+_FIELDS = ("input_ids", "labels", "position_ids", "doc_ids", "branch_ids", "record_ids")
 
 
 def processed_fingerprint(
@@ -593,6 +593,27 @@ def _unflatten(arrays: Mapping[str, np.ndarray], prefix: str) -> list[dict]:
     return [{n: parts[i].tolist() for n, parts in fields.items()} for i in range(len(lengths))]
 
 
+COLUMNS = "columns"
+"""An example's optional non-token entry: its record's columns (a JSON object), kept beside the
+token arrays (online RL's rewards read them host-side by the example's ``record_ids``)."""
+
+
+def _write_columns(path: Path, examples: Sequence[Mapping]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for e in examples:
+            f.write(json.dumps(e.get(COLUMNS), ensure_ascii=False, default=str) + "\n")
+
+
+def _read_columns(path: Path, examples: list[dict]) -> None:
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if len(lines) != len(examples):
+        raise ValueError(f"{path}: {len(lines)} rows for {len(examples)} examples")
+    for e, line in zip(examples, lines, strict=True):
+        e[COLUMNS] = json.loads(line)
+
+
 def save_processed(
     folder: Path,
     *,
@@ -607,6 +628,9 @@ def save_processed(
     try:
         arrays = {**_flatten(train, "train_"), **_flatten(eval_examples, "eval_")}
         np.savez(tmp / "examples.npz", **arrays)
+        for prefix, examples in (("train_", train), ("eval_", eval_examples)):
+            if examples and COLUMNS in examples[0]:  # online RL: the records' columns
+                _write_columns(tmp / f"{prefix}{COLUMNS}.jsonl", examples)
         (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False, default=str))
         for side_file in (quarantine, quarantine.with_name(DROPPED_FILE)):
             if side_file.exists():
@@ -628,6 +652,8 @@ def load_processed(folder: Path, quarantine: Path) -> tuple[list[dict], list[dic
         with np.load(folder / "examples.npz") as z:
             arrays = {k: z[k] for k in z.files}
         train, eval_examples = _unflatten(arrays, "train_"), _unflatten(arrays, "eval_")
+        for prefix, examples in (("train_", train), ("eval_", eval_examples)):
+            _read_columns(folder / f"{prefix}{COLUMNS}.jsonl", examples)
     except (OSError, ValueError, KeyError):
         return None  # a damaged cache is a miss: it is rebuilt
     if (folder / "quarantine.jsonl").is_file():

@@ -203,6 +203,9 @@ def build_run(
     frozen = {}  # the state holds the frozen trees now (sharded under FSDP)
     ctx = attrs.evolve(ctx, frozen=state.frozen)
 
+    # what the task records in every checkpoint and checks on resume (online RL: the rewards'
+    # fingerprints), JSON-able
+    task_meta = task.checkpoint_meta(ctx) if hasattr(task, "checkpoint_meta") else {}
     engine = par.deepspeed
     engine_meta = {"world_size": par.world_size, "zero_stage": cfg.parallel.deepspeed.zero_stage}
     metrics_file = run_dir / "metrics.jsonl"
@@ -215,6 +218,9 @@ def build_run(
         else:
             state, meta = ckpt.load_checkpoint(resume_from, state, sources)
         loader.load_state_dict(meta["cursor"])
+        saved_task = meta.get("extra", {}).get("task")
+        if task_meta and saved_task is not None:
+            task.check_resume(saved_task, task_meta)  # raises naming what changed
         if main:
             truncate_jsonl(metrics_file, meta["step"])
             console.print(f"resumed from {resume_from} at step {meta['step']}", soft_wrap=True)
@@ -255,6 +261,8 @@ def build_run(
 
     def save(st: TrainState, at: int, extra: dict[str, Any]) -> Path | None:
         files = dict(bundle.tokenizer_files)  # the run's HF tokenizer folder, flat
+        if task_meta:
+            extra = {**extra, "task": task_meta}
         cursor = loader.state_dict()
         collective = dict(  # the multi-rank savers: every rank calls them
             step=at,
@@ -310,6 +318,7 @@ def build_run(
             ProgressBar.for_run(console, cfg, loader),
             JsonlLogger(metrics_file),
             *build_loggers(cfg, run_dir, console=console, resumed_from=resume_from),
+            *(task.callbacks(ctx) if hasattr(task, "callbacks") else ()),  # the task's own
             *callbacks,
         ]
     return Run(
