@@ -65,7 +65,7 @@ METHODS: dict[str, dict[str, Any]] = {
         "optimizer.lr": 5e-4,
     },
     "orpo": {"task.type": "orpo", "task.beta": 0.5, "optimizer.lr": 5e-4},
-    "kto": {"task.type": "kto", "task.beta": 0.1, "optimizer.lr": 5e-4, "kto": True},
+    "kto": {"task.type": "kto", "task.beta": 0.1, "optimizer.lr": 1e-4, "kto": True},
 }
 
 
@@ -212,6 +212,8 @@ def main() -> None:
         margins = [e["eval/rewards/margins"] for e in run["evals"]]
         results[name] = {
             "settings": settings,
+            "pairs": num_pairs,
+            "epochs": epochs,
             "wall_s": round(seconds, 1),
             "peak_rss_mib": round(rss),
             **run,
@@ -230,6 +232,8 @@ def main() -> None:
             f"{last.get('eval/exact_match')} (base {base['tscale_eval']['exact_match']})",
             flush=True,
         )
+    if args.methods and args.out.is_file():  # a rerun of some methods: keep the others
+        results = {**json.loads(args.out.read_text()).get("methods", {}), **results}
     out = {
         "benchmark": "preference_methods",
         "when": time.strftime("%Y-%m-%d"),
