@@ -56,7 +56,8 @@ METHODS: dict[str, dict[str, Any]] = {
         "task.loss_weights": [1.0, 1.0],
         "optimizer.lr": 5e-4,
     },
-    "ipo": {"task.type": "dpo", "task.beta": 0.1, "task.loss_type": ["ipo"], "optimizer.lr": 5e-4},
+    # IPO's target gap is 1/(2β) nats per token: β 0.1 asks for 5, which wrecks generation
+    "ipo": {"task.type": "dpo", "task.beta": 0.5, "task.loss_type": ["ipo"], "optimizer.lr": 1e-4},
     "simpo": {
         "task.type": "simpo",
         "task.beta": 2.0,
@@ -65,7 +66,7 @@ METHODS: dict[str, dict[str, Any]] = {
         "optimizer.lr": 5e-4,
     },
     "orpo": {"task.type": "orpo", "task.beta": 0.5, "optimizer.lr": 5e-4},
-    "kto": {"task.type": "kto", "task.beta": 0.1, "optimizer.lr": 1e-4, "kto": True},
+    "kto": {"task.type": "kto", "task.beta": 0.1, "optimizer.lr": 5e-5, "kto": True},
 }
 
 
