@@ -19,9 +19,8 @@
    should be ln 2 (policy == reference). Seeds 0, 1, 2 give TRL's own seed-to-seed spread: the
    mean ± 2 std per step, which the tscale curve must stay within.
 4. **tscale**: ``tscale train`` with a DPO config (:func:`tscale_dpo_config`) on the same folder,
-   pairs, geometry and optimizer, with shared-prompt packing and plain padded pairs. NOT
-   AVAILABLE YET: the DPO task does not exist; :data:`TSCALE_READY` turns it on once its config
-   keys (``task.type: dpo``, ``task.beta``, ``task.share_prompt``) are checked.
+   pairs, geometry and optimizer (16 pairs per step), with the prompt shared by both
+   completions (``task.share_prompt: true``) and plain padded pairs (false).
 5. **after training**, for every run: held-out pairwise accuracy of the implicit reward
    (β·(log π − log π_ref) of chosen vs rejected), its mean margin, and greedy exact match.
 
@@ -75,10 +74,6 @@ SMOKE = {
     "threads": 1,
     "max_new_tokens": 4,
 }
-
-TSCALE_READY = True
-"""Whether the tscale side runs: the DPO task (``task.type: dpo``) does not exist yet."""
-
 
 # --------------------------------------------------------------------------------------------
 # Processes: timed from outside, peak RSS of the child itself
@@ -342,8 +337,7 @@ def run_trl(seed: int, data: Path, model: Path, work: Path, threads: int) -> dic
 
 
 # --------------------------------------------------------------------------------------------
-# 4. tscale — TO FILL WHEN THE DPO TASK EXISTS (issue 14): check the key names below, then set
-#    TSCALE_READY = True. Everything else (timing, memory, curves, evaluation) is shared.
+# 4. tscale: the DPO task (task.type: dpo) on the same folder, pairs, geometry and optimizer
 # --------------------------------------------------------------------------------------------
 
 TSCALE_VARIANTS: dict[str, dict[str, Any]] = {
@@ -367,7 +361,7 @@ def tscale_dpo_config(
     threads: int,
 ) -> dict[str, Any]:
     """The YAML of one tscale DPO run: TRL's geometry and optimizer, plus ``settings`` (dotted
-    keys). TO CHECK: the ``task`` keys (type, beta, share_prompt, the reference strategy)."""
+    keys); the reference is a frozen copy of the same folder (``task.reference: auto``)."""
     cfg: dict[str, Any] = {
         "run": {
             "name": name,
@@ -378,7 +372,7 @@ def tscale_dpo_config(
         "model": {"path": str(model)},  # the reference: a frozen copy of the same folder
         # TRL renders prompt/chosen/rejected as plain text (no chat template): so does tscale
         "data": {"train_files": [str(data)], "batch_size": BATCH, "template": "plain"},
-        "task": {"type": "dpo", "beta": BETA, "share_prompt": True},  # TO CHECK
+        "task": {"type": "dpo", "beta": BETA, "share_prompt": True},
         "optimizer": {
             "type": "adamw",
             "lr": LR,
@@ -681,7 +675,7 @@ def main() -> None:
                 flush=True,
             )
         result["trl"] = {**summarize(runs, base_info["hf_eval"]), "runs": runs}
-    if "tscale" in sides and TSCALE_READY:
+    if "tscale" in sides:
         result["tscale"] = {}
         for name in TSCALE_VARIANTS:
             runs = []
@@ -690,8 +684,6 @@ def main() -> None:
                 r["eval"] = judge(Path(r["final_model"]))
                 runs.append(r)
             result["tscale"][name] = {**summarize(runs, base_info["hf_eval"]), "runs": runs}
-    elif "tscale" in sides:
-        result["tscale"] = {"status": "not run: the DPO task (task.type: dpo) does not exist yet"}
     trl_side, ts_side = result.get("trl"), result.get("tscale", {})
     if trl_side and "shared_prompt_packed" in ts_side:
         band = trl_side["loss_band"]
@@ -707,7 +699,7 @@ def main() -> None:
         result["bar_time_ratio"] = BAR_TIME_RATIO
         result["pass"] = ratio <= BAR_TIME_RATIO
     else:
-        result["trl_only"] = True  # figures of the TRL side alone, until the tscale side runs
+        result["trl_only"] = True  # --sides trl: the figures of the TRL side alone
     result["machine"]["load_avg_after"] = os.getloadavg()
     if args.smoke:
         result["smoke"] = True

@@ -27,7 +27,7 @@ RESULTS = BENCHMARKS / "results"
 TIMEOUT_S = 240
 
 # Keys whose children are data, not shape: the steps at which a run evaluated, the variants run.
-DATA_KEYED = {"exact_match_by_step", "trained_tokens"}
+DATA_KEYED = {"exact_match_by_step", "trained_tokens", "methods"}
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,11 @@ CASES: dict[str, Case] = {
         marks=(pytest.mark.slow,),
     ),
     "preference": Case(needs=("trl",), beside_out=("preference-work",), marks=(pytest.mark.slow,)),
-    "preference_methods": Case(beside_out=("preference-methods-work",), marks=(pytest.mark.slow,)),
+    "preference_methods": Case(
+        hand_added=frozenset({"note"}),
+        beside_out=("preference-methods-work",),
+        marks=(pytest.mark.slow,),
+    ),
     # without CUDA, --smoke runs the Triton kernels under the interpreter (tiny shapes, float32)
     "kernel_speed": Case(recorded=False, needs=("triton",), marks=(pytest.mark.slow,)),
 }

@@ -78,12 +78,13 @@ KINDS = {  # name: (task overrides, the task, LoRA over a HF folder)
     "kto": (["task.type=kto"], "kto", False),
     "dpo-sync": (["task.type=dpo", *SYNC], "dpo", False),
     "dpo-lora": (["task.type=dpo"], "dpo", True),
-    "kto-lora": (["task.type=kto"], "kto", True),
 }
+# a few launches only (the suite's time): DDP and FSDP for DPO; FSDP (which all-reduces z₀ as
+# DDP does) for KTO; the sharded LoRA base and TR-DPO's sync under FSDP
 RUNS = [
     (kind, mode)
     for kind in KINDS
-    for mode in (("one", "ddp", "fsdp") if kind in ("dpo", "kto") else ("one", "fsdp"))
+    for mode in (("one", "ddp", "fsdp") if kind == "dpo" else ("one", "fsdp"))
 ]
 
 
@@ -118,7 +119,7 @@ def test_dpo_follows_one_process(runs: dict[str, list], mode: str):
     _assert_follows(one, runs[f"dpo-{mode}"], COMPARED)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["fsdp"])
 def test_kto_follows_one_process_with_the_global_kl(runs: dict[str, list], mode: str):
     """``kl`` (z₀) is all-reduced over the ranks before the step: the same value as one process
     on the global batch, and so the same losses."""
@@ -142,10 +143,3 @@ def test_tr_dpo_reference_sync_under_fsdp_follows_one_process(runs: dict[str, li
     one = runs["dpo-sync-one"]
     assert one[2]["loss"] != runs["dpo-one"][2]["loss"]  # the synced reference shows by step 3
     _assert_follows(one, runs["dpo-sync-fsdp"], COMPARED)
-
-
-def test_kto_over_a_sharded_lora_base_follows_one_process(runs: dict[str, list]):
-    one = runs["kto-lora-one"]
-    assert abs(one[0]["loss"] - 0.5) <= 1e-6
-    assert any(r["kl"] > 0 for r in one[1:])
-    _assert_follows(one, runs["kto-lora-fsdp"], KTO_COMPARED)
