@@ -670,13 +670,18 @@ def preference_metrics(
     rejected_rewards: torch.Tensor,
     chosen_logps: torch.Tensor,
     rejected_logps: torch.Tensor,
+    valid: torch.Tensor | None = None,
 ) -> dict[str, Metric]:
     """TRL's pair metrics as means over pairs that reduce exactly over microbatches and ranks.
 
     ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies`` (``r_w > r_l``),
-    ``rewards/margins``, ``logps/chosen``, ``logps/rejected``; no host sync.
+    ``rewards/margins``, ``logps/chosen``, ``logps/rejected``; no host sync. ``valid`` ([B]
+    bool) keeps only the slots that hold a pair (a packed group batch has empty ones).
     """
-    n = torch.tensor(chosen_rewards.shape[0], device=chosen_rewards.device)
+    if valid is None:
+        valid = torch.ones_like(chosen_rewards, dtype=torch.bool)
+    n = valid.sum()
+    zero = torch.zeros((), dtype=chosen_rewards.dtype, device=chosen_rewards.device)
     values = {
         "rewards/chosen": chosen_rewards,
         "rewards/rejected": rejected_rewards,
@@ -685,4 +690,4 @@ def preference_metrics(
         "logps/chosen": chosen_logps.detach(),
         "logps/rejected": rejected_logps.detach(),
     }
-    return {name: mean(value.sum(), n) for name, value in values.items()}
+    return {name: mean(torch.where(valid, value, zero).sum(), n) for name, value in values.items()}

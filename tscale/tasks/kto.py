@@ -143,19 +143,17 @@ class KTOTask(PreferenceTask):
         if self.loss_type != "kto":
             return None
         apply_fn, ref = ctx.apply_fn, reference_apply(ctx)
-        prepare = ctx.prepare_batch
 
         def stage(state: TrainState, batch: TensorDictBase, key: torch.Tensor) -> TensorDictBase:
-            with torch.no_grad():
-                seen = prepare(batch)
+            with torch.no_grad():  # the loop ran prepare_batch already (logits_index)
                 params, frozen = (
                     whole_tree(state.params),
                     {k: whole_tree(v) for k, v in state.frozen.items()},
                 )
                 z0 = kto_kl_batch(
-                    apply_fn(params, seen, **frozen_kw(frozen or None)),
-                    ref(seen, frozen),
-                    seen,
+                    apply_fn(params, batch, **frozen_kw(frozen or None)),
+                    ref(batch, frozen),
+                    batch,
                     all_reduce=_all_reduce_sum,
                 )
             out = batch.copy()

@@ -110,26 +110,6 @@ def sft_view(p: PairLogps) -> torch.Tensor:
     return -p.chosen / p.chosen_tokens.to(p.chosen.dtype)
 
 
-def _masked_metrics(
-    valid: torch.Tensor,
-    chosen_rewards: torch.Tensor,
-    rejected_rewards: torch.Tensor,
-    policy: PairLogps,
-) -> dict[str, M.Metric]:
-    """TRL's pair metrics (``rewards/*``, ``logps/*``) as means over the pairs present."""
-    n = valid.sum()
-    values = {
-        "rewards/chosen": chosen_rewards,
-        "rewards/rejected": rejected_rewards,
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype),
-        "rewards/margins": chosen_rewards - rejected_rewards,
-        "logps/chosen": policy.chosen.detach(),
-        "logps/rejected": policy.rejected.detach(),
-    }
-    zero = torch.zeros((), dtype=chosen_rewards.dtype, device=chosen_rewards.device)
-    return {k: M.mean(torch.where(valid, v, zero).sum(), n) for k, v in values.items()}
-
-
 @attrs.frozen(kw_only=True)
 class PreferenceTask(TaskDefaults):
     """What every pairwise method shares: the data stage, the layout, the reference model, the
@@ -216,7 +196,13 @@ class PreferenceTask(TaskDefaults):
             loss_sum = torch.where(policy.valid, out.losses, zero).sum()
             aux: dict[str, Any] = {"tokens": policy.valid.sum()}
             aux.update(
-                _masked_metrics(policy.valid, out.chosen_rewards, out.rejected_rewards, policy)
+                P.preference_metrics(
+                    out.chosen_rewards,
+                    out.rejected_rewards,
+                    policy.chosen,
+                    policy.rejected,
+                    valid=policy.valid,
+                )
             )
             return loss_sum, aux
 
