@@ -67,6 +67,24 @@ METHODS: dict[str, dict[str, Any]] = {
     },
     "orpo": {"task.type": "orpo", "task.beta": 0.5, "optimizer.lr": 5e-4},
     "kto": {"task.type": "kto", "task.beta": 0.1, "optimizer.lr": 5e-5, "kto": True},
+    # the sweep after the first table: longer runs, and KTO with the desirable completions' NLL
+    "dpo_sft_3ep": {
+        "task.type": "dpo",
+        "task.beta": 0.1,
+        "task.loss_type": ["sigmoid", "sft"],
+        "task.loss_weights": [1.0, 1.0],
+        "optimizer.lr": 5e-4,
+        "train.epochs": 3.0,
+    },
+    "orpo_2ep": {"task.type": "orpo", "task.beta": 0.5, "optimizer.lr": 5e-4, "train.epochs": 2.0},
+    "kto_sft": {
+        "task.type": "kto",
+        "task.beta": 0.1,
+        "task.sft_weight": 1.0,
+        "optimizer.lr": 5e-4,
+        "train.epochs": 2.0,
+        "kto": True,
+    },
 }
 
 
@@ -214,7 +232,7 @@ def main() -> None:
         results[name] = {
             "settings": settings,
             "pairs": num_pairs,
-            "epochs": epochs,
+            "epochs": settings.get("train.epochs", epochs),
             "wall_s": round(seconds, 1),
             "peak_rss_mib": round(rss),
             **run,

@@ -376,6 +376,23 @@ def test_kto_z0_is_the_whole_batch_value_whatever_the_split(
     _assert_same_step(whole, split)
 
 
+@settings(max_examples=6, deadline=None)
+@given(rows=group_rows(kto=True), weight=st.sampled_from([0.5, 1.0]))
+def test_kto_sft_weight_adds_the_desirable_completions_mean_nll(rows: list, weight: float) -> None:
+    batch = _batch(rows, False)
+    plain_fn, state, seen = _kto_rollout(KTOTask(beta=0.5), batch)
+    sft_fn, _, _ = _kto_rollout(KTOTask(beta=0.5, sft_weight=weight), batch)
+    frozen = dict(state.frozen)
+    plain, _ = plain_fn(state.params, seen, frozen=frozen)
+    with_sft, _ = sft_fn(state.params, seen, frozen=frozen)
+    model, params, _ = _model()  # by hand: −Σ log π(y) / |y| over the desirable completions
+    pol = sequence_logps(model.apply(params, batch), batch)
+    sums, counts = pol.sums[..., KL_BRANCH - 3], pol.counts[..., KL_BRANCH - 3]
+    present = counts > 0
+    nll = float((-sums[present] / counts[present]).sum())
+    assert float(with_sft - plain) == pytest.approx(weight * nll, rel=1e-5, abs=1e-6)
+
+
 def test_label_smoothing_is_refused_where_no_loss_type_reads_it() -> None:
     # TRL 1.16 reads it in robust and exo_pair only (sigmoid has no cDPO smoothing): a value
     # that no chosen loss type reads would be silently ignored

@@ -103,6 +103,12 @@ class KTOTask(PreferenceTask):
     reference: Reference = field(
         "auto", "The reference model: auto, copy, lora_base (see task.type dpo)."
     )
+    sft_weight: float = field(
+        0.0,
+        "Weight of each desirable completion's length-averaged NLL (0: off; as task.type "
+        "simpo's, an addition TRL's KTOTrainer does not have).",
+        ge=0.0,
+    )
 
     key_metrics: ClassVar[tuple[str, ...]] = ("kl", "rewards/margins")
     uses_reference: ClassVar[bool] = True
@@ -173,7 +179,7 @@ class KTOTask(PreferenceTask):
         ) -> tuple[torch.Tensor, dict[str, Any]]:
             pol = sequence_logps(apply_fn(params, batch, **frozen_kw(frozen)), batch)
             refs = sequence_logps(ref(batch, frozen or {}), batch)
-            logps, _, desirable, valid = _completions(pol.sums, pol.counts)
+            logps, tokens, desirable, valid = _completions(pol.sums, pol.counts)
             ref_logps = _completions(refs.sums, refs.counts)[0]
             kl = batch[KL_FIELD].reshape(-1)[0] if KL_FIELD in batch else 0.0
             out = P.kto_loss(
@@ -188,6 +194,10 @@ class KTOTask(PreferenceTask):
             )
             zero = torch.zeros((), dtype=out.losses.dtype, device=out.losses.device)
             good, bad = valid & desirable, valid & ~desirable
+            losses = out.losses
+            if self.sft_weight:  # −log π(y) / |y| of the desirable completions
+                nll = -logps / tokens.clamp_min(1).to(logps.dtype)
+                losses = losses + self.sft_weight * torch.where(good, nll, zero)
             aux: dict[str, Any] = {
                 "tokens": valid.sum(),
                 "rewards/chosen": M.mean(torch.where(good, out.rewards, zero).sum(), good.sum()),
@@ -208,7 +218,7 @@ class KTOTask(PreferenceTask):
             aux["rewards/margins"] = M.mean(
                 torch.where(pairs, r[:, 0] - r[:, 1], zero).sum(), pairs.sum()
             )
-            return torch.where(valid, out.losses, zero).sum(), aux
+            return torch.where(valid, losses, zero).sum(), aux
 
         return loss_fn
 
