@@ -219,16 +219,16 @@ def test_mistakes_are_one_line_naming_the_key(folders: dict[str, Path], tmp_path
     assert one_line(err).startswith(f"{key}.model: ") and "tokenizer.json" in one_line(err)
 
 
-def grpo_yaml(tmp: Path, folders: dict[str, Path], reward: str) -> Path:
+def grpo_yaml(tmp: Path, folders: dict[str, Path], reward: str, policy: str = "policy") -> Path:
     path = tmp / "grpo.yaml"
     path.write_text(
         f"""
 run: {{seed: 0, threads: 1, output_dir: {tmp / "run"}}}
-model: {{path: {folders["policy"]}}}
+model: {{path: {folders[policy]}}}
 data:
   synthetic: {{tasks: [reverse, sort], num_train: 16, num_eval: 4, min_items: 3, max_items: 4}}
   system_prompt: null
-  max_length: 64
+  max_length: 160
   batch_size: 2
 optimizer: {{type: adamw, lr: 0.003}}
 scheduler: {{warmup_steps: 0}}
@@ -275,3 +275,9 @@ def test_yaml_mistakes_stop_the_run_in_one_line(folders: dict[str, Path], tmp_pa
     with pytest.raises(ConfigError) as err:
         build_run(load_config(str(causal), []), overwrite=True)
     assert one_line(err).startswith("task.rewards.functions[0].model: ")
+    other = grpo_yaml(tmp_path, folders, f"{{model: {folders['rm']}}}", policy="llama")
+    with pytest.raises(ConfigError) as err:  # a policy with another tokenizer: before step 1
+        build_run(load_config(str(other), []), overwrite=True)
+    assert one_line(err).startswith(
+        "task.rewards.functions[0].model: the reward model's tokenizer is not the policy's"
+    )

@@ -213,6 +213,11 @@ class RewardModelReward:
         text = json.dumps(["reward_model", self.weights, self.dtype])
         return hashlib.sha256(text.encode()).hexdigest()
 
+    @functools.cached_property
+    def _tokenizer(self) -> Tokenizer:
+        """The folder's tokenizer (the policy's, checked), for prompts given as text only."""
+        return Tokenizer.from_file(str(self.path / _TOKENIZER_FILE))
+
     def checkpoint(self) -> RewardCheckpoint:
         """The loaded model (once per process for one folder, dtype and device)."""
         return _load(str(self.path.resolve()), self.weights, self.dtype, str(self.device))
@@ -239,8 +244,8 @@ class RewardModelReward:
                 "build the reward set with tokenizer=<the policy's tokenizer>"
             )
         if prompt_ids is None:
-            tok = Tokenizer.from_file(str(self.path / _TOKENIZER_FILE))
-            prompt_ids = [e.ids for e in tok.encode_batch(list(prompts), add_special_tokens=False)]
+            encoded = self._tokenizer.encode_batch(list(prompts), add_special_tokens=False)
+            prompt_ids = [e.ids for e in encoded]
         sequences = [
             [int(i) for i in p] + [int(i) for i in c]
             for p, c in zip(prompt_ids, completion_ids, strict=True)
