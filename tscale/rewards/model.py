@@ -38,6 +38,7 @@ from tscale.models.reward import family_of_architecture, gather_at
 __all__ = [
     "MODEL_SETTINGS",
     "RewardModelReward",
+    "check_model_settings",
     "check_reward_model_folder",
     "check_same_tokenizer",
     "vocabulary",
