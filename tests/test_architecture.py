@@ -29,8 +29,9 @@ ALLOWED: dict[str, set[str]] = {
     "checkpoint": {"core", "errors", "config", "models", "optim"},
     # one module per objective: the pieces a loss, a pre-pass and an eval are made of
     "tasks": {"core", "errors", "data", "losses", "models", "step", "kernels", "rewards", "rl"},
-    # reward functions: user callables on decoded text, scored on the host
-    "rewards": {"core", "errors"},
+    # reward functions: user callables on decoded text, scored on the host; reward models
+    # (loaded by checkpoint, run by models)
+    "rewards": {"core", "errors", "models", "checkpoint"},
     # online RL's generation side: rollouts from a model, the log-prob contract
     "rl": {"core", "errors", "models", "kernels"},
     "testing": {"core", "errors", "optim", "step", "losses"},

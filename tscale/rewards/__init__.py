@@ -1,6 +1,6 @@
-"""Reward functions for online RL: the contract, the built-ins, weighted scoring of a batch with
-failure accounting, and fingerprints that catch a changed or nondeterministic reward on resume
-(docs/rewards.md)."""
+"""Reward functions for online RL: the contract, the built-ins, trained reward models as rewards,
+weighted scoring of a batch with failure accounting, and fingerprints that catch a changed or
+nondeterministic reward on resume (docs/rewards.md)."""
 
 from tscale.rewards.builtin import (
     ends_with_stop,
@@ -16,6 +16,7 @@ from tscale.rewards.fingerprint import (
     fingerprint_rewards,
     make_probe,
 )
+from tscale.rewards.model import RewardModelReward, check_same_tokenizer
 from tscale.rewards.resolve import REWARDS, register_reward, resolve_reward_fn
 from tscale.rewards.scoring import RewardFailure, RewardFn, RewardSet, Scores, build_reward_set
 
@@ -24,12 +25,14 @@ __all__ = [
     "RewardConfig",
     "RewardFailure",
     "RewardFn",
+    "RewardModelReward",
     "RewardProbe",
     "RewardSet",
     "RewardsConfig",
     "Scores",
     "build_reward_set",
     "check_fingerprint",
+    "check_same_tokenizer",
     "compare_fingerprints",
     "ends_with_stop",
     "exact_match",

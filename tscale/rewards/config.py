@@ -7,6 +7,7 @@ YAML::
         - {fn: exact_match, weight: 1.0}
         - {fn: format_match, weight: 0.1, kwargs: {pattern: '(?: \\S+)+'}}
         - {fn: my_rewards:brevity, weight: 0.5, name: brevity}
+        - {model: runs/reward_quickstart/hf, weight: 1.0, name: rm}
       max_failure_fraction: 0.1
       failure_window: 20
 
@@ -28,12 +29,19 @@ __all__ = ["RewardConfig", "RewardsConfig"]
 
 @attrs.frozen(kw_only=True)
 class RewardConfig:
-    """One reward function, its weight in the total and its keyword arguments."""
+    """One reward function (``fn``, or a trained reward model's folder, ``model``), its weight in
+    the total and its keyword arguments."""
 
-    fn: str = field(
-        "exact_match",
+    fn: str | None = field(
+        None,
         "A built-in reward (exact_match, format_match, ends_with_stop, "
-        "soft_overlong_punishment) or module:function of your own (docs/rewards.md).",
+        "soft_overlong_punishment) or module:function of your own (docs/rewards.md); null "
+        "and no model: exact_match.",
+    )
+    model: str | None = field(
+        None,
+        "Instead of fn: the folder of a trained reward model, as a task.type: reward run "
+        "exports it (docs/rewards.md#reward-models); its kwargs: batch_size, dtype.",
     )
     weight: float = field(
         1.0, "Its weight in the total reward (0: logged, not trained on).", finite=True
@@ -43,8 +51,8 @@ class RewardConfig:
     )
     name: str | None = field(
         None,
-        "Its name in the metrics (reward/<name>); null: the function's name. Two entries "
-        "with the same function need distinct names.",
+        "Its name in the metrics (reward/<name>); null: the function's name (reward_model "
+        "for a model). Two entries with the same function need distinct names.",
     )
 
 
@@ -53,7 +61,7 @@ class RewardsConfig:
     """The reward functions of a run and when their failures stop it."""
 
     functions: list[RewardConfig] = field(
-        [RewardConfig()],
+        [RewardConfig(fn="exact_match")],
         "The reward functions; the total reward is their weighted sum (a None skipped; all "
         "None: unscorable).",
     )

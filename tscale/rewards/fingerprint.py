@@ -90,17 +90,26 @@ def _outputs(scores: Scores, i: int) -> list[str | None]:
 
 def fingerprint_rewards(reward_set: RewardSet, probe: RewardProbe) -> dict[str, str]:
     """Each reward function's fingerprint on ``probe`` (name → hex digest of its weight and its
-    outputs), for the checkpoint. Scores the probe twice without touching the failure window.
+    outputs; for a function with an ``identity``, a reward model, of its weight and that
+    identity), for the checkpoint. Scores the probe twice without touching the failure window.
 
     Raises:
         RewardError: a function gave different outputs on the two calls (not deterministic).
     """
+    out: dict[str, str] = {}
+    for f in reward_set.functions:
+        if f.identity is not None:  # a reward model: its weights, not its outputs
+            text = json.dumps([float(f.weight).hex(), "identity", f.identity])
+            out[f.name] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    scored = [f for f in reward_set.functions if f.identity is None]
+    if not scored:
+        return out
+    probed = RewardSet(scored, failure_window=1)  # track_failures=False: the window is unused
     args = (list(probe.prompts), list(probe.completions), [list(i) for i in probe.completion_ids])
     columns = {k: list(v) for k, v in probe.columns.items()}
-    first = reward_set.score(*args, columns, track_failures=False)
-    again = reward_set.score(*args, columns, track_failures=False)
-    out: dict[str, str] = {}
-    for i, f in enumerate(reward_set.functions):
+    first = probed.score(*args, columns, track_failures=False)
+    again = probed.score(*args, columns, track_failures=False)
+    for i, f in enumerate(scored):
         a, b = _outputs(first, i), _outputs(again, i)
         if a != b:
             at = next(
@@ -121,7 +130,7 @@ def fingerprint_rewards(reward_set: RewardSet, probe: RewardProbe) -> dict[str, 
             )
         text = json.dumps([float(f.weight).hex(), a], separators=(",", ":"))
         out[f.name] = hashlib.sha256(text.encode()).hexdigest()[:16]
-    return out
+    return {f.name: out[f.name] for f in reward_set.functions}
 
 
 def _show(x: str | None) -> str:

@@ -21,6 +21,7 @@ from tscale.rewards import builtin
 
 __all__ = [
     "CONTRACT_ARGS",
+    "OPTIONAL_ARGS",
     "REWARDS",
     "BuiltinReward",
     "Signature",
@@ -31,6 +32,10 @@ __all__ = [
 
 CONTRACT_ARGS = ("prompts", "completions", "completion_ids")
 """The keyword arguments every reward function is called with (the columns come beside them)."""
+
+OPTIONAL_ARGS = ("prompt_ids",)
+"""Keyword arguments a reward function gets only when its signature names them: ``prompt_ids``,
+the prompt's token ids (None where the caller has only the text)."""
 
 
 @attrs.frozen
@@ -108,12 +113,14 @@ def resolve_reward_fn(name: str, key: str = "fn") -> Callable[..., Any]:
 
 @attrs.frozen
 class Signature:
-    """What a reward function's signature takes: named parameters (beyond the contract's), the
-    required ones among them, and whether it takes any keyword (``**columns``)."""
+    """What a reward function's signature takes: named parameters (beyond the contract's and
+    ``prompt_ids``), the required ones among them, whether it takes any keyword
+    (``**columns``) and whether it names ``prompt_ids``."""
 
     named: frozenset[str]
     required: frozenset[str]
     any_keyword: bool
+    takes_prompt_ids: bool = False
 
 
 def signature_of(fn: Callable[..., Any], key: str = "fn") -> Signature:
@@ -140,6 +147,6 @@ def signature_of(fn: Callable[..., Any], key: str = "fn") -> Signature:
             f"keyword (fn(prompts, completions, completion_ids, **columns)); "
             f"{getattr(fn, '__name__', fn)!s} takes {signature}"
         )
-    named = by_keyword - set(CONTRACT_ARGS)
+    named = by_keyword - set(CONTRACT_ARGS) - set(OPTIONAL_ARGS)
     required = {n for n in named if params[n].default is inspect.Parameter.empty}
-    return Signature(frozenset(named), frozenset(required), any_keyword)
+    return Signature(frozenset(named), frozenset(required), any_keyword, "prompt_ids" in by_keyword)

@@ -31,9 +31,11 @@ import attrs
 import torch
 
 from tscale.errors import ConfigError, RewardError, ShapeError, TscaleError
-from tscale.rewards.config import RewardsConfig
+from tscale.rewards.config import RewardConfig, RewardsConfig
+from tscale.rewards.model import RewardModelReward, check_model_settings
 from tscale.rewards.resolve import (
     CONTRACT_ARGS,
+    OPTIONAL_ARGS,
     REWARDS,
     Signature,
     resolve_reward_fn,
@@ -48,7 +50,10 @@ logger = logging.getLogger("tscale.rewards")
 @attrs.frozen(kw_only=True)
 class RewardFn:
     """One resolved reward: its metric name, the function, its weight, the keyword arguments it
-    is called with beside the columns, and the YAML key it came from (for messages)."""
+    is called with beside the columns, the YAML key it came from (for messages), and its
+    identity: for a reward whose behaviour is fixed by what it is (a reward model: its weights),
+    the string its resume fingerprint hashes instead of its outputs on a probe (None: the
+    outputs)."""
 
     name: str
     fn: Callable[..., Any]
@@ -56,6 +61,7 @@ class RewardFn:
     kwargs: Mapping[str, Any] = attrs.field(factory=dict)
     key: str = ""
     signature: Signature | None = None
+    identity: str | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.signature is None:
@@ -74,8 +80,10 @@ class RewardFn:
         completions: Sequence[str],
         completion_ids: Sequence[Sequence[int]],
         columns: Mapping[str, Sequence[Any]],
+        prompt_ids: Sequence[Sequence[int]] | None = None,
     ) -> Any:
-        """The function's raw output for one batch (the columns its signature takes).
+        """The function's raw output for one batch (the columns its signature takes, and
+        ``prompt_ids`` when it names them).
 
         Raises:
             RewardError: a column it needs is missing, or a column has a name its kwargs use.
@@ -96,6 +104,8 @@ class RewardFn:
                 f"{self.where} needs {missing[0]!r}, which is neither a column of the batch "
                 f"(its columns: {have}) nor one of its kwargs"
             )
+        if sig.takes_prompt_ids:
+            passed["prompt_ids"] = prompt_ids
         return self.fn(
             prompts=prompts,
             completions=completions,
@@ -212,6 +222,7 @@ class RewardSet:
         completion_ids: Sequence[Sequence[int]],
         columns: Mapping[str, Sequence[Any]] | None = None,
         *,
+        prompt_ids: Sequence[Sequence[int]] | None = None,
         track_failures: bool = True,
     ) -> Scores:
         """Every function called once on the batch; their outputs checked and combined.
@@ -221,6 +232,8 @@ class RewardSet:
                 for each of its completions).
             columns: the records' extra columns (``completion``, ``task`` …), one list per
                 column, one entry per completion.
+            prompt_ids: the prompts' token ids, one entry per completion, for the functions
+                that name ``prompt_ids`` (a reward model); None: they get None.
             track_failures: count raises in the failure window (False: a side-effect-free
                 scoring, e.g. of a fingerprint probe).
 
@@ -230,13 +243,13 @@ class RewardSet:
                 column the batch lacks, or raised too often (see the module docstring).
         """
         columns = dict(columns or {})
-        n = _check_batch(prompts, completions, completion_ids, columns)
+        n = _check_batch(prompts, completions, completion_ids, columns, prompt_ids)
         rows: list[list[float | None]] = []
         failed: list[int] = []
         failures: list[RewardFailure] = []
         for f in self.functions:
             try:
-                out = f.call(prompts, completions, completion_ids, columns)
+                out = f.call(prompts, completions, completion_ids, columns, prompt_ids)
             except TscaleError as err:
                 if isinstance(err, RewardError):
                     raise
@@ -301,13 +314,15 @@ def _check_batch(
     completions: Sequence[str],
     completion_ids: Sequence[Sequence[int]],
     columns: Mapping[str, Sequence[Any]],
+    prompt_ids: Sequence[Sequence[int]] | None = None,
 ) -> int:
     n = len(completions)
-    for what, value in (("prompts", prompts), ("completion_ids", completion_ids)):
-        if len(value) != n:
+    given = (("prompts", prompts), ("completion_ids", completion_ids), ("prompt_ids", prompt_ids))
+    for what, value in given:
+        if value is not None and len(value) != n:
             raise ShapeError(f"rewards: {len(value)} {what} for {n} completions")
     for name, value in columns.items():
-        if name in CONTRACT_ARGS:
+        if name in CONTRACT_ARGS + OPTIONAL_ARGS:
             raise ShapeError(f"rewards: a column is named {name!r}, a reward argument; rename it")
         if isinstance(value, str) or not hasattr(value, "__len__") or len(value) != n:
             got = f"{len(value)} values" if hasattr(value, "__len__") else type(value).__name__
@@ -350,40 +365,51 @@ def build_reward_set(
     *,
     key: str = "task.rewards",
     run_kwargs: Mapping[str, Any] | None = None,
+    device: torch.device | str | None = None,
+    tokenizer: Any = None,
 ) -> RewardSet:
     """The :class:`RewardSet` a ``rewards`` section describes: each function resolved, its
-    ``kwargs`` checked against its signature (a built-in's strictly, with its own check).
+    ``kwargs`` checked against its signature (a built-in's strictly, with its own check), each
+    ``model:`` folder checked as a reward model (:mod:`tscale.rewards.model`).
 
     Args:
         config: the section.
         key: its YAML key path, for messages.
         run_kwargs: settings the run knows (e.g. ``stop_ids``), given to the functions whose
             signature names them unless their ``kwargs`` set them.
+        device: where reward models run (the run's device; None: the CPU).
+        tokenizer: the policy's tokenizer, which a reward model's must match (None: not
+            checked, and a reward model refuses to score).
 
     Raises:
         ConfigError: one line naming the key: an unknown function, an import problem, a
             signature that cannot take the contract, an unknown or missing setting, two
-            functions with one name.
+            functions with one name, both or neither of fn and model, a folder that is not a
+            reward model, a reward model whose tokenizer is not the policy's.
     """
     functions = []
     for i, c in enumerate(config.functions):
         where = f"{key}.functions[{i}]"
-        fn = resolve_reward_fn(c.fn, f"{where}.fn")
+        if c.model is not None:
+            functions.append(_model_reward(c, where, device=device, tokenizer=tokenizer))
+            continue
+        fn_name = c.fn if c.fn is not None else "exact_match"
+        fn = resolve_reward_fn(fn_name, f"{where}.fn")
         sig = signature_of(fn, f"{where}.fn")
-        builtin = REWARDS.get(c.fn)
+        builtin = REWARDS.get(fn_name)
         kwargs = {k: v for k, v in (run_kwargs or {}).items() if k in sig.named}
         kwargs.update(c.kwargs)
-        _check_kwargs(c.fn, c.kwargs, sig, strict=builtin is not None, where=where)
+        _check_kwargs(fn_name, c.kwargs, sig, strict=builtin is not None, where=where)
         if builtin is not None:
             missing = sorted(sig.required - kwargs.keys())
             if missing:
-                raise ConfigError(f"{where}.kwargs: {c.fn} needs {missing[0]!r}")
+                raise ConfigError(f"{where}.kwargs: {fn_name} needs {missing[0]!r}")
             if builtin.check_kwargs is not None:
                 try:
                     builtin.check_kwargs(kwargs)
                 except ValueError as err:
                     raise ConfigError(f"{where}.kwargs.{err}") from None
-        name = c.name or (c.fn if builtin is not None else c.fn.rpartition(":")[2])
+        name = c.name or (fn_name if builtin is not None else fn_name.rpartition(":")[2])
         functions.append(
             RewardFn(name=name, fn=fn, weight=c.weight, kwargs=kwargs, key=where, signature=sig)
         )
@@ -399,6 +425,35 @@ def build_reward_set(
         functions,
         max_failure_fraction=config.max_failure_fraction,
         failure_window=config.failure_window,
+    )
+
+
+def _model_reward(
+    c: RewardConfig, where: str, *, device: torch.device | str | None, tokenizer: Any
+) -> RewardFn:
+    """The :class:`RewardFn` of a ``model:`` entry: the folder checked, its settings checked,
+    its identity the folder's weights and the dtype."""
+    if c.fn is not None:
+        raise ConfigError(
+            f"{where}: sets both fn ({c.fn}) and model ({c.model}); a reward is one or the other"
+        )
+    assert c.model is not None
+    settings = check_model_settings(c.kwargs, f"{where}.kwargs")
+    reward = RewardModelReward(
+        c.model,
+        tokenizer=tokenizer,
+        device=device if device is not None else "cpu",
+        dtype=settings["dtype"],
+        batch_size=settings["batch_size"],
+        key=f"{where}.model",
+    )
+    return RewardFn(
+        name=c.name or "reward_model",
+        fn=reward,
+        weight=c.weight,
+        key=where,
+        signature=signature_of(reward, f"{where}.model"),
+        identity=reward.identity,
     )
 
 

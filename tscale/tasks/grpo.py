@@ -305,8 +305,9 @@ class GRPOTask(TaskDefaults):
         """μ optimizer steps on each rollout batch."""
         return self.num_iterations
 
-    def reward_set(self) -> RewardSet:
-        return build_reward_set(self.rewards, key="task.rewards", run_kwargs=None)
+    def reward_set(self, ctx: TaskContext | None = None) -> RewardSet:
+        run = {} if ctx is None else {"device": ctx.device, "tokenizer": ctx.data.encoder.tokenizer}
+        return build_reward_set(self.rewards, key="task.rewards", run_kwargs=None, **run)
 
     def check(self, config: Any) -> None:
         d, t = config.data, config.train
@@ -408,7 +409,7 @@ class GRPOTask(TaskDefaults):
         bundle = ctx.data
         enc = bundle.encoder
         table = _columns_table(bundle.train_examples)
-        reward_set = self.reward_set()
+        reward_set = self.reward_set(ctx)
         names = self.stat_names()
         stops = stop_ids_of(enc, bundle.template)
         ref = reference_apply(ctx) if self.reference_strategy(ctx) != "none" else None
@@ -451,7 +452,11 @@ class GRPOTask(TaskDefaults):
             prompt_texts = [enc.tokenizer.decode(p, skip_special_tokens=False) for p in prompts]
             columns = _columns(records, g)
             scores = reward_set.score(
-                [prompt_texts[i // g] for i in range(n * g)], texts, completions, columns
+                [prompt_texts[i // g] for i in range(n * g)],
+                texts,
+                completions,
+                columns,
+                prompt_ids=[prompts[i // g] for i in range(n * g)],
             )
             out = _training_rows(ro, self.max_completion_length)
             self._extra_inputs(out, state, apply_fn, ref)
@@ -586,7 +591,7 @@ class GRPOTask(TaskDefaults):
         if records:
             enc = bundle.encoder
             answers = [s["answer"] for s in samples]
-            scores = self.reward_set().score(
+            scores = self.reward_set(ctx).score(
                 [s["prompt"] for s in samples],
                 answers,
                 [enc.tokenizer.encode(a, add_special_tokens=False).ids for a in answers],
