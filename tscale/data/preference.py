@@ -162,26 +162,28 @@ def _refuse_other_records(
 def record_margin(record: Mapping[str, Any], *, where: str | None = None) -> Ok[float | None] | Err:
     """The record's ``margin`` as a float, None when the record has no margin column.
 
-    Any real number is a margin (a negative one lets the rejected reward come close; TRL does
-    not restrict it either); a boolean is not one.
+    Any finite real number is a margin (TRL does not restrict it either; a negative one lets
+    the rejected reward exceed the chosen one by up to ``|m|`` at a low loss); a boolean is
+    not one.
 
     Returns:
         ``Err`` when the column is there but the value is missing (None), not a number (a
         string, a boolean, a list …), NaN or infinite: such a margin would make the pair's loss
-        NaN or infinite.
+        NaN or infinite. Each reason starts with its kind (``margin missing``, ``margin not a
+        number``, ``margin not finite``), as the data report counts them.
     """
     if MARGIN not in record:
         return Ok(None)
     value = record[MARGIN]
     if value is None:
-        why = "margin missing (the data has a margin column: give every pair one)"
+        why = "margin missing: the data has a margin column, give every pair one"
         return Err(why, None, where)
     if isinstance(value, bool) or not isinstance(value, Real):
         kind = type(value).__name__
-        return Err(f"margin not a number (holds {kind} {value!r:.40})", None, where)
+        return Err(f"margin not a number: holds {kind} {value!r:.40}", None, where)
     margin = float(value)
     if not math.isfinite(margin):
-        return Err(f"margin {margin} is not a finite number", None, where)
+        return Err(f"margin not finite: {margin}", None, where)
     return Ok(margin)
 
 
