@@ -19,7 +19,7 @@ import torch
 
 from tscale.cli import main
 from tscale.core.result import Err, Ok
-from tscale.data.pack import pack_examples
+from tscale.data.pack import StreamingPacker, pack_examples
 from tscale.data.preference import record_margin
 from tscale.testing.preference import letter_pairs
 from tscale.testing.runs import step_rows
@@ -164,6 +164,28 @@ def test_first_step_loss_equals_trl_with_margins_packed_or_not(tmp_path: Path) -
     assert _first_loss(packed) == pytest.approx(ours, rel=1e-5, abs=1e-6)
 
 
+def test_files_with_and_without_the_column_mix(tmp_path: Path) -> None:
+    half = N_PAIRS // 2
+    with_column = _pairs(half, 0)
+    files = [
+        _write(tmp_path / "a.jsonl", with_column),
+        _write(tmp_path / "b.jsonl", letter_pairs(half, 2)),  # no margin: task.margin (0)
+    ]
+    train = f"[{files[0]},{files[1]}]"
+    losses = []
+    for packing in ("false", "true"):
+        out = tmp_path / f"run-{packing}"
+        extra = [f"data.train_files={train}", f"data.packing.enabled={packing}"]
+        if packing == "true":
+            rows = len(pack_examples(_cached_documents(tmp_path / "run-false"), 48)[0])
+            extra.append(f"data.batch_size={rows}")
+        assert _train(tmp_path, out, files[0], *extra) == 0
+        losses.append(_first_loss(out))
+    margins = sorted(d["margins"][0] for d in _cached_documents(tmp_path / "run-false"))
+    assert margins == pytest.approx(sorted([r["margin"] for r in with_column] + [0.0] * half))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5, abs=1e-6)
+
+
 def test_bad_margins_are_quarantined_with_file_and_line(tmp_path: Path) -> None:
     records = _pairs(N_PAIRS + 5, 0)
     bad = {2: "high", 5: float("nan"), 9: float("inf"), 14: True}
@@ -191,6 +213,30 @@ def test_bad_margins_are_quarantined_with_file_and_line(tmp_path: Path) -> None:
         "margin missing": 1,
     }
     assert math.isfinite(_first_loss(out))
+
+
+def test_streaming_packer_state_keeps_the_margins() -> None:
+    docs = [
+        {
+            "input_ids": [1, 2, 3],
+            "labels": [2, 3, -100],
+            "position_ids": [0, 1, 2],
+            "branch_ids": [0, 1, 2],
+            "margins": [m] * 3,
+        }
+        for m in (0.25, 1.5, -2.0)
+    ]
+    packer = StreamingPacker(8, 4)
+    assert packer.push(docs[0]) == []
+    resumed = StreamingPacker(8, 4)
+    resumed.load_state_dict(json.loads(json.dumps(packer.state_dict())))
+    for p in (packer, resumed):
+        assert p.push({k: v for k, v in docs[1].items() if k != "margins"}) == []
+        assert p.push(docs[2]) == []  # no room left beside the first two: a second row
+    packs = [packer.flush(), resumed.flush()]
+    assert packs[0] == packs[1]
+    # a document without margins packs 0.0
+    assert [p["margins"] for p in packs[0]] == [[0.25] * 3 + [0.0] * 3, [-2.0] * 3]
 
 
 def test_record_margin() -> None:

@@ -11,8 +11,8 @@ step divides by the global number of pairs, so the objective is TRL's mean over 
 
 The margin ``m``: the pair's own when the data has a ``margin`` column (Llama 2's rating-based
 margin, TRL's column: :func:`tscale.data.preference.record_margin` checks it, a bad one is
-quarantined), carried to the batch as the per-token ``margins`` field (one value over the
-pair's document, read at the chosen sequence's end); else ``task.margin`` for every pair. The
+quarantined), else ``task.margin``; either way carried to the batch as the per-token
+``margins`` field (one value over the pair's document, read at the chosen sequence's end). The
 two do not add up: a run with both is refused (one line), as TRL has the column only.
 
 Metrics, as TRL's ``RewardTrainer`` names them, as weighted means over pairs (exact under
@@ -33,9 +33,10 @@ from tensordict import TensorDictBase
 from tscale.core import metrics as M
 from tscale.core import tree as T
 from tscale.core.fields import field
+from tscale.core.result import Ok
 from tscale.data.loader import MARGINS, batch_iter
 from tscale.data.preference import MARGIN, preference_examples
-from tscale.errors import ConfigError, DataError, ShapeError
+from tscale.errors import DataError, ShapeError
 from tscale.losses.preference import bradley_terry_loss
 from tscale.models.protocol import frozen_kw
 from tscale.models.reward import (
@@ -119,11 +120,8 @@ def make_reward_loss(
     """``loss_fn(params, batch, *, frozen=None) -> (loss_sum, aux)``: the Bradley–Terry loss of
     the pairs of a group-layout batch (see the module docstring) over ``apply_fn``'s per-token
     scores (``RewardModel.apply``, wrapped or not); ``aux["tokens"]`` is the number of pairs.
-    Each pair's margin is the batch's ``margins`` (:func:`pair_margins`) when it has them, else
-    ``margin``.
-
-    Raises (at the call):
-        ConfigError: ``margin`` is set and the batch carries its own margins.
+    Each pair's margin is the batch's ``margins`` (:func:`pair_margins`) when it has them (the
+    reward task's batches always do: the column's values, or ``task.margin``), else ``margin``.
     """
 
     def loss_fn(
@@ -132,8 +130,6 @@ def make_reward_loss(
         scores = apply_fn(params, without_logits_index(batch), **frozen_kw(frozen))
         chosen, rejected, valid = pair_rewards(scores, batch)
         m = pair_margins(batch, chosen)
-        if m is not None and margin:
-            raise ConfigError(_BOTH_MARGINS.format(margin=margin, where="the batch"))
         if m is None and margin:
             m = torch.tensor(margin, dtype=chosen.dtype, device=chosen.device)
         losses = bradley_terry_loss(
@@ -212,7 +208,8 @@ class RewardTask(PreferenceTask):
 
     def examples(self, cfg: Any, encoder: Any, template: Any) -> Callable[..., Any]:
         """The preference stage with the records' ``margin`` column read (a bad margin is
-        quarantined) and carried as the documents' ``margins``.
+        quarantined) and carried as the documents' ``margins``; a record without the column
+        gets ``task.margin`` (so every document has one, whichever files it mixes).
 
         Raises (at call time):
             DataError: a record has a margin and ``task.margin`` is set (one line naming it).
@@ -225,7 +222,13 @@ class RewardTask(PreferenceTask):
             max_completion_length=self.max_completion_length,
             margins=True,
         )
-        stage = group_stage(inner, share_prompt=self.share_prompt, bos_id=encoder.bos_id)
+
+        def with_margins(records: Sequence[Any], places: Sequence[str], **kw: Any) -> Any:
+            results, report = inner(records, places, **kw)
+            default = {MARGIN: self.margin}
+            return [Ok({**default, **r.value}) if isinstance(r, Ok) else r for r in results], report
+
+        stage = group_stage(with_margins, share_prompt=self.share_prompt, bos_id=encoder.bos_id)
         if not self.margin:
             return stage
 
