@@ -48,8 +48,8 @@ FORMAT_FIELDS: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "alpaca": (("instruction", "output"), ("input", "system")),
     "chat": (("messages",), ()),
     "sharegpt": (("messages",), ()),
-    "preference": (("chosen", "rejected"), ("prompt", "system")),
-    "preference_chat": (("chosen", "rejected"), ("prompt",)),
+    "preference": (("chosen", "rejected"), ("prompt", "system", "margin")),
+    "preference_chat": (("chosen", "rejected"), ("prompt", "margin")),
     "unpaired_preference": (("prompt", "completion", "label"), ("system",)),
     "unpaired_preference_chat": (("prompt", "completion", "label"), ()),
 }
@@ -57,8 +57,10 @@ FORMAT_FIELDS: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 Paired preference rows (``preference``: strings; ``preference_chat``: the prompt a conversation,
 chosen/rejected lists of messages, or, without a prompt, whole conversations sharing a prefix)
-train DPO and its kin; unpaired rows (``unpaired_preference``/``_chat``: prompt, completion and a
-boolean ``label``, desirable or not) train KTO (see :mod:`tscale.data.preference`)."""
+train DPO and its kin; they may carry a numeric ``margin`` per pair (kept as it is here; the
+reward task reads and checks it, :func:`tscale.data.preference.record_margin`). Unpaired rows
+(``unpaired_preference``/``_chat``: prompt, completion and a boolean ``label``, desirable or
+not) train KTO (see :mod:`tscale.data.preference`)."""
 
 SYNONYMS: Mapping[str, tuple[str, ...]] = {
     "prompt": (
@@ -78,6 +80,7 @@ SYNONYMS: Mapping[str, tuple[str, ...]] = {
     "text": ("text", "content", "document", "body", "raw_text"),
     "system": ("system", "system_prompt"),
     "label": ("label", "desirable", "is_desirable", "kto_label"),
+    "margin": ("margin",),
 }  # fmt: skip
 """Canonical field → column names that mean it (compared case-insensitively, first match wins).
 
@@ -555,6 +558,8 @@ def canonicalize(
                     dict(record),
                     where,
                 )
+        elif field == "margin":
+            pass  # a number, checked by the task that reads it (tscale.data.preference)
         elif field == "messages" or (fmt in _CHAT_VALUED and isinstance(value, list)):
             # chat turns; preference_chat's chosen/rejected (and a prompt given as turns)
             why = _check_messages(value, field)

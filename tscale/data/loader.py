@@ -33,6 +33,7 @@ _PAD_VALUES = {
     "doc_ids": 0,
     "branch_ids": 0,
     "ref_logps": 0.0,
+    "margins": 0.0,
     "record_ids": -1,
 }
 _FIELDS = (
@@ -42,14 +43,19 @@ _FIELDS = (
     "doc_ids",
     "branch_ids",
     "ref_logps",
+    "margins",
     "record_ids",
 )
 """The per-token fields a batch carries. ``record_ids`` (optional): each token's record key,
 constant over an example (online RL's prompts: the key of the record whose columns the rewards
 read host-side); padded with -1."""
-FLOAT_FIELDS = frozenset({"ref_logps"})
+MARGINS = "margins"
+"""A reward-model pair's margin (the record's ``margin`` column), the same value on every token
+of its group document (:func:`tscale.tasks.preference.group_stage`); the loss reads it at the
+sequence ends (:mod:`tscale.tasks.reward`)."""
+FLOAT_FIELDS = frozenset({"ref_logps", MARGINS})
 """Per-token fields carried as float32 (the others are int64): ``ref_logps``, a reference
-model's log-prob of each trained label (:mod:`tscale.tasks.reference`)."""
+model's log-prob of each trained label (:mod:`tscale.tasks.reference`), and :data:`MARGINS`."""
 _GROUP_FACTOR = 50  # length grouping sorts within "megabatches" of this many batches
 
 
@@ -97,7 +103,7 @@ def _collate(
 ) -> TensorDict:
     """Right-pad to the longest row rounded up to ``pad_to_multiple_of``; padded labels are -100,
     padded ``position_ids``/``doc_ids``/``branch_ids`` 0 (doc 0 is padding: no real token attends
-    to it), padded ``ref_logps`` 0.0."""
+    to it), padded ``ref_logps`` and ``margins`` 0.0."""
     length = _round_up(max(r["input_ids"].numel() for r in rows), pad_to_multiple_of)
     out = {}
     for name in rows[0]:

@@ -25,7 +25,8 @@ predicted across the cut, from a context the chunk does not see).
 completions as branches). The packer keeps them as they are (instead of making positions
 0, 1, ...) and packs ``branch_ids`` beside ``doc_ids`` (0 for documents without). Such a document
 is never split: with ``split_overflow`` too, one longer than ``max_length`` is dropped and counted
-in ``dropped_too_long``.
+in ``dropped_too_long``. A group document's float ``margins`` (a reward-model pair's margin on
+each of its tokens) are packed the same way, 0.0 for documents without.
 """
 
 from __future__ import annotations
@@ -45,12 +46,19 @@ from tscale.errors import DataError
 class Segment(NamedTuple):
     """A document (or a chunk of one) to pack: int64 arrays of one length. ``position_ids`` and
     ``branch_ids`` are the document's own (a group document, :mod:`tscale.data.groups`) or None
-    (positions 0, 1, ... and branch 0 are made when packed)."""
+    (positions 0, 1, ... and branch 0 are made when packed); ``margins`` (float64) a reward
+    pair's margin per token, or None (0.0 when packed)."""
 
     input_ids: np.ndarray
     labels: np.ndarray
     position_ids: np.ndarray | None = None
     branch_ids: np.ndarray | None = None
+    margins: np.ndarray | None = None
+
+
+_OWN_FIELDS = ("position_ids", "branch_ids", "margins")
+"""A document's own per-token fields, kept as they are by the packer (never split)."""
+_FLOAT_OWN = frozenset({"margins"})
 
 
 _STATE_FORMAT = "tscale.data.pack.StreamingPacker/1"
@@ -135,9 +143,9 @@ def _segments(
         )
     ids, labels = _int_array(ids, index, "input_ids"), _int_array(labels, index, "labels")
     own = {}
-    for name in ("position_ids", "branch_ids"):
+    for name in _OWN_FIELDS:
         if example.get(name) is not None:
-            own[name] = _int_array(example[name], index, name)
+            own[name] = _array(example[name], index, name, float_values=name in _FLOAT_OWN)
             if len(own[name]) != len(ids):
                 raise DataError(
                     f"example {index}: {name} ({len(own[name])}) and input_ids ({len(ids)}) "
@@ -147,7 +155,7 @@ def _segments(
     if n == 0:
         return [], "empty"
     if n <= max_length:
-        return [Segment(ids, labels, own.get("position_ids"), own.get("branch_ids"))], "ok"
+        return [Segment(ids, labels, *(own.get(name) for name in _OWN_FIELDS))], "ok"
     if not split_overflow or own:  # a document with its own layout is never cut
         return [], "too_long"
     chunks = [
@@ -159,10 +167,17 @@ def _segments(
 
 def _int_array(values: Any, index: int | str, name: str) -> np.ndarray:
     """``values`` as a 1-D int64 array (lists, tuples, tensors and arrays alike)."""
+    return _array(values, index, name, float_values=False)
+
+
+def _array(values: Any, index: int | str, name: str, *, float_values: bool) -> np.ndarray:
+    """``values`` as a 1-D int64 (or float64) array (lists, tuples, tensors and arrays)."""
+    dtype = np.float64 if float_values else np.int64
     try:
-        out = np.asarray(values, dtype=np.int64)
+        out = np.asarray(values, dtype=dtype)
     except (TypeError, ValueError, OverflowError) as e:
-        raise DataError(f"example {index}: {name} are not integers ({e})") from None
+        what = "numbers" if float_values else "integers"
+        raise DataError(f"example {index}: {name} are not {what} ({e})") from None
     if out.ndim != 1:
         raise DataError(f"example {index}: {name} must be a flat list, got shape {out.shape}")
     return out
@@ -191,6 +206,10 @@ def _assemble(segments: Sequence[Segment], with_cu_seqlens: bool) -> tuple[dict,
                 np.zeros(len(s.input_ids), np.int64) if s.branch_ids is None else s.branch_ids
                 for s in segments
             ]
+        ).tolist()
+    if any(s.margins is not None for s in segments):
+        pack["margins"] = np.concatenate(
+            [np.zeros(len(s.input_ids)) if s.margins is None else s.margins for s in segments]
         ).tolist()
     if with_cu_seqlens:
         pack["cu_seqlens"] = [0, *ends.tolist()]
@@ -459,8 +478,10 @@ class StreamingPacker:
                     "tick": row.tick,
                     "input_ids": [s.input_ids.tolist() for s in row.segments],
                     "labels": [s.labels.tolist() for s in row.segments],
-                    "position_ids": [_list_or_none(s.position_ids) for s in row.segments],
-                    "branch_ids": [_list_or_none(s.branch_ids) for s in row.segments],
+                    **{
+                        name: [_list_or_none(getattr(s, name)) for s in row.segments]
+                        for name in _OWN_FIELDS
+                    },
                 }
                 for b, row in rows
             ],
@@ -487,9 +508,17 @@ class StreamingPacker:
             self._pushed = int(state["pushed"])
             for row in state["rows"]:  # saved in tick order: rebuilds each capacity's stack order
                 n = len(row["input_ids"])
-                own = [row.get(name) or [None] * n for name in ("position_ids", "branch_ids")]
+                own = [row.get(name) or [None] * n for name in _OWN_FIELDS]
+                names = ("input_ids", "labels", *_OWN_FIELDS)
                 segments = [
-                    Segment(*(None if f is None else np.asarray(f, dtype=np.int64) for f in seg))
+                    Segment(
+                        *(
+                            None
+                            if f is None
+                            else np.asarray(f, dtype=np.float64 if k in _FLOAT_OWN else np.int64)
+                            for k, f in zip(names, seg, strict=True)
+                        )
+                    )
                     for seg in zip(row["input_ids"], row["labels"], *own, strict=True)
                 ]
                 if any(
@@ -513,7 +542,7 @@ class StreamingPacker:
             raise DataError(f"bad StreamingPacker state: {e}") from e
 
 
-def _list_or_none(values: np.ndarray | None) -> list[int] | None:
+def _list_or_none(values: np.ndarray | None) -> list[int] | list[float] | None:
     return None if values is None else values.tolist()
 
 

@@ -27,12 +27,20 @@ kept), to ``max_prompt_length`` and then until the prompt and the longest comple
 ``max_length`` leaves. A completion that is, or would become, empty is an ``Err`` (never an
 empty sequence: its mean log-prob would be 0/0).
 
+Margins (the reward task's, ``margins=True``): a paired record may carry a ``margin`` column,
+the amount its chosen reward must beat the rejected one by (Llama 2's rating-based margin;
+TRL's ``RewardTrainer`` reads the same column). Its example then holds ``"margin": float``; a
+margin that is not a finite number is an ``Err`` (:func:`record_margin`). Without
+``margins`` the column is ignored, as TRL's ``DPOTrainer`` ignores it.
+
 Pure: no I/O; the caller writes the ``Err`` results to its quarantine file.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
+from numbers import Real
 from typing import Any
 
 import attrs
@@ -52,6 +60,7 @@ from tscale.errors import DataError
 
 __all__ = [
     "DESIRABLE",
+    "MARGIN",
     "PAIRED_BRANCHES",
     "UNDESIRABLE",
     "PreferenceLimits",
@@ -61,6 +70,7 @@ __all__ = [
     "preference_examples",
     "preference_kind",
     "preference_turns",
+    "record_margin",
     "refuse_preference_records",
     "render_preference",
     "split_implicit_prompt",
@@ -70,6 +80,9 @@ PAIRED_BRANCHES: tuple[int, int] = (1, 2)
 """Branch ids of a pair: chosen, rejected."""
 DESIRABLE, UNDESIRABLE = 1, 2
 """Branch id of an unpaired completion by its label."""
+
+MARGIN = "margin"
+"""The record column (and example key) of a pair's margin."""
 
 CHUNK_ROWS = 2048
 """Records whose texts are encoded per ``encode_batch`` call."""
@@ -144,6 +157,34 @@ def _refuse_other_records(
             "(prompt, completion, label: true/false): set task.type: dpo, or write each pair as "
             "two unpaired rows"
         )
+
+
+def record_margin(record: Mapping[str, Any], *, where: str | None = None) -> Ok[float | None] | Err:
+    """The record's ``margin`` as a float, None when the record has no margin column.
+
+    Any finite real number is a margin (TRL does not restrict it either; a negative one lets
+    the rejected reward exceed the chosen one by up to ``|m|`` at a low loss); a boolean is
+    not one.
+
+    Returns:
+        ``Err`` when the column is there but the value is missing (None), not a number (a
+        string, a boolean, a list …), NaN or infinite: such a margin would make the pair's loss
+        NaN or infinite. Each reason starts with its kind (``margin missing``, ``margin not a
+        number``, ``margin not finite``), as the data report counts them.
+    """
+    if MARGIN not in record:
+        return Ok(None)
+    value = record[MARGIN]
+    if value is None:
+        why = "margin missing: the data has a margin column, give every pair one"
+        return Err(why, None, where)
+    if isinstance(value, bool) or not isinstance(value, Real):
+        kind = type(value).__name__
+        return Err(f"margin not a number: holds {kind} {value!r:.40}", None, where)
+    margin = float(value)
+    if not math.isfinite(margin):
+        return Err(f"margin not finite: {margin}", None, where)
+    return Ok(margin)
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,9 +428,11 @@ def encode_preferences(
     limits: PreferenceLimits | None = None,
     where: Sequence[str | None] | None = None,
     chunk_rows: int = CHUNK_ROWS,
+    margins: bool = False,
 ) -> tuple[list[Ok[dict] | Err], LengthReport]:
     """``Ok({"prompt_ids", "completions", "branches"})`` or ``Err`` per record, in order, and
-    the length report (``truncated[part][limit]`` counts the cut parts).
+    the length report (``truncated[part][limit]`` counts the cut parts). With ``margins`` the
+    example of a record with a ``margin`` column also holds ``"margin"`` (a float).
 
     Args:
         records: canonical preference records (see the module doc).
@@ -400,6 +443,8 @@ def encode_preferences(
         limits: the token limits (None: none).
         where: each record's place (``"train.jsonl:line 3"``) for its ``Err``.
         chunk_rows: records whose texts go to one ``encode_batch`` call.
+        margins: read each record's ``margin`` (:func:`record_margin`; a bad one is an
+            ``Err``); else the column is ignored.
 
     Raises:
         DataError: a record of the other kind (SFT rows, unpaired rows for a paired task …),
@@ -420,6 +465,9 @@ def encode_preferences(
         texts: list[str] = []
         for i in range(lo, min(lo + chunk_rows, len(records))):
             turns = preference_turns(records[i], system=system, where=places[i])
+            if margins and isinstance(turns, Ok):
+                margin = record_margin(records[i], where=places[i])
+                turns = turns if isinstance(margin, Ok) else margin
             if isinstance(turns, Ok):
                 got = render_preference(turns.value, tpl, where=places[i])
                 if isinstance(got, Ok):
@@ -444,6 +492,8 @@ def encode_preferences(
                 ids = next(encoded).ids
                 completions.append(ids if encoder.eos_id in ids else [*ids, encoder.eos_id])
             res, rep = _fitted(prompt_ids, completions, turns, limits, encoder.bos_id, places[i])
+            if margins and isinstance(res, Ok) and MARGIN in records[i]:
+                res = Ok({**res.value, MARGIN: float(records[i][MARGIN])})
             out.append(res)
             report = report + rep
     # every Err carries its record (for the quarantine file)
@@ -495,6 +545,7 @@ def preference_examples(
     max_prompt_length: int | None = None,
     max_completion_length: int | None = None,
     unpaired: bool = False,
+    margins: bool = False,
 ) -> Callable[..., tuple[list[Ok[dict] | Err], LengthReport]]:
     """The preference tasks' example stage (``tscale.train.data_build.ExampleStage``).
 
@@ -510,6 +561,8 @@ def preference_examples(
             chat template refuses chat data) or a :class:`ChatTemplate`.
         max_prompt_length, max_completion_length: token limits (None: none).
         unpaired: KTO's rows (prompt, completion, label) instead of pairs.
+        margins: read the records' ``margin`` column (the reward task; see
+            :func:`encode_preferences`).
 
     Raises:
         DataError: a limit below 1 (here); at call time, records of the other kind or chat
@@ -535,7 +588,14 @@ def preference_examples(
             _limit(max_length, budget.max_total_length if budget is not None else None),
         )
         return encode_preferences(
-            records, tpl, encoder, unpaired=unpaired, system=system, limits=limits, where=places
+            records,
+            tpl,
+            encoder,
+            unpaired=unpaired,
+            system=system,
+            limits=limits,
+            where=places,
+            margins=margins,
         )
 
     return stage

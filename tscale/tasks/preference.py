@@ -39,8 +39,13 @@ from tscale.core.result import Err, Ok
 from tscale.core.state import TrainState
 from tscale.data.groups import group_document, single_document_row
 from tscale.data.length import LengthReport
-from tscale.data.loader import batch_iter
-from tscale.data.preference import PreferenceLimits, fit_preference, preference_examples
+from tscale.data.loader import MARGINS, batch_iter
+from tscale.data.preference import (
+    MARGIN,
+    PreferenceLimits,
+    fit_preference,
+    preference_examples,
+)
 from tscale.errors import ConfigError
 from tscale.losses import preference as P
 from tscale.losses.sequence import PairView, pair_view, sequence_logps
@@ -298,7 +303,9 @@ def group_stage(
     section's token limit (``data.max_length``, ``data.length.max_total_length``) caps the
     whole document — one packed or padded row — so a shared-prompt pair fits
     ``P + C_w + C_l + 1`` tokens in it and a separate one ``2P + C_w + C_l``. ``extend``
-    may add completions to the examples first (KTO's mismatched KL completion)."""
+    may add completions to the examples first (KTO's mismatched KL completion). An example's
+    ``margin`` (the reward task's) becomes the document's per-token ``margins`` field, one
+    value over all its tokens."""
 
     def stage(
         records: Sequence[dict],
@@ -332,7 +339,12 @@ def group_stage(
                         )
                     )
                     continue
-            out.append(Ok(single_document_row(group_document(**ex, share_prompt=share_prompt))))
+            doc = group_document(
+                ex["prompt_ids"], ex["completions"], ex["branches"], share_prompt=share_prompt
+            )
+            if MARGIN in ex:  # the reward task's per-pair margin, over the document's tokens
+                doc[MARGINS] = [ex[MARGIN]] * len(doc["input_ids"])
+            out.append(Ok(single_document_row(doc)))
         if cut:
             report = report + LengthReport(truncated={"document": {"max_length": cut}})
         return out, report

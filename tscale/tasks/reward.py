@@ -9,6 +9,12 @@ token (:func:`tscale.models.reward.sequence_ends`). The loss per pair is
 ``c (r_w + r_l)²`` (TRL's ``RewardTrainer``), summed over the valid pairs of the batch; the
 step divides by the global number of pairs, so the objective is TRL's mean over pairs.
 
+The margin ``m``: the pair's own when the data has a ``margin`` column (Llama 2's rating-based
+margin, TRL's column: :func:`tscale.data.preference.record_margin` checks it, a bad one is
+quarantined), else ``task.margin``; either way carried to the batch as the per-token
+``margins`` field (one value over the pair's document, read at the chosen sequence's end). The
+two do not add up: a run with both is refused (one line), as TRL has the column only.
+
 Metrics, as TRL's ``RewardTrainer`` names them, as weighted means over pairs (exact under
 microbatches and ranks): ``accuracy`` (``r_w > r_l``), ``margin`` (``r_w − r_l``),
 ``rewards/chosen``, ``rewards/rejected``, ``mean_reward`` (over both sides); ``min_reward`` and
@@ -17,7 +23,7 @@ microbatches and ranks): ``accuracy`` (``r_w > r_l``), ``margin`` (``r_w − r_l
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import attrs
@@ -27,8 +33,10 @@ from tensordict import TensorDictBase
 from tscale.core import metrics as M
 from tscale.core import tree as T
 from tscale.core.fields import field
-from tscale.data.loader import batch_iter
-from tscale.errors import ShapeError
+from tscale.core.result import Ok
+from tscale.data.loader import MARGINS, batch_iter
+from tscale.data.preference import MARGIN, preference_examples
+from tscale.errors import DataError, ShapeError
 from tscale.losses.preference import bradley_terry_loss
 from tscale.models.protocol import frozen_kw
 from tscale.models.reward import (
@@ -41,7 +49,7 @@ from tscale.models.reward import (
 )
 from tscale.models.transformer import TransformerConfig
 from tscale.tasks.base import LossFn, TaskContext, register_task
-from tscale.tasks.preference import PreferenceTask
+from tscale.tasks.preference import PreferenceTask, group_stage
 
 __all__ = [
     "CHOSEN",
@@ -49,6 +57,7 @@ __all__ = [
     "RewardTask",
     "evaluate_pairs",
     "make_reward_loss",
+    "pair_margins",
     "pair_rewards",
     "reward_metrics",
     "split_score",
@@ -56,6 +65,10 @@ __all__ = [
 
 CHOSEN, REJECTED = 1, 2
 """The branch ids of a pair's chosen and rejected completions (the group layout's)."""
+_BOTH_MARGINS = (
+    "{where}: the data has a margin column (each pair's margin) and task.margin is {margin}; "
+    "they do not add up: set task.margin: 0 to use the column, or drop the column"
+)
 
 
 def pair_rewards(
@@ -87,6 +100,17 @@ def pair_rewards(
     return seq[..., CHOSEN - 1], seq[..., REJECTED - 1], valid.all(-1)
 
 
+def pair_margins(batch: Any, like: torch.Tensor) -> torch.Tensor | None:
+    """Each group's margin [B, S] (indexed as :func:`pair_rewards`' outputs, in ``like``'s dtype
+    and device) from the batch's per-token ``margins``, read at the chosen sequence's end; None
+    when the batch has none (the data has no margin column)."""
+    margins = batch.get(MARGINS, None)
+    if margins is None:
+        return None
+    positions, _ = sequence_ends(batch, num_branches=REJECTED)
+    return gather_at(margins, positions[..., CHOSEN - 1]).to(like.dtype)
+
+
 def make_reward_loss(
     apply_fn: Callable[..., torch.Tensor],
     *,
@@ -95,14 +119,19 @@ def make_reward_loss(
 ) -> LossFn:
     """``loss_fn(params, batch, *, frozen=None) -> (loss_sum, aux)``: the Bradley–Terry loss of
     the pairs of a group-layout batch (see the module docstring) over ``apply_fn``'s per-token
-    scores (``RewardModel.apply``, wrapped or not); ``aux["tokens"]`` is the number of pairs."""
+    scores (``RewardModel.apply``, wrapped or not); ``aux["tokens"]`` is the number of pairs.
+    Each pair's margin is the batch's ``margins`` (:func:`pair_margins`) when it has them (the
+    reward task's batches always do: the column's values, or ``task.margin``), else ``margin``.
+    """
 
     def loss_fn(
         params: TensorDictBase, batch: Any, *, frozen: Mapping[str, Any] | None = None
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         scores = apply_fn(params, without_logits_index(batch), **frozen_kw(frozen))
         chosen, rejected, valid = pair_rewards(scores, batch)
-        m = torch.tensor(margin, dtype=chosen.dtype, device=chosen.device) if margin else None
+        m = pair_margins(batch, chosen)
+        if m is None and margin:
+            m = torch.tensor(margin, dtype=chosen.dtype, device=chosen.device)
         losses = bradley_terry_loss(
             chosen, rejected, margin=m, center_rewards_coefficient=center_rewards_coefficient
         )
@@ -161,8 +190,8 @@ class RewardTask(PreferenceTask):
     margin: float = field(
         0.0,
         "The margin m the chosen reward must beat the rejected one by: the loss is "
-        "-log sigmoid(r_chosen - r_rejected - m) (Llama 2's; TRL's margin column, here one "
-        "value for every pair). 0: none.",
+        "-log sigmoid(r_chosen - r_rejected - m) (Llama 2's), one value for every pair. Data "
+        "with a margin column gives each pair its own (TRL's) and needs 0 here. 0: none.",
         ge=0.0,
     )
     center_rewards_coefficient: float | None = field(
@@ -176,6 +205,40 @@ class RewardTask(PreferenceTask):
     head: ClassVar[str] = "score"
     """The model's head: ``"score"`` (a :class:`~tscale.models.reward.RewardModel`); the run
     builds the decoder without ``lm_head`` and wraps it with :meth:`wrap_model`."""
+
+    def examples(self, cfg: Any, encoder: Any, template: Any) -> Callable[..., Any]:
+        """The preference stage with the records' ``margin`` column read (a bad margin is
+        quarantined) and carried as the documents' ``margins``; a record without the column
+        gets ``task.margin`` (so every document has one, whichever files it mixes).
+
+        Raises (at call time):
+            DataError: a record has a margin and ``task.margin`` is set (one line naming it).
+        """
+        inner = preference_examples(
+            cfg.data,
+            encoder,
+            template,
+            max_prompt_length=self.max_prompt_length,
+            max_completion_length=self.max_completion_length,
+            margins=True,
+        )
+
+        def with_margins(records: Sequence[Any], places: Sequence[str], **kw: Any) -> Any:
+            results, report = inner(records, places, **kw)
+            default = {MARGIN: self.margin}
+            return [Ok({**default, **r.value}) if isinstance(r, Ok) else r for r in results], report
+
+        stage = group_stage(with_margins, share_prompt=self.share_prompt, bos_id=encoder.bos_id)
+        if not self.margin:
+            return stage
+
+        def refusing(records: Sequence[Any], places: Sequence[str], **kw: Any) -> Any:
+            for record, where in zip(records, places, strict=True):
+                if MARGIN in record:
+                    raise DataError(_BOTH_MARGINS.format(margin=self.margin, where=where))
+            return stage(records, places, **kw)
+
+        return refusing
 
     def loss(self, ctx: TaskContext) -> LossFn:
         """The Bradley–Terry loss over ``ctx.apply_fn`` (the reward model's per-token scores)."""

@@ -44,7 +44,7 @@ from tscale.data.sources import (
 from tscale.data.tokenize import train_tokenizer
 from tscale.errors import ConfigError, DataError
 
-CACHE_VERSION = "tscale-processed-v3"
+CACHE_VERSION = "tscale-processed-v4"
 """Bump when the processing changes, so caches made the old way are not read back."""
 
 # Data keys that change how batches are drawn, not what the processed examples are.
@@ -530,7 +530,16 @@ class ErrorBudget:
 # Processed-data cache
 # --------------------------------------------------------------------------------------------
 
-_FIELDS = ("input_ids", "labels", "position_ids", "doc_ids", "branch_ids", "record_ids")
+_FIELDS = (
+    "input_ids",
+    "labels",
+    "position_ids",
+    "doc_ids",
+    "branch_ids",
+    "record_ids",
+    "margins",
+)
+_FLOAT_FIELDS = frozenset({"margins"})  # float64 in the cache (a reward pair's margin)
 
 
 def processed_fingerprint(
@@ -578,8 +587,9 @@ def _flatten(examples: Sequence[Mapping[str, Sequence[int]]], prefix: str) -> di
     out[f"{prefix}lengths"] = lengths
     for name in _FIELDS:
         if examples and name in examples[0]:
+            dtype = np.float64 if name in _FLOAT_FIELDS else np.int64
             out[f"{prefix}{name}"] = np.fromiter(
-                (x for e in examples for x in e[name]), np.int64, int(lengths.sum())
+                (x for e in examples for x in e[name]), dtype, int(lengths.sum())
             )
     return out
 
