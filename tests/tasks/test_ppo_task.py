@@ -225,6 +225,23 @@ def test_export_has_no_value_head_and_transformers_loads_it(tmp_path: Path) -> N
     assert model(ids).logits.shape == (1, 3, model.config.vocab_size)
 
 
+def test_lora_trains_adapters_and_the_shared_head(tmp_path: Path) -> None:
+    """With LoRA the params are the adapters plus the value head; the reference is the LoRA
+    base (no copy); the adapter folder and the merged export hold no value head."""
+    from tscale.train.export import export
+
+    run = built(tmp_path, "lora.enabled=true", "task.beta=0.1")
+    assert set(run.state.frozen) == {"base"}
+    assert "value_head" in set(run.state.params.keys())
+    rows = run_ppo(tmp_path, "lora", "lora.enabled=true", "task.beta=0.1", steps=2)
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[0]["logprob_mismatch"] <= 1e-5 and rows[-1]["grad_norm"] > 0
+    adapter = load_file(str(tmp_path / "lora/adapter/adapter_model.safetensors"))
+    assert adapter and all("lora_" in k for k in adapter)
+    merged = load_file(str(export(tmp_path / "lora", tmp_path / "hf") / "model.safetensors"))
+    assert not any(k.startswith("value") for k in merged)
+
+
 def test_value_init_path_initialises_the_critic(tmp_path: Path) -> None:
     from tscale.checkpoint.reward import save_reward_pretrained
     from tscale.core import tree as T

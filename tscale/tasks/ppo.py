@@ -136,10 +136,11 @@ class PPOTask(GRPOTask):
         for key, (bad, why) in refusals.items():
             if bad:
                 raise ConfigError(f"task.{key}: not used by task.type ppo: {why}; remove it")
-        if config.lora.enabled:
+        if config.lora.enabled and self.value_model == "separate":
             raise ConfigError(
-                "lora.enabled: task.type ppo is not built with LoRA (the value trees would sit "
-                "beside the adapters); set lora.enabled: false"
+                "lora.enabled: task.value_model separate would train a whole critic beside the "
+                "adapters (not built); use task.value_model: shared with LoRA, or lora.enabled: "
+                "false"
             )
         if config.parallel.overlap_reduce:
             raise ConfigError(

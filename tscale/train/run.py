@@ -313,8 +313,9 @@ def build_run(
     def finish(st: TrainState) -> None:
         # a PEFT adapter directory that `peft` loads (a reward model: `tscale export` merges)
         if cfg.lora.enabled and main and not scores:
+            exported = getattr(task, "export_params", None)  # PPO: the value head stays out
             export_adapter(
-                st.params,
+                st.params if exported is None else exported(st.params),
                 lora_config,
                 run_dir / "adapter",
                 checkpoint_dir=ckpt.latest_checkpoint(ckpt_root),
