@@ -3,6 +3,7 @@
 from tscale.tasks.base import TASKS, Task, TaskContext, TaskDefaults, register_task
 from tscale.tasks.grpo import GRPOTask, RLOOTask
 from tscale.tasks.kto import KTOTask
+from tscale.tasks.ppo import PPOTask
 from tscale.tasks.preference import CPOTask, DPOTask, ORPOTask, PreferenceTask, SimPOTask
 from tscale.tasks.reward import RewardTask
 from tscale.tasks.sft import SFTTask
@@ -14,6 +15,7 @@ __all__ = [
     "GRPOTask",
     "KTOTask",
     "ORPOTask",
+    "PPOTask",
     "PreferenceTask",
     "RLOOTask",
     "RewardTask",

@@ -32,6 +32,15 @@ The contract, in the order the trainer uses it:
   reward model — the decoder without its LM head plus ``score.weight``
   (:mod:`tscale.models.reward`), wrapped by the task's ``wrap_model(model, config, pad_id=)``
   (the LoRA stack's adapters and the head train), exported as ``*ForSequenceClassification``.
+- ``extend_model(model, params, config, *, key, read_reward)`` (optional): trainable trees
+  the task adds beside the model's params (PPO's value head or critic), returning ``(model,
+  params)``: the model runs on the extended params (the policy on its part of them), the
+  params hold the new trees, which train, checkpoint and resume with the rest. ``config`` is
+  the decoder's :class:`~tscale.models.transformer.TransformerConfig`, ``key`` a fresh
+  :mod:`tscale.core.rng` key, ``read_reward(path, dtype=, device=)`` loads an HF
+  ``*ForSequenceClassification`` folder (``tscale.checkpoint.reward.load_reward_model``).
+- ``export_params(params)`` (optional): the params ``tscale export`` writes (PPO: without the
+  value trees).
 - ``callbacks(ctx)`` (optional, looked up with ``hasattr``): the task's own callbacks
   (:class:`tscale.train.callbacks.Callback` hooks), added after the built-in loggers; online
   RL's warning when the training forward leaves the sampler's log-probs.

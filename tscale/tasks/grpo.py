@@ -86,7 +86,14 @@ from tscale.tasks.base import (
 from tscale.tasks.reference import frozen_copy, lora_base_reference, reference_apply
 from tscale.tasks.sft import evaluate_lm, reference_answer
 
-__all__ = ["GRPOTask", "RLOOTask", "prompt_examples", "record_key", "stop_ids_of"]
+__all__ = [
+    "GRPOTask",
+    "RLOOTask",
+    "prompt_examples",
+    "record_key",
+    "rollout_metrics",
+    "stop_ids_of",
+]
 
 logger = logging.getLogger("tscale.rl")
 
@@ -413,7 +420,7 @@ class GRPOTask(TaskDefaults):
         names = self.stat_names()
         stops = stop_ids_of(enc, bundle.template)
         ref = reference_apply(ctx) if self.reference_strategy(ctx) != "none" else None
-        model, apply_fn = ctx.model, ctx.apply_fn
+        model = ctx.model
         g, temp = self.num_generations, self.temperature
         microbatches = ctx.config.train.microbatches
 
@@ -459,14 +466,12 @@ class GRPOTask(TaskDefaults):
                 prompt_ids=[prompts[i // g] for i in range(n * g)],
             )
             out = _training_rows(ro, self.max_completion_length)
-            self._extra_inputs(out, state, apply_fn, ref)
-            shaped = self.shaped_rewards(scores.total.to(ctx.device), out)
+            self._extra_inputs(out, state, ctx, ref)
+            adv, adv_stats = self.rollout_advantages(scores.total.to(ctx.device), out)
             total = all_gather_rows(scores.total.to(ctx.device)).cpu()
             per_fn = all_gather_rows(scores.per_function.to(ctx.device)).cpu()
-            adv_all = self.advantages(all_gather_rows(shaped).cpu())
             zero_all = zero_std_groups(total, g)
-            mine = slice(rank * n * g, (rank + 1) * n * g)
-            adv, zero = adv_all[mine], zero_all[rank * n : (rank + 1) * n]
+            zero = zero_all[rank * n : (rank + 1) * n]
 
             mask = out["completion_mask"].clone()
             if self.mask_truncated_completions:
@@ -482,8 +487,7 @@ class GRPOTask(TaskDefaults):
                     all_gather_rows(ro.lengths),
                     all_gather_rows(ro.truncated.to(torch.int64)).cpu(),  # gloo: no bool
                 ),
-                "advantages/mean": float(adv_all.double().mean()),
-                "advantages/std": float(adv_all.double().std()) if adv_all.numel() > 1 else 0.0,
+                **adv_stats,
                 "time/generation_s": ro.generation_seconds,
                 "time/rollout_s": time.perf_counter() - t0,
             }
@@ -491,6 +495,23 @@ class GRPOTask(TaskDefaults):
             return out
 
         return stage
+
+    def rollout_advantages(
+        self, total: torch.Tensor, batch: TensorDict
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """This rank's advantages (``[n]`` per completion; PPO's are ``[n, T]`` per token) from
+        its rows' total rewards and rollout batch, and their statistics over the global batch
+        (``advantages/mean``, ``advantages/std``). GRPO and RLOO: the advantages of the gathered
+        (shaped) rewards, this rank's rows kept."""
+        rank, _ = rank_and_world()
+        rows = total.shape[0]
+        adv_all = self.advantages(all_gather_rows(self.shaped_rewards(total, batch)).cpu())
+        adv = adv_all[rank * rows : (rank + 1) * rows]
+        stats = {
+            "advantages/mean": float(adv_all.double().mean()),
+            "advantages/std": float(adv_all.double().std()) if adv_all.numel() > 1 else 0.0,
+        }
+        return adv.to(torch.float32), stats
 
     def shaped_rewards(self, total: torch.Tensor, batch: TensorDict) -> torch.Tensor:
         """The rewards the advantages are computed from (GRPO: the total; its KL is in the
@@ -501,14 +522,14 @@ class GRPOTask(TaskDefaults):
         self,
         out: TensorDict,
         state: TrainState,
-        apply_fn: Callable[..., torch.Tensor],
+        ctx: TaskContext,
         ref: Callable[..., torch.Tensor] | None,
     ) -> None:
         """The old-policy log-probs (the sampler's for μ = 1, recomputed once for μ > 1) and the
         reference's (β > 0), both without a graph."""
         with torch.no_grad():
             if self.num_iterations > 1:
-                logits = apply_fn(state.params, out, **frozen_kw(state.frozen or None))
+                logits = ctx.apply_fn(state.params, out, **frozen_kw(state.frozen or None))
                 out["old_logps"] = _logps(logits, out, self.temperature)[0].detach()
             else:
                 out["old_logps"] = out["sampler_logps"]
@@ -548,15 +569,7 @@ class GRPOTask(TaskDefaults):
             logps, entropies = _logps(logits, batch, temp, entropy=True)
             out = self.policy_terms(logps, batch, entropies)
             aux: dict[str, Any] = {M.NORMALISER: out.normaliser, **out.metrics}
-            aux["logprob_mismatch"] = M.maximum(
-                logprob_mismatch(
-                    logps.detach(), batch["sampler_logps"], batch["completion_mask"].bool()
-                )
-            )
-            rows = torch.tensor(batch["rollout_stats"].shape[0], device=logps.device)
-            stats = batch["rollout_stats"]
-            for k, name in enumerate(names):
-                aux[name] = M.mean(stats[:, k].sum(), rows.to(stats.dtype))
+            aux |= rollout_metrics(logps, batch, names)
             return out.loss_sum, aux
 
         return loss_fn
@@ -646,6 +659,26 @@ class RLOOTask(GRPOTask):
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
+
+
+def rollout_metrics(
+    logps: torch.Tensor, batch: Mapping[str, torch.Tensor], names: Sequence[str]
+) -> dict[str, Any]:
+    """The metrics every online-RL loss returns beside its own: ``logprob_mismatch`` of the
+    training forward's log π against the sampler's, and the rollout's statistics (the
+    ``rollout_stats`` columns ``names``, each the value itself for any microbatch split)."""
+    aux: dict[str, Any] = {
+        "logprob_mismatch": M.maximum(
+            logprob_mismatch(
+                logps.detach(), batch["sampler_logps"], batch["completion_mask"].bool()
+            )
+        )
+    }
+    stats = batch["rollout_stats"]
+    rows = torch.tensor(stats.shape[0], device=stats.device, dtype=stats.dtype)
+    for k, name in enumerate(names):
+        aux[name] = M.mean(stats[:, k].sum(), rows)
+    return aux
 
 
 def _columns_table(examples: Sequence[dict]) -> dict[int, dict]:

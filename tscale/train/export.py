@@ -285,6 +285,9 @@ def export(run_or_ckpt: str | Path, out: str | Path, *, max_shard_size: str = "5
         params = read_params(path)
     else:
         params = T.unflatten(load_file(str(path / "params.safetensors")))
+    only = getattr(cfg.task, "export_params", None)  # the task's own trees stay out (PPO's value)
+    if only is not None:
+        params = only(params)
     if cfg.lora.enabled:  # the base as the run used it: its folder (checked), saved or rebuilt
         head: TensorDictBase | None = None
         if reward:  # the score head trains beside the adapters; the base is the decoder alone

@@ -21,6 +21,7 @@ from tensordict import TensorDict
 
 from tscale import checkpoint as ckpt
 from tscale.checkpoint.frozen import FrozenSource, tensors_fingerprint
+from tscale.checkpoint.reward import load_reward_model
 from tscale.checkpoint.sharded import load_deepspeed, save_deepspeed, save_sharded
 from tscale.config.load import to_yaml
 from tscale.config.schema import Config, resolve_defaults, steps_for_epochs
@@ -162,6 +163,14 @@ def build_run(
         params = params if head is None else T.combine(params, head)
         pad = None if bundle.encoder.pad_is_eos else bundle.encoder.pad_id
         stacked = task.wrap_model(stacked, model.config, pad_id=pad)  # type: ignore[attr-defined]
+    if hasattr(task, "extend_model"):  # trainable trees beside the model's (PPO's value head)
+        stacked, params = task.extend_model(
+            stacked,
+            params,
+            model.config,
+            key=R.fold_in(init_key, 2),
+            read_reward=load_reward_model,
+        )
 
     # The built-in losses read the labels at logits_index; a user's step gets the plain batch.
     prepare_batch = (
@@ -304,8 +313,9 @@ def build_run(
     def finish(st: TrainState) -> None:
         # a PEFT adapter directory that `peft` loads (a reward model: `tscale export` merges)
         if cfg.lora.enabled and main and not scores:
+            exported = getattr(task, "export_params", None)  # PPO: the value head stays out
             export_adapter(
-                st.params,
+                st.params if exported is None else exported(st.params),
                 lora_config,
                 run_dir / "adapter",
                 checkpoint_dir=ckpt.latest_checkpoint(ckpt_root),
