@@ -18,7 +18,9 @@
    either side. Each run is one whole process (imports, data, model, training, exit) timed from
    outside, its peak RSS from ``wait4``; TRL and tscale alternate seed by seed so that the
    machine's load falls on both.
-4. **figures**: the time ratio tscale/TRL (mean wall time; the bar is ≤ 0.5), per-step time
+4. **figures**: the time ratio tscale/TRL (mean wall time; the bar is ≤ 0.5) and the ratio of
+   CPU seconds (user + system of each process: with ``--threads 1`` on a machine that other
+   jobs load, the steadier figure, close to the wall time on a free machine), per-step time
    (tscale: prompt tokens / tokens_per_s of each logged step; TRL: the wall time between step
    ends), the generation share of the step (tscale's ``time/generation_s``; TRL's time inside
    its ``_generate_single_turn``), peak RSS, and the mean reward per step over the seeds with
@@ -45,7 +47,7 @@ from typing import Any
 
 import yaml
 from _smoke import SMOKE_TRAIN_OVERRIDES, add_smoke_flag, parse_args
-from preference import base_model, curve_band, timed_process, within_band
+from preference import base_model, curve_band, process_usage, within_band
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "rl.json"
@@ -183,14 +185,13 @@ def run_trl(
     }
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, str(WORKER), json.dumps(payload)]
-    seconds, rss = timed_process(cmd, env, out / "log.txt")
+    usage = process_usage(cmd, env, out / "log.txt")
     got = json.loads((out / "result.json").read_text())
     log = got.pop("log")
     return {
         "framework": "trl",
         "seed": seed,
-        "wall_s": seconds,
-        "peak_rss_mib": rss,
+        **usage,
         "steps": got["steps"],
         "in_process_s": got["in_process_s"],
         "train_s": got["train_s"],
@@ -247,7 +248,7 @@ def run_tscale(
     path = work / f"tscale-seed{seed}.yaml"
     path.write_text(yaml.safe_dump(tscale_config(args, seed, data, model, run_dir)))
     exe = Path(sys.executable).with_name("tscale")
-    seconds, rss = timed_process(
+    usage = process_usage(
         [str(exe), "train", str(path), "--overwrite"], dict(os.environ), work / f"{path.stem}.log"
     )
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -259,8 +260,7 @@ def run_tscale(
     return {
         "framework": "tscale",
         "seed": seed,
-        "wall_s": seconds,
-        "peak_rss_mib": rss,
+        **usage,
         "steps": len(steps),
         # log_every 1: one step per window, its prompt tokens over its tokens/s
         "step_s": [r["input_tokens"] / speed[r["step"]] for r in steps],
@@ -288,6 +288,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     seed, the first step of each left out: warm-up), generation share (Σ generation / Σ step
     of each run), peak RSS, and the reward band per step."""
     walls = [r["wall_s"] for r in runs]
+    cpus = [r["cpu_s"] for r in runs]
     later = [s for r in runs for s in r["step_s"][1:]] or [s for r in runs for s in r["step_s"]]
     shares = [sum(r["generation_s"]) / sum(r["step_s"]) for r in runs]
     band = curve_band([r["reward"] for r in runs])
@@ -300,6 +301,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "min": min(walls),
             "each": walls,
         },
+        "cpu_s": {"mean": _mean(cpus), "median": statistics.median(cpus), "each": cpus},
         "step_s": {
             "median": statistics.median(later),
             "mean": _mean(later),
@@ -323,6 +325,7 @@ def compare(trl: dict[str, Any], ts: dict[str, Any]) -> dict[str, Any]:
     return {
         "time_ratio": ts["wall_s"]["mean"] / trl["wall_s"]["mean"],
         "time_ratio_median": ts["wall_s"]["median"] / trl["wall_s"]["median"],
+        "cpu_time_ratio": ts["cpu_s"]["mean"] / trl["cpu_s"]["mean"],
         "step_time_ratio": ts["step_s"]["median"] / trl["step_s"]["median"],
         "memory_ratio": ts["peak_rss_mib"]["max"] / trl["peak_rss_mib"]["max"],
         "reward_mean_within_trl_band": inside,
@@ -410,7 +413,8 @@ def main() -> None:
             r = run(args, seed, data, base, work)
             runs[side].append(r)
             print(
-                f"{side} seed {seed}: {r['wall_s']:.1f} s, {len(r['step_s'])} steps, median "
+                f"{side} seed {seed}: {r['wall_s']:.1f} s (CPU {r['cpu_s']:.1f} s), "
+                f"{len(r['step_s'])} steps, median "
                 f"{statistics.median(r['step_s']):.2f} s/step, generation "
                 f"{sum(r['generation_s']) / sum(r['step_s']):.0%}, peak RSS "
                 f"{r['peak_rss_mib']:.0f} MiB, reward {r['reward'][0]:.3f} -> "
@@ -426,7 +430,8 @@ def main() -> None:
         result["pass"] = result["comparison"]["time_ratio"] <= BAR_TIME_RATIO
         c = result["comparison"]
         print(
-            f"tscale/TRL: time {c['time_ratio']:.2f}x (bar {BAR_TIME_RATIO}), step "
+            f"tscale/TRL: time {c['time_ratio']:.2f}x (bar {BAR_TIME_RATIO}), CPU time "
+            f"{c['cpu_time_ratio']:.2f}x, step "
             f"{c['step_time_ratio']:.2f}x, memory {c['memory_ratio']:.2f}x; tscale's mean reward "
             f"inside TRL's band on {c['reward_mean_within_trl_band']['fraction_inside']:.0%} "
             "of steps"
