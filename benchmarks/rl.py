@@ -124,12 +124,41 @@ def check_prompt_ids(cfg_path: Path, model: Path, work: Path) -> dict[str, Any]:
     hf_ids = tok(text=prompts)["input_ids"]
     differ = [p for p, ids in zip(prompts, hf_ids, strict=True) if list(ids) != tscale_ids[p]]
     return {
+        **check_rewards(bundle, tok),
         "checked": len(prompts),
         "ids_identical": not differ,
         "differing": len(differ),
         "first_differing": differ[:3],
         "example_ids": tscale_ids[prompts[0]] if prompts else None,
         "bos_added_by_tokenizer": bool(prompts) and hf_ids[0][:1] == [tok.bos_token_id],
+    }
+
+
+def check_rewards(bundle: Any, tok: Any, limit: int = 500) -> dict[str, Any]:
+    """The two exact-match rewards score the same: for the first ``limit`` records, each
+    answer's ids with EOS after them, and the same with the last item dropped, decoded as each
+    framework decodes a completion (tscale's encoder; TRL's ``batch_decode(...,
+    skip_special_tokens=True)``) and scored by each side's function against the record."""
+    from _trl_grpo_worker import exact_match as trl_exact_match
+
+    from tscale.rewards.builtin import exact_match
+
+    records = [ex["columns"] for ex in bundle.train_examples[:limit]]
+    answers = [str(r["completion"]) for r in records]
+    cut = [" ".join(a.split()[:-1]) for a in answers]
+    eos = [tok.eos_token_id]
+    ids = [tok(a, add_special_tokens=False)["input_ids"] + eos for a in [*answers, *cut]]
+    ts_text = [bundle.encoder.decode(x) for x in ids]
+    hf_text = tok.batch_decode(ids, skip_special_tokens=True)
+    refs = [*answers, *answers]
+    columns = {"completion": refs}
+    ts = exact_match([""] * len(ids), ts_text, ids, **columns)
+    hf = trl_exact_match([""] * len(ids), hf_text, ids, answer=refs)
+    return {
+        "reward_checked": len(ids),
+        "reward_texts_identical": ts_text == hf_text,
+        "rewards_identical": ts == hf,
+        "reward_mean": sum(x for x in ts if x is not None) / max(len(ts), 1),  # 0.5: half right
     }
 
 
@@ -377,9 +406,13 @@ def main() -> None:
     check_cfg = work / "prompt-check.yaml"
     check_cfg.write_text(yaml.safe_dump(tscale_config(args, 0, data, base, work / "unused")))
     data_info.update(check_prompt_ids(check_cfg, base, work))
-    if not data_info["ids_identical"]:
-        raise SystemExit(f"prompt token ids differ between tscale and TRL: {data_info}")
-    print(f"prompts: {data_info['checked']} checked, token ids identical", flush=True)
+    if not (data_info["ids_identical"] and data_info["rewards_identical"]):
+        raise SystemExit(f"prompt ids or rewards differ between tscale and TRL: {data_info}")
+    print(
+        f"prompts: {data_info['checked']} checked, token ids identical; rewards of "
+        f"{data_info['reward_checked']} decoded answers identical",
+        flush=True,
+    )
 
     result: dict[str, Any] = {
         "benchmark": "rl",
