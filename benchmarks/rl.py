@@ -399,9 +399,10 @@ def main() -> None:
     if args.base is not None:
         base, base_info = args.base.resolve(), {"folder": str(args.base), "given": True}
     else:
-        base, base_info = base_model(
+        base, built = base_model(
             work, steps=args.base_steps, warmup=args.base_warmup, threads=args.threads, extra=extra
         )
+        base_info = {**built, "folder": str(base), "given": False}
     data, data_info = prompts_file(work, num_train=args.num_train, extra=extra)
     check_cfg = work / "prompt-check.yaml"
     check_cfg.write_text(yaml.safe_dump(tscale_config(args, 0, data, base, work / "unused")))
