@@ -8,16 +8,18 @@
    answer), ``task``; both frameworks read that one file. The folder has no chat template, so
    both render a prompt as plain text: tscale's GRPO example stage (``plain`` template, BOS from
    the tokenizer) and TRL's ``processing_class(text=prompt)``. Every prompt's token ids are
-   compared between the two before anything is timed (``prompts.ids_identical``).
+   compared between the two before anything is timed (``prompts.ids_identical``), and the two
+   rewards score 1,000 decoded answers identically (``prompts.rewards_identical``).
 3. **the runs**: G = 8 completions of 64 prompts per step, ≤ 24 new tokens, T = 1 over the full
    softmax, β = 0 (no reference), loss ``dapo``, ε 0.2, scale_rewards group, one update per
    generation, AdamW (lr 5e-5 constant, betas 0.9/0.999, eps 1e-8, no weight decay, clipping
    1.0), fp32, the exact-match reward (tscale's built-in ``exact_match``; for TRL a plain
    function with TRL's reward signature scoring the same thing, in ``_trl_grpo_worker.py``),
    ``--steps`` optimizer steps, seeds 0..``--seeds``-1, no evaluation and no checkpoint on
-   either side. Each run is one whole process (imports, data, model, training, exit) timed from
-   outside, its peak RSS from ``wait4``; TRL and tscale alternate seed by seed so that the
-   machine's load falls on both.
+   either side. tscale runs ``configs/grpo_quickstart.yaml`` as shipped otherwise (random
+   batches, ``task.share_prompt``). Each run is one whole process (imports, data, model,
+   training, exit) timed from outside, its peak RSS from ``wait4``; TRL and tscale alternate
+   seed by seed so that the machine's load falls on both.
 4. **figures**: the time ratio tscale/TRL (mean wall time; the bar is ≤ 0.5) and the ratio of
    CPU seconds (user + system of each process: with ``--threads 1`` on a machine that other
    jobs load, the steadier figure, close to the wall time on a free machine), per-step time
@@ -29,7 +31,7 @@
 Writes ``benchmarks/results/rl.json``; ``--smoke`` runs the same path at tiny sizes (the work
 folder beside ``--out``).
 
-Usage: python benchmarks/rl.py [--steps 40] [--seeds 3] [--threads 2] [--base DIR]
+Usage: python benchmarks/rl.py [--steps 40] [--seeds 3] [--threads 1] [--base DIR]
 """
 
 from __future__ import annotations
@@ -377,7 +379,13 @@ def main() -> None:
     ap.add_argument("--max-completion-length", type=int, default=24)
     ap.add_argument("--num-train", type=int, default=20000, help="prompt records in the file")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of each process (1: on a shared machine two OpenMP threads stall "
+        "whenever another job holds a core)",
+    )
     ap.add_argument("--sides", default="trl,tscale", help="comma list: trl, tscale")
     ap.add_argument("--work", type=Path, default=WORK, help="runs and the cached base")
     ap.add_argument("--out", type=Path, default=RESULTS)
