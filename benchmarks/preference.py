@@ -86,6 +86,18 @@ def timed_process(cmd: Sequence[str], env: dict[str, str], log: Path) -> tuple[f
     Raises:
         SystemExit: the process failed (the message names its log).
     """
+    usage = process_usage(cmd, env, log)
+    return usage["wall_s"], usage["peak_rss_mib"]
+
+
+def process_usage(cmd: Sequence[str], env: dict[str, str], log: Path) -> dict[str, float]:
+    """Run ``cmd`` to the end: ``wall_s``, ``cpu_s`` (user + system seconds) and
+    ``peak_rss_mib`` of the child itself (``wait4``). On a machine other jobs load, the CPU
+    seconds of a one-thread process stay close to its wall time on a free machine.
+
+    Raises:
+        SystemExit: the process failed (the message names its log).
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as f:
         t0 = time.perf_counter()
@@ -95,7 +107,11 @@ def timed_process(cmd: Sequence[str], env: dict[str, str], log: Path) -> tuple[f
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:3])} … failed ({proc.returncode}); see {log}")
-    return seconds, usage.ru_maxrss / 1024  # Linux: KiB
+    return {
+        "wall_s": seconds,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "peak_rss_mib": usage.ru_maxrss / 1024,  # Linux: KiB
+    }
 
 
 # --------------------------------------------------------------------------------------------

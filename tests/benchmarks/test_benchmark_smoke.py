@@ -77,6 +77,7 @@ CASES: dict[str, Case] = {
         marks=(pytest.mark.slow,),
     ),
     "preference": Case(needs=("trl",), beside_out=("preference-work",), marks=(pytest.mark.slow,)),
+    "rl": Case(needs=("trl",), beside_out=("rl-work",), marks=(pytest.mark.slow,)),
     "preference_methods": Case(
         hand_added=frozenset({"note"}),
         beside_out=("preference-methods-work",),

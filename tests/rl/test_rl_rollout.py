@@ -9,6 +9,8 @@ layout a rollout is bit-identical per key.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -205,3 +207,53 @@ def test_any_subset_samples_what_the_whole_batch_samples(subset: list[int], seed
     whole = _sample(key=rng.key(seed), num_samples=2, max_new_tokens=5)
     part = _sample([PROMPTS[i] for i in subset], key=keys[subset], num_samples=2, max_new_tokens=5)
     assert part.completions() == [r for i in subset for r in whole.completions()[2 * i : 2 * i + 2]]
+
+
+@pytest.mark.parametrize("stops", [[3, 17, 29], [5]])
+def test_dropping_finished_rows_samples_what_decoding_every_row_samples(
+    stops: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finished rows leave the decoding batch and its cache (``COMPACT_BELOW``): the tokens,
+    lengths and truncation flags are those of decoding every row to the end, the log-probs
+    agree to the batch-height rounding (module docstring)."""
+    import tscale.rl.rollout as rollout
+
+    kw = {"stop_ids": stops, "max_new_tokens": 12, "top_p": 0.95}
+    compacted = _sample(**kw)
+    monkeypatch.setattr(rollout, "COMPACT_BELOW", 0.0)  # never: every row decoded to the end
+    every_row = _sample(**kw)
+    assert compacted.completions() == every_row.completions()
+    assert torch.equal(compacted.completion_ids, every_row.completion_ids)
+    assert torch.equal(compacted.lengths, every_row.lengths)
+    assert torch.equal(compacted.truncated, every_row.truncated)
+    torch.testing.assert_close(compacted.sampler_logps, every_row.sampler_logps, atol=1e-5, rtol=0)
+    assert (compacted.lengths < 12).any() and (compacted.lengths > 1).any()  # rows end apart
+
+
+class _Spy:
+    """The test model, recording the height of every cached forward."""
+
+    def __init__(self) -> None:
+        self.heights: list[int] = []
+
+    def init_cache(self, *args, **kw):
+        return MODEL.init_cache(*args, **kw)
+
+    def apply_with_cache(self, params, batch, cache, offset, **kw):
+        self.heights.append(int(batch["input_ids"].shape[0]))
+        return MODEL.apply_with_cache(params, batch, cache, offset, **kw)
+
+
+def test_finished_rows_leave_the_decoding_batch() -> None:
+    """Once most rows have stopped the decoding batch shrinks, never below the running rows."""
+    spy = _Spy()
+    out = sample_completions(
+        spy, PARAMS, PROMPTS, num_samples=4, key=rng.key(0), max_new_tokens=12, pad_id=PAD,
+        stop_ids=list(range(0, 61, 2)),
+    )  # fmt: skip
+    assert spy.heights[0] == len(PROMPTS)  # the shared prefill
+    decoded = spy.heights[1:]
+    assert decoded and min(decoded) < len(PROMPTS) * 4  # finished rows left the batch
+    assert all(b <= a for a, b in itertools.pairwise(decoded))
+    running = [int((out.lengths > t + 1).sum()) for t in range(len(decoded))]
+    assert all(h >= r for h, r in zip(decoded, running, strict=True))

@@ -366,3 +366,74 @@ def test_chat_prompts_match_transformers_and_stop_at_the_end_of_turn(
     stops = stop_ids_of(enc, tpl)
     assert enc.eos_id in stops
     assert hf.convert_tokens_to_ids(tpl.eos_token) in stops
+
+
+def test_shared_prompt_layout_gives_the_same_steps(tmp_path: Path) -> None:
+    """task.share_prompt (each group one document, the prompt once) trains what one row per
+    completion trains: the same rollouts, losses and gradients up to float rounding, for μ = 1
+    and μ = 2 (the recomputed old log-probs), with β > 0 (the reference pass) and with
+    microbatches; the first update's log-probs are the sampler's."""
+    cases = [
+        ("dapo", ("task.loss_type=dapo",)),
+        ("mu2-beta", ("task.num_iterations=2", "task.beta=0.1")),
+        ("mb2", ("train.microbatches=2", "task.loss_type=grpo")),
+    ]
+    for name, extra in cases:
+        rows = run_grpo(tmp_path, f"rows-{name}", *extra, steps=3)
+        shared = run_grpo(tmp_path, f"shared-{name}", "task.share_prompt=true", *extra, steps=3)
+        assert shared[0]["logprob_mismatch"] <= 1e-5
+        for a, b in zip(rows, shared, strict=True):
+            assert b["tokens"] == a["tokens"] and b["reward"] == a["reward"], name
+            assert b["completions/mean_length"] == a["completions/mean_length"], name
+            for key in ("loss", "grad_norm", "entropy", "ratio/mean"):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (name, key)
+            if "kl" in a:
+                assert b["kl"] == pytest.approx(a["kl"], rel=1e-3, abs=1e-6), name
+
+
+def test_shared_prompt_rows_hold_each_group_once(tmp_path: Path) -> None:
+    """The group layout: G folded rows per group; unfolded, the document is the prompt once
+    and every completion (but its last token) after a copy of the prompt's last token, and the
+    logits of every completion position equal those of the completion's own row."""
+    from tscale.core import rng as R
+    from tscale.tasks.grpo import completion_logits
+
+    def rollout(shared: bool) -> tuple:
+        cfg = load_config(
+            str(config(tmp_path)),
+            [
+                f"run.output_dir={tmp_path / str(shared)}",
+                "train.max_steps=1",
+                f"task.share_prompt={str(shared).lower()}",
+            ],
+        )
+        run = build_run(cfg, overwrite=True)
+        batch = run.prepare_batch(next(run.batches))
+        return run, batch, run.rollout(run.state, batch, R.fold_in(run.state.rng, 0))
+
+    run, batch, rows = rollout(False)
+    _, _, shared = rollout(True)
+    n, g = batch.batch_size[0], 4
+    assert shared.batch_size[0] == n * g and torch.equal(shared["group"], rows["group"])
+    for name in ("completion_ids", "completion_mask", "sampler_logps", "advantages"):
+        assert torch.equal(shared[name], rows[name]), name
+    docs = shared["input_ids"].reshape(n, -1)
+    branch = shared["branch_ids"].reshape(n, -1)
+    real = shared["doc_ids"].reshape(n, -1) == 1
+    lengths = rows["completion_mask"].sum(1).tolist()
+    for p in range(n):
+        prompt = batch["input_ids"][p][batch["record_ids"][p] >= 0].tolist()
+        want = prompt[:-1]
+        for k in range(g):
+            comp = rows["completion_ids"][p * g + k, : lengths[p * g + k]].tolist()
+            want += [prompt[-1], *comp[:-1]]
+        assert docs[p][real[p]].tolist() == want
+        assert branch[p][real[p]].tolist()[: len(prompt) - 1] == [0] * (len(prompt) - 1)
+    from tscale.train import builders
+
+    model, _ = builders.build_model(run.cfg, run.data.encoder.vocab_size, R.key(0))
+    params = run.state.params
+    a = completion_logits(lambda b: model.apply(params, b), rows, g)
+    b = completion_logits(lambda b: model.apply(params, b), shared, g)
+    mask = rows["completion_mask"]
+    assert torch.allclose(a[mask], b[mask], atol=1e-5, rtol=1e-5)

@@ -272,6 +272,7 @@ def test_value_init_path_initialises_the_critic(tmp_path: Path) -> None:
         ("lora.enabled=true", "lora.enabled"),
         ("task.loss_type=grpo", "task.loss_type"),
         ("task.mask_zero_std_groups=true", "task.mask_zero_std_groups"),
+        ("task.share_prompt=true", "task.share_prompt"),
         ("parallel.overlap_reduce=true", "parallel.overlap_reduce"),
         ("task.value_init_path=/nonexistent", "task.value_init_path"),
     ],

@@ -3,8 +3,10 @@
 The prompts share one left-padded batch (as :func:`tscale.models.generate`): pads are document 0
 and are never attended to, positions count from each prompt's first real token. The prompts are
 prefilled once and the cache is repeated G times (a prompt's G rows share its prefill), then one
-token per step is decoded for all N × G rows (prompt-major: row ``p * G + g``). A row ends at
-its first stop id (kept as its last token) or after ``max_new_tokens`` (then it is truncated).
+token per step is decoded for the N × G rows (prompt-major: row ``p * G + g``) that are still
+running: once fewer than :data:`COMPACT_BELOW` of the decoded rows are, the finished ones leave
+the batch and the cache. A row ends at its first stop id (kept as its last token) or after
+``max_new_tokens`` (then it is truncated).
 
 Randomness comes from :mod:`tscale.rl.sampling`'s counter-based keys per (prompt, sample,
 position), so a rollout is a pure function of (params, prompts, key): the same key gives the
@@ -120,12 +122,10 @@ def _left_pad(
     return ids, pads
 
 
-def _repeat_cache(model: CachedModel, cache: Any, times: int, device: torch.device) -> Any:
-    """The cache with each row repeated ``times`` times (rows stay grouped), or None when its
-    layout is unknown. A leaf's row dim is found by comparing empty caches of 1 and 2 rows, so
-    any model's cache works without knowing its layout."""
-    if times == 1:
-        return cache
+def _cache_row_dims(model: CachedModel, cache: Any, device: torch.device) -> dict | None:
+    """The row dim of every leaf of ``cache``, or None when its layout is unknown. A leaf's row
+    dim is found by comparing empty caches of 1 and 2 rows, so any model's cache works without
+    knowing its layout."""
     if not isinstance(cache, TensorDictBase):
         return None
     one, two = model.init_cache(1, 1, device=device), model.init_cache(2, 1, device=device)
@@ -139,9 +139,32 @@ def _repeat_cache(model: CachedModel, cache: Any, times: int, device: torch.devi
         if len(differ) != 1:
             return None
         dims[name] = differ[0]
+    return dims
+
+
+def _repeat_cache(model: CachedModel, cache: Any, times: int, device: torch.device) -> Any:
+    """The cache with each row repeated ``times`` times (rows stay grouped), or None when its
+    layout is unknown (:func:`_cache_row_dims`)."""
+    if times == 1:
+        return cache
+    dims = _cache_row_dims(model, cache, device)
+    if dims is None:
+        return None
     return cache.apply(
         lambda name, t: t.repeat_interleave(times, dim=dims[name]), named=True, nested_keys=True
     )
+
+
+def _select_rows(cache: TensorDictBase, dims: Mapping[Any, int], rows: torch.Tensor) -> Any:
+    """The cache of the rows ``rows`` only (their order kept)."""
+    return cache.apply(
+        lambda name, t: t.index_select(dims[name], rows), named=True, nested_keys=True
+    )
+
+
+COMPACT_BELOW = 0.75
+"""Decoding drops the finished rows from its batch (and their cache) once fewer than this
+fraction of the rows it decodes are still running."""
 
 
 def _first_logits(
@@ -233,6 +256,7 @@ def sample_completions(
     lengths = torch.zeros(n * g, dtype=torch.int64, device=dev)
     done = torch.zeros(n * g, dtype=torch.bool, device=dev)
 
+    dims = None
     with torch.no_grad():
         if n:
             ids, prompt_pads = _left_pad(prompts, pad_id, dev)
@@ -241,25 +265,36 @@ def sample_completions(
             logits, cache = _first_logits(
                 model, params, ids, prompt_pads, g, width + max_new_tokens, frozen
             )
+            dims = _cache_row_dims(model, cache, dev)
+        # the rows being decoded (all at first; the finished ones are dropped now and then:
+        # a row's draws depend on its key and logits only, not on the other rows)
+        live = torch.arange(n * g, device=dev)
+        live_keys, live_done = row_keys, done
         for t in range(max_new_tokens if n else 0):
             nxt, lp = sample_tokens(
                 logits,
-                R.fold_in_rows(row_keys, t),
+                R.fold_in_rows(live_keys, t),
                 temperature=temperature,
                 top_k=top_k,
                 top_p=top_p,
             )
-            nxt = torch.where(done, pad_id, nxt)
-            tokens[:, t] = nxt
-            logps[:, t] = torch.where(done, 0.0, lp)
-            lengths += (~done).to(torch.int64)
+            nxt = torch.where(live_done, pad_id, nxt)
+            tokens[live, t] = nxt
+            logps[live, t] = torch.where(live_done, 0.0, lp)
+            lengths[live] += (~live_done).to(torch.int64)
             if stops.numel():
-                done = done | torch.isin(nxt, stops)
-            if t == max_new_tokens - 1 or bool(done.all()):
+                live_done = live_done | torch.isin(nxt, stops)
+                done[live] = live_done
+            running = int((~live_done).sum())
+            if t == max_new_tokens - 1 or running == 0:
                 break
+            if dims is not None and running < COMPACT_BELOW * live.numel():
+                keep = (~live_done).nonzero()[:, 0]
+                live, live_keys, live_done = live[keep], live_keys[keep], live_done[keep]
+                nxt, cache = nxt[keep], _select_rows(cache, dims, keep)
             batch = {
                 "input_ids": nxt[:, None],
-                "position_ids": (width - pads + t)[:, None],
+                "position_ids": (width - pads[live] + t)[:, None],
                 "doc_ids": torch.ones_like(nxt)[:, None],
             }
             step_logits, cache = model.apply_with_cache(

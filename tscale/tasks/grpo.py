@@ -89,6 +89,7 @@ from tscale.tasks.sft import evaluate_lm, reference_answer
 __all__ = [
     "GRPOTask",
     "RLOOTask",
+    "completion_logits",
     "prompt_examples",
     "record_key",
     "rollout_metrics",
@@ -288,6 +289,12 @@ class GRPOTask(TaskDefaults):
     reference: Reference = field(
         "auto", "The reference when beta > 0: auto (the LoRA base with LoRA, else a copy)."
     )
+    share_prompt: bool = field(
+        False,
+        "Lay out each group as one document for the training forward: the prompt once, its G "
+        "completions after it (a block mask keeps them apart), so the forward runs over the "
+        "prompt once per group instead of G times; false: one row per completion.",
+    )
     mask_truncated_completions: bool = field(
         False, "Leave completions that hit max_completion_length out of the loss."
     )
@@ -465,7 +472,10 @@ class GRPOTask(TaskDefaults):
                 columns,
                 prompt_ids=[prompts[i // g] for i in range(n * g)],
             )
-            out = _training_rows(ro, self.max_completion_length)
+            if self.share_prompt:
+                out = _group_rows(ro, self.max_completion_length)
+            else:
+                out = _training_rows(ro, self.max_completion_length)
             self._extra_inputs(out, state, ctx, ref)
             adv, adv_stats = self.rollout_advantages(scores.total.to(ctx.device), out)
             total = all_gather_rows(scores.total.to(ctx.device)).cpu()
@@ -527,14 +537,20 @@ class GRPOTask(TaskDefaults):
     ) -> None:
         """The old-policy log-probs (the sampler's for μ = 1, recomputed once for μ > 1) and the
         reference's (β > 0), both without a graph."""
+        g = self.num_generations
         with torch.no_grad():
             if self.num_iterations > 1:
-                logits = ctx.apply_fn(state.params, out, **frozen_kw(state.frozen or None))
+                logits = completion_logits(
+                    lambda b: ctx.apply_fn(state.params, b, **frozen_kw(state.frozen or None)),
+                    out,
+                    g,
+                )
                 out["old_logps"] = _logps(logits, out, self.temperature)[0].detach()
             else:
                 out["old_logps"] = out["sampler_logps"]
             if ref is not None:
-                out["ref_logps"] = _logps(ref(out, state.frozen), out, self.temperature)[0]
+                logits = completion_logits(lambda b: ref(b, state.frozen), out, g)
+                out["ref_logps"] = _logps(logits, out, self.temperature)[0]
 
     def policy_terms(
         self, logps: torch.Tensor, batch: Mapping[str, torch.Tensor], entropies: torch.Tensor
@@ -556,7 +572,7 @@ class GRPOTask(TaskDefaults):
         )
 
     def loss(self, ctx: TaskContext) -> LossFn:
-        apply_fn, temp = ctx.apply_fn, self.temperature
+        apply_fn, temp, g = ctx.apply_fn, self.temperature, self.num_generations
         names = self.stat_names()
 
         def loss_fn(
@@ -565,7 +581,9 @@ class GRPOTask(TaskDefaults):
             *,
             frozen: Mapping[str, Any] | None = None,
         ) -> tuple[torch.Tensor, dict[str, Any]]:
-            logits = apply_fn(params, batch, **frozen_kw(frozen))  # at logits_index only
+            logits = completion_logits(  # at logits_index only
+                lambda b: apply_fn(params, b, **frozen_kw(frozen)), batch, g
+            )
             logps, entropies = _logps(logits, batch, temp, entropy=True)
             out = self.policy_terms(logps, batch, entropies)
             aux: dict[str, Any] = {M.NORMALISER: out.normaliser, **out.metrics}
@@ -734,6 +752,93 @@ def _training_rows(ro: Any, width: int) -> TensorDict:
     )
     assert out["completion_ids"].shape[1] == width
     return out
+
+
+def _group_rows(ro: Any, width: int) -> TensorDict:
+    """The rollout's training rows with each group as one document (``task.share_prompt``).
+
+    Group p's document is its prompt but the last token (branch 0), then for each completion k
+    the prompt's last token followed by the completion without its last token (branch k + 1,
+    positions restarting at P - 1): every completion token is predicted at the position it has
+    in ``prompt + completion``, and the model's block mask (``doc_ids``, ``branch_ids``) keeps
+    the completions apart, so each one computes what it computes in a row of its own. The
+    document (width rounded up to a multiple of G, padded with doc id 0) is stored folded as
+    G consecutive rows of width W / G, so that the batch keeps one row per completion
+    (microbatches and ranks split whole groups) and :func:`completion_logits` unfolds it.
+    ``logits_index`` [N*G, M] holds each completion token's position in its group's document;
+    the per-completion tensors are those of :func:`_training_rows`."""
+    g = ro.num_samples
+    lengths, comps = ro.lengths.tolist(), ro.completion_ids.tolist()
+    docs: list[tuple[list[int], list[int], list[int]]] = []
+    index: list[list[int]] = []
+    for p, prompt in enumerate(ro.prompt_ids):
+        last = len(prompt) - 1
+        ids, pos, branch = list(prompt[:-1]), list(range(last)), [0] * last
+        for k in range(g):
+            r = p * g + k
+            n = lengths[r]
+            index.append([*range(len(ids), len(ids) + n), *[0] * (width - n)])
+            ids += [prompt[-1], *comps[r][: n - 1]]
+            pos += range(last, last + n)
+            branch += [k + 1] * n
+        docs.append((ids, pos, branch))
+    doc_width = max((len(d[0]) for d in docs), default=0)
+    doc_width = -(-doc_width // g) * g  # G folded rows per document
+    real = [len(d[0]) for d in docs]
+    # [N, 4, W]: input_ids (pad_id after the end), position_ids, branch_ids, doc_ids (1 real)
+    fields = torch.tensor(
+        [
+            [
+                [*ids, *[ro.pad_id] * (doc_width - n)],
+                [*pos, *[0] * (doc_width - n)],
+                [*branch, *[0] * (doc_width - n)],
+                [*[1] * n, *[0] * (doc_width - n)],
+            ]
+            for (ids, pos, branch), n in zip(docs, real, strict=True)
+        ],
+        dtype=torch.int64,
+    ).reshape(len(docs), 4, doc_width)
+    dev = ro.completion_ids.device
+    rows = len(lengths)
+
+    def folded(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(rows, doc_width // g).to(dev)
+
+    return TensorDict(
+        {
+            "input_ids": folded(fields[:, 0]),
+            "position_ids": folded(fields[:, 1]),
+            "doc_ids": folded(fields[:, 3]),
+            "branch_ids": folded(fields[:, 2]),
+            "logits_index": torch.tensor(index, dtype=torch.int64).reshape(rows, width).to(dev),
+            "completion_ids": ro.completion_ids,
+            "completion_mask": ro.completion_mask(),
+            "sampler_logps": ro.sampler_logps,
+            "truncated": ro.truncated,
+            "group": ro.group,
+        },
+        batch_size=[rows],
+    )
+
+
+FORWARD_KEYS = ("input_ids", "position_ids", "doc_ids", "branch_ids")
+
+
+def completion_logits(
+    forward: Callable[[Any], torch.Tensor], batch: Mapping[str, torch.Tensor], g: int
+) -> torch.Tensor:
+    """Logits [B, M, V] at the completion positions of a rollout batch of B completion rows:
+    ``forward(batch)`` itself for one row per completion, or, for the group layout of
+    :func:`_group_rows` (the batch has ``branch_ids``), ``forward`` over the B / G unfolded
+    group documents with every completion's ``logits_index`` side by side, folded back to one
+    row per completion (reshapes only: no host sync)."""
+    if "branch_ids" not in batch:
+        return forward(batch)
+    b, m = batch["logits_index"].shape
+    docs = {k: batch[k].reshape(b // g, -1) for k in FORWARD_KEYS}
+    docs["logits_index"] = batch["logits_index"].reshape(b // g, g * m)
+    logits = forward(TensorDict(docs, batch_size=[b // g]))
+    return logits.reshape(b, m, logits.shape[-1])
 
 
 def _logps(

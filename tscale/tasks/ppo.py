@@ -132,6 +132,10 @@ class PPOTask(GRPOTask):
                 self.mask_zero_std_groups,
                 "ppo has no groups to filter (its baseline is the value function)",
             ),
+            "share_prompt": (
+                self.share_prompt,
+                "ppo's forward reads values at every completion row (one row per completion)",
+            ),
         }
         for key, (bad, why) in refusals.items():
             if bad:
