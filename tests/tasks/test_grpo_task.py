@@ -6,8 +6,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import random
+import select
 import shutil
+import signal
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,6 +28,7 @@ from tscale.testing.runs import step_rows
 from tscale.train.run import build_run
 
 TIMING = "time/"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def config(tmp: Path) -> Path:
@@ -268,45 +276,121 @@ def test_rollout_stage_is_pure_and_builds_whole_groups(tmp_path: Path) -> None:
     assert not torch.equal(other["completion_ids"], out["completion_ids"])  # a fresh draw per step
 
 
-def test_killed_at_random_moments_resumes_exactly(tmp_path: Path) -> None:
-    """kill -9 three times at random moments, resume each time: the logged steps equal the
-    uninterrupted run's (timings aside)."""
-    import os
-    import random
-    import signal
-    import subprocess
-    import sys
+class ForkedRuns:
+    """``tscale train`` runs forked from one launcher that has imported torch and tscale
+    (``_fork_launcher.py``): each starts in milliseconds instead of seconds, and is a process of
+    its own that ``kill -9`` ends."""
 
-    from tscale.testing.runs import wait_for_rows
+    PRELOAD = ("torch", "tensordict", "tscale.cli", "tscale.config", "tscale.train")
 
-    steps = 8
-    whole = run_grpo(tmp_path, "whole", "train.save_every=1", steps=steps)
-    out = tmp_path / "killed"
-    base = [
-        sys.executable,
-        "-m",
-        "tscale.cli",
-        "train",
-        str(config(tmp_path)),
-        f"run.output_dir={out}",
-        f"train.max_steps={steps}",
-        f"train.eval_every={steps}",
-        "train.save_every=1",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    rng = random.Random(0)
-    for _ in range(3):
-        resume = ["--resume"] if list(out.glob("checkpoints/step_*")) else []
-        proc = subprocess.Popen(
-            base + resume, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    def __init__(self) -> None:
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        }
+        launcher = Path(__file__).with_name("_fork_launcher.py")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(launcher), *self.PRELOAD],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            bufsize=0,  # unbuffered: select() sees exactly the lines not yet read
+            env=env,
         )
-        done = len(step_rows(out))
-        wait_for_rows(proc, out, min(done + rng.randint(1, 2), steps - 1))
-        time.sleep(rng.uniform(0.0, 0.2))  # anywhere in a step or a save
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert subprocess.run([*base, "--resume"], env=env, capture_output=True).returncode == 0
-    assert [without_timing(r) for r in step_rows(out)] == [without_timing(r) for r in whole]
+        self.pid = 0
+
+    def _reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        assert line, f"the launcher ended (rc {self.proc.wait()})"
+        return json.loads(line)
+
+    def start(self, args: list[str], log: Path) -> None:
+        request = json.dumps({"args": args, "log": str(log)}) + "\n"
+        self.proc.stdin.write(request.encode())
+        self.pid = self._reply()["pid"]
+
+    def ended(self) -> bool:
+        return bool(select.select([self.proc.stdout], [], [], 0)[0])
+
+    def kill(self) -> int:
+        """``kill -9`` the run; its exit status (``-9`` unless it had ended by itself)."""
+        os.kill(self.pid, signal.SIGKILL)
+        return self._reply()["status"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def _wait_until(runs: ForkedRuns, log: Path, ready: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 120
+    while not ready():
+        assert not runs.ended(), f"the run ended before the kill:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no kill moment in 120 s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.001)
+
+
+def _partial(ckpts: Path, stale: set[Path]) -> bool:
+    """A checkpoint being written (or left half-written) that was not there before."""
+    return bool(set(ckpts.glob(".tmp-*")) - stale)
+
+
+def test_killed_at_random_moments_resumes_exactly(tmp_path: Path) -> None:
+    """kill -9 five times at random moments, resume each time: the logged steps equal the
+    uninterrupted run's (timings aside).
+
+    Every step saves a checkpoint. Each of the 5 launches resumes from the last complete one
+    (step c) and is killed at a moment drawn (``random.Random(0)``) from two kinds, 2 of each
+    and a fifth drawn at random, in a shuffled order:
+
+    - ``save``: the moment the temporary directory of step c+1's checkpoint appears, i.e. in
+      the middle of writing it (the metrics row of step c+1 is already logged; the resume must
+      drop it and redo the step);
+    - ``step``: a uniform 0-50 ms after step c+1's checkpoint is complete, i.e. in step c+2's
+      batch, rollout or update (a tiny step takes ~0.1 s; under load longer).
+
+    At least one kill of each kind must land as meant (a partial checkpoint left behind; no
+    partial checkpoint and no row of the next step). The runs are forked from one launcher
+    process that has imported torch and tscale, so 5 kills cost less than 3 fresh
+    ``python -m tscale.cli`` launches did."""
+    steps = 6
+    run = ["train.save_every=1", "log.plot=false"]
+    runs = ForkedRuns()  # its imports overlap the uninterrupted run
+    out = tmp_path / "killed"
+    ckpts = out / "checkpoints"
+    base = ["train", str(config(tmp_path)), f"run.output_dir={out}"]
+    base += [f"train.max_steps={steps}", f"train.eval_every={steps}", *run]
+    rng = random.Random(0)
+    kinds = ["save", "save", "step", "step", rng.choice(["save", "step"])]
+    rng.shuffle(kinds)
+    landed = {"save": 0, "step": 0}
+    try:
+        whole = run_grpo(tmp_path, "whole", *run, steps=steps)
+        for i, kind in enumerate(kinds):
+            done = [int(p.name.split("_")[1]) for p in ckpts.glob("step_*")]
+            target = max(done, default=0) + 1
+            assert target < steps
+            log = tmp_path / f"launch{i}.log"
+            stale = set(ckpts.glob(".tmp-*"))  # a partial save an earlier kill left
+            runs.start(base + (["--resume"] if done else []), log)
+            final = ckpts / f"step_{target:08d}"
+            if kind == "save":
+                _wait_until(runs, log, lambda: _partial(ckpts, stale) or final.exists())  # noqa: B023
+            else:
+                _wait_until(runs, log, final.exists)
+                time.sleep(rng.uniform(0.0, 0.05))
+            assert runs.kill() == -signal.SIGKILL, log.read_text()[-3000:]
+            if kind == "save":
+                landed["save"] += _partial(ckpts, stale)
+            else:
+                newest = max(int(p.name.split("_")[1]) for p in ckpts.glob("step_*"))
+                mid_step = not _partial(ckpts, stale) and len(step_rows(out)) == newest == target
+                landed["step"] += mid_step
+    finally:
+        runs.close()
+    assert landed["save"] >= 1 and landed["step"] >= 1, (kinds, landed)
+    resumed = run_grpo(tmp_path, "killed", *run, "--resume", steps=steps)
+    assert [without_timing(r) for r in resumed] == [without_timing(r) for r in whole]
 
 
 def test_resume_refuses_changed_rewards(tmp_path: Path) -> None:
