@@ -6,13 +6,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import select
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +24,6 @@ from tscale.testing.runs import step_rows
 from tscale.train.run import build_run
 
 TIMING = "time/"
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def config(tmp: Path) -> Path:
@@ -276,57 +271,11 @@ def test_rollout_stage_is_pure_and_builds_whole_groups(tmp_path: Path) -> None:
     assert not torch.equal(other["completion_ids"], out["completion_ids"])  # a fresh draw per step
 
 
-class ForkedRuns:
-    """``tscale train`` runs forked from one launcher that has imported torch and tscale
-    (``_fork_launcher.py``): each starts in milliseconds instead of seconds, and is a process of
-    its own that ``kill -9`` ends."""
-
-    PRELOAD = ("torch", "tensordict", "tscale.cli", "tscale.config", "tscale.train")
-
-    def __init__(self) -> None:
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        }
-        launcher = Path(__file__).with_name("_fork_launcher.py")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(launcher), *self.PRELOAD],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            bufsize=0,  # unbuffered: select() sees exactly the lines not yet read
-            env=env,
-        )
-        self.pid = 0
-
-    def _reply(self) -> dict:
-        line = self.proc.stdout.readline()
-        assert line, f"the launcher ended (rc {self.proc.wait()})"
-        return json.loads(line)
-
-    def start(self, args: list[str], log: Path) -> None:
-        request = json.dumps({"args": args, "log": str(log)}) + "\n"
-        self.proc.stdin.write(request.encode())
-        self.pid = self._reply()["pid"]
-
-    def ended(self) -> bool:
-        return bool(select.select([self.proc.stdout], [], [], 0)[0])
-
-    def kill(self) -> int:
-        """``kill -9`` the run; its exit status (``-9`` unless it had ended by itself)."""
-        os.kill(self.pid, signal.SIGKILL)
-        return self._reply()["status"]
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
-
-
-def _wait_until(runs: ForkedRuns, log: Path, ready: Callable[[], bool]) -> None:
+def _wait_until(run, ready: Callable[[], bool]) -> None:
     deadline = time.monotonic() + 120
     while not ready():
-        assert not runs.ended(), f"the run ended before the kill:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"no kill moment in 120 s:\n{log.read_text()[-3000:]}"
+        assert run.poll() is None, f"the run ended before the kill:\n{run.output()[-3000:]}"
+        assert time.monotonic() < deadline, f"no kill moment in 120 s:\n{run.output()[-3000:]}"
         time.sleep(0.001)
 
 
@@ -335,7 +284,7 @@ def _partial(ckpts: Path, stale: set[Path]) -> bool:
     return bool(set(ckpts.glob(".tmp-*")) - stale)
 
 
-def test_killed_at_random_moments_resumes_exactly(tmp_path: Path) -> None:
+def test_killed_at_random_moments_resumes_exactly(tmp_path: Path, fork_launcher) -> None:
     """kill -9 five times at random moments, resume each time: the logged steps equal the
     uninterrupted run's (timings aside).
 
@@ -351,45 +300,40 @@ def test_killed_at_random_moments_resumes_exactly(tmp_path: Path) -> None:
 
     At least one kill of each kind must land as meant (a partial checkpoint left behind; no
     partial checkpoint and no row of the next step). The runs are forked from one launcher
-    process that has imported torch and tscale, so 5 kills cost less than 3 fresh
-    ``python -m tscale.cli`` launches did."""
+    process that has imported torch and tscale (the ``fork_launcher`` fixture), so 5 kills cost
+    less than 3 fresh ``python -m tscale.cli`` launches did."""
     steps = 6
-    run = ["train.save_every=1", "log.plot=false"]
-    runs = ForkedRuns()  # its imports overlap the uninterrupted run
+    common = ["train.save_every=1", "log.plot=false"]
+    whole = run_grpo(tmp_path, "whole", *common, steps=steps)
     out = tmp_path / "killed"
     ckpts = out / "checkpoints"
     base = ["train", str(config(tmp_path)), f"run.output_dir={out}"]
-    base += [f"train.max_steps={steps}", f"train.eval_every={steps}", *run]
+    base += [f"train.max_steps={steps}", f"train.eval_every={steps}", *common]
     rng = random.Random(0)
     kinds = ["save", "save", "step", "step", rng.choice(["save", "step"])]
     rng.shuffle(kinds)
     landed = {"save": 0, "step": 0}
-    try:
-        whole = run_grpo(tmp_path, "whole", *run, steps=steps)
-        for i, kind in enumerate(kinds):
-            done = [int(p.name.split("_")[1]) for p in ckpts.glob("step_*")]
-            target = max(done, default=0) + 1
-            assert target < steps
-            log = tmp_path / f"launch{i}.log"
-            stale = set(ckpts.glob(".tmp-*"))  # a partial save an earlier kill left
-            runs.start(base + (["--resume"] if done else []), log)
-            final = ckpts / f"step_{target:08d}"
-            if kind == "save":
-                _wait_until(runs, log, lambda: _partial(ckpts, stale) or final.exists())  # noqa: B023
-            else:
-                _wait_until(runs, log, final.exists)
-                time.sleep(rng.uniform(0.0, 0.05))
-            assert runs.kill() == -signal.SIGKILL, log.read_text()[-3000:]
-            if kind == "save":
-                landed["save"] += _partial(ckpts, stale)
-            else:
-                newest = max(int(p.name.split("_")[1]) for p in ckpts.glob("step_*"))
-                mid_step = not _partial(ckpts, stale) and len(step_rows(out)) == newest == target
-                landed["step"] += mid_step
-    finally:
-        runs.close()
+    for i, kind in enumerate(kinds):
+        done = [int(p.name.split("_")[1]) for p in ckpts.glob("step_*")]
+        target = max(done, default=0) + 1
+        assert target < steps
+        stale = set(ckpts.glob(".tmp-*"))  # a partial save an earlier kill left
+        run = fork_launcher.start(base + (["--resume"] if done else []), tmp_path / f"{i}.log")
+        final = ckpts / f"step_{target:08d}"
+        if kind == "save":
+            _wait_until(run, lambda: _partial(ckpts, stale) or final.exists())  # noqa: B023
+        else:
+            _wait_until(run, final.exists)
+            time.sleep(rng.uniform(0.0, 0.05))
+        assert run.kill() == -signal.SIGKILL, run.output()[-3000:]
+        if kind == "save":
+            landed["save"] += _partial(ckpts, stale)
+        else:
+            newest = max(int(p.name.split("_")[1]) for p in ckpts.glob("step_*"))
+            mid_step = not _partial(ckpts, stale) and len(step_rows(out)) == newest == target
+            landed["step"] += mid_step
     assert landed["save"] >= 1 and landed["step"] >= 1, (kinds, landed)
-    resumed = run_grpo(tmp_path, "killed", *run, "--resume", steps=steps)
+    resumed = run_grpo(tmp_path, "killed", *common, "--resume", steps=steps)
     assert [without_timing(r) for r in resumed] == [without_timing(r) for r in whole]
 
 
