@@ -91,12 +91,15 @@ class ForkLauncher:
         assert line, f"the fork launcher ended (rc {self.proc.wait()})"
         return json.loads(line)
 
-    def start(self, args: list[str], log: Path) -> ForkedRun:
-        """Fork ``tscale ARGS`` (stdout and stderr appended to ``log``)."""
+    def start(self, args: list[str], log: Path, script: Path | None = None) -> ForkedRun:
+        """Fork ``tscale ARGS``, or ``python SCRIPT ARGS`` (stdout and stderr appended to
+        ``log``)."""
         if self.current is not None:
             assert self.current.poll() is not None, "the previous forked run still runs"
-        request = json.dumps({"args": [str(a) for a in args], "log": str(log)}) + "\n"
-        self.proc.stdin.write(request.encode())
+        request = {"args": [str(a) for a in args], "log": str(log)}
+        if script is not None:
+            request["script"] = str(script)
+        self.proc.stdin.write((json.dumps(request) + "\n").encode())
         self.current = ForkedRun(self, self._reply()["pid"], log)
         return self.current
 
