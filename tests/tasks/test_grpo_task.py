@@ -23,6 +23,8 @@ from tscale.testing.runs import TINY_GRPO_YAML as YAML
 from tscale.testing.runs import step_rows
 from tscale.train.run import build_run
 
+NO_PLOT = "log.plot=false"  # the end-of-run curves.png (~1 s a run) is checked in test_plot_cli
+
 TIMING = "time/"
 
 
@@ -41,6 +43,7 @@ def run_grpo(tmp: Path, name: str, *overrides: str, steps: int = 3) -> list[dict
         f"run.output_dir={tmp / name}",
         f"train.max_steps={steps}",
         f"train.eval_every={steps}",
+        NO_PLOT,
         *rest,
         *resume,
     ]
@@ -303,7 +306,7 @@ def test_killed_at_random_moments_resumes_exactly(tmp_path: Path, fork_launcher)
     process that has imported torch and tscale (the ``fork_launcher`` fixture), so 5 kills cost
     less than 3 fresh ``python -m tscale.cli`` launches did."""
     steps = 6
-    common = ["train.save_every=1", "log.plot=false"]
+    common = ["train.save_every=1", NO_PLOT]
     whole = run_grpo(tmp_path, "whole", *common, steps=steps)
     out = tmp_path / "killed"
     ckpts = out / "checkpoints"
