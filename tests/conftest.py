@@ -64,7 +64,8 @@ class ForkLauncher:
     """Start ``tscale`` commands as forks of one launcher process (``tests/_fork_launcher.py``)
     that has imported torch and tscale: each starts in milliseconds instead of the seconds a new
     interpreter spends importing, and is a real process that signals and ``kill -9`` reach. One
-    run at a time; the children get the launcher's environment (``OMP_NUM_THREADS=1``)."""
+    run at a time; the children get the environment and working directory the launcher started
+    with (``OMP_NUM_THREADS=1``), not a test's monkeypatched ones: pass absolute paths."""
 
     PRELOAD = ("torch", "tensordict", "tscale.cli", "tscale.config", "tscale.train")
 
