@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -113,21 +110,24 @@ _SAVER = textwrap.dedent(
 )
 
 
-def test_killed_saves_never_leave_a_loadable_partial_checkpoint(tmp_path: Path):
-    """SIGKILL a process that saves 48 MB checkpoints in a loop, at varying moments."""
+def test_killed_saves_never_leave_a_loadable_partial_checkpoint(tmp_path: Path, fork_launcher):
+    """SIGKILL a process that saves 48 MB checkpoints in a loop, at varying moments (the
+    process forked by the ``fork_launcher`` fixture, torch already imported)."""
     script = tmp_path / "saver.py"
     script.write_text(_SAVER)
     root = tmp_path / "ckpts"
     template = None
     seen_partial = False
     for trial in range(4):
-        proc = subprocess.Popen(
-            [sys.executable, str(script), str(root)], stdout=subprocess.PIPE, text=True
-        )
-        assert proc.stdout.readline().strip() == "ready"
+        log = tmp_path / f"saver{trial}.log"
+        proc = fork_launcher.start([str(root)], log, script=script)
+        deadline = time.monotonic() + 120
+        while "ready" not in proc.output():
+            assert proc.poll() is None, proc.output()
+            assert time.monotonic() < deadline, "the saver never got ready"
+            time.sleep(0.005)
         time.sleep(0.05 + 0.07 * trial)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        assert proc.kill() == -signal.SIGKILL, proc.output()
         seen_partial |= any(p.name.startswith(".tmp-") for p in root.iterdir())
         for ckpt in list_checkpoints(root):
             meta = json.loads((ckpt / "state.json").read_text())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -42,6 +44,20 @@ def _tscale_cli(args: list[str], timeout: int = 280) -> str:
     return out
 
 
+def _tscale_main(args: list[str]) -> str:
+    """Run ``tscale ARGS`` in this process (``tscale.cli.main``): a one-process reference run
+    without the seconds a new interpreter spends importing torch and tscale."""
+    from tscale.cli import main
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        code = main(args)
+    out = printed.getvalue()
+    if code not in (0, None):
+        pytest.fail(f"tscale {' '.join(args)} exited {code}:\n{out[-6000:]}")
+    return out
+
+
 @pytest.fixture(scope="session")
 def torchrun():
     """``torchrun(args, nproc=2) -> output``."""
@@ -52,6 +68,13 @@ def torchrun():
 def tscale_cli():
     """``tscale_cli(args) -> output`` (one process)."""
     return _tscale_cli
+
+
+@pytest.fixture(scope="session")
+def tscale_main():
+    """``tscale_main(args) -> output``: ``tscale ARGS`` in the test's own process (no new
+    interpreter; for runs without torch.distributed or DeepSpeed)."""
+    return _tscale_main
 
 
 TINY_YAML = """
@@ -65,6 +88,7 @@ optimizer: {{type: adamw, lr: 0.003, max_grad_norm: 1.0, weight_decay: 0.1}}
 scheduler: {{type: cosine, warmup_steps: 2}}
 train: {{max_steps: 10, log_every: 5, save_every: 5, keep_last: 0, progress: false}}
 eval: {{num_samples: 8, batch_size: 8}}
+log: {{plot: false}}  # curves.png: ~2 s of matplotlib per launch, checked in test_plot_cli
 """
 
 

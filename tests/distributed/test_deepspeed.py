@@ -122,12 +122,12 @@ def test_zero3_partitions_the_params(cases: dict):
 
 @pytest.fixture(scope="module")
 def runs(
-    tmp_path_factory: pytest.TempPathFactory, torchrun, tscale_cli, tiny_run
+    tmp_path_factory: pytest.TempPathFactory, torchrun, tscale_cli, tscale_main, tiny_run
 ) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("ds-trainer")
     out: dict[str, Path] = {"tmp": tmp}
     cfg, out["single"] = tiny_run.config(tmp, "single")
-    tscale_cli(["train", str(cfg)])
+    tscale_main(["train", str(cfg)])
     for stage in (2, 3):
         cfg, out[f"z{stage}"] = tiny_run.config(tmp, f"z{stage}")
         torchrun(["-m", "tscale.cli", "train", str(cfg), *_ds(stage)])
@@ -139,7 +139,7 @@ def runs(
     _deepspeed_launcher(["--module", "tscale.cli", "train", str(cfg), *_ds(2)])
     lora = ["lora.enabled=true", "train.save_every=0"]  # adapters only: no root params
     cfg, out["lora-single"] = tiny_run.config(tmp, "lora-single")
-    tscale_cli(["train", str(cfg), *lora])
+    tscale_main(["train", str(cfg), *lora])
     cfg, out["lora-z2"] = tiny_run.config(tmp, "lora-z2")
     torchrun(["-m", "tscale.cli", "train", str(cfg), *lora, *_ds(2)])
     return out

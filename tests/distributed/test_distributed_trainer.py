@@ -22,12 +22,12 @@ STREAM = ["data.streaming=true", "data.packing.enabled=true"]
 
 @pytest.fixture(scope="module")
 def runs(
-    tmp_path_factory: pytest.TempPathFactory, torchrun, tscale_cli, tiny_run
+    tmp_path_factory: pytest.TempPathFactory, torchrun, tscale_main, tiny_run
 ) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("trainer")
     out: dict[str, Path] = {}
     cfg, out["single"] = tiny_run.config(tmp, "single")
-    tscale_cli(["train", str(cfg)])
+    tscale_main(["train", str(cfg)])
     cfg, out["ddp"] = tiny_run.config(tmp, "ddp")
     torchrun(["-m", "tscale.cli", "train", str(cfg)])
     cfg, out["fsdp"] = tiny_run.config(tmp, "fsdp")
@@ -35,7 +35,7 @@ def runs(
     cfg, out["ddp-overlap"] = tiny_run.config(tmp, "ddp-overlap")
     torchrun(["-m", "tscale.cli", "train", str(cfg), "parallel.overlap_reduce=true"])
     cfg, out["stream-single"] = tiny_run.config(tmp, "stream-single")
-    tscale_cli(["train", str(cfg), *STREAM])
+    tscale_main(["train", str(cfg), *STREAM])
     cfg, out["stream-ddp"] = tiny_run.config(tmp, "stream-ddp")
     torchrun(["-m", "tscale.cli", "train", str(cfg), *STREAM])
     out["tmp"] = tmp
@@ -60,10 +60,10 @@ def test_only_rank_zero_writes_run_files(runs: dict[str, Path]):
     assert not list((runs["fsdp"] / "checkpoints").glob(".tmp-*"))
 
 
-def test_sharded_checkpoint_resumes_on_one_rank(runs: dict[str, Path], tscale_cli, tiny_run):
+def test_sharded_checkpoint_resumes_on_one_rank(runs: dict[str, Path], tscale_main, tiny_run):
     cfg, out = tiny_run.config(runs["tmp"], "resume21")
     ckpt = runs["fsdp"] / "checkpoints" / "step_00000005"
-    tscale_cli(["train", str(cfg), "--resume", str(ckpt)])
+    tscale_main(["train", str(cfg), "--resume", str(ckpt)])
     got, ref = tiny_run.losses(out), tiny_run.losses(runs["fsdp"])
     assert sorted(got) == [6, 7, 8, 9, 10]
     for step in got:
@@ -80,10 +80,10 @@ def test_one_rank_checkpoint_resumes_sharded_on_two(runs: dict[str, Path], torch
         assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
 
 
-def test_sharded_checkpoint_exports_one_hf_directory(runs: dict[str, Path], tscale_cli):
+def test_sharded_checkpoint_exports_one_hf_directory(runs: dict[str, Path], tscale_main):
     transformers = pytest.importorskip("transformers")
     hf = runs["tmp"] / "hf"
-    tscale_cli(["export", str(runs["fsdp"]), str(hf)])
+    tscale_main(["export", str(runs["fsdp"]), str(hf)])
     exported = load_file(str(hf / "model.safetensors"))
     single = load_file(str(runs["single"] / "checkpoints" / "step_00000010" / "params.safetensors"))
     for name, t in exported.items():
@@ -102,10 +102,10 @@ def test_streaming_under_torchrun_follows_one_process(runs: dict[str, Path], tin
         assert got[step]["input_tokens"] == row["input_tokens"], (step, got[step], row)
 
 
-def test_streaming_cursor_resumes_on_one_process(runs: dict[str, Path], tscale_cli, tiny_run):
+def test_streaming_cursor_resumes_on_one_process(runs: dict[str, Path], tscale_main, tiny_run):
     cfg, out = tiny_run.config(runs["tmp"], "stream-resume21")
     ckpt = runs["stream-ddp"] / "checkpoints" / "step_00000005"
-    tscale_cli(["train", str(cfg), "--resume", str(ckpt), *STREAM])
+    tscale_main(["train", str(cfg), "--resume", str(ckpt), *STREAM])
     got, ref = tiny_run.losses(out), tiny_run.losses(runs["stream-ddp"])
     assert sorted(got) == [6, 7, 8, 9, 10]
     for step in got:
@@ -145,13 +145,13 @@ def test_fsdp_with_the_fused_loss_follows_one_process(runs: dict[str, Path], tor
 
 
 def test_sophia_under_ddp_follows_one_process(
-    runs: dict[str, Path], torchrun, tscale_cli, tiny_run
+    runs: dict[str, Path], torchrun, tscale_main, tiny_run
 ):
     """Refused before: Sophia-G's Hessian estimate is now reduced over the ranks like the
     gradients, with each rank's uniforms those of its rows in the global batch."""
     sophia = ["optimizer.type=sophia_g", "optimizer.update_every=2"]
     cfg, one = tiny_run.config(runs["tmp"], "sophia-single")
-    tscale_cli(["train", str(cfg), *sophia])
+    tscale_main(["train", str(cfg), *sophia])
     cfg, two = tiny_run.config(runs["tmp"], "sophia-ddp")
     torchrun(["-m", "tscale.cli", "train", str(cfg), *sophia])
     single, got = tiny_run.losses(one), tiny_run.losses(two)
@@ -168,11 +168,12 @@ lora: {{enabled: true, rank: 4}}
 optimizer: {{lr: 0.001}}
 train: {{max_steps: 6, epochs: null, log_every: 1, save_every: 3, keep_last: 0, progress: false}}
 eval: {{num_samples: 2, batch_size: 2, max_new_tokens: 3, num_show: 0}}
+log: {{plot: false}}
 """
 
 
 def test_lora_over_a_sharded_base_follows_one_process(
-    runs: dict[str, Path], torchrun, tscale_cli, tiny_run
+    runs: dict[str, Path], torchrun, tscale_main, tiny_run
 ):
     """Refused before: under parallel.dp_shard the LoRA base (a frozen tree loaded from
     model.path) is sharded over the ranks and gathered layer by layer; the adapters stay
@@ -192,7 +193,7 @@ def test_lora_over_a_sharded_base_follows_one_process(
             LORA_FROM_FOLDER.format(out=outs[name], model=model, train=train, eval=eval_)
         )
         if name == "lora-one":
-            tscale_cli(["train", str(cfg)])
+            tscale_main(["train", str(cfg)])
         else:
             torchrun(["-m", "tscale.cli", "train", str(cfg), *FSDP])
     one, two = (tiny_run.rows(outs[n]) for n in ("lora-one", "lora-fsdp"))

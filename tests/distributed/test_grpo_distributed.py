@@ -13,11 +13,11 @@ from tscale.testing.runs import TINY_GRPO_YAML, step_rows
 TIMING = "time/"
 
 
-def test_grpo_under_ddp_follows_one_process(tmp_path: Path, torchrun, tscale_cli) -> None:
+def test_grpo_under_ddp_follows_one_process(tmp_path: Path, torchrun, tscale_main) -> None:
     cfg = tmp_path / "grpo.yaml"
     cfg.write_text(TINY_GRPO_YAML)
-    common = ["train.max_steps=3", "train.eval_every=0", "train.save_every=0"]
-    tscale_cli(["train", str(cfg), f"run.output_dir={tmp_path / 'one'}", *common])
+    common = ["train.max_steps=3", "train.eval_every=0", "train.save_every=0", "log.plot=false"]
+    tscale_main(["train", str(cfg), f"run.output_dir={tmp_path / 'one'}", *common])
     torchrun(["-m", "tscale.cli", "train", str(cfg), f"run.output_dir={tmp_path / 'two'}", *common])
     one, two = step_rows(tmp_path / "one"), step_rows(tmp_path / "two")
     assert [r["step"] for r in two] == [1, 2, 3]

@@ -67,6 +67,7 @@ def _config(tmp: Path, name: str, *, unpaired: bool, lora: bool = False) -> tupl
         "train.save_every=0",
         "train.progress=false",
         "eval.num_samples=0",
+        "log.plot=false",
         *model,
     ]
     return args, out
@@ -89,7 +90,7 @@ RUNS = [
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, torchrun, tscale_cli) -> dict[str, list]:
+def runs(tmp_path_factory: pytest.TempPathFactory, torchrun, tscale_main) -> dict[str, list]:
     tmp = tmp_path_factory.mktemp("pref")
     out: dict[str, list] = {}
     for kind, mode in RUNS:
@@ -97,7 +98,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, torchrun, tscale_cli) -> dict
         name = f"{kind}-{mode}"
         args, run = _config(tmp, name, unpaired=task == "kto", lora=lora)
         if mode == "one":
-            tscale_cli([*args, *overrides])
+            tscale_main([*args, *overrides])
         else:
             torchrun(["-m", "tscale.cli", *args, *overrides, *(FSDP if mode == "fsdp" else [])])
         out[name] = step_rows(run)

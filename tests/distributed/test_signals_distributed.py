@@ -21,6 +21,7 @@ from tscale.testing.runs import (
 )
 
 STEPS = 60
+NO_PLOT = "log.plot=false"  # curves.png is checked in test_plot_cli
 
 
 def _torchrun_cmd(*args: str) -> list[str]:
@@ -32,7 +33,7 @@ def _torchrun_cmd(*args: str) -> list[str]:
 def full(tmp_path_factory: pytest.TempPathFactory, torchrun) -> Path:
     """The uninterrupted 2-rank run."""
     cfg, out = write_tiny_config(tmp_path_factory.mktemp("full"), "full", steps=STEPS)
-    torchrun(["-m", "tscale.cli", "train", str(cfg)])
+    torchrun(["-m", "tscale.cli", "train", str(cfg), NO_PLOT])
     assert len(step_rows(out)) == STEPS
     return out
 
@@ -51,7 +52,7 @@ def test_signal_under_torchrun_saves_and_resumes_bit_identically(
     torchrun itself must report success."""
     cfg, out = write_tiny_config(tmp_path, "run", steps=STEPS)
     proc = subprocess.Popen(
-        _torchrun_cmd("train", str(cfg)),
+        _torchrun_cmd("train", str(cfg), NO_PLOT),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -85,6 +86,6 @@ def test_signal_under_torchrun_saves_and_resumes_bit_identically(
     assert seconds < 30  # torchrun's agent sends SIGKILL 30 s after forwarding SIGTERM
     assert [r["step"] for r in step_rows(out)] == list(range(1, stop + 1))
 
-    resumed = torchrun(["-m", "tscale.cli", "train", str(cfg), "--resume"])
+    resumed = torchrun(["-m", "tscale.cli", "train", str(cfg), "--resume", NO_PLOT])
     assert f"resumed from {path} at step {stop}" in resumed
     assert step_rows(out) == step_rows(full)  # every step's loss, grad norm, lr: bitwise

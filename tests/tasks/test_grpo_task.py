@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
+import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,8 @@ from tscale.errors import ConfigError
 from tscale.testing.runs import TINY_GRPO_YAML as YAML
 from tscale.testing.runs import step_rows
 from tscale.train.run import build_run
+
+NO_PLOT = "log.plot=false"  # the end-of-run curves.png (~1 s a run) is checked in test_plot_cli
 
 TIMING = "time/"
 
@@ -38,6 +43,7 @@ def run_grpo(tmp: Path, name: str, *overrides: str, steps: int = 3) -> list[dict
         f"run.output_dir={tmp / name}",
         f"train.max_steps={steps}",
         f"train.eval_every={steps}",
+        NO_PLOT,
         *rest,
         *resume,
     ]
@@ -268,45 +274,70 @@ def test_rollout_stage_is_pure_and_builds_whole_groups(tmp_path: Path) -> None:
     assert not torch.equal(other["completion_ids"], out["completion_ids"])  # a fresh draw per step
 
 
-def test_killed_at_random_moments_resumes_exactly(tmp_path: Path) -> None:
-    """kill -9 three times at random moments, resume each time: the logged steps equal the
-    uninterrupted run's (timings aside)."""
-    import os
-    import random
-    import signal
-    import subprocess
-    import sys
+def _wait_until(run, ready: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 120
+    while not ready():
+        assert run.poll() is None, f"the run ended before the kill:\n{run.output()[-3000:]}"
+        assert time.monotonic() < deadline, f"no kill moment in 120 s:\n{run.output()[-3000:]}"
+        time.sleep(0.001)
 
-    from tscale.testing.runs import wait_for_rows
 
-    steps = 8
-    whole = run_grpo(tmp_path, "whole", "train.save_every=1", steps=steps)
+def _partial(ckpts: Path, stale: set[Path]) -> bool:
+    """A checkpoint being written (or left half-written) that was not there before."""
+    return bool(set(ckpts.glob(".tmp-*")) - stale)
+
+
+def test_killed_at_random_moments_resumes_exactly(tmp_path: Path, fork_launcher) -> None:
+    """kill -9 five times at random moments, resume each time: the logged steps equal the
+    uninterrupted run's (timings aside).
+
+    Every step saves a checkpoint. Each of the 5 launches resumes from the last complete one
+    (step c) and is killed at a moment drawn (``random.Random(0)``) from two kinds, 2 of each
+    and a fifth drawn at random, in a shuffled order:
+
+    - ``save``: the moment the temporary directory of step c+1's checkpoint appears, i.e. in
+      the middle of writing it (the metrics row of step c+1 is already logged; the resume must
+      drop it and redo the step);
+    - ``step``: a uniform 0-50 ms after step c+1's checkpoint is complete, i.e. in step c+2's
+      batch, rollout or update (a tiny step takes ~0.1 s; under load longer).
+
+    At least one kill of each kind must land as meant (a partial checkpoint left behind; no
+    partial checkpoint and no row of the next step). The runs are forked from one launcher
+    process that has imported torch and tscale (the ``fork_launcher`` fixture), so 5 kills cost
+    less than 3 fresh ``python -m tscale.cli`` launches did."""
+    steps = 6
+    common = ["train.save_every=1", NO_PLOT]
+    whole = run_grpo(tmp_path, "whole", *common, steps=steps)
     out = tmp_path / "killed"
-    base = [
-        sys.executable,
-        "-m",
-        "tscale.cli",
-        "train",
-        str(config(tmp_path)),
-        f"run.output_dir={out}",
-        f"train.max_steps={steps}",
-        f"train.eval_every={steps}",
-        "train.save_every=1",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ckpts = out / "checkpoints"
+    base = ["train", str(config(tmp_path)), f"run.output_dir={out}"]
+    base += [f"train.max_steps={steps}", f"train.eval_every={steps}", *common]
     rng = random.Random(0)
-    for _ in range(3):
-        resume = ["--resume"] if list(out.glob("checkpoints/step_*")) else []
-        proc = subprocess.Popen(
-            base + resume, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        done = len(step_rows(out))
-        wait_for_rows(proc, out, min(done + rng.randint(1, 2), steps - 1))
-        time.sleep(rng.uniform(0.0, 0.2))  # anywhere in a step or a save
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert subprocess.run([*base, "--resume"], env=env, capture_output=True).returncode == 0
-    assert [without_timing(r) for r in step_rows(out)] == [without_timing(r) for r in whole]
+    kinds = ["save", "save", "step", "step", rng.choice(["save", "step"])]
+    rng.shuffle(kinds)
+    landed = {"save": 0, "step": 0}
+    for i, kind in enumerate(kinds):
+        done = [int(p.name.split("_")[1]) for p in ckpts.glob("step_*")]
+        target = max(done, default=0) + 1
+        assert target < steps
+        stale = set(ckpts.glob(".tmp-*"))  # a partial save an earlier kill left
+        run = fork_launcher.start(base + (["--resume"] if done else []), tmp_path / f"{i}.log")
+        final = ckpts / f"step_{target:08d}"
+        if kind == "save":
+            _wait_until(run, lambda: _partial(ckpts, stale) or final.exists())  # noqa: B023
+        else:
+            _wait_until(run, final.exists)
+            time.sleep(rng.uniform(0.0, 0.05))
+        assert run.kill() == -signal.SIGKILL, run.output()[-3000:]
+        if kind == "save":
+            landed["save"] += _partial(ckpts, stale)
+        else:
+            newest = max(int(p.name.split("_")[1]) for p in ckpts.glob("step_*"))
+            mid_step = not _partial(ckpts, stale) and len(step_rows(out)) == newest == target
+            landed["step"] += mid_step
+    assert landed["save"] >= 1 and landed["step"] >= 1, (kinds, landed)
+    resumed = run_grpo(tmp_path, "killed", *common, "--resume", steps=steps)
+    assert [without_timing(r) for r in resumed] == [without_timing(r) for r in whole]
 
 
 def test_resume_refuses_changed_rewards(tmp_path: Path) -> None:

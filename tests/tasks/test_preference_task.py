@@ -14,6 +14,8 @@ from tscale.cli import main
 from tscale.testing.preference import write_pairs
 from tscale.testing.runs import step_rows
 
+NO_PLOT = "log.plot=false"  # the end-of-run curves.png (~1 s a run) is checked in test_plot_cli
+
 
 def run_pref(tmp: Path, name: str, *overrides: str, steps: int = 4) -> list[dict]:
     train = write_pairs(tmp / "train.jsonl", 64, 0)
@@ -48,6 +50,7 @@ def run_pref(tmp: Path, name: str, *overrides: str, steps: int = 4) -> list[dict
         "eval.num_samples=4",
         "eval.batch_size=4",
         "eval.max_new_tokens=8",
+        NO_PLOT,
         *overrides,
         *resume,
     ]

@@ -17,6 +17,8 @@ from tscale.step import make_train_step
 from tscale.testing.runs import TINY_RUN_YAML
 from tscale.train import train
 
+NO_PLOT = "log.plot=false"  # the end-of-run curves.png (~1 s a run) is checked in test_plot_cli
+
 STEPS = 6
 
 
@@ -24,7 +26,7 @@ def _run(tmp_path: Path, name: str, *overrides: str, make_step=None) -> list[flo
     out = tmp_path / name
     cfg_file = tmp_path / f"{name}.yaml"
     cfg_file.write_text(TINY_RUN_YAML.format(out=out, steps=STEPS))
-    cfg = load_config(cfg_file, ["eval.num_samples=0", *overrides])
+    cfg = load_config(cfg_file, ["eval.num_samples=0", NO_PLOT, *overrides])
     train(cfg, console=Console(quiet=True), make_step=make_step)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]

@@ -27,6 +27,8 @@ from tscale.train.export import (
     write_hf_export,
 )
 
+NO_PLOT = "log.plot=false"  # the end-of-run curves.png (~1 s a run) is checked in test_plot_cli
+
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
@@ -119,7 +121,7 @@ def _cli_train(run: Path, *options: str) -> None:
     """``tscale train`` of a tiny synthetic run (a YAML with no model keys, options after)."""
     yaml = run.parent / "tiny.yaml"
     yaml.write_text("run:\n  threads: 2\n")
-    assert main(["train", str(yaml), *options, f"run.output_dir={run}"]) == 0
+    assert main(["train", str(yaml), *options, f"run.output_dir={run}", NO_PLOT]) == 0
 
 
 def test_export_of_a_tscale_run_is_a_complete_tokenizer_folder(tmp_path: Path, capsys):
@@ -352,6 +354,7 @@ def test_fine_tune_a_model_folder_export_and_chat_with_transformers(tmp_path: Pa
         "optimizer.lr=3e-3",  # the folder's weights are random: far from a fine-tuner's 2e-5
         "train.max_steps=120",
         "train.progress=false",
+        NO_PLOT,
     ]
     assert main(args) == 0
     assert main(["export", str(run), str(tmp_path / "hf")]) == 0

@@ -12,10 +12,12 @@ import pytest
 from tscale.cli import main
 from tscale.testing.runs import write_tiny_config
 
+NO_PLOT = "log.plot=false"  # the end-of-run curves.png (~1 s a run) is checked in test_plot_cli
+
 
 def _run(tmp_path: Path, name: str, steps: int, *overrides: str) -> tuple[int, Path]:
     cfg, out = write_tiny_config(tmp_path, name, steps=steps)
-    return main(["train", str(cfg), "eval.num_samples=0", *overrides]), out
+    return main(["train", str(cfg), "eval.num_samples=0", NO_PLOT, *overrides]), out
 
 
 def _rows(out: Path) -> list[dict]:

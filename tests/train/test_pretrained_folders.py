@@ -25,6 +25,8 @@ from tscale.errors import ConfigError
 from tscale.testing.hf_folders import QWEN3_TEMPLATE, chat_records, make_model_folder, write_jsonl
 from tscale.train import builders, data_build, data_cli
 
+NO_PLOT = "log.plot=false"  # the end-of-run curves.png (~1 s a run) is checked in test_plot_cli
+
 transformers = pytest.importorskip("transformers")
 
 RUN = [
@@ -65,6 +67,7 @@ def _overrides(run: Path, train: Path, eval_: Path, *extra: str) -> list[str]:
         f"run.output_dir={run}",
         f"data.train_files=[{train}]",
         f"data.eval_files=[{eval_}]",
+        NO_PLOT,
         *extra,
     ]
 

@@ -21,6 +21,8 @@ from tscale.tasks import TASKS, SFTTask, TaskContext
 from tscale.tasks.reference import frozen_copy, lora_base_reference, reference_apply
 from tscale.testing.hf_folders import chat_records, make_model_folder, write_jsonl
 
+NO_PLOT = "log.plot=false"  # the end-of-run curves.png (~1 s a run) is checked in test_plot_cli
+
 
 @attrs.frozen(kw_only=True)
 class KLToReference(SFTTask):
@@ -70,7 +72,7 @@ def _train(tmp_path: Path, folder: Path, data: Path, name: str, *extra: str) -> 
         "task.type=sft_kl_test", "task.beta=0.5", "optimizer.lr=1e-3", "data.batch_size=4",
         "data.max_length=96", "train.max_steps=6", "train.epochs=null", "train.log_every=1",
         "train.save_every=3", "train.keep_last=0", "train.progress=false", "run.threads=1",
-        "eval.num_samples=0", *extra,
+        "eval.num_samples=0", NO_PLOT, *extra,
     ]  # fmt: skip
     assert cli.main(["train", str(cfg), *args]) == 0
     return run

@@ -1,14 +1,16 @@
 """SIGTERM and SIGINT to a real ``tscale train`` process: the step finishes, a checkpoint is
 saved and named, the process exits 0, and ``--resume`` gives the uninterrupted run's losses bit
-for bit. A second Ctrl-C aborts at once."""
+for bit. A second Ctrl-C aborts at once.
+
+The runs are processes forked by the ``fork_launcher`` fixture (``tscale.cli.main`` in a child
+of a process that has imported torch and tscale): the signals reach a process of its own, with
+the handlers ``tscale train`` installs, without seconds of imports per launch."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,40 +26,13 @@ from tscale.testing.runs import (
 from tscale.train.signals import StopSignals
 
 STEPS = 80
-
-
-def env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def start_train(cfg: Path) -> subprocess.Popen:
-    """``tscale train CFG`` as a child process, its output piped (read by ``communicate``)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "tscale.cli", "train", str(cfg)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env(),
-    )
-
-
-def cli(*args: str, timeout: int = 240) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "tscale.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env(),
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    return out
+NO_PLOT = "log.plot=false"  # curves.png is checked in test_plot_cli
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, fork_launcher) -> Path:
     cfg, out = write_tiny_config(tmp_path_factory.mktemp("full"), "full", STEPS)
-    cli("train", str(cfg))
+    fork_launcher.run(["train", str(cfg), NO_PLOT], out.with_suffix(".log"))
     assert len(step_rows(out)) == STEPS
     return out
 
@@ -65,14 +40,14 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_and_resume_is_bit_identical(
-    tmp_path: Path, uninterrupted: Path, sig: signal.Signals
+    tmp_path: Path, uninterrupted: Path, sig: signal.Signals, fork_launcher
 ):
     cfg, out = write_tiny_config(tmp_path, "run", STEPS)
-    proc = start_train(cfg)
+    proc = fork_launcher.start(["train", str(cfg), NO_PLOT], tmp_path / "run.log")
     wait_for_rows(proc, out, 3)
     proc.send_signal(sig)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, output  # a clean stop is not a failure
+    returncode, output = proc.wait(timeout=120), proc.output()
+    assert returncode == 0, output  # a clean stop is not a failure
     assert "Traceback" not in output, output
     found = STOPPED.search(output)
     assert found, output
@@ -84,7 +59,7 @@ def test_signal_saves_and_resume_is_bit_identical(
     assert seconds < 30  # well within a launcher's grace period (torchrun, SLURM: ~30 s)
     rows = step_rows(out)
     assert [r["step"] for r in rows] == list(range(1, stop + 1))  # every finished step logged
-    resumed = cli("train", str(cfg), "--resume")
+    resumed = fork_launcher.run(["train", str(cfg), "--resume", NO_PLOT], tmp_path / "resume.log")
     assert f"resumed from {path} at step {stop}" in resumed
     assert step_rows(out) == step_rows(uninterrupted)  # loss, grad norm, lr: bit for bit
 
@@ -115,7 +90,7 @@ def test_handlers_last_for_the_context_and_a_second_ctrl_c_aborts():
 
 
 @pytest.mark.slow
-def test_a_second_ctrl_c_aborts_a_real_run_at_once(tmp_path: Path):
+def test_a_second_ctrl_c_aborts_a_real_run_at_once(tmp_path: Path, fork_launcher):
     """A model big enough (~100M params) that finishing the step and saving take seconds: a
     second SIGINT 1.2 s after the first aborts (exit 130, "interrupted", no stop checkpoint)."""
     out = tmp_path / "big"
@@ -126,14 +101,14 @@ def test_a_second_ctrl_c_aborts_a_real_run_at_once(tmp_path: Path):
             "{hidden_size: 1024, intermediate_size: 2048, num_layers: 8, num_heads: 8,",
         )
     )
-    proc = start_train(cfg)
+    proc = fork_launcher.start(["train", str(cfg)], tmp_path / "big.log")
     wait_for_rows(proc, out, 1)
     proc.send_signal(signal.SIGINT)
     time.sleep(1.2)
     assert proc.poll() is None, "the run ended before the second Ctrl-C"
     proc.send_signal(signal.SIGINT)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, output
+    returncode, output = proc.wait(timeout=120), proc.output()
+    assert returncode == 130, output
     assert "tscale: interrupted" in output and "stopped by" not in output
     ckpts = out / "checkpoints"
     assert not (ckpts.exists() and list(ckpts.glob("step_*")))  # no complete stop checkpoint

@@ -15,6 +15,8 @@ from tscale.errors import CheckpointError, ConfigError
 from tscale.testing.runs import TINY_MODEL
 from tscale.train import Callback, train
 
+NO_PLOT = "log.plot=false"  # the end-of-run curves.png (~1 s a run) is checked in test_plot_cli
+
 TINY = [
     *TINY_MODEL,
     "data.synthetic.num_train=200",
@@ -37,7 +39,7 @@ TINY = [
 
 
 def _cfg(run_dir: Path, *extra: str):
-    return load_config(None, [*TINY, f"run.output_dir={run_dir}", *extra])
+    return load_config(None, [*TINY, f"run.output_dir={run_dir}", NO_PLOT, *extra])
 
 
 def _quiet() -> Console:

@@ -17,6 +17,8 @@ from tscale.testing.runs import TINY_MODEL
 from tscale.train import train
 from tscale.train.trainer import reference_answer
 
+NO_PLOT = "log.plot=false"  # the end-of-run curves.png (~1 s a run) is checked in test_plot_cli
+
 STEPS = 6
 TINY = [
     *TINY_MODEL,
@@ -50,7 +52,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _run(tmp_path: Path, data: str, files: dict[str, Path], *extra: str) -> tuple[dict, str]:
-    overrides = [*TINY, f"run.output_dir={tmp_path / 'run'}", *extra]
+    overrides = [*TINY, f"run.output_dir={tmp_path / 'run'}", NO_PLOT, *extra]
     if data in ("eval_files", "train_files"):
         overrides.append(f"data.train_files=[{files['train']}]")
     if data == "eval_files":
