@@ -170,7 +170,7 @@ def test_the_records_load_from_yaml_with_their_domains(tmp_path: Path) -> None:
     )
     assert (cfg.max_failure_fraction, cfg.failure_window) == (0.2, 20)
     assert build_reward_set(cfg).names == ("exact_match", "format_match")
-    assert load_config(None, cls=RewardsConfig).functions == [RewardConfig()]
+    assert load_config(None, cls=RewardsConfig).functions == [RewardConfig(fn="exact_match")]
     with pytest.raises(ConfigError, match=r"functions\[0\].weight must be a finite number, got"):
         load_config({"functions": [{"weight": float("inf")}]}, cls=RewardsConfig)
     with pytest.raises(ConfigError, match=r"max_failure_fraction must be in \[0, 1\], got 1.5"):
