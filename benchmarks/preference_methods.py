@@ -77,6 +77,14 @@ METHODS: dict[str, dict[str, Any]] = {
         "train.epochs": 3.0,
     },
     "orpo_2ep": {"task.type": "orpo", "task.beta": 0.5, "optimizer.lr": 5e-4, "train.epochs": 2.0},
+    # KTO on both halves of every pair (TRL's unpair_preference_dataset), with the NLL term
+    "kto_both_sft": {
+        "task.type": "kto",
+        "task.beta": 0.1,
+        "task.sft_weight": 1.0,
+        "optimizer.lr": 1e-4,
+        "kto": "both",
+    },
     "kto_sft": {
         "task.type": "kto",
         "task.beta": 0.1,
@@ -88,13 +96,15 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 
 
-def write_kto(work: Path, pairs_train: Path) -> Path:
-    """The training pairs as KTO's labelled completions (half desirable per task)."""
+def write_kto(work: Path, pairs_train: Path, *, both: bool = False) -> Path:
+    """The training pairs as KTO's labelled completions: one per problem (the correct or the
+    corrupted answer, half desirable per task), or ``both`` — each pair as two rows, its chosen
+    answer desirable and its rejected one undesirable (TRL's ``unpair_preference_dataset``)."""
     rows = [json.loads(x) for x in pairs_train.read_text().splitlines()]
     kto = []
-    for i, r in enumerate(rows):  # the same problems: the correct or the corrupted answer
-        good = i % 2 == 0
-        kto.append(
+    for i, r in enumerate(rows):
+        labels = (True, False) if both else (i % 2 == 0,)
+        kto += [
             {
                 "prompt": r["prompt"],
                 "completion": r["chosen"] if good else r["rejected"],
@@ -102,8 +112,10 @@ def write_kto(work: Path, pairs_train: Path) -> Path:
                 "task": r["task"],
                 "answer": r["chosen"],
             }
-        )
-    return synthetic.write_jsonl(kto, work / "kto-train.jsonl")
+            for good in labels
+        ]
+    name = "kto-both-train.jsonl" if both else "kto-train.jsonl"
+    return synthetic.write_jsonl(kto, work / name)
 
 
 def method_config(
@@ -189,6 +201,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--pairs", type=int, default=10000, help="training pairs")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--collect",
+        action="store_true",
+        help="record the named methods' finished runs in --work without training again (wall "
+        "time from the files' times)",
+    )
     add_smoke_flag(ap)
     args = ap.parse_args()
     extra = list(SMOKE_TRAIN_OVERRIDES) if args.smoke else []
@@ -200,7 +218,7 @@ def main() -> None:
     train, held_out, data_info = make_pairs(
         work, num_pairs=num_pairs, num_eval=num_eval, extra=extra
     )
-    kto_train = write_kto(work, train)
+    kto_train = {True: write_kto(work, train), "both": write_kto(work, train, both=True)}
     epochs = 1.0 if args.smoke else args.epochs
     eval_every = 2 if args.smoke else 50
     new_tokens = 4 if args.smoke else 20
@@ -212,7 +230,7 @@ def main() -> None:
             name,
             settings,
             model=model,
-            train=kto_train if settings.get("kto") else train,
+            train=kto_train[settings["kto"]] if settings.get("kto") else train,
             held_out=held_out,
             work=work,
             epochs=epochs,
@@ -221,10 +239,19 @@ def main() -> None:
             max_new_tokens=new_tokens,
             extra=extra,
         )
-        exe = Path(sys.executable).with_name("tscale")
-        seconds, rss = timed_process(
-            [str(exe), "train", str(cfg), "--overwrite"], dict(os.environ), work / f"{name}.log"
-        )
+        rss: float | None
+        if args.collect:  # a finished run: from its start (config.yaml) to its last metrics row
+            run_dir = work / name
+            seconds = (run_dir / "metrics.jsonl").stat().st_mtime
+            seconds -= (run_dir / "config.yaml").stat().st_mtime
+            rss = None
+        else:
+            exe = Path(sys.executable).with_name("tscale")
+            seconds, rss = timed_process(
+                [str(exe), "train", str(cfg), "--overwrite"],
+                dict(os.environ),
+                work / f"{name}.log",
+            )
         run = read_run(work / name)
         last = run["evals"][-1] if run["evals"] else {}
         accuracy = last.get("eval/rewards/accuracies")
@@ -234,7 +261,8 @@ def main() -> None:
             "pairs": num_pairs,
             "epochs": settings.get("train.epochs", epochs),
             "wall_s": round(seconds, 1),
-            "peak_rss_mib": round(rss),
+            "peak_rss_mib": None if rss is None else round(rss),
+            **({"collected": "wall time from the run's file times"} if args.collect else {}),
             **run,
             "held_out_pairwise_accuracy": accuracy,
             "margin_grows": bool(len(margins) > 1 and margins[-1] > margins[0]),
@@ -252,6 +280,18 @@ def main() -> None:
             f"{last.get('eval/exact_match')} (base {base['tscale_eval']['exact_match']})",
             flush=True,
         )
+        write_results(args, results, base=base, data_info=data_info, epochs=epochs)
+
+
+def write_results(
+    args: argparse.Namespace,
+    results: dict[str, Any],
+    *,
+    base: dict[str, Any],
+    data_info: dict[str, Any],
+    epochs: float,
+) -> None:
+    """The JSON, rewritten after each method (a stopped sweep keeps what it finished)."""
     if args.methods and args.out.is_file():  # a rerun of some methods: keep the others
         results = {**json.loads(args.out.read_text()).get("methods", {}), **results}
     out = {
