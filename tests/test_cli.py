@@ -138,3 +138,47 @@ def test_first_command_imports_with_the_collector_paused_and_frozen():
     assert (enabled, torch_loaded) == ("True", "True")
     assert full == "0"  # no full collection while importing (nor after: little else is made)
     assert (after, enabled_after) == ("0", "True")
+
+
+_END = (
+    "import atexit, os, sys, threading\n"
+    "import tscale.cli\n"
+    "class Teardown:\n"
+    "    def __del__(self, write=os.write):\n"
+    "        write(1, b'teardown\\n')\n"
+    "keep = Teardown()  # freed by the interpreter's teardown only\n"
+    "atexit.register(print, 'atexit handler')\n"
+    "if len(sys.argv) > 2:  # a worker thread that runs until the interpreter's exit\n"
+    "    threading.Thread(target=threading.main_thread().join).start()\n"
+    "sys.argv = ['tscale', 'config', 'show', sys.argv[1]]\n"
+    "sys.exit(tscale.cli.main())\n"
+)
+
+
+def _program(config: str, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", _END, config, *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_the_program_ends_without_the_teardown_after_the_atexit_handlers(tmp_path: Path):
+    r = _program("configs/quickstart.yaml")
+    assert r.returncode == 0, r.stderr
+    assert yaml.safe_load(r.stdout.split("atexit handler")[0])["run"]["name"] == "quickstart"
+    assert r.stdout.rstrip().endswith("atexit handler")  # flushed, after the command's output
+    assert "teardown" not in r.stdout  # the process ended before the interpreter's teardown
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("optimizer:\n  lr_rate: 0.001\n")
+    r = _program(str(bad))
+    assert r.returncode == 2 and "lr_rate" in r.stderr and "atexit handler" in r.stdout
+    assert "teardown" not in r.stdout
+
+
+def test_the_program_exits_normally_while_another_thread_runs():
+    r = _program("configs/quickstart.yaml", "thread")
+    assert r.returncode == 0, r.stderr
+    assert "atexit handler" in r.stdout and "teardown" in r.stdout  # the usual exit
