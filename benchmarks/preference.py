@@ -19,8 +19,10 @@
    should be ln 2 (policy == reference). Seeds 0, 1, 2 give TRL's own seed-to-seed spread: the
    mean ± 2 std per step, which the tscale curve must stay within.
 4. **tscale**: ``tscale train`` with a DPO config (:func:`tscale_dpo_config`) on the same folder,
-   pairs, geometry and optimizer (16 pairs per step), with the prompt shared by both
-   completions (``task.share_prompt: true``) and plain padded pairs (false).
+   pairs, geometry and optimizer (16 pairs per step), the reference a frozen copy run every
+   step as TRL's (not precomputed), no end-of-run plot (``log.plot: false``: TRL draws none),
+   with the prompt shared by both completions (``task.share_prompt: true``) and plain padded
+   pairs (false).
 5. **after training**, for every run: held-out pairwise accuracy of the implicit reward
    (β·(log π − log π_ref) of chosen vs rejected), its mean margin, and greedy exact match.
 
@@ -356,6 +358,20 @@ def run_trl(seed: int, data: Path, model: Path, work: Path, threads: int) -> dic
 # 4. tscale: the DPO task (task.type: dpo) on the same folder, pairs, geometry and optimizer
 # --------------------------------------------------------------------------------------------
 
+REFERENCE_STRATEGY = {
+    "trl": "a frozen copy of the model folder, its forward run on every step's batch "
+    "(DPOConfig precompute_ref_log_probs false: TRL's default)",
+    "tscale": "a frozen copy of the model folder, its forward run on every step's batch "
+    "(task.reference auto: copy without LoRA; not precomputed)",
+}
+"""The reference model of each side: the same strategy, so both pay the same reference forward
+per step."""
+
+TSCALE_COMMON: dict[str, Any] = {"log.plot": False}
+"""Settings of every tscale run beyond TRL's geometry and optimizer: no end-of-run curves.png
+(TRL, with ``report_to: []``, draws and reports nothing either); metrics.jsonl is written as
+always, like TRL's log history."""
+
 TSCALE_VARIANTS: dict[str, dict[str, Any]] = {
     "shared_prompt_packed": {"task.share_prompt": True, "data.packing.enabled": False},
     "padded_pairs": {"task.share_prompt": False, "data.packing.enabled": False},
@@ -376,8 +392,9 @@ def tscale_dpo_config(
     work: Path,
     threads: int,
 ) -> dict[str, Any]:
-    """The YAML of one tscale DPO run: TRL's geometry and optimizer, plus ``settings`` (dotted
-    keys); the reference is a frozen copy of the same folder (``task.reference: auto``)."""
+    """The YAML of one tscale DPO run: TRL's geometry and optimizer, plus :data:`TSCALE_COMMON`
+    and ``settings`` (dotted keys); the reference is a frozen copy of the same folder
+    (``task.reference: auto``), as TRL's."""
     cfg: dict[str, Any] = {
         "run": {
             "name": name,
@@ -401,7 +418,7 @@ def tscale_dpo_config(
         "train": {"epochs": 1, "log_every": 1, "save_every": 0, "progress": False},
         "eval": {"num_samples": 0},
     }
-    for key, value in settings.items():
+    for key, value in {**TSCALE_COMMON, **settings}.items():
         *parents, leaf = key.split(".")
         node = cfg
         for p in parents:
@@ -672,7 +689,9 @@ def main() -> None:
             "beta": BETA,
             "lr": LR,
             "trl_common": TRL_COMMON,
+            "tscale_common": TSCALE_COMMON,
             "tscale_variants": TSCALE_VARIANTS,
+            "reference": REFERENCE_STRATEGY,
             "data": data_info,
         },
         "base": base_info,

@@ -105,3 +105,80 @@ def test_version_and_python_dash_m():
     )
     assert r.returncode == 0, r.stderr
     assert yaml.safe_load(r.stdout)["run"]["name"] == "quickstart"
+
+
+def test_first_command_imports_with_the_collector_paused_and_frozen():
+    """The first command of a process imports torch & co. without cyclic collections and keeps
+    what they made frozen while it runs (no collection walks it); afterwards the collector is
+    on and nothing is frozen (the exit collects as usual); a second command imports nothing."""
+    code = (
+        "import gc, io, sys, contextlib\n"
+        "import tscale.cli\n"
+        "assert 'torch' not in sys.modules and gc.get_freeze_count() == 0\n"
+        "full, frozen = [], []\n"
+        "gc.callbacks.append(lambda phase, info: full.append(info['generation'] == 2) "
+        "if phase == 'start' else None)\n"
+        "run = tscale.cli._run\n"
+        "def spy(args):\n"
+        "    frozen.append((gc.get_freeze_count(), gc.isenabled(), 'torch' in sys.modules))\n"
+        "    return run(args)\n"
+        "tscale.cli._run = spy\n"
+        "argv = ['config', 'show', 'configs/quickstart.yaml']\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert tscale.cli.main(argv) == 0 and tscale.cli.main(argv) == 0\n"
+        "print(frozen[0][0], frozen[1][0], *frozen[0][1:], sum(full), gc.get_freeze_count(), "
+        "gc.isenabled())\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    first, second, enabled, torch_loaded, full, after, enabled_after = r.stdout.split()
+    assert int(first) > 100_000 and second == "0"  # torch's objects; the second imports none
+    assert (enabled, torch_loaded) == ("True", "True")
+    assert full == "0"  # no full collection while importing (nor after: little else is made)
+    assert (after, enabled_after) == ("0", "True")
+
+
+_END = (
+    "import atexit, os, sys, threading\n"
+    "import tscale.cli\n"
+    "class Teardown:\n"
+    "    def __del__(self, write=os.write):\n"
+    "        write(1, b'teardown\\n')\n"
+    "keep = Teardown()  # freed by the interpreter's teardown only\n"
+    "atexit.register(print, 'atexit handler')\n"
+    "if len(sys.argv) > 2:  # a worker thread that runs until the interpreter's exit\n"
+    "    threading.Thread(target=threading.main_thread().join).start()\n"
+    "sys.argv = ['tscale', 'config', 'show', sys.argv[1]]\n"
+    "sys.exit(tscale.cli.main())\n"
+)
+
+
+def _program(config: str, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", _END, config, *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_the_program_ends_without_the_teardown_after_the_atexit_handlers(tmp_path: Path):
+    r = _program("configs/quickstart.yaml")
+    assert r.returncode == 0, r.stderr
+    assert yaml.safe_load(r.stdout.split("atexit handler")[0])["run"]["name"] == "quickstart"
+    assert r.stdout.rstrip().endswith("atexit handler")  # flushed, after the command's output
+    assert "teardown" not in r.stdout  # the process ended before the interpreter's teardown
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("optimizer:\n  lr_rate: 0.001\n")
+    r = _program(str(bad))
+    assert r.returncode == 2 and "lr_rate" in r.stderr and "atexit handler" in r.stdout
+    assert "teardown" not in r.stdout
+
+
+def test_the_program_exits_normally_while_another_thread_runs():
+    r = _program("configs/quickstart.yaml", "thread")
+    assert r.returncode == 0, r.stderr
+    assert "atexit handler" in r.stdout and "teardown" in r.stdout  # the usual exit
