@@ -252,7 +252,7 @@ def tscale_config(
     data_cfg = cfg["data"]
     data_cfg.pop("synthetic")
     data_cfg.update(train_files=[str(data)], batch_size=args.prompts)
-    cfg["optimizer"].update(betas=[0.9, 0.999], eps=1e-8)
+    cfg["optimizer"].update(lr=LR, betas=[0.9, 0.999], eps=1e-8)  # TRL's, whatever the config says
     cfg["train"] = {
         "max_steps": args.steps,
         "log_every": 1,
