@@ -291,9 +291,13 @@ def write_results(
     data_info: dict[str, Any],
     epochs: float,
 ) -> None:
-    """The JSON, rewritten after each method (a stopped sweep keeps what it finished)."""
-    if args.methods and args.out.is_file():  # a rerun of some methods: keep the others
-        results = {**json.loads(args.out.read_text()).get("methods", {}), **results}
+    """The JSON, rewritten after each method (a stopped sweep keeps what it finished); a rerun
+    of some methods keeps the others and the hand-written ``note``."""
+    kept: dict[str, Any] = {}
+    if args.methods and args.out.is_file():
+        before = json.loads(args.out.read_text())
+        results = {**before.get("methods", {}), **results}
+        kept = {k: before[k] for k in ("note",) if k in before}
     out = {
         "benchmark": "preference_methods",
         "when": time.strftime("%Y-%m-%d"),
@@ -304,6 +308,7 @@ def write_results(
         "common": COMMON,
         "methods": results,
         **({"smoke": True} if args.smoke else {}),
+        **kept,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
