@@ -85,6 +85,14 @@ METHODS: dict[str, dict[str, Any]] = {
         "optimizer.lr": 1e-4,
         "kto": "both",
     },
+    "kto_both_sft_3ep": {
+        "task.type": "kto",
+        "task.beta": 0.1,
+        "task.sft_weight": 1.0,
+        "optimizer.lr": 1e-4,
+        "train.epochs": 3.0,
+        "kto": "both",
+    },
     "kto_sft": {
         "task.type": "kto",
         "task.beta": 0.1,
