@@ -20,7 +20,7 @@ from tscale.cli import main
 from tscale.config import load_config
 from tscale.errors import ConfigError
 from tscale.testing.runs import TINY_GRPO_YAML as YAML
-from tscale.testing.runs import step_rows
+from tscale.testing.runs import TINY_QUICKSTART, step_rows
 from tscale.train.run import build_run
 
 NO_PLOT = "log.plot=false"  # the end-of-run curves.png (~1 s a run) is checked in test_plot_cli
@@ -181,24 +181,6 @@ def test_processed_cache_keeps_the_record_columns(tmp_path: Path) -> None:
 
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY_BASE = [
-    "model.hidden_size=32",
-    "model.intermediate_size=64",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "model.num_kv_heads=1",
-    "model.max_position_embeddings=64",
-    "data.synthetic.num_train=64",
-    "data.synthetic.num_eval=8",
-    "data.tokenizer.vocab_size=300",
-    "data.batch_size=8",
-    "train.max_steps=3",
-    "scheduler.warmup_steps=1",
-    "train.progress=false",
-    "run.threads=1",
-    "eval.num_samples=4",
-    "eval.max_new_tokens=8",
-]
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +191,9 @@ def base_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tscale.train.export import export
 
     root = tmp_path_factory.mktemp("base")
-    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [*TINY_BASE, f"run.output_dir={root}"])
+    cfg = load_config(
+        ROOT / "configs" / "quickstart.yaml", [*TINY_QUICKSTART, f"run.output_dir={root}"]
+    )
     train(cfg, console=Console(quiet=True))
     return export(root, root / "export")
 

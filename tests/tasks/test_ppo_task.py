@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from tscale.cli import main
 from tscale.config import load_config
 from tscale.errors import ConfigError
-from tscale.testing.runs import TINY_GRPO_YAML, step_rows
+from tscale.testing.runs import TINY_GRPO_YAML, TINY_QUICKSTART, step_rows
 from tscale.train.run import Run, build_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -288,26 +288,6 @@ def test_value_init_path_needs_a_separate_critic(tmp_path: Path) -> None:
         built(tmp_path, f"task.value_init_path={tmp_path}")
 
 
-TINY_BASE = [
-    "model.hidden_size=32",
-    "model.intermediate_size=64",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "model.num_kv_heads=1",
-    "model.max_position_embeddings=64",
-    "data.synthetic.num_train=64",
-    "data.synthetic.num_eval=8",
-    "data.tokenizer.vocab_size=300",
-    "data.batch_size=8",
-    "train.max_steps=3",
-    "scheduler.warmup_steps=1",
-    "train.progress=false",
-    "run.threads=1",
-    "eval.num_samples=4",
-    "eval.max_new_tokens=8",
-]
-
-
 def test_quickstart_config_trains_from_an_exported_base(tmp_path: Path) -> None:
     from rich.console import Console
 
@@ -315,7 +295,9 @@ def test_quickstart_config_trains_from_an_exported_base(tmp_path: Path) -> None:
     from tscale.train.export import export
 
     root = tmp_path / "base"
-    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [*TINY_BASE, f"run.output_dir={root}"])
+    cfg = load_config(
+        ROOT / "configs" / "quickstart.yaml", [*TINY_QUICKSTART, f"run.output_dir={root}"]
+    )
     train(cfg, console=Console(quiet=True))
     base = export(root, root / "export")
     out = tmp_path / "ppo"

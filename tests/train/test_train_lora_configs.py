@@ -10,28 +10,11 @@ from rich.console import Console
 
 from tscale.config import load_config
 from tscale.core import tree as T
+from tscale.testing.runs import TINY_QUICKSTART
 from tscale.train import train
 from tscale.train.export import export
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY_BASE = [
-    "model.hidden_size=32",
-    "model.intermediate_size=64",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "model.num_kv_heads=1",
-    "model.max_position_embeddings=64",
-    "data.synthetic.num_train=64",
-    "data.synthetic.num_eval=8",
-    "data.tokenizer.vocab_size=300",
-    "data.batch_size=8",
-    "train.max_steps=3",
-    "scheduler.warmup_steps=1",
-    "train.progress=false",
-    "run.threads=1",
-    "eval.num_samples=4",
-    "eval.max_new_tokens=8",
-]
 SMALL = [
     "data.synthetic.num_train=64",
     "data.synthetic.num_eval=8",
@@ -50,7 +33,9 @@ SMALL = [
 @pytest.fixture(scope="module")
 def base_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("base")
-    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [*TINY_BASE, f"run.output_dir={root}"])
+    cfg = load_config(
+        ROOT / "configs" / "quickstart.yaml", [*TINY_QUICKSTART, f"run.output_dir={root}"]
+    )
     train(cfg, console=Console(quiet=True))
     return export(root, root / "export")
 

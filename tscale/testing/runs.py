@@ -121,3 +121,19 @@ TINY_DATA = [
     "data.max_length=32",
 ]
 """Overrides for a small synthetic task that fits :data:`TINY_MODEL`."""
+
+TINY_QUICKSTART = [
+    *TINY_MODEL,
+    "model.num_kv_heads=1",
+    "data.synthetic.num_train=64",
+    "data.synthetic.num_eval=8",
+    "data.batch_size=8",
+    "train.max_steps=3",
+    "scheduler.warmup_steps=1",
+    "train.progress=false",
+    "run.threads=1",
+    "eval.num_samples=4",
+    "eval.max_new_tokens=8",
+]
+"""Overrides that shrink ``configs/quickstart.yaml`` to a 3-step run of a tiny model: the base
+folder the RL and LoRA config tests export and start from."""
