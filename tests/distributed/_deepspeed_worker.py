@@ -17,6 +17,7 @@ import torch.distributed as dist
 # the script's directory is on sys.path when torchrun starts it
 from _equivalence_worker import B, tiny_model
 from _equivalence_worker import batches as plain_batches
+from _worker_exit import end_without_teardown
 from tensordict import TensorDict
 
 from tscale.core import rng as R
@@ -228,3 +229,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_without_teardown()

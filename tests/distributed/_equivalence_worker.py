@@ -11,6 +11,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from _worker_exit import end_without_teardown
 from tensordict import TensorDict
 
 from tscale.core import rng as R
@@ -209,3 +210,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_without_teardown()

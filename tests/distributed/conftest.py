@@ -24,8 +24,21 @@ def _torchrun(args: list[str], nproc: int = 2, timeout: int = 280) -> str:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
-        pytest.fail(f"torchrun {' '.join(args)} failed ({proc.returncode}):\n{out[-6000:]}")
+        pytest.fail(f"torchrun {' '.join(args)} failed ({proc.returncode}):\n{_tail(out)}")
     return out
+
+
+def _tail(out: str, chars: int = 6000) -> str:
+    """The end of a failed run's output without the libraries' deprecation warnings (DeepSpeed's
+    collectives print two lines per call site per rank, which pushed the cause out of view)."""
+    lines = out.splitlines()
+    kept = [
+        line
+        for i, line in enumerate(lines)
+        if "FutureWarning" not in line
+        and not (i > 0 and "FutureWarning" in lines[i - 1] and line.startswith("  "))
+    ]
+    return "\n".join(kept)[-chars:]
 
 
 def _tscale_cli(args: list[str], timeout: int = 280) -> str:
