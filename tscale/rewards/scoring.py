@@ -30,7 +30,7 @@ from typing import Any
 import attrs
 import torch
 
-from tscale.errors import ConfigError, RewardError, ShapeError, TscaleError
+from tscale.errors import CheckpointError, ConfigError, RewardError, ShapeError, TscaleError
 from tscale.rewards.config import RewardConfig, RewardsConfig
 from tscale.rewards.model import RewardModelReward, check_model_settings
 from tscale.rewards.resolve import (
@@ -214,6 +214,30 @@ class RewardSet:
     @property
     def weights(self) -> tuple[float, ...]:
         return tuple(f.weight for f in self.functions)
+
+    def state_dict(self) -> dict[str, list[bool]]:
+        """The failure window, JSON-able: per function, whether each of its last calls raised
+        (oldest first). A checkpoint saves it so that a resumed run stops (or not) at the step
+        the uninterrupted one does."""
+        return {name: list(recent) for name, recent in self._recent.items()}
+
+    def load_state_dict(self, state: Mapping[str, Sequence[bool]]) -> None:
+        """Restore the failure window :meth:`state_dict` gave (a shorter ``failure_window``
+        now keeps the newest calls).
+
+        Raises:
+            CheckpointError: the saved window names other functions than this set's.
+        """
+        if set(state) != set(self._recent):
+            raise CheckpointError(
+                f"the checkpoint's reward failure window is of the functions "
+                f"{sorted(state)}, this run's are {sorted(self._recent)}; resume with the "
+                "rewards the checkpoint was written with"
+            )
+        for name, calls in state.items():
+            recent = self._recent[name]
+            recent.clear()
+            recent.extend(bool(c) for c in calls)
 
     def score(
         self,

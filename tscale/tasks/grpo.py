@@ -79,6 +79,7 @@ from tscale.tasks.base import (
     FrozenTree,
     LossFn,
     RolloutFn,
+    StatefulRollout,
     TaskContext,
     TaskDefaults,
     register_task,
@@ -504,7 +505,13 @@ class GRPOTask(TaskDefaults):
             out["rollout_stats"] = stats_rows(stats, names, n * g).to(mask.device)
             return out
 
-        return stage
+        # the failure window travels in the checkpoint: a resumed run stops where the
+        # uninterrupted one does
+        return StatefulRollout(
+            stage,
+            state_dict=lambda: {"reward_failures": reward_set.state_dict()},
+            load_state_dict=lambda saved: reward_set.load_state_dict(saved["reward_failures"]),
+        )
 
     def rollout_advantages(
         self, total: torch.Tensor, batch: TensorDict
