@@ -32,6 +32,9 @@ The contract, in the order the trainer uses it:
   (the loop says "no held-out data" once instead of evaluating nothing).
 - ``evaluate(ctx, params, frozen)``: held-out metrics and sample generations.
 - ``key_metrics``: the metrics the progress line shows beside the loss.
+- ``run_defaults`` (optional class attribute): the task's own defaults of the run-dependent
+  null/auto keys, e.g. online RL's ``{"data.group_by_length": False}``; they win over the
+  fine-tuning / random-init defaults, never over a key the user set.
 - ``head`` (optional class attribute, ``"lm"`` when absent): ``"score"`` makes the run build a
   reward model — the decoder without its LM head plus ``score.weight``
   (:mod:`tscale.models.reward`), wrapped by the task's ``wrap_model(model, config, pad_id=)``
@@ -160,6 +163,10 @@ class TaskDefaults:
 
     key_metrics: ClassVar[tuple[str, ...]] = ()
     updates_per_batch: ClassVar[int] = 1
+    run_defaults: ClassVar[Mapping[str, Any]] = {}
+    """The task's own values of the run-dependent null/auto keys (``data.group_by_length`` …),
+    which ``tscale.config.schema.resolve_defaults`` uses before the fine-tuning / random-init
+    table; a key the user set always wins."""
 
     def check(self, config: Any) -> None:
         """No rules beyond the fields' own domains."""

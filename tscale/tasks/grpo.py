@@ -312,6 +312,9 @@ class GRPOTask(TaskDefaults):
     )
 
     key_metrics: ClassVar[tuple[str, ...]] = ("reward", "frac_reward_zero_std")
+    run_defaults: ClassVar[Mapping[str, Any]] = {"data.group_by_length": False}
+    """Batches of random prompts even when fine-tuning: prompts of one length in a batch would
+    correlate its rollouts (RLOO and PPO inherit it)."""
 
     # ---------------------------------------------------------------- options
 
