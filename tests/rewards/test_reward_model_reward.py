@@ -33,11 +33,16 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 PAD = "<|endoftext|>"  # the qwen2 folder's spare special token: not its eos (<|im_end|>)
 
 
-def write_reward_model(policy: Path, out: Path, *, seed: int) -> Path:
+def write_reward_model(
+    policy: Path, out: Path, *, seed: int, max_positions: int | None = None
+) -> Path:
     """A random ``Qwen2ForSequenceClassification`` on ``policy``'s config and tokenizer, saved
-    by transformers (what a reward run's export looks like)."""
+    by transformers (what a reward run's export looks like); ``max_positions``: its own
+    ``max_position_embeddings`` (default the policy's)."""
     cfg = transformers.AutoConfig.from_pretrained(policy)
     cfg.num_labels = 1
+    if max_positions is not None:
+        cfg.max_position_embeddings = max_positions
     cfg.pad_token_id = Tokenizer.from_file(str(policy / "tokenizer.json")).token_to_id(PAD)
     cfg.architectures = ["Qwen2ForSequenceClassification"]
     torch.manual_seed(seed)
@@ -61,8 +66,12 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "policy": policy,
         "rm": write_reward_model(policy, root / "rm", seed=1),
         "rm_other": write_reward_model(policy, root / "rm_other", seed=2),
+        "rm_short": write_reward_model(policy, root / "rm_short", seed=3, max_positions=SHORT),
         "llama": make_model_folder(root / "llama", "llama3", hidden_size=32, num_layers=1),
     }
+
+
+SHORT = 20  # the short reward model's max_position_embeddings: cuts the chat prompt (21 tokens)
 
 
 def policy_tokenizer(folders: dict[str, Path]) -> Tokenizer:
@@ -281,3 +290,75 @@ def test_yaml_mistakes_stop_the_run_in_one_line(folders: dict[str, Path], tmp_pa
     assert one_line(err).startswith(
         "task.rewards.functions[0].model: the reward model's tokenizer is not the policy's"
     )
+
+
+def hf_scores(folder: Path, rows: list[list[int]]) -> torch.Tensor:
+    """transformers' scores of each row, one at a time (no padding)."""
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return torch.cat([hf(input_ids=torch.tensor([r])).logits[:, 0] for r in rows])
+
+
+def test_a_long_sequence_keeps_its_completion_and_the_end_of_its_prompt(
+    folders: dict[str, Path],
+) -> None:
+    tok = policy_tokenizer(folders)
+    prompts, completions, prompt_ids, completion_ids = batch(tok)
+    rows = [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)]
+    assert any(len(r) > SHORT for r in rows) and any(0 < len(r) <= SHORT for r in rows)
+    reward = RewardModelReward(folders["rm_short"], tokenizer=tok, batch_size=3)
+    assert reward.max_positions == SHORT
+    ours = reward(prompts, completions, completion_ids, prompt_ids=prompt_ids)
+    cut = [
+        (p[len(p) - (SHORT - len(c)) :] if len(p) + len(c) > SHORT else p) + c
+        for p, c in zip(prompt_ids, completion_ids, strict=True)
+    ]
+    assert all(len(r) <= SHORT for r in cut) and all(len(c) < SHORT for c in completion_ids)
+    assert all(r[-len(c) :] == c for r, c in zip(cut, completion_ids, strict=True) if c)
+    theirs = hf_scores(folders["rm_short"], cut)
+    torch.testing.assert_close(torch.tensor(ours), theirs, rtol=0, atol=1e-5)
+    whole = hf_scores(folders["rm_short"], rows)  # what scoring the uncut rows would give
+    long = torch.tensor([len(r) > SHORT for r in rows])
+    assert (whole[long] - theirs[long]).abs().min() > 1e-3  # the comparison can fail
+    assert reward.counts == {"truncated": int(long.sum())}
+
+    # a completion longer than the positions on its own is unscored, not cut
+    assert reward(["p"], ["c"], [[5] * (SHORT + 1)], prompt_ids=[[7, 8]]) == [None]
+
+    # RewardSet logs the count
+    config = RewardsConfig(functions=[RewardConfig(model=str(folders["rm_short"]), name="rm")])
+    rs = build_reward_set(config, tokenizer=tok, max_completion_length=SHORT - 1)
+    assert rs.count_names == ("reward/rm/truncated",)
+    scores = rs.score(prompts, completions, completion_ids, prompt_ids=prompt_ids)
+    assert scores.metrics()["reward/rm/truncated"] == float(long.sum())
+
+
+def test_a_completion_budget_that_fills_the_positions_is_refused(
+    folders: dict[str, Path],
+) -> None:
+    config = RewardsConfig(functions=[RewardConfig(model=str(folders["rm_short"]))])
+    with pytest.raises(ConfigError) as err:
+        build_reward_set(config, key="task.rewards", max_completion_length=SHORT)
+    assert one_line(err).startswith(
+        f"task.rewards.functions[0].model: task.max_completion_length ({SHORT}) leaves no room "
+        f"for a prompt in the reward model's max_position_embeddings ({SHORT}"
+    )
+
+
+def test_grpo_logs_the_truncated_count_from_yaml(folders: dict[str, Path], tmp_path: Path) -> None:
+    from tscale.cli import main
+    from tscale.train.run import build_run
+
+    cfg = grpo_yaml(tmp_path, folders, f"{{model: {folders['rm_short']}, name: rm}}")
+    assert main(["train", str(cfg)]) == 0
+    rows = step_rows(tmp_path / "run")
+    # the chat prompts are about as long as the reward model's positions: some sequences cut
+    assert all(0 < r["reward/rm/truncated"] <= 8 for r in rows)
+    assert all(math.isfinite(r["reward/rm"]) for r in rows)
+    too_long = grpo_yaml(tmp_path, folders, f"{{model: {folders['rm_short']}}}")
+    text = too_long.read_text().replace(
+        "max_completion_length: 6", f"max_completion_length: {SHORT}"
+    )
+    too_long.write_text(text)
+    with pytest.raises(ConfigError, match=r"^task.rewards.functions\[0\].model: task.max_comp"):
+        build_run(load_config(str(too_long), []), overwrite=True)  # before any step

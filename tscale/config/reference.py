@@ -6,6 +6,7 @@ a test fails while the checked-in file differs.
 
 from __future__ import annotations
 
+import json
 import re
 import typing
 from collections.abc import Mapping, Sequence
@@ -207,10 +208,26 @@ def _tagged_section(
         out.append("")
         title = f"`{dotted}.type: {tag}`"
         own = _section(cls, path, sub_level, title, skip=shared | {"type"})
+        defaults = _run_defaults_line(cls)
+        if defaults:
+            own.insert(2 if len(own) > 1 and not own[1].startswith("|") else 1, defaults)
         if not any(line.startswith("| `") for line in own):
             own.append("No keys of its own.\n")
         out.extend(own)
     return out
+
+
+def _run_defaults_line(cls: type) -> str:
+    """The line naming a type's own defaults of the run-dependent keys (``run_defaults``: they
+    win over the fine-tuning / random-init ones when the key is null), or ''."""
+    own = getattr(cls, "run_defaults", None) or {}
+    if not own:
+        return ""
+    keys = ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in own.items())
+    return (
+        f"Its own defaults of null keys (over the fine-tuning / random-init ones; a value you "
+        f"set wins): {keys}.\n"
+    )
 
 
 def _fields_but(cls: type, keep: frozenset[str]) -> list[str]:

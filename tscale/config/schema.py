@@ -17,6 +17,7 @@ from typing import Any, Literal
 import attrs
 
 from tscale.core.fields import field
+from tscale.errors import ConfigError
 
 # The optimizer and scheduler sections are tagged unions of records that live beside their
 # factories (tscale.optim) and build themselves; config may import those record modules.
@@ -289,7 +290,9 @@ class DataConfig:
     group_by_length: bool | None = field(
         None,
         "Batch examples of similar length (less padding; batches still drawn at random). null: "
-        "true when fine-tuning model.path (without data.streaming), false from random init.",
+        "true when fine-tuning model.path (without data.streaming), false from random init and "
+        "for the online-RL tasks (grpo, rloo, ppo: prompts of one length in a batch would "
+        "correlate its rollouts).",
     )
     drop_last: bool | None = field(
         None,
@@ -664,18 +667,43 @@ def model_max_positions(path: str | Path) -> int | None:
     return None
 
 
+def task_run_defaults(task: Any) -> dict[str, Any]:
+    """The task record's own defaults of the run-dependent keys (its class's ``run_defaults``,
+    e.g. online RL's ``{"data.group_by_length": False}``), which win over
+    :data:`PRETRAINED_DEFAULTS` / :data:`RANDOM_INIT_DEFAULTS`.
+
+    Raises:
+        ConfigError: it names a key that has no run-dependent default.
+    """
+    own = dict(getattr(task, "run_defaults", None) or {})
+    known = PRETRAINED_DEFAULTS.keys() | RANDOM_INIT_DEFAULTS.keys()
+    for key in own:
+        if key not in known:
+            name = getattr(task, "type", type(task).__name__)
+            raise ConfigError(
+                f"task.type {name}: run_defaults names {key!r}, which has no run-dependent "
+                f"default (those are: {', '.join(sorted(known))})"
+            )
+    return own
+
+
 def resolve_defaults(cfg: Config, *, max_positions: int | None = None) -> Config:
     """``cfg`` with its null/auto keys (optimizer.lr, data.max_length, data.loss_mode,
     data.group_by_length, data.drop_last, train.max_steps / train.epochs) set for this run:
-    :data:`PRETRAINED_DEFAULTS` when ``model.path`` is set (``data.max_length`` capped by
-    ``max_positions``, read from the checkpoint's config.json when not given), else
-    :data:`RANDOM_INIT_DEFAULTS`. Keys the user set are kept; resolving twice changes nothing.
+    the task's own defaults first (:func:`task_run_defaults`: online RL's batches are not
+    grouped by length), then :data:`PRETRAINED_DEFAULTS` when ``model.path`` is set
+    (``data.max_length`` capped by ``max_positions``, read from the checkpoint's config.json
+    when not given), else :data:`RANDOM_INIT_DEFAULTS`. Keys the user set are kept; resolving
+    twice changes nothing.
 
     ``train.max_steps`` stays null when ``train.epochs`` decides the length: the steps per epoch
     are known once the data is read (:func:`steps_for_epochs`).
     """
     pretrained = cfg.model.path is not None
-    table = PRETRAINED_DEFAULTS if pretrained else RANDOM_INIT_DEFAULTS
+    table = {
+        **(PRETRAINED_DEFAULTS if pretrained else RANDOM_INIT_DEFAULTS),
+        **task_run_defaults(cfg.task),
+    }
     opt, data, train = cfg.optimizer, cfg.data, cfg.train
     if opt.lr is None:
         lora = pretrained and cfg.lora.enabled

@@ -99,12 +99,16 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def _collate(
-    rows: Sequence[dict[str, torch.Tensor]], pad_id: int, pad_to_multiple_of: int
+    rows: Sequence[dict[str, torch.Tensor]],
+    pad_id: int,
+    pad_to_multiple_of: int,
+    length: int | None = None,
 ) -> TensorDict:
-    """Right-pad to the longest row rounded up to ``pad_to_multiple_of``; padded labels are -100,
-    padded ``position_ids``/``doc_ids``/``branch_ids`` 0 (doc 0 is padding: no real token attends
-    to it), padded ``ref_logps`` and ``margins`` 0.0."""
-    length = _round_up(max(r["input_ids"].numel() for r in rows), pad_to_multiple_of)
+    """Right-pad to ``length`` (None: the longest row rounded up to ``pad_to_multiple_of``);
+    padded labels are -100, padded ``position_ids``/``doc_ids``/``branch_ids`` 0 (doc 0 is
+    padding: no real token attends to it), padded ``ref_logps`` and ``margins`` 0.0."""
+    if length is None:
+        length = _round_up(max(r["input_ids"].numel() for r in rows), pad_to_multiple_of)
     out = {}
     for name in rows[0]:
         fill = pad_id if name == "input_ids" else _PAD_VALUES[name]
@@ -113,6 +117,30 @@ def _collate(
             t[i, : r[name].numel()] = r[name]
         out[name] = t
     return TensorDict(out, batch_size=[len(rows)])
+
+
+def collate_examples(
+    examples: Sequence[dict[str, Any]],
+    *,
+    pad_id: int,
+    length: int | None = None,
+    pad_to_multiple_of: int = 1,
+) -> TensorDict:
+    """One padded batch of examples (or packs) the way the train loader makes its batches:
+    every per-token field they carry (:data:`_FIELDS`: ``branch_ids``, ``margins`` … int64,
+    float32 for :data:`FLOAT_FIELDS`), right-padded to ``length`` (None: the longest rounded
+    up to ``pad_to_multiple_of``).
+
+    Raises:
+        DataError: an example without ``input_ids``/``labels``, fields of unequal length,
+            examples that carry different fields, or one longer than ``length``.
+    """
+    rows = _as_tensors(examples)
+    if length is not None:
+        longest = max(r["input_ids"].numel() for r in rows)
+        if longest > length:
+            raise DataError(f"a row has {longest} tokens, more than length {length}")
+    return _collate(rows, pad_id, pad_to_multiple_of, length)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 
+from tscale.data.loader import collate_examples
 from tscale.data.tokenize import IGNORE_INDEX
 from tscale.errors import DataError
 
@@ -546,6 +547,10 @@ def _list_or_none(values: np.ndarray | None) -> list[int] | list[float] | None:
     return None if values is None else values.tolist()
 
 
+_OPTIONAL_FIELDS = ("branch_ids", "margins", "ref_logps", "record_ids")
+"""Per-token fields some packs may carry: all packs of a batch or none."""
+
+
 def collate_packed(
     packs: Sequence[Mapping[str, Sequence[int]]],
     *,
@@ -554,46 +559,37 @@ def collate_packed(
     pad_to_multiple_of: int = 1,
 ) -> TensorDict:
     """A TensorDict batch ``{"input_ids", "labels", "position_ids", "doc_ids"}``, int64 ``[B, S]``,
-    plus ``branch_ids`` when the packs carry them (group documents; all packs or none).
+    plus every other per-token field the packs carry (all packs or none): ``branch_ids`` (group
+    documents), the float32 ``margins`` (reward-model pairs) … — the train loader's own
+    collation (:func:`tscale.data.loader.collate_examples`), so a batch collated here is the
+    batch the trainer would make.
 
-    Rows are right-padded (``pad_id``, label -100, position 0, doc id 0, branch id 0) to
-    ``length`` when given (a fixed shape, e.g. ``max_length``), else to the longest pack rounded
-    up to ``pad_to_multiple_of``. Padding positions attend only to padding and carry no loss.
+    Rows are right-padded (``pad_id``, label -100, position 0, doc id 0, branch id 0, margin
+    0.0) to ``length`` when given (a fixed shape, e.g. ``max_length``), else to the longest pack
+    rounded up to ``pad_to_multiple_of``. Padding positions attend only to padding and carry no
+    loss.
 
     Raises:
-        DataError: no packs, a pack longer than ``length``, fields of unequal length, or
-            ``branch_ids`` in some packs only.
+        DataError: no packs, a pack longer than ``length``, fields of unequal length, or a
+            per-token field in some packs only.
     """
     if not packs:
         raise DataError("no packs to collate")
     if pad_to_multiple_of < 1:
         raise DataError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
-    keys: tuple[str, ...] = ("input_ids", "labels", "position_ids", "doc_ids")
-    with_branches = ["branch_ids" in p for p in packs]
-    if any(with_branches):
-        if not all(with_branches):
+    for name in _OPTIONAL_FIELDS:
+        carried = [name in p for p in packs]
+        if any(carried) and not all(carried):
             raise DataError(
-                f"pack {with_branches.index(False)} has no branch_ids but others have; "
-                "collate group documents and plain ones apart"
+                f"pack {carried.index(False)} has no {name} but others have; collate group "
+                "documents and plain ones (reward pairs and others) apart"
             )
-        keys += ("branch_ids",)
-    longest = 0
-    for i, p in enumerate(packs):
-        sizes = {k: len(p[k]) for k in keys}
-        if len(set(sizes.values())) != 1:
-            raise DataError(f"pack {i} has fields of different lengths: {sizes}")
-        longest = max(longest, sizes["input_ids"])
-    if length is None:
-        length = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-    elif longest > length:
-        raise DataError(f"a pack has {longest} tokens, more than length {length}")
-    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "position_ids": 0, "doc_ids": 0}
-    out = {k: torch.full((len(packs), length), fill.get(k, 0), dtype=torch.int64) for k in keys}
-    for r, p in enumerate(packs):
-        n = len(p["input_ids"])
-        for k in keys:
-            out[k][r, :n] = torch.as_tensor(p[k], dtype=torch.int64)
-    return TensorDict(out, batch_size=[len(packs)])
+    return collate_examples(
+        [dict(p) for p in packs],
+        pad_id=pad_id,
+        length=length,
+        pad_to_multiple_of=pad_to_multiple_of,
+    )
 
 
 def cu_seqlens_from_doc_ids(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:

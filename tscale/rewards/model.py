@@ -8,6 +8,13 @@ scores ``prompt ids + completion ids`` — the sampled ids themselves, never re-
 at the sequence's last token (HF's rule for a row without padding), batched, without a graph,
 on the run's device, in float32 unless ``kwargs.dtype`` says otherwise.
 
+A sequence longer than the reward model's ``max_position_embeddings`` is cut from the left of
+its prompt, so that the completion the reward judges is kept whole (as OpenRLHF and TRL's
+reward-model truncation keep the end), and counted: ``reward/<name>/truncated`` in the metrics.
+A run whose ``task.max_completion_length`` leaves no room for a prompt is refused when it is
+built; a completion longer than the reward model's positions on its own (a caller that did not
+say how long they get) is unscored (None).
+
 The policy's token ids mean the same tokens to the reward model only when both use one
 tokenizer: :func:`check_same_tokenizer` compares their vocabularies (every token of the
 policy's has the same id in the reward model's, which may add tokens, e.g. its pad) and refuses
@@ -41,6 +48,7 @@ __all__ = [
     "check_model_settings",
     "check_reward_model_folder",
     "check_same_tokenizer",
+    "fit_sequences",
     "vocabulary",
 ]
 
@@ -156,6 +164,41 @@ def check_same_tokenizer(policy: Any, folder: Path, key: str) -> None:
         )
 
 
+def _max_positions(folder: Path) -> int | None:
+    """The reward model's ``max_position_embeddings`` from its config.json (None: absent)."""
+    try:
+        value = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8")).get(
+            "max_position_embeddings"
+        )
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def fit_sequences(
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    max_positions: int | None,
+) -> tuple[list[list[int]], int]:
+    """Each ``prompt + completion`` in at most ``max_positions`` tokens (None: no limit): a
+    longer one keeps the end of its prompt and the whole completion; a completion that is
+    longer on its own becomes the empty sequence (unscored). Returns the sequences and how
+    many prompts were cut."""
+    out: list[list[int]] = []
+    cut = 0
+    for p, c in zip(prompt_ids, completion_ids, strict=True):
+        prompt, completion = [int(i) for i in p], [int(i) for i in c]
+        if max_positions is not None and len(prompt) + len(completion) > max_positions:
+            room = max_positions - len(completion)
+            if room < 0:
+                out.append([])
+                continue
+            cut += 1
+            prompt = prompt[len(prompt) - room :]
+        out.append(prompt + completion)
+    return out, cut
+
+
 @functools.lru_cache(maxsize=4)
 def _load(path: str, fingerprint: str, dtype: str, device: str) -> RewardCheckpoint:
     """The folder's reward model, loaded once per (folder content, dtype, device) in a process:
@@ -176,10 +219,13 @@ class RewardModelReward:
         dtype: ``float32`` (default), ``bfloat16``, ``float16`` or ``auto`` (the folder's).
         batch_size: sequences per forward pass.
         key: the YAML key, for messages.
+        max_completion_length: the most tokens a completion has (``task.max_completion_length``;
+            None: not known, not checked).
 
     Raises:
-        ConfigError: the folder is not a reward model, a setting is invalid, or the
-            tokenizers differ.
+        ConfigError: the folder is not a reward model, a setting is invalid, the tokenizers
+            differ, or ``max_completion_length`` leaves no room for a prompt in the reward
+            model's positions.
     """
 
     def __init__(
@@ -191,6 +237,7 @@ class RewardModelReward:
         dtype: str = "float32",
         batch_size: int = 16,
         key: str = "model",
+        max_completion_length: int | None = None,
     ) -> None:
         settings = check_model_settings({"dtype": dtype, "batch_size": batch_size}, key)
         self.path = check_reward_model_folder(str(path), key)
@@ -205,7 +252,24 @@ class RewardModelReward:
             self.weights = folder_fingerprint(self.path)
         except TscaleError as err:
             raise ConfigError(f"{key}: {err}") from None
+        self.max_positions = _max_positions(self.path)
+        if (
+            max_completion_length is not None
+            and self.max_positions is not None
+            and max_completion_length >= self.max_positions
+        ):
+            raise ConfigError(
+                f"{key}: task.max_completion_length ({max_completion_length}) leaves no room for "
+                f"a prompt in the reward model's max_position_embeddings ({self.max_positions}, "
+                f"{self.path}); set task.max_completion_length below {self.max_positions}"
+            )
+        self.counts: dict[str, int] = {name: 0 for name in self.counters}
         self.__name__ = "reward_model"
+
+    counters = ("truncated",)
+    """What :attr:`counts` counts in the last call: ``truncated``, the sequences whose prompt
+    was cut from the left to fit the reward model's positions (RewardSet logs it as
+    ``reward/<name>/truncated``)."""
 
     @property
     def identity(self) -> str:
@@ -234,6 +298,8 @@ class RewardModelReward:
         """The reward model's score of each ``prompt_ids[i] + completion_ids[i]``; None for an
         empty sequence. Without ``prompt_ids`` (a caller that has only the text, e.g. a held-out
         eval) each prompt is encoded with the shared tokenizer, special tokens as written.
+        A sequence longer than the reward model's positions has its prompt cut from the left
+        (counted in :attr:`counts`); a completion longer than them on its own is unscored.
 
         Raises:
             RewardError: the policy's tokenizer was not checked, or an id is outside the
@@ -247,10 +313,8 @@ class RewardModelReward:
         if prompt_ids is None:
             encoded = self._tokenizer.encode_batch(list(prompts), add_special_tokens=False)
             prompt_ids = [e.ids for e in encoded]
-        sequences = [
-            [int(i) for i in p] + [int(i) for i in c]
-            for p, c in zip(prompt_ids, completion_ids, strict=True)
-        ]
+        sequences, cut = fit_sequences(prompt_ids, completion_ids, self.max_positions)
+        self.counts = {"truncated": cut}
         return self.score_sequences(sequences)
 
     def score_sequences(self, sequences: Sequence[Sequence[int]]) -> list[float | None]:

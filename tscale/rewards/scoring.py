@@ -30,7 +30,7 @@ from typing import Any
 import attrs
 import torch
 
-from tscale.errors import ConfigError, RewardError, ShapeError, TscaleError
+from tscale.errors import CheckpointError, ConfigError, RewardError, ShapeError, TscaleError
 from tscale.rewards.config import RewardConfig, RewardsConfig
 from tscale.rewards.model import RewardModelReward, check_model_settings
 from tscale.rewards.resolve import (
@@ -140,6 +140,9 @@ class Scores:
     total: torch.Tensor
     failed: tuple[int, ...]
     failures: tuple[RewardFailure, ...] = ()
+    counts: Mapping[str, float] = attrs.field(factory=dict)
+    """What the functions counted in this call, by metric name (``reward/<name>/truncated``:
+    a reward model's sequences cut to its positions)."""
 
     @property
     def unscorable(self) -> torch.Tensor:
@@ -150,7 +153,8 @@ class Scores:
         """What to log: ``reward`` and ``reward_std`` (over the scorable completions), and per
         function ``reward/<name>`` (mean over the completions it scored), ``reward/<name>/std``,
         ``reward/<name>/none`` (completions it did not score, failures included) and
-        ``reward/<name>/failed``; ``reward/unscorable``. A std over fewer than 2 values is NaN."""
+        ``reward/<name>/failed``; ``reward/unscorable``; the functions' counts
+        (:attr:`counts`). A std over fewer than 2 values is NaN."""
         out = {"reward": _nanmean(self.total), "reward_std": _nanstd(self.total)}
         for i, name in enumerate(self.names):
             column = self.per_function[:, i]
@@ -159,7 +163,7 @@ class Scores:
             out[f"reward/{name}/none"] = float(column.isnan().sum())
             out[f"reward/{name}/failed"] = float(self.failed[i])
         out["reward/unscorable"] = float(self.unscorable.sum())
-        return out
+        return out | dict(self.counts)
 
 
 def _nanmean(x: torch.Tensor) -> float:
@@ -215,6 +219,38 @@ class RewardSet:
     def weights(self) -> tuple[float, ...]:
         return tuple(f.weight for f in self.functions)
 
+    @property
+    def count_names(self) -> tuple[str, ...]:
+        """The metric names of what the functions count per call (``reward/<name>/<counter>``
+        for each of a function's ``counters``, e.g. a reward model's ``truncated``)."""
+        return tuple(
+            f"reward/{f.name}/{c}" for f in self.functions for c in getattr(f.fn, "counters", ())
+        )
+
+    def state_dict(self) -> dict[str, list[bool]]:
+        """The failure window, JSON-able: per function, whether each of its last calls raised
+        (oldest first). A checkpoint saves it so that a resumed run stops (or not) at the step
+        the uninterrupted one does."""
+        return {name: list(recent) for name, recent in self._recent.items()}
+
+    def load_state_dict(self, state: Mapping[str, Sequence[bool]]) -> None:
+        """Restore the failure window :meth:`state_dict` gave (a shorter ``failure_window``
+        now keeps the newest calls).
+
+        Raises:
+            CheckpointError: the saved window names other functions than this set's.
+        """
+        if set(state) != set(self._recent):
+            raise CheckpointError(
+                f"the checkpoint's reward failure window is of the functions "
+                f"{sorted(state)}, this run's are {sorted(self._recent)}; resume with the "
+                "rewards the checkpoint was written with"
+            )
+        for name, calls in state.items():
+            recent = self._recent[name]
+            recent.clear()
+            recent.extend(bool(c) for c in calls)
+
     def score(
         self,
         prompts: Sequence[str],
@@ -247,6 +283,7 @@ class RewardSet:
         rows: list[list[float | None]] = []
         failed: list[int] = []
         failures: list[RewardFailure] = []
+        counts: dict[str, float] = {}
         for f in self.functions:
             try:
                 out = f.call(prompts, completions, completion_ids, columns, prompt_ids)
@@ -266,6 +303,8 @@ class RewardSet:
                 self._recent[f.name].append(False)
             rows.append(_check_output(f, out, n))
             failed.append(0)
+            for c in getattr(f.fn, "counters", ()):
+                counts[f"reward/{f.name}/{c}"] = float(f.fn.counts.get(c, 0))
         per_function = torch.tensor(
             [[math.nan if v is None else float(v) for v in row] for row in rows],
             dtype=torch.float32,
@@ -280,6 +319,7 @@ class RewardSet:
             total=total,
             failed=tuple(failed),
             failures=tuple(failures),
+            counts={k: counts.get(k, 0.0) for k in self.count_names},
         )
 
     def _count(self, f: RewardFn, failure: RewardFailure, err: Exception) -> None:
@@ -367,6 +407,7 @@ def build_reward_set(
     run_kwargs: Mapping[str, Any] | None = None,
     device: torch.device | str | None = None,
     tokenizer: Any = None,
+    max_completion_length: int | None = None,
 ) -> RewardSet:
     """The :class:`RewardSet` a ``rewards`` section describes: each function resolved, its
     ``kwargs`` checked against its signature (a built-in's strictly, with its own check), each
@@ -380,18 +421,29 @@ def build_reward_set(
         device: where reward models run (the run's device; None: the CPU).
         tokenizer: the policy's tokenizer, which a reward model's must match (None: not
             checked, and a reward model refuses to score).
+        max_completion_length: the most tokens a completion has, which must leave room for a
+            prompt in a reward model's positions (None: not checked).
 
     Raises:
         ConfigError: one line naming the key: an unknown function, an import problem, a
             signature that cannot take the contract, an unknown or missing setting, two
             functions with one name, both or neither of fn and model, a folder that is not a
-            reward model, a reward model whose tokenizer is not the policy's.
+            reward model, a reward model whose tokenizer is not the policy's or whose positions
+            a completion of ``max_completion_length`` tokens fills.
     """
     functions = []
     for i, c in enumerate(config.functions):
         where = f"{key}.functions[{i}]"
         if c.model is not None:
-            functions.append(_model_reward(c, where, device=device, tokenizer=tokenizer))
+            functions.append(
+                _model_reward(
+                    c,
+                    where,
+                    device=device,
+                    tokenizer=tokenizer,
+                    max_completion_length=max_completion_length,
+                )
+            )
             continue
         fn_name = c.fn if c.fn is not None else "exact_match"
         fn = resolve_reward_fn(fn_name, f"{where}.fn")
@@ -429,7 +481,12 @@ def build_reward_set(
 
 
 def _model_reward(
-    c: RewardConfig, where: str, *, device: torch.device | str | None, tokenizer: Any
+    c: RewardConfig,
+    where: str,
+    *,
+    device: torch.device | str | None,
+    tokenizer: Any,
+    max_completion_length: int | None = None,
 ) -> RewardFn:
     """The :class:`RewardFn` of a ``model:`` entry: the folder checked, its settings checked,
     its identity the folder's weights and the dtype."""
@@ -446,6 +503,7 @@ def _model_reward(
         dtype=settings["dtype"],
         batch_size=settings["batch_size"],
         key=f"{where}.model",
+        max_completion_length=max_completion_length,
     )
     return RewardFn(
         name=c.name or "reward_model",

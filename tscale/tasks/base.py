@@ -20,6 +20,10 @@ The contract, in the order the trainer uses it:
 - ``rollout(ctx)``: a batch stage that depends on the state, ``fn(state, batch, key) ->
   batch`` (online RL's generations, KTO's reference point over the whole batch), run before
   the updates of each batch; None (the default) for none.
+  A rollout that carries host-side state from batch to batch (online RL: the rewards'
+  failure window) is a :class:`StatefulRollout`: every checkpoint saves its ``state_dict()``
+  (one per rank) and a resumed run gives it back to ``load_state_dict``, as it does the data
+  loader's cursor, so that a resumed run behaves as the uninterrupted one.
 - ``loss(ctx)``: ``loss_fn(params, batch, *, frozen=...) -> (loss_sum, aux)`` with
   ``aux["tokens"]`` the normaliser and every other entry a metric with its reduction
   (:mod:`tscale.core.metrics`); pure, no host sync.
@@ -28,6 +32,9 @@ The contract, in the order the trainer uses it:
   (the loop says "no held-out data" once instead of evaluating nothing).
 - ``evaluate(ctx, params, frozen)``: held-out metrics and sample generations.
 - ``key_metrics``: the metrics the progress line shows beside the loss.
+- ``run_defaults`` (optional class attribute): the task's own defaults of the run-dependent
+  null/auto keys, e.g. online RL's ``{"data.group_by_length": False}``; they win over the
+  fine-tuning / random-init defaults, never over a key the user set.
 - ``head`` (optional class attribute, ``"lm"`` when absent): ``"score"`` makes the run build a
   reward model — the decoder without its LM head plus ``score.weight``
   (:mod:`tscale.models.reward`), wrapped by the task's ``wrap_model(model, config, pad_id=)``
@@ -66,6 +73,7 @@ __all__ = [
     "TASKS",
     "FrozenTree",
     "RolloutFn",
+    "StatefulRollout",
     "Task",
     "TaskContext",
     "register_task",
@@ -100,6 +108,20 @@ class TaskContext:
     """``fingerprint(tree)``: the content fingerprint of the starting weights — the folder's
     (``tscale.checkpoint.frozen``) when they came from one, else of ``tree``'s tensors (a
     cache key for what a task computes from them once, e.g. reference log-probs)."""
+
+
+@attrs.frozen
+class StatefulRollout:
+    """A rollout stage and the host-side state it carries between batches: ``state_dict()``
+    returns it JSON-able (saved in every checkpoint), ``load_state_dict(saved)`` restores it
+    on resume."""
+
+    fn: RolloutFn
+    state_dict: Callable[[], Any]
+    load_state_dict: Callable[[Any], None]
+
+    def __call__(self, state: TrainState, batch: TensorDictBase, key: torch.Tensor) -> Any:
+        return self.fn(state, batch, key)
 
 
 @attrs.frozen
@@ -141,6 +163,10 @@ class TaskDefaults:
 
     key_metrics: ClassVar[tuple[str, ...]] = ()
     updates_per_batch: ClassVar[int] = 1
+    run_defaults: ClassVar[Mapping[str, Any]] = {}
+    """The task's own values of the run-dependent null/auto keys (``data.group_by_length`` …),
+    which ``tscale.config.schema.resolve_defaults`` uses before the fine-tuning / random-init
+    table; a key the user set always wins."""
 
     def check(self, config: Any) -> None:
         """No rules beyond the fields' own domains."""

@@ -79,6 +79,7 @@ from tscale.tasks.base import (
     FrozenTree,
     LossFn,
     RolloutFn,
+    StatefulRollout,
     TaskContext,
     TaskDefaults,
     register_task,
@@ -311,6 +312,9 @@ class GRPOTask(TaskDefaults):
     )
 
     key_metrics: ClassVar[tuple[str, ...]] = ("reward", "frac_reward_zero_std")
+    run_defaults: ClassVar[Mapping[str, Any]] = {"data.group_by_length": False}
+    """Batches of random prompts even when fine-tuning: prompts of one length in a batch would
+    correlate its rollouts (RLOO and PPO inherit it)."""
 
     # ---------------------------------------------------------------- options
 
@@ -321,7 +325,13 @@ class GRPOTask(TaskDefaults):
 
     def reward_set(self, ctx: TaskContext | None = None) -> RewardSet:
         run = {} if ctx is None else {"device": ctx.device, "tokenizer": ctx.data.encoder.tokenizer}
-        return build_reward_set(self.rewards, key="task.rewards", run_kwargs=None, **run)
+        return build_reward_set(
+            self.rewards,
+            key="task.rewards",
+            run_kwargs=None,
+            max_completion_length=self.max_completion_length,
+            **run,
+        )
 
     def check(self, config: Any) -> None:
         d, t = config.data, config.train
@@ -399,8 +409,10 @@ class GRPOTask(TaskDefaults):
 
     def stat_names(self) -> list[str]:
         names = ["reward", "reward_std"]
-        for name in self.reward_set().names:
+        rewards = self.reward_set()
+        for name in rewards.names:
             names += [f"reward/{name}", f"reward/{name}/std"]
+        names += rewards.count_names  # e.g. reward/<name>/truncated of a reward model
         names += [
             "reward/unscorable",
             "frac_reward_zero_std",
@@ -493,6 +505,7 @@ class GRPOTask(TaskDefaults):
             out["rewards"] = scores.total.to(mask.device)
             stats = {
                 **reward_stats(total, per_fn, reward_set.names, zero_all),
+                **_summed_counts(scores.counts, ctx.device),
                 **completion_stats(
                     all_gather_rows(ro.lengths),
                     all_gather_rows(ro.truncated.to(torch.int64)).cpu(),  # gloo: no bool
@@ -504,7 +517,13 @@ class GRPOTask(TaskDefaults):
             out["rollout_stats"] = stats_rows(stats, names, n * g).to(mask.device)
             return out
 
-        return stage
+        # the failure window travels in the checkpoint: a resumed run stops where the
+        # uninterrupted one does
+        return StatefulRollout(
+            stage,
+            state_dict=lambda: {"reward_failures": reward_set.state_dict()},
+            load_state_dict=lambda saved: reward_set.load_state_dict(saved["reward_failures"]),
+        )
 
     def rollout_advantages(
         self, total: torch.Tensor, batch: TensorDict
@@ -697,6 +716,15 @@ def rollout_metrics(
     for k, name in enumerate(names):
         aux[name] = M.mean(stats[:, k].sum(), rows)
     return aux
+
+
+def _summed_counts(counts: Mapping[str, float], device: torch.device) -> dict[str, float]:
+    """The reward functions' counts of this batch summed over the ranks (a collective)."""
+    if not counts:
+        return {}
+    local = torch.tensor([list(counts.values())], dtype=torch.float64, device=device)
+    total = all_gather_rows(local).sum(0).tolist()
+    return dict(zip(counts, total, strict=True))
 
 
 def _columns_table(examples: Sequence[dict]) -> dict[int, dict]:

@@ -75,6 +75,14 @@ class Parallel:
         dist.all_reduce(t)
         return t.tolist()
 
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank (``[obj]`` alone)."""
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def norm_fn(self) -> Callable[..., torch.Tensor] | None:
         """The clip norm of a sharded optimizer (None: the plain global norm)."""
         return fsdp.sharded_norm(self.layout) if self.layout is not None else None

@@ -34,7 +34,7 @@ from tscale.models.transformer import Transformer
 from tscale.optim.base import GradientTransformation
 from tscale.optim.schedules import Schedule
 from tscale.step.compose import StepFn
-from tscale.tasks.base import RolloutFn, Task, TaskContext
+from tscale.tasks.base import RolloutFn, StatefulRollout, Task, TaskContext
 from tscale.tasks.reward import split_score
 from tscale.train import builders, data_build, data_report, distributed, preflight
 from tscale.train.callbacks import Callback, JsonlLogger, ProgressBar, truncate_jsonl
@@ -240,6 +240,11 @@ def build_run(
     par.barrier()
 
     rollout = task.rollout(ctx)  # e.g. generations from the current policy
+    # the host-side state a rollout carries between batches (online RL: the rewards' failure
+    # window), one entry per rank in every checkpoint, restored like the data cursor
+    rollout_state = rollout if isinstance(rollout, StatefulRollout) else None
+    if resume_from is not None and rollout_state is not None:
+        _restore_rollout(rollout_state, meta.get("extra", {}).get("rollout"), par)
     if make_step is not None:  # a user's step: the model the params belong to, the optimizer
         step_fn = make_step(stacked, tx)
     elif par.deepspeed is not None:  # DeepSpeed's engine takes the step
@@ -272,6 +277,8 @@ def build_run(
         files = dict(bundle.tokenizer_files)  # the run's HF tokenizer folder, flat
         if task_meta:
             extra = {**extra, "task": task_meta}
+        if rollout_state is not None:  # a collective: every rank saves
+            extra = {**extra, "rollout": par.gather_objects(rollout_state.state_dict())}
         cursor = loader.state_dict()
         collective = dict(  # the multi-rank savers: every rank calls them
             step=at,
@@ -412,6 +419,15 @@ def _steps_from_epochs(
         )
         (run_dir / "config.yaml").write_text(config_yaml)
     return resolved, config_yaml
+
+
+def _restore_rollout(rollout: StatefulRollout, saved: Any, par: distributed.Parallel) -> None:
+    """Give each rank its rollout state from the checkpoint (``extra.rollout``, one entry per
+    rank; a changed world size: rank r takes entry r modulo the saved ranks). A checkpoint
+    written before rollouts saved state has none: the state starts afresh."""
+    if not saved:
+        return
+    rollout.load_state_dict(saved[par.plan.rank % len(saved)])
 
 
 def _resume_path(resume: bool | str | Path, ckpt_root: Path) -> Path | None:
