@@ -2,7 +2,9 @@
 
 ``python benchmarks/_trl_grpo_worker.py '<payload json>'``; the payload names the prompt file
 (JSONL: ``prompt``, ``completion`` (the answer), ``task``), the HF folder, the thread count,
-GRPOConfig's settings and where to write the result. Besides TRL's own log (one row per step) it
+GRPOConfig's settings and where to write the result; optionally a wall-clock budget
+(``budget_s``: stop at the first step end that many seconds after the process started) and a
+folder to save the trained policy in (``save_to``). Besides TRL's own log (one row per step) it
 records, per optimizer step, the wall time between step ends (everything the step did: generation,
 scoring, forward/backward, optimizer) and the time inside TRL's ``_generate_single_turn`` (the
 ``transformers`` ``generate`` call and its EOS masking: TRL's generation, as tscale's
@@ -66,6 +68,18 @@ class StepClock(TrainerCallback):
         self.last = now
 
 
+class WallClockBudget(TrainerCallback):
+    """Stop training at the first step end at least ``seconds`` after the process started
+    (``T0``, before the imports), as a run given a fixed wall-clock budget stops."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_step_end(self, args: object, state: object, control: object, **kw: object) -> None:
+        if time.perf_counter() - T0 >= self.seconds:
+            control.should_training_stop = True  # type: ignore[attr-defined]
+
+
 def main() -> None:
     args = json.loads(sys.argv[1])
     torch.set_num_threads(args["threads"])
@@ -80,12 +94,15 @@ def main() -> None:
         args=GRPOConfig(output_dir=args["out"], **args["settings"]),
         train_dataset=ds,
         processing_class=tok,
-        callbacks=[clock],
+        callbacks=[clock]
+        + ([WallClockBudget(args["budget_s"])] if args.get("budget_s") is not None else []),
     )
     trainer.generation_seconds = []
     t_train = time.perf_counter()
     out = trainer.train()
     t_end = time.perf_counter()
+    if args.get("save_to"):  # the trained policy and tokenizer, for a held-out evaluation
+        trainer.save_model(args["save_to"])
     log = [h for h in trainer.state.log_history if "reward" in h]
     result = {
         "steps": int(out.global_step),

@@ -78,6 +78,9 @@ CASES: dict[str, Case] = {
     ),
     "preference": Case(needs=("trl",), beside_out=("preference-work",), marks=(pytest.mark.slow,)),
     "rl": Case(needs=("trl",), beside_out=("rl-work",), marks=(pytest.mark.slow,)),
+    "rl_equal_time": Case(
+        needs=("trl",), beside_out=("rl-equal-time-work",), marks=(pytest.mark.slow,)
+    ),
     "preference_methods": Case(
         hand_added=frozenset({"note"}),
         beside_out=("preference-methods-work",),
