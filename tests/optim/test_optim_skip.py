@@ -51,10 +51,13 @@ def _run(tx, params: TensorDict, grads: list[TensorDict]) -> tuple[TensorDict, T
     seed=st.integers(0, 2**16),
     leaf=st.integers(0, 10),
     bad=st.sampled_from([float("nan"), float("inf"), float("-inf")]),
+    on_device=st.booleans(),
 )
-def test_nonfinite_step_is_dropped_bit_for_bit(params, seed: int, leaf: int, bad: float) -> None:
+def test_nonfinite_step_is_dropped_bit_for_bit(
+    params, seed: int, leaf: int, bad: float, on_device: bool
+) -> None:
     grads = _grads(params, seed, 4)
-    tx = optim.skip_nonfinite(_adamw())
+    tx = optim.skip_nonfinite(_adamw(), select_on_device=on_device)
     # the clean run, and the same run with a poisoned gradient inserted at step 2
     clean_params, clean_state = _run(tx, params, grads)
     poisoned = [*grads[:2], _poison(grads[2], leaf, bad), *grads[2:]]
@@ -73,10 +76,15 @@ def test_nonfinite_step_is_dropped_bit_for_bit(params, seed: int, leaf: int, bad
 
 
 @SETTINGS
-@given(params=trees(dtype=float_dtypes(include_half=True)), seed=st.integers(0, 2**16))
-def test_finite_steps_equal_the_unwrapped_optimizer(params, seed: int) -> None:
+@given(
+    params=trees(dtype=float_dtypes(include_half=True)),
+    seed=st.integers(0, 2**16),
+    on_device=st.booleans(),
+)
+def test_finite_steps_equal_the_unwrapped_optimizer(params, seed: int, on_device: bool) -> None:
     grads = _grads(params, seed, 3)
-    wrapped_params, wrapped_state = _run(optim.skip_nonfinite(_adamw()), params, grads)
+    tx = optim.skip_nonfinite(_adamw(), select_on_device=on_device)
+    wrapped_params, wrapped_state = _run(tx, params, grads)
     plain_params, plain_state = _run(_adamw(), params, grads)
     assert_trees_equal(wrapped_params, plain_params)
     assert_trees_equal(wrapped_state["inner"], plain_state)
@@ -94,10 +102,12 @@ def test_signed_zero_params_survive_a_skipped_step() -> None:
     )
 
 
-def test_nonfinite_updates_from_finite_grads_are_dropped() -> None:
+@pytest.mark.parametrize("on_device", [True, False])
+def test_nonfinite_updates_from_finite_grads_are_dropped(on_device: bool) -> None:
     # the inner transform overflows float32: the check runs on its output too
     params = T.unflatten({"w": torch.ones(3)})
-    tx = optim.skip_nonfinite(optim.chain(optim.scale(1e30), optim.scale(1e30)))
+    inner = optim.chain(optim.scale(1e30), optim.scale(1e30))
+    tx = optim.skip_nonfinite(inner, select_on_device=on_device)
     state = tx.init(params)
     updates, state = tx.update(T.unflatten({"w": torch.ones(3)}), state, params)
     assert torch.equal(updates["w"], torch.zeros(3)) and int(state["skipped"]) == 1
@@ -116,9 +126,10 @@ def test_eight_bit_state_is_kept() -> None:
     assert state["inner", "0", "state1", "w"].dtype == torch.uint8
 
 
-def test_no_host_sync() -> None:
+def test_no_host_sync_on_device() -> None:
+    # CPU tensors stand in for an accelerator's: the device path reads no flag on the host
     params = T.unflatten({"a.w": torch.randn(4, 3), "b": torch.randn(3, dtype=torch.bfloat16)})
-    tx = optim.skip_nonfinite(_adamw())
+    tx = optim.skip_nonfinite(_adamw(), select_on_device=True)
     state = tx.init(params)
     for step, grad in enumerate(_grads(params, 0, 4)):
         grad = _poison(grad, 0, float("nan")) if step == 1 else grad
@@ -127,6 +138,14 @@ def test_no_host_sync() -> None:
             optim.apply_updates(params, updates)
             skipped = optim.skipped_steps(state)
     assert int(skipped) == 1
+
+
+def test_plain_cpu_tensors_read_the_flag_and_skip_the_selects() -> None:
+    params = T.unflatten({"w": torch.randn(4, 3)})
+    tx = optim.skip_nonfinite(_adamw())  # auto: plain CPU tensors
+    state = tx.init(params)
+    with pytest.raises(AssertionError, match="host sync"), NoHostSync():
+        tx.update(_grads(params, 0, 1)[0], state, params)
 
 
 def test_skipped_steps_reads_any_depth() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import pytest
 import torch
 import yaml
@@ -53,8 +54,15 @@ def _record(name: str, **overrides: Any) -> OptimizerRecord:
     return OPTIMIZER_TYPES[name](**{**CASES[name], **overrides})
 
 
-def _tx(rec: OptimizerRecord, schedule: Any = None) -> optim.GradientTransformation:
+def _tx(
+    rec: OptimizerRecord, schedule: Any = None, *, as_on_device: bool = False
+) -> optim.GradientTransformation:
+    """The record's transform; ``as_on_device``: its non-finite guard as on an accelerator
+    (selects on the device; with CPU tensors it reads its flag on the host)."""
     lr = rec.lr if schedule is None else schedule
+    if as_on_device and rec.skip_nonfinite:
+        inner = _tx(attrs.evolve(rec, skip_nonfinite=False), schedule)
+        return optim.skip_nonfinite(inner, select_on_device=True)
     if rec.capabilities.replaces_schedule:
         return rec.build(rec.lr, warmup_steps=2)
     return rec.build(lr)
@@ -96,7 +104,7 @@ def test_update_contract_without_host_sync(name: str, dtype: torch.dtype) -> Non
     params to evaluate have the params' shapes and dtypes."""
     rec = _record(name)
     params = _params(dtype)
-    tx = _tx(rec, optim.warmup_cosine(rec.lr, 2, 6))
+    tx = _tx(rec, optim.warmup_cosine(rec.lr, 2, 6), as_on_device=True)
     state = tx.init(params)
     sig = [(k, t.shape, t.dtype) for k, t in zip(T.leaf_keys(state), T.leaves(state), strict=True)]
     assert not any(t.dtype in (torch.bfloat16, torch.float16) for t in T.leaves(state))

@@ -162,7 +162,7 @@ def test_all_masked_batch_takes_a_finite_step():
 def test_nonfinite_step_is_skipped_on_device_and_counted():
     from tscale.optim import skip_nonfinite
 
-    tx = skip_nonfinite(adamw(1e-2, weight_decay=0.1))
+    tx = skip_nonfinite(adamw(1e-2, weight_decay=0.1), select_on_device=True)  # as on a GPU
     params = MODEL.init(R.key(0))
     state = TrainState.create(params, tx.init(params), R.key(1))
     base = make_lm_loss(MODEL.apply)

@@ -24,8 +24,26 @@ def leaf_keys(tree: Tree) -> list[str]:
 
 
 def leaves(tree: Tree) -> list[torch.Tensor]:
-    """All tensor leaves in iteration order."""
-    return list(tree.values(True, True))
+    """All tensor leaves in iteration order (:func:`leaf_keys`' order).
+
+    Plain nested ``TensorDict`` trees (params, gradients, optimizer states) are walked level by
+    level, about four times faster than ``values(True, True)``'s generic walk, which the train
+    step's optimizer pays a dozen times per step; other tree types take that generic walk."""
+    if type(tree) is not TensorDict:
+        return list(tree.values(True, True))
+    out: list[torch.Tensor] = []
+    _collect_leaves(tree, out)
+    return out
+
+
+def _collect_leaves(tree: TensorDict, out: list[torch.Tensor]) -> None:
+    for value in tree.values():
+        if type(value) is TensorDict:
+            _collect_leaves(value, out)
+        elif isinstance(value, TensorDictBase):
+            out.extend(value.values(True, True))
+        else:
+            out.append(value)
 
 
 def tree_map(fn: Callable[..., torch.Tensor], tree: Tree, *rest: Tree) -> TensorDict:

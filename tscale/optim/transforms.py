@@ -507,17 +507,22 @@ def _all_finite(ts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return torch.isfinite(torch.stack([n.float() for n in norms])).all()
 
 
-def skip_nonfinite(inner: GradientTransformation) -> GradientTransformation:
+def skip_nonfinite(
+    inner: GradientTransformation, *, select_on_device: bool | None = None
+) -> GradientTransformation:
     """Run ``inner``, and drop the whole step when a gradient or an update is NaN or inf.
 
     On such a step the returned updates are all ``-0.0`` (``p + -0.0 == p`` bit for bit, signed
     zeros included) and the state of ``inner`` is the one from before the step, so the params
-    stay bit-identical and NaNs never reach the moments. The choice is made on the device with
-    ``torch.where`` on a 0-d flag — no host sync — so the cost is paid on every step: one norm
-    pass over the gradients and one over the updates, a transient copy of ``inner``'s state and
-    a select per state leaf (``benchmarks/optimizers.py`` measures it). A skipped step does not
-    advance ``inner``'s counters (a schedule inside it counts the applied steps), as
-    ``optax.apply_if_finite``.
+    stay bit-identical and NaNs never reach the moments. On an accelerator the choice is made
+    on the device with ``torch.where`` on a 0-d flag — no host sync — so the cost is paid on
+    every step: one norm pass over the gradients and one over the updates, a transient copy of
+    ``inner``'s state and a select per state leaf (``benchmarks/optimizers.py`` measures it).
+    With plain CPU tensors there is no device to wait for: the flag is read, and a finite step
+    (nearly every one) skips the selects (``select_on_device``: True/False force either way;
+    None: on the device unless the flag is a plain CPU tensor outside ``torch.compile``). Both
+    ways give bit-identical results. A skipped step does not advance ``inner``'s counters (a
+    schedule inside it counts the applied steps), as ``optax.apply_if_finite``.
 
     The state is ``{"inner": inner_state, "skipped": 0-d int64}``; ``skipped`` counts the dropped
     steps — read it with :func:`skipped_steps` (e.g. as a step metric).
@@ -549,6 +554,8 @@ def skip_nonfinite(inner: GradientTransformation) -> GradientTransformation:
         updates, new_inner = inner.update(updates, inner_state, params, **extra)
         us = T.leaves(updates)
         ok = finite_in & _all_finite(us, skipped.device)
+        if not _select_on_device(select_on_device, ok) and bool(ok):
+            return updates, TensorDict({"inner": new_inner, "skipped": skipped}, [])
         new = T.leaves(new_inner)
         if len(new) != len(old):
             raise ValueError(
@@ -566,6 +573,14 @@ def skip_nonfinite(inner: GradientTransformation) -> GradientTransformation:
         return updates, TensorDict({"inner": new_inner, "skipped": skipped}, [])
 
     return GradientTransformation(init, update)
+
+
+def _select_on_device(choice: bool | None, flag: torch.Tensor) -> bool:
+    """Whether :func:`skip_nonfinite` selects with ``torch.where`` (no host read of ``flag``)."""
+    if choice is not None:
+        return choice
+    plain_cpu = type(flag) is torch.Tensor and flag.device.type == "cpu"  # not a DTensor
+    return not plain_cpu or torch.compiler.is_compiling()
 
 
 def skipped_steps(opt_state: TensorDictBase) -> torch.Tensor | None:
