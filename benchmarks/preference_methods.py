@@ -93,6 +93,32 @@ METHODS: dict[str, dict[str, Any]] = {
         "train.epochs": 3.0,
         "kto": "both",
     },
+    # the KTO sweep: DPO+sft's learning rate, and a larger beta with the desirable NLL
+    "kto_both_sft_lr5e-4_2ep": {
+        "task.type": "kto",
+        "task.beta": 0.1,
+        "task.sft_weight": 1.0,
+        "optimizer.lr": 5e-4,
+        "train.epochs": 2.0,
+        "kto": "both",
+    },
+    "kto_both_sft_b0.5_2ep": {
+        "task.type": "kto",
+        "task.beta": 0.5,
+        "task.sft_weight": 1.0,
+        "optimizer.lr": 2e-4,
+        "train.epochs": 2.0,
+        "kto": "both",
+    },
+    "kto_both_sft_uw2_2ep": {
+        "task.type": "kto",
+        "task.beta": 0.1,
+        "task.sft_weight": 1.0,
+        "task.undesirable_weight": 2.0,
+        "optimizer.lr": 2e-4,
+        "train.epochs": 2.0,
+        "kto": "both",
+    },
     "kto_sft": {
         "task.type": "kto",
         "task.beta": 0.1,
