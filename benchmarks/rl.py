@@ -251,7 +251,8 @@ def tscale_config(
     cfg["model"] = {"path": str(model)}
     data_cfg = cfg["data"]
     data_cfg.pop("synthetic")
-    data_cfg.update(train_files=[str(data)], batch_size=args.prompts)
+    # random batches, as TRL's sampler (grpo's own default too): pinned, not left to defaults
+    data_cfg.update(train_files=[str(data)], batch_size=args.prompts, group_by_length=False)
     cfg["optimizer"].update(lr=LR, betas=[0.9, 0.999], eps=1e-8)  # TRL's, whatever the config says
     cfg["train"] = {
         "max_steps": args.steps,
