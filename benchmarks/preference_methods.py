@@ -119,6 +119,15 @@ METHODS: dict[str, dict[str, Any]] = {
         "train.epochs": 2.0,
         "kto": "both",
     },
+    # three corrupted answers of each problem (undesirable) to its correct one, weighted 3:1
+    "kto_neg3_sft": {
+        "task.type": "kto",
+        "task.beta": 0.1,
+        "task.sft_weight": 1.0,
+        "task.desirable_weight": 3.0,
+        "optimizer.lr": 1e-4,
+        "kto": "both+3",
+    },
     "kto_sft": {
         "task.type": "kto",
         "task.beta": 0.1,
@@ -130,10 +139,13 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 
 
-def write_kto(work: Path, pairs_train: Path, *, both: bool = False) -> Path:
+def write_kto(work: Path, pairs_train: Path, *, both: bool = False, negatives: int = 1) -> Path:
     """The training pairs as KTO's labelled completions: one per problem (the correct or the
     corrupted answer, half desirable per task), or ``both`` — each pair as two rows, its chosen
-    answer desirable and its rejected one undesirable (TRL's ``unpair_preference_dataset``)."""
+    answer desirable and its rejected one undesirable (TRL's ``unpair_preference_dataset``) —
+    and with ``negatives`` > 1 that many distinct corrupted answers of each problem as
+    undesirable rows (:func:`tscale.data.synthetic.corrupt_answer` under further seeds; the
+    imbalanced data KTO is meant to take, weighted by ``task.desirable_weight``)."""
     rows = [json.loads(x) for x in pairs_train.read_text().splitlines()]
     kto = []
     for i, r in enumerate(rows):
@@ -148,7 +160,17 @@ def write_kto(work: Path, pairs_train: Path, *, both: bool = False) -> Path:
             }
             for good in labels
         ]
+        wrong = {r["rejected"]}
+        for k in range(1, 4 * negatives):  # a few draws more: two draws can give one answer
+            if len(wrong) >= negatives:
+                break
+            other = synthetic.corrupt_answer(r["task"], r["chosen"], seed=k, prompt=r["prompt"])
+            if other not in wrong:
+                wrong.add(other)
+                kto.append({**kto[-1], "completion": other, "label": False})
     name = "kto-both-train.jsonl" if both else "kto-train.jsonl"
+    if negatives > 1:
+        name = name.replace(".jsonl", f"-neg{negatives}.jsonl")
     return synthetic.write_jsonl(kto, work / name)
 
 
@@ -252,7 +274,11 @@ def main() -> None:
     train, held_out, data_info = make_pairs(
         work, num_pairs=num_pairs, num_eval=num_eval, extra=extra
     )
-    kto_train = {True: write_kto(work, train), "both": write_kto(work, train, both=True)}
+    kto_train = {
+        True: write_kto(work, train),
+        "both": write_kto(work, train, both=True),
+        "both+3": write_kto(work, train, both=True, negatives=3),
+    }
     epochs = 1.0 if args.smoke else args.epochs
     eval_every = 2 if args.smoke else 50
     new_tokens = 4 if args.smoke else 20

@@ -4,11 +4,13 @@ give the step of one batch, the first update's log-probs are the sampler's, resu
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
 import shutil
 import signal
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -282,8 +284,10 @@ def test_killed_at_random_moments_resumes_exactly(tmp_path: Path, fork_launcher)
     - ``save``: the moment the temporary directory of step c+1's checkpoint appears, i.e. in
       the middle of writing it (the metrics row of step c+1 is already logged; the resume must
       drop it and redo the step);
-    - ``step``: a uniform 0-50 ms after step c+1's checkpoint is complete, i.e. in step c+2's
-      batch, rollout or update (a tiny step takes ~0.1 s; under load longer).
+    - ``step``: a uniform draw within the first half of a step after step c+1's checkpoint is
+      complete, i.e. in step c+2's batch, rollout or update (the step's length, step and save,
+      is the uninterrupted run's median from its checkpoints' times: a tiny step takes tens of
+      ms on an idle machine, several times that under load, and a fixed window missed it).
 
     At least one kill of each kind must land as meant (a partial checkpoint left behind; no
     partial checkpoint and no row of the next step). The runs are forked from one launcher
@@ -292,6 +296,8 @@ def test_killed_at_random_moments_resumes_exactly(tmp_path: Path, fork_launcher)
     steps = 6
     common = ["train.save_every=1", NO_PLOT]
     whole = run_grpo(tmp_path, "whole", *common, steps=steps)
+    saved = sorted(p.stat().st_mtime for p in (tmp_path / "whole" / "checkpoints").glob("step_*"))
+    step_s = statistics.median(b - a for a, b in itertools.pairwise(saved))
     out = tmp_path / "killed"
     ckpts = out / "checkpoints"
     base = ["train", str(config(tmp_path)), f"run.output_dir={out}"]
@@ -311,7 +317,7 @@ def test_killed_at_random_moments_resumes_exactly(tmp_path: Path, fork_launcher)
             _wait_until(run, lambda: _partial(ckpts, stale) or final.exists())  # noqa: B023
         else:
             _wait_until(run, final.exists)
-            time.sleep(rng.uniform(0.0, 0.05))
+            time.sleep(rng.uniform(0.0, 0.5 * step_s))
         assert run.kill() == -signal.SIGKILL, run.output()[-3000:]
         if kind == "save":
             landed["save"] += _partial(ckpts, stale)
