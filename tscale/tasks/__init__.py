@@ -1,6 +1,13 @@
 """Tasks: one module per training objective (see :mod:`tscale.tasks.base` for the contract)."""
 
-from tscale.tasks.base import TASKS, Task, TaskContext, TaskDefaults, register_task
+from tscale.tasks.base import (
+    TASKS,
+    StatefulRollout,
+    Task,
+    TaskContext,
+    TaskDefaults,
+    register_task,
+)
 from tscale.tasks.grpo import GRPOTask, RLOOTask
 from tscale.tasks.kto import KTOTask
 from tscale.tasks.ppo import PPOTask
@@ -21,6 +28,7 @@ __all__ = [
     "RewardTask",
     "SFTTask",
     "SimPOTask",
+    "StatefulRollout",
     "Task",
     "TaskContext",
     "TaskDefaults",
