@@ -15,16 +15,22 @@ import pytest
 HERE = Path(__file__).resolve().parent
 
 
-def _torchrun(args: list[str], nproc: int = 2, timeout: int = 280) -> str:
-    """Run ``torchrun --standalone --nproc-per-node nproc ARGS``; returns the output, fails the
-    test with it when any rank fails."""
+def _torchrun_result(args: list[str], nproc: int = 2, timeout: int = 280) -> tuple[int, str]:
+    """Run ``torchrun --standalone --nproc-per-node nproc ARGS``; returns its exit status and
+    output (stdout then stderr), whether or not a rank failed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += [f"--nproc-per-node={nproc}", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    out = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun {' '.join(args)} failed ({proc.returncode}):\n{_tail(out)}")
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _torchrun(args: list[str], nproc: int = 2, timeout: int = 280) -> str:
+    """Run ``torchrun --standalone --nproc-per-node nproc ARGS``; returns the output, fails the
+    test with it when any rank fails."""
+    code, out = _torchrun_result(args, nproc, timeout)
+    if code != 0:
+        pytest.fail(f"torchrun {' '.join(args)} failed ({code}):\n{_tail(out)}")
     return out
 
 
@@ -75,6 +81,13 @@ def _tscale_main(args: list[str]) -> str:
 def torchrun():
     """``torchrun(args, nproc=2) -> output``."""
     return _torchrun
+
+
+@pytest.fixture(scope="session")
+def torchrun_result():
+    """``torchrun_result(args, nproc=2, timeout=280) -> (exit status, output)``: for runs
+    expected to fail (the test reads why)."""
+    return _torchrun_result
 
 
 @pytest.fixture(scope="session")

@@ -18,10 +18,19 @@ from tscale.rewards.fingerprint import (
 )
 from tscale.rewards.model import RewardModelReward, check_same_tokenizer
 from tscale.rewards.resolve import REWARDS, register_reward, resolve_reward_fn
-from tscale.rewards.scoring import RewardFailure, RewardFn, RewardSet, Scores, build_reward_set
+from tscale.rewards.scoring import (
+    FailureLimit,
+    RewardFailure,
+    RewardFn,
+    RewardSet,
+    Scores,
+    build_reward_set,
+    failure_limit_error,
+)
 
 __all__ = [
     "REWARDS",
+    "FailureLimit",
     "RewardConfig",
     "RewardFailure",
     "RewardFn",
@@ -36,6 +45,7 @@ __all__ = [
     "compare_fingerprints",
     "ends_with_stop",
     "exact_match",
+    "failure_limit_error",
     "fingerprint_rewards",
     "format_match",
     "make_probe",

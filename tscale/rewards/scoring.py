@@ -9,7 +9,11 @@ must leave it out of the group baseline and give it no advantage.
 A function that *raises* scores none of that call's completions (all None); the failure is
 counted in :class:`Scores` and logged (logger ``tscale.rewards``), and when the function raised
 on more than ``max_failure_fraction`` of its last ``failure_window`` calls the run stops with a
-:class:`~tscale.errors.RewardError` naming it and its last exception. A function that returns
+:class:`~tscale.errors.RewardError` naming it and its last exception. Under data parallelism the
+window is each rank's own (the calls on its prompts): ``score(..., raise_over_limit=False)``
+reports the crossing in :attr:`Scores.over_limit` instead of raising, the ranks exchange their
+reports and every rank raises :func:`failure_limit_error`'s error in the same step (see
+:mod:`tscale.tasks.grpo`). A function that returns
 the wrong thing (length, type, a non-finite value) or raises a :class:`~tscale.errors.TscaleError`
 (a missing column) is a bug, not bad luck: that stops the run at once.
 
@@ -42,7 +46,15 @@ from tscale.rewards.resolve import (
     signature_of,
 )
 
-__all__ = ["RewardFailure", "RewardFn", "RewardSet", "Scores", "build_reward_set"]
+__all__ = [
+    "FailureLimit",
+    "RewardFailure",
+    "RewardFn",
+    "RewardSet",
+    "Scores",
+    "build_reward_set",
+    "failure_limit_error",
+]
 
 logger = logging.getLogger("tscale.rewards")
 
@@ -126,6 +138,47 @@ class RewardFailure:
 
 
 @attrs.frozen(kw_only=True)
+class FailureLimit:
+    """A function that raised on more than ``max_failure_fraction`` of its last
+    ``failure_window`` calls: how messages name it, the count, the window, the limit and its
+    last exception (``ExceptionType: message``). Picklable: ranks exchange it."""
+
+    where: str
+    raised: int
+    window: int
+    max_fraction: float
+    last_error: str
+
+    def message(self, rank: int | None = None) -> str:
+        """The one-line reason the run stops (``rank``: the rank whose window crossed, named in
+        it; None: one process, not named)."""
+        on = "" if rank is None else f" on rank {rank}"
+        return (
+            f"{self.where} raised on {self.raised} of its last {self.window} calls{on}, more "
+            f"than max_failure_fraction={self.max_fraction:g} allows; the last: "
+            f"{self.last_error}. Fix the function (or raise rewards.max_failure_fraction)"
+        )
+
+
+def failure_limit_error(by_rank: Mapping[int, Sequence[FailureLimit]]) -> RewardError:
+    """The error every rank raises when some ranks' windows crossed the limit: the first
+    crossing (lowest rank, first function) in full, the others named after it.
+
+    Args:
+        by_rank: the crossings of each rank that had any (:attr:`Scores.over_limit`).
+    """
+    crossings = [(r, c) for r in sorted(by_rank) for c in by_rank[r]]
+    if not crossings:
+        raise ValueError("failure_limit_error: no crossing given")
+    (rank, first), rest = crossings[0], crossings[1:]
+    text = first.message(rank)
+    if rest:
+        also = ", ".join(f"{c.where} on rank {r} ({c.raised} of {c.window})" for r, c in rest)
+        text += f"; over the limit too: {also}"
+    return RewardError(text)
+
+
+@attrs.frozen(kw_only=True)
 class Scores:
     """The rewards of one batch of ``n`` completions.
 
@@ -143,6 +196,9 @@ class Scores:
     counts: Mapping[str, float] = attrs.field(factory=dict)
     """What the functions counted in this call, by metric name (``reward/<name>/truncated``:
     a reward model's sequences cut to its positions)."""
+    over_limit: tuple[FailureLimit, ...] = ()
+    """The functions whose window crossed the limit in this call (only when scored with
+    ``raise_over_limit=False``; otherwise the first crossing raised)."""
 
     @property
     def unscorable(self) -> torch.Tensor:
@@ -260,6 +316,7 @@ class RewardSet:
         *,
         prompt_ids: Sequence[Sequence[int]] | None = None,
         track_failures: bool = True,
+        raise_over_limit: bool = True,
     ) -> Scores:
         """Every function called once on the batch; their outputs checked and combined.
 
@@ -272,11 +329,15 @@ class RewardSet:
                 that name ``prompt_ids`` (a reward model); None: they get None.
             track_failures: count raises in the failure window (False: a side-effect-free
                 scoring, e.g. of a fingerprint probe).
+            raise_over_limit: raise when a function's window crosses the limit (False: score
+                every function and report the crossings in :attr:`Scores.over_limit`, for
+                ranks that decide together; see :func:`failure_limit_error`).
 
         Raises:
             ShapeError: the arguments disagree in length.
             RewardError: a function returned a wrong length, type or a non-finite value, needs a
-                column the batch lacks, or raised too often (see the module docstring).
+                column the batch lacks, or raised too often (see the module docstring; not
+                with ``raise_over_limit=False``).
         """
         columns = dict(columns or {})
         n = _check_batch(prompts, completions, completion_ids, columns, prompt_ids)
@@ -284,6 +345,7 @@ class RewardSet:
         failed: list[int] = []
         failures: list[RewardFailure] = []
         counts: dict[str, float] = {}
+        over: list[FailureLimit] = []
         for f in self.functions:
             try:
                 out = f.call(prompts, completions, completion_ids, columns, prompt_ids)
@@ -294,8 +356,11 @@ class RewardSet:
             except Exception as err:  # a user's function: anything may go wrong in it
                 failure = RewardFailure(f.name, _one_line(err), n)
                 failures.append(failure)
-                if track_failures:
-                    self._count(f, failure, err)
+                crossed = self._count(f, failure) if track_failures else None
+                if crossed is not None and raise_over_limit:
+                    raise RewardError(crossed.message()) from err
+                if crossed is not None:
+                    over.append(crossed)
                 rows.append([None] * n)
                 failed.append(n)
                 continue
@@ -320,9 +385,12 @@ class RewardSet:
             failed=tuple(failed),
             failures=tuple(failures),
             counts={k: counts.get(k, 0.0) for k in self.count_names},
+            over_limit=tuple(over),
         )
 
-    def _count(self, f: RewardFn, failure: RewardFailure, err: Exception) -> None:
+    def _count(self, f: RewardFn, failure: RewardFailure) -> FailureLimit | None:
+        """Record a raise in ``f``'s window (and log it); the crossing when its window is now
+        over the limit."""
         recent = self._recent[f.name]
         recent.append(True)
         bad = sum(recent)
@@ -335,11 +403,14 @@ class RewardSet:
             len(recent),
         )
         if bad > self.max_failure_fraction * self.failure_window:
-            raise RewardError(
-                f"{f.where} raised on {bad} of its last {self.failure_window} calls, more than "
-                f"max_failure_fraction={self.max_failure_fraction:g} allows; the last: "
-                f"{failure.error}. Fix the function (or raise rewards.max_failure_fraction)"
-            ) from err
+            return FailureLimit(
+                where=f.where,
+                raised=bad,
+                window=self.failure_window,
+                max_fraction=self.max_failure_fraction,
+                last_error=failure.error,
+            )
+        return None
 
 
 def _one_line(err: Exception, limit: int = 300) -> str:

@@ -11,11 +11,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_rows", "completion_stats", "rank_and_world", "reward_stats", "stats_rows"]
+__all__ = [
+    "all_gather_rows",
+    "completion_stats",
+    "gather_present",
+    "rank_and_world",
+    "reward_stats",
+    "stats_rows",
+]
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -34,6 +42,24 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(world)]
     dist.all_gather(parts, t.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def gather_present(obj: Any, device: torch.device | str) -> dict[int, Any]:
+    """Every rank's ``obj`` that is not None, by rank, on every rank: one all-gather of a
+    one-element flag per rank (on ``device``, the process group's), then the objects themselves
+    (``all_gather_object``) only when some rank has one. Lets ranks agree on a rare event (a
+    reward over its failure limit on one rank) at the cost of one tiny collective per call;
+    one process: no collective."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return {} if obj is None else {rank: obj}
+    flag = torch.tensor([obj is not None], dtype=torch.int64, device=device)  # gloo: no bool
+    present = all_gather_rows(flag).tolist()
+    if not any(present):
+        return {}
+    objs: list[Any] = [None] * world
+    dist.all_gather_object(objs, obj)
+    return {r: o for r, o in enumerate(objs) if present[r]}
 
 
 def _nanmean(x: torch.Tensor) -> float:

@@ -62,6 +62,7 @@ from tscale.rewards import (
     RewardSet,
     build_reward_set,
     check_fingerprint,
+    failure_limit_error,
     fingerprint_rewards,
     make_probe,
 )
@@ -71,6 +72,7 @@ from tscale.rl.sampling import prompt_keys, scaled_scores
 from tscale.rl.stats import (
     all_gather_rows,
     completion_stats,
+    gather_present,
     rank_and_world,
     reward_stats,
     stats_rows,
@@ -483,7 +485,13 @@ class GRPOTask(TaskDefaults):
                 completions,
                 columns,
                 prompt_ids=[prompts[i // g] for i in range(n * g)],
+                raise_over_limit=world == 1,  # one process: raises at the crossing itself
             )
+            # each rank's window counts its own calls; the ranks stop together when any
+            # rank's crossed (one tiny all-gather per step; none in one process)
+            over = gather_present(scores.over_limit or None, ctx.device)
+            if over:
+                raise failure_limit_error(over)
             if self.share_prompt:
                 out = _group_rows(ro, self.max_completion_length)
             else:
