@@ -136,6 +136,20 @@ def check_prompt_ids(cfg_path: Path, model: Path, work: Path) -> dict[str, Any]:
     }
 
 
+def checked_prompts(
+    args: argparse.Namespace, base: Path, work: Path, extra: Sequence[str]
+) -> tuple[Path, dict[str, Any]]:
+    """The prompt file and its record, after checking that both frameworks tokenize every
+    prompt alike and score answers alike (exits otherwise)."""
+    data, data_info = prompts_file(work, num_train=args.num_train, extra=extra)
+    check_cfg = work / "prompt-check.yaml"
+    check_cfg.write_text(yaml.safe_dump(tscale_config(args, 0, data, base, work / "unused")))
+    data_info.update(check_prompt_ids(check_cfg, base, work))
+    if not (data_info["ids_identical"] and data_info["rewards_identical"]):
+        raise SystemExit(f"prompt ids or rewards differ between tscale and TRL: {data_info}")
+    return data, data_info
+
+
 def check_rewards(bundle: Any, tok: Any, limit: int = 500) -> dict[str, Any]:
     """The two exact-match rewards score the same: for the first ``limit`` records, each
     answer's ids with EOS after them, and the same with the last item dropped, decoded as each
@@ -412,12 +426,7 @@ def main() -> None:
             work, steps=args.base_steps, warmup=args.base_warmup, threads=args.threads, extra=extra
         )
         base_info = {**built, "folder": str(base), "given": False}
-    data, data_info = prompts_file(work, num_train=args.num_train, extra=extra)
-    check_cfg = work / "prompt-check.yaml"
-    check_cfg.write_text(yaml.safe_dump(tscale_config(args, 0, data, base, work / "unused")))
-    data_info.update(check_prompt_ids(check_cfg, base, work))
-    if not (data_info["ids_identical"] and data_info["rewards_identical"]):
-        raise SystemExit(f"prompt ids or rewards differ between tscale and TRL: {data_info}")
+    data, data_info = checked_prompts(args, base, work, extra)
     print(
         f"prompts: {data_info['checked']} checked, token ids identical; rewards of "
         f"{data_info['reward_checked']} decoded answers identical",

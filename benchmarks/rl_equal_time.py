@@ -44,7 +44,7 @@ from typing import Any
 import yaml
 from _smoke import SMOKE_TRAIN_OVERRIDES, add_smoke_flag, parse_args
 from preference import base_model, tscale_eval_of_export
-from rl import WORKER, check_prompt_ids, prompts_file, trl_settings, tscale_config
+from rl import WORKER, checked_prompts, trl_settings, tscale_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "rl_equal_time.json"
@@ -171,12 +171,7 @@ def main() -> None:
             work, steps=args.base_steps, warmup=args.base_warmup, threads=2, extra=extra
         )
         base_info = {**built, "folder": str(base), "given": False}
-    data, data_info = prompts_file(work, num_train=args.num_train, extra=extra)
-    check_cfg = work / "prompt-check.yaml"
-    check_cfg.write_text(yaml.safe_dump(tscale_config(args, 0, data, base, work / "unused")))
-    data_info.update(check_prompt_ids(check_cfg, base, work))
-    if not (data_info["ids_identical"] and data_info["rewards_identical"]):
-        raise SystemExit(f"prompt ids or rewards differ between tscale and TRL: {data_info}")
+    data, data_info = checked_prompts(args, base, work, extra)
     base_em = base_info["tscale_eval"]["exact_match"]
     runs: dict[str, list[dict[str, Any]]] = {"trl": [], "tscale": []}
     for seed in range(args.seeds):
