@@ -12,7 +12,8 @@
   step: the same gradient (an SGD step of rate 1) and the same metrics;
 - KTO's z₀ comes from the rollout stage over the whole batch, so the step's ``kl`` is the
   whole-batch value and the gradient does not depend on the microbatches (under 2 gloo ranks:
-  tests/distributed/test_preference_distributed.py).
+  tests/distributed/test_preference_distributed.py);
+- a KTO pair in one group document is the loss and gradient of its two halves as unpaired rows.
 """
 
 from __future__ import annotations
@@ -391,6 +392,50 @@ def test_kto_sft_weight_adds_the_desirable_completions_mean_nll(rows: list, weig
     present = counts > 0
     nll = float((-sums[present] / counts[present]).sum())
     assert float(with_sft - plain) == pytest.approx(weight * nll, rel=1e-5, abs=1e-6)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    data=st.data(),
+    share=st.booleans(),
+    z0=st.floats(0.0, 3.0),
+    task=st.sampled_from(
+        [KTOTask(beta=0.5), KTOTask(beta=0.1, sft_weight=1.0, undesirable_weight=2.0)]
+    ),
+)
+def test_kto_pair_in_one_document_equals_its_two_halves_as_rows(
+    data: Any, share: bool, z0: float, task: KTOTask
+) -> None:
+    """KTO's paired rows (the chosen reply desirable, the rejected one undesirable, one group
+    document) are the loss and gradient of the same completions as two unpaired rows: pairing
+    only puts both halves in one batch, with the prompt once."""
+    n = data.draw(st.integers(1, 4))
+    prompts = [data.draw(tokens) for _ in range(n)]
+    chosen, rejected, kl = ([data.draw(tokens) for _ in range(n)] for _ in range(3))
+    paired = [
+        single_document_row(group_document(p, [c, r, k], [1, 2, KL_BRANCH], share_prompt=share))
+        for p, c, r, k in zip(prompts, chosen, rejected, kl, strict=True)
+    ]
+    halves = [
+        single_document_row(group_document(p, [y, k], [b, KL_BRANCH], share_prompt=share))
+        for p, c, r, k in zip(prompts, chosen, rejected, kl, strict=True)
+        for y, b in ((c, 1), (r, 2))
+    ]
+    model, params, ref = _model()
+    loss_fn = task.loss(_ctx(model, params, {REFERENCE: ref}))
+    results = []
+    for rows in (paired, halves):
+        batch = _batch(rows, False)
+        batch[KL_FIELD] = torch.full((len(rows),), z0)  # the rollout stage's field, fixed here
+        grad, (loss, aux) = torch.func.grad_and_value(loss_fn, has_aux=True)(
+            params, batch, frozen={REFERENCE: ref}
+        )
+        results.append((float(loss), int(aux["tokens"]), T.leaves(grad)))
+    (loss_p, n_p, grad_p), (loss_h, n_h, grad_h) = results
+    assert n_p == n_h == 2 * n
+    assert loss_p == pytest.approx(loss_h, rel=1e-5, abs=1e-6)
+    for a, b in zip(grad_p, grad_h, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_label_smoothing_is_refused_where_no_loss_type_reads_it() -> None:
