@@ -90,3 +90,15 @@ def test_a_run_sized_by_epochs_shows_its_epoch(tmp_path: Path) -> None:
     lines = [x for x in out.getvalue().splitlines() if "tok/s" in x]
     assert lines[0].startswith("epoch 0.50/2  step 2/8  loss "), lines  # 4 steps per epoch
     assert lines[-1].startswith("epoch 2.00/2  step 8/8  loss "), lines
+
+
+def test_the_eval_line_shows_the_tasks_key_metrics_it_has() -> None:
+    out = io.StringIO()
+    bar = ProgressBar(
+        Console(file=out, width=300), key_metrics=["rewards/accuracies", "rewards/margins"]
+    )
+    ev = {"loss": 0.61234, "rewards/accuracies": 0.96, "exact_match": 0.475, "kl": 0.0}
+    bar.on_eval({"step": 200, "eval": ev})
+    assert out.getvalue().strip() == (
+        "eval @ step 200: loss 0.6123  exact-match 47.5%  rewards/accuracies 0.96"
+    )

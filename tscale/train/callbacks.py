@@ -260,7 +260,14 @@ class ProgressBar(Callback):
             parts.append(f"perplexity {ev['perplexity']:.2f}")
         if "exact_match" in ev:
             parts.append(f"exact-match {ev['exact_match']:.1%}")
-        self.console.print(f"eval @ step {info['step']}: {'  '.join(parts) or 'no metrics'}")
+        for k in self.key_metrics or ():  # the task's own, as its held-out value (DPO's accuracy)
+            if isinstance(ev.get(k), int | float):
+                parts.append(f"{k} {ev[k]:.4g}")
+        self.console.print(
+            f"eval @ step {info['step']}: {'  '.join(parts) or 'no metrics'}",
+            soft_wrap=True,
+            markup=False,
+        )
 
     def on_save(self, info: Info) -> None:
         took = f" in {info['seconds']:.2f} s" if "seconds" in info else ""
