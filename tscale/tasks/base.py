@@ -108,6 +108,10 @@ class TaskContext:
     """``fingerprint(tree)``: the content fingerprint of the starting weights — the folder's
     (``tscale.checkpoint.frozen``) when they came from one, else of ``tree``'s tensors (a
     cache key for what a task computes from them once, e.g. reference log-probs)."""
+    read_folder: Callable[[str], tuple[Any, str]] | None = None
+    """``read_folder(path) -> (params, fingerprint)``: another HF causal-LM folder's weights
+    in the run's dtype on its device, and the folder's content fingerprint (a cache key, as
+    ``weights_fingerprint``'s) — for a reference model from another folder."""
 
 
 @attrs.frozen

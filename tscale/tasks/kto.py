@@ -39,6 +39,7 @@ from tscale.models.protocol import frozen_kw
 from tscale.tasks.base import FrozenTree, LossFn, RolloutFn, TaskContext, register_task
 from tscale.tasks.preference import PreferenceTask, Reference, _reference_for, group_stage
 from tscale.tasks.reference import (
+    folder_reference,
     frozen_copy,
     lora_base_reference,
     reference_apply,
@@ -103,6 +104,11 @@ class KTOTask(PreferenceTask):
     reference: Reference = field(
         "auto", "The reference model: auto, copy, lora_base (see task.type dpo)."
     )
+    reference_path: str | None = field(
+        None,
+        "An HF folder whose weights are the reference instead of the starting weights (see "
+        "task.type dpo); with reference auto or copy.",
+    )
     sft_weight: float = field(
         0.0,
         "Weight of each desirable completion's length-averaged NLL (0: off; as task.type "
@@ -142,7 +148,13 @@ class KTOTask(PreferenceTask):
 
     def prepare(self, ctx: TaskContext) -> Mapping[str, FrozenTree]:
         strategy = self.reference_strategy(ctx)
-        return frozen_copy(ctx) if strategy == "copy" else lora_base_reference(ctx)
+        if strategy == "copy":
+            return (
+                frozen_copy(ctx)
+                if self.reference_path is None
+                else folder_reference(ctx, self.reference_path)
+            )
+        return lora_base_reference(ctx)
 
     def rollout(self, ctx: TaskContext) -> RolloutFn | None:
         """``z₀`` of the global batch into ``batch["kto_kl"]`` (apo_zero_unpaired: none)."""

@@ -62,6 +62,7 @@ from tscale.tasks.reference import (
     REFERENCE,
     STREAMING_REFUSAL,
     attach_reference_logps,
+    folder_reference,
     frozen_copy,
     lora_base_reference,
     precomputed_sums,
@@ -168,12 +169,13 @@ class PreferenceTask(TaskDefaults):
         """The reference model's frozen tree, when the method has one and it is a copy; with
         ``precomputed`` its log-probs attached to every row instead (no tree)."""
         strategy = self.reference_strategy(ctx)
+        folder = getattr(self, "reference_path", None)
         if strategy == "copy":
-            return frozen_copy(ctx)
+            return frozen_copy(ctx) if folder is None else folder_reference(ctx, folder)
         if strategy == "lora_base":
             return lora_base_reference(ctx)
         if strategy == "precomputed":
-            attach_reference_logps(ctx)
+            attach_reference_logps(ctx, folder)
         return {}
 
     def loss(self, ctx: TaskContext) -> LossFn:
@@ -375,6 +377,16 @@ def _reference_for(task: PreferenceTask, ctx: TaskContext, reference: str) -> st
     """Resolve ``task.reference``: ``auto`` → the LoRA base with LoRA, else a copy
     (``precomputed`` runs the LoRA base with LoRA, else the starting weights)."""
     lora = "base" in ctx.frozen
+    folder = getattr(task, "reference_path", None)
+    if folder is not None:  # another folder's weights: a copy of them, or their log-probs once
+        if reference in ("lora_base", "none"):
+            raise ConfigError(
+                f"task.reference_path: {folder} is a reference model, but task.reference "
+                f"{reference} uses {'the LoRA base' if reference == 'lora_base' else 'none'}; "
+                "set task.reference: copy (or auto, or precomputed), or remove task.reference_path"
+            )
+        if reference == "auto":
+            return "copy"
     if reference == "precomputed" and not task.precomputes_reference:
         raise ConfigError(
             f"task.reference: precomputed is not supported by task.type {task.type} yet; use "
@@ -382,7 +394,7 @@ def _reference_for(task: PreferenceTask, ctx: TaskContext, reference: str) -> st
         )
     if reference == "auto":
         return "lora_base" if lora else "copy"
-    if reference == "copy" and lora:
+    if reference == "copy" and lora and folder is None:
         raise ConfigError(
             f"task.reference: copy with lora.enabled copies only the adapters; use lora_base "
             f"(the base is the starting model, no copy) or auto ({task.type})"
@@ -420,6 +432,12 @@ class DPOTask(PreferenceTask):
         "The reference model: auto (the LoRA base with LoRA, else a copy of the starting "
         "weights), copy, lora_base, precomputed (its log-probs computed once before training "
         "and cached with the processed data; no model kept), or none (log π_ref = 0).",
+    )
+    reference_path: str | None = field(
+        None,
+        "An HF folder whose weights are the reference instead of the starting weights (the "
+        "policy's architecture and vocabulary, e.g. the SFT model when the policy starts from "
+        "a later checkpoint); with reference auto/copy (LoRA too) or precomputed.",
     )
     discopop_tau: float = field(0.05, "τ of the discopop loss type.", gt=0.0)
     sync_ref_model: bool = field(
@@ -471,6 +489,12 @@ class DPOTask(PreferenceTask):
 
     def reference_strategy(self, ctx: TaskContext) -> str:
         strategy = _reference_for(self, ctx, self.reference)
+        if self.sync_ref_model and "base" in ctx.frozen:
+            raise ConfigError(
+                "task.sync_ref_model: TR-DPO moves the reference toward the policy's weights, "
+                "but with lora.enabled the policy trains adapters only; set lora.enabled: false "
+                "or task.sync_ref_model: false"
+            )
         if self.sync_ref_model and strategy != "copy":
             raise ConfigError(
                 f"task.sync_ref_model: TR-DPO updates a copy of the reference; task.reference "

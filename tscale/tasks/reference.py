@@ -6,6 +6,8 @@ function that runs its forward without building a graph, and one computes its lo
 - :func:`frozen_copy`: the starting weights (from ``model.path`` or the random init) as the
   ``"reference"`` tree. From a folder it is checkpointed by the folder and a fingerprint, not
   copied into every checkpoint.
+- :func:`folder_reference`: another HF folder's weights (``task.reference_path``: the policy's
+  architecture and vocabulary, e.g. an earlier checkpoint), checkpointed by the folder.
 - :func:`lora_base_reference`: with LoRA the base *is* the starting model — the adapters off —
   so the reference costs no copy: it runs the stack's inner model on ``frozen["base"]``.
 
@@ -49,9 +51,11 @@ __all__ = [
     "REFERENCE",
     "REF_LOGPS",
     "attach_reference_logps",
+    "folder_reference",
     "frozen_copy",
     "lora_base_reference",
     "precomputed_sums",
+    "read_reference_folder",
     "reference_apply",
     "whole_tree",
 ]
@@ -74,6 +78,41 @@ def frozen_copy(ctx: TaskContext) -> dict[str, FrozenTree]:
     params in place), recorded by ``model.path`` when they came from it."""
     copy = T.clone(ctx.params)
     return {REFERENCE: FrozenTree(copy.lock_() if not copy.is_locked else copy, ctx.source)}
+
+
+def folder_reference(ctx: TaskContext, path: str) -> dict[str, FrozenTree]:
+    """Another HF folder's weights (``task.reference_path``) as the ``"reference"`` frozen tree,
+    recorded by the folder (checkpoints hold its path and fingerprint, not a copy)."""
+    tree, _ = read_reference_folder(ctx, path)
+    return {REFERENCE: FrozenTree(tree.lock_() if not tree.is_locked else tree, path)}
+
+
+def read_reference_folder(ctx: TaskContext, path: str) -> tuple[TensorDictBase, str]:
+    """``(params, fingerprint)`` of the folder ``path``, checked to be the policy's architecture
+    and vocabulary: the same parameter names and shapes as the starting weights (the LoRA
+    base's with LoRA).
+
+    Raises:
+        ConfigError: a name or shape differs, in one line naming ``task.reference_path``.
+    """
+    if ctx.read_folder is None:
+        raise ValueError("task.reference_path needs TaskContext.read_folder")
+    tree, fingerprint = ctx.read_folder(path)
+    start = ctx.frozen.get(_BASE, ctx.params)
+    if isinstance(start, QuantizedParams):  # QLoRA: the base's shapes, not its NF4 codes
+        start = start.dequantize()
+    want = {k: tuple(v.shape) for k, v in start.items(True, True)}
+    got = {k: tuple(v.shape) for k, v in tree.items(True, True)}
+    for name in sorted(want.keys() | got.keys()):
+        if want.get(name) != got.get(name):
+            mine = "absent" if name not in want else f"{list(want[name])}"
+            theirs = "absent" if name not in got else f"{list(got[name])}"
+            raise ConfigError(
+                f"task.reference_path: {path} is not the policy's architecture ({name}: "
+                f"{theirs} there, {mine} in the policy); the reference must share the model's "
+                "architecture and vocabulary (e.g. an earlier checkpoint of it)"
+            )
+    return tree, fingerprint
 
 
 def lora_base_reference(ctx: TaskContext) -> dict[str, FrozenTree]:
@@ -150,12 +189,13 @@ def precomputed_sums(batch: Mapping[str, torch.Tensor], *, num_branches: int = 3
     return sequence_sums(values, batch, num_branches=num_branches)
 
 
-def attach_reference_logps(ctx: TaskContext) -> str:
-    """Run the reference model (the starting weights ``ctx.params``, or the LoRA base) once
-    over every training row of ``ctx.data.loader`` and every ``ctx.data.eval_examples``
-    without a graph, and give each the per-token field ``ref_logps``; read them from the cache
-    instead when a run with the same data and reference computed them. Returns the line it
-    printed (``reference log-probs: cached (…)`` or ``… computed in N s (…)``).
+def attach_reference_logps(ctx: TaskContext, path: str | None = None) -> str:
+    """Run the reference model (the starting weights ``ctx.params``, or the LoRA base, or the
+    folder ``path``: ``task.reference_path``) once over every training row of
+    ``ctx.data.loader`` and every ``ctx.data.eval_examples`` without a graph, and give each
+    the per-token field ``ref_logps``; read them from the cache instead when a run with the
+    same data and reference computed them. Returns the line it printed (``reference
+    log-probs: cached (…)`` or ``… computed in N s (…)``).
 
     Raises:
         ConfigError: the loader streams (``data.streaming``): the rows are not known up front.
@@ -165,6 +205,9 @@ def attach_reference_logps(ctx: TaskContext) -> str:
     if not isinstance(loader, BatchLoader):
         raise ConfigError(STREAMING_REFUSAL)
     tree = ctx.frozen.get(_BASE, ctx.params)  # the LoRA base, else the starting weights
+    if path is not None:  # another folder: keyed by its content, not the starting weights'
+        tree, fingerprint = read_reference_folder(ctx, path)
+        ctx = attrs.evolve(ctx, weights_fingerprint=lambda _: fingerprint)
     if isinstance(tree, QuantizedParams):  # QLoRA: the NF4 base dequantised for this pass only
         tree = tree.dequantize()
     frozen = {REFERENCE: tree}

@@ -61,6 +61,11 @@ _HEAD_SALT = 0x5C0E
 _NOT_ARCHITECTURE = ("path", "dtype", "attention_backend", "norm_backend", "checkpoint_layers")
 
 
+def param_dtype(cfg: Config) -> torch.dtype:
+    """The params dtype of ``model.dtype``."""
+    return _DTYPES[cfg.model.dtype]
+
+
 def build_model(
     cfg: Config, vocab_size: int, key: torch.Tensor, *, reward: bool = False
 ) -> tuple[Transformer, TensorDictBase]:

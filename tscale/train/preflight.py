@@ -40,6 +40,12 @@ def _check_inputs(cfg: Config) -> None:
             f"model.path: {cfg.model.path} not found; give a local HF model folder (config.json, "
             "safetensors weights, tokenizer files)"
         )
+    reference = getattr(cfg.task, "reference_path", None)
+    if reference is not None and not (Path(reference) / "config.json").is_file():
+        raise ConfigError(
+            f"task.reference_path: {reference} is not an HF model folder (no config.json); give "
+            "the folder of the reference model's weights"
+        )
     if d.tokenizer.path is not None and not Path(d.tokenizer.path).exists():
         raise ConfigError(
             f"data.tokenizer.path: {d.tokenizer.path} not found; give an HF tokenizer folder "

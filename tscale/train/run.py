@@ -21,6 +21,7 @@ from tensordict import TensorDict
 
 from tscale import checkpoint as ckpt
 from tscale.checkpoint.frozen import FrozenSource, tensors_fingerprint
+from tscale.checkpoint.hf import from_pretrained
 from tscale.checkpoint.reward import load_reward_model
 from tscale.checkpoint.sharded import load_deepspeed, save_deepspeed, save_sharded
 from tscale.config.load import to_yaml
@@ -187,6 +188,7 @@ def build_run(
         frozen=frozen,
         source=cfg.model.path,
         weights_fingerprint=partial(_weights_fingerprint, cfg.model.path),
+        read_folder=partial(_read_folder, dtype=builders.param_dtype(cfg), device=device),
     )
     for name, added in task.prepare(ctx).items():  # e.g. a reference model, as frozen trees
         frozen[name] = added.tree
@@ -366,6 +368,11 @@ def _weights_fingerprint(path: str | None, tree: Any) -> str:
     if path is not None:
         return "folder:" + FrozenSource.of(path).fingerprint
     return "tensors:" + tensors_fingerprint(tree)
+
+
+def _read_folder(path: str, *, dtype: torch.dtype, device: torch.device) -> tuple[Any, str]:
+    """Another HF causal-LM folder's params (the run's dtype and device) and its fingerprint."""
+    return from_pretrained(path, dtype=dtype).params.to(device), _weights_fingerprint(path, None)
 
 
 def _unchanged(batch: TensorDict) -> TensorDict:
