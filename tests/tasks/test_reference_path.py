@@ -123,21 +123,26 @@ def test_kto_and_lora_take_the_folder_too(tmp_path: Path, folders: dict[str, Pat
 SAVE_AT_2 = "train.save_every=2"
 
 
-def test_checkpoints_keep_the_folder_not_a_copy(tmp_path: Path, folders: dict[str, Path]) -> None:
-    b = folders["B"]
-    run_from(
-        tmp_path,
-        "ck",
-        folders["A"],
-        "task.type=dpo",
-        f"task.reference_path={b}",
-        "train.save_every=2",
-    )
-    step = tmp_path / "ck" / "checkpoints" / "step_00000002"
+def test_checkpoints_keep_the_folder_not_a_copy(
+    tmp_path: Path, folders: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    a = folders["A"]
+    b = shutil.copytree(folders["B"], tmp_path / "B")
+    args = ("task.type=dpo", f"task.reference_path={b}", SAVE_AT_2)
+    whole = run_from(tmp_path, "whole", a, *args, steps=4)
+    step = tmp_path / "whole" / "checkpoints" / "step_00000002"
+    shutil.copytree(step, tmp_path / "ck" / "checkpoints" / step.name)
     text = json.dumps(json.loads((step / "state.json").read_text()))
     assert str(b.resolve()) in text  # the folder and its fingerprint stand for the tree
     params = (step / "params.safetensors").stat().st_size
     assert sum(p.stat().st_size for p in step.glob("*.safetensors")) < 4 * params
+    resumed = run_from(tmp_path, "ck", a, *args, "--resume", steps=4)
+    assert resumed == whole[2:]  # the reference read back from the folder: exact
+    shutil.copy(a / "model.safetensors", b / "model.safetensors")  # the folder changed
+    capsys.readouterr()
+    run_from(tmp_path, "ck", a, *args, "train.max_steps=6", "--resume", steps=4, code=2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(b.resolve()) in err[0], err
 
 
 @pytest.mark.parametrize(
