@@ -123,3 +123,21 @@ def fork_launcher() -> Iterator[ForkLauncher]:
     launcher = ForkLauncher()
     yield launcher
     launcher.close()
+
+
+@pytest.fixture(scope="session")
+def base_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``configs/quickstart.yaml`` shrunk to a 3-step tiny run (``TINY_QUICKSTART``) and
+    exported: the HF folder the config tests (LoRA, preference, online RL) start from."""
+    from rich.console import Console
+
+    from tscale.config import load_config
+    from tscale.testing.runs import TINY_QUICKSTART
+    from tscale.train import train
+    from tscale.train.export import export
+
+    root = tmp_path_factory.mktemp("base")
+    quickstart = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    cfg = load_config(quickstart, [*TINY_QUICKSTART, f"run.output_dir={root}"])
+    train(cfg, console=Console(quiet=True))
+    return export(root, root / "export")

@@ -22,7 +22,7 @@ from tscale.cli import main
 from tscale.config import load_config
 from tscale.errors import ConfigError
 from tscale.testing.runs import TINY_GRPO_YAML as YAML
-from tscale.testing.runs import TINY_QUICKSTART, step_rows
+from tscale.testing.runs import step_rows
 from tscale.train.run import build_run
 
 NO_PLOT = "log.plot=false"  # the end-of-run curves.png (~1 s a run) is checked in test_plot_cli
@@ -183,21 +183,6 @@ def test_processed_cache_keeps_the_record_columns(tmp_path: Path) -> None:
 
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def base_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from rich.console import Console
-
-    from tscale.train import train
-    from tscale.train.export import export
-
-    root = tmp_path_factory.mktemp("base")
-    cfg = load_config(
-        ROOT / "configs" / "quickstart.yaml", [*TINY_QUICKSTART, f"run.output_dir={root}"]
-    )
-    train(cfg, console=Console(quiet=True))
-    return export(root, root / "export")
 
 
 @pytest.mark.parametrize("extra", [[], ["lora.enabled=true", "task.beta=0.1"]])

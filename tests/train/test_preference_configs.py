@@ -11,9 +11,7 @@ import pytest
 from rich.console import Console
 
 from tscale.config import load_config
-from tscale.testing.runs import TINY_QUICKSTART
 from tscale.train import train
-from tscale.train.export import export
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = [
@@ -30,16 +28,6 @@ SMALL = [
 ]
 TASKS = {"dpo_quickstart": "dpo", "kto_quickstart": "kto", "reward_quickstart": "reward"}
 ACCURACY = {"dpo": "rewards/accuracies", "kto": "rewards/accuracies", "reward": "accuracy"}
-
-
-@pytest.fixture(scope="module")
-def base_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("base")
-    cfg = load_config(
-        ROOT / "configs" / "quickstart.yaml", [*TINY_QUICKSTART, f"run.output_dir={root}"]
-    )
-    train(cfg, console=Console(quiet=True))
-    return export(root, root / "export")
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))

@@ -10,9 +10,7 @@ from rich.console import Console
 
 from tscale.config import load_config
 from tscale.core import tree as T
-from tscale.testing.runs import TINY_QUICKSTART
 from tscale.train import train
-from tscale.train.export import export
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = [
@@ -28,16 +26,6 @@ SMALL = [
     "eval.num_samples=4",
     "eval.max_new_tokens=8",
 ]
-
-
-@pytest.fixture(scope="module")
-def base_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("base")
-    cfg = load_config(
-        ROOT / "configs" / "quickstart.yaml", [*TINY_QUICKSTART, f"run.output_dir={root}"]
-    )
-    train(cfg, console=Console(quiet=True))
-    return export(root, root / "export")
 
 
 @pytest.mark.parametrize("name", ["lora_quickstart", "qlora_quickstart"])
